@@ -1,0 +1,56 @@
+"""The `merging` click group: global options, error handling, and the verbs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import click
+
+from merging import __version__
+from merging.errors import MergingError
+
+
+@dataclass
+class Settings:
+    """Options shared by every command."""
+
+    debug: bool = False
+
+
+class MergingGroup(click.Group):
+    """A group that turns a MergingError into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MergingError as e:
+            if isinstance(ctx.obj, Settings) and ctx.obj.debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=MergingGroup)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(__version__, prog_name="merging")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Adapter arithmetic and merging workbench for LoRA, LoHa, LoKr and IA³."""
+    ctx.obj = Settings(debug=debug)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+def _register() -> None:
+    from cli import example_base, inspect
+
+    cli.add_command(inspect.inspect_cmd)
+    cli.add_command(example_base.example_base_cmd)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="merging")

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny PEFT-made adapters (session-scoped) and the example base model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from tests.fixtures import Fixtures, build_fixtures
+
+torch.set_num_threads(2)
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def fx(tmp_path_factory: pytest.TempPathFactory) -> Fixtures:
+    """Every fixture base model and adapter, written by PEFT into a session tmp folder."""
+    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="session")
+def example_base():
+    """The bundled example's base model folder (SmolLM2-135M-Instruct), prepared once and cached."""
+    from merging.examples import example_base_model
+
+    return example_base_model()
