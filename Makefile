@@ -24,6 +24,7 @@ example: $(VENV)/.installed-base
 	$(VENV)/bin/merging inspect "$$($(VENV)/bin/merging example-base)"
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check merging cli tests
 	$(PY) -m pytest -q
 
 quick: $(VENV)/.installed-test
