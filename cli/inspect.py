@@ -9,7 +9,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from merging.tensorfiles import list_tensors
+from merging.adapter import KIND_NAMES
+from merging.deltas import LowRank, Scale
+from merging.formats import peft as peft_format
+from merging.tensorfiles import list_tensors, tensor_files
 
 
 def _module_of(name: str) -> tuple[str, str]:
@@ -24,10 +27,13 @@ def _module_of(name: str) -> tuple[str, str]:
 @click.command("inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 def inspect_cmd(path: Path) -> None:
-    """Show the modules, tensors, shapes and dtypes a checkpoint holds.
+    """Show what a checkpoint holds: an adapter's deltas, or any tensor file's modules and shapes.
 
     Example: merging inspect path/to/adapter_or_model
     """
+    if peft_format.is_peft_folder(path):
+        _inspect_adapter(path)
+        return
     infos = list_tensors(path)
     modules: dict[str, list] = defaultdict(list)
     for t in infos:
@@ -50,3 +56,39 @@ def inspect_cmd(path: Path) -> None:
         f"{len(modules)} modules, {len(infos)} tensors, {sum(t.numel for t in infos):,} parameters, "
         f"{size / 2**20:.1f} MiB in {len(files)} file(s)"
     )
+
+
+def _inspect_adapter(path: Path) -> None:
+    """Per-module delta kind, shape, rank, scale and norm of a PEFT adapter folder."""
+    ad = peft_format.read(path)
+    table = Table(title=f"{path}  ({', '.join(sorted(ad.kinds))}; base: {ad.base_model or 'unknown'})")
+    for col in ("module", "delta", "shape (out, in)", "rank", "scale", "‖ΔW‖", "params"):
+        table.add_column(col, justify="left" if col in ("module", "delta") else "right")
+    for mod, d in ad.deltas.items():
+        if isinstance(d, Scale):
+            table.add_row(
+                mod,
+                f"ia3 ({d.side})",
+                str(d.l.numel()),
+                "",
+                "",
+                f"{float(d.l.float().norm()):.4g}",
+                f"{d.numel:,}",
+            )
+            continue
+        kind = "dora" if isinstance(d, LowRank) and d.magnitude is not None else KIND_NAMES[type(d)]
+        norm = "needs base" if kind == "dora" else f"{d.norm():.4g}"
+        shape = "×".join(map(str, d.target.matrix_shape))
+        table.add_row(mod, kind, shape, str(d.rank), f"{d.scale:.4g}", norm, f"{d.numel:,}")
+    for mod, src in ad.tied.items():
+        table.add_row(mod, f"tied to {src}", "", "", "", "", "0")
+    for mod, a in ad.aux.items():
+        table.add_row(mod, type(a).__name__, "", "", "", "", f"{sum(t.numel() for t in _aux_tensors(a)):,}")
+    console = Console()
+    console.print(table)
+    size = sum(f.stat().st_size for f in tensor_files(path))
+    console.print(f"{len(ad.deltas)} modules, {ad.numel:,} parameters, {size / 2**20:.2f} MiB on disk")
+
+
+def _aux_tensors(a) -> list:
+    return list(a.tensors.values()) if hasattr(a, "tensors") else [a.rows]

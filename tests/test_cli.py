@@ -14,13 +14,23 @@ def test_version():
     assert __version__ in result.output
 
 
-def test_inspect_lists_modules_and_totals(fx):
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["inspect", str(fx.adapter("llama", "lora"))])
+def test_inspect_lists_tensor_files(fx):
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["inspect", str(fx.base("llama"))])
     assert result.exit_code == 0, result.output
-    assert "model.layers.0.self_attn.q_proj" in result.output
-    assert "4×64" in result.output
-    # 2 layers × (q, v, up, down) × (A, B)
-    assert "16 tensors" in result.output
+    assert "model.layers.0.self_attn.q_proj" in result.output and "64×64" in result.output
+    # embed, lm_head, final norm + 2 layers × (4 attention + 3 mlp + 2 norms)
+    assert "21 tensors" in result.output
+
+
+def test_inspect_adapter_shows_deltas(fx):
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(
+        cli, ["inspect", str(fx.adapter("llama", "lora_patterns"))]
+    )
+    assert result.exit_code == 0, result.output
+    row = next(ln for ln in result.output.splitlines() if "layers.1.self_attn.v_proj" in ln)
+    cells = [c.strip() for c in row.split("│") if c.strip()]
+    assert cells[1:5] == ["lora", "32×64", "6", "0.5"]
+    assert "6 modules" in result.output
 
 
 def test_inspect_corrupt_file_is_one_line_exit_2(tmp_path, fx):

@@ -1,0 +1,143 @@
+"""Adapter: metadata plus {module name: delta}; aligning several adapters on one base."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.deltas import (
+    AdditiveDelta,
+    Auxiliary,
+    Delta,
+    Dense,
+    Hadamard,
+    Kronecker,
+    Layer,
+    LowRank,
+    Scale,
+)
+from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch
+
+KIND_NAMES = {LowRank: "lora", Hadamard: "loha", Kronecker: "lokr", Dense: "full", Scale: "ia3"}
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """One adapter: its deltas by module path (as in ``model.named_modules()``) and where it came from.
+
+    ``tied`` maps a module to the module whose delta it shares (e.g. ``lm_head`` → ``model.embed_tokens``):
+    the shared delta is stored once, under the source module, and applies to both.
+    ``config`` keeps the format's own options (PEFT's adapter_config.json) for faithful round trips.
+    """
+
+    name: str
+    deltas: Mapping[str, Delta]
+    base_model: str | None = None
+    revision: str | None = None
+    aux: Mapping[str, Auxiliary] = field(default_factory=dict)
+    tied: Mapping[str, str] = field(default_factory=dict)
+    source: Path | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for mod, src in self.tied.items():
+            if src not in self.deltas:
+                raise MergingError(f"{self.where}: module {mod} is tied to {src}, which has no delta")
+
+    @property
+    def where(self) -> str:
+        """How to name this adapter in a message: its path, else its name."""
+        return str(self.source) if self.source else self.name
+
+    @property
+    def kinds(self) -> set[str]:
+        """Adapter types present: lora, loha, lokr, full, ia3 (dora for LoRA with magnitudes)."""
+        out = set()
+        for d in self.deltas.values():
+            out.add("dora" if isinstance(d, LowRank) and d.magnitude is not None else KIND_NAMES[type(d)])
+        return out
+
+    @property
+    def numel(self) -> int:
+        return sum(d.numel for d in self.deltas.values())
+
+    def with_deltas(self, deltas: Mapping[str, Delta]) -> Adapter:
+        return replace(self, deltas=dict(deltas))
+
+    def refine_targets(self, shapes: Mapping[str, tuple[Layer, tuple[int, ...]]]) -> Adapter:
+        """Fill in each delta's base layer kind and stored shape from the base model's modules.
+
+        Args:
+            shapes: module path → (layer kind, stored weight shape), e.g. from ``base_shapes(model)``.
+
+        Returns:
+            A new Adapter; a module missing from ``shapes`` or with a different shape raises ShapeMismatch.
+        """
+        out: dict[str, Delta] = {}
+        for mod, d in self.deltas.items():
+            if mod not in shapes:
+                raise ShapeMismatch(f"{self.where}: module {mod} is not in the base model")
+            layer, shape = shapes[mod]
+            if isinstance(d, Scale):
+                out[mod] = replace(d, layer=layer)
+                continue
+            try:
+                out[mod] = replace(d, target=d.target.refine(layer, shape))
+            except ShapeMismatch as e:
+                raise ShapeMismatch(f"{self.where}: module {mod}: {e}") from None
+        return self.with_deltas(out)
+
+
+def layer_kind(module: torch.nn.Module) -> Layer | None:
+    """The layer kind of a torch module the deltas know how to adapt, or None."""
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if isinstance(module, torch.nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, torch.nn.Conv1d):
+        return "conv1d"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D
+        return "gpt2_conv1d"
+    return None
+
+
+def base_shapes(model: torch.nn.Module) -> dict[str, tuple[Layer, tuple[int, ...]]]:
+    """Module path → (layer kind, stored weight shape) for every adaptable module of a model."""
+    out = {}
+    for name, mod in model.named_modules():
+        kind = layer_kind(mod)
+        if kind is not None:
+            out[name] = (kind, tuple(mod.weight.shape))
+    return out
+
+
+def align(adapters: Sequence[Adapter]) -> list[str]:
+    """Check that adapters agree on every module they share; return the union of modules, sorted.
+
+    Raises:
+        IncompatibleAdapters: they name different base models.
+        ShapeMismatch: a shared module has different base weight shapes (naming the module and both shapes).
+    """
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1:
+        names = ", ".join(f"{a.where} ({a.base_model})" for a in adapters if a.base_model)
+        raise IncompatibleAdapters(f"adapters are for different base models: {names}")
+    seen: dict[str, tuple[Adapter, tuple[int, int]]] = {}
+    for ad in adapters:
+        for mod, d in ad.deltas.items():
+            if not isinstance(d, AdditiveDelta):
+                continue
+            shape = d.target.matrix_shape
+            if mod in seen and seen[mod][1] != shape:
+                other, other_shape = seen[mod]
+                raise ShapeMismatch(
+                    f"module {mod}: {other.where} has shape {other_shape}, {ad.where} has shape {shape}"
+                )
+            seen.setdefault(mod, (ad, shape))
+    return sorted({m for a in adapters for m in a.deltas})

@@ -1,0 +1,26 @@
+"""One tolerance table and one assert_close for the whole suite."""
+
+from __future__ import annotations
+
+import torch
+
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (absolute when expected is zero)."""
+    a, e = actual.double(), expected.double()
+    denom = e.norm()
+    return float((a - e).norm() / denom) if denom > 0 else float((a - e).norm())
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float | None = None, what: str = ""
+) -> None:
+    """Relative Frobenius error within the dtype's tolerance (or rtol)."""
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
+    tol = rtol if rtol is not None else RTOL[expected.dtype]
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
