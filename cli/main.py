@@ -42,10 +42,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from cli import example_base, inspect
+    from cli import example_base, inspect, merge
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(example_base.example_base_cmd)
+    cli.add_command(merge.merge_cmd)
 
 
 _register()

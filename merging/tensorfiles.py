@@ -132,3 +132,28 @@ def _gguf_reader(path: Path):
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError, ...
         raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+class LazyWeights:
+    """Tensors of a model folder (safetensors shards) by name, read one at a time on demand."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.where = {t.name: t.file for t in list_tensors(self.folder) if t.file.suffix == ".safetensors"}
+        if not self.where:
+            raise FormatError(f"{self.folder}: no safetensors weights found")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.where:
+            raise FormatError(f"{self.folder}: no tensor {name!r} in the base weights")
+        with safe_open(str(self.where[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def module_weight(self, module: str) -> torch.Tensor:
+        """The weight of a module path (``model.layers.0.mlp.up_proj`` → ``....weight``)."""
+        return self.get(f"{module}.weight")

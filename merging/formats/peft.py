@@ -20,6 +20,7 @@ Tensor layouts (PEFT → our matrix form (out, in_flat)):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import Counter, defaultdict
@@ -34,6 +35,8 @@ from merging.deltas import Delta, Hadamard, Kronecker, LowRank, ModuleReplacemen
 from merging.errors import FormatError, MergingError, NonFiniteError, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.tensorfiles import load_tensors
+
+log = logging.getLogger(__name__)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -315,10 +318,8 @@ def _lora_tensors(mod: str, d: LowRank) -> dict[str, torch.Tensor]:
         r = d.b.shape[1]
         kernel = t.shape[2:] if t.layer in ("conv1d", "conv2d") else ()
         in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
-        if t.layer == "unknown":
-            raise UnsupportedError(
-                f"module {mod}: its layer kind is unknown; load it with its base model first"
-            )
+        if t.layer == "unknown":  # only the matrix form is known (a LoHa/LoKr read without its base)
+            log.warning("module %s: layer kind unknown, written as a linear LoRA (pass --base for conv)", mod)
         out = {
             f"{p}.lora_A.weight": d.a.reshape(r, in_ch, *kernel).contiguous(),
             f"{p}.lora_B.weight": d.b.reshape(d.b.shape[0], r, *(1 for _ in kernel)).contiguous(),

@@ -1,0 +1,42 @@
+"""Small pieces the commands share: parameter types, console, progress."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class FloatList(click.ParamType):
+    """A comma-separated list of floats, e.g. ``1,0.5,-0.25``."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator:
+    """A rich progress bar on stderr; yields a library-style callback progress(done, total, item)."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("[dim]{task.fields[item]}"), console=err_console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(description, total=None, item="")
+
+        def update(done: int, total: int, item: str) -> None:
+            bar.update(task, completed=done, total=total, item=item)
+
+        yield update

@@ -1,0 +1,140 @@
+"""`merging merge`: combine adapters with a strategy into a new adapter folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import tomllib
+from rich.table import Table
+
+from cli.common import FloatList, console, progress_bar
+from merging import merge as merge_lib
+from merging import sources, strategies
+from merging.basemodel import module_shapes
+from merging.errors import MergingError
+from merging.strategies import Options
+from merging.tensorfiles import LazyWeights
+
+
+def _read_recipe(path: Path) -> dict:
+    """A recipe file (TOML, or YAML when PyYAML is installed) with the same keys as the options."""
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise MergingError(
+                f"{path}: YAML recipes need PyYAML (pip install pyyaml), or use TOML"
+            ) from None
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise MergingError(f"{path}: invalid TOML ({e})") from e
+    if not isinstance(data, dict):
+        raise MergingError(f"{path}: a recipe is a table of options")
+    return data
+
+
+def _split_input(spec: str) -> tuple[str | None, str]:
+    if "=" in spec and not Path(spec).exists():
+        name, _, path = spec.partition("=")
+        return name, path
+    return None, spec
+
+
+@click.command("merge")
+@click.argument("inputs", nargs=-1)
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--strategy", "-s", help=f"One of: {', '.join(strategies.names())}.")
+@click.option("--weights", "-w", type=FloatList(), help="One weight per input, comma-separated (default 1).")
+@click.option("--rank", type=int, help="svd/TIES/DARE rank budget (default: the largest input rank).")
+@click.option(
+    "--energy", type=float, help="svd: keep this fraction of ‖ΔW‖² per module instead of a fixed rank."
+)
+@click.option("--clamp", type=float, help="svd: clamp factors at this quantile, as PEFT and kohya.")
+@click.option(
+    "--density", type=float, help="TIES/DARE/magnitude_prune: fraction of entries kept (default 0.5)."
+)
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election.")
+@click.option("--seed", type=int, help="DARE seed (default 0): same seed, same file.")
+@click.option("--signed", is_flag=True, default=None, help="geometric: accept non-positive IA³ entries.")
+@click.option("--aux", type=click.Choice(["error", "sum"]), help="Overlapping modules_to_save / token rows.")
+@click.option(
+    "--base", type=click.Path(exists=True, path_type=Path), help="Base model folder (DoRA, --aux sum)."
+)
+@click.option(
+    "--recipe", type=click.Path(exists=True, path_type=Path), help="TOML/YAML file with these options."
+)
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf values in the inputs.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def merge_cmd(inputs, out, recipe, force, allow_nonfinite, **opts) -> None:
+    """Merge adapters (folders, or name=folder) into one adapter with a strategy.
+
+    Example: merging merge a/ b/ -o merged/ --strategy cat --weights 1,0.5
+    """
+    spec = _read_recipe(recipe) if recipe else {}
+    inputs = list(inputs)
+    if not inputs and recipe:  # recipe inputs are relative to the recipe file
+        inputs = [str(Path(recipe).parent / p) for p in spec.get("inputs", [])]
+    for key, value in opts.items():
+        if value is not None:
+            spec[key] = value
+    out = out or (Path(spec["output"]) if "output" in spec else None)
+    if not inputs:
+        raise click.UsageError("give at least one INPUT adapter (or inputs in --recipe)")
+    if out is None:
+        raise click.UsageError("give -o/--output (or output in --recipe)")
+    if not spec.get("strategy"):
+        raise click.UsageError(f"give --strategy, one of: {', '.join(strategies.names())}")
+    adapters = []
+    for item in inputs:
+        name, path = _split_input(item)
+        for ad in sources.load(path, allow_nonfinite=allow_nonfinite):
+            adapters.append(ad if name is None else _renamed(ad, name))
+    weights = spec.get("weights")
+    if weights is not None and len(weights) != len(adapters):
+        raise MergingError(f"{len(weights)} weights for {len(adapters)} input adapters")
+    fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed")
+    options = Options(**{k: spec[k] for k in fields if k in spec})
+    base = LazyWeights(spec["base"]) if spec.get("base") else None
+    if spec.get("base"):
+        shapes = module_shapes(Path(spec["base"]))
+        adapters = [ad.refine_targets(shapes) for ad in adapters]
+    started = time.perf_counter()
+    with progress_bar("merging") as update:
+        result = merge_lib.merge(
+            adapters, spec["strategy"], weights, options, aux=spec.get("aux", "error"),
+            base_weights=base.module_weight if base else None, progress=update,
+        )  # fmt: skip
+    merge_lib.write_result(
+        result, out, merge_lib.recipe(result, adapters), force=force or bool(spec.get("force"))
+    )
+    _summary(result, out, time.perf_counter() - started)
+
+
+def _renamed(ad, name):
+    from dataclasses import replace
+
+    return replace(ad, name=name)
+
+
+def _summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> None:
+    table = Table(title=f"{out}  (strategy {result.strategy})")
+    for col in ("adapter", "modules", "max rank", "parameters", "bytes", "max weight-space error"):
+        table.add_column(col, justify="left" if col == "adapter" else "right")
+    size = sum(f.stat().st_size for f in Path(out).rglob("*.safetensors"))
+    for ad in result.adapters:
+        reps = [r for r in result.modules if r.module in ad.deltas]
+        errs = [r.error for r in reps if r.error is not None and ad.name == "lora"]
+        rank = str(max((r.rank for r in reps), default=0)) if ad.name == "lora" else ""
+        table.add_row(
+            ad.name, str(len(ad.deltas)), rank,
+            f"{ad.numel:,}",
+            f"{size:,}" if len(result.adapters) == 1 else "", f"{max(errs):.2e}" if errs else "",
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"wrote {out} in {seconds:.2f} s")

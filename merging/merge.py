@@ -1,0 +1,320 @@
+"""The merge pipeline: align the inputs, run a strategy module by module, assemble the result.
+
+Per module the inputs are taken in the order given (innermost first, as they would be stacked).
+Additive deltas go through the chosen strategy (or ``cat`` when the strategy only merges IA³);
+IA³ vectors through the chosen strategy (or ``multiplicative`` when it only merges additive deltas).
+Where a module has both, the IA³ scalings are folded exactly into the additive deltas stacked inside
+them (diag(l) into B's rows for side=out, into A's columns for side=in), so the result is one IA³
+adapter applied first plus one LoRA adapter on top: exactly the stacked outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging import linalg, strategies
+from merging.adapter import Adapter, align
+from merging.deltas import AdditiveDelta, Delta, Dense, LowRank, ModuleReplacement, Scale, TokenRows
+from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
+from merging.fileio import atomic_folder
+from merging.formats import peft as peft_format
+from merging.strategies import Options
+
+Progress = Callable[[int, int, str], None]
+BaseWeights = Callable[[str], torch.Tensor]  # module path → its base weight (stored layout)
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """What the merge did to one module."""
+
+    module: str
+    kind: str  # "lora", "ia3" or "lora+ia3"
+    rank: int
+    numel: int
+    error: float | None  # ‖ΔW_merged − Σ w_i ΔW_i‖_F / ‖Σ w_i ΔW_i‖_F, from factors (additive part)
+
+
+@dataclass(frozen=True, eq=False)
+class MergeResult:
+    """The merged adapter(s) in stacking order (IA³ first when there is one) and per-module reports."""
+
+    adapters: list[Adapter]
+    modules: list[ModuleReport]
+    strategy: str
+    additive_strategy: str | None
+    ia3_strategy: str | None
+    options: Options
+    weights: list[float] = field(default_factory=list)
+
+
+def merge(
+    adapters: Sequence[Adapter],
+    strategy: str,
+    weights: Sequence[float] | None = None,
+    options: Options | None = None,
+    *,
+    aux: str = "error",
+    base_weights: BaseWeights | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge adapters with a strategy, module by module.
+
+    Args:
+        adapters: the inputs, in stacking order (innermost first).
+        strategy: a registered strategy name (see ``strategies.names()``).
+        weights: one per adapter (default 1 each).
+        options: strategy options.
+        aux: what to do when auxiliary modules overlap: "error", or "sum" them as deltas against the base.
+        base_weights: gives a module's base weight; needed for DoRA inputs and ``aux="sum"``.
+        progress: called as progress(done, total, module).
+
+    Returns:
+        A MergeResult with one LoRA adapter, one IA³ adapter, or both (IA³ first).
+    """
+    if not adapters:
+        raise MergingError("nothing to merge: give at least one adapter")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise MergingError(f"{len(weights)} weights for {len(adapters)} adapters")
+    options = options or Options()
+    chosen = strategies.get(strategy)
+    add_name = chosen.name if chosen.handles in ("additive", "both") else "cat"
+    ia3_name = chosen.name if chosen.handles in ("ia3", "both") else "multiplicative"
+    modules = align(adapters)
+    tied = _merge_ties(adapters)
+    lora: dict[str, Delta] = {}
+    ia3: dict[str, Delta] = {}
+    reports = []
+    for i, mod in enumerate(modules):
+        stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
+        stack = [(_resolve_dora(d, mod, base_weights), w) for d, w in stack]
+        scale_part, add_part = _compose(stack)
+        rank, numel, err, kinds = 0, 0, None, []
+        if add_part:
+            ds, ws = zip(*add_part, strict=True)
+            merged = strategies.get(add_name).fn(ds, ws, options, mod)
+            lora[mod] = merged
+            rank, numel, err = merged.rank, merged.numel, weight_space_error(merged, ds, ws)
+            kinds.append("lora")
+        if scale_part:
+            ds, ws = zip(*scale_part, strict=True)
+            merged_l = strategies.get(ia3_name).fn(ds, ws, options, mod)
+            ia3[mod] = merged_l
+            numel += merged_l.numel
+            kinds.append("ia3")
+        reports.append(ModuleReport(mod, "+".join(kinds), rank, numel, err))
+        if progress:
+            progress(i + 1, len(modules), mod)
+    extra = _merge_aux(adapters, aux, base_weights, set(lora) | set(ia3))
+    base = next((a.base_model for a in adapters if a.base_model), None)
+    rev = next((a.revision for a in adapters if a.revision), None)
+    out = []
+    if ia3:
+        out.append(Adapter("ia3", ia3, base, rev, aux={} if lora else extra))
+    if lora or not ia3:
+        out.append(
+            Adapter("lora", lora, base, rev, aux=extra, tied={m: s for m, s in tied.items() if s in lora})
+        )
+    return MergeResult(
+        out, reports, chosen.name, add_name if lora else None, ia3_name if ia3 else None, options, weights
+    )
+
+
+def weight_space_error(
+    merged: AdditiveDelta, deltas: Sequence[AdditiveDelta], weights: Sequence[float]
+) -> float:
+    """‖ΔW_merged − Σ w_i ΔW_i‖_F / ‖Σ w_i ΔW_i‖_F computed from stacked factors (no dense matrix)."""
+    bs, as_ = [], []
+    for d, w in zip(deltas, weights, strict=True):
+        lr = d.low_rank()
+        bs.append((w * lr.scale) * lr.b.float())
+        as_.append(lr.a.float())
+    b_ref, a_ref = torch.cat(bs, 1), torch.cat(as_, 0)
+    m = merged.low_rank()
+    ref = float(linalg.gram_norm_sq(b_ref, a_ref))
+    diff = float(
+        linalg.gram_norm_sq(torch.cat([m.scale * m.b.float(), -b_ref], 1), torch.cat([m.a.float(), a_ref], 0))
+    )
+    if ref <= 0:
+        return math.sqrt(max(diff, 0.0))
+    return math.sqrt(max(diff, 0.0) / ref)
+
+
+def _resolve_dora(d: Delta, mod: str, base_weights: BaseWeights | None) -> Delta:
+    """DoRA needs the base weight: with it, the exact Dense(W' − W); else unchanged (strategies refuse)."""
+    if isinstance(d, LowRank) and d.magnitude is not None and base_weights is not None:
+        return Dense(d.dora_dense(base_weights(mod)), d.target)
+    return d
+
+
+def _compose(
+    stack: Sequence[tuple[Delta, float]],
+) -> tuple[list[tuple[Scale, float]], list[tuple[Delta, float]]]:
+    """Split a module's stack into IA³ vectors and additive deltas, folding later IA³ into earlier deltas.
+
+    y = l ⊙ (inner(x)) scales every additive delta stacked inside it (rows of B); y = inner(l ⊙ x)
+    scales their inputs (columns of A). With weights w ≠ 1 on IA³, l^w is what gets folded.
+    """
+    scales_: list[tuple[Scale, float]] = []
+    adds: list[tuple[Delta, float]] = []
+    for d, w in stack:
+        if isinstance(d, Scale):
+            if adds:
+                l = d.l.double() ** w
+                adds = [(_fold(a, l.float(), d.side), aw) for a, aw in adds]
+            scales_.append((d, w))
+        else:
+            adds.append((d, w))
+    if len({s.side for s, _ in scales_}) > 1:
+        raise UnsupportedError(
+            "IA³ adapters scale both the input and the output of one module; cannot merge them"
+        )
+    return scales_, adds
+
+
+def _fold(d: Delta, l: torch.Tensor, side: str) -> LowRank:
+    lr = d.low_rank()
+    if side == "out":
+        bias = None if lr.bias is None else lr.bias.float() * l
+        return replace(lr, b=lr.b.float() * l[:, None], bias=bias)
+    a = lr.a.float()
+    return replace(lr, a=a * l.repeat_interleave(a.shape[1] // l.numel())[None, :])
+
+
+def _merge_ties(adapters: Sequence[Adapter]) -> dict[str, str]:
+    """Union of the inputs' tied modules; tied in one input and adapted alone in another is an error."""
+    ties: dict[str, str] = {}
+    for ad in adapters:
+        for mod, src in ad.tied.items():
+            if ties.setdefault(mod, src) != src:
+                raise IncompatibleAdapters(
+                    f"{mod} is tied to {ties[mod]} in one input and to {src} in {ad.where}"
+                )
+    for ad in adapters:
+        for mod in ties:
+            if mod in ad.deltas:
+                raise IncompatibleAdapters(
+                    f"{mod} is tied to {ties[mod]} in one input but has its own delta in {ad.where}"
+                )
+    return ties
+
+
+def _merge_aux(
+    adapters: Sequence[Adapter], how: str, base_weights: BaseWeights | None, adapted: set[str]
+) -> dict[str, ModuleReplacement | TokenRows]:
+    """Carry auxiliary modules over; overlapping ones are an error unless summed as deltas (how="sum")."""
+    if how not in ("error", "sum"):
+        raise MergingError(f"--aux must be error or sum, got {how!r}")
+    by_module: dict[str, list[tuple[Adapter, ModuleReplacement | TokenRows]]] = {}
+    for ad in adapters:
+        for mod, a in ad.aux.items():
+            by_module.setdefault(mod, []).append((ad, a))
+    out: dict[str, ModuleReplacement | TokenRows] = {}
+    for mod, items in by_module.items():
+        kinds = {type(a) for _, a in items}
+        if ModuleReplacement in kinds and mod in adapted:
+            raise IncompatibleAdapters(
+                f"module {mod} is replaced by modules_to_save and also adapted by a delta"
+            )
+        if len(kinds) > 1:
+            raise IncompatibleAdapters(
+                f"module {mod}: replaced by modules_to_save in one input, token rows in another"
+            )
+        if len(items) == 1:
+            out[mod] = items[0][1]
+            continue
+        if kinds == {TokenRows}:
+            idx = [i for _, a in items for i in a.indices]
+            if len(set(idx)) == len(idx):  # disjoint rows: the union is exact
+                rows = torch.cat([a.rows for _, a in items])
+                out[mod] = TokenRows(tuple(idx), rows)
+                continue
+        if how != "sum":
+            names = ", ".join(ad.where for ad, _ in items)
+            raise IncompatibleAdapters(
+                f"module {mod} is replaced by several inputs ({names}); pass --aux sum"
+            )
+        if base_weights is None:
+            raise MergingError(f"--aux sum needs the base weights (--base) for module {mod}")
+        out[mod] = _sum_aux(mod, [a for _, a in items], base_weights)
+    return out
+
+
+def _sum_aux(mod: str, items: list, base_weights: BaseWeights) -> ModuleReplacement | TokenRows:
+    base = base_weights(mod).float()
+    if isinstance(items[0], TokenRows):
+        idx = sorted({i for a in items for i in a.indices})
+        rows = base[idx].clone()
+        pos = {i: k for k, i in enumerate(idx)}
+        for a in items:
+            for j, i in enumerate(a.indices):
+                rows[pos[i]] += a.rows[j].float() - base[i]
+        return TokenRows(tuple(idx), rows.to(items[0].rows.dtype))
+    tensors = {}
+    for key in items[0].tensors:
+        if key != "weight":
+            raise UnsupportedError(f"--aux sum handles module weights; {mod}.{key} has no base value here")
+        tensors[key] = (base + sum(a.tensors[key].float() - base for a in items)).to(
+            items[0].tensors[key].dtype
+        )
+    return ModuleReplacement(tensors)
+
+
+STACK_FILE = "merging_stack.json"
+RECIPE_FILE = "merge_recipe.json"
+
+
+def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> dict[str, Any]:
+    """The merge recipe: inputs (with sha256 of their weight files), weights, strategy, options, versions."""
+    from merging.sources import describe
+
+    return {
+        "inputs": [describe(ad) | {"weight": w} for ad, w in zip(inputs, result.weights, strict=True)],
+        "strategy": result.strategy,
+        "additive_strategy": result.additive_strategy,
+        "ia3_strategy": result.ia3_strategy,
+        "options": asdict(result.options),
+        "outputs": [a.name for a in result.adapters],
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    from merging import __version__
+
+    return {
+        "merging": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "safetensors": safetensors.__version__,
+    }
+
+
+def write_result(result: MergeResult, out: Path, recipe_data: dict[str, Any], *, force: bool = False) -> Path:
+    """Write the merged adapter(s) as PEFT folders plus merge_recipe.json, atomically.
+
+    One adapter: ``out`` is a PEFT folder. IA³ plus LoRA: ``out/ia3`` and ``out/lora`` and a
+    ``merging_stack.json`` naming them in stacking order, which ``sources.load`` reads back as one set.
+    """
+    with atomic_folder(Path(out), force=force) as tmp:
+        if len(result.adapters) == 1:
+            peft_format.write(result.adapters[0], tmp / "adapter", force=True)
+            for f in (tmp / "adapter").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "adapter").rmdir()
+        else:
+            for ad in result.adapters:
+                peft_format.write(ad, tmp / ad.name)
+            stack = {"stack": [ad.name for ad in result.adapters]}
+            (tmp / STACK_FILE).write_text(json.dumps(stack, indent=2) + "\n")
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe_data, indent=2, sort_keys=True) + "\n")
+    return Path(out)

@@ -1,0 +1,148 @@
+"""What every strategy shares: the options, the Strategy record, and input checks."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from merging import linalg
+from merging.deltas import AdditiveDelta, Delta, LowRank, Scale
+from merging.errors import MergingError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class Options:
+    """Strategy options; each strategy reads the ones it needs.
+
+    rank/energy: the svd rank budget (rank k, or the smallest k keeping fraction ``energy`` of ‖ΔW‖²_F);
+    clamp: PEFT's quantile clamp of the svd factors; density/majority_sign/seed: TIES and DARE;
+    signed: let geometric accept non-positive IA³ entries.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    clamp: float | None = None
+    density: float = 0.5
+    majority_sign: Literal["total", "frequency"] = "total"
+    seed: int = 0
+    signed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise MergingError(f"--rank must be at least 1, got {self.rank}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise MergingError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.rank is not None and self.energy is not None:
+            raise MergingError("give --rank or --energy, not both")
+        if self.clamp is not None and not 0 < self.clamp <= 1:
+            raise MergingError(f"--clamp must be a quantile in (0, 1], got {self.clamp}")
+        if not 0 < self.density <= 1:
+            raise MergingError(f"--density must be in (0, 1], got {self.density}")
+        if self.majority_sign not in ("total", "frequency"):
+            raise MergingError(f"--majority-sign must be total or frequency, got {self.majority_sign!r}")
+
+    def generator(self, module: str) -> torch.Generator:
+        """A generator seeded from ``seed`` and the module name: reproducible, different per module."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(module.encode()))
+
+
+MergeFn = Callable[[Sequence[Delta], Sequence[float], Options, str], Delta]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A named per-module merge function and what it promises."""
+
+    name: str
+    fn: MergeFn
+    space: Literal["dW", "factors", "ia3"]
+    exact: bool
+    handles: Literal["additive", "ia3", "both"]
+    doc: str
+
+
+def additive(deltas: Sequence[Delta], strategy: str, module: str) -> list[AdditiveDelta]:
+    """The deltas as additive ones, or a clear error naming the strategy and module."""
+    out = []
+    for d in deltas:
+        if not isinstance(d, AdditiveDelta):
+            raise UnsupportedError(f"{strategy} merges additive deltas; module {module} has an IA³ vector")
+        if isinstance(d, LowRank) and d.magnitude is not None:
+            raise UnsupportedError(
+                f"module {module}: a DoRA delta depends on the base weights; pass --base to resolve it"
+            )
+        out.append(d)
+    return out
+
+
+def scales(deltas: Sequence[Delta], strategy: str, module: str) -> list[Scale]:
+    """The deltas as IA³ vectors on one side, or a clear error."""
+    if not all(isinstance(d, Scale) for d in deltas):
+        raise UnsupportedError(f"{strategy} merges IA³ vectors; module {module} has an additive delta")
+    if len({d.side for d in deltas}) > 1:
+        raise UnsupportedError(
+            f"module {module}: IA³ vectors scale both input and output; cannot be one IA³ module"
+        )
+    if len({d.l.numel() for d in deltas}) > 1:
+        raise UnsupportedError(f"module {module}: IA³ vectors have different lengths")
+    return list(deltas)
+
+
+def stacked_factors(
+    deltas: Sequence[AdditiveDelta], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ w_i ΔW_i as one pair of stacked factors (B (out, R), A (R, in_flat)), scales folded into B."""
+    bs, as_ = [], []
+    for d, w in zip(deltas, weights, strict=True):
+        lr = d.low_rank()
+        bs.append((w * lr.scale) * lr.b.float())
+        as_.append(lr.a.float())
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
+def summed_bias(deltas: Sequence[AdditiveDelta], weights: Sequence[float]) -> torch.Tensor | None:
+    """Σ w_i s_i bias_i over the LoRA bias deltas (None when no input has one)."""
+    biases = [
+        (w * d.scale) * d.bias.float()
+        for d, w in zip(deltas, weights, strict=True)
+        if isinstance(d, LowRank) and d.bias is not None
+    ]
+    return torch.stack(biases).sum(0) if biases else None
+
+
+def truncate(
+    b: torch.Tensor, a: torch.Tensor, opts: Options, default_rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-k factors of b @ a by factored QR+SVD; k from opts (rank, energy) or default_rank.
+
+    Returns:
+        (B (out, k), A (k, in_flat)) with singular values folded into B, clamped as PEFT when opts.clamp.
+    """
+    return keep_top(*linalg.factored_svd(b, a), opts, default_rank)
+
+
+def truncate_dense(d: torch.Tensor, opts: Options, default_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``truncate`` for a dense (out, in_flat) matrix (TIES/DARE results, dense inputs)."""
+    u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+    return keep_top(u.float(), s.float(), vh.float(), opts, default_rank)
+
+
+def keep_top(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, opts: Options, default_rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the top-k singular triplets (k from opts or default_rank); fold s into B; clamp as PEFT."""
+    if opts.energy is not None:
+        frac = torch.cumsum(s.double() ** 2, 0) / max(float((s.double() ** 2).sum()), 1e-300)
+        k = int((frac < opts.energy - 1e-12).sum()) + 1
+    else:
+        k = opts.rank or default_rank
+    k = max(1, min(k, s.numel()))
+    bk, ak = u[:, :k] * s[:k], vh[:k]
+    if opts.clamp is not None:
+        hi = torch.quantile(torch.cat([bk.flatten(), ak.flatten()]), opts.clamp)
+        bk, ak = bk.clamp(-hi, hi), ak.clamp(-hi, hi)
+    return bk.contiguous(), ak.contiguous()

@@ -1,0 +1,29 @@
+"""cat: Σ w_i ΔW_i as one LoRA of rank Σ r_i, factors concatenated. Space: ΔW. Exact.
+
+LoHa, LoKr and dense inputs enter through their exact low-rank forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from merging.deltas import Delta, LowRank
+from merging.strategies.base import Options, Strategy, additive, stacked_factors, summed_bias
+
+
+def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, module: str) -> LowRank:
+    """Concatenate the weighted factors: B = [w_1 s_1 B_1, ...], A = [A_1; ...], scale 1.
+
+    Args:
+        deltas: additive deltas of one module, aligned on one base weight shape.
+        weights: one weight per delta.
+
+    Returns:
+        A LowRank of rank Σ r_i whose product is exactly Σ w_i ΔW_i.
+    """
+    ds = additive(deltas, "cat", module)
+    b, a = stacked_factors(ds, weights)  # (out, R), (R, in_flat)
+    return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
+
+
+STRATEGY = Strategy("cat", merge, "dW", True, "additive", "exact sum as one LoRA of rank Σ r_i")

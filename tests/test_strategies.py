@@ -1,0 +1,316 @@
+"""Strategies: exactness against dense math, parity with PEFT, reference implementations, the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging import strategies
+from merging.adapter import Adapter, base_shapes
+from merging.deltas import AdditiveDelta, LowRank, Scale, Target
+from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
+from merging.formats import peft as fp
+from merging.merge import merge, weight_space_error
+from merging.strategies import Options, sparsify
+from tests.helpers import assert_close
+
+COMBOS = {
+    "lora+loha+lokr": ["lora", "loha", "lokr"],
+    "lora+lora_b": ["lora", "lora_b"],
+    "mixed ranks": ["lora", "lora_r8", "lora_patterns", "lokr_both", "lokr_full"],
+}
+
+
+def _read(fx, names, kind="llama"):
+    shapes = base_shapes(fx.load_base(kind))
+    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
+
+
+def _exact_sum(adapters, weights, mod):
+    return sum(
+        w * ad.deltas[mod].dense() for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas
+    )
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+@pytest.mark.parametrize("strategy", ["cat", "svd_full"])
+@pytest.mark.parametrize("weights", [None, [1.0, -0.5, 2.0, 0.25, -1.0]])
+def test_exact_strategies_reproduce_the_sum(fx, combo, strategy, weights):
+    ads = _read(fx, COMBOS[combo])
+    ws = weights[: len(ads)] if weights else [1.0] * len(ads)
+    opts = Options(rank=10_000) if strategy == "svd_full" else Options()
+    result = merge(ads, strategy.removesuffix("_full"), ws, opts)
+    (out,) = result.adapters
+    for mod, d in out.deltas.items():
+        assert_close(d.dense(), _exact_sum(ads, ws, mod), what=f"{combo} {mod}")
+    assert all(r.error < 1e-5 for r in result.modules)
+    if strategy == "cat":
+        for mod, d in out.deltas.items():
+            assert d.rank == sum(ad.deltas[mod].low_rank().rank for ad in ads if mod in ad.deltas)
+
+
+def test_multiplicative_is_the_product(fx):
+    ads = _read(fx, ["ia3", "ia3_b"])
+    (out,) = merge(ads, "multiplicative").adapters
+    for mod, d in out.deltas.items():
+        expected = torch.ones_like(d.l)
+        for ad in ads:
+            if mod in ad.deltas:
+                expected = expected * ad.deltas[mod].l
+        assert_close(d.l, expected, what=mod)
+        assert d.side == next(ad.deltas[mod].side for ad in ads if mod in ad.deltas)
+    (half,) = merge(ads, "multiplicative", [0.5, 2.0]).adapters
+    mod = "model.layers.0.mlp.down_proj"
+    assert_close(half.deltas[mod].l, ads[0].deltas[mod].l ** 0.5 * ads[1].deltas[mod].l ** 2)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_svd_rank_k_equals_dense_truncated_svd(fx, k):
+    ads = _read(fx, ["lora", "loha", "lokr"])
+    (out,) = merge(ads, "svd", [1.0, 0.7, -1.3], Options(rank=k)).adapters
+    for mod, d in out.deltas.items():
+        total = _exact_sum(ads, [1.0, 0.7, -1.3], mod).double()
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        best = (u[:, :k] * s[:k]) @ vh[:k]
+        assert d.rank == min(k, total.shape[0], total.shape[1])
+        assert_close(d.dense().double(), best, rtol=1e-4, what=mod)
+
+
+def test_svd_energy_picks_the_smallest_rank(fx):
+    ads = _read(fx, ["lora", "lora_b", "lora_r8"])
+    result = merge(ads, "svd", options=Options(energy=0.9))
+    for mod, d in result.adapters[0].deltas.items():
+        s = torch.linalg.svdvals(_exact_sum(ads, [1, 1, 1], mod).double())
+        frac = torch.cumsum(s**2, 0) / (s**2).sum()
+        assert d.rank == int((frac < 0.9).sum()) + 1, mod
+
+
+def test_svd_clamp_follows_peft(fx):
+    ads = _read(fx, ["lora", "lora_b"])
+    plain = merge(ads, "svd", options=Options(rank=4)).adapters[0]
+    clamped = merge(ads, "svd", options=Options(rank=4, clamp=0.5)).adapters[0]
+    mod = "model.layers.0.self_attn.q_proj"
+    b, a = plain.deltas[mod].b, plain.deltas[mod].a
+    hi = torch.quantile(torch.cat([b.flatten(), a.flatten()]), 0.5)
+    assert torch.allclose(clamped.deltas[mod].b, b.clamp(-hi, hi))
+    assert torch.allclose(clamped.deltas[mod].a, a.clamp(-hi, hi))
+
+
+def test_svd_never_builds_a_dense_matrix(monkeypatch):
+    """Four rank-16 inputs on a 2048×2048 module: the factored path never materialises ΔW."""
+    g = torch.Generator().manual_seed(0)
+    t = Target("linear", (2048, 2048))
+    deltas = [
+        LowRank(torch.randn(2048, 16, generator=g), torch.randn(16, 2048, generator=g), 0.5, t)
+        for _ in range(4)
+    ]
+
+    def refuse(self):
+        raise AssertionError("dense() called")
+
+    monkeypatch.setattr(AdditiveDelta, "dense", refuse)
+    monkeypatch.setattr(LowRank, "dense", refuse)
+    real_svd = torch.linalg.svd
+
+    def small_svd(x, *a, **k):
+        assert max(x.shape) <= 64, f"SVD of a {tuple(x.shape)} matrix"
+        return real_svd(x, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", small_svd)
+    out = strategies.get("svd").fn(deltas, [1.0, 1.0, -1.0, 0.5], Options(rank=16), "m")
+    assert out.rank == 16 and out.b.shape == (2048, 16)
+    full = strategies.get("svd").fn(deltas, [1.0, 1.0, -1.0, 0.5], Options(rank=64), "m")
+    assert weight_space_error(full, deltas, [1.0, 1.0, -1.0, 0.5]) < 1e-5
+    assert 0.1 < weight_space_error(out, deltas, [1.0, 1.0, -1.0, 0.5]) < 1.0
+
+
+# ---------------------------------------------------------------- TIES / DARE against PEFT's merge_utils
+
+
+def _random_deltas(n=3, out=24, inf=20, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = Target("linear", (out, inf))
+    return [
+        LowRank(torch.randn(out, r, generator=g), torch.randn(r, inf, generator=g), 0.5, t) for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("method", ["total", "frequency"])
+def test_ties_matches_peft_reference(method):
+    from peft.utils import merge_utils
+
+    ds, ws = _random_deltas(), [1.0, 0.6, -0.8]
+    ours = strategies.get("ties").fn(ds, ws, Options(density=0.4, majority_sign=method, rank=20), "m")
+    ref = merge_utils.ties([d.dense() for d in ds], torch.tensor(ws), 0.4, method)
+    assert_close(ours.dense(), ref, rtol=1e-4)
+
+
+def test_magnitude_prune_matches_peft_reference():
+    from peft.utils import merge_utils
+
+    ds, ws = _random_deltas(seed=1), [1.0, 0.5, 2.0]
+    ours = strategies.get("magnitude_prune").fn(ds, ws, Options(density=0.3, rank=20), "m")
+    ref = merge_utils.magnitude_prune([d.dense() for d in ds], torch.tensor(ws), 0.3)
+    assert_close(ours.dense(), ref, rtol=1e-4)
+
+
+def test_dare_is_reproducible_and_unbiased():
+    ds, ws = _random_deltas(seed=2), [1.0, 1.0, 1.0]
+    a = strategies.get("dare_linear").fn(ds, ws, Options(density=0.5, seed=7, rank=20), "m")
+    b = strategies.get("dare_linear").fn(ds, ws, Options(density=0.5, seed=7, rank=20), "m")
+    c = strategies.get("dare_linear").fn(ds, ws, Options(density=0.5, seed=8, rank=20), "m")
+    assert torch.equal(a.b, b.b) and torch.equal(a.a, b.a)
+    assert not torch.allclose(a.dense(), c.dense())
+    full = strategies.get("dare_linear").fn(ds, ws, Options(density=1.0, rank=20), "m")
+    assert_close(full.dense(), sum(d.dense() for d in ds), rtol=1e-5)
+    t = sparsify.task_stack(ds)
+    kept = sparsify.prune_random(t, 0.25, torch.Generator().manual_seed(0))
+    frac = float((kept != 0).float().mean())
+    assert 0.2 < frac < 0.3
+    assert_close(kept[kept != 0], 4 * t[kept != 0])
+
+
+def test_dare_ties_with_density_one_is_ties_without_trim():
+    from peft.utils import merge_utils
+
+    ds, ws = _random_deltas(seed=3), [1.0, -0.5, 0.8]
+    ours = strategies.get("dare_ties").fn(ds, ws, Options(density=1.0, rank=20), "m")
+    ref = merge_utils.ties([d.dense() for d in ds], torch.tensor(ws), 1.0, "total")
+    assert_close(ours.dense(), ref, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- IA³ strategies and mixed inputs
+
+
+def test_geometric_and_linear_ia3():
+    t = torch.tensor([1.0, 4.0, 0.25])
+    u = torch.tensor([4.0, 1.0, 4.0])
+    ds = [Scale(t, "out"), Scale(u, "out")]
+    geo = strategies.get("geometric").fn(ds, [1.0, 1.0], Options(), "m")
+    assert_close(geo.l, torch.sqrt(t * u))
+    lin = strategies.get("linear").fn(ds, [1.0, 0.5], Options(), "m")
+    assert_close(lin.l, t + 0.5 * u)
+    neg = [Scale(torch.tensor([-1.0, 2.0]), "in"), Scale(torch.tensor([4.0, 2.0]), "in")]
+    with pytest.raises(UnsupportedError, match="--signed"):
+        strategies.get("geometric").fn(neg, [1.0, 1.0], Options(), "m")
+    signed = strategies.get("geometric").fn(neg, [1.0, 3.0], Options(signed=True), "m")
+    assert_close(signed.l, torch.tensor([4.0**0.75, 2.0]))
+
+
+def _effective_weight(stack, w0):
+    """Dense ground truth for one linear module: the stacked forward written as a weight matrix."""
+    w = w0.clone()
+    for d, wt in stack:
+        if isinstance(d, Scale):
+            l = d.l.double() ** wt
+            w = l[:, None] * w if d.side == "out" else w * l[None, :]
+        else:
+            w = w + wt * d.dense().double()
+    return w
+
+
+@pytest.mark.parametrize(
+    "order",
+    [["lora", "ia3"], ["ia3", "lora"], ["lora", "ia3", "loha", "ia3_b"], ["lokr", "ia3_b", "lora_b"]],
+)
+@pytest.mark.parametrize("strategy", ["cat", "svd_full"])
+def test_ia3_with_additive_composes_exactly(fx, order, strategy):
+    ads = _read(fx, order)
+    ws = [1.0, 0.5, -1.0, 1.0][: len(ads)]
+    opts = Options(rank=10_000) if strategy == "svd_full" else Options()
+    result = merge(ads, strategy.removesuffix("_full"), ws, opts)
+    ia3, lora = result.adapters
+    assert ia3.kinds == {"ia3"} and lora.kinds == {"lora"}
+    base = fx.load_base("llama")
+    for mod in set(ia3.deltas) | set(lora.deltas):
+        w0 = base.get_submodule(mod).weight.detach().double()
+        stack = [(ad.deltas[mod], w) for ad, w in zip(ads, ws, strict=True) if mod in ad.deltas]
+        merged = [(ia3.deltas[mod], 1.0)] if mod in ia3.deltas else []
+        merged += [(lora.deltas[mod], 1.0)] if mod in lora.deltas else []
+        assert_close(_effective_weight(merged, w0), _effective_weight(stack, w0), rtol=1e-5, what=mod)
+
+
+def test_ia3_on_both_sides_of_one_module_is_refused():
+    t = Target("linear", (4, 4))
+    a = Adapter("a", {"m": Scale(torch.ones(4), "in")})
+    b = Adapter("b", {"m": Scale(torch.ones(4), "out")})
+    c = Adapter("c", {"m": LowRank(torch.ones(4, 1), torch.ones(1, 4), 1.0, t)})
+    with pytest.raises(UnsupportedError, match="both the input and the output"):
+        merge([a, c, b], "cat")
+
+
+# ---------------------------------------------------------------- registry, options, auxiliary modules
+
+
+def test_registry_lists_names_on_a_miss():
+    with pytest.raises(UnsupportedError) as e:
+        strategies.get("slerp")
+    for name in ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "geometric"):
+        assert name in str(e.value)
+    with pytest.raises(MergingError, match="already registered"):
+        strategies.register(strategies.get("cat"))
+
+
+def test_options_are_validated():
+    with pytest.raises(MergingError, match="--density"):
+        Options(density=1.5)
+    with pytest.raises(MergingError, match="not both"):
+        Options(rank=4, energy=0.9)
+
+
+def test_linear_refuses_unequal_ranks_and_loha(fx):
+    with pytest.raises(UnsupportedError, match="equal ranks"):
+        merge(_read(fx, ["lora", "lora_r8"]), "linear")
+    with pytest.raises(UnsupportedError, match="LoRA factors"):
+        merge(_read(fx, ["lora", "loha"]), "linear")
+
+
+def test_dora_needs_base_weights(fx):
+    ads = _read(fx, ["lora_dora", "lora"])
+    with pytest.raises(UnsupportedError, match="DoRA"):
+        merge(ads, "cat")
+    base = fx.load_base("llama")
+    weights = {n: m.weight.detach() for n, m in base.named_modules() if hasattr(m, "weight")}
+    (out,) = merge(ads, "cat", base_weights=weights.__getitem__).adapters
+    mod = "model.layers.0.self_attn.q_proj"
+    expected = ads[0].deltas[mod].dora_dense(weights[mod]) + ads[1].deltas[mod].dense()
+    assert_close(out.deltas[mod].dense(), expected, rtol=1e-5)
+
+
+def test_auxiliary_modules(fx):
+    mts, tokens, lora = _read(fx, ["lora_mts", "lora_tokens", "lora"])
+    (out,) = merge([mts, tokens, lora], "cat").adapters
+    assert set(out.aux) == {"lm_head", "model.embed_tokens"}
+    with pytest.raises(IncompatibleAdapters, match="pass --aux sum"):
+        merge([mts, mts], "cat")
+    base = fx.load_base("llama")
+    w = base.lm_head.weight.detach()
+    (summed,) = merge([mts, mts], "cat", aux="sum", base_weights=lambda m: w).adapters
+    new = summed.aux["lm_head"].tensors["weight"]
+    assert_close(new, w + 2 * (mts.aux["lm_head"].tensors["weight"] - w), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- parity with PEFT's add_weighted_adapter
+
+
+@pytest.mark.parametrize("combination", ["cat", "linear", "svd"])
+def test_parity_with_peft_add_weighted_adapter(fx, tmp_path, combination):
+    from peft import PeftModel
+
+    from tests.fixtures import example_input, run
+
+    names, ws = ["lora", "lora_b"], [1.0, -0.6]
+    model = PeftModel.from_pretrained(
+        fx.load_base("llama"), str(fx.adapter("llama", "lora")), adapter_name="lora"
+    )
+    model.load_adapter(str(fx.adapter("llama", "lora_b")), adapter_name="lora_b")
+    model.add_weighted_adapter(names, ws, "merged", combination_type=combination, svd_full_matrices=False)
+    model.set_adapter("merged")
+    x = example_input("llama")
+    theirs = run(model.eval(), "llama", x)
+    (ours,) = merge(_read(fx, names), combination, ws).adapters
+    fp.write(ours, tmp_path / "ours")
+    mine = run(PeftModel.from_pretrained(fx.load_base("llama"), str(tmp_path / "ours")).eval(), "llama", x)
+    base = run(fx.load_base("llama"), "llama", x)
+    assert (theirs - base).norm() > 1e-3 * base.norm()
+    assert_close(mine, theirs, rtol=1e-4, what=combination)
