@@ -1,0 +1,270 @@
+"""Adapters on a live torch model: stacked active (the ground truth), and folded into the weights.
+
+Stacked-active follows PEFT's base layer pattern, innermost first: an additive delta gives
+y = inner(x) + Δ(x); an IA³ vector with side=out gives y = l ⊙ inner(x), with side=in y = inner(l ⊙ x).
+Deltas are applied in factored form, B(A x). ``stacked`` swaps wrapper modules in and restores the
+originals on exit; no parameter of the model is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from merging.adapter import Adapter, layer_kind
+from merging.deltas import AdditiveDelta, Delta, Dense, Layer, LowRank, ModuleReplacement, Scale, TokenRows
+from merging.errors import IncompatibleAdapters, ShapeMismatch, UnsupportedError
+
+
+@dataclass(frozen=True, eq=False)
+class _Op:
+    """One stacked delta prepared for a layer: factors (or a dense matrix) on the layer's device."""
+
+    kind: str  # "add" or "scale"
+    weight: float
+    b: torch.Tensor | None = None  # (out, r)
+    a: torch.Tensor | None = None  # (r, in_flat)
+    d: torch.Tensor | None = None  # dense (out, in_flat) for Dense deltas
+    scale: float = 1.0
+    bias: torch.Tensor | None = None
+    l: torch.Tensor | None = None
+    side: str = "out"
+
+
+def _prepare(delta: Delta, weight: float, ref: torch.Tensor) -> _Op:
+    dev, dt = ref.device, ref.dtype
+    if isinstance(delta, Scale):
+        return _Op("scale", weight, l=(delta.l.double() ** weight).to(dev, dt), side=delta.side)
+    if isinstance(delta, LowRank) and delta.magnitude is not None:
+        raise UnsupportedError("a DoRA delta cannot be stacked without resolving it against the base weight")
+    if isinstance(delta, Dense):
+        return _Op("add", weight, d=delta.dense().to(dev, dt), scale=weight)
+    lr = delta.low_rank()
+    bias = None if getattr(lr, "bias", None) is None else (weight * lr.scale * lr.bias.float()).to(dev, dt)
+    return _Op("add", weight, b=lr.b.to(dev, dt), a=lr.a.to(dev, dt), scale=weight * lr.scale, bias=bias)
+
+
+class StackedLayer(nn.Module):
+    """A base module with deltas stacked on top, innermost first."""
+
+    def __init__(self, base: nn.Module, kind: Layer, ops: list[_Op]) -> None:
+        super().__init__()
+        self.base = base
+        self.kind = kind
+        self.ops = ops
+        if kind in ("conv1d", "conv2d") and base.groups != 1:
+            raise UnsupportedError(f"grouped convolutions (groups={base.groups}) are not supported")
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._run(len(self.ops), x, args, kwargs)
+
+    def _run(self, k: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        if k == 0:
+            return self.base(x, *args, **kwargs)
+        op = self.ops[k - 1]
+        if op.kind == "scale":
+            if op.side == "in":
+                return self._run(k - 1, x * self._channel(op.l, x), args, kwargs)
+            y = self._run(k - 1, x, args, kwargs)
+            return y * self._channel(op.l, y)
+        return self._run(k - 1, x, args, kwargs) + self._delta(op, x)
+
+    def _channel(self, l: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """l shaped to broadcast over the channel dimension of t."""
+        if self.kind == "conv2d":
+            return l.view(1, -1, 1, 1)
+        if self.kind == "conv1d":
+            return l.view(1, -1, 1)
+        return l
+
+    def _delta(self, op: _Op, x: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        if self.kind == "embedding":
+            if op.d is not None:
+                return op.scale * F.embedding(x, op.d)
+            return op.scale * (F.embedding(x, op.b) @ op.a)
+        if self.kind in ("conv1d", "conv2d"):
+            conv = F.conv2d if self.kind == "conv2d" else F.conv1d
+            w_shape = base.weight.shape
+            if op.d is not None:
+                y = conv(x, op.d.reshape(w_shape), None, base.stride, base.padding, base.dilation)
+                return op.scale * y
+            a = op.a.reshape(op.a.shape[0], *w_shape[1:])  # (r, in, k...)
+            b = op.b.reshape(*op.b.shape, *([1] * (len(w_shape) - 2)))  # (out, r, 1...)
+            y = conv(conv(x, a, None, base.stride, base.padding, base.dilation), b)
+            y = op.scale * y
+            return y if op.bias is None else y + self._channel(op.bias, y)
+        if op.d is not None:
+            return op.scale * (x @ op.d.T)
+        y = op.scale * ((x @ op.a.T) @ op.b.T)
+        return y if op.bias is None else y + op.bias
+
+
+def effective_weight(
+    stack: Sequence[tuple[Delta, float]], w: torch.Tensor, b: torch.Tensor | None, kind: Layer
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias a stack of deltas amounts to (stored layout), in float32.
+
+    Args:
+        stack: (delta, weight) pairs, innermost first.
+        w: the base weight as stored.
+        b: the base bias or None.
+        kind: the layer kind (sets the stored layout).
+    """
+    from merging.deltas import Target
+
+    target = Target(kind, tuple(w.shape))
+    m = target.to_matrix(w.float()).clone()
+    bias = None if b is None else b.float().clone()
+    for d, wt in stack:
+        if isinstance(d, Scale):
+            l = (d.l.double() ** wt).float()
+            m = d.__class__(l, d.side, d.layer).fold(m)
+            if d.side == "out" and bias is not None:
+                bias = bias * l
+        elif isinstance(d, AdditiveDelta):
+            m = m + wt * d.dense()
+            if isinstance(d, LowRank) and d.bias is not None:
+                extra = wt * d.scale * d.bias.float()
+                bias = extra if bias is None else bias + extra
+        else:
+            raise UnsupportedError(f"cannot fold {type(d).__name__} into a weight")
+    return target.to_stored(m), bias
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _replacement(module: nn.Module, aux: ModuleReplacement | TokenRows) -> nn.Module:
+    """A copy of the module with the auxiliary tensors in place (the original is left untouched)."""
+    new = copy.deepcopy(module)
+    with torch.no_grad():
+        if isinstance(aux, ModuleReplacement):
+            for key, value in aux.tensors.items():
+                getattr(new, key).copy_(value)
+        else:
+            new.weight[list(aux.indices)] = aux.rows.to(new.weight.dtype)
+    return new
+
+
+def _module_stacks(
+    adapters: Sequence[tuple[Adapter, float]],
+) -> tuple[dict[str, list[tuple[Delta, float]]], dict[str, tuple[Adapter, ModuleReplacement | TokenRows]]]:
+    stacks: dict[str, list[tuple[Delta, float]]] = {}
+    aux: dict[str, tuple[Adapter, ModuleReplacement | TokenRows]] = {}
+    for ad, w in adapters:
+        for mod, d in list(ad.deltas.items()) + [(m, ad.deltas[s]) for m, s in ad.tied.items()]:
+            stacks.setdefault(mod, []).append((d, w))
+        for mod, a in ad.aux.items():
+            if mod in aux:
+                raise IncompatibleAdapters(
+                    f"module {mod} is replaced by both {aux[mod][0].where} and {ad.where}"
+                )
+            aux[mod] = (ad, a)
+    return stacks, aux
+
+
+@contextmanager
+def stacked(model: nn.Module, adapters: Sequence[Adapter | tuple[Adapter, float]]) -> Iterator[nn.Module]:
+    """Activate adapters on a model at once, in order (innermost first), restoring it exactly on exit.
+
+    Args:
+        model: a torch model whose module paths the adapters name.
+        adapters: Adapters, or (Adapter, weight) pairs: weight multiplies an additive delta and is the
+            exponent of an IA³ vector.
+
+    Yields:
+        The same model, with wrapper modules in place.
+    """
+    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters]
+    stacks, aux = _module_stacks(pairs)
+    originals: dict[str, nn.Module] = {}
+    try:
+        for mod in sorted(set(stacks) | set(aux)):
+            try:
+                original = model.get_submodule(mod)
+            except AttributeError:
+                raise ShapeMismatch(f"module {mod} is not in the model") from None
+            kind = layer_kind(original)
+            if kind is None:
+                raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
+            base = _replacement(original, aux[mod][1]) if mod in aux else original
+            ref = original.weight
+            ops = [_prepare(d, w, ref) for d, w in stacks.get(mod, [])]
+            _check_shapes(mod, stacks.get(mod, []), kind, tuple(ref.shape))
+            parent, child = _parent(model, mod)
+            originals[mod] = original
+            setattr(parent, child, StackedLayer(base, kind, ops) if ops else base)
+        yield model
+    finally:
+        for mod, original in originals.items():
+            parent, child = _parent(model, mod)
+            setattr(parent, child, original)
+
+
+def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape: tuple[int, ...]) -> None:
+    from merging.deltas import Target
+
+    out, inf = Target(kind, shape).matrix_shape
+    for d, _ in stack:
+        if isinstance(d, Scale):
+            n = out if d.side == "out" else (shape[1] if kind in ("conv1d", "conv2d") else inf)
+            if d.l.numel() != n:
+                raise ShapeMismatch(f"module {mod}: IA³ vector of length {d.l.numel()}, the layer needs {n}")
+        elif d.target.matrix_shape != (out, inf):
+            raise ShapeMismatch(
+                f"module {mod}: delta of shape {d.target.matrix_shape}, the weight is {(out, inf)}"
+            )
+
+
+class Undo:
+    """Restores the tensors ``merge_into`` changed, bit for bit."""
+
+    def __init__(self, model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+        self.model, self.saved = model, saved
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            for name, value in self.saved.items():
+                self.model.get_parameter(name).copy_(value)
+
+
+def merge_into(model: nn.Module, adapters: Sequence[Adapter | tuple[Adapter, float]]) -> Undo:
+    """Fold adapters into the model's weights in place (stacked semantics); return an undo.
+
+    Tied weights shared by two modules receive each module's delta once (as a shared tensor would).
+    """
+    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters]
+    stacks, aux = _module_stacks(pairs)
+    saved: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    with torch.no_grad():
+        for mod in sorted(set(stacks) | set(aux)):
+            m = model.get_submodule(mod)
+            kind = layer_kind(m)
+            if id(m.weight) in seen:  # a tied weight already got this delta
+                continue
+            seen.add(id(m.weight))
+            for pname in ("weight", "bias"):
+                p = getattr(m, pname, None)
+                if p is not None:
+                    saved.setdefault(f"{mod}.{pname}", p.detach().clone())
+            if mod in aux:
+                m.load_state_dict(_replacement(m, aux[mod][1]).state_dict())
+            w, b = effective_weight(
+                stacks.get(mod, []), m.weight, m.bias if hasattr(m, "bias") else None, kind
+            )
+            m.weight.copy_(w.to(m.weight.dtype))
+            if b is not None:
+                if getattr(m, "bias", None) is None:
+                    raise UnsupportedError(f"module {mod} has no bias to fold a LoRA bias into")
+                m.bias.copy_(b.to(m.bias.dtype))
+    return Undo(model, saved)
