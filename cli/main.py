@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import click
@@ -39,14 +40,29 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Adapter arithmetic and merging workbench for LoRA, LoHa, LoKr and IA³."""
     ctx.obj = Settings(debug=debug)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """transformers prints tqdm bars and warnings of its own; the CLI shows its own progress."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _register() -> None:
-    from cli import example_base, inspect, merge
+    from cli import bake, example_base, inspect, merge, verify
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(example_base.example_base_cmd)
     cli.add_command(merge.merge_cmd)
+    cli.add_command(verify.verify_cmd)
+    cli.add_command(bake.bake_cmd)
 
 
 _register()

@@ -110,3 +110,24 @@ def test_merged_matches_stacked_through_peft_for_additive(fx, tmp_path):
     stacked = run(mixed.eval(), "llama", x)
     merged = run(PeftModel.from_pretrained(fx.load_base("llama"), str(tmp_path / "cat")).eval(), "llama", x)
     assert_close(merged, stacked, rtol=1e-5)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("strategy", ["cat", "svd", "linear", "ties", "dare_linear", "magnitude_prune"])
+def test_written_merge_loads_in_peft_like_our_runtime(fx, tmp_path, strategy):
+    from peft import PeftModel
+
+    from merging.adapter import base_shapes
+    from merging.runtime import stacked
+
+    a, b = fx.adapter("llama", "lora"), fx.adapter("llama", "lora_b")
+    r = _invoke("merge", a, b, "-o", tmp_path / "m", "-s", strategy, "-w", "1,0.5")
+    assert r.exit_code == 0, r.output
+    x = example_input("llama")
+    theirs = run(PeftModel.from_pretrained(fx.load_base("llama"), str(tmp_path / "m")).eval(), "llama", x)
+    model = fx.load_base("llama")
+    with stacked(model, [ad.refine_targets(base_shapes(model)) for ad in sources.load(tmp_path / "m")]):
+        ours = run(model, "llama", x)
+    assert (ours - theirs).abs().max() <= 1e-5

@@ -1,0 +1,127 @@
+"""`merging verify`: merged adapters against the inputs stacked active, on the real base model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from cli.common import FloatList, console, progress_bar
+from merging import merge as merge_lib
+from merging import sources
+from merging.adapter import base_shapes
+from merging.errors import MergingError
+from merging.strategies import Options
+from merging.verify import PROMPTS, Candidate, Report, claims_exact, load_base, verify
+
+
+def _fmt(v, spec=".2e") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def show(report: Report) -> None:
+    """The verification table."""
+    table = Table(
+        title=f"verify on {report.base} ({report.device}, {report.dtype}; exact at ≤ {report.tolerance:g})"
+    )
+    cols = (
+        "candidate",
+        "strategy",
+        "effect-rel err",
+        "max |Δ|",
+        "KL",
+        "top-1",
+        "greedy",
+        "ΔW err max",
+        "result",
+    )
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("candidate", "strategy") else "right")
+    for r in report.rows:
+        verdict = "approx." if r.passed is None else ("[green]PASS" if r.passed else "[red]FAIL")
+        table.add_row(
+            r.name, r.strategy or "", _fmt(r.effect_rel_error), _fmt(r.max_abs_diff), _fmt(r.kl),
+            _fmt(r.top1_agreement, ".1%"), _fmt(r.greedy_agreement, ".1%"), _fmt(r.weight_error_max), verdict,
+        )  # fmt: skip
+    console.print(table)
+
+
+@click.command("verify")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--base", required=True, help="Base model: a folder, a .gguf file, or a Hub id in the cache.")
+@click.option("--merged", "merged_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="A merged adapter folder to check (repeatable).")  # fmt: skip
+@click.option(
+    "--strategy", "-s", "strategy_names", multiple=True, help="Merge on the fly with this strategy."
+)
+@click.option("--weights", "-w", type=FloatList(), help="Input weights (default: the recipe's, else 1).")
+@click.option("--rank", type=int)
+@click.option("--energy", type=float)
+@click.option("--density", type=float, default=0.5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@click.option(
+    "--prompts", type=click.Path(exists=True, path_type=Path), help="A file with one prompt per line."
+)
+@click.option("--max-new-tokens", type=int, default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy, density, seed, device, dtype,
+               prompts, max_new_tokens, as_json) -> None:  # fmt: skip
+    """Check merged adapters reproduce the inputs stacked active; exit 1 when an exact one fails.
+
+    Example: merging verify --base "$(merging example-base)" a/ b/ --strategy cat --strategy svd --rank 4
+    """
+    if not merged_dirs and not strategy_names:
+        raise click.UsageError("give --merged OUT or --strategy NAME (or both)")
+    model, tokenizer = load_base(base, device, dtype)
+    shapes = base_shapes(model)
+    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load(item)]
+    candidates = []
+    recipe_weights = None
+    for folder in merged_dirs:
+        merged = [ad.refine_targets(shapes) for ad in sources.load(folder)]
+        recipe = _recipe(folder)
+        recipe_weights = recipe_weights or [i["weight"] for i in recipe.get("inputs", [])] or None
+        names = [s for s in (recipe.get("additive_strategy"), recipe.get("ia3_strategy")) if s]
+        exact = bool(names) and all(claims_exact(s, adapters, merged) for s in names)
+        candidates.append(Candidate(str(folder), merged, recipe.get("strategy"), exact))
+    if recipe_weights and len(recipe_weights) != len(adapters):
+        recipe_weights = None  # the recipe merged other inputs: compare against these, weight 1 each
+    ws = weights or recipe_weights or [1.0] * len(adapters)
+    if len(ws) != len(adapters):
+        raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")
+    options = Options(rank=rank, energy=energy, density=density, seed=seed)
+    for name in strategy_names:
+        result = merge_lib.merge(adapters, name, ws, options)
+        parts = [s for s in (result.additive_strategy, result.ia3_strategy) if s]
+        exact = all(claims_exact(s, adapters, result.adapters) for s in parts)
+        uses_rank = name in ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+        label = f"{name} r={rank}" if uses_rank and rank is not None else name
+        candidates.append(Candidate(label, result.adapters, name, exact))
+    lines = Path(prompts).read_text().splitlines() if prompts else PROMPTS
+    with progress_bar("verifying") as update:
+        report = verify(model, tokenizer, list(zip(adapters, ws, strict=True)), candidates,
+                        prompts=[ln for ln in lines if ln.strip()], max_new_tokens=max_new_tokens,
+                        base_name=str(base), progress=update)  # fmt: skip
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        show(report)
+    if report.failed:
+        sys.exit(1)
+
+
+def _recipe(folder: Path) -> dict:
+    f = Path(folder) / merge_lib.RECIPE_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise MergingError(f"{f}: invalid JSON ({e})") from e

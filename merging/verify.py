@@ -1,0 +1,329 @@
+"""Verification on the real base model: merged adapters against the inputs stacked active at once.
+
+For each candidate: effect-relative error ‖y_merged − y_stacked‖ / ‖y_stacked − y_base‖ over the
+logits (or last hidden states for encoders), max abs difference, mean KL(p_stacked ‖ p_merged), top-1
+agreement, greedy continuation agreement, and per-module weight-space error computed from factors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from merging import linalg
+from merging.adapter import Adapter, layer_kind
+from merging.deltas import AdditiveDelta, Delta, Scale
+from merging.errors import DeviceError, SourceError
+from merging.runtime import effective_weight, stacked
+
+EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
+    "Translate to French: I like apples.",
+    "What is 17 plus 25?",
+    "Once upon a time, in a small village,",
+    "List three colours of the rainbow:",
+    "The quick brown fox",
+]
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    """A merged result to check: its adapters in stacking order, and whether it claims exactness."""
+
+    name: str
+    adapters: list[Adapter]
+    strategy: str | None = None
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class Row:
+    """The verification figures of one candidate."""
+
+    name: str
+    strategy: str | None
+    exact: bool
+    effect_rel_error: float
+    max_abs_diff: float
+    kl: float | None
+    top1_agreement: float | None
+    greedy_agreement: float | None
+    weight_error_max: float
+    weight_error_mean: float
+    passed: bool | None
+    module_errors: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything ``verify`` measured."""
+
+    base: str
+    device: str
+    dtype: str
+    prompts: list[str]
+    tolerance: float
+    rows: list[Row]
+
+    @property
+    def failed(self) -> bool:
+        """True when an exact candidate did not pass."""
+        return any(r.passed is False for r in self.rows)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto → CUDA when available, else CPU; cuda without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(
+            f"--device {device}: no CUDA device is available (torch {torch.__version__}); use cpu or auto"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {device}: {e}") from None
+
+
+def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32"):
+    """Load a base model and its tokenizer from a folder, a ``.gguf`` file or a Hub id (from the cache).
+
+    Returns:
+        (model in eval mode on the device, tokenizer or None when the folder has none).
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise SourceError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        path = _gguf_folder(path)
+    where = str(path) if path.exists() else str(spec)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype])
+        except ValueError:
+            model = AutoModel.from_pretrained(where, dtype=DTYPES[dtype])
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{spec}: cannot load the base model ({first})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model.to(dev).eval(), tokenizer
+
+
+def _gguf_folder(gguf_file: Path) -> Path:
+    from merging.examples import cache_dir, convert_gguf_model, sha256_file
+
+    out = cache_dir() / "models" / f"{gguf_file.stem}-{sha256_file(gguf_file)[:12]}"
+    if (out / "config.json").exists():
+        return out
+    return convert_gguf_model(gguf_file, out)
+
+
+def batch_inputs(
+    tokenizer, prompts: Sequence[str], device: torch.device, vocab: int
+) -> dict[str, torch.Tensor]:
+    """Tokenised prompts (left-padded), or fixed random ids when the model has no tokenizer."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (len(prompts), 12), generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+@torch.no_grad()
+def _outputs(model, batch) -> torch.Tensor:
+    out = model(**batch)
+    y = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    return y.float()[batch["attention_mask"].bool()]  # (tokens, vocab or hidden)
+
+
+@torch.no_grad()
+def _greedy(model, batch, n: int, pad_id: int | None) -> torch.Tensor:
+    out = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+    return out[:, batch["input_ids"].shape[1] :]
+
+
+def _compare(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]:
+    effect = float((y_stack - y_base).double().norm())
+    diff = float((y_merged - y_stack).double().norm())
+    res: dict[str, float | None] = {
+        "effect_rel_error": diff / effect if effect > 0 else diff,
+        "max_abs_diff": float((y_merged - y_stack).abs().max()),
+        "kl": None,
+        "top1_agreement": None,
+    }
+    if logits:
+        lp, lq = torch.log_softmax(y_stack.double(), -1), torch.log_softmax(y_merged.double(), -1)
+        res["kl"] = float((lp.exp() * (lp - lq)).sum(-1).mean())
+        res["top1_agreement"] = float((y_stack.argmax(-1) == y_merged.argmax(-1)).float().mean())
+    return res
+
+
+def module_errors(
+    model, inputs: Sequence[tuple[Adapter, float]], merged: Sequence[Adapter]
+) -> dict[str, float]:
+    """Per-module ‖ΔW_merged − ΔW_stack‖_F / ‖ΔW_stack‖_F; from factors when every delta is additive."""
+    ref = _stacks([(a, w) for a, w in inputs])
+    got = _stacks([(a, 1.0) for a in merged])
+    errors = {}
+    for mod in sorted(set(ref) | set(got)):
+        r, g = ref.get(mod, []), got.get(mod, [])
+        if all(isinstance(d, AdditiveDelta) for d, _ in r + g):
+            errors[mod] = _factored_error(r, g)
+        else:
+            m = model.get_submodule(mod)
+            kind = layer_kind(m)
+            w0 = m.weight.detach().float().cpu()
+            w_ref, _ = effective_weight(r, w0, None, kind)
+            w_got, _ = effective_weight(g, w0, None, kind)
+            denom = float((w_ref - w0).double().norm())
+            errors[mod] = float((w_got - w_ref).double().norm()) / denom if denom > 0 else 0.0
+    return errors
+
+
+def _stacks(pairs: Sequence[tuple[Adapter, float]]) -> dict[str, list[tuple[Delta, float]]]:
+    out: dict[str, list[tuple[Delta, float]]] = {}
+    for ad, w in pairs:
+        for mod, d in list(ad.deltas.items()) + [(m, ad.deltas[s]) for m, s in ad.tied.items()]:
+            out.setdefault(mod, []).append((d, w))
+    return out
+
+
+def _factored_error(ref: list[tuple[Delta, float]], got: list[tuple[Delta, float]]) -> float:
+    def stack(items, sign):
+        bs, as_ = [], []
+        for d, w in items:
+            lr = d.low_rank()
+            bs.append((sign * w * lr.scale) * lr.b.float().cpu())
+            as_.append(lr.a.float().cpu())
+        return bs, as_
+
+    rb, ra = stack(ref, 1.0)
+    gb, ga = stack(got, -1.0)
+    if not rb:
+        return math.inf if gb else 0.0
+    denom = float(linalg.gram_norm_sq(torch.cat(rb, 1), torch.cat(ra, 0)))
+    diff = float(linalg.gram_norm_sq(torch.cat(rb + gb, 1), torch.cat(ra + ga, 0)))
+    return math.sqrt(max(diff, 0.0) / denom) if denom > 0 else math.sqrt(max(diff, 0.0))
+
+
+def verify(
+    model,
+    tokenizer,
+    inputs: Sequence[Adapter | tuple[Adapter, float]],
+    candidates: Sequence[Candidate],
+    *,
+    prompts: Sequence[str] = PROMPTS,
+    max_new_tokens: int = 8,
+    base_name: str = "",
+    progress: Progress | None = None,
+) -> Report:
+    """Run base, stacked inputs and each candidate on the model and compare them.
+
+    Args:
+        model: the base model (eval mode); it is left exactly as it was.
+        tokenizer: its tokenizer, or None to use fixed random token ids.
+        inputs: the source adapters (or (adapter, weight) pairs) in stacking order.
+        candidates: the merged results to check.
+        prompts: the batch.
+        max_new_tokens: length of the greedy continuations compared (0 to skip).
+
+    Returns:
+        A Report; ``report.failed`` tells whether an exact candidate missed the tolerance.
+    """
+    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in inputs]
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tol = EXACT_TOLERANCE[dtype]
+    vocab = getattr(model.config, "vocab_size", 100)
+    batch = batch_inputs(tokenizer, prompts, device, vocab)
+    is_lm = hasattr(model, "generate") and getattr(model, "lm_head", None) is not None
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    steps, done = 2 + len(candidates), 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, steps, what)
+
+    y_base = _outputs(model, batch)
+    tick("base")
+    with stacked(model, pairs):
+        y_stack = _outputs(model, batch)
+        g_stack = _greedy(model, batch, max_new_tokens, pad_id) if is_lm and max_new_tokens else None
+    tick("stacked")
+    rows = []
+    for cand in candidates:
+        with stacked(model, cand.adapters):
+            y_m = _outputs(model, batch)
+            g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
+        figures = _compare(y_base, y_stack, y_m, is_lm)
+        errs = module_errors(model, pairs, cand.adapters)
+        greedy = None if g_m is None else float((g_m == g_stack).float().mean())
+        passed = figures["effect_rel_error"] <= tol if cand.exact else None
+        rows.append(
+            Row(
+                cand.name,
+                cand.strategy,
+                cand.exact,
+                figures["effect_rel_error"],
+                figures["max_abs_diff"],
+                figures["kl"],
+                figures["top1_agreement"],
+                greedy,
+                max(errs.values(), default=0.0),
+                sum(errs.values()) / max(len(errs), 1),
+                passed,
+                errs,
+            )  # fmt: skip
+        )
+        tick(cand.name)
+    return Report(base_name, str(device), str(dtype).removeprefix("torch."), list(prompts), tol, rows)
+
+
+def claims_exact(strategy: str | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]) -> bool:
+    """Whether a merge result promises the stacked outputs: cat and multiplicative always; svd when every
+    module kept at least the rank of the sum's stacked factors (Σ r_i, or the full matrix rank)."""
+    if strategy in ("cat", "multiplicative"):
+        return True
+    if strategy != "svd":
+        return False
+    for ad in merged:
+        for mod, d in ad.deltas.items():
+            if isinstance(d, Scale):
+                continue
+            bound = sum(
+                a.deltas[mod].low_rank().rank for a in inputs if isinstance(a.deltas.get(mod), AdditiveDelta)
+            )
+            if d.rank < min(bound, *d.target.matrix_shape):
+                return False
+    return True

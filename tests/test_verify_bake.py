@@ -1,0 +1,164 @@
+"""verify and bake on the tiny fixture models (the SmolLM2 checks live in test_model_smollm2.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import cli
+from merging import sources
+from merging.adapter import base_shapes
+from merging.bake import bake
+from merging.errors import DeviceError
+from merging.runtime import stacked
+from merging.verify import resolve_device
+from tests.fixtures import example_input, run
+from tests.helpers import assert_close
+
+
+def _invoke(*args):
+    return CliRunner(env={"COLUMNS": "200"}).invoke(cli, [str(a) for a in args])
+
+
+def test_verify_cli_exact_pass_and_approximate(fx):
+    ads = [fx.adapter("llama", n) for n in ("lora", "loha", "lokr", "ia3")]
+    r = _invoke("verify", "--base", fx.base("llama"), *ads, "-s", "cat", "-s", "svd", "--rank", "2", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    rows = {row["strategy"]: row for row in report["rows"]}
+    assert rows["cat"]["passed"] is True and rows["cat"]["effect_rel_error"] < 1e-5
+    assert rows["cat"]["weight_error_max"] < 1e-5
+    assert rows["svd"]["passed"] is None and rows["svd"]["effect_rel_error"] > 1e-2
+    assert rows["svd"]["weight_error_max"] > 1e-2
+
+
+def test_verify_svd_error_shrinks_with_rank_and_full_rank_passes(fx):
+    ads = [fx.adapter("llama", n) for n in ("lora", "lora_b", "loha")]
+    errors = []
+    for rank in (1, 4, 8, 64):
+        r = _invoke("verify", "--base", fx.base("llama"), *ads, "-s", "svd", "--rank", rank, "--json")
+        assert r.exit_code == 0, r.output
+        row = json.loads(r.output)["rows"][0]
+        errors.append(row["effect_rel_error"])
+    assert errors[0] > errors[1] > errors[2] > 0.0
+    assert errors[3] < 1e-4 and row["passed"] is True
+
+
+def test_verify_fails_an_exact_merge_that_is_wrong(fx, tmp_path):
+    a, b = fx.adapter("llama", "lora"), fx.adapter("llama", "lora_b")
+    assert _invoke("merge", a, "-o", tmp_path / "only_a", "-s", "cat").exit_code == 0
+    r = _invoke("verify", "--base", fx.base("llama"), a, b, "--merged", tmp_path / "only_a")
+    assert r.exit_code == 1, r.output
+    assert "FAIL" in r.output
+
+
+def test_verify_merged_folder_uses_recipe_weights(fx, tmp_path):
+    a, b = fx.adapter("llama", "lora"), fx.adapter("llama", "ia3")
+    assert _invoke("merge", a, b, "-o", tmp_path / "m", "-s", "cat", "-w", "0.5,2").exit_code == 0
+    r = _invoke("verify", "--base", fx.base("llama"), a, b, "--merged", tmp_path / "m", "--json")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["rows"][0]
+    assert row["passed"] is True and row["effect_rel_error"] < 1e-5
+
+
+def test_device_choice():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_verify_cuda_without_gpu_is_one_line(fx):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = _invoke(
+        "verify", "--base", fx.base("llama"), fx.adapter("llama", "lora"), "-s", "cat", "--device", "cuda"
+    )
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "no CUDA device" in r.output
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(fx, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sharded")
+    fx.load_base("llama").save_pretrained(folder, max_shard_size="40KB")
+    assert len(list(folder.glob("*.safetensors"))) > 3
+    return folder
+
+
+def test_bake_matches_stacked_and_loads_in_transformers(fx, sharded_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    names = ("lora", "ia3", "loha", "lora_mts")
+    r = _invoke(
+        "bake", "--base", sharded_llama, *(fx.adapter("llama", n) for n in names), "-o", tmp_path / "baked"
+    )
+    assert r.exit_code == 0, r.output
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "baked").eval()
+    x = example_input("llama")
+    base = fx.load_base("llama")
+    ads = [ad.refine_targets(base_shapes(base)) for n in names for ad in sources.load(fx.adapter("llama", n))]
+    y_base = run(base, "llama", x)
+    with stacked(base, ads):
+        y_stack = run(base, "llama", x)
+    err = float((run(baked, "llama", x) - y_stack).norm() / (y_stack - y_base).norm())
+    assert err <= 1e-4
+    assert sorted(p.name for p in (tmp_path / "baked").iterdir()) == sorted(
+        p.name for p in sharded_llama.iterdir()
+    )
+
+
+def test_bake_tied_embedding_lora(fx, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ad = sources.load(fx.adapter("llama_tied", "lora_tied"))[0]
+    base_dir = fx.base("llama_tied")
+    bake(base_dir, [ad.refine_targets(base_shapes(fx.load_base("llama_tied")))], tmp_path / "b")
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    model = fx.load_base("llama_tied")
+    x = example_input("llama_tied")
+    with stacked(model, [ad.refine_targets(base_shapes(model))]):
+        expected = run(model, "llama_tied", x)
+    assert_close(run(baked, "llama_tied", x), expected, rtol=1e-5)
+
+
+BAKE_MEMORY = r"""
+import resource, sys, torch
+from pathlib import Path
+from merging.bake import bake
+from merging.formats import peft
+from merging.deltas import LowRank, Target
+from merging.adapter import Adapter
+base, out = Path(sys.argv[1]), Path(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+t = Target("linear", (1024, 512))
+def lr():
+    return LowRank(torch.randn(1024, 4, generator=g), torch.randn(4, 512, generator=g), 0.01, t)
+deltas = {f"model.layers.{i}.mlp.up_proj": lr() for i in range(8)}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+bake(base, [Adapter("a", deltas)], out)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_bake_peak_memory_stays_near_one_shard(tmp_path):
+    """8 shards of ~16 MB: baking must not hold the whole 130 MB model in memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base", max_shard_size="17MB")
+    shards = sorted((tmp_path / "base").glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in shards)
+    largest = max(f.stat().st_size for f in shards)
+    assert len(shards) >= 6
+    out = subprocess.run([sys.executable, "-c", BAKE_MEMORY, str(tmp_path / "base"), str(tmp_path / "out")],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    grew = int(out.stdout.strip().splitlines()[-1])
+    assert grew < 3 * largest, f"peak grew by {grew / 2**20:.0f} MiB; largest shard {largest / 2**20:.0f} MiB"
+    assert grew < total / 2
