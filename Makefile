@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export MERGING_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: example test quick lint bench clean-venv
+.PHONY: example train-examples test quick lint bench clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,9 +19,18 @@ $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(PIP) -c constraints.txt -e '.[test,plots]'
 	touch $@
 
+EXAMPLE_INPUTS := $(foreach s,add sort reverse translate upper,$(s)=examples/adapters/$(s))
+EXAMPLE_EVALS := $(foreach s,add sort reverse translate upper,--eval $(s)=examples/data/$(s).jsonl)
+
+# The main job: compare every strategy on the bundled adapters and regenerate reports/example/.
 example: $(VENV)/.installed-base
 	$(VENV)/bin/merging example-base
-	$(VENV)/bin/merging inspect "$$($(VENV)/bin/merging example-base)"
+	$(VENV)/bin/merging compare $(EXAMPLE_INPUTS) --base "$$($(VENV)/bin/merging example-base)" \
+		--strategies all --ranks 4,8,16 $(EXAMPLE_EVALS) -o reports/example --force
+
+# Retrain the bundled adapters (a few minutes on 2 cores); `make example` does not need this.
+train-examples: $(VENV)/.installed-test
+	$(PY) examples/train.py
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check merging cli tests

@@ -39,13 +39,6 @@ def _read_recipe(path: Path) -> dict:
     return data
 
 
-def _split_input(spec: str) -> tuple[str | None, str]:
-    if "=" in spec and not Path(spec).exists():
-        name, _, path = spec.partition("=")
-        return name, path
-    return None, spec
-
-
 @click.command("merge")
 @click.argument("inputs", nargs=-1)
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Output folder.")
@@ -90,11 +83,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, **opts) -> None:
         raise click.UsageError("give -o/--output (or output in --recipe)")
     if not spec.get("strategy"):
         raise click.UsageError(f"give --strategy, one of: {', '.join(strategies.names())}")
-    adapters = []
-    for item in inputs:
-        name, path = _split_input(item)
-        for ad in sources.load(path, allow_nonfinite=allow_nonfinite):
-            adapters.append(ad if name is None else _renamed(ad, name))
+    adapters = [ad for item in inputs for ad in sources.load_spec(item, allow_nonfinite=allow_nonfinite)]
     weights = spec.get("weights")
     if weights is not None and len(weights) != len(adapters):
         raise MergingError(f"{len(weights)} weights for {len(adapters)} input adapters")
@@ -114,12 +103,6 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, **opts) -> None:
         result, out, merge_lib.recipe(result, adapters), force=force or bool(spec.get("force"))
     )
     _summary(result, out, time.perf_counter() - started)
-
-
-def _renamed(ad, name):
-    from dataclasses import replace
-
-    return replace(ad, name=name)
 
 
 def _summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> None:

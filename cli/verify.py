@@ -81,7 +81,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         raise click.UsageError("give --merged OUT or --strategy NAME (or both)")
     model, tokenizer = load_base(base, device, dtype)
     shapes = base_shapes(model)
-    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load(item)]
+    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item)]
     candidates = []
     recipe_weights = None
     for folder in merged_dirs:

@@ -294,12 +294,14 @@ class Dense(AdditiveDelta):
     d: torch.Tensor  # (out, in_flat)
     target: Target
     scale: float = 1.0
+    bias: torch.Tensor | None = None  # (out,), added as scale·bias
 
     def __post_init__(self) -> None:
-        if tuple(self.d.shape) != self.target.matrix_shape:
-            raise ShapeMismatch(
-                f"dense delta has shape {tuple(self.d.shape)}, the module is {self.target.matrix_shape}"
-            )
+        out, inf = self.target.matrix_shape
+        if tuple(self.d.shape) != (out, inf):
+            raise ShapeMismatch(f"dense delta has shape {tuple(self.d.shape)}, the module is {(out, inf)}")
+        if self.bias is not None and tuple(self.bias.shape) != (out,):
+            raise ShapeMismatch(f"dense bias has shape {tuple(self.bias.shape)}, expected ({out},)")
 
     def dense(self) -> torch.Tensor:
         return self.scale * self.d.float()
@@ -307,7 +309,7 @@ class Dense(AdditiveDelta):
     def low_rank(self) -> LowRank:
         u, s, vh = torch.linalg.svd(self.d.double(), full_matrices=False)
         k = linalg.numerical_rank(s, self.target.matrix_shape)
-        return LowRank((u[:, :k] * s[:k]).float(), vh[:k].float(), self.scale, self.target)
+        return LowRank((u[:, :k] * s[:k]).float(), vh[:k].float(), self.scale, self.target, bias=self.bias)
 
     def norm(self) -> float:
         return abs(self.scale) * float(self.d.double().norm())

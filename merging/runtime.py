@@ -44,7 +44,8 @@ def _prepare(delta: Delta, weight: float, ref: torch.Tensor) -> _Op:
     if isinstance(delta, LowRank) and delta.magnitude is not None:
         raise UnsupportedError("a DoRA delta cannot be stacked without resolving it against the base weight")
     if isinstance(delta, Dense):
-        return _Op("add", weight, d=delta.dense().to(dev, dt), scale=weight)
+        bias = None if delta.bias is None else (weight * delta.scale * delta.bias.float()).to(dev, dt)
+        return _Op("add", weight, d=delta.dense().to(dev, dt), scale=weight, bias=bias)
     lr = delta.low_rank()
     bias = None if getattr(lr, "bias", None) is None else (weight * lr.scale * lr.bias.float()).to(dev, dt)
     return _Op("add", weight, b=lr.b.to(dev, dt), a=lr.a.to(dev, dt), scale=weight * lr.scale, bias=bias)
@@ -93,15 +94,16 @@ class StackedLayer(nn.Module):
             conv = F.conv2d if self.kind == "conv2d" else F.conv1d
             w_shape = base.weight.shape
             if op.d is not None:
-                y = conv(x, op.d.reshape(w_shape), None, base.stride, base.padding, base.dilation)
-                return op.scale * y
+                y = op.scale * conv(x, op.d.reshape(w_shape), None, base.stride, base.padding, base.dilation)
+                return y if op.bias is None else y + self._channel(op.bias, y)
             a = op.a.reshape(op.a.shape[0], *w_shape[1:])  # (r, in, k...)
             b = op.b.reshape(*op.b.shape, *([1] * (len(w_shape) - 2)))  # (out, r, 1...)
             y = conv(conv(x, a, None, base.stride, base.padding, base.dilation), b)
             y = op.scale * y
             return y if op.bias is None else y + self._channel(op.bias, y)
         if op.d is not None:
-            return op.scale * (x @ op.d.T)
+            y = op.scale * (x @ op.d.T)
+            return y if op.bias is None else y + op.bias
         y = op.scale * ((x @ op.a.T) @ op.b.T)
         return y if op.bias is None else y + op.bias
 
@@ -130,7 +132,7 @@ def effective_weight(
                 bias = bias * l
         elif isinstance(d, AdditiveDelta):
             m = m + wt * d.dense()
-            if isinstance(d, LowRank) and d.bias is not None:
+            if getattr(d, "bias", None) is not None:
                 extra = wt * d.scale * d.bias.float()
                 bias = extra if bias is None else bias + extra
         else:

@@ -49,3 +49,18 @@ def describe(adapter: Adapter) -> dict[str, Any]:
         "kinds": sorted(adapter.kinds),
         "sha256": files,
     }
+
+
+def load_spec(spec: str, *, allow_nonfinite: bool = False) -> list[Adapter]:
+    """Load ``path`` or ``name=path``; with a name, the adapter (or each of a stack) is renamed."""
+    from dataclasses import replace
+
+    name, path = None, spec
+    if "=" in spec and not Path(spec).exists():
+        name, _, path = spec.partition("=")
+    adapters = load(path, allow_nonfinite=allow_nonfinite)
+    if name is None:
+        return adapters
+    if len(adapters) == 1:
+        return [replace(adapters[0], name=name)]
+    return [replace(a, name=f"{name}/{a.name}") for a in adapters]

@@ -248,6 +248,11 @@ def _read_loha(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
 
 
 def _read_lokr(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module: str) -> Kronecker:
+    return lokr_delta(parts, _scale(config, module))
+
+
+def lokr_delta(parts: dict[str, torch.Tensor], scale: float) -> Kronecker:
+    """A Kronecker delta from LoKr tensors named as PEFT and LyCORIS name them (lokr_w1, lokr_w2_a, ...)."""
     names = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
     if unknown := set(parts) - names:
         raise FormatError(f"unknown LoKr tensors {sorted(unknown)}")
@@ -266,7 +271,7 @@ def _read_lokr(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
         raise FormatError(f"lokr_w2 has an unsupported kernel shape {kernel}")
     target = Target(layer, (a * b, c * d, *kernel))
     return Kronecker(
-        _scale(config, module), target,
+        scale, target,
         w1=w1, w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
         w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
         t2=parts.get("lokr_t2"),
@@ -376,19 +381,72 @@ def _passthrough_tensors(mod: str, d: Hadamard | Kronecker) -> dict[str, torch.T
     return {f"{PREFIX}{mod}.{k}": v.contiguous() for k, v in names.items() if v is not None}
 
 
-def _passthrough_config(adapter: Adapter, kind: str) -> dict[str, Any]:
-    """LoHa/LoKr: keep the source config's options; record r and alpha per module as patterns."""
-    config = {k: v for k, v in adapter.config.items() if k not in ("rank_pattern", "alpha_pattern")}
-    if config.get("peft_type") != kind:
-        raise UnsupportedError(
-            f"{adapter.where}: {kind} can only be written as read from a PEFT {kind} folder"
-        )
-    r = config.get("r", 8)
-    config["rank_pattern"] = {}
-    config["alpha_pattern"] = {
-        m: d.scale * r for m, d in adapter.deltas.items() if d.scale * r != config.get("alpha")
+def _factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """LoKr's split of a dimension into (m, n), m ≤ n, as PEFT and LyCORIS compute it."""
+    if factor > 0 and dim % factor == 0:
+        m, n = factor, dim // factor
+        return (n, m) if m > n else (m, n)
+    factor = dim if factor == -1 else factor
+    m, n = 1, dim
+    while m < n:
+        new_m = m + 1
+        while dim % new_m:
+            new_m += 1
+        new_n = dim // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def _lokr_factor(deltas: Mapping[str, Kronecker]) -> int:
+    """The decompose_factor that reproduces every module's (W1, W2) split (-1 when it is the default)."""
+    splits = []
+    for d in deltas.values():
+        (a, c), w2 = d.matrix1().shape, d.raw2()
+        splits.append(((a, w2.shape[0]), (c, w2.shape[1])))
+    for f in [-1, *sorted({x for (o, i) in splits for x in (*o, *i)})]:
+        if all(
+            _factorization(o[0] * o[1], f) == o and _factorization(i[0] * i[1], f) == i for o, i in splits
+        ):
+            return f
+    raise UnsupportedError(
+        "these LoKr factor shapes match no PEFT decompose_factor; write them as LoRA (cat)"
+    )
+
+
+def _lycoris_config(adapter: Adapter, kind: str) -> dict[str, Any]:
+    """LoHa/LoKr: a PEFT config under which PEFT builds exactly these factor shapes and scales."""
+    ranks: dict[str, int] = {}
+    for mod, d in adapter.deltas.items():
+        if isinstance(d, Hadamard):
+            ranks[mod] = d.w1b.shape[0]
+        elif d.t2 is not None:  # Tucker: t2 (r, r, kh, kw)
+            ranks[mod] = d.t2.shape[0]
+        elif d.w1a is not None or d.w2a is not None:
+            ranks[mod] = (d.w1a if d.w1a is not None else d.w2a).shape[1]
+        else:  # both factors full: any r ≥ max(W2 shape) / 2 keeps PEFT's w2 full
+            ranks[mod] = max(d.raw2().shape[:2])
+    alphas = {m: adapter.deltas[m].scale * r for m, r in ranks.items()}
+    r, alpha = _mode(list(ranks.values())), _mode(list(alphas.values()))
+    config: dict[str, Any] = {
+        "peft_type": kind,
+        "r": r,
+        "alpha": alpha,
+        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
+        "target_modules": sorted(adapter.deltas),
+        "init_weights": True,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "use_effective_conv2d": any(
+            getattr(d, "t1", None) is not None or getattr(d, "t2", None) is not None
+            for d in adapter.deltas.values()
+        ),  # fmt: skip
     }
-    config["target_modules"] = sorted(adapter.deltas)
+    if kind == "LOKR":
+        config["decompose_both"] = any(d.w1a is not None for d in adapter.deltas.values())
+        config["decompose_factor"] = _lokr_factor(adapter.deltas)
     return config
 
 
@@ -428,7 +486,7 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
         for mod, d in adapter.deltas.items():
             tensors |= _ia3_tensors(mod, d)
     elif kind in (Hadamard, Kronecker):
-        config = _passthrough_config(adapter, "LOHA" if kind is Hadamard else "LOKR")
+        config = _lycoris_config(adapter, "LOHA" if kind is Hadamard else "LOKR")
         for mod, d in adapter.deltas.items():
             tensors |= _passthrough_tensors(mod, d)
     else:

@@ -109,7 +109,7 @@ def summed_bias(deltas: Sequence[AdditiveDelta], weights: Sequence[float]) -> to
     biases = [
         (w * d.scale) * d.bias.float()
         for d, w in zip(deltas, weights, strict=True)
-        if isinstance(d, LowRank) and d.bias is not None
+        if getattr(d, "bias", None) is not None
     ]
     return torch.stack(biases).sum(0) if biases else None
 

@@ -1,0 +1,101 @@
+"""`merging compare`: a report over strategies and ranks on the same adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from cli.common import FloatList, console, progress_bar
+from merging import report as report_lib
+from merging import sources, strategies
+from merging.adapter import base_shapes
+from merging.errors import MergingError
+from merging.strategies import Options
+from merging.verify import load_base
+
+
+def _ints(value: str | None) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()] if value else []
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+@click.command("compare")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--base", required=True, help="Base model: a folder, a .gguf file, or a Hub id in the cache.")
+@click.option("--strategies", "-s", "names", default="cat,svd,ties", show_default=True,
+              help=f"Comma-separated from: {', '.join(strategies.names())}; or 'all'.")  # fmt: skip
+@click.option("--ranks", default="", help="Ranks for the rank-based strategies, e.g. 4,8,16.")
+@click.option("--weights", "-w", type=FloatList(), help="Input weights (default 1).")
+@click.option("--density", type=float, default=0.5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--eval", "evals", multiple=True, help="NAME=FILE.jsonl: held-out texts of the input named NAME."
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
+@click.option("--force", is_flag=True, help="Replace an existing report folder.")
+def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, device, dtype, out, force) -> None:
+    """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
+
+    Example: merging compare add=a/ sort=b/ --base "$(merging example-base)" -s cat,svd --ranks 4,8 -o r/
+    """
+    model, tokenizer = load_base(base, device, dtype)
+    if tokenizer is None:
+        raise MergingError(f"{base}: compare needs a tokenizer beside the model")
+    shapes = base_shapes(model)
+    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item)]
+    ws = weights or [1.0] * len(adapters)
+    if len(ws) != len(adapters):
+        raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")
+    eval_sets = {}
+    for spec in evals:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise click.BadParameter(f"--eval {spec!r}: expected NAME=FILE")
+        eval_sets[name] = report_lib.read_eval(Path(path))
+    chosen = strategies.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
+    variants = report_lib.variants(chosen, _ints(ranks))
+    with progress_bar("comparing") as update:
+        pairs = list(zip(adapters, ws, strict=True))
+        opts = Options(density=density, seed=seed)
+        data = report_lib.compare(
+            model,
+            tokenizer,
+            pairs,
+            variants,
+            evals=eval_sets,
+            options=opts,
+            base_name=str(base),
+            progress=update,
+        )
+    report_lib.write_report(data, out, force=force)
+    show(data)
+    console.print(f"wrote {out}/report.md, report.html, report.json and {len(data.get('plots', []))} plots")
+
+
+def show(data: dict) -> None:
+    """The comparison table in the terminal."""
+    head, rows = report_lib.table_rows(data)
+    table = Table(title=data["title"])
+    for col in head:
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    head, rows = report_lib.skill_rows(data)
+    if rows:
+        skills = Table(title="skill retention (1 = as the adapter alone)")
+        for col in head:
+            skills.add_column(col, justify="left" if col == "strategy" else "right")
+        for row in rows:
+            skills.add_row(*row)
+        console.print(skills)
+    for s in data["not_applicable"]:
+        console.print(f"[dim]not applicable: {s['label']}: {s['reason']}[/dim]")

@@ -1,0 +1,354 @@
+"""Strategy comparison: run strategies (and ranks) on the same adapters, verify each, measure skills.
+
+``compare`` produces the report's data (a JSON-able dict); ``write_report`` renders report.json,
+report.md, a self-contained report.html and PNG plots (matplotlib, the ``plots`` extra).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging import merge as merge_lib
+from merging import strategies
+from merging.adapter import Adapter
+from merging.errors import MergingError, UnsupportedError
+from merging.fileio import atomic_folder
+from merging.runtime import stacked
+from merging.sources import describe
+from merging.strategies import Options
+from merging.verify import Candidate, claims_exact, verify
+
+RETENTION_NOTE = (
+    "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone)."
+)
+RANKED = ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+Progress = Callable[[int, int, str], None]
+Pairs = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One strategy at one rank (rank None: the strategy's own default or not rank-based)."""
+
+    strategy: str
+    rank: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.strategy if self.rank is None else f"{self.strategy} r={self.rank}"
+
+
+def variants(names: Sequence[str], ranks: Sequence[int]) -> list[Variant]:
+    """Every strategy, at every rank for the rank-based ones."""
+    out = []
+    for name in names:
+        strategies.get(name)
+        if name in RANKED and ranks:
+            out += [Variant(name, r) for r in ranks]
+        else:
+            out.append(Variant(name))
+    return out
+
+
+def read_eval(path: Path) -> Pairs:
+    """Held-out (prompt, answer) pairs from a JSONL file with "prompt" and "answer" keys."""
+    pairs = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((str(row["prompt"]), str(row["answer"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise MergingError(
+                f'{path}: line {i + 1}: expected {{"prompt": ..., "answer": ...}} ({e})'
+            ) from e
+    if not pairs:
+        raise MergingError(f"{path}: no evaluation examples")
+    return pairs
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, pairs: Pairs) -> float:
+    """Mean cross-entropy per answer token given its prompt (the skill's held-out loss)."""
+    device = next(model.parameters()).device
+    ids, labels = [], []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids.append(p + a)
+        labels.append([-100] * len(p) + a)
+    n = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = {
+        "input_ids": torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device),
+        "labels": torch.tensor([y + [-100] * (n - len(y)) for y in labels], device=device),
+    }
+    return float(model(**batch).loss)
+
+
+def compare(
+    model,
+    tokenizer,
+    inputs: Sequence[tuple[Adapter, float]],
+    chosen: Sequence[Variant],
+    *,
+    evals: dict[str, Pairs] | None = None,
+    options: Options | None = None,
+    base_name: str = "",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Merge with every variant, verify each against the stacked inputs, and measure skill retention.
+
+    Args:
+        model, tokenizer: the base model and its tokenizer.
+        inputs: (adapter, weight) pairs in stacking order; adapter names key the evals.
+        chosen: the strategy variants to run; one that cannot handle the inputs is reported as such.
+        evals: skill name (an input's name) → held-out (prompt, answer) pairs.
+        options: options shared by all variants (rank is set per variant).
+
+    Returns:
+        The report's data: every figure, the recipe and the versions.
+    """
+    evals = evals or {}
+    names = {ad.name for ad, _ in inputs}
+    for skill in evals:
+        if skill not in names:
+            raise MergingError(
+                f"--eval {skill}: no input adapter is named {skill!r} (inputs: {', '.join(sorted(names))})"
+            )
+    base_opts = options or Options()
+    ads = [a for a, _ in inputs]
+    ws = [w for _, w in inputs]
+    total = len(chosen) + 2
+    candidates, rows_meta, skipped = [], [], []
+    for i, var in enumerate(chosen):
+        opts = Options(**(asdict(base_opts) | {"rank": var.rank if var.rank is not None else base_opts.rank}))
+        started = time.perf_counter()
+        try:
+            result = merge_lib.merge(ads, var.strategy, ws, opts)
+        except UnsupportedError as e:
+            skipped.append({"label": var.label, "strategy": var.strategy, "rank": var.rank, "reason": str(e)})
+            continue
+        seconds = time.perf_counter() - started
+        parts = [s for s in (result.additive_strategy, result.ia3_strategy) if s]
+        exact = all(claims_exact(s, ads, result.adapters) for s in parts)
+        candidates.append(Candidate(var.label, result.adapters, var.strategy, exact))
+        params = sum(a.numel for a in result.adapters)
+        max_rank = max((m.rank for m in result.modules), default=0)
+        meta = {"rank": var.rank, "seconds": seconds, "params": params, "max_rank": max_rank, "parts": parts}
+        rows_meta.append(meta)
+        if progress:
+            progress(i + 1, total, f"merged {var.label}")
+    report = verify(model, tokenizer, inputs, candidates, base_name=base_name)
+    if progress:
+        progress(len(chosen) + 1, total, "verified")
+    skills = _skills(model, tokenizer, inputs, candidates, evals)
+    if progress:
+        progress(total, total, "skills")
+    rows = []
+    for cand, meta, row in zip(candidates, rows_meta, report.rows, strict=True):
+        entry = asdict(row) | meta | {"label": cand.name}
+        entry["bytes"] = 4 * entry["params"]
+        entry["skills"] = skills["merged"].get(cand.name, {})
+        rows.append(entry)
+    return {
+        "title": f"{len(inputs)} adapters on {base_name}",
+        "base": base_name,
+        "device": report.device,
+        "dtype": report.dtype,
+        "tolerance": report.tolerance,
+        "prompts": report.prompts,
+        "inputs": [describe(a) | {"weight": w} for a, w in inputs],
+        "options": asdict(base_opts),
+        "variants": rows,
+        "not_applicable": skipped,
+        "skills": {k: v for k, v in skills.items() if k != "merged"},
+        "versions": merge_lib._versions(),
+    }
+
+
+def _skills(model, tokenizer, inputs, candidates, evals) -> dict[str, Any]:
+    """Held-out losses: base, each adapter alone, all stacked, each merged; retention per skill."""
+    out: dict[str, Any] = {"base": {}, "alone": {}, "stacked": {}, "merged": {}}
+    if not evals:
+        return out
+    for skill, pairs in evals.items():
+        out["base"][skill] = answer_loss(model, tokenizer, pairs)
+        alone = [(a, w) for a, w in inputs if a.name == skill]
+        with stacked(model, alone):
+            out["alone"][skill] = answer_loss(model, tokenizer, pairs)
+    with stacked(model, list(inputs)):
+        out["stacked"] = {s: answer_loss(model, tokenizer, p) for s, p in evals.items()}
+    for cand in candidates:
+        with stacked(model, cand.adapters):
+            out["merged"][cand.name] = {s: answer_loss(model, tokenizer, p) for s, p in evals.items()}
+    for key in ("stacked",):
+        out[key] = {s: {"loss": v, "retention": _retention(out, s, v)} for s, v in out[key].items()}
+    out["merged"] = {
+        name: {s: {"loss": v, "retention": _retention(out, s, v)} for s, v in losses.items()}
+        for name, losses in out["merged"].items()
+    }
+    return out
+
+
+def _retention(out: dict[str, Any], skill: str, loss: float) -> float | None:
+    """(L_base − L) / (L_base − L_alone): the share of the adapter's own improvement that survives."""
+    gain = out["base"][skill] - out["alone"][skill]
+    return None if gain <= 0 else (out["base"][skill] - loss) / gain
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+
+def write_report(data: dict[str, Any], out: Path, *, force: bool = False) -> Path:
+    """Write report.json, report.md, report.html and the PNG plots into ``out`` (atomically)."""
+    with atomic_folder(Path(out), force=force) as tmp:
+        plots = _plots(data, tmp)
+        data = data | {"plots": plots}
+        (tmp / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        (tmp / "report.md").write_text(render_markdown(data))
+        (tmp / "report.html").write_text(render_html(data, tmp))
+    return Path(out)
+
+
+def _fmt(v: Any, spec: str = ".2e") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return format(v, spec)
+
+
+def table_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The main table: one row per variant (shared by Markdown, HTML and the terminal)."""
+    head = [
+        "strategy",
+        "exact",
+        "result",
+        "effect-rel err",
+        "KL",
+        "top-1",
+        "greedy",
+        "ΔW err max",
+        "max rank",
+        "params",
+    ]
+    rows = []
+    for v in data["variants"]:
+        result = "approx." if v["passed"] is None else ("PASS" if v["passed"] else "FAIL")
+        rows.append([
+            v["label"], "yes" if v["exact"] else "no", result, _fmt(v["effect_rel_error"]), _fmt(v["kl"]),
+            _fmt(v["top1_agreement"], ".1%"), _fmt(v["greedy_agreement"], ".1%"), _fmt(v["weight_error_max"]),
+            str(v["max_rank"]), f"{v['params']:,}",
+        ])  # fmt: skip
+    return head, rows
+
+
+def skill_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Skill retention: one row per variant (plus stacked), one column per skill."""
+    skills = list(data["skills"].get("base", {}))
+    head = ["strategy", *skills]
+    rows = []
+    if skills:
+        stack = data["skills"]["stacked"]
+        rows.append(["stacked inputs", *(_fmt(stack[s]["retention"], ".0%") for s in skills)])
+        for v in data["variants"]:
+            rows.append([v["label"], *(_fmt(v["skills"][s]["retention"], ".0%") for s in skills)])
+    return head, rows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """The report as Markdown, with the plots as relative image links."""
+    parts = [f"# Strategy comparison: {data['title']}", ""]
+    parts.append(
+        f"Base `{data['base']}` on {data['device']} ({data['dtype']}); {len(data['prompts'])} prompts. "
+        f"Exact strategies pass at effect-relative error ≤ {data['tolerance']:g}."
+    )
+    inputs = [[i["name"], ", ".join(i["kinds"]), f"{i['weight']:g}"] for i in data["inputs"]]
+    parts += ["", "## Inputs", "", _md_table(["name", "kinds", "weight"], inputs)]
+    parts += ["", "## Fidelity against the stacked inputs", "", _md_table(*table_rows(data))]
+    if data["not_applicable"]:
+        parts += ["", "Not applicable to these inputs:", ""]
+        parts += [f"- `{s['label']}`: {s['reason']}" for s in data["not_applicable"]]
+    head, rows = skill_rows(data)
+    if rows:
+        base, alone = data["skills"]["base"], data["skills"]["alone"]
+        losses = "; ".join(f"{s}: base {base[s]:.3f}, alone {alone[s]:.3f}" for s in base)
+        parts += ["", "## Skill retention", "", RETENTION_NOTE, "", _md_table(head, rows), ""]
+        parts += [f"Held-out answer loss: {losses}."]
+    if data.get("plots"):
+        parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]]
+    v = data["versions"]
+    parts += ["", f"Made with merging {v['merging']}, torch {v['torch']}.", ""]
+    return "\n".join(parts)
+
+
+def render_html(data: dict[str, Any], folder: Path) -> str:
+    """A self-contained HTML page: tables and the plots embedded as data URIs."""
+
+    def table(head, rows):
+        h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+    imgs = []
+    for p in data.get("plots", []):
+        b64 = base64.b64encode((folder / p).read_bytes()).decode()
+        src = f"data:image/png;base64,{b64}"
+        cap = html.escape(p)
+        imgs.append(f'<figure><img alt="{cap}" src="{src}"><figcaption>{cap}</figcaption></figure>')
+    head, rows = skill_rows(data)
+    na = "".join(
+        f"<li><code>{html.escape(s['label'])}</code>: {html.escape(s['reason'])}</li>"
+        for s in data["not_applicable"]
+    )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data['title'])}</title>"
+        f"<style>{style}</style></head><body><h1>Strategy comparison: {html.escape(data['title'])}</h1>"
+        f"<p>Base <code>{html.escape(data['base'])}</code> on {data['device']} ({data['dtype']}). "
+        f"Exact strategies pass at effect-relative error ≤ {data['tolerance']:g}.</p>"
+        f"<h2>Fidelity against the stacked inputs</h2>{table(*table_rows(data))}"
+        + (f"<p>Not applicable:</p><ul>{na}</ul>" if na else "")
+        + (f"<h2>Skill retention</h2>{table(head, rows)}" if rows else "")
+        + "<h2>Plots</h2>"
+        + "".join(imgs)
+        + "</body></html>\n"
+    )
+
+
+def _plots(data: dict[str, Any], folder: Path) -> list[str]:
+    """PNG plots with labelled axes; [] when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from merging.report_plots import draw_all
+
+    return draw_all(plt, data, folder)

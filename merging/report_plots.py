@@ -1,0 +1,118 @@
+"""The comparison report's plots (matplotlib): fidelity vs rank, per-layer error, size vs fidelity, skills."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+FLOOR = 1e-9  # errors are drawn no lower than this on log axes
+
+
+def draw_all(plt, data: dict[str, Any], folder: Path) -> list[str]:
+    """Draw every plot that has data into folder; return the file names."""
+    out = []
+    for name, fn in (
+        ("fidelity_vs_rank.png", _fidelity_vs_rank),
+        ("per_layer_error.png", _per_layer),
+        ("size_vs_fidelity.png", _size_vs_fidelity),
+        ("skill_retention.png", _skills),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        if fn(ax, data):
+            fig.tight_layout()
+            fig.savefig(folder / name)
+            out.append(name)
+        plt.close(fig)
+    return out
+
+
+def _fidelity_vs_rank(ax, data) -> bool:
+    by: dict[str, list[tuple[int, float]]] = {}
+    flat = []
+    for v in data["variants"]:
+        if v["rank"] is not None:
+            by.setdefault(v["strategy"], []).append((v["rank"], max(v["effect_rel_error"], FLOOR)))
+        else:
+            flat.append(v)
+    if not by:
+        return False
+    for name, pts in sorted(by.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    for v in flat:
+        ax.axhline(
+            max(v["effect_rel_error"], FLOOR), linestyle="--", linewidth=1, label=f"{v['label']} (any rank)"
+        )
+    ax.axhline(data["tolerance"], color="black", linewidth=0.8, linestyle=":", label="exact tolerance")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rank budget per module")
+    ax.set_ylabel("effect-relative error vs stacked")
+    ax.set_title("Fidelity against rank")
+    ax.legend(fontsize=7, ncol=2)
+    return True
+
+
+def _layer(module: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", module)
+    return int(m.group(1)) if m else None
+
+
+def _per_layer(ax, data) -> bool:
+    drawn = False
+    for v in data["variants"]:
+        if v["strategy"] not in ("svd", "ties") or not v["module_errors"]:
+            continue
+        layers: dict[int, list[float]] = {}
+        for mod, e in v["module_errors"].items():
+            if (i := _layer(mod)) is not None:
+                layers.setdefault(i, []).append(e)
+        if not layers:
+            continue
+        xs = sorted(layers)
+        ax.plot(xs, [max(sum(layers[i]) / len(layers[i]), FLOOR) for i in xs], marker=".", label=v["label"])
+        drawn = True
+    if drawn:
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean ‖ΔW_merged − ΔW_stack‖ / ‖ΔW_stack‖")
+        ax.set_title("Per-layer weight-space error")
+        ax.legend(fontsize=7, ncol=2)
+    return drawn
+
+
+def _size_vs_fidelity(ax, data) -> bool:
+    if not data["variants"]:
+        return False
+    for v in data["variants"]:
+        ax.scatter(v["params"], max(v["effect_rel_error"], FLOOR), s=18)
+        ax.annotate(v["label"], (v["params"], max(v["effect_rel_error"], FLOOR)), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("merged adapter parameters")
+    ax.set_ylabel("effect-relative error vs stacked")
+    ax.set_title("Size against fidelity")
+    return True
+
+
+def _skills(ax, data) -> bool:
+    skills = list(data["skills"].get("base", {}))
+    if not skills:
+        return False
+    labels = ["stacked"] + [v["label"] for v in data["variants"]]
+    values = [[data["skills"]["stacked"][s]["retention"] or 0.0 for s in skills]]
+    values += [[v["skills"][s]["retention"] or 0.0 for s in skills] for v in data["variants"]]
+    width = 0.8 / len(skills)
+    for j, s in enumerate(skills):
+        ax.bar([i + j * width for i in range(len(labels))], [row[j] for row in values], width, label=s)
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=60, ha="right", fontsize=7
+    )
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_ylabel("skill retention (1 = as the adapter alone)")
+    ax.set_xlabel("strategy")
+    ax.set_title("Skill retention per strategy")
+    ax.legend(fontsize=7)
+    return True
