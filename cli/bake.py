@@ -27,7 +27,7 @@ def bake_cmd(inputs, base, out, weights, force) -> None:
     Example: merging bake --base "$(merging example-base)" merged/ -o baked-model/
     """
     shapes = module_shapes(base)
-    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item)]
+    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item, base=base)]
     ws = weights or [1.0] * len(adapters)
     if len(ws) != len(adapters):
         raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")

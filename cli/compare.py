@@ -50,7 +50,7 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")
     shapes = base_shapes(model)
-    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item)]
+    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item, base=model)]
     ws = weights or [1.0] * len(adapters)
     if len(ws) != len(adapters):
         raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from merging.adapter import KIND_NAMES
 from merging.deltas import LowRank, Scale
+from merging.errors import FormatError
 from merging.formats import peft as peft_format
 from merging.tensorfiles import list_tensors, tensor_files
 
@@ -31,8 +32,9 @@ def inspect_cmd(path: Path) -> None:
 
     Example: merging inspect path/to/adapter_or_model
     """
-    if peft_format.is_peft_folder(path):
-        _inspect_adapter(path)
+    adapter = _as_adapter(path)
+    if adapter is not None:
+        _inspect_adapter(path, adapter)
         return
     infos = list_tensors(path)
     modules: dict[str, list] = defaultdict(list)
@@ -58,9 +60,24 @@ def inspect_cmd(path: Path) -> None:
     )
 
 
-def _inspect_adapter(path: Path) -> None:
-    """Per-module delta kind, shape, rank, scale and norm of a PEFT adapter folder."""
-    ad = peft_format.read(path)
+def _as_adapter(path: Path):
+    """The adapter a path holds (PEFT folder, kohya file, GGUF LoRA), or None for other tensor files."""
+    from merging.formats import gguf, kohya
+
+    if peft_format.is_peft_folder(path):
+        return peft_format.read(path)
+    if kohya.is_kohya_file(path):
+        return kohya.read(path)
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            return gguf.read(path, keep_permuted=True)
+        except FormatError:
+            return None  # a model, not an adapter: list its tensors
+    return None
+
+
+def _inspect_adapter(path: Path, ad) -> None:
+    """Per-module delta kind, shape, rank, scale and norm of an adapter."""
     table = Table(title=f"{path}  ({', '.join(sorted(ad.kinds))}; base: {ad.base_model or 'unknown'})")
     for col in ("module", "delta", "shape (out, in)", "rank", "scale", "‖ΔW‖", "params"):
         table.add_column(col, justify="left" if col in ("module", "delta") else "right")

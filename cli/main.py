@@ -56,7 +56,7 @@ def _quiet_transformers() -> None:
 
 
 def _register() -> None:
-    from cli import bake, compare, example_base, inspect, merge, verify
+    from cli import bake, compare, convert, example_base, inspect, merge, verify
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(example_base.example_base_cmd)
@@ -64,6 +64,7 @@ def _register() -> None:
     cli.add_command(verify.verify_cmd)
     cli.add_command(bake.bake_cmd)
     cli.add_command(compare.compare_cmd)
+    cli.add_command(convert.convert_cmd)
 
 
 _register()

@@ -63,6 +63,9 @@ def _read_recipe(path: Path) -> dict:
     "--recipe", type=click.Path(exists=True, path_type=Path), help="TOML/YAML file with these options."
 )
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf values in the inputs.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["peft", "kohya", "gguf"]), help="Output format (default peft)."
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def merge_cmd(inputs, out, recipe, force, allow_nonfinite, **opts) -> None:
     """Merge adapters (folders, or name=folder) into one adapter with a strategy.
@@ -83,7 +86,12 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, **opts) -> None:
         raise click.UsageError("give -o/--output (or output in --recipe)")
     if not spec.get("strategy"):
         raise click.UsageError(f"give --strategy, one of: {', '.join(strategies.names())}")
-    adapters = [ad for item in inputs for ad in sources.load_spec(item, allow_nonfinite=allow_nonfinite)]
+    base_dir = Path(spec["base"]) if spec.get("base") else None
+    adapters = [
+        ad
+        for item in inputs
+        for ad in sources.load_spec(item, allow_nonfinite=allow_nonfinite, base=base_dir)
+    ]
     weights = spec.get("weights")
     if weights is not None and len(weights) != len(adapters):
         raise MergingError(f"{len(weights)} weights for {len(adapters)} input adapters")
@@ -99,9 +107,17 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, **opts) -> None:
             adapters, spec["strategy"], weights, options, aux=spec.get("aux", "error"),
             base_weights=base.module_weight if base else None, progress=update,
         )  # fmt: skip
-    merge_lib.write_result(
-        result, out, merge_lib.recipe(result, adapters), force=force or bool(spec.get("force"))
-    )
+    fmt = spec.get("fmt") or spec.get("format") or "peft"
+    info = None
+    if fmt == "gguf":
+        from merging.formats.gguf import BaseInfo
+
+        if not spec.get("base"):
+            raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
+        info = BaseInfo.from_folder(Path(spec["base"]))
+    recipe_data = merge_lib.recipe(result, adapters)
+    overwrite = force or bool(spec.get("force"))
+    merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base_info=info)
     _summary(result, out, time.perf_counter() - started)
 
 
@@ -109,7 +125,9 @@ def _summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> None:
     table = Table(title=f"{out}  (strategy {result.strategy})")
     for col in ("adapter", "modules", "max rank", "parameters", "bytes", "max weight-space error"):
         table.add_column(col, justify="left" if col == "adapter" else "right")
-    size = sum(f.stat().st_size for f in Path(out).rglob("*.safetensors"))
+    size = sum(
+        f.stat().st_size for f in ([Path(out)] if Path(out).is_file() else Path(out).rglob("*.safetensors"))
+    )
     for ad in result.adapters:
         reps = [r for r in result.modules if r.module in ad.deltas]
         errs = [r.error for r in reps if r.error is not None and ad.name == "lora"]

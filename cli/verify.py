@@ -81,11 +81,11 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         raise click.UsageError("give --merged OUT or --strategy NAME (or both)")
     model, tokenizer = load_base(base, device, dtype)
     shapes = base_shapes(model)
-    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item)]
+    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item, base=model)]
     candidates = []
     recipe_weights = None
     for folder in merged_dirs:
-        merged = [ad.refine_targets(shapes) for ad in sources.load(folder)]
+        merged = [ad.refine_targets(shapes) for ad in sources.load(folder, base=model)]
         recipe = _recipe(folder)
         recipe_weights = recipe_weights or [i["weight"] for i in recipe.get("inputs", [])] or None
         names = [s for s in (recipe.get("additive_strategy"), recipe.get("ia3_strategy")) if s]

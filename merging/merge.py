@@ -299,12 +299,24 @@ def _versions() -> dict[str, str]:
     }
 
 
-def write_result(result: MergeResult, out: Path, recipe_data: dict[str, Any], *, force: bool = False) -> Path:
-    """Write the merged adapter(s) as PEFT folders plus merge_recipe.json, atomically.
+def write_result(
+    result: MergeResult, out: Path, recipe_data: dict[str, Any], *, force: bool = False, fmt: str = "peft",
+    base_info: Any = None,
+) -> Path:  # fmt: skip
+    """Write the merged adapter(s) with the recipe, atomically.
 
-    One adapter: ``out`` is a PEFT folder. IA³ plus LoRA: ``out/ia3`` and ``out/lora`` and a
-    ``merging_stack.json`` naming them in stacking order, which ``sources.load`` reads back as one set.
+    peft: one adapter makes ``out`` a PEFT folder with merge_recipe.json; IA³ plus LoRA make ``out/ia3``,
+    ``out/lora`` and a ``merging_stack.json`` naming them in stacking order (``sources.load`` reads it
+    back as one set). kohya / gguf: ``out`` is one file, the recipe in its metadata (``merging.recipe``).
     """
+    if fmt in ("kohya", "gguf"):
+        if len(result.adapters) != 1:
+            raise UnsupportedError(
+                f"an IA³ + LoRA pair has no single {fmt} file; write it with --format peft"
+            )
+        return export(result.adapters[0], out, fmt, recipe_data, force=force, base_info=base_info)
+    if fmt != "peft":
+        raise MergingError(f"--format must be peft, kohya or gguf, got {fmt!r}")
     with atomic_folder(Path(out), force=force) as tmp:
         if len(result.adapters) == 1:
             peft_format.write(result.adapters[0], tmp / "adapter", force=True)
@@ -318,3 +330,33 @@ def write_result(result: MergeResult, out: Path, recipe_data: dict[str, Any], *,
             (tmp / STACK_FILE).write_text(json.dumps(stack, indent=2) + "\n")
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe_data, indent=2, sort_keys=True) + "\n")
     return Path(out)
+
+
+def export(
+    adapter: Adapter, out: Path, fmt: str, recipe_data: dict[str, Any] | None = None, *, force: bool = False,
+    base_info: Any = None, out_type: str = "f32", prefix: str = "lora_unet",
+) -> Path:  # fmt: skip
+    """Write one adapter in a format: a PEFT folder, a kohya .safetensors or a GGUF file."""
+    from dataclasses import replace as _replace
+
+    recipe_text = json.dumps(recipe_data, sort_keys=True) if recipe_data else None
+    if fmt == "peft":
+        path = peft_format.write(adapter, out, force=force)
+        if recipe_text:
+            (Path(out) / RECIPE_FILE).write_text(json.dumps(recipe_data, indent=2, sort_keys=True) + "\n")
+        return path
+    if fmt == "kohya":
+        from merging.formats import kohya
+
+        meta = dict(adapter.config.get("metadata", {})) if adapter.config.get("format") == "kohya" else {}
+        if recipe_text:
+            meta["merging.recipe"] = recipe_text
+        adapter = _replace(adapter, config={"format": "kohya", "metadata": meta})
+        return kohya.write(adapter, out, prefix=prefix, force=force)
+    if fmt == "gguf":
+        from merging.formats import gguf
+
+        if base_info is None:
+            raise MergingError("GGUF output needs the base model (--base) for its architecture and heads")
+        return gguf.write(adapter, out, base_info, out_type=out_type, force=force, recipe=recipe_text)
+    raise MergingError(f"format must be peft, kohya or gguf, got {fmt!r}")

@@ -131,3 +131,56 @@ def test_written_merge_loads_in_peft_like_our_runtime(fx, tmp_path, strategy):
     with stacked(model, [ad.refine_targets(base_shapes(model)) for ad in sources.load(tmp_path / "m")]):
         ours = run(model, "llama", x)
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_convert_and_merge_formats_round_trip(fx, tmp_path):
+    from merging.formats import gguf as fg
+    from merging.formats import kohya
+
+    base = fx.base("llama")
+    a = fx.adapter("llama", "lora")
+    assert _invoke("convert", a, "-o", tmp_path / "a.safetensors", "--to", "kohya").exit_code == 0
+    assert (
+        _invoke(
+            "convert", tmp_path / "a.safetensors", "-o", tmp_path / "p", "--to", "peft", "--base", base
+        ).exit_code
+        == 0
+    )
+    assert _invoke("convert", a, "-o", tmp_path / "a.gguf", "--to", "gguf").exit_code == 2  # needs --base
+    r = _invoke(
+        "merge",
+        a,
+        fx.adapter("llama", "lokr"),
+        "-s",
+        "cat",
+        "--format",
+        "gguf",
+        "--base",
+        base,
+        "-o",
+        tmp_path / "m.gguf",
+    )
+    assert r.exit_code == 0, r.output
+    info = fg.BaseInfo.from_folder(base)
+    merged = fg.read(tmp_path / "m.gguf", info)
+    assert len(merged.deltas) == 8  # q, v, up, down in both layers
+    r = _invoke(
+        "merge",
+        a,
+        fx.adapter("llama", "loha"),
+        "-s",
+        "svd",
+        "--rank",
+        "3",
+        "--format",
+        "kohya",
+        "-o",
+        tmp_path / "m.safetensors",
+    )
+    assert r.exit_code == 0, r.output
+    meta = kohya.read(tmp_path / "m.safetensors").config["metadata"]
+    assert json.loads(meta["merging.recipe"])["strategy"] == "svd"
+    original = sources.load(a)[0]
+    back = sources.load(tmp_path / "p", base=base)[0]
+    for mod, d in original.deltas.items():
+        assert_close(back.deltas[mod].dense(), d.dense(), rtol=1e-6)

@@ -126,3 +126,47 @@ def test_verify_on_smollm2(example_base, smol):
     assert errors[0] > errors[1] > errors[2] > 1e-4
     _, rows = _verify(example_base, smol, ["lora", "lora2"], "-s", "linear", "--max-new-tokens", "0")
     assert rows[0]["effect_rel_error"] > 1e-3 and rows[0]["weight_error_max"] > 1e-3
+
+
+def test_gguf_adapter_matches_llama_cpp_layout_and_peft(example_base, smol, tmp_path):
+    """Our GGUF LoRA for SmolLM2 names and shapes its tensors as the base GGUF does, our q/k permutation is
+    llama.cpp's, and the adapter read back on the GGUF base gives the PEFT original's logits."""
+    import gguf
+    import numpy as np
+    from peft import PeftModel
+
+    from merging.examples import example_gguf
+    from merging.formats import gguf as fg
+    from merging.verify import load_base
+
+    base_file = example_gguf()
+    reader = gguf.GGUFReader(str(base_file))
+    base_tensors = {t.name: t for t in reader.tensors}
+    info = fg.BaseInfo.from_folder(example_base)
+    hf, tok = _load(example_base)
+    raw_q = gguf.quants.dequantize(
+        base_tensors["blk.3.attn_q.weight"].data, base_tensors["blk.3.attn_q.weight"].tensor_type
+    )
+    ours_q = fg.permute_rows(hf.model.layers[3].self_attn.q_proj.weight.detach(), info.n_head)
+    assert np.array_equal(np.asarray(raw_q, dtype=np.float32).reshape(ours_q.shape), ours_q.numpy())
+    raw_k = gguf.quants.dequantize(
+        base_tensors["blk.3.attn_k.weight"].data, base_tensors["blk.3.attn_k.weight"].tensor_type
+    )
+    ours_k = fg.permute_rows(hf.model.layers[3].self_attn.k_proj.weight.detach(), info.n_head_kv)
+    assert np.array_equal(np.asarray(raw_k, dtype=np.float32).reshape(ours_k.shape), ours_k.numpy())
+
+    ad = sources.load(smol / "lora")[0].refine_targets(base_shapes(hf))
+    fg.write(ad, tmp_path / "lora.gguf", info)
+    lora = gguf.GGUFReader(str(tmp_path / "lora.gguf"))
+    for t in lora.tensors:
+        stem, part = t.name.rsplit(".", 1)
+        base_ne = [int(s) for s in base_tensors[stem].shape]
+        ne = [int(s) for s in t.shape]
+        assert ne == ([base_ne[0], 4] if part == "lora_a" else [4, base_ne[1]]), t.name
+
+    expected = _logits(PeftModel.from_pretrained(_load(example_base)[0], str(smol / "lora")).eval(), tok)
+    model, _ = load_base(base_file, "cpu")
+    back = sources.load(tmp_path / "lora.gguf", base=model)
+    with stacked(model, back):
+        ours = _logits(model, tok)
+    assert (ours - expected).abs().max() <= 1e-4

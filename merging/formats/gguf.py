@@ -111,7 +111,13 @@ def _to_numpy(t: torch.Tensor, out_type: str):
 
 
 def write(
-    adapter: Adapter, path: Path, info: BaseInfo, *, out_type: str = "f32", force: bool = False
+    adapter: Adapter,
+    path: Path,
+    info: BaseInfo,
+    *,
+    out_type: str = "f32",
+    force: bool = False,
+    recipe: str | None = None,
 ) -> Path:
     """Write an Adapter as a llama.cpp GGUF LoRA file.
 
@@ -158,6 +164,8 @@ def write(
         w.add_float32("adapter.lora.alpha", float(alpha))
         if adapter.base_model:
             w.add_string("general.base_model.0.repo_url", adapter.base_model)
+        if recipe:
+            w.add_string("merging.recipe", recipe)
         for name, t in writer_tensors:
             data, raw = _to_numpy(t, out_type)
             w.add_tensor(name, data, raw_dtype=raw)
@@ -176,7 +184,9 @@ def _field(reader, key: str):
     return value
 
 
-def read(path: Path, info: BaseInfo | None = None, *, allow_nonfinite: bool = False) -> Adapter:
+def read(
+    path: Path, info: BaseInfo | None = None, *, allow_nonfinite: bool = False, keep_permuted: bool = False
+) -> Adapter:
     """Read a llama.cpp GGUF LoRA adapter.
 
     Args:
@@ -218,7 +228,12 @@ def read(path: Path, info: BaseInfo | None = None, *, allow_nonfinite: bool = Fa
         mod = reverse[stem]
         if info is not None and (heads := _heads(mod, info)) is not None:
             b = unpermute_rows(b, heads)
-        elif info is None and arch in PERMUTED_ARCHS and mod.endswith(("q_proj", "k_proj")):
+        elif (
+            info is None
+            and arch in PERMUTED_ARCHS
+            and mod.endswith(("q_proj", "k_proj"))
+            and not keep_permuted
+        ):
             raise UnsupportedError(f"{file}: {stem} is permuted by llama.cpp; pass the base model to undo it")
         r = a.shape[0]
         if b.shape[1] != r:

@@ -1,0 +1,49 @@
+"""`merging convert`: between PEFT folders, kohya/LyCORIS files and llama.cpp GGUF LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.common import console
+from merging import sources
+from merging.basemodel import module_shapes
+from merging.errors import MergingError
+from merging.merge import export
+
+
+@click.command("convert")
+@click.argument("source")
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder or file."
+)
+@click.option(
+    "--to", "fmt", required=True, type=click.Choice(["peft", "kohya", "gguf"]), help="Output format."
+)
+@click.option("--base", type=click.Path(exists=True, path_type=Path),
+              help="Base model folder: names kohya modules, gives GGUF its architecture.")  # fmt: skip
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
+              help="GGUF tensor type.")  # fmt: skip
+@click.option("--prefix", default="lora_unet", show_default=True, help="kohya lora_name prefix.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def convert_cmd(source, out, fmt, base, outtype, prefix, force) -> None:
+    """Convert an adapter between formats (LoHa/LoKr become exact LoRA where the target needs it).
+
+    Example: merging convert adapter/ -o adapter.gguf --to gguf --base "$(merging example-base)"
+    """
+    adapters = sources.load_spec(source, base=base)
+    if len(adapters) != 1:
+        raise MergingError(f"{source}: holds {len(adapters)} adapters; convert them one at a time")
+    ad = adapters[0]
+    if base is not None:
+        ad = ad.refine_targets(module_shapes(base))
+    info = None
+    if fmt == "gguf":
+        from merging.formats.gguf import BaseInfo
+
+        if base is None:
+            raise click.UsageError("--to gguf needs --base (the architecture, block and head counts)")
+        info = BaseInfo.from_folder(base)
+    export(ad, out, fmt, force=force, base_info=info, out_type=outtype, prefix=prefix)
+    console.print(f"wrote {out} ({fmt}, {len(ad.deltas)} modules)")
