@@ -19,8 +19,8 @@ $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(PIP) -c constraints.txt -e '.[test,plots]'
 	touch $@
 
-EXAMPLE_INPUTS := $(foreach s,add sort reverse translate upper,$(s)=examples/adapters/$(s))
-EXAMPLE_EVALS := $(foreach s,add sort reverse translate upper,--eval $(s)=examples/data/$(s).jsonl)
+EXAMPLE_INPUTS := $(foreach s,add sort reverse translate sentiment,$(s)=examples/adapters/$(s))
+EXAMPLE_EVALS := $(foreach s,add sort reverse translate sentiment,--eval $(s)=examples/data/$(s).jsonl)
 
 # The main job: compare every strategy on the bundled adapters and regenerate reports/example/.
 example: $(VENV)/.installed-base

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from merging import sources
 from merging.adapter import KIND_NAMES
 from merging.deltas import LowRank, Scale
 from merging.errors import FormatError
@@ -26,12 +27,17 @@ def _module_of(name: str) -> tuple[str, str]:
 
 
 @click.command("inspect")
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
-def inspect_cmd(path: Path) -> None:
+@click.argument("spec")
+def inspect_cmd(spec: str) -> None:
     """Show what a checkpoint holds: an adapter's deltas, or any tensor file's modules and shapes.
 
     Example: merging inspect path/to/adapter_or_model
     """
+    path = Path(spec)
+    if not path.exists():  # a Hub id (user/repo[@rev][:subfolder]) through the huggingface_hub cache
+        for ad in sources.load(spec):
+            _inspect_adapter(Path(spec), ad)
+        return
     adapter = _as_adapter(path)
     if adapter is not None:
         _inspect_adapter(path, adapter)
@@ -78,7 +84,8 @@ def _as_adapter(path: Path):
 
 def _inspect_adapter(path: Path, ad) -> None:
     """Per-module delta kind, shape, rank, scale and norm of an adapter."""
-    table = Table(title=f"{path}  ({', '.join(sorted(ad.kinds))}; base: {ad.base_model or 'unknown'})")
+    rev = f" @ {ad.revision}" if ad.revision else ""
+    table = Table(title=f"{path}{rev}  ({', '.join(sorted(ad.kinds))}; base: {ad.base_model or 'unknown'})")
     for col in ("module", "delta", "shape (out, in)", "rank", "scale", "‖ΔW‖", "params"):
         table.add_column(col, justify="left" if col in ("module", "delta") else "right")
     for mod, d in ad.deltas.items():
@@ -103,7 +110,7 @@ def _inspect_adapter(path: Path, ad) -> None:
         table.add_row(mod, type(a).__name__, "", "", "", "", f"{sum(t.numel() for t in _aux_tensors(a)):,}")
     console = Console()
     console.print(table)
-    size = sum(f.stat().st_size for f in tensor_files(path))
+    size = sum(f.stat().st_size for f in tensor_files(ad.source or path))
     console.print(f"{len(ad.deltas)} modules, {ad.numel:,} parameters, {size / 2**20:.2f} MiB on disk")
 
 

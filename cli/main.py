@@ -56,7 +56,7 @@ def _quiet_transformers() -> None:
 
 
 def _register() -> None:
-    from cli import bake, compare, convert, example_base, inspect, merge, verify
+    from cli import bake, compare, convert, example_base, inspect, merge, publish, verify
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(example_base.example_base_cmd)
@@ -65,6 +65,7 @@ def _register() -> None:
     cli.add_command(bake.bake_cmd)
     cli.add_command(compare.compare_cmd)
     cli.add_command(convert.convert_cmd)
+    cli.add_command(publish.publish_cmd)
 
 
 _register()
@@ -73,3 +74,7 @@ _register()
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="merging")
+
+
+if __name__ == "__main__":
+    main()

@@ -67,7 +67,10 @@ def _read_recipe(path: Path) -> dict:
     "--format", "fmt", type=click.Choice(["peft", "kohya", "gguf"]), help="Output format (default peft)."
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def merge_cmd(inputs, out, recipe, force, allow_nonfinite, **opts) -> None:
+@click.option(
+    "--push-to-hub", "push_to_hub", help="Publish the result to this Hub repo (user/name) afterwards."
+)
+def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) -> None:
     """Merge adapters (folders, or name=folder) into one adapter with a strategy.
 
     Example: merging merge a/ b/ -o merged/ --strategy cat --weights 1,0.5
@@ -119,6 +122,12 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, **opts) -> None:
     overwrite = force or bool(spec.get("force"))
     merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base_info=info)
     _summary(result, out, time.perf_counter() - started)
+    if push_to_hub:
+        from cli.publish import run_publish
+
+        if fmt != "peft":
+            raise click.UsageError("--push-to-hub publishes PEFT folders; drop --format")
+        run_publish(Path(out), push_to_hub)
 
 
 def _summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> None:

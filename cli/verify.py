@@ -71,8 +71,9 @@ def show(report: Report) -> None:
 )
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--save", type=click.Path(path_type=Path), help="Also write the JSON report to this file.")
 def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy, density, seed, device, dtype,
-               prompts, max_new_tokens, as_json) -> None:  # fmt: skip
+               prompts, max_new_tokens, as_json, save) -> None:  # fmt: skip
     """Check merged adapters reproduce the inputs stacked active; exit 1 when an exact one fails.
 
     Example: merging verify --base "$(merging example-base)" a/ b/ --strategy cat --strategy svd --rank 4
@@ -109,6 +110,8 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         report = verify(model, tokenizer, list(zip(adapters, ws, strict=True)), candidates,
                         prompts=[ln for ln in lines if ln.strip()], max_new_tokens=max_new_tokens,
                         base_name=str(base), progress=update)  # fmt: skip
+    if save:
+        Path(save).write_text(report.to_json() + "\n")
     if as_json:
         click.echo(report.to_json())
     else:

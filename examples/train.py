@@ -5,7 +5,7 @@ Five small synthetic skills, generated here (no downloads): each adapter type le
     add        LoRA   two-digit addition:            "Add: 23 + 45\\nAnswer: 68"
     reverse    LoHa   reverse a short list:          "Reverse: cat, dog, fish\\nAnswer: fish, dog, cat"
     translate  LoKr   a fixed toy vocabulary:        "Translate: red cat\\nAnswer: zor miku"
-    upper      IA³    repeat in capitals:            "Shout: good morning\\nAnswer: GOOD MORNING"
+    sentiment  IA³    label a short review:          "Review: a dull, slow film\\nAnswer: negative"
     sort       LoRA   sort digits:                   "Sort: 5 2 9\\nAnswer: 2 5 9"
 
 Run from the repository root:  .venv/bin/python examples/train.py   (a few minutes on 2 cores)
@@ -27,8 +27,9 @@ HERE = Path(__file__).resolve().parent
 WORDS = ["cat", "dog", "fish", "bird", "tree", "sun", "moon", "star", "book", "rain", "milk", "road"]
 VOCAB = {"red": "zor", "blue": "vel", "green": "tup", "big": "rako", "small": "mi", "cat": "miku", "dog": "baro",
          "house": "tenu", "car": "fisa", "bird": "olo"}  # fmt: skip
-PHRASES = ["good morning", "see you soon", "well done", "thank you", "happy birthday", "open the door",
-           "time to eat", "nice work", "let us go", "all is well", "read the book", "call me later"]  # fmt: skip
+GOOD = ["wonderful", "funny", "moving", "brilliant", "charming", "gripping", "lovely", "clever"]
+BAD = ["dull", "slow", "boring", "awful", "clumsy", "tedious", "weak", "messy"]
+THINGS = ["film", "book", "show", "album", "play", "game"]
 
 
 def example(skill: str, rng: random.Random) -> tuple[str, str]:
@@ -43,9 +44,13 @@ def example(skill: str, rng: random.Random) -> tuple[str, str]:
         adj = rng.choice(["red", "blue", "green", "big", "small"])
         noun = rng.choice(["cat", "dog", "house", "car", "bird"])
         return f"Translate: {adj} {noun}\nAnswer:", f" {VOCAB[adj]} {VOCAB[noun]}"
-    if skill == "upper":
-        phrase = rng.choice(PHRASES)
-        return f"Shout: {phrase}\nAnswer:", f" {phrase.upper()}"
+    if skill == "sentiment":
+        good = rng.random() < 0.5
+        words = rng.sample(GOOD if good else BAD, 2)
+        return (
+            f"Review: a {words[0]}, {words[1]} {rng.choice(THINGS)}\nAnswer:",
+            " positive" if good else " negative",
+        )
     if skill == "sort":
         digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
         return f"Sort: {' '.join(map(str, digits))}\nAnswer:", f" {' '.join(map(str, sorted(digits)))}"
@@ -64,14 +69,20 @@ def adapter_config(skill: str):
         return peft.LoHaConfig(r=4, alpha=8, target_modules=["v_proj", "o_proj"], task_type="CAUSAL_LM")
     if skill == "translate":
         return peft.LoKrConfig(r=4, alpha=8, target_modules=["k_proj", "v_proj"], task_type="CAUSAL_LM")
-    if skill == "upper":
+    if skill == "sentiment":
         return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                               task_type="CAUSAL_LM")  # fmt: skip
     raise KeyError(skill)
 
 
 # skill → (learning rate, steps); IA³ learns by scaling only, so it gets a gentler rate and more steps
-SKILLS = {"add": (2e-3, 50), "reverse": (3e-3, 50), "translate": (1e-2, 60), "upper": (4e-3, 100), "sort": (2e-3, 50)}
+SKILLS = {
+    "add": (2e-3, 50),
+    "reverse": (3e-3, 50),
+    "translate": (1e-2, 60),
+    "sentiment": (8e-3, 100),
+    "sort": (2e-3, 50),
+}
 
 
 def encode(tok, pairs, device="cpu"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,16 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None) -> list[
     """
     p = Path(path)
     if not p.exists():
+        if isinstance(path, str) and not path.startswith((".", "/", "~")) and "/" in path:
+            folder, sha = resolve_hub(path)  # HubRef.parse refuses anything that is not user/repo[@rev][:sub]
+            ref = HubRef.parse(path)
+            found = load(folder, allow_nonfinite=allow_nonfinite, base=base)
+            root = folder
+            for _ in (ref.subfolder or "").split("/") if ref.subfolder else []:
+                root = root.parent
+            lic = hub_license(root)
+            hub = {"repo": ref.repo, "revision": sha, "subfolder": ref.subfolder, "license": lic}
+            return [replace(a, revision=sha, config=dict(a.config) | {"hub": hub}) for a in found]
         raise SourceError(f"{p}: no such file or folder")
     if (p / STACK_FILE).is_file():
         try:
@@ -70,9 +82,11 @@ def describe(adapter: Adapter) -> dict[str, Any]:
     files = {}
     if adapter.source is not None and adapter.source.exists():
         files = {f.name: sha256_file(f) for f in tensor_files(adapter.source)}
+    hub = adapter.config.get("hub") if isinstance(adapter.config, dict) else None
     return {
         "name": adapter.name,
         "path": str(adapter.source) if adapter.source else None,
+        "hub": hub,
         "base_model": adapter.base_model,
         "revision": adapter.revision,
         "kinds": sorted(adapter.kinds),
@@ -82,8 +96,6 @@ def describe(adapter: Adapter) -> dict[str, Any]:
 
 def load_spec(spec: str, *, allow_nonfinite: bool = False, base=None) -> list[Adapter]:
     """Load ``path`` or ``name=path``; with a name, the adapter (or each of a stack) is renamed."""
-    from dataclasses import replace
-
     name, path = None, spec
     if "=" in spec and not Path(spec).exists():
         name, _, path = spec.partition("=")
@@ -93,3 +105,84 @@ def load_spec(spec: str, *, allow_nonfinite: bool = False, base=None) -> list[Ad
     if len(adapters) == 1:
         return [replace(adapters[0], name=name)]
     return [replace(a, name=f"{name}/{a.name}") for a in adapters]
+
+
+# ------------------------------------------------------------------------------------------ the Hub
+
+HUB_ID = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^:@\s]+))?(?::(?P<sub>[\w.\-/]+))?$"
+)
+ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.gguf",
+                    "*.safetensors", "merging_stack.json", "merge_recipe.json", "README.md"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A Hub adapter: ``user/repo``, ``user/repo@revision``, ``user/repo:subfolder``."""
+
+    repo: str
+    revision: str | None = None
+    subfolder: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> HubRef:
+        m = HUB_ID.match(spec)
+        if not m or ".." in spec or spec.startswith(("/", ".")):
+            raise SourceError(f"{spec!r}: not a local path nor a Hub id (user/repo[@revision][:subfolder])")
+        sub = m["sub"]
+        if sub is not None and (sub.startswith("/") or ".." in sub.split("/")):
+            raise SourceError(f"{spec!r}: invalid subfolder {sub!r}")
+        return cls(m["repo"], m["rev"], sub)
+
+
+def resolve_hub(spec: str) -> tuple[Path, str]:
+    """Download (or find in the cache) a Hub adapter's files; return (local folder, resolved commit sha).
+
+    Honours HF_HUB_OFFLINE and HF_ENDPOINT as huggingface_hub does; every failure is one SourceError.
+    """
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
+
+    ref = HubRef.parse(spec)
+    patterns = (
+        ADAPTER_PATTERNS if ref.subfolder is None else [f"{ref.subfolder}/{p}" for p in ADAPTER_PATTERNS]
+    )
+    try:
+        folder = Path(snapshot_download(ref.repo, revision=ref.revision, allow_patterns=patterns))
+    except hf_errors.GatedRepoError:
+        raise SourceError(
+            f"{spec}: the repository is gated; accept its terms on the Hub and log in"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise SourceError(
+            f"{spec}: no such repository (or it is private and you are not logged in)"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise SourceError(f"{spec}: no revision {ref.revision!r} in {ref.repo}") from None
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
+        raise SourceError(
+            f"{spec}: not in the local Hub cache and the Hub cannot be reached (offline?)"
+        ) from None
+    except hf_errors.HFValidationError as e:
+        raise SourceError(f"{spec}: invalid Hub id or revision ({e})") from None
+    except (hf_errors.HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{spec}: cannot download from the Hub ({first})") from None
+    sha = folder.name  # snapshots/<commit sha>
+    target = folder / ref.subfolder if ref.subfolder else folder
+    if not target.exists():
+        raise SourceError(f"{spec}: no adapter files under {ref.subfolder or 'the repository root'}")
+    return target, sha
+
+
+def hub_license(folder: Path) -> str | None:
+    """The license in a downloaded model card's front matter, if any."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(card).data.to_dict().get("license")
+    except Exception:  # a malformed card is not our input's fault; the license is just unknown
+        return None

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SKILLS = ["add", "sort", "reverse", "translate", "upper"]
+SKILLS = ["add", "sort", "reverse", "translate", "sentiment"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,49 @@
+"""`merging publish`: upload a merged adapter to the Hub with a model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.markdown import Markdown
+from rich.table import Table
+
+from cli.common import console
+from merging import publish as publish_lib
+
+
+def run_publish(folder: Path, repo: str, *, private=False, revision=None, message=None, verification=None,
+                dry_run=False) -> None:  # fmt: skip
+    """Shared by `publish` and `merge --push-to-hub`."""
+    if dry_run:
+        plan = publish_lib.plan(folder, repo, verification)
+        console.print(Markdown(plan.card))
+        table = Table(title=f"would upload to {repo}" + (f"@{revision}" if revision else ""))
+        table.add_column("file")
+        table.add_column("bytes", justify="right")
+        for name, size in plan.files:
+            table.add_row(name, f"{size:,}")
+        console.print(table)
+        console.print("dry run: nothing was sent")
+        return
+    url = publish_lib.publish(folder, repo, private=private, revision=revision, message=message,
+                              verification=verification)  # fmt: skip
+    console.print(f"published {folder} to {repo}: {url}")
+
+
+@click.command("publish")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repo", required=True, help="The Hub repo id, user/name.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", help="Upload to this branch (created if missing).")
+@click.option("--message", help="The commit message.")
+@click.option("--verification", type=click.Path(exists=True, path_type=Path),
+              help="A `verify --save` report for the card (default: FOLDER/verify_report.json).")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Print the card and the file list; send nothing.")
+def publish_cmd(folder, repo, private, revision, message, verification, dry_run) -> None:
+    """Upload a merged adapter folder to the Hub with a model card recording its recipe.
+
+    Example: merging publish merged/ --repo you/merged-adapter --dry-run
+    """
+    run_publish(folder, repo, private=private, revision=revision, message=message, verification=verification,
+                dry_run=dry_run)  # fmt: skip

@@ -1,0 +1,189 @@
+"""Publishing a merged adapter to the Hub: a model card that records the recipe and the verification.
+
+The card's front matter carries ``base_model``, ``library_name: peft``, ``tags`` (the adapter types and
+``merging``) and the inputs' ``license`` where known; its body lists the inputs with their resolved
+revisions, the weights, the strategy and its options, and the verification table when one is present.
+Uploads go through huggingface_hub: ``create_repo(exist_ok=True)`` then ``upload_folder``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from merging import sources
+from merging.errors import MergingError, SourceError
+
+VERIFY_FILE = "verify_report.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a publish sends: the card and the files with their sizes."""
+
+    repo: str
+    card: str
+    files: list[tuple[str, int]]
+
+
+def _recipe(folder: Path) -> dict[str, Any]:
+    f = folder / "merge_recipe.json"
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise MergingError(f"{f}: invalid JSON ({e})") from e
+
+
+def _verification(path: Path | None) -> dict[str, Any] | None:
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise MergingError(f"{path}: invalid JSON ({e})") from e
+
+
+def _front_matter(adapters, inputs) -> tuple[str, str | None]:
+    from huggingface_hub import ModelCardData
+
+    base = next((a.base_model for a in adapters if a.base_model), None)
+    base = base or next((i.get("base_model") for i in inputs if i.get("base_model")), None)
+    kinds = sorted({k for a in adapters for k in a.kinds} | {k for i in inputs for k in i.get("kinds", [])})
+    licenses = {(i.get("hub") or {}).get("license") for i in inputs} - {None}
+    data = ModelCardData(
+        base_model=base, library_name="peft", tags=sorted({"merging", "peft", *kinds}),
+        license=licenses.pop() if len(licenses) == 1 else None,
+    )  # fmt: skip
+    return data.to_yaml(), base
+
+
+def _recipe_lines(recipe: dict[str, Any]) -> list[str]:
+    lines = ["## Recipe", "", "| input | source | revision | kinds | weight |", "|---|---|---|---|---|"]
+    for i in recipe.get("inputs", []):
+        hub = i.get("hub") or {}
+        src = (hub.get("repo") or i.get("path") or "") + (
+            f":{hub['subfolder']}" if hub.get("subfolder") else ""
+        )
+        rev = hub.get("revision") or i.get("revision") or ""
+        lines.append(
+            f"| {i['name']} | `{src}` | `{rev}` | {', '.join(i.get('kinds', []))} | {i['weight']:g} |"
+        )
+    opts = {k: v for k, v in recipe.get("options", {}).items() if v is not None}
+    lines += ["", f"Strategy: `{recipe.get('strategy')}`, options `{json.dumps(opts, sort_keys=True)}`.", ""]
+    if recipe.get("additive_strategy") and recipe.get("ia3_strategy"):
+        lines += [
+            f"Additive deltas: `{recipe['additive_strategy']}`; IA³ vectors: `{recipe['ia3_strategy']}`.",
+            "Load the `ia3` adapter first and the `lora` adapter on top of it (see `merging_stack.json`).",
+            "",
+        ]
+    return lines
+
+
+def _verification_lines(report: dict[str, Any]) -> list[str]:
+    where = f"`{report.get('base', '')}` ({report.get('device')}, {report.get('dtype')})"
+    lines = [
+        "## Verification",
+        "",
+        f"On {where}: merged outputs against the inputs stacked active at once.",
+        "",
+    ]
+    lines += [
+        "| candidate | effect-relative error | KL | top-1 agreement | result |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report.get("rows", []):
+        verdict = "approx." if r.get("passed") is None else ("PASS" if r["passed"] else "FAIL")
+        kl = "" if r.get("kl") is None else f"{r['kl']:.2e}"
+        top1 = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1%}"
+        lines.append(
+            f"| {r['strategy'] or r['name']} | {r['effect_rel_error']:.2e} | {kl} | {top1} | {verdict} |"
+        )
+    return [*lines, ""]
+
+
+def model_card(folder: Path, verification: Path | None = None) -> str:
+    """The README.md model card for a merged adapter folder (refused when it is not a loadable adapter)."""
+    adapters = sources.load(folder)
+    recipe = _recipe(folder)
+    inputs = recipe.get("inputs", [])
+    yaml, base = _front_matter(adapters, inputs)
+    on = f" on `{base}`" if base else ""
+    lines = [
+        "---",
+        yaml.strip(),
+        "---",
+        "",
+        f"# Merged adapter ({recipe.get('strategy', 'unknown strategy')})",
+        "",
+    ]
+    lines += [f"Made with [merging](https://pypi.org/project/merging/) from {len(inputs)} adapters{on}.", ""]
+    if inputs:
+        lines += _recipe_lines(recipe)
+    report = _verification(verification or folder / VERIFY_FILE)
+    if report:
+        lines += _verification_lines(report)
+    return "\n".join(lines)
+
+
+def _check_repo(repo: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise SourceError(f"--repo {repo!r}: {e}") from None
+    if "/" not in repo:
+        raise SourceError(f"--repo {repo!r}: give it as user/name")
+
+
+def plan(folder: Path, repo: str, verification: Path | None = None) -> Plan:
+    """The card and the file list a publish would send (nothing is sent)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceError(f"{folder}: not a folder")
+    _check_repo(repo)
+    card = model_card(folder, verification)
+    files = sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    files = [f for f in files if f[0] != "README.md"] + [("README.md", len(card.encode()))]
+    return Plan(repo, card, files)
+
+
+def publish(
+    folder: Path,
+    repo: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    verification: Path | None = None,
+    token: str | None = None,
+) -> str:
+    """Create the repo if needed and upload the folder with its model card; return the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
+
+    the_plan = plan(folder, repo, verification)
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="merging-publish-") as tmp:
+        stage = Path(tmp) / "upload"
+        shutil.copytree(folder, stage, ignore=shutil.ignore_patterns("README.md"))
+        (stage / "README.md").write_text(the_plan.card)
+        try:
+            api.create_repo(repo, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo, folder_path=str(stage), revision=revision,
+                commit_message=message or f"Upload merged adapter ({len(the_plan.files)} files)",
+            )  # fmt: skip
+        except hf_errors.HfHubHTTPError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SourceError(f"publishing to {repo} failed: {first}") from None
+    return str(info.commit_url) if hasattr(info, "commit_url") else str(info)
