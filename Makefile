@@ -33,14 +33,14 @@ train-examples: $(VENV)/.installed-test
 	$(PY) examples/train.py
 
 test: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check merging cli tests
+	$(VENV)/bin/ruff check merging cli tests examples benchmarks
 	$(PY) -m pytest -q
 
 quick: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not model"
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check merging cli tests
+	$(VENV)/bin/ruff check merging cli tests examples benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

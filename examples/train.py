@@ -25,8 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 WORDS = ["cat", "dog", "fish", "bird", "tree", "sun", "moon", "star", "book", "rain", "milk", "road"]
-VOCAB = {"red": "zor", "blue": "vel", "green": "tup", "big": "rako", "small": "mi", "cat": "miku", "dog": "baro",
-         "house": "tenu", "car": "fisa", "bird": "olo"}  # fmt: skip
+VOCAB = {"red": "zor", "blue": "vel", "green": "tup", "big": "rako", "small": "mi",
+         "cat": "miku", "dog": "baro", "house": "tenu", "car": "fisa", "bird": "olo"}  # fmt: skip
 GOOD = ["wonderful", "funny", "moving", "brilliant", "charming", "gripping", "lovely", "clever"]
 BAD = ["dull", "slow", "boring", "awful", "clumsy", "tedious", "weak", "messy"]
 THINGS = ["film", "book", "show", "album", "play", "game"]
@@ -70,8 +70,10 @@ def adapter_config(skill: str):
     if skill == "translate":
         return peft.LoKrConfig(r=4, alpha=8, target_modules=["k_proj", "v_proj"], task_type="CAUSAL_LM")
     if skill == "sentiment":
-        return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                              task_type="CAUSAL_LM")  # fmt: skip
+        modules = ["k_proj", "v_proj", "down_proj"]
+        return peft.IA3Config(
+            target_modules=modules, feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+        )
     raise KeyError(skill)
 
 
@@ -146,8 +148,8 @@ def train(skill: str, base_dir: Path, batch: int = 12) -> None:
         for prompt, answer in eval_pairs:
             f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
     took = time.perf_counter() - started
-    print(f"{skill:10s} {type(pm.peft_config['default']).__name__:11s} held-out loss {before:.3f} -> {after:.3f}"
-          f"  ({steps} steps, {took:.0f} s)")  # fmt: skip
+    kind = type(pm.peft_config["default"]).__name__
+    print(f"{skill:10s} {kind:11s} held-out loss {before:.3f} -> {after:.3f}  ({steps} steps, {took:.0f} s)")
 
 
 def main() -> None:

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from merging.errors import MergingError
+from safetensors import SafetensorError
+
+from merging.errors import FormatError, MergingError
+
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 @contextmanager
@@ -24,7 +36,10 @@ def atomic_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except WRITE_ERRORS as e:  # a full disk, a file-size limit, a permission: one clear line
+            raise MergingError(f"{out}: cannot write ({_why(e)}); nothing was written") from e
         tmp.chmod(0o755)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
@@ -48,8 +63,24 @@ def atomic_file(out: Path, *, force: bool = False) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except WRITE_ERRORS as e:
+            raise MergingError(f"{out}: cannot write ({_why(e)}); nothing was written") from e
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn any unexpected failure while parsing an untrusted file into one FormatError naming it."""
+    try:
+        yield
+    except MergingError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OverflowError, AttributeError,
+            UnicodeError, MemoryError, re.error, struct.error) as e:  # fmt: skip
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"{path}: malformed ({type(e).__name__}: {first[:200]})") from e

@@ -80,6 +80,13 @@ def _safetensors_header(path: Path) -> dict:
 
 def list_tensors(path: Path) -> list[TensorInfo]:
     """Names, shapes and dtypes of every tensor in a file or folder, reading headers only where possible."""
+    from merging.fileio import reading
+
+    with reading(Path(path)):
+        return _list_tensors(path)
+
+
+def _list_tensors(path: Path) -> list[TensorInfo]:
     out: list[TensorInfo] = []
     for f in tensor_files(path):
         if f.suffix == ".safetensors":

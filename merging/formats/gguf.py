@@ -26,7 +26,7 @@ import torch
 from merging.adapter import Adapter
 from merging.deltas import LowRank, Scale, Target
 from merging.errors import FormatError, NonFiniteError, UnsupportedError
-from merging.fileio import atomic_file
+from merging.fileio import atomic_file, reading
 
 ARCH_OF_MODEL_TYPE = {
     "llama": "llama",
@@ -194,11 +194,16 @@ def read(
         info: the base model (module names and heads); needed to name modules exactly and to undo the
             Llama q/k permutation. Without it, names follow gguf's map and q/k are refused for Llama.
     """
+    file = Path(path)
+    with reading(file):
+        return _read(file, info, allow_nonfinite, keep_permuted)
+
+
+def _read(file: Path, info: BaseInfo | None, allow_nonfinite: bool, keep_permuted: bool) -> Adapter:
     import gguf
 
     from merging.tensorfiles import _gguf_reader
 
-    file = Path(path)
     reader = _gguf_reader(file)
     kind, atype = _field(reader, "general.type"), _field(reader, "adapter.type")
     arch = _field(reader, "general.architecture")

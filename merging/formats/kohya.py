@@ -28,7 +28,7 @@ import torch
 from merging.adapter import Adapter
 from merging.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import FormatError, MergingError, NonFiniteError, UnsupportedError
-from merging.fileio import atomic_file
+from merging.fileio import atomic_file, reading
 from merging.formats.peft import lokr_delta
 from merging.linalg import tucker_factors
 from merging.tensorfiles import load_tensors, safetensors_metadata
@@ -104,6 +104,11 @@ def read(path: Path, *, modules: Iterable[str] | None = None, allow_nonfinite: b
         allow_nonfinite: accept NaN/Inf values.
     """
     file = Path(path)
+    with reading(file):
+        return _read(file, modules, allow_nonfinite)
+
+
+def _read(file: Path, modules, allow_nonfinite: bool) -> Adapter:
     tensors = load_tensors(file)
     mapping = name_map(modules) if modules is not None else {}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)

@@ -33,7 +33,7 @@ import torch
 from merging.adapter import Adapter
 from merging.deltas import Delta, Hadamard, Kronecker, LowRank, ModuleReplacement, Scale, Target, TokenRows
 from merging.errors import FormatError, MergingError, NonFiniteError, UnsupportedError
-from merging.fileio import atomic_folder
+from merging.fileio import atomic_folder, reading
 from merging.tensorfiles import load_tensors
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,11 @@ def read(path: Path, *, allow_nonfinite: bool = False) -> Adapter:
         The Adapter, with module paths as in the base model's ``named_modules()``.
     """
     folder = Path(path)
+    with reading(folder):
+        return _read(folder, allow_nonfinite)
+
+
+def _read(folder: Path, allow_nonfinite: bool) -> Adapter:
     config = read_config(folder)
     file = _weights_file(folder)
     tensors = load_tensors(file)
