@@ -26,7 +26,7 @@ EXAMPLE_EVALS := $(foreach s,add sort reverse translate sentiment,--eval $(s)=ex
 example: $(VENV)/.installed-base
 	$(VENV)/bin/merging example-base
 	$(VENV)/bin/merging compare $(EXAMPLE_INPUTS) --base "$$($(VENV)/bin/merging example-base)" \
-		--strategies all --ranks 4,8,16 $(EXAMPLE_EVALS) -o reports/example --force
+		--strategies all --ranks 4,16,64 $(EXAMPLE_EVALS) -o reports/example --force
 
 # Retrain the bundled adapters (a few minutes on 2 cores); `make example` does not need this.
 train-examples: $(VENV)/.installed-test
@@ -41,6 +41,10 @@ quick: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check merging cli tests examples benchmarks
+
+# Timing and memory against PEFT (not part of `make test`); writes reports/benchmarks/.
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks.run
 
 clean-venv:
 	rm -rf $(VENV)

@@ -24,7 +24,7 @@ from merging.errors import MergingError
 def bake_cmd(inputs, base, out, weights, force) -> None:
     """Write the base model with the adapters folded in, streaming one shard at a time.
 
-    Example: merging bake --base "$(merging example-base)" merged/ -o baked-model/
+    Example: merging bake --base BASE merged/ -o baked-model/
     """
     shapes = module_shapes(base)
     adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item, base=base)]

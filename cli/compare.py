@@ -44,7 +44,7 @@ def _ints(value: str | None) -> list[int]:
 def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, device, dtype, out, force) -> None:
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
 
-    Example: merging compare add=a/ sort=b/ --base "$(merging example-base)" -s cat,svd --ranks 4,8 -o r/
+    Example: merging compare a/ b/ --base BASE -s cat,svd --ranks 4 -o r/
     """
     model, tokenizer = load_base(base, device, dtype)
     if tokenizer is None:
@@ -54,6 +54,7 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
     ws = weights or [1.0] * len(adapters)
     if len(ws) != len(adapters):
         raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")
+    label = next((a.base_model for a in adapters if a.base_model), None) or str(base)
     eval_sets = {}
     for spec in evals:
         name, sep, path = spec.partition("=")
@@ -72,10 +73,10 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
             variants,
             evals=eval_sets,
             options=opts,
-            base_name=str(base),
+            base_name=label,
             progress=update,
         )
-    report_lib.write_report(data, out, force=force)
+    data = report_lib.write_report(data, out, force=force)
     show(data)
     console.print(f"wrote {out}/report.md, report.html, report.json and {len(data.get('plots', []))} plots")
 

@@ -30,7 +30,7 @@ from merging.merge import export
 def convert_cmd(source, out, fmt, base, outtype, prefix, force) -> None:
     """Convert an adapter between formats (LoHa/LoKr become exact LoRA where the target needs it).
 
-    Example: merging convert adapter/ -o adapter.gguf --to gguf --base "$(merging example-base)"
+    Example: merging convert adapter/ -o adapter.gguf --to gguf --base BASE
     """
     adapters = sources.load_spec(source, base=base)
     if len(adapters) != 1:

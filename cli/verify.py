@@ -76,7 +76,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
                prompts, max_new_tokens, as_json, save) -> None:  # fmt: skip
     """Check merged adapters reproduce the inputs stacked active; exit 1 when an exact one fails.
 
-    Example: merging verify --base "$(merging example-base)" a/ b/ --strategy cat --strategy svd --rank 4
+    Example: merging verify --base BASE a/ b/ -s cat -s svd --rank 4
     """
     if not merged_dirs and not strategy_names:
         raise click.UsageError("give --merged OUT or --strategy NAME (or both)")

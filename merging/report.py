@@ -212,15 +212,19 @@ def _retention(out: dict[str, Any], skill: str, loss: float) -> float | None:
 # ------------------------------------------------------------------------------------------ rendering
 
 
-def write_report(data: dict[str, Any], out: Path, *, force: bool = False) -> Path:
-    """Write report.json, report.md, report.html and the PNG plots into ``out`` (atomically)."""
+def write_report(data: dict[str, Any], out: Path, *, force: bool = False) -> dict[str, Any]:
+    """Write report.json, report.md, report.html and the PNG plots into ``out`` (atomically).
+
+    Returns:
+        The data as written, with the plot file names under "plots".
+    """
     with atomic_folder(Path(out), force=force) as tmp:
         plots = _plots(data, tmp)
         data = data | {"plots": plots}
         (tmp / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         (tmp / "report.md").write_text(render_markdown(data))
         (tmp / "report.html").write_text(render_html(data, tmp))
-    return Path(out)
+    return data
 
 
 def _fmt(v: Any, spec: str = ".2e") -> str:

@@ -168,7 +168,11 @@ def _outputs(model, batch) -> torch.Tensor:
 @torch.no_grad()
 def _greedy(model, batch, n: int, pad_id: int | None) -> torch.Tensor:
     out = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=pad_id)
-    return out[:, batch["input_ids"].shape[1] :]
+    new = out[:, batch["input_ids"].shape[1] :]
+    if new.shape[1] < n:  # every sequence ended early: pad as generate pads finished sequences
+        fill = torch.full((new.shape[0], n - new.shape[1]), -1 if pad_id is None else pad_id, dtype=new.dtype)
+        new = torch.cat([new, fill.to(new.device)], dim=1)
+    return new
 
 
 def _compare(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]:

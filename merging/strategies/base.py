@@ -127,8 +127,8 @@ def truncate(
 
 def truncate_dense(d: torch.Tensor, opts: Options, default_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """As ``truncate`` for a dense (out, in_flat) matrix (TIES/DARE results, dense inputs)."""
-    u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
-    return keep_top(u.float(), s.float(), vh.float(), opts, default_rank)
+    u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)  # float32: the callers are approximate
+    return keep_top(u, s, vh, opts, default_rank)
 
 
 def keep_top(
@@ -140,7 +140,7 @@ def keep_top(
         k = int((frac < opts.energy - 1e-12).sum()) + 1
     else:
         k = opts.rank or default_rank
-    k = max(1, min(k, s.numel()))
+    k = max(1, min(k, linalg.numerical_rank(s, (u.shape[0], vh.shape[1])) or 1))  # never keep null directions
     bk, ak = u[:, :k] * s[:k], vh[:k]
     if opts.clamp is not None:
         hi = torch.quantile(torch.cat([bk.flatten(), ak.flatten()]), opts.clamp)

@@ -1,0 +1,388 @@
+"""Benchmarks against PEFT: merge speed, memory, stacked-inference overhead, baking, scaling.
+
+Run with ``make bench`` (not part of ``make test``). Every figure is a ratio against a peer measured in
+the same run, so it holds on a noisy machine. Writes reports/benchmarks/benchmarks.json, benchmarks.md
+and scaling.png. Memory is the peak RSS of a fresh subprocess doing only that job.
+
+    python -m benchmarks.run [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "reports" / "benchmarks"
+LLAMA = dict(
+    hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16, vocab_size=1024
+)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def timed(fn, repeats: int) -> dict:
+    """Median, min and max wall time of fn() over repeats."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": repeats}
+
+
+def llama_model(layers: int, **over):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=layers, **(LLAMA | over))
+    return LlamaForCausalLM(cfg).eval()
+
+
+def make_adapters(folder: Path, layers: int, n: int, r: int, **over) -> list[Path]:
+    """n PEFT LoRA adapters of rank r on every linear module of the Llama-shaped model, saved by PEFT."""
+    import peft
+
+    out = []
+    for i in range(n):
+        model = llama_model(layers, **over)
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS,
+                                                        init_lora_weights=False))  # fmt: skip
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(folder / f"a{i}")
+        out.append(folder / f"a{i}")
+    return out
+
+
+def peft_model_with(paths: list[Path], layers: int, **over):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(llama_model(layers, **over), str(paths[0]), adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        model.load_adapter(str(p), adapter_name=f"a{i}")
+    return model
+
+
+def peft_merged_error(model, names, weights, adapters) -> float:
+    """Weight-space error of PEFT's merged adapter against the exact weighted sum, per module, max."""
+    from merging.deltas import LowRank, Target
+    from merging.merge import weight_space_error
+
+    worst = 0.0
+    for mod, d0 in adapters[0].deltas.items():
+        layer = model.base_model.model.get_submodule(mod)
+        b, a = layer.lora_B["merged"].weight.detach(), layer.lora_A["merged"].weight.detach()
+        merged = LowRank(b, a, layer.scaling["merged"], Target("linear", tuple(d0.target.shape)))
+        worst = max(worst, weight_space_error(merged, [ad.deltas[mod] for ad in adapters], weights))
+    return worst
+
+
+# ------------------------------------------------------------------------------------------ 1 and 5: svd
+
+
+def bench_svd(
+    tmp: Path, layers: int, n: int, r: int, repeats_ours: int, peft_modes: list[bool], **over
+) -> dict:
+    from merging import sources
+    from merging.merge import merge
+
+    paths = make_adapters(tmp / f"svd-{n}-{over.get('hidden_size', 2048)}", layers, n, r, **over)
+    adapters = [sources.load(p)[0] for p in paths]
+    weights = [1.0] * n
+    from merging.strategies import Options
+
+    result = {}
+    ours = timed(lambda: merge(adapters, "svd", weights, Options(rank=r)), repeats_ours)
+    merged = merge(adapters, "svd", weights, Options(rank=r))
+    result["ours"] = ours | {"error": max(m.error for m in merged.modules)}
+    for full in peft_modes:
+        model = peft_model_with(paths, layers, **over)
+        names = [f"a{i}" for i in range(n)]
+
+        def run(model=model, names=names, full=full):
+            if "merged" in model.peft_config:
+                model.delete_adapter("merged")
+            model.add_weighted_adapter(names, weights, "merged", combination_type="svd", svd_rank=r,
+                                       svd_full_matrices=full)  # fmt: skip
+
+        t = timed(run, 1)
+        key = "peft_full_matrices" if full else "peft_thin"
+        result[key] = t | {"error": peft_merged_error(model, names, weights, adapters)}
+        result[f"speedup_vs_{key}"] = t["median"] / ours["median"]
+    return result
+
+
+# ------------------------------------------------------------------------------------------ subprocess jobs
+
+CHILD = r"""
+import json, resource, sys, time, shutil
+from pathlib import Path
+job, args = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+if job == "copy":
+    for src in args[1:]:
+        shutil.copytree(src, Path(args[0]) / Path(src).name)
+elif job == "ours_cat":
+    from click.testing import CliRunner
+    from cli.main import cli
+    r = CliRunner().invoke(cli, ["merge", *args[1:], "-s", "cat", "-o", args[0]])
+    assert r.exit_code == 0, r.output
+elif job == "peft_cat":
+    import torch
+    from benchmarks.run import peft_model_with
+    layers = int(args[1]); paths = [Path(p) for p in args[2:]]
+    model = peft_model_with(paths, layers)
+    names = [f"a{i}" for i in range(len(paths))]
+    model.add_weighted_adapter(names, [1.0] * len(paths), "merged", combination_type="cat")
+    model.save_pretrained(args[0], selected_adapters=["merged"])
+elif job == "ours_bake":
+    from click.testing import CliRunner
+    from cli.main import cli
+    r = CliRunner().invoke(cli, ["bake", "--base", args[1], args[2], "-o", args[0]])
+    assert r.exit_code == 0, r.output
+elif job == "peft_bake":
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(args[1], dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, args[2]).merge_and_unload()
+    model.save_pretrained(args[0])
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def child(job: str, *args) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, job, *map(str, args)], cwd=ROOT, capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"{job} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def baseline_rss() -> int:
+    """Peak RSS of a child that imports what the jobs import and does nothing (subtracted from each)."""
+    code = "import resource, torch, transformers, peft, merging, cli.main; "
+    code += "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    return int(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout)
+
+
+def bench_cat(tmp: Path, layers: int, repeats: int) -> dict:
+    paths = make_adapters(tmp / "cat", layers, 4, 64)
+    sizes = [sum(f.stat().st_size for f in p.iterdir()) for p in paths]
+    runs = {"copy": [], "ours": [], "peft": []}
+    for i in range(repeats):
+        runs["copy"].append(child("copy", tmp / f"copy{i}", *paths))
+        runs["ours"].append(child("ours_cat", tmp / f"ours{i}", *paths))
+        runs["peft"].append(child("peft_cat", tmp / f"peft{i}", layers, *paths))
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    peak = {k: max(r["peak_rss"] for r in v) for k, v in runs.items()}
+    module_ws = 4 * 64 * (5632 + 2048) * 4 * 2  # stacked factors of the largest module, float32, with a copy
+    return {
+        "seconds": {k: {"median": m, "min": min(r["seconds"] for r in runs[k]), "max": max(r["seconds"] for r in runs[k])}
+                    for k, m in med.items()},  # fmt: skip
+        "peak_rss": peak, "largest_input_bytes": max(sizes), "input_bytes": sum(sizes),
+        "ratio_vs_copy": med["ours"] / med["copy"], "ratio_vs_peft": med["ours"] / med["peft"],
+        "module_working_set": module_ws,
+    }  # fmt: skip
+
+
+def bench_bake(tmp: Path, layers: int) -> dict:
+    base = tmp / "bake-base"
+    llama_model(layers).save_pretrained(base, max_shard_size="200MB")
+    adapter = make_adapters(tmp / "bake", layers, 1, 16)[0]
+    ours = child("ours_bake", tmp / "bake-ours", base, adapter)
+    peft = child("peft_bake", tmp / "bake-peft", base, adapter)
+    shard = max(f.stat().st_size for f in base.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    return {"ours": ours, "peft": peft, "ratio_time": ours["seconds"] / peft["seconds"],
+            "largest_shard": shard, "model_bytes": total}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ 3: inference
+
+
+def bench_inference(tmp: Path, which: str, layers: int, repeats: int) -> dict:
+    import peft
+
+    from merging import sources
+    from merging.runtime import stacked
+
+    if which == "smollm2":
+        from transformers import AutoModelForCausalLM
+
+        from merging.examples import example_base_model
+
+        folder = example_base_model()
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+        paths = []
+        for i, cfg in enumerate([peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                                 peft.LoHaConfig(r=4, target_modules=["k_proj", "o_proj"], init_weights=False),
+                                 peft.LoKrConfig(r=4, target_modules=["up_proj", "down_proj"], init_weights=False),
+                                 peft.LoraConfig(r=16, target_modules=["gate_proj"], init_lora_weights=False)]):  # fmt: skip
+            pm = peft.get_peft_model(load(), cfg)
+            with torch.no_grad():
+                for _, p in pm.named_parameters():
+                    if p.requires_grad:
+                        p.mul_(0.01)
+            pm.save_pretrained(tmp / f"inf-{i}")
+            paths.append(tmp / f"inf-{i}")
+        x = torch.randint(0, 49152, (4, 128))
+    else:
+        paths = make_adapters(tmp / "inf-llama", layers, 4, 16)
+
+        def load():
+            return llama_model(layers)
+
+        x = torch.randint(0, 1024, (4, 128))
+    base = load()
+    adapters = [sources.load(p, base=base)[0] for p in paths]
+
+    def fwd(model):
+        with torch.no_grad():
+            model(x)
+
+    bare = timed(lambda: fwd(base), repeats)
+    with stacked(base, adapters):
+        ours = timed(lambda: fwd(base), repeats)
+    mixed = peft.PeftMixedModel.from_pretrained(load(), str(paths[0]), adapter_name="a0")
+    for i, p in enumerate(paths[1:], 1):
+        mixed.load_adapter(str(p), adapter_name=f"a{i}")
+    mixed.set_adapter([f"a{i}" for i in range(len(paths))])
+    peft_t = timed(lambda: fwd(mixed.eval()), repeats)
+    return {"bare": bare, "ours": ours, "peft_mixed": peft_t, "ratio_vs_bare": ours["median"] / bare["median"],
+            "ratio_vs_peft": ours["median"] / peft_t["median"]}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def machine() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}  # fmt: skip
+
+
+def render(data: dict) -> str:
+    f = lambda v: f"{v:.3g}"  # noqa: E731
+    s = data["svd"]
+    lines = ["# Benchmarks against PEFT", "", f"Machine: {data['machine']}", "",
+             "## 1. svd merge (4 × rank 16, every linear module, Llama-shaped 2048/5632)", "",
+             "| | median s | min–max | max weight-space error |", "|---|---|---|---|"]  # fmt: skip
+    for key in ("ours", "peft_full_matrices", "peft_thin"):
+        if key in s:
+            v = s[key]
+            lines.append(f"| {key} | {f(v['median'])} | {f(v['min'])}–{f(v['max'])} | {v['error']:.2e} |")
+    lines += ["", f"Speed-up: {f(s.get('speedup_vs_peft_full_matrices', float('nan')))}× against PEFT's default, "
+              f"{f(s.get('speedup_vs_peft_thin', float('nan')))}× against svd_full_matrices=False (target ≥ 50×).", ""]  # fmt: skip
+    c = data["cat"]
+    lines += ["## 2. `merging merge --strategy cat` end to end (4 × rank 64)", "",
+              "| | median s | peak RSS over baseline |", "|---|---|---|"]  # fmt: skip
+    for k in ("copy", "ours", "peft"):
+        lines.append(
+            f"| {k} | {f(c['seconds'][k]['median'])} | {(c['peak_rss'][k] - data['baseline_rss']) / 2**20:.0f} MiB |"
+        )
+    lines += ["", f"Ours / copy: {f(c['ratio_vs_copy'])}× (target ≤ 2×); ours / PEFT: {f(c['ratio_vs_peft'])}×. "
+              f"Largest input {c['largest_input_bytes'] / 2**20:.0f} MiB; one module's working set "
+              f"{c['module_working_set'] / 2**20:.0f} MiB.", ""]  # fmt: skip
+    lines += ["## 3. Stacked-active inference (4 adapters active)", "", "| model | bare s | ours s | PEFT mixed s | ours/bare | ours/PEFT |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, v in data["inference"].items():
+        lines.append(f"| {name} | {f(v['bare']['median'])} | {f(v['ours']['median'])} | {f(v['peft_mixed']['median'])} | "
+                     f"{f(v['ratio_vs_bare'])} | {f(v['ratio_vs_peft'])} |")  # fmt: skip
+    b = data["bake"]
+    lines += ["", "## 4. Baking", "", "| | s | peak RSS over baseline |", "|---|---|---|",
+              f"| ours | {f(b['ours']['seconds'])} | {(b['ours']['peak_rss'] - data['baseline_rss']) / 2**20:.0f} MiB |",
+              f"| PEFT merge_and_unload + save_pretrained | {f(b['peft']['seconds'])} | "
+              f"{(b['peft']['peak_rss'] - data['baseline_rss']) / 2**20:.0f} MiB |", "",
+              f"Model {b['model_bytes'] / 2**20:.0f} MiB in shards of at most {b['largest_shard'] / 2**20:.0f} MiB.", ""]  # fmt: skip
+    lines += ["## 5. Scaling of svd (one 2048-wide layer unless noted)", "", "| case | ours s | PEFT thin s | speed-up |",
+              "|---|---|---|---|"]  # fmt: skip
+    for case, v in data["scaling"].items():
+        lines.append(
+            f"| {case} | {f(v['ours']['median'])} | {f(v['peft_thin']['median'])} | {f(v['speedup_vs_peft_thin'])}× |"
+        )
+    lines += ["", "![scaling](scaling.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, prefix, label in ((axes[0], "n=", "number of adapters"), (axes[1], "width=", "hidden width")):
+        items = [(int(k.split("=")[1]), v) for k, v in data["scaling"].items() if k.startswith(prefix)]
+        items.sort()
+        xs = [x for x, _ in items]
+        ax.loglog(xs, [v["ours"]["median"] for _, v in items], marker="o", label="merging svd")
+        ax.loglog(xs, [v["peft_thin"]["median"] for _, v in items], marker="s", label="PEFT svd (thin)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("seconds")
+        ax.legend()
+    fig.suptitle("svd merge time")
+    fig.tight_layout()
+    fig.savefig(OUT / "scaling.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer layers and repeats (a smoke run)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    layers = 1 if args.quick else 2
+    rep = 2 if args.quick else 5
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = {"machine": machine(), "baseline_rss": baseline_rss()}
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        print("1. svd merge against PEFT ...", flush=True)
+        data["svd"] = bench_svd(tmp, layers, 4, 16, rep, [True, False])
+        print("2. cat end to end ...", flush=True)
+        data["cat"] = bench_cat(tmp, layers, 1 if args.quick else 3)
+        print("3. stacked inference ...", flush=True)
+        data["inference"] = {"smollm2": bench_inference(tmp, "smollm2", layers, rep),
+                             "llama-2048": bench_inference(tmp, "llama", layers, rep)}  # fmt: skip
+        print("4. bake ...", flush=True)
+        data["bake"] = bench_bake(tmp, layers)
+        print("5. scaling ...", flush=True)
+        data["scaling"] = {}
+        for n in (2, 4, 8, 16):
+            data["scaling"][f"n={n}"] = bench_svd(tmp, 1, n, 16, rep, [False])
+            shutil.rmtree(tmp / f"svd-{n}-2048", ignore_errors=True)
+        for width in (1024, 2048, 4096):
+            over = {
+                "hidden_size": width,
+                "intermediate_size": width,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 16,
+            }
+            data["scaling"][f"width={width}"] = bench_svd(tmp, 1, 4, 16, rep, [False], **over)
+    (OUT / "benchmarks.json").write_text(json.dumps(data, indent=2) + "\n")
+    plot(data)
+    (OUT / "benchmarks.md").write_text(render(data))
+    print(render(data))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
