@@ -43,7 +43,7 @@ def test_exact_strategies_reproduce_the_sum(fx, combo, strategy, weights):
     (out,) = result.adapters
     for mod, d in out.deltas.items():
         assert_close(d.dense(), _exact_sum(ads, ws, mod), what=f"{combo} {mod}")
-    assert all(r.error < 1e-5 for r in result.modules)
+    assert all(r.error is None or r.error < 1e-5 for r in result.modules)
     if strategy == "cat":
         for mod, d in out.deltas.items():
             assert d.rank == sum(ad.deltas[mod].low_rank().rank for ad in ads if mod in ad.deltas)
