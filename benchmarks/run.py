@@ -285,6 +285,22 @@ def bench_inference(tmp: Path, which: str, layers: int, repeats: int) -> dict:
 # ------------------------------------------------------------------------------------------ report
 
 
+def bench_scaling(tmp: Path, rep: int) -> dict:
+    out = {}
+    for n in (2, 4, 8, 16):
+        out[f"n={n}"] = bench_svd(tmp, 1, n, 16, rep, [False])
+        shutil.rmtree(tmp / f"svd-{n}-2048", ignore_errors=True)
+    for width in (1024, 2048, 4096):
+        over = {
+            "hidden_size": width,
+            "intermediate_size": width,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+        }
+        out[f"width={width}"] = bench_svd(tmp, 1, 4, 16, rep, [False], **over)
+    return out
+
+
 def machine() -> dict:
     import peft
     import transformers
@@ -308,11 +324,9 @@ def render(data: dict) -> str:
               f"{f(s.get('speedup_vs_peft_thin', float('nan')))}× against svd_full_matrices=False (target ≥ 50×).", ""]  # fmt: skip
     c = data["cat"]
     lines += ["## 2. `merging merge --strategy cat` end to end (4 × rank 64)", "",
-              "| | median s | peak RSS over baseline |", "|---|---|---|"]  # fmt: skip
+              "| | median s (after imports) | peak RSS growth during the job |", "|---|---|---|"]  # fmt: skip
     for k in ("copy", "ours", "peft"):
-        lines.append(
-            f"| {k} | {f(c['seconds'][k]['median'])} | {(c['peak_rss'][k] - data['baseline_rss']) / 2**20:.0f} MiB |"
-        )
+        lines.append(f"| {k} | {f(c['seconds'][k]['median'])} | {c['peak_rss'][k] / 2**20:.0f} MiB |")
     lines += ["", f"Ours / copy: {f(c['ratio_vs_copy'])}× (target ≤ 2×); ours / PEFT: {f(c['ratio_vs_peft'])}×. "
               f"Largest input {c['largest_input_bytes'] / 2**20:.0f} MiB; one module's working set "
               f"{c['module_working_set'] / 2**20:.0f} MiB.", ""]  # fmt: skip
@@ -361,36 +375,39 @@ def plot(data: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer layers and repeats (a smoke run)")
+    parser.add_argument("--only", default="svd,cat,inference,bake,scaling",
+                        help="comma-separated sections to (re)measure; the others are kept from benchmarks.json")  # fmt: skip
     args = parser.parse_args()
+    only = set(args.only.split(","))
     torch.set_num_threads(2)
     layers = 1 if args.quick else 2
     rep = 2 if args.quick else 5
     OUT.mkdir(parents=True, exist_ok=True)
-    data = {"machine": machine(), "baseline_rss": baseline_rss()}
+    old = OUT / "benchmarks.json"
+    data = (
+        json.loads(old.read_text())
+        if old.exists() and only != {"svd", "cat", "inference", "bake", "scaling"}
+        else {}
+    )
+    data |= {"machine": machine(), "baseline_rss": baseline_rss()}
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        print("1. svd merge against PEFT ...", flush=True)
-        data["svd"] = bench_svd(tmp, layers, 4, 16, rep, [True, False])
-        print("2. cat end to end ...", flush=True)
-        data["cat"] = bench_cat(tmp, layers, 1 if args.quick else 3)
-        print("3. stacked inference ...", flush=True)
-        data["inference"] = {"smollm2": bench_inference(tmp, "smollm2", layers, rep),
-                             "llama-2048": bench_inference(tmp, "llama", layers, rep)}  # fmt: skip
-        print("4. bake ...", flush=True)
-        data["bake"] = bench_bake(tmp, layers)
-        print("5. scaling ...", flush=True)
-        data["scaling"] = {}
-        for n in (2, 4, 8, 16):
-            data["scaling"][f"n={n}"] = bench_svd(tmp, 1, n, 16, rep, [False])
-            shutil.rmtree(tmp / f"svd-{n}-2048", ignore_errors=True)
-        for width in (1024, 2048, 4096):
-            over = {
-                "hidden_size": width,
-                "intermediate_size": width,
-                "num_attention_heads": 16,
-                "num_key_value_heads": 16,
-            }
-            data["scaling"][f"width={width}"] = bench_svd(tmp, 1, 4, 16, rep, [False], **over)
+        if "svd" in only:
+            print("1. svd merge against PEFT ...", flush=True)
+            data["svd"] = bench_svd(tmp, layers, 4, 16, rep, [True, False])
+        if "cat" in only:
+            print("2. cat end to end ...", flush=True)
+            data["cat"] = bench_cat(tmp, layers, 1 if args.quick else 3)
+        if "inference" in only:
+            print("3. stacked inference ...", flush=True)
+            data["inference"] = {"smollm2": bench_inference(tmp, "smollm2", layers, rep),
+                                 "llama-2048": bench_inference(tmp, "llama", layers, rep)}  # fmt: skip
+        if "bake" in only:
+            print("4. bake ...", flush=True)
+            data["bake"] = bench_bake(tmp, layers)
+        if "scaling" in only:
+            print("5. scaling ...", flush=True)
+            data["scaling"] = bench_scaling(tmp, rep)
     (OUT / "benchmarks.json").write_text(json.dumps(data, indent=2) + "\n")
     plot(data)
     (OUT / "benchmarks.md").write_text(render(data))

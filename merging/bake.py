@@ -1,14 +1,15 @@
 """Fold adapters into the base weights and write a full model, one tensor at a time.
 
-The base's safetensors shards are streamed: each shard is read tensor by tensor, the tensors of adapted
-modules get their stacked deltas folded in (as PEFT's ``merge_and_unload`` would), and the shard is
-written before the next is opened, so peak memory stays near one shard. Config, tokenizer and the
-shard index are copied unchanged.
+The base's safetensors shards are streamed tensor by tensor: the header is copied as it is (shapes and
+dtypes do not change), untouched tensors are copied as bytes, and the tensors of adapted modules get
+their stacked deltas folded in (as PEFT's ``merge_and_unload`` would), so peak memory stays near the
+largest tensor, not a shard. Config, tokenizer and the shard index are copied unchanged.
 """
 
 from __future__ import annotations
 
 import shutil
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from merging.basemodel import module_shapes
 from merging.deltas import Delta, ModuleReplacement, TokenRows
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
 from merging.fileio import atomic_folder
-from merging.runtime import effective_weight
-from merging.tensorfiles import list_tensors
+from merging.runtime import effective_bias, effective_weight
+from merging.tensorfiles import LazyWeights, _safetensors_header
 
 Progress = Callable[[int, int, str], None]
 
@@ -44,42 +45,93 @@ def bake(
     Returns:
         ``out``.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     base = Path(base)
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
         raise FormatError(f"{base}: no safetensors shards to bake into")
     pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters]
     shapes = module_shapes(base)
-    stored = {t.name for t in list_tensors(base)}
-    stacks, aux = _plan(pairs, shapes, stored)
-    pending = set(stacks) | set(aux)
+    weights = LazyWeights(base)
+    stacks, aux = _plan(pairs, shapes, set(weights.where))
+    jobs = {f"{m}.weight": m for m in set(stacks) | set(aux)}
+    jobs |= {f"{m}.bias": m for m in set(stacks) | set(aux) if f"{m}.bias" in weights}
+    missing = sorted(m for n, m in jobs.items() if n.endswith(".weight") and n not in weights)
+    if missing:
+        raise UnsupportedError(
+            f"{base}: no stored weight for {', '.join(missing)} (a tied weight?); cannot bake it"
+        )
+
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        mod = jobs[name]
+        layer, a = shapes[mod][0], aux.get(mod)
+        if name.endswith(".bias"):
+            if isinstance(a, ModuleReplacement) and "bias" in a.tensors:
+                t = a.tensors["bias"]
+            return effective_bias(stacks.get(mod, []), t).to(t.dtype)
+        if isinstance(a, ModuleReplacement):
+            t = a.tensors.get("weight", t)
+        elif isinstance(a, TokenRows):
+            t = t.clone()
+            t[list(a.indices)] = a.rows.to(t.dtype)
+        if (
+            any(getattr(d, "bias", None) is not None for d, _ in stacks.get(mod, []))
+            and f"{mod}.bias" not in weights
+        ):
+            raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
+        new, _ = effective_weight(stacks.get(mod, []), t, None, layer)
+        return new.to(t.dtype)
+
     with atomic_folder(Path(out), force=force) as tmp:
         for f in base.iterdir():
             if f.is_file() and f.suffix != ".safetensors":
                 shutil.copy2(f, tmp / f.name)
         for i, shard in enumerate(shards):
-            tensors: dict[str, torch.Tensor] = {}
-            with safe_open(str(shard), framework="pt") as src:
-                metadata = src.metadata()
-                names = list(src.keys())
-                for name in names:
-                    tensors[name] = src.get_tensor(name)
-            for mod in sorted(pending):
-                if f"{mod}.weight" in tensors:
-                    _fold(mod, tensors, stacks.get(mod, []), aux.get(mod), shapes[mod][0])
-                    pending.discard(mod)
-            save_file(tensors, str(tmp / shard.name), metadata=metadata or {"format": "pt"})
-            del tensors
+            stream_shard(
+                shard, tmp / shard.name, {n: transform for n in jobs if weights.where.get(n) == shard}
+            )
             if progress:
                 progress(i + 1, len(shards), shard.name)
-        if pending:
-            raise UnsupportedError(
-                f"{base}: no stored weight for {', '.join(sorted(pending))} (a tied weight?); cannot bake it"
-            )
     return Path(out)
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}  # fmt: skip
+CHUNK = 64 << 20
+
+
+def stream_shard(src: Path, dst: Path, transforms: dict) -> None:
+    """Copy a safetensors file tensor by tensor, replacing the named tensors by transform(name, tensor).
+
+    Shapes and dtypes do not change, so the header (and every offset) is copied as it is; memory stays
+    at one tensor however large the shard.
+    """
+    header = _safetensors_header(src)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        (n,) = struct.unpack("<Q", fin.read(8))
+        fout.write(struct.pack("<Q", n) + fin.read(n))
+        data_start = 8 + n
+        entries = sorted(
+            (meta["data_offsets"], name) for name, meta in header.items() if name != "__metadata__"
+        )
+        for (begin, end), name in entries:
+            fin.seek(data_start + begin)
+            if name in transforms:
+                meta = header[name]
+                raw = bytearray(fin.read(end - begin))
+                t = (
+                    torch.frombuffer(raw, dtype=DTYPES[meta["dtype"]]).reshape(meta["shape"])
+                    if raw
+                    else torch.empty(0)
+                )
+                new = transforms[name](name, t).contiguous()
+                fout.write(new.view(torch.uint8).numpy().tobytes() if new.numel() else b"")
+                continue
+            left = end - begin
+            while left:
+                block = fin.read(min(CHUNK, left))
+                fout.write(block)
+                left -= len(block)
 
 
 def _plan(pairs, shapes, stored):
@@ -100,20 +152,3 @@ def _plan(pairs, shapes, stored):
         if mod not in shapes:
             raise FormatError(f"module {mod} is not in the base model")
     return stacks, aux
-
-
-def _fold(mod, tensors, stack, aux, kind) -> None:
-    w_key, b_key = f"{mod}.weight", f"{mod}.bias"
-    w, b = tensors[w_key], tensors.get(b_key)
-    if isinstance(aux, ModuleReplacement):
-        w = aux.tensors.get("weight", w)
-        b = aux.tensors.get("bias", b)
-    elif isinstance(aux, TokenRows):
-        w = w.clone()
-        w[list(aux.indices)] = aux.rows.to(w.dtype)
-    new_w, new_b = effective_weight(stack, w, b, kind)
-    tensors[w_key] = new_w.to(w.dtype).contiguous()
-    if new_b is not None:
-        if b is None:
-            raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
-        tensors[b_key] = new_b.to(b.dtype).contiguous()

@@ -140,6 +140,19 @@ def effective_weight(
     return target.to_stored(m), bias
 
 
+def effective_bias(stack: Sequence[tuple[Delta, float]], b: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias a stack of deltas amounts to (float32): IA³ output scalings and LoRA/dense bias deltas."""
+    bias = None if b is None else b.float().clone()
+    for d, wt in stack:
+        if isinstance(d, Scale):
+            if d.side == "out" and bias is not None:
+                bias = bias * (d.l.double() ** wt).float()
+        elif getattr(d, "bias", None) is not None:
+            extra = wt * d.scale * d.bias.float()
+            bias = extra if bias is None else bias + extra
+    return bias
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
