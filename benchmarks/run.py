@@ -134,6 +134,7 @@ job, args = sys.argv[1], sys.argv[2:]
 if job.startswith("ours"):  # imports are a fixed start-up cost, reported apart from the work
     from click.testing import CliRunner
     from cli.main import cli
+    import transformers, merging.basemodel, merging.merge, merging.bake  # noqa: F401  (as the PEFT jobs import theirs)
 if job.startswith("peft"):
     import torch, peft, transformers
 def peak():  # VmHWM: the peak RSS of this process image (ru_maxrss would include the parent's, kept across fork/exec)

@@ -78,7 +78,7 @@ def bake(
             and f"{mod}.bias" not in weights
         ):
             raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
-        new, _ = effective_weight(stacks.get(mod, []), t, None, layer)
+        new, _ = effective_weight(stacks.get(mod, []), t, None, layer, inplace=True)
         return new.to(t.dtype)
 
     with atomic_folder(Path(out), force=force) as tmp:

@@ -80,7 +80,7 @@ class AdditiveDelta:
     def dense(self) -> torch.Tensor:
         """ΔW in matrix form (out, in_flat), float32."""
         lr = self.low_rank()
-        return lr.scale * (lr.b.float() @ lr.a.float())
+        return (lr.scale * lr.b.float()) @ lr.a.float()
 
     def dense_stored(self) -> torch.Tensor:
         """ΔW in the base weight's stored layout."""
@@ -141,7 +141,9 @@ class LowRank(AdditiveDelta):
     def dense(self) -> torch.Tensor:
         if self.magnitude is not None:
             raise UnsupportedError("a DoRA delta depends on the base weight: use dora_dense(base_weight)")
-        return self.scale * (self.b.float() @ self.a.float())
+        return (
+            self.scale * self.b.float()
+        ) @ self.a.float()  # scale the small factor: one (out, in) allocation
 
     def dora_dense(self, base: torch.Tensor) -> torch.Tensor:
         """W' − W in matrix form for a DoRA delta, given the base weight in stored layout."""

@@ -109,7 +109,12 @@ class StackedLayer(nn.Module):
 
 
 def effective_weight(
-    stack: Sequence[tuple[Delta, float]], w: torch.Tensor, b: torch.Tensor | None, kind: Layer
+    stack: Sequence[tuple[Delta, float]],
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    kind: Layer,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight and bias a stack of deltas amounts to (stored layout), in float32.
 
@@ -118,20 +123,21 @@ def effective_weight(
         w: the base weight as stored.
         b: the base bias or None.
         kind: the layer kind (sets the stored layout).
+        inplace: a float32 ``w`` may be modified in place (the caller owns it; saves a copy).
     """
     from merging.deltas import Target
 
     target = Target(kind, tuple(w.shape))
-    m = target.to_matrix(w.float()).clone()
+    m = target.to_matrix(w) if inplace and w.dtype == torch.float32 else target.to_matrix(w.float()).clone()
     bias = None if b is None else b.float().clone()
     for d, wt in stack:
         if isinstance(d, Scale):
             l = (d.l.double() ** wt).float()
-            m = d.__class__(l, d.side, d.layer).fold(m)
+            m = Scale(l, d.side, d.layer).fold(m)
             if d.side == "out" and bias is not None:
                 bias = bias * l
         elif isinstance(d, AdditiveDelta):
-            m = m + wt * d.dense()
+            m.add_(d.dense(), alpha=wt)  # in place: one (out, in) temporary, not two
             if getattr(d, "bias", None) is not None:
                 extra = wt * d.scale * d.bias.float()
                 bias = extra if bias is None else bias + extra
