@@ -64,6 +64,9 @@ def show(report: Report) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option(
+    "--device-map", help="'auto' spreads a base larger than one device over GPUs and CPU (accelerate)."
+)
+@click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
 )
 @click.option(
@@ -72,15 +75,15 @@ def show(report: Report) -> None:
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--save", type=click.Path(path_type=Path), help="Also write the JSON report to this file.")
-def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy, density, seed, device, dtype,
-               prompts, max_new_tokens, as_json, save) -> None:  # fmt: skip
+def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy, density, seed, device,
+               device_map, dtype, prompts, max_new_tokens, as_json, save) -> None:  # fmt: skip
     """Check merged adapters reproduce the inputs stacked active; exit 1 when an exact one fails.
 
     Example: merging verify --base BASE a/ b/ -s cat -s svd --rank 4
     """
     if not merged_dirs and not strategy_names:
         raise click.UsageError("give --merged OUT or --strategy NAME (or both)")
-    model, tokenizer = load_base(base, device, dtype)
+    model, tokenizer = load_base(base, device, dtype, device_map=device_map)
     shapes = base_shapes(model)
     adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item, base=model)]
     candidates = []

@@ -101,26 +101,32 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise DeviceError(f"--device {device}: {e}") from None
 
 
-def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32"):
+def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", device_map: str | None = None):
     """Load a base model and its tokenizer from a folder, a ``.gguf`` file or a Hub id (from the cache).
 
+    Args:
+        device: auto, cpu or cuda (ignored with ``device_map``).
+        device_map: e.g. "auto": spread a base larger than one device over the GPUs and CPU memory
+            (transformers + accelerate); the runtime's deltas follow each module's device.
+
     Returns:
-        (model in eval mode on the device, tokenizer or None when the folder has none).
+        (model in eval mode, tokenizer or None when the folder has none).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise SourceError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    dev = resolve_device(device)
+    dev = resolve_device(device) if device_map is None else None
     path = Path(spec)
     if path.suffix == ".gguf" and path.is_file():
         path = _gguf_folder(path)
     where = str(path) if path.exists() else str(spec)
+    extra = {"device_map": device_map} if device_map else {}
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **extra)
         except ValueError:
-            model = AutoModel.from_pretrained(where, dtype=DTYPES[dtype])
+            model = AutoModel.from_pretrained(where, dtype=DTYPES[dtype], **extra)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(f"{spec}: cannot load the base model ({first})") from None
@@ -128,7 +134,9 @@ def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32"):
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return model.to(dev).eval(), tokenizer
+    if dev is not None:
+        model = model.to(dev)
+    return model.eval(), tokenizer
 
 
 def _gguf_folder(gguf_file: Path) -> Path:
@@ -264,7 +272,8 @@ def verify(
         A Report; ``report.failed`` tells whether an exact candidate missed the tolerance.
     """
     pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in inputs]
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else None
+    device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     tol = EXACT_TOLERANCE[dtype]
     vocab = getattr(model.config, "vocab_size", 100)

@@ -66,6 +66,14 @@ def test_verify_merged_folder_uses_recipe_weights(fx, tmp_path):
     assert row["passed"] is True and row["effect_rel_error"] < 1e-5
 
 
+def test_verify_with_device_map_auto(fx):
+    """accelerate's device_map (here all on the CPU) and the deltas following each module's device."""
+    ads = [fx.adapter("llama", n) for n in ("lora", "ia3")]
+    r = _invoke("verify", "--base", fx.base("llama"), *ads, "-s", "cat", "--device-map", "auto", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["rows"][0]["passed"] is True
+
+
 def test_device_choice():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
@@ -150,7 +158,7 @@ print(hwm() - before)
 
 
 def test_bake_peak_memory_stays_near_one_shard(tmp_path):
-    """A 330 MB model in ~40 MB shards: baking streams tensor by tensor, so it holds about one shard at most."""
+    """A 330 MB model in ~40 MB shards: baking streams tensor by tensor, holding about one shard at most."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -164,5 +172,7 @@ def test_bake_peak_memory_stays_near_one_shard(tmp_path):
     out = subprocess.run([sys.executable, "-c", BAKE_MEMORY, str(tmp_path / "base"), str(tmp_path / "out")],
                          capture_output=True, text=True, check=True)  # fmt: skip
     grew = int(out.stdout.strip().splitlines()[-1])
-    assert grew < 1.5 * largest, f"peak grew by {grew / 2**20:.0f} MiB; largest shard {largest / 2**20:.0f} MiB"
+    assert grew < 1.5 * largest, (
+        f"peak grew by {grew / 2**20:.0f} MiB; largest shard {largest / 2**20:.0f} MiB"
+    )
     assert grew < total / 2
