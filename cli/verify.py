@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     recipe_weights = None
     for folder in merged_dirs:
         merged = [ad.refine_targets(shapes) for ad in sources.load(folder, base=model)]
-        recipe = _recipe(folder)
+        recipe = merge_lib.read_recipe(folder)
         recipe_weights = recipe_weights or [i["weight"] for i in recipe.get("inputs", [])] or None
         names = [s for s in (recipe.get("additive_strategy"), recipe.get("ia3_strategy")) if s]
         exact = bool(names) and all(claims_exact(s, adapters, merged) for s in names)
@@ -121,13 +120,3 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         show(report)
     if report.failed:
         sys.exit(1)
-
-
-def _recipe(folder: Path) -> dict:
-    f = Path(folder) / merge_lib.RECIPE_FILE
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except ValueError as e:
-        raise MergingError(f"{f}: invalid JSON ({e})") from e

@@ -274,6 +274,17 @@ STACK_FILE = "merging_stack.json"
 RECIPE_FILE = "merge_recipe.json"
 
 
+def read_recipe(folder: Path) -> dict[str, Any]:
+    """The merge_recipe.json of a merged folder ({} when there is none)."""
+    f = Path(folder) / RECIPE_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise MergingError(f"{f}: invalid JSON ({e})") from e
+
+
 def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> dict[str, Any]:
     """The merge recipe: inputs (with sha256 of their weight files), weights, strategy, options, versions."""
     from merging.sources import describe

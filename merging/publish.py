@@ -17,6 +17,7 @@ from typing import Any
 
 from merging import sources
 from merging.errors import MergingError, SourceError
+from merging.merge import read_recipe
 
 VERIFY_FILE = "verify_report.json"
 
@@ -28,16 +29,6 @@ class Plan:
     repo: str
     card: str
     files: list[tuple[str, int]]
-
-
-def _recipe(folder: Path) -> dict[str, Any]:
-    f = folder / "merge_recipe.json"
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except ValueError as e:
-        raise MergingError(f"{f}: invalid JSON ({e})") from e
 
 
 def _verification(path: Path | None) -> dict[str, Any] | None:
@@ -110,7 +101,7 @@ def _verification_lines(report: dict[str, Any]) -> list[str]:
 def model_card(folder: Path, verification: Path | None = None) -> str:
     """The README.md model card for a merged adapter folder (refused when it is not a loadable adapter)."""
     adapters = sources.load(folder)
-    recipe = _recipe(folder)
+    recipe = read_recipe(folder)
     inputs = recipe.get("inputs", [])
     yaml, base = _front_matter(adapters, inputs)
     on = f" on `{base}`" if base else ""
