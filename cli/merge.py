@@ -17,6 +17,9 @@ from merging.errors import MergingError
 from merging.strategies import Options
 from merging.tensorfiles import LazyWeights
 
+RECIPE_KEYS = {"inputs", "output", "strategy", "weights", "rank", "energy", "clamp", "density"}
+RECIPE_KEYS |= {"majority_sign", "seed", "signed", "aux", "base", "format", "force"}
+
 
 def _read_recipe(path: Path) -> dict:
     """A recipe file (TOML, or YAML when PyYAML is installed) with the same keys as the options."""
@@ -36,6 +39,10 @@ def _read_recipe(path: Path) -> dict:
             raise MergingError(f"{path}: invalid TOML ({e})") from e
     if not isinstance(data, dict):
         raise MergingError(f"{path}: a recipe is a table of options")
+    if unknown := sorted(set(data) - RECIPE_KEYS):
+        raise MergingError(
+            f"{path}: unknown recipe key {unknown[0]!r}; valid keys: {', '.join(sorted(RECIPE_KEYS))}"
+        )
     return data
 
 

@@ -10,9 +10,10 @@ from rich.table import Table
 
 from cli.common import FloatList, console, progress_bar
 from merging import merge as merge_lib
-from merging import sources
+from merging import sources, strategies
 from merging.adapter import base_shapes
 from merging.errors import MergingError
+from merging.fileio import atomic_file
 from merging.strategies import Options
 from merging.verify import PROMPTS, Candidate, Report, claims_exact, load_base, verify
 
@@ -104,16 +105,18 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         result = merge_lib.merge(adapters, name, ws, options)
         parts = [s for s in (result.additive_strategy, result.ia3_strategy) if s]
         exact = all(claims_exact(s, adapters, result.adapters) for s in parts)
-        uses_rank = name in ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-        label = f"{name} r={rank}" if uses_rank and rank is not None else name
+        label = f"{name} r={rank}" if strategies.get(name).ranked and rank is not None else name
         candidates.append(Candidate(label, result.adapters, name, exact))
-    lines = Path(prompts).read_text().splitlines() if prompts else PROMPTS
+    lines = [ln for ln in (Path(prompts).read_text().splitlines() if prompts else PROMPTS) if ln.strip()]
+    if not lines:
+        raise MergingError(f"{prompts}: no prompts (one per line)")
     with progress_bar("verifying") as update:
         report = verify(model, tokenizer, list(zip(adapters, ws, strict=True)), candidates,
-                        prompts=[ln for ln in lines if ln.strip()], max_new_tokens=max_new_tokens,
+                        prompts=lines, max_new_tokens=max_new_tokens,
                         base_name=str(base), progress=update)  # fmt: skip
     if save:
-        Path(save).write_text(report.to_json() + "\n")
+        with atomic_file(Path(save), force=True) as tmp:
+            tmp.write_text(report.to_json() + "\n")
     if as_json:
         click.echo(report.to_json())
     else:

@@ -87,32 +87,20 @@ SKILLS = {
 }
 
 
-def encode(tok, pairs, device="cpu"):
-    """Token ids with the loss on the answer only (prompt and padding masked with -100)."""
-    ids, labels = [], []
-    for prompt, answer in pairs:
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids.append(p + a)
-        labels.append([-100] * len(p) + a)
-    n = max(len(x) for x in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([x + [pad] * (n - len(x)) for x in ids])
-    label_t = torch.tensor([y + [-100] * (n - len(y)) for y in labels])
-    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
-
-
 @torch.no_grad()
 def eval_loss(model, tok, pairs) -> float:
     """Mean per-token loss on the answers."""
+    from merging.report import answer_loss
+
     model.eval()
-    return float(model(**encode(tok, pairs)).loss)
+    return answer_loss(model, tok, pairs)
 
 
 def train(skill: str, base_dir: Path, batch: int = 12) -> None:
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merging.report import answer_batch
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -133,7 +121,7 @@ def train(skill: str, base_dir: Path, batch: int = 12) -> None:
             if p[0] not in train_keys:  # keep the held-out prompts unseen
                 pairs.append(p)
         pm.train()
-        loss = pm(**encode(tok, pairs)).loss
+        loss = pm(**answer_batch(tok, pairs)).loss
         loss.backward()
         opt.step()
         opt.zero_grad()

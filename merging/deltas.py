@@ -9,6 +9,7 @@ The "matrix form" of a delta is always (out, in_flat) in that convention.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -369,4 +370,38 @@ class TokenRows:
 
 
 Delta = LowRank | Hadamard | Kronecker | Dense | Scale
+
+
+def stack_factors(items: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ w_i ΔW_i as one pair of stacked factors, scales and weights folded into B.
+
+    Args:
+        items: (delta, weight) pairs of one module.
+
+    Returns:
+        (B (out, R), A (R, in_flat)) with R = Σ r_i and B @ A = Σ w_i ΔW_i.
+    """
+    bs, as_ = [], []
+    for d, w in items:
+        lr = d.low_rank()
+        bs.append((w * lr.scale) * lr.b.float())
+        as_.append(lr.a.float())
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
+def sum_error(
+    ref: Sequence[tuple[AdditiveDelta, float]], got: Sequence[tuple[AdditiveDelta, float]]
+) -> float:
+    """‖Σ got − Σ ref‖_F / ‖Σ ref‖_F from the stacked factors (no dense matrix); absolute when Σ ref = 0."""
+    if not ref:
+        return math.inf if got else 0.0
+    b_ref, a_ref = stack_factors(ref)
+    denom = float(linalg.gram_norm_sq(b_ref, a_ref))
+    if not got:
+        return 1.0 if denom > 0 else 0.0
+    b_got, a_got = stack_factors(got)
+    diff = max(float(linalg.gram_norm_sq(torch.cat([b_got, -b_ref], 1), torch.cat([a_got, a_ref], 0))), 0.0)
+    return math.sqrt(diff / denom) if denom > 0 else math.sqrt(diff)
+
+
 Auxiliary = ModuleReplacement | TokenRows

@@ -11,7 +11,6 @@ adapter applied first plus one LoRA adapter on top: exactly the stacked outputs.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,12 +18,22 @@ from typing import Any
 
 import torch
 
-from merging import linalg, strategies
+from merging import strategies
 from merging.adapter import Adapter, align
-from merging.deltas import AdditiveDelta, Delta, Dense, LowRank, ModuleReplacement, Scale, TokenRows
+from merging.deltas import (
+    AdditiveDelta,
+    Delta,
+    Dense,
+    LowRank,
+    ModuleReplacement,
+    Scale,
+    TokenRows,
+    sum_error,
+)
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.formats import peft as peft_format
+from merging.sources import STACK_FILE, describe
 from merging.strategies import Options
 
 Progress = Callable[[int, int, str], None]
@@ -134,20 +143,7 @@ def weight_space_error(
     merged: AdditiveDelta, deltas: Sequence[AdditiveDelta], weights: Sequence[float]
 ) -> float:
     """‖ΔW_merged − Σ w_i ΔW_i‖_F / ‖Σ w_i ΔW_i‖_F computed from stacked factors (no dense matrix)."""
-    bs, as_ = [], []
-    for d, w in zip(deltas, weights, strict=True):
-        lr = d.low_rank()
-        bs.append((w * lr.scale) * lr.b.float())
-        as_.append(lr.a.float())
-    b_ref, a_ref = torch.cat(bs, 1), torch.cat(as_, 0)
-    m = merged.low_rank()
-    ref = float(linalg.gram_norm_sq(b_ref, a_ref))
-    diff = float(
-        linalg.gram_norm_sq(torch.cat([m.scale * m.b.float(), -b_ref], 1), torch.cat([m.a.float(), a_ref], 0))
-    )
-    if ref <= 0:
-        return math.sqrt(max(diff, 0.0))
-    return math.sqrt(max(diff, 0.0) / ref)
+    return sum_error(list(zip(deltas, weights, strict=True)), [(merged, 1.0)])
 
 
 def _resolve_dora(d: Delta, mod: str, base_weights: BaseWeights | None) -> Delta:
@@ -270,7 +266,6 @@ def _sum_aux(mod: str, items: list, base_weights: BaseWeights) -> ModuleReplacem
     return ModuleReplacement(tensors)
 
 
-STACK_FILE = "merging_stack.json"
 RECIPE_FILE = "merge_recipe.json"
 
 
@@ -287,8 +282,6 @@ def read_recipe(folder: Path) -> dict[str, Any]:
 
 def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> dict[str, Any]:
     """The merge recipe: inputs (with sha256 of their weight files), weights, strategy, options, versions."""
-    from merging.sources import describe
-
     return {
         "inputs": [describe(ad) | {"weight": w} for ad, w in zip(inputs, result.weights, strict=True)],
         "strategy": result.strategy,
@@ -330,18 +323,16 @@ def write_result(
         return export(result.adapters[0], out, fmt, recipe_data, force=force, base_info=base_info)
     if fmt != "peft":
         raise MergingError(f"--format must be peft, kohya or gguf, got {fmt!r}")
+    recipe_text = json.dumps(recipe_data, indent=2, sort_keys=True) + "\n"
+    if len(result.adapters) == 1:
+        return peft_format.write(result.adapters[0], out, force=force, extra_files={RECIPE_FILE: recipe_text})
     with atomic_folder(Path(out), force=force) as tmp:
-        if len(result.adapters) == 1:
-            peft_format.write(result.adapters[0], tmp / "adapter", force=True)
-            for f in (tmp / "adapter").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "adapter").rmdir()
-        else:
-            for ad in result.adapters:
-                peft_format.write(ad, tmp / ad.name)
-            stack = {"stack": [ad.name for ad in result.adapters]}
-            (tmp / STACK_FILE).write_text(json.dumps(stack, indent=2) + "\n")
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe_data, indent=2, sort_keys=True) + "\n")
+        for ad in result.adapters:
+            peft_format.write(ad, tmp / ad.name)
+        (tmp / STACK_FILE).write_text(
+            json.dumps({"stack": [ad.name for ad in result.adapters]}, indent=2) + "\n"
+        )
+        (tmp / RECIPE_FILE).write_text(recipe_text)
     return Path(out)
 
 
@@ -354,10 +345,10 @@ def export(
 
     recipe_text = json.dumps(recipe_data, sort_keys=True) if recipe_data else None
     if fmt == "peft":
-        path = peft_format.write(adapter, out, force=force)
-        if recipe_text:
-            (Path(out) / RECIPE_FILE).write_text(json.dumps(recipe_data, indent=2, sort_keys=True) + "\n")
-        return path
+        extra = (
+            {RECIPE_FILE: json.dumps(recipe_data, indent=2, sort_keys=True) + "\n"} if recipe_data else None
+        )
+        return peft_format.write(adapter, out, force=force, extra_files=extra)
     if fmt == "kohya":
         from merging.formats import kohya
 

@@ -31,7 +31,6 @@ from merging.verify import Candidate, claims_exact, verify
 RETENTION_NOTE = (
     "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone)."
 )
-RANKED = ("svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 Progress = Callable[[int, int, str], None]
 Pairs = list[tuple[str, str]]
 
@@ -52,8 +51,7 @@ def variants(names: Sequence[str], ranks: Sequence[int]) -> list[Variant]:
     """Every strategy, at every rank for the rank-based ones."""
     out = []
     for name in names:
-        strategies.get(name)
-        if name in RANKED and ranks:
+        if strategies.get(name).ranked and ranks:
             out += [Variant(name, r) for r in ranks]
         else:
             out.append(Variant(name))
@@ -81,7 +79,11 @@ def read_eval(path: Path) -> Pairs:
 @torch.no_grad()
 def answer_loss(model, tokenizer, pairs: Pairs) -> float:
     """Mean cross-entropy per answer token given its prompt (the skill's held-out loss)."""
-    device = next(model.parameters()).device
+    return float(model(**answer_batch(tokenizer, pairs, next(model.parameters()).device)).loss)
+
+
+def answer_batch(tokenizer, pairs: Pairs, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A right-padded batch of prompt + answer + EOS whose labels cover the answer only (-100 elsewhere)."""
     ids, labels = [], []
     for prompt, answer in pairs:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -90,12 +92,11 @@ def answer_loss(model, tokenizer, pairs: Pairs) -> float:
         labels.append([-100] * len(p) + a)
     n = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = {
+    return {
         "input_ids": torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device),
         "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device),
         "labels": torch.tensor([y + [-100] * (n - len(y)) for y in labels], device=device),
     }
-    return float(model(**batch).loss)
 
 
 def compare(

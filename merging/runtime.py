@@ -18,7 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging.adapter import Adapter, layer_kind
-from merging.deltas import AdditiveDelta, Delta, Dense, Layer, LowRank, ModuleReplacement, Scale, TokenRows
+from merging.deltas import (
+    AdditiveDelta,
+    Delta,
+    Dense,
+    Layer,
+    LowRank,
+    ModuleReplacement,
+    Scale,
+    Target,
+    TokenRows,
+)
 from merging.errors import IncompatibleAdapters, ShapeMismatch, UnsupportedError
 
 
@@ -125,25 +135,16 @@ def effective_weight(
         kind: the layer kind (sets the stored layout).
         inplace: a float32 ``w`` may be modified in place (the caller owns it; saves a copy).
     """
-    from merging.deltas import Target
-
     target = Target(kind, tuple(w.shape))
     m = target.to_matrix(w) if inplace and w.dtype == torch.float32 else target.to_matrix(w.float()).clone()
-    bias = None if b is None else b.float().clone()
     for d, wt in stack:
         if isinstance(d, Scale):
-            l = (d.l.double() ** wt).float()
-            m = Scale(l, d.side, d.layer).fold(m)
-            if d.side == "out" and bias is not None:
-                bias = bias * l
+            m = Scale((d.l.double() ** wt).float(), d.side, d.layer).fold(m)
         elif isinstance(d, AdditiveDelta):
             m.add_(d.dense(), alpha=wt)  # in place: one (out, in) temporary, not two
-            if getattr(d, "bias", None) is not None:
-                extra = wt * d.scale * d.bias.float()
-                bias = extra if bias is None else bias + extra
         else:
             raise UnsupportedError(f"cannot fold {type(d).__name__} into a weight")
-    return target.to_stored(m), bias
+    return target.to_stored(m), effective_bias(stack, b)
 
 
 def effective_bias(stack: Sequence[tuple[Delta, float]], b: torch.Tensor | None) -> torch.Tensor | None:
@@ -232,8 +233,6 @@ def stacked(model: nn.Module, adapters: Sequence[Adapter | tuple[Adapter, float]
 
 
 def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape: tuple[int, ...]) -> None:
-    from merging.deltas import Target
-
     out, inf = Target(kind, shape).matrix_shape
     for d, _ in stack:
         if isinstance(d, Scale):

@@ -8,16 +8,14 @@ agreement, greedy continuation agreement, and per-module weight-space error comp
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from merging import linalg
 from merging.adapter import Adapter, layer_kind
-from merging.deltas import AdditiveDelta, Delta, Scale
+from merging.deltas import AdditiveDelta, Delta, Scale, sum_error
 from merging.errors import DeviceError, SourceError
 from merging.runtime import effective_weight, stacked
 
@@ -209,7 +207,7 @@ def module_errors(
     for mod in sorted(set(ref) | set(got)):
         r, g = ref.get(mod, []), got.get(mod, [])
         if all(isinstance(d, AdditiveDelta) for d, _ in r + g):
-            errors[mod] = _factored_error(r, g)
+            errors[mod] = sum_error(r, g)
         else:
             m = model.get_submodule(mod)
             kind = layer_kind(m)
@@ -227,24 +225,6 @@ def _stacks(pairs: Sequence[tuple[Adapter, float]]) -> dict[str, list[tuple[Delt
         for mod, d in list(ad.deltas.items()) + [(m, ad.deltas[s]) for m, s in ad.tied.items()]:
             out.setdefault(mod, []).append((d, w))
     return out
-
-
-def _factored_error(ref: list[tuple[Delta, float]], got: list[tuple[Delta, float]]) -> float:
-    def stack(items, sign):
-        bs, as_ = [], []
-        for d, w in items:
-            lr = d.low_rank()
-            bs.append((sign * w * lr.scale) * lr.b.float().cpu())
-            as_.append(lr.a.float().cpu())
-        return bs, as_
-
-    rb, ra = stack(ref, 1.0)
-    gb, ga = stack(got, -1.0)
-    if not rb:
-        return math.inf if gb else 0.0
-    denom = float(linalg.gram_norm_sq(torch.cat(rb, 1), torch.cat(ra, 0)))
-    diff = float(linalg.gram_norm_sq(torch.cat(rb + gb, 1), torch.cat(ra + ga, 0)))
-    return math.sqrt(max(diff, 0.0) / denom) if denom > 0 else math.sqrt(max(diff, 0.0))
 
 
 def verify(

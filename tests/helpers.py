@@ -24,3 +24,14 @@ def assert_close(
     tol = rtol if rtol is not None else RTOL[expected.dtype]
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+def rewrite_tensors(folder, fn):
+    """Apply fn to the tensors of a PEFT folder's adapter_model.safetensors (in place); return the file."""
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "adapter_model.safetensors"
+    t = load_file(str(f))
+    fn(t)
+    save_file(t, str(f))
+    return f

@@ -13,7 +13,7 @@ from merging.deltas import AdditiveDelta, LowRank, ModuleReplacement, Scale, Tok
 from merging.errors import FormatError, MergingError, NonFiniteError, ShapeMismatch
 from merging.formats import peft as fp
 from tests.fixtures import ADAPTERS, example_input, run
-from tests.helpers import assert_close
+from tests.helpers import assert_close, rewrite_tensors
 
 IDS = [f"{k}-{n}" for k, n in ADAPTERS]
 
@@ -226,20 +226,10 @@ def test_truncated_safetensors(fx, tmp_path):
         fp.read(d)
 
 
-def _rewrite(d, fn):
-    from safetensors.torch import load_file, save_file
-
-    f = d / "adapter_model.safetensors"
-    t = load_file(str(f))
-    fn(t)
-    save_file(t, str(f))
-    return f
-
-
 def test_wrong_shape_names_file_and_module(fx, tmp_path):
     d = _copy(fx, tmp_path)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    f = _rewrite(d, lambda t: t.__setitem__(key, torch.zeros(64, 3)))
+    f = rewrite_tensors(d, lambda t: t.__setitem__(key, torch.zeros(64, 3)))
     with pytest.raises(ShapeMismatch) as e:
         fp.read(d)
     assert str(f) in str(e.value) and "model.layers.0.self_attn.q_proj" in str(e.value)
@@ -248,7 +238,7 @@ def test_wrong_shape_names_file_and_module(fx, tmp_path):
 def test_delta_that_does_not_fit_the_base(fx, tmp_path):
     d = _copy(fx, tmp_path)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    _rewrite(d, lambda t: t.__setitem__(key, torch.zeros(60, 4)))
+    rewrite_tensors(d, lambda t: t.__setitem__(key, torch.zeros(60, 4)))
     with pytest.raises(
         ShapeMismatch, match=r"module model.layers.0.self_attn.q_proj: .*\(60, 64\).*\(64, 64\)"
     ):
@@ -257,7 +247,9 @@ def test_delta_that_does_not_fit_the_base(fx, tmp_path):
 
 def test_unknown_key(fx, tmp_path):
     d = _copy(fx, tmp_path)
-    _rewrite(d, lambda t: t.__setitem__("base_model.model.model.layers.0.mystery.lora_C", torch.zeros(2)))
+    rewrite_tensors(
+        d, lambda t: t.__setitem__("base_model.model.model.layers.0.mystery.lora_C", torch.zeros(2))
+    )
     with pytest.raises(FormatError, match=r"unknown key 'base_model.model.model.layers.0.mystery.lora_C'"):
         fp.read(d)
 
@@ -269,7 +261,7 @@ def test_nonfinite_refused_unless_allowed(fx, tmp_path):
     def poison(t):
         t[key][0, 0] = float("nan")
 
-    _rewrite(d, poison)
+    rewrite_tensors(d, poison)
     with pytest.raises(NonFiniteError, match="up_proj.lora_A"):
         fp.read(d)
     assert fp.read(d, allow_nonfinite=True).deltas

@@ -24,6 +24,7 @@ from merging.errors import (
     ShapeMismatch,
     SourceError,
 )
+from tests.helpers import rewrite_tensors
 
 QKEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
@@ -44,12 +45,7 @@ def _peft(fx, tmp, name="lora"):
 
 
 def _tensors(folder, fn):
-    from safetensors.torch import load_file, save_file
-
-    f = folder / "adapter_model.safetensors"
-    t = load_file(str(f))
-    fn(t)
-    save_file(t, str(f))
+    rewrite_tensors(folder, fn)
     return folder
 
 

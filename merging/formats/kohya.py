@@ -29,7 +29,7 @@ from merging.adapter import Adapter
 from merging.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import FormatError, MergingError, NonFiniteError, UnsupportedError
 from merging.fileio import atomic_file, reading
-from merging.formats.peft import lokr_delta
+from merging.formats.peft import loha_delta, lokr_delta
 from merging.linalg import tucker_factors
 from merging.tensorfiles import load_tensors, safetensors_metadata
 
@@ -175,17 +175,8 @@ def _read_lora(parts: dict[str, torch.Tensor]) -> LowRank:
 
 
 def _read_loha(parts: dict[str, torch.Tensor]) -> Hadamard:
-    w1a, w1b, t1 = parts["hada_w1_a"], parts["hada_w1_b"], parts.get("hada_t1")
-    if t1 is not None:
-        r = w1b.shape[0]
-        target = Target("conv2d", (w1a.shape[1], w1b.shape[1], *t1.shape[2:]))
-    else:
-        r = w1b.shape[0]
-        target = Target("unknown", (w1a.shape[0], w1b.shape[1]))
-    scale = _alpha(parts, r) / r
-    return Hadamard(
-        w1a, w1b, parts["hada_w2_a"], parts["hada_w2_b"], scale, target, t1=t1, t2=parts.get("hada_t2")
-    )
+    r = parts["hada_w1_b"].shape[0]
+    return loha_delta({k: v for k, v in parts.items() if k.startswith("hada_")}, _alpha(parts, r) / r)
 
 
 def _read_lokr(parts: dict[str, torch.Tensor]) -> Kronecker:

@@ -241,15 +241,19 @@ def _scale(config: Mapping[str, Any], module: str) -> float:
 def _read_loha(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module: str) -> Hadamard:
     if unknown := set(parts) - {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}:
         raise FormatError(f"unknown LoHa tensors {sorted(unknown)}")
+    return loha_delta(parts, _scale(config, module))
+
+
+def loha_delta(parts: dict[str, torch.Tensor], scale: float) -> Hadamard:
+    """A Hadamard delta from LoHa tensors named as PEFT and LyCORIS name them (hada_w1_a, ..., hada_t1)."""
     w1a, w1b, t1 = parts["hada_w1_a"], parts["hada_w1_b"], parts.get("hada_t1")
     if t1 is not None:  # Tucker conv: w1a (r, out), w1b (r, in), t1 (r, r, kh, kw)
         target = Target("conv2d", (w1a.shape[1], w1b.shape[1], *t1.shape[2:]))
     else:
         target = Target("unknown", (w1a.shape[0], w1b.shape[1]))
     return Hadamard(
-        w1a, w1b, parts["hada_w2_a"], parts["hada_w2_b"], _scale(config, module), target,
-        t1=t1, t2=parts.get("hada_t2"),
-    )  # fmt: skip
+        w1a, w1b, parts["hada_w2_a"], parts["hada_w2_b"], scale, target, t1=t1, t2=parts.get("hada_t2")
+    )
 
 
 def _read_lokr(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module: str) -> Kronecker:
@@ -455,13 +459,16 @@ def _lycoris_config(adapter: Adapter, kind: str) -> dict[str, Any]:
     return config
 
 
-def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
-    """Write an Adapter as a PEFT folder (LoRA, IA³, or LoHa/LoKr as read) that PEFT loads.
+def write(
+    adapter: Adapter, path: Path, *, force: bool = False, extra_files: Mapping[str, str] | None = None
+) -> Path:
+    """Write an Adapter as a PEFT folder (LoRA, IA³, or LoHa/LoKr) that PEFT loads.
 
     Args:
         adapter: all deltas of one kind: LowRank, Scale, Hadamard or Kronecker.
         path: the output folder; written to a temporary sibling and renamed into place.
         force: replace an existing output folder.
+        extra_files: name → text written into the folder within the same atomic step (a recipe, a manifest).
 
     Returns:
         The folder written.
@@ -519,4 +526,6 @@ def write(adapter: Adapter, path: Path, *, force: bool = False) -> Path:
     with atomic_folder(Path(path), force=force) as tmp:
         save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(path)

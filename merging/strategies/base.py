@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from merging import linalg
-from merging.deltas import AdditiveDelta, Delta, LowRank, Scale
+from merging.deltas import AdditiveDelta, Delta, LowRank, Scale, stack_factors
 from merging.errors import MergingError, UnsupportedError
 
 
@@ -32,6 +32,16 @@ class Options:
     signed: bool = False
 
     def __post_init__(self) -> None:
+        number = (int, float)
+        types = {"rank": (int,), "seed": (int,), "energy": number, "clamp": number, "density": number}
+        for name, kinds in (types | {"signed": (bool,)}).items():
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))
+            ):
+                raise MergingError(
+                    f"option {name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}"
+                )
         if self.rank is not None and self.rank < 1:
             raise MergingError(f"--rank must be at least 1, got {self.rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
@@ -63,6 +73,7 @@ class Strategy:
     exact: bool
     handles: Literal["additive", "ia3", "both"]
     doc: str
+    ranked: bool = False  # takes a rank budget (--rank / --energy)
 
 
 def additive(deltas: Sequence[Delta], strategy: str, module: str) -> list[AdditiveDelta]:
@@ -96,12 +107,7 @@ def stacked_factors(
     deltas: Sequence[AdditiveDelta], weights: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ w_i ΔW_i as one pair of stacked factors (B (out, R), A (R, in_flat)), scales folded into B."""
-    bs, as_ = [], []
-    for d, w in zip(deltas, weights, strict=True):
-        lr = d.low_rank()
-        bs.append((w * lr.scale) * lr.b.float())
-        as_.append(lr.a.float())
-    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+    return stack_factors(list(zip(deltas, weights, strict=True)))
 
 
 def summed_bias(deltas: Sequence[AdditiveDelta], weights: Sequence[float]) -> torch.Tensor | None:

@@ -22,5 +22,11 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
 
 
 STRATEGY = Strategy(
-    "dare_linear", merge, "dW", False, "additive", "random drop + rescale, weighted sum; then svd"
+    "dare_linear",
+    merge,
+    "dW",
+    False,
+    "additive",
+    "random drop + rescale, weighted sum; then svd",
+    ranked=True,
 )

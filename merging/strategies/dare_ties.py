@@ -22,4 +22,6 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
-STRATEGY = Strategy("dare_ties", merge, "dW", False, "additive", "random drop + rescale, TIES sign; then svd")
+STRATEGY = Strategy(
+    "dare_ties", merge, "dW", False, "additive", "random drop + rescale, TIES sign; then svd", ranked=True
+)

@@ -21,5 +21,11 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
 
 
 STRATEGY = Strategy(
-    "magnitude_prune", merge, "dW", False, "additive", "top-magnitude entries, weighted sum; then svd"
+    "magnitude_prune",
+    merge,
+    "dW",
+    False,
+    "additive",
+    "top-magnitude entries, weighted sum; then svd",
+    ranked=True,
 )

@@ -22,4 +22,6 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
-STRATEGY = Strategy("ties", merge, "dW", False, "additive", "trim, elect sign, disjoint mean; then svd")
+STRATEGY = Strategy(
+    "ties", merge, "dW", False, "additive", "trim, elect sign, disjoint mean; then svd", ranked=True
+)
