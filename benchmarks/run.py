@@ -232,6 +232,7 @@ def bench_inference(tmp: Path, which: str, layers: int, repeats: int) -> dict:
     import peft
 
     from merging import sources
+    from merging.adapter import weighted
     from merging.runtime import stacked
 
     if which == "smollm2":
@@ -272,7 +273,7 @@ def bench_inference(tmp: Path, which: str, layers: int, repeats: int) -> dict:
             model(x)
 
     bare = timed(lambda: fwd(base), repeats)
-    with stacked(base, adapters):
+    with stacked(base, weighted(adapters)):
         ours = timed(lambda: fwd(base), repeats)
     mixed = peft.PeftMixedModel.from_pretrained(load(), str(paths[0]), adapter_name="a0")
     for i, p in enumerate(paths[1:], 1):

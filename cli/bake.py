@@ -9,8 +9,6 @@ import click
 from cli.common import FloatList, console, progress_bar
 from merging import sources
 from merging.bake import bake
-from merging.basemodel import module_shapes
-from merging.errors import MergingError
 
 
 @click.command("bake")
@@ -26,11 +24,7 @@ def bake_cmd(inputs, base, out, weights, force) -> None:
 
     Example: merging bake --base BASE merged/ -o baked-model/
     """
-    shapes = module_shapes(base)
-    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item, base=base)]
-    ws = weights or [1.0] * len(adapters)
-    if len(ws) != len(adapters):
-        raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")
+    pairs = sources.load_inputs(inputs, base=base, weights=weights)
     with progress_bar("baking") as update:
-        bake(base, list(zip(adapters, ws, strict=True)), out, force=force, progress=update)
+        bake(base, pairs, out, force=force, progress=update)
     console.print(f"wrote {out}")

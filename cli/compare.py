@@ -11,9 +11,9 @@ from cli.common import FloatList, console, progress_bar
 from merging import report as report_lib
 from merging import sources, strategies
 from merging.adapter import base_shapes
+from merging.basemodel import load_base
 from merging.errors import MergingError
 from merging.strategies import Options
-from merging.verify import load_base
 
 
 def _ints(value: str | None) -> list[int]:

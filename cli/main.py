@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import click
@@ -19,6 +20,15 @@ class Settings:
     debug: bool = False
 
 
+PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
+FLAGS = {"out_type": "--outtype", "fmt": "--format"}  # parameters whose flag is not --name-with-dashes
+
+
+def flagged(message: str) -> str:
+    """A library message with the parameters it names (`allow_nonfinite`) as flags (--allow-nonfinite)."""
+    return PARAMETER.sub(lambda m: FLAGS.get(m[1], "--" + m[1].replace("_", "-")), message)
+
+
 class MergingGroup(click.Group):
     """A group that turns a MergingError into one line on stderr and exit code 2."""
 
@@ -28,7 +38,7 @@ class MergingGroup(click.Group):
         except MergingError as e:
             if isinstance(ctx.obj, Settings) and ctx.obj.debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {flagged(str(e))}", err=True)
             ctx.exit(2)
 
 

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import click
-import tomllib
 from rich.table import Table
 
 from cli.common import FloatList, console, progress_bar
@@ -16,6 +15,11 @@ from merging.basemodel import module_shapes
 from merging.errors import MergingError
 from merging.strategies import Options
 from merging.tensorfiles import LazyWeights
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
 
 RECIPE_KEYS = {"inputs", "output", "strategy", "weights", "rank", "energy", "clamp", "density"}
 RECIPE_KEYS |= {"majority_sign", "seed", "signed", "aux", "base", "format", "force"}

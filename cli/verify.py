@@ -12,10 +12,11 @@ from cli.common import FloatList, console, progress_bar
 from merging import merge as merge_lib
 from merging import sources, strategies
 from merging.adapter import base_shapes
+from merging.basemodel import load_base
 from merging.errors import MergingError
 from merging.fileio import atomic_file
 from merging.strategies import Options
-from merging.verify import PROMPTS, Candidate, Report, claims_exact, load_base, verify
+from merging.verify import PROMPTS, Candidate, Report, claims_exact, verify
 
 
 def _fmt(v, spec=".2e") -> str:

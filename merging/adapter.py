@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from merging.deltas import (
     Layer,
     LowRank,
     Scale,
+    TokenRows,
 )
 from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch
 
@@ -64,6 +65,10 @@ class Adapter:
     @property
     def numel(self) -> int:
         return sum(d.numel for d in self.deltas.values())
+
+    def expanded(self) -> dict[str, Delta]:
+        """Every module's delta, tied modules included (each sharing its source module's delta)."""
+        return dict(self.deltas) | {mod: self.deltas[src] for mod, src in self.tied.items()}
 
     def with_deltas(self, deltas: Mapping[str, Delta]) -> Adapter:
         return replace(self, deltas=dict(deltas))
@@ -141,3 +146,69 @@ def align(adapters: Sequence[Adapter]) -> list[str]:
                 )
             seen.setdefault(mod, (ad, shape))
     return sorted({m for a in adapters for m in a.deltas})
+
+
+Pair = tuple[Adapter, float]  # weight: multiplies an additive delta, is the exponent of an IA³ vector
+Stack = list[tuple[Delta, float]]  # one module's (delta, weight) pairs, innermost first
+
+
+def weighted(adapters: Sequence[Adapter], weights: Sequence[float] | None = None) -> list[Pair]:
+    """(adapter, weight) pairs in order; weights default to 1 each and must be one per adapter."""
+    ws = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(adapters):
+        raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")
+    return list(zip(adapters, ws, strict=True))
+
+
+@dataclass(frozen=True)
+class Stacks:
+    """What several adapters amount to, module by module."""
+
+    deltas: dict[str, Stack]  # module → (delta, weight) pairs, innermost first, ties expanded
+    aux: dict[str, Auxiliary]  # module → its one replacement (disjoint token rows united)
+
+    @property
+    def modules(self) -> list[str]:
+        """Every module touched, sorted."""
+        return sorted(set(self.deltas) | set(self.aux))
+
+
+def stacks(pairs: Sequence[Pair], *, expand_tie: Callable[[str], bool] | None = None) -> Stacks:
+    """Group the deltas of several adapters by module, in stacking order, and check their aux modules.
+
+    Args:
+        pairs: (adapter, weight) in stacking order (innermost first).
+        expand_tie: whether a tied module gets its source's delta too (default: always); ``bake`` says
+            no where the base stores one shared tensor for both, which must take the delta once.
+
+    Returns:
+        Stacks; two inputs replacing one module (other than disjoint token rows) raise IncompatibleAdapters.
+    """
+    deltas: dict[str, Stack] = {}
+    aux_items: dict[str, list[tuple[Adapter, Auxiliary]]] = {}
+    for ad, w in pairs:
+        for mod, d in ad.deltas.items():
+            deltas.setdefault(mod, []).append((d, w))
+        for mod, src in ad.tied.items():
+            if expand_tie is None or expand_tie(mod):
+                deltas.setdefault(mod, []).append((ad.deltas[src], w))
+        for mod, a in ad.aux.items():
+            aux_items.setdefault(mod, []).append((ad, a))
+    return Stacks(deltas, {mod: combine_aux(mod, items) for mod, items in aux_items.items()})
+
+
+def combine_aux(mod: str, items: Sequence[tuple[Adapter, Auxiliary]]) -> Auxiliary:
+    """One module's replacement from several adapters: token rows on disjoint indices unite; else an error."""
+    if len(items) == 1:
+        return items[0][1]
+    kinds = {type(a) for _, a in items}
+    if len(kinds) > 1:
+        raise IncompatibleAdapters(
+            f"module {mod}: replaced by modules_to_save in one input, token rows in another"
+        )
+    if kinds == {TokenRows}:
+        idx = [i for _, a in items for i in a.indices]
+        if len(set(idx)) == len(idx):  # disjoint rows: the union is exact
+            return TokenRows(tuple(idx), torch.cat([a.rows for _, a in items]))
+    names = ", ".join(ad.where for ad, _ in items)
+    raise IncompatibleAdapters(f"module {mod} is replaced by several inputs ({names})")

@@ -15,20 +15,20 @@ from pathlib import Path
 
 import torch
 
-from merging.adapter import Adapter
+from merging.adapter import Pair, stacks
 from merging.basemodel import module_shapes
-from merging.deltas import Delta, ModuleReplacement, TokenRows
-from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
+from merging.deltas import ModuleReplacement, TokenRows
+from merging.errors import FormatError, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.runtime import effective_bias, effective_weight
-from merging.tensorfiles import LazyWeights, _safetensors_header
+from merging.tensorfiles import LazyWeights, safetensors_header
 
 Progress = Callable[[int, int, str], None]
 
 
 def bake(
     base: Path,
-    adapters: Sequence[Adapter | tuple[Adapter, float]],
+    pairs: Sequence[Pair],
     out: Path,
     *,
     force: bool = False,
@@ -38,7 +38,7 @@ def bake(
 
     Args:
         base: a transformers model folder with safetensors weights.
-        adapters: Adapters or (Adapter, weight) pairs.
+        pairs: (Adapter, weight) in stacking order.
         out: the output folder (atomic; an existing one needs ``force``).
         progress: called as progress(done, total, shard name).
 
@@ -49,12 +49,14 @@ def bake(
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
         raise FormatError(f"{base}: no safetensors shards to bake into")
-    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters]
     shapes = module_shapes(base)
     weights = LazyWeights(base)
-    stacks, aux = _plan(pairs, shapes, set(weights.where))
-    jobs = {f"{m}.weight": m for m in set(stacks) | set(aux)}
-    jobs |= {f"{m}.bias": m for m in set(stacks) | set(aux) if f"{m}.bias" in weights}
+    # a module tied in the base too shares one stored tensor with its source: it takes the delta once
+    plan = stacks(pairs, expand_tie=lambda mod: f"{mod}.weight" in weights.where)
+    if outside := [m for m in plan.modules if m not in shapes]:
+        raise FormatError(f"module {outside[0]} is not in the base model")
+    jobs = {f"{m}.weight": m for m in plan.modules}
+    jobs |= {f"{m}.bias": m for m in plan.modules if f"{m}.bias" in weights}
     missing = sorted(m for n, m in jobs.items() if n.endswith(".weight") and n not in weights)
     if missing:
         raise UnsupportedError(
@@ -63,22 +65,19 @@ def bake(
 
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
         mod = jobs[name]
-        layer, a = shapes[mod][0], aux.get(mod)
+        layer, a, stack = shapes[mod][0], plan.aux.get(mod), plan.deltas.get(mod, [])
         if name.endswith(".bias"):
             if isinstance(a, ModuleReplacement) and "bias" in a.tensors:
                 t = a.tensors["bias"]
-            return effective_bias(stacks.get(mod, []), t).to(t.dtype)
+            return effective_bias(stack, t).to(t.dtype)
         if isinstance(a, ModuleReplacement):
             t = a.tensors.get("weight", t)
         elif isinstance(a, TokenRows):
             t = t.clone()
             t[list(a.indices)] = a.rows.to(t.dtype)
-        if (
-            any(getattr(d, "bias", None) is not None for d, _ in stacks.get(mod, []))
-            and f"{mod}.bias" not in weights
-        ):
+        if any(getattr(d, "bias", None) is not None for d, _ in stack) and f"{mod}.bias" not in weights:
             raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
-        new, _ = effective_weight(stacks.get(mod, []), t, None, layer, inplace=True)
+        new, _ = effective_weight(stack, t, None, layer, inplace=True)
         return new.to(t.dtype)
 
     with atomic_folder(Path(out), force=force) as tmp:
@@ -106,7 +105,7 @@ def stream_shard(src: Path, dst: Path, transforms: dict) -> None:
     Shapes and dtypes do not change, so the header (and every offset) is copied as it is; memory stays
     at one tensor however large the shard.
     """
-    header = _safetensors_header(src)
+    header = safetensors_header(src)
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         (n,) = struct.unpack("<Q", fin.read(8))
         fout.write(struct.pack("<Q", n) + fin.read(n))
@@ -132,23 +131,3 @@ def stream_shard(src: Path, dst: Path, transforms: dict) -> None:
                 block = fin.read(min(CHUNK, left))
                 fout.write(block)
                 left -= len(block)
-
-
-def _plan(pairs, shapes, stored):
-    stacks: dict[str, list[tuple[Delta, float]]] = {}
-    aux: dict[str, ModuleReplacement | TokenRows] = {}
-    for ad, w in pairs:
-        for mod, d in ad.deltas.items():
-            stacks.setdefault(mod, []).append((d, w))
-        for mod, src in ad.tied.items():
-            if f"{mod}.weight" not in stored:  # tied in the base too: the shared weight gets the delta once
-                continue
-            stacks.setdefault(mod, []).append((ad.deltas[src], w))
-        for mod, a in ad.aux.items():
-            if mod in aux:
-                raise IncompatibleAdapters(f"module {mod} is replaced by more than one adapter")
-            aux[mod] = a
-    for mod in set(stacks) | set(aux):
-        if mod not in shapes:
-            raise FormatError(f"module {mod} is not in the base model")
-    return stacks, aux

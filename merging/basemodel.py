@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from merging.adapter import base_shapes
 from merging.deltas import Layer
-from merging.errors import FormatError
+from merging.errors import DeviceError, FormatError, SourceError
+from merging.fileio import cache_dir, sha256_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _config(folder: Path):
@@ -35,3 +41,103 @@ def skeleton(folder: Path) -> torch.nn.Module:
 def module_shapes(folder: Path) -> dict[str, tuple[Layer, tuple[int, ...]]]:
     """Module path → (layer kind, stored weight shape) of a transformers model folder, without its weights."""
     return base_shapes(skeleton(Path(folder)))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """auto → CUDA when available, else CPU; cuda without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(
+            f"`device` {device}: no CUDA device is available (torch {torch.__version__}); use cpu or auto"
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"`device` {device}: {e}") from None
+
+
+def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", device_map: str | None = None):
+    """Load a base model and its tokenizer from a folder, a ``.gguf`` file or a Hub id (from the cache).
+
+    Args:
+        device: auto, cpu or cuda (ignored with ``device_map``).
+        device_map: e.g. "auto": spread a base larger than one device over the GPUs and CPU memory
+            (transformers + accelerate); the runtime's deltas follow each module's device.
+
+    Returns:
+        (model in eval mode, tokenizer or None when the folder has none).
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise SourceError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device) if device_map is None else None
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        path = _gguf_folder(path)
+    where = str(path) if path.exists() else str(spec)
+    extra = {"device_map": device_map} if device_map else {}
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **extra)
+        except ValueError:
+            model = AutoModel.from_pretrained(where, dtype=DTYPES[dtype], **extra)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{spec}: cannot load the base model ({first})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if dev is not None:
+        model = model.to(dev)
+    return model.eval(), tokenizer
+
+
+def _gguf_folder(gguf_file: Path) -> Path:
+    """The transformers folder converted (once, cached by sha256) from a GGUF model file."""
+    out = cache_dir() / "models" / f"{gguf_file.stem}-{sha256_file(gguf_file)[:12]}"
+    if (out / "config.json").exists():
+        return out
+    return convert_gguf_model(gguf_file, out)
+
+
+def convert_gguf_model(gguf_file: Path, out: Path) -> Path:
+    """Convert a GGUF causal LM into a transformers folder (float32 safetensors, config, tokenizer).
+
+    Args:
+        gguf_file: a llama.cpp model file transformers can read (``gguf_file=`` support).
+        out: destination folder; written to a temporary sibling and renamed into place.
+
+    Returns:
+        ``out``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, KeyError) as e:
+        raise FormatError(f"{gguf_file}: transformers cannot load this GGUF model ({e})") from e
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf_file.name}\nsha256 {sha256_file(gguf_file)}\n")
+        tmp.chmod(0o755)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -125,13 +125,11 @@ class LowRank(AdditiveDelta):
     def __post_init__(self) -> None:
         out, inf = self.target.matrix_shape
         if self.b.dim() != 2 or self.a.dim() != 2 or self.b.shape[1] != self.a.shape[0]:
-            raise ShapeMismatch(
-                f"LoRA factors B {tuple(self.b.shape)} and A {tuple(self.a.shape)} do not chain"
-            )
+            b, a = tuple(self.b.shape), tuple(self.a.shape)
+            raise ShapeMismatch(f"LoRA factors B {b} and A {a} do not chain")
         if self.b.shape[0] != out or self.a.shape[1] != inf:
-            raise ShapeMismatch(
-                f"LoRA factors give ({self.b.shape[0]}, {self.a.shape[1]}), the module is ({out}, {inf})"
-            )
+            got = (self.b.shape[0], self.a.shape[1])
+            raise ShapeMismatch(f"LoRA factors give {got}, the module is {(out, inf)}")
         for name, v in (("bias", self.bias), ("magnitude", self.magnitude)):
             if v is not None and v.shape != (out,):
                 raise ShapeMismatch(f"LoRA {name} has shape {tuple(v.shape)}, expected ({out},)")
@@ -142,9 +140,7 @@ class LowRank(AdditiveDelta):
     def dense(self) -> torch.Tensor:
         if self.magnitude is not None:
             raise UnsupportedError("a DoRA delta depends on the base weight: use dora_dense(base_weight)")
-        return (
-            self.scale * self.b.float()
-        ) @ self.a.float()  # scale the small factor: one (out, in) allocation
+        return (self.scale * self.b.float()) @ self.a.float()  # scale the small factor: one (out, in) alloc
 
     def dora_dense(self, base: torch.Tensor) -> torch.Tensor:
         """W' − W in matrix form for a DoRA delta, given the base weight in stored layout."""
@@ -188,9 +184,8 @@ class Hadamard(AdditiveDelta):
     def factors(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """((B1, A1), (B2, A2)) in matrix form."""
         if self.t1 is not None and self.t2 is not None:
-            return linalg.tucker_factors(self.t1, self.w1a, self.w1b), linalg.tucker_factors(
-                self.t2, self.w2a, self.w2b
-            )
+            t = linalg.tucker_factors
+            return t(self.t1, self.w1a, self.w1b), t(self.t2, self.w2a, self.w2b)
         return (self.w1a.float(), self.w1b.float()), (self.w2a.float(), self.w2b.float())
 
     def dense(self) -> torch.Tensor:
@@ -205,9 +200,8 @@ class Hadamard(AdditiveDelta):
 
     @property
     def numel(self) -> int:
-        return sum(
-            t.numel() for t in (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2) if t is not None
-        )
+        parts = (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2)
+        return sum(t.numel() for t in parts if t is not None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -364,9 +358,8 @@ class TokenRows:
 
     def __post_init__(self) -> None:
         if self.rows.dim() != 2 or self.rows.shape[0] != len(self.indices):
-            raise ShapeMismatch(
-                f"{len(self.indices)} token indices but rows of shape {tuple(self.rows.shape)}"
-            )
+            n, shape = len(self.indices), tuple(self.rows.shape)
+            raise ShapeMismatch(f"{n} token indices but rows of shape {shape}")
 
 
 Delta = LowRank | Hadamard | Kronecker | Dense | Scale

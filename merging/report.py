@@ -20,7 +20,7 @@ import torch
 
 from merging import merge as merge_lib
 from merging import strategies
-from merging.adapter import Adapter
+from merging.adapter import Adapter, weighted
 from merging.errors import MergingError, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.runtime import stacked
@@ -193,7 +193,7 @@ def _skills(model, tokenizer, inputs, candidates, evals) -> dict[str, Any]:
     with stacked(model, list(inputs)):
         out["stacked"] = {s: answer_loss(model, tokenizer, p) for s, p in evals.items()}
     for cand in candidates:
-        with stacked(model, cand.adapters):
+        with stacked(model, weighted(cand.adapters)):
             out["merged"][cand.name] = {s: answer_loss(model, tokenizer, p) for s, p in evals.items()}
     for key in ("stacked",):
         out[key] = {s: {"loss": v, "retention": _retention(out, s, v)} for s, v in out[key].items()}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merging.adapter import Adapter, layer_kind
+from merging.adapter import Pair, layer_kind, stacks
 from merging.deltas import (
     AdditiveDelta,
     Delta,
@@ -29,7 +29,7 @@ from merging.deltas import (
     Target,
     TokenRows,
 )
-from merging.errors import IncompatibleAdapters, ShapeMismatch, UnsupportedError
+from merging.errors import ShapeMismatch, UnsupportedError
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,40 +177,22 @@ def _replacement(module: nn.Module, aux: ModuleReplacement | TokenRows) -> nn.Mo
     return new
 
 
-def _module_stacks(
-    adapters: Sequence[tuple[Adapter, float]],
-) -> tuple[dict[str, list[tuple[Delta, float]]], dict[str, tuple[Adapter, ModuleReplacement | TokenRows]]]:
-    stacks: dict[str, list[tuple[Delta, float]]] = {}
-    aux: dict[str, tuple[Adapter, ModuleReplacement | TokenRows]] = {}
-    for ad, w in adapters:
-        for mod, d in list(ad.deltas.items()) + [(m, ad.deltas[s]) for m, s in ad.tied.items()]:
-            stacks.setdefault(mod, []).append((d, w))
-        for mod, a in ad.aux.items():
-            if mod in aux:
-                raise IncompatibleAdapters(
-                    f"module {mod} is replaced by both {aux[mod][0].where} and {ad.where}"
-                )
-            aux[mod] = (ad, a)
-    return stacks, aux
-
-
 @contextmanager
-def stacked(model: nn.Module, adapters: Sequence[Adapter | tuple[Adapter, float]]) -> Iterator[nn.Module]:
+def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
     """Activate adapters on a model at once, in order (innermost first), restoring it exactly on exit.
 
     Args:
         model: a torch model whose module paths the adapters name.
-        adapters: Adapters, or (Adapter, weight) pairs: weight multiplies an additive delta and is the
-            exponent of an IA³ vector.
+        pairs: (Adapter, weight) in stacking order: the weight multiplies an additive delta and is the
+            exponent of an IA³ vector (``adapter.weighted`` makes pairs of weight 1).
 
     Yields:
         The same model, with wrapper modules in place.
     """
-    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters]
-    stacks, aux = _module_stacks(pairs)
+    plan = stacks(pairs)
     originals: dict[str, nn.Module] = {}
     try:
-        for mod in sorted(set(stacks) | set(aux)):
+        for mod in plan.modules:
             try:
                 original = model.get_submodule(mod)
             except AttributeError:
@@ -218,10 +200,11 @@ def stacked(model: nn.Module, adapters: Sequence[Adapter | tuple[Adapter, float]
             kind = layer_kind(original)
             if kind is None:
                 raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
-            base = _replacement(original, aux[mod][1]) if mod in aux else original
+            base = _replacement(original, plan.aux[mod]) if mod in plan.aux else original
             ref = original.weight
-            ops = [_prepare(d, w, ref) for d, w in stacks.get(mod, [])]
-            _check_shapes(mod, stacks.get(mod, []), kind, tuple(ref.shape))
+            stack = plan.deltas.get(mod, [])
+            ops = [_prepare(d, w, ref) for d, w in stack]
+            _check_shapes(mod, stack, kind, tuple(ref.shape))
             parent, child = _parent(model, mod)
             originals[mod] = original
             setattr(parent, child, StackedLayer(base, kind, ops) if ops else base)
@@ -257,17 +240,16 @@ class Undo:
                 self.model.get_parameter(name).copy_(value)
 
 
-def merge_into(model: nn.Module, adapters: Sequence[Adapter | tuple[Adapter, float]]) -> Undo:
-    """Fold adapters into the model's weights in place (stacked semantics); return an undo.
+def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
+    """Fold (Adapter, weight) pairs into the model's weights in place (stacked semantics); return an undo.
 
     Tied weights shared by two modules receive each module's delta once (as a shared tensor would).
     """
-    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters]
-    stacks, aux = _module_stacks(pairs)
+    plan = stacks(pairs)
     saved: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     with torch.no_grad():
-        for mod in sorted(set(stacks) | set(aux)):
+        for mod in plan.modules:
             m = model.get_submodule(mod)
             kind = layer_kind(m)
             if id(m.weight) in seen:  # a tied weight already got this delta
@@ -277,10 +259,10 @@ def merge_into(model: nn.Module, adapters: Sequence[Adapter | tuple[Adapter, flo
                 p = getattr(m, pname, None)
                 if p is not None:
                     saved.setdefault(f"{mod}.{pname}", p.detach().clone())
-            if mod in aux:
-                m.load_state_dict(_replacement(m, aux[mod][1]).state_dict())
+            if mod in plan.aux:
+                m.load_state_dict(_replacement(m, plan.aux[mod]).state_dict())
             w, b = effective_weight(
-                stacks.get(mod, []), m.weight, m.bias if hasattr(m, "bias") else None, kind
+                plan.deltas.get(mod, []), m.weight, m.bias if hasattr(m, "bias") else None, kind
             )
             m.weight.copy_(w.to(m.weight.dtype))
             if b is not None:

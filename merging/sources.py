@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from merging.adapter import Adapter
+from merging.adapter import Adapter, Pair, base_shapes, weighted
+from merging.basemodel import module_shapes
 from merging.errors import FormatError, SourceError
-from merging.examples import sha256_file
+from merging.fileio import sha256_file
 from merging.formats import peft as peft_format
 from merging.tensorfiles import tensor_files
 
@@ -186,3 +188,28 @@ def hub_license(folder: Path) -> str | None:
         return ModelCard.load(card).data.to_dict().get("license")
     except Exception:  # a malformed card is not our input's fault; the license is just unknown
         return None
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def load_inputs(
+    specs: Sequence[str], *, base=None, weights: Sequence[float] | None = None, allow_nonfinite: bool = False
+) -> list[Pair]:
+    """The adapters named by specs (each ``path``, ``name=path`` or a Hub id) with their weights.
+
+    Args:
+        specs: the inputs in stacking order; a merged stack folder gives several adapters.
+        base: the base model (a folder or a loaded model): names kohya/GGUF modules and refines every
+            delta's layer kind and shape against the base's modules.
+        weights: one per adapter (default 1 each).
+        allow_nonfinite: accept NaN/Inf values.
+
+    Returns:
+        (adapter, weight) pairs in stacking order.
+    """
+    adapters = [ad for spec in specs for ad in load_spec(spec, allow_nonfinite=allow_nonfinite, base=base)]
+    if base is not None:
+        shapes = module_shapes(Path(base)) if isinstance(base, (str, Path)) else base_shapes(base)
+        adapters = [ad.refine_targets(shapes) for ad in adapters]
+    return weighted(adapters, weights)

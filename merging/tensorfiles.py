@@ -47,7 +47,7 @@ def tensor_files(path: Path) -> list[Path]:
     return safe or files
 
 
-def _safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict:
     """Read and sanity-check a safetensors header without reading any tensor data."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -90,11 +90,11 @@ def _list_tensors(path: Path) -> list[TensorInfo]:
     out: list[TensorInfo] = []
     for f in tensor_files(path):
         if f.suffix == ".safetensors":
-            for k, meta in _safetensors_header(f).items():
+            for k, meta in safetensors_header(f).items():
                 if k != "__metadata__":
                     out.append(TensorInfo(k, tuple(meta["shape"]), meta["dtype"].lower(), f))
         elif f.suffix == ".gguf":
-            reader = _gguf_reader(f)
+            reader = gguf_reader(f)
             for t in reader.tensors:
                 shape = tuple(int(s) for s in reversed(t.shape.tolist()))
                 out.append(TensorInfo(t.name, shape, t.tensor_type.name.lower(), f))
@@ -106,7 +106,7 @@ def _list_tensors(path: Path) -> list[TensorInfo]:
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` string map of a safetensors file (empty when absent)."""
-    meta = _safetensors_header(Path(path)).get("__metadata__") or {}
+    meta = safetensors_header(Path(path)).get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()}
 
 
@@ -117,7 +117,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        _safetensors_header(path)
+        safetensors_header(path)
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -132,7 +132,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items()}
 
 
-def _gguf_reader(path: Path):
+def gguf_reader(path: Path):
     import gguf
 
     try:

@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-from merging.adapter import Adapter, layer_kind
-from merging.deltas import AdditiveDelta, Delta, Scale, sum_error
-from merging.errors import DeviceError, SourceError
+from merging.adapter import Adapter, Pair, layer_kind, stacks, weighted
+from merging.deltas import AdditiveDelta, Scale, sum_error
 from merging.runtime import effective_weight, stacked
 
 EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
@@ -82,70 +79,6 @@ class Report:
         return json.dumps(asdict(self), indent=2)
 
 
-# ------------------------------------------------------------------------------------------ loading
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """auto → CUDA when available, else CPU; cuda without a GPU is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(
-            f"--device {device}: no CUDA device is available (torch {torch.__version__}); use cpu or auto"
-        )
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise DeviceError(f"--device {device}: {e}") from None
-
-
-def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", device_map: str | None = None):
-    """Load a base model and its tokenizer from a folder, a ``.gguf`` file or a Hub id (from the cache).
-
-    Args:
-        device: auto, cpu or cuda (ignored with ``device_map``).
-        device_map: e.g. "auto": spread a base larger than one device over the GPUs and CPU memory
-            (transformers + accelerate); the runtime's deltas follow each module's device.
-
-    Returns:
-        (model in eval mode, tokenizer or None when the folder has none).
-    """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise SourceError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    dev = resolve_device(device) if device_map is None else None
-    path = Path(spec)
-    if path.suffix == ".gguf" and path.is_file():
-        path = _gguf_folder(path)
-    where = str(path) if path.exists() else str(spec)
-    extra = {"device_map": device_map} if device_map else {}
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **extra)
-        except ValueError:
-            model = AutoModel.from_pretrained(where, dtype=DTYPES[dtype], **extra)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SourceError(f"{spec}: cannot load the base model ({first})") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    if dev is not None:
-        model = model.to(dev)
-    return model.eval(), tokenizer
-
-
-def _gguf_folder(gguf_file: Path) -> Path:
-    from merging.examples import cache_dir, convert_gguf_model, sha256_file
-
-    out = cache_dir() / "models" / f"{gguf_file.stem}-{sha256_file(gguf_file)[:12]}"
-    if (out / "config.json").exists():
-        return out
-    return convert_gguf_model(gguf_file, out)
-
-
 def batch_inputs(
     tokenizer, prompts: Sequence[str], device: torch.device, vocab: int
 ) -> dict[str, torch.Tensor]:
@@ -197,12 +130,9 @@ def _compare(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]
     return res
 
 
-def module_errors(
-    model, inputs: Sequence[tuple[Adapter, float]], merged: Sequence[Adapter]
-) -> dict[str, float]:
+def module_errors(model, inputs: Sequence[Pair], merged: Sequence[Adapter]) -> dict[str, float]:
     """Per-module ‖ΔW_merged − ΔW_stack‖_F / ‖ΔW_stack‖_F; from factors when every delta is additive."""
-    ref = _stacks([(a, w) for a, w in inputs])
-    got = _stacks([(a, 1.0) for a in merged])
+    ref, got = stacks(inputs).deltas, stacks(weighted(merged)).deltas
     errors = {}
     for mod in sorted(set(ref) | set(got)):
         r, g = ref.get(mod, []), got.get(mod, [])
@@ -219,18 +149,10 @@ def module_errors(
     return errors
 
 
-def _stacks(pairs: Sequence[tuple[Adapter, float]]) -> dict[str, list[tuple[Delta, float]]]:
-    out: dict[str, list[tuple[Delta, float]]] = {}
-    for ad, w in pairs:
-        for mod, d in list(ad.deltas.items()) + [(m, ad.deltas[s]) for m, s in ad.tied.items()]:
-            out.setdefault(mod, []).append((d, w))
-    return out
-
-
 def verify(
     model,
     tokenizer,
-    inputs: Sequence[Adapter | tuple[Adapter, float]],
+    inputs: Sequence[Pair],
     candidates: Sequence[Candidate],
     *,
     prompts: Sequence[str] = PROMPTS,
@@ -243,7 +165,7 @@ def verify(
     Args:
         model: the base model (eval mode); it is left exactly as it was.
         tokenizer: its tokenizer, or None to use fixed random token ids.
-        inputs: the source adapters (or (adapter, weight) pairs) in stacking order.
+        inputs: the source (adapter, weight) pairs in stacking order.
         candidates: the merged results to check.
         prompts: the batch.
         max_new_tokens: length of the greedy continuations compared (0 to skip).
@@ -251,7 +173,7 @@ def verify(
     Returns:
         A Report; ``report.failed`` tells whether an exact candidate missed the tolerance.
     """
-    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in inputs]
+    pairs = list(inputs)
     device = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else None
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -276,7 +198,7 @@ def verify(
     tick("stacked")
     rows = []
     for cand in candidates:
-        with stacked(model, cand.adapters):
+        with stacked(model, weighted(cand.adapters)):
             y_m = _outputs(model, batch)
             g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
         figures = _compare(y_base, y_stack, y_m, is_lm)

@@ -118,7 +118,7 @@ import pytest  # noqa: E402
 def test_written_merge_loads_in_peft_like_our_runtime(fx, tmp_path, strategy):
     from peft import PeftModel
 
-    from merging.adapter import base_shapes
+    from merging.adapter import base_shapes, weighted
     from merging.runtime import stacked
 
     a, b = fx.adapter("llama", "lora"), fx.adapter("llama", "lora_b")
@@ -127,7 +127,8 @@ def test_written_merge_loads_in_peft_like_our_runtime(fx, tmp_path, strategy):
     x = example_input("llama")
     theirs = run(PeftModel.from_pretrained(fx.load_base("llama"), str(tmp_path / "m")).eval(), "llama", x)
     model = fx.load_base("llama")
-    with stacked(model, [ad.refine_targets(base_shapes(model)) for ad in sources.load(tmp_path / "m")]):
+    merged = [ad.refine_targets(base_shapes(model)) for ad in sources.load(tmp_path / "m")]
+    with stacked(model, weighted(merged)):
         ours = run(model, "llama", x)
     assert (ours - theirs).abs().max() <= 1e-5
 

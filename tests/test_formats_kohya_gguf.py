@@ -129,7 +129,7 @@ def test_files_written_by_lycoris_load_with_lycoris_delta(tmp_path, algo, kw):
     shapes = base_shapes(fresh)
     ad = kohya.read(tmp_path / "l.safetensors", modules=shapes.keys()).refine_targets(shapes)
     base_out = run(fresh, "llama", x)
-    with stacked(fresh, [ad]):
+    with stacked(fresh, [(ad, 1.0)]):
         ours = run(fresh, "llama", x)
     assert (theirs - base_out).abs().max() > 1e-3
     assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, float(theirs.abs().max()))

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from merging import sources
-from merging.adapter import base_shapes
+from merging.adapter import base_shapes, weighted
 from merging.runtime import stacked
 from tests.fixtures import _randomise
 
@@ -81,7 +81,7 @@ def test_stacked_runtime_equals_peft_mixed_on_smollm2(example_base, smol):
     expected = _logits(mixed.eval(), tok)
     base, _ = _load(example_base)
     ads = [sources.load(smol / n)[0].refine_targets(base_shapes(base)) for n in names]
-    with stacked(base, ads):
+    with stacked(base, weighted(ads)):
         ours = _logits(base, tok)
     assert (ours - expected).abs().max() <= 1e-4
     assert (ours - _logits(base, tok)).abs().max() > 1e-2
@@ -97,7 +97,7 @@ def test_stacked_ia3_equals_peft_on_smollm2(example_base, smol):
     expected = _logits(pm.eval(), tok)
     base, _ = _load(example_base)
     ads = [sources.load(smol / n)[0] for n in ("ia3", "ia3b")]
-    with stacked(base, ads):
+    with stacked(base, weighted(ads)):
         ours = _logits(base, tok)
     assert (ours - expected).abs().max() <= 1e-4
 
@@ -135,9 +135,9 @@ def test_gguf_adapter_matches_llama_cpp_layout_and_peft(example_base, smol, tmp_
     import numpy as np
     from peft import PeftModel
 
+    from merging.basemodel import load_base
     from merging.examples import example_gguf
     from merging.formats import gguf as fg
-    from merging.verify import load_base
 
     base_file = example_gguf()
     reader = gguf.GGUFReader(str(base_file))
@@ -167,6 +167,6 @@ def test_gguf_adapter_matches_llama_cpp_layout_and_peft(example_base, smol, tmp_
     expected = _logits(PeftModel.from_pretrained(_load(example_base)[0], str(smol / "lora")).eval(), tok)
     model, _ = load_base(base_file, "cpu")
     back = sources.load(tmp_path / "lora.gguf", base=model)
-    with stacked(model, back):
+    with stacked(model, weighted(back)):
         ours = _logits(model, tok)
     assert (ours - expected).abs().max() <= 1e-4

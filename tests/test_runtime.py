@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from merging.adapter import base_shapes
+from merging.adapter import base_shapes, weighted
 from merging.formats import peft as fp
 from merging.runtime import merge_into, stacked
 from tests.fixtures import example_input, run
@@ -67,7 +67,7 @@ def test_stacked_equals_peft_mixed_model(fx, kind, names):
     expected = run(_peft_mixed(fx, kind, names), kind, x)
     model = fx.load_base(kind)
     before = _hash(model)
-    with stacked(model, _read(fx, kind, names)):
+    with stacked(model, weighted(_read(fx, kind, names))):
         ours = run(model, kind, x)
     assert (ours - expected).abs().max() <= 1e-5
     assert _hash(model) == before
@@ -81,7 +81,7 @@ def test_stacked_ia3_equals_peft_multi_adapter(fx, kind, names):
     x = example_input(kind)
     expected = run(_peft_ia3(fx, kind, names), kind, x)
     model = fx.load_base(kind)
-    with stacked(model, _read(fx, kind, names)):
+    with stacked(model, weighted(_read(fx, kind, names))):
         ours = run(model, kind, x)
     assert (ours - expected).abs().max() <= 1e-5
 
@@ -94,7 +94,7 @@ def test_stacked_auxiliary_and_tied_equal_peft(fx, name):
     x = example_input(kind)
     expected = run(PeftModel.from_pretrained(fx.load_base(kind), str(fx.adapter(kind, name))).eval(), kind, x)
     model = fx.load_base(kind)
-    with stacked(model, _read(fx, kind, [name])):
+    with stacked(model, weighted(_read(fx, kind, [name]))):
         ours = run(model, kind, x)
     assert (ours - expected).abs().max() <= 1e-5
 
@@ -104,7 +104,7 @@ def test_two_adapters_replacing_one_module_is_an_error(fx):
 
     model = fx.load_base("llama")
     ad = _read(fx, "llama", ["lora_mts"])[0]
-    with pytest.raises(IncompatibleAdapters, match="lm_head"), stacked(model, [ad, ad]):
+    with pytest.raises(IncompatibleAdapters, match="lm_head"), stacked(model, [(ad, 1.0), (ad, 1.0)]):
         pass
 
 
@@ -116,9 +116,9 @@ def test_merge_into_equals_stacked_and_undoes_exactly(fx, kind, names):
     x = example_input(kind)
     model = fx.load_base(kind)
     before = _hash(model)
-    with stacked(model, ads):
+    with stacked(model, weighted(ads)):
         expected = run(model, kind, x)
-    undo = merge_into(model, ads)
+    undo = merge_into(model, weighted(ads))
     assert_close(run(model, kind, x), expected, rtol=1e-5)
     undo()
     assert _hash(model) == before
@@ -133,5 +133,5 @@ def test_weighted_stack(fx):
         assert_close(run(model, "llama", x), run(fx.load_base("llama"), "llama", x), rtol=1e-6)
     with stacked(model, [(ads[0], 2.0)]):
         two = run(model, "llama", x)
-    with stacked(model, [ads[0], ads[0]]):
+    with stacked(model, [(ads[0], 1.0), (ads[0], 1.0)]):
         assert_close(run(model, "llama", x), two, rtol=1e-5)

@@ -281,7 +281,7 @@ def test_auxiliary_modules(fx):
     mts, tokens, lora = _read(fx, ["lora_mts", "lora_tokens", "lora"])
     (out,) = merge([mts, tokens, lora], "cat").adapters
     assert set(out.aux) == {"lm_head", "model.embed_tokens"}
-    with pytest.raises(IncompatibleAdapters, match="pass --aux sum"):
+    with pytest.raises(IncompatibleAdapters, match="pass `aux`=sum"):
         merge([mts, mts], "cat")
     base = fx.load_base("llama")
     w = base.lm_head.weight.detach()

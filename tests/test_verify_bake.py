@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from merging import sources
-from merging.adapter import base_shapes
+from merging.adapter import base_shapes, weighted
 from merging.bake import bake
+from merging.basemodel import resolve_device
 from merging.errors import DeviceError
 from merging.runtime import stacked
-from merging.verify import resolve_device
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close
 
@@ -111,7 +111,7 @@ def test_bake_matches_stacked_and_loads_in_transformers(fx, sharded_llama, tmp_p
     base = fx.load_base("llama")
     ads = [ad.refine_targets(base_shapes(base)) for n in names for ad in sources.load(fx.adapter("llama", n))]
     y_base = run(base, "llama", x)
-    with stacked(base, ads):
+    with stacked(base, weighted(ads)):
         y_stack = run(base, "llama", x)
     err = float((run(baked, "llama", x) - y_stack).norm() / (y_stack - y_base).norm())
     assert err <= 1e-4
@@ -125,11 +125,11 @@ def test_bake_tied_embedding_lora(fx, tmp_path):
 
     ad = sources.load(fx.adapter("llama_tied", "lora_tied"))[0]
     base_dir = fx.base("llama_tied")
-    bake(base_dir, [ad.refine_targets(base_shapes(fx.load_base("llama_tied")))], tmp_path / "b")
+    bake(base_dir, [(ad.refine_targets(base_shapes(fx.load_base("llama_tied"))), 1.0)], tmp_path / "b")
     baked = AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
     model = fx.load_base("llama_tied")
     x = example_input("llama_tied")
-    with stacked(model, [ad.refine_targets(base_shapes(model))]):
+    with stacked(model, [(ad.refine_targets(base_shapes(model)), 1.0)]):
         expected = run(model, "llama_tied", x)
     assert_close(run(baked, "llama_tied", x), expected, rtol=1e-5)
 
@@ -152,7 +152,7 @@ def hwm():  # this process image's peak RSS (ru_maxrss would carry the parent's 
 from merging.basemodel import module_shapes
 module_shapes(base)  # imports transformers: a fixed cost, not the bake's working memory
 before = hwm()
-bake(base, [Adapter("a", deltas)], out)
+bake(base, [(Adapter("a", deltas), 1.0)], out)
 print(hwm() - before)
 """
 

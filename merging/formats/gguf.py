@@ -202,9 +202,9 @@ def read(
 def _read(file: Path, info: BaseInfo | None, allow_nonfinite: bool, keep_permuted: bool) -> Adapter:
     import gguf
 
-    from merging.tensorfiles import _gguf_reader
+    from merging.tensorfiles import gguf_reader
 
-    reader = _gguf_reader(file)
+    reader = gguf_reader(file)
     kind, atype = _field(reader, "general.type"), _field(reader, "adapter.type")
     arch = _field(reader, "general.architecture")
     if kind != "adapter" or atype != "lora":
