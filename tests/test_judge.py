@@ -1,0 +1,58 @@
+"""The independent judge: PEFT stacks the original files; our runtime only where PEFT cannot."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+import pytest
+import torch
+
+from merging import judge
+from merging.adapter import base_shapes, weighted
+from merging.formats import peft as fp
+from merging.runtime import stacked
+from tests.fixtures import example_input, run
+from tests.helpers import assert_close
+
+
+def _read(fx, kind, names):
+    shapes = base_shapes(fx.load_base(kind))
+    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
+
+
+def _hash(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_plan_names_who_stacks(fx):
+    lora, loha, lokr, ia3, ia3_b = _read(fx, "llama", ["lora", "loha", "lokr", "ia3", "ia3_b"])
+    mixed = judge.plan(weighted([lora, loha, lokr]))
+    assert (mixed.reference, mixed.mode) == (judge.PEFT, "mixed")
+    assert mixed.folders == tuple(fx.adapter("llama", n) for n in ("lora", "loha", "lokr"))
+    assert judge.plan(weighted([ia3, ia3_b])).mode == "multi"
+    both = judge.plan(weighted([ia3, lora]))
+    assert both.reference == judge.RUNTIME and "IA³" in both.reason
+    assert judge.plan([(lora, 0.5)]).reference == judge.RUNTIME
+    assert "not a PEFT folder" in judge.plan(weighted([replace(lora, source=None)])).reason
+    labels = [label for label, _ in judge.parts(weighted([ia3, lora, loha]))]
+    assert labels == ["ia3 inputs", "additive inputs"]
+
+
+@pytest.mark.parametrize("names", [["lora", "loha", "lokr"], ["ia3", "ia3_b"]])
+def test_peft_reference_equals_runtime_and_leaves_the_model(fx, names):
+    model, x = fx.load_base("llama"), example_input("llama")
+    before = _hash(model)
+    pairs = weighted(_read(fx, "llama", names))
+    with judge.reference(model, pairs) as the_plan:
+        y_peft = run(model, "llama", x)
+    assert the_plan.reference == judge.PEFT
+    assert _hash(model) == before
+    with stacked(model, pairs):
+        y_ours = run(model, "llama", x)
+    assert_close(y_ours, y_peft, rtol=1e-5)
+    assert not (y_peft == run(model, "llama", x)).all()  # the adapters did something
