@@ -12,11 +12,11 @@ $(PY):
 # torch first, pinned: the CPU build of 2.13.0 is on disk; an unpinned torch would pull a CUDA build.
 $(VENV)/.installed-base: $(PY) pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
-	$(PIP) -c constraints.txt -e '.[plots]'
+	$(PIP) -c constraints.txt -e '.[plots,verify]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-base
-	$(PIP) -c constraints.txt -e '.[test,plots]'
+	$(PIP) -c constraints.txt -e '.[test,plots,verify]'
 	touch $@
 
 EXAMPLE_INPUTS := $(foreach s,add sort reverse translate sentiment,$(s)=examples/adapters/$(s))
