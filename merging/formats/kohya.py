@@ -29,34 +29,26 @@ from merging.adapter import Adapter
 from merging.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import FormatError, MergingError, NonFiniteError, UnsupportedError
 from merging.fileio import atomic_file, reading
-from merging.formats.peft import loha_delta, lokr_delta
+from merging.formats import lycoris
 from merging.linalg import tucker_factors
 from merging.tensorfiles import load_tensors, safetensors_metadata
 
 PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te", "lycoris", "lora")
+LORA = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+SCALED = ("alpha", "dora_scale")
 FAMILIES = {
-    "lora": {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"},
-    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"},
-    "lokr": {
-        "lokr_w1",
-        "lokr_w1_a",
-        "lokr_w1_b",
-        "lokr_w2",
-        "lokr_w2_a",
-        "lokr_w2_b",
-        "lokr_t2",
-        "alpha",
-        "dora_scale",
-    },
-    "ia3": {"weight", "on_input"},
-    "full": {"diff", "diff_b"},
+    "lora": {*LORA, *SCALED},
+    "loha": {*lycoris.LOHA, *SCALED},
+    "lokr": {*lycoris.LOKR, *SCALED},
+    "ia3": set(lycoris.IA3),
+    "full": set(lycoris.FULL),
 }
-MARKERS = {
-    "lora": "lora_down.weight",
-    "loha": "hada_w1_a",
-    "lokr": "lokr_w1",
-    "ia3": "on_input",
-    "full": "diff",
+MARKERS = {  # a group belongs to a family only when it holds one of these
+    "lora": {"lora_down.weight"},
+    "loha": {"hada_w1_a"},
+    "lokr": {"lokr_w1", "lokr_w1_a"},
+    "ia3": {"on_input"},
+    "full": {"diff"},
 }
 PART = re.compile(r"^(?P<name>[^.]+)\.(?P<part>.+)$")
 
@@ -69,7 +61,7 @@ def is_kohya_file(path: Path) -> bool:
     from merging.tensorfiles import list_tensors
 
     parts = {t.name.split(".", 1)[-1] for t in list_tensors(p)}
-    return bool(parts & {"lora_down.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a", "on_input", "diff"})
+    return bool(parts & set().union(*MARKERS.values()))
 
 
 def name_map(modules: Iterable[str]) -> dict[str, str]:
@@ -90,9 +82,7 @@ def _family(parts: dict[str, torch.Tensor], file: Path, name: str) -> str:
 
 
 def _has_marker(family: str, parts: dict) -> bool:
-    if family == "lokr":
-        return bool({"lokr_w1", "lokr_w1_a"} & set(parts))
-    return MARKERS[family] in parts
+    return bool(MARKERS[family] & set(parts))
 
 
 def read(path: Path, *, modules: Iterable[str] | None = None, allow_nonfinite: bool = False) -> Adapter:
@@ -166,7 +156,7 @@ def _read_lora(parts: dict[str, torch.Tensor]) -> LowRank:
         target = Target("conv2d" if mid.dim() == 4 else "conv1d", (out, down.shape[1], *mid.shape[2:]))
     else:
         b, a = up.reshape(out, -1), down.reshape(r, -1)
-        layer = {4: "conv2d", 3: "conv1d", 2: "linear"}.get(down.dim())
+        layer = lycoris.DIM_LAYERS.get(down.dim())
         if layer is None:
             raise FormatError(f"lora_down has an unsupported shape {tuple(down.shape)}")
         target = Target(layer, (out, *down.shape[1:]))
@@ -176,31 +166,20 @@ def _read_lora(parts: dict[str, torch.Tensor]) -> LowRank:
 
 def _read_loha(parts: dict[str, torch.Tensor]) -> Hadamard:
     r = parts["hada_w1_b"].shape[0]
-    return loha_delta({k: v for k, v in parts.items() if k.startswith("hada_")}, _alpha(parts, r) / r)
+    return lycoris.loha_delta({k: v for k, v in parts.items() if k in lycoris.LOHA}, _alpha(parts, r) / r)
 
 
 def _read_lokr(parts: dict[str, torch.Tensor]) -> Kronecker:
     full = "lokr_w1" in parts and "lokr_w2" in parts
     r = 1 if full else (parts["lokr_w1_a"] if "lokr_w1_a" in parts else parts["lokr_w2_a"]).shape[1]
     scale = 1.0 if full else _alpha(parts, r) / r
-    return lokr_delta({k: v for k, v in parts.items() if k.startswith("lokr_")}, scale)
+    return lycoris.lokr_delta({k: v for k, v in parts.items() if k in lycoris.LOKR}, scale)
 
 
-def _read_ia3(parts: dict[str, torch.Tensor]) -> Scale:
-    w = parts["weight"]
-    side = "in" if int(parts["on_input"].reshape(-1)[0]) else "out"
-    return Scale((1 + w.float()).reshape(-1).to(w.dtype), side, "conv2d" if w.dim() == 4 else "linear")
-
-
-def _read_full(parts: dict[str, torch.Tensor]) -> Dense:
-    d = parts["diff"]
-    layer = {4: "conv2d", 3: "conv1d", 2: "linear"}.get(d.dim())
-    if layer is None:
-        raise FormatError(f"diff has an unsupported shape {tuple(d.shape)}")
-    return Dense(d.reshape(d.shape[0], -1), Target(layer, tuple(d.shape)), bias=parts.get("diff_b"))
-
-
-_READERS = {"lora": _read_lora, "loha": _read_loha, "lokr": _read_lokr, "ia3": _read_ia3, "full": _read_full}
+_READERS = {
+    "lora": _read_lora, "loha": _read_loha, "lokr": _read_lokr,
+    "ia3": lycoris.ia3_delta, "full": lycoris.full_delta,
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -231,9 +210,7 @@ def _lora_parts(d: LowRank) -> dict[str, torch.Tensor]:
 
 
 def _lokr_parts(d: Kronecker) -> dict[str, torch.Tensor]:
-    names = {"lokr_w1": d.w1, "lokr_w1_a": d.w1a, "lokr_w1_b": d.w1b, "lokr_w2": d.w2}
-    names |= {"lokr_w2_a": d.w2a, "lokr_w2_b": d.w2b, "lokr_t2": d.t2}
-    parts = {k: v for k, v in names.items() if v is not None}
+    parts = lycoris.lokr_parts(d)
     if d.w1 is not None and d.w2 is not None:  # LyCORIS uses scale 1 here: fold ours into w1
         parts["lokr_w1"] = (d.scale * d.w1.float()).to(d.w1.dtype)
     else:
@@ -246,22 +223,14 @@ def _parts(d: Delta) -> dict[str, torch.Tensor]:
     if isinstance(d, LowRank):
         return _lora_parts(d)
     if isinstance(d, Hadamard):
-        parts = {"hada_w1_a": d.w1a, "hada_w1_b": d.w1b, "hada_w2_a": d.w2a, "hada_w2_b": d.w2b}
-        parts |= {k: v for k, v in (("hada_t1", d.t1), ("hada_t2", d.t2)) if v is not None}
-        return parts | {"alpha": torch.tensor(d.scale * d.w1b.shape[0], dtype=torch.float32)}
+        alpha = torch.tensor(d.scale * d.w1b.shape[0], dtype=torch.float32)
+        return lycoris.loha_parts(d) | {"alpha": alpha}
     if isinstance(d, Kronecker):
         return _lokr_parts(d)
     if isinstance(d, Scale):
-        shape = (1, -1, 1, 1) if d.layer == "conv2d" else (-1,)
-        return {
-            "weight": (d.l.float() - 1).reshape(shape).to(d.l.dtype),
-            "on_input": torch.tensor(int(d.side == "in")),
-        }
+        return lycoris.ia3_parts(d)
     if isinstance(d, Dense):
-        parts = {"diff": (d.scale * d.d.float()).reshape(d.target.shape).to(d.d.dtype)}
-        if d.bias is not None:
-            parts["diff_b"] = (d.scale * d.bias.float()).to(d.bias.dtype)
-        return parts
+        return lycoris.full_parts(d)
     raise UnsupportedError(f"{type(d).__name__} has no kohya form")
 
 
