@@ -18,20 +18,26 @@ A missing or zero ``alpha`` means α = r (scale 1).
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from merging.adapter import Adapter
 from merging.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Target
-from merging.errors import FormatError, MergingError, NonFiniteError, UnsupportedError
+from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
 from merging.fileio import atomic_file, reading
 from merging.formats import lycoris
+from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions, naming
 from merging.linalg import tucker_factors
-from merging.tensorfiles import load_tensors, safetensors_metadata
+from merging.tensorfiles import list_tensors, load_tensors, safetensors_metadata
+
+if TYPE_CHECKING:
+    from merging.basemodel import BaseLayout
 
 PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te", "lycoris", "lora")
 LORA = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -53,15 +59,20 @@ MARKERS = {  # a group belongs to a family only when it holds one of these
 PART = re.compile(r"^(?P<name>[^.]+)\.(?P<part>.+)$")
 
 
-def is_kohya_file(path: Path) -> bool:
-    """A single .safetensors file whose keys look like ``<lora_name>.<lora part>``."""
-    p = Path(path)
-    if not (p.is_file() and p.suffix == ".safetensors"):
-        return False
-    from merging.tensorfiles import list_tensors
+def detect(path: Path) -> bool:
+    """A single .safetensors file (``read`` tells a kohya/LyCORIS file from a model by its keys)."""
+    return Path(path).is_file() and Path(path).suffix == ".safetensors"
 
-    parts = {t.name.split(".", 1)[-1] for t in list_tensors(p)}
-    return bool(parts & set().union(*MARKERS.values()))
+
+def _check_holds_adapter(file: Path) -> None:
+    """NotAnAdapter unless some key ends in a family's marker part (a model file has none), headers only."""
+    parts: dict[str, set[str]] = defaultdict(set)
+    for t in list_tensors(file):
+        name, _, part = t.name.partition(".")
+        parts[name].add(part)
+    if not any(part & marks for part in parts.values() for marks in MARKERS.values()):
+        name = min(parts, default="")
+        raise NotAnAdapter(f"{file}: {name}: unknown or mixed key families {sorted(parts[name])}")
 
 
 def name_map(modules: Iterable[str]) -> dict[str, str]:
@@ -85,20 +96,25 @@ def _has_marker(family: str, parts: dict) -> bool:
     return bool(MARKERS[family] & set(parts))
 
 
-def read(path: Path, *, modules: Iterable[str] | None = None, allow_nonfinite: bool = False) -> Adapter:
+def read(
+    path: Path, *, base: BaseLayout | None = None, allow_nonfinite: bool = False,
+    options: ReadOptions = READ_DEFAULTS,
+) -> Adapter:  # fmt: skip
     """Read a kohya/LyCORIS file into an Adapter.
 
     Args:
         path: the .safetensors file.
-        modules: the base model's module paths, to map kohya names back (kept verbatim otherwise).
+        base: the base model, whose module paths map kohya names back (kept verbatim otherwise).
         allow_nonfinite: accept NaN/Inf values.
+        options: unused.
     """
     file = Path(path)
     with reading(file):
-        return _read(file, modules, allow_nonfinite)
+        _check_holds_adapter(file)
+        return _read(file, None if base is None else base.modules, allow_nonfinite)
 
 
-def _read(file: Path, modules, allow_nonfinite: bool) -> Adapter:
+def _read(file: Path, modules: Iterable[str] | None, allow_nonfinite: bool) -> Adapter:
     tensors = load_tensors(file)
     mapping = name_map(modules) if modules is not None else {}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -108,7 +124,7 @@ def _read(file: Path, modules, allow_nonfinite: bool) -> Adapter:
             raise FormatError(f"{file}: unknown key {key!r} (expected <lora_name>.<part>)")
         if not allow_nonfinite and t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteError(
-                f"{file}: tensor {key!r} holds NaN or Inf (pass --allow-nonfinite to accept)"
+                f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
             )
         groups[m["name"]][m["part"]] = t
     deltas: dict[str, Delta] = {}
@@ -116,14 +132,8 @@ def _read(file: Path, modules, allow_nonfinite: bool) -> Adapter:
         module = mapping.get(name, name)
         if modules is not None and name not in mapping:
             raise FormatError(f"{file}: {name} matches no module of the base model")
-        try:
+        with naming(file, name):
             deltas[module] = _READERS[_family(parts, file, name)](parts)
-        except MergingError as e:
-            if str(file) in str(e):
-                raise
-            raise type(e)(f"{file}: {name}: {e}") from None
-        except KeyError as e:
-            raise FormatError(f"{file}: {name}: missing tensor {e.args[0]!r}") from None
     meta = safetensors_metadata(file)
     base = meta.get("ss_base_model_version") or meta.get("ss_sd_model_name")
     return Adapter(
@@ -234,13 +244,19 @@ def _parts(d: Delta) -> dict[str, torch.Tensor]:
     raise UnsupportedError(f"{type(d).__name__} has no kohya form")
 
 
-def write(adapter: Adapter, path: Path, *, prefix: str = "lora_unet", force: bool = False) -> Path:
+def write(
+    adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
+    base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
+) -> Path:  # fmt: skip
     """Write an Adapter as one kohya/LyCORIS .safetensors file (kohya ``ss_*`` metadata kept).
 
     Args:
         adapter: deltas of any kind; auxiliary modules have no kohya form and are refused.
         path: the output file (written to a temporary folder and renamed into place).
-        prefix: the lora_name prefix for module paths (``lora_unet``, ``lora_te``, ``lycoris``...).
+        provenance: the recipe, kept as JSON in the metadata key ``merging.recipe``.
+        base: unused (module paths become lora_names with ``options.prefix``).
+        force: replace an existing output file.
+        options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...).
     """
     from safetensors.torch import save_file
 
@@ -249,12 +265,17 @@ def write(adapter: Adapter, path: Path, *, prefix: str = "lora_unet", force: boo
     tensors = {}
     modules = dict(adapter.deltas) | {m: adapter.deltas[s] for m, s in adapter.tied.items()}
     for mod, d in modules.items():
-        name = _kohya_name(mod, prefix)
+        name = _kohya_name(mod, options.prefix)
         for part, t in _parts(d).items():
             tensors[f"{name}.{part}"] = t.contiguous()
     meta = dict(adapter.config.get("metadata", {})) if adapter.config.get("format") == "kohya" else {}
+    if provenance:
+        meta["merging.recipe"] = json.dumps(provenance, sort_keys=True)
     if adapter.base_model and "ss_base_model_version" not in meta:
         meta["ss_base_model_version"] = adapter.base_model
     with atomic_file(Path(path), force=force) as tmp:
         save_file(dict(sorted(tensors.items())), str(tmp), metadata=meta or {"format": "pt"})
     return Path(path)
+
+
+FORMAT = Format("kohya", detect, read, write, uses_base=True)

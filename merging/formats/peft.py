@@ -25,23 +25,28 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from merging.adapter import Adapter
 from merging.deltas import Delta, Hadamard, Kronecker, LowRank, ModuleReplacement, Scale, Target, TokenRows
-from merging.errors import FormatError, MergingError, NonFiniteError, UnsupportedError
+from merging.errors import FormatError, NonFiniteError, UnsupportedError
 from merging.fileio import atomic_folder, reading
 from merging.formats import lycoris
 from merging.formats import peft_config as pc
+from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions, naming
 from merging.formats.peft_config import CONFIG
 from merging.tensorfiles import load_tensors
+
+if TYPE_CHECKING:
+    from merging.basemodel import BaseLayout
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
+RECIPE_FILE = "merge_recipe.json"
 PREFIX = "base_model.model."
 
 # Tensor-name suffixes after the module path, longest first so that the split is unambiguous.
@@ -61,7 +66,7 @@ PARTS = (
 )
 
 
-def is_peft_folder(path: Path) -> bool:
+def detect(path: Path) -> bool:
     """True when path is a folder holding a PEFT adapter_config.json."""
     return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
 
@@ -85,12 +90,17 @@ def _split(key: str, file: Path) -> tuple[str, str]:
     raise FormatError(f"{file}: unknown key {key!r}")
 
 
-def read(path: Path, *, allow_nonfinite: bool = False) -> Adapter:
+def read(
+    path: Path, *, base: BaseLayout | None = None, allow_nonfinite: bool = False,
+    options: ReadOptions = READ_DEFAULTS,
+) -> Adapter:  # fmt: skip
     """Read a PEFT adapter folder into an Adapter.
 
     Args:
         path: the folder holding adapter_config.json and the weights.
+        base: unused (PEFT names modules by their full paths).
         allow_nonfinite: accept NaN/Inf values instead of refusing them.
+        options: unused.
 
     Returns:
         The Adapter, with module paths as in the base model's ``named_modules()``.
@@ -108,7 +118,7 @@ def _read(folder: Path, allow_nonfinite: bool) -> Adapter:
     for key, t in tensors.items():
         if not allow_nonfinite and t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteError(
-                f"{file}: tensor {key!r} holds NaN or Inf (pass --allow-nonfinite to accept)"
+                f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
             )
         module, part = _split(key, file)
         groups[module][part] = t
@@ -117,7 +127,7 @@ def _read(folder: Path, allow_nonfinite: bool) -> Adapter:
     deltas: dict[str, Delta] = {}
     aux: dict = {}
     for module, parts in sorted(groups.items()):
-        try:
+        with naming(file, f"module {module}"):
             parts = {k: v for k, v in parts.items() if not k.startswith("base_layer.")}
             if "token_adapter.trainable_tokens_delta" in parts:
                 aux[module] = TokenRows(
@@ -131,12 +141,6 @@ def _read(folder: Path, allow_nonfinite: bool) -> Adapter:
                 aux[module] = ModuleReplacement(dict(parts))
                 continue
             deltas[module] = _DELTA_READERS[peft_type](parts, config, module)
-        except MergingError as e:
-            if str(file) in str(e):
-                raise
-            raise type(e)(f"{file}: module {module}: {e}") from None
-        except KeyError as e:
-            raise FormatError(f"{file}: module {module}: missing tensor {e.args[0]!r}") from None
     tied = _find_ties(deltas) if config.get("ensure_weight_tying") else {}
     for mod in tied:
         del deltas[mod]
@@ -260,15 +264,18 @@ def _ia3_tensors(mod: str, d: Scale) -> dict[str, torch.Tensor]:
 
 
 def write(
-    adapter: Adapter, path: Path, *, force: bool = False, extra_files: Mapping[str, str] | None = None
-) -> Path:
+    adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
+    base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
+) -> Path:  # fmt: skip
     """Write an Adapter as a PEFT folder (LoRA, IA³, or LoHa/LoKr) that PEFT loads.
 
     Args:
         adapter: all deltas of one kind: LowRank, Scale, Hadamard or Kronecker.
         path: the output folder; written to a temporary sibling and renamed into place.
+        provenance: the recipe, written as merge_recipe.json within the same atomic step.
+        base: unused.
         force: replace an existing output folder.
-        extra_files: name → text written into the folder within the same atomic step (a recipe, a manifest).
+        options: unused.
 
     Returns:
         The folder written.
@@ -327,6 +334,9 @@ def write(
     with atomic_folder(Path(path), force=force) as tmp:
         save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        if provenance:
+            (tmp / RECIPE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     return Path(path)
+
+
+FORMAT = Format("peft", detect, read, write, uses_base=False)
