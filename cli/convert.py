@@ -7,10 +7,9 @@ from pathlib import Path
 import click
 
 from cli.common import console
-from merging import sources
-from merging.basemodel import module_shapes
+from merging import formats, sources
+from merging.basemodel import BaseLayout
 from merging.errors import MergingError
-from merging.merge import export
 
 
 @click.command("convert")
@@ -32,18 +31,15 @@ def convert_cmd(source, out, fmt, base, outtype, prefix, force) -> None:
 
     Example: merging convert adapter/ -o adapter.gguf --to gguf --base BASE
     """
-    adapters = sources.load_spec(source, base=base)
+    layout = BaseLayout.from_folder(base) if base is not None else None
+    adapters = sources.load_spec(source, base=layout)
     if len(adapters) != 1:
         raise MergingError(f"{source}: holds {len(adapters)} adapters; convert them one at a time")
     ad = adapters[0]
-    if base is not None:
-        ad = ad.refine_targets(module_shapes(base))
-    info = None
-    if fmt == "gguf":
-        from merging.formats.gguf import BaseInfo
-
-        if base is None:
-            raise click.UsageError("--to gguf needs --base (the architecture, block and head counts)")
-        info = BaseInfo.from_folder(base)
-    export(ad, out, fmt, force=force, base_info=info, out_type=outtype, prefix=prefix)
+    if layout is not None:
+        ad = ad.refine_targets(layout.modules)
+    if fmt == "gguf" and layout is None:
+        raise click.UsageError("--to gguf needs --base (the architecture, block and head counts)")
+    options = formats.WriteOptions(prefix=prefix, out_type=outtype)
+    formats.get(fmt).write(ad, out, base=layout, force=force, options=options)
     console.print(f"wrote {out} ({fmt}, {len(ad.deltas)} modules)")

@@ -9,11 +9,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from merging import sources
+from merging import formats, sources
 from merging.adapter import KIND_NAMES
 from merging.deltas import LowRank, Scale
-from merging.errors import FormatError
-from merging.formats import peft as peft_format
+from merging.errors import NotAnAdapter
 from merging.tensorfiles import list_tensors, tensor_files
 
 
@@ -68,18 +67,13 @@ def inspect_cmd(spec: str) -> None:
 
 def _as_adapter(path: Path):
     """The adapter a path holds (PEFT folder, kohya file, GGUF LoRA), or None for other tensor files."""
-    from merging.formats import gguf, kohya
-
-    if peft_format.is_peft_folder(path):
-        return peft_format.read(path)
-    if kohya.is_kohya_file(path):
-        return kohya.read(path)
-    if path.is_file() and path.suffix == ".gguf":
-        try:
-            return gguf.read(path, keep_permuted=True)
-        except FormatError:
-            return None  # a model, not an adapter: list its tensors
-    return None
+    fmt = formats.detect(path)
+    if fmt is None:
+        return None
+    try:
+        return fmt.read(path, options=formats.ReadOptions(keep_permuted=True))
+    except NotAnAdapter:
+        return None  # a model, not an adapter: list its tensors
 
 
 def _inspect_adapter(path: Path, ad) -> None:

@@ -122,16 +122,11 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) 
             base_weights=base.module_weight if base else None, progress=update,
         )  # fmt: skip
     fmt = spec.get("fmt") or spec.get("format") or "peft"
-    info = None
-    if fmt == "gguf":
-        from merging.formats.gguf import BaseInfo
-
-        if not spec.get("base"):
-            raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
-        info = BaseInfo.from_folder(Path(spec["base"]))
+    if fmt == "gguf" and not spec.get("base"):
+        raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
     recipe_data = merge_lib.recipe(result, adapters)
     overwrite = force or bool(spec.get("force"))
-    merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base_info=info)
+    merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
     _summary(result, out, time.perf_counter() - started)
     if push_to_hub:
         from cli.publish import run_publish

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,3 +145,36 @@ def convert_gguf_model(gguf_file: Path, out: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class BaseLayout:
+    """A base model without its weights: module path → (layer kind, stored weight shape), and its config.
+
+    ``config`` is the transformers config as a dict (``{}`` when there is none).
+    """
+
+    modules: Mapping[str, tuple[Layer, tuple[int, ...]]]
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> BaseLayout:
+        """From a transformers model folder (config.json and the module tree built on the meta device)."""
+        cfg = Path(folder) / "config.json"
+        config = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        return cls(module_shapes(Path(folder)), config)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> BaseLayout:
+        """From a loaded torch / transformers model."""
+        config = getattr(model, "config", None)
+        return cls(base_shapes(model), config.to_dict() if hasattr(config, "to_dict") else {})
+
+    @classmethod
+    def of(cls, base: BaseLayout | str | Path | torch.nn.Module) -> BaseLayout:
+        """A base given as a layout, a model folder or a loaded model, as a layout."""
+        if isinstance(base, BaseLayout):
+            return base
+        if isinstance(base, (str, Path)):
+            return cls.from_folder(base)
+        return cls.from_model(base)

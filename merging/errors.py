@@ -33,3 +33,7 @@ class SourceError(MergingError):
 
 class DeviceError(MergingError):
     """The requested device is not available."""
+
+
+class NotAnAdapter(FormatError):
+    """A readable tensor file in an adapter format's container that holds no adapter (a model checkpoint)."""

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from merging import strategies
+from merging import formats, strategies
 from merging.adapter import Adapter, align, combine_aux
+from merging.basemodel import BaseLayout
 from merging.deltas import (
     AdditiveDelta,
     Auxiliary,
@@ -33,7 +34,6 @@ from merging.deltas import (
 )
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.fileio import atomic_folder
-from merging.formats import peft as peft_format
 from merging.sources import STACK_FILE, describe
 from merging.strategies import Options
 
@@ -294,60 +294,26 @@ def _versions() -> dict[str, str]:
 
 def write_result(
     result: MergeResult, out: Path, recipe_data: dict[str, Any], *, force: bool = False, fmt: str = "peft",
-    base_info: Any = None,
+    base: BaseLayout | str | Path | None = None,
 ) -> Path:  # fmt: skip
     """Write the merged adapter(s) with the recipe, atomically.
 
     peft: one adapter makes ``out`` a PEFT folder with merge_recipe.json; IA³ plus LoRA make ``out/ia3``,
     ``out/lora`` and a ``merging_stack.json`` naming them in stacking order (``sources.load`` reads it
     back as one set). kohya / gguf: ``out`` is one file, the recipe in its metadata (``merging.recipe``).
+    ``base`` (a layout or a model folder) is what GGUF needs for its architecture and heads.
     """
-    if fmt in ("kohya", "gguf"):
-        if len(result.adapters) != 1:
-            raise UnsupportedError(
-                f"an IA³ + LoRA pair has no single {fmt} file; write it with --format peft"
-            )
-        return export(result.adapters[0], out, fmt, recipe_data, force=force, base_info=base_info)
-    if fmt != "peft":
-        raise MergingError(f"--format must be peft, kohya or gguf, got {fmt!r}")
-    recipe_text = json.dumps(recipe_data, indent=2, sort_keys=True) + "\n"
+    writer = formats.get(fmt)
     if len(result.adapters) == 1:
-        return peft_format.write(result.adapters[0], out, force=force, extra_files={RECIPE_FILE: recipe_text})
+        layout = BaseLayout.of(base) if base is not None and writer.uses_base else None
+        return writer.write(result.adapters[0], out, provenance=recipe_data, base=layout, force=force)
+    if writer.name != "peft":
+        raise UnsupportedError(f"an IA³ + LoRA pair has no single {fmt} file; write it with --format peft")
     with atomic_folder(Path(out), force=force) as tmp:
         for ad in result.adapters:
-            peft_format.write(ad, tmp / ad.name)
+            writer.write(ad, tmp / ad.name)
         (tmp / STACK_FILE).write_text(
             json.dumps({"stack": [ad.name for ad in result.adapters]}, indent=2) + "\n"
         )
-        (tmp / RECIPE_FILE).write_text(recipe_text)
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe_data, indent=2, sort_keys=True) + "\n")
     return Path(out)
-
-
-def export(
-    adapter: Adapter, out: Path, fmt: str, recipe_data: dict[str, Any] | None = None, *, force: bool = False,
-    base_info: Any = None, out_type: str = "f32", prefix: str = "lora_unet",
-) -> Path:  # fmt: skip
-    """Write one adapter in a format: a PEFT folder, a kohya .safetensors or a GGUF file."""
-    from dataclasses import replace as _replace
-
-    recipe_text = json.dumps(recipe_data, sort_keys=True) if recipe_data else None
-    if fmt == "peft":
-        extra = (
-            {RECIPE_FILE: json.dumps(recipe_data, indent=2, sort_keys=True) + "\n"} if recipe_data else None
-        )
-        return peft_format.write(adapter, out, force=force, extra_files=extra)
-    if fmt == "kohya":
-        from merging.formats import kohya
-
-        meta = dict(adapter.config.get("metadata", {})) if adapter.config.get("format") == "kohya" else {}
-        if recipe_text:
-            meta["merging.recipe"] = recipe_text
-        adapter = _replace(adapter, config={"format": "kohya", "metadata": meta})
-        return kohya.write(adapter, out, prefix=prefix, force=force)
-    if fmt == "gguf":
-        from merging.formats import gguf
-
-        if base_info is None:
-            raise MergingError("GGUF output needs the base model (--base) for its architecture and heads")
-        return gguf.write(adapter, out, base_info, out_type=out_type, force=force, recipe=recipe_text)
-    raise MergingError(f"format must be peft, kohya or gguf, got {fmt!r}")

@@ -9,26 +9,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from merging.adapter import Adapter, Pair, base_shapes, weighted
-from merging.basemodel import module_shapes
+from merging import formats
+from merging.adapter import Adapter, Pair, weighted
+from merging.basemodel import BaseLayout
 from merging.errors import FormatError, SourceError
 from merging.fileio import sha256_file
-from merging.formats import peft as peft_format
 from merging.tensorfiles import tensor_files
 
 STACK_FILE = "merging_stack.json"
-
-
-def _base_parts(base) -> tuple[list[str], dict]:
-    """Module names and config dict of a base given as a model folder or a loaded transformers model."""
-    if isinstance(base, (str, Path)):
-        from merging.basemodel import module_shapes
-
-        cfg = Path(base) / "config.json"
-        return list(module_shapes(Path(base))), json.loads(cfg.read_text()) if cfg.exists() else {}
-    from merging.adapter import base_shapes
-
-    return list(base_shapes(base)), base.config.to_dict()
 
 
 def load(path: str | Path, *, allow_nonfinite: bool = False, base=None) -> list[Adapter]:
@@ -39,8 +27,8 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None) -> list[
         path: a PEFT adapter folder, a folder with merging_stack.json, a kohya/LyCORIS .safetensors file,
             or a llama.cpp .gguf LoRA file.
         allow_nonfinite: accept NaN/Inf values.
-        base: the base model (a folder or a loaded model): maps kohya names to module paths and undoes
-            GGUF's q/k permutation.
+        base: the base model (a BaseLayout, a folder or a loaded model): maps kohya names to module paths
+            and undoes GGUF's q/k permutation.
     """
     p = Path(path)
     if not p.exists():
@@ -60,22 +48,11 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None) -> list[
             names = json.loads((p / STACK_FILE).read_text())["stack"]
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{p / STACK_FILE}: not a valid stack manifest ({e})") from e
-        return [peft_format.read(p / n, allow_nonfinite=allow_nonfinite) for n in names]
-    if peft_format.is_peft_folder(p):
-        return [peft_format.read(p, allow_nonfinite=allow_nonfinite)]
-    if p.is_file() and p.suffix == ".gguf":
-        from merging.formats import gguf
-
-        info = None
-        if base is not None:
-            modules, config = _base_parts(base)
-            info = gguf.BaseInfo.from_config(config, modules)
-        return [gguf.read(p, info, allow_nonfinite=allow_nonfinite)]
-    if p.is_file() and p.suffix == ".safetensors":
-        from merging.formats import kohya
-
-        modules = _base_parts(base)[0] if base is not None else None
-        return [kohya.read(p, modules=modules, allow_nonfinite=allow_nonfinite)]
+        return [formats.get("peft").read(p / n, allow_nonfinite=allow_nonfinite) for n in names]
+    fmt = formats.detect(p)
+    if fmt is not None:
+        layout = BaseLayout.of(base) if base is not None and fmt.uses_base else None
+        return [fmt.read(p, base=layout, allow_nonfinite=allow_nonfinite)]
     raise SourceError(f"{p}: not an adapter (no adapter_config.json, {STACK_FILE}, .safetensors or .gguf)")
 
 
@@ -200,16 +177,16 @@ def load_inputs(
 
     Args:
         specs: the inputs in stacking order; a merged stack folder gives several adapters.
-        base: the base model (a folder or a loaded model): names kohya/GGUF modules and refines every
-            delta's layer kind and shape against the base's modules.
+        base: the base model (a BaseLayout, a folder or a loaded model): names kohya/GGUF modules and
+            refines every delta's layer kind and shape against the base's modules.
         weights: one per adapter (default 1 each).
         allow_nonfinite: accept NaN/Inf values.
 
     Returns:
         (adapter, weight) pairs in stacking order.
     """
-    adapters = [ad for spec in specs for ad in load_spec(spec, allow_nonfinite=allow_nonfinite, base=base)]
-    if base is not None:
-        shapes = module_shapes(Path(base)) if isinstance(base, (str, Path)) else base_shapes(base)
-        adapters = [ad.refine_targets(shapes) for ad in adapters]
+    layout = None if base is None else BaseLayout.of(base)
+    adapters = [ad for spec in specs for ad in load_spec(spec, allow_nonfinite=allow_nonfinite, base=layout)]
+    if layout is not None:
+        adapters = [ad.refine_targets(layout.modules) for ad in adapters]
     return weighted(adapters, weights)

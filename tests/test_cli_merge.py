@@ -134,6 +134,7 @@ def test_written_merge_loads_in_peft_like_our_runtime(fx, tmp_path, strategy):
 
 
 def test_convert_and_merge_formats_round_trip(fx, tmp_path):
+    from merging.basemodel import BaseLayout
     from merging.formats import gguf as fg
     from merging.formats import kohya
 
@@ -161,8 +162,7 @@ def test_convert_and_merge_formats_round_trip(fx, tmp_path):
         tmp_path / "m.gguf",
     )
     assert r.exit_code == 0, r.output
-    info = fg.BaseInfo.from_folder(base)
-    merged = fg.read(tmp_path / "m.gguf", info)
+    merged = fg.read(tmp_path / "m.gguf", base=BaseLayout.from_folder(base))
     assert len(merged.deltas) == 8  # q, v, up, down in both layers
     r = _invoke(
         "merge",

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from merging.adapter import base_shapes
+from merging.basemodel import BaseLayout
+from merging.formats import WriteOptions, kohya
 from merging.formats import gguf as fg
-from merging.formats import kohya
 from merging.formats import peft as fp
 from merging.runtime import stacked
 from tests.fixtures import build_base, example_input, run
@@ -35,7 +36,7 @@ def test_peft_to_kohya_to_peft_keeps_every_delta(fx, tmp_path, kind, name):
     shapes = base_shapes(base)
     ad = fp.read(fx.adapter(kind, name)).refine_targets(shapes)
     kohya.write(ad, tmp_path / "a.safetensors")
-    back = kohya.read(tmp_path / "a.safetensors", modules=shapes.keys()).refine_targets(shapes)
+    back = kohya.read(tmp_path / "a.safetensors", base=BaseLayout(shapes)).refine_targets(shapes)
     assert set(back.deltas) == set(ad.deltas)
     for mod, d in ad.deltas.items():
         w = base.get_submodule(mod).weight.detach()
@@ -51,7 +52,7 @@ def test_peft_to_kohya_to_peft_keeps_every_delta(fx, tmp_path, kind, name):
 
 def test_kohya_names_are_kept_verbatim_without_a_base_and_metadata_round_trips(fx, tmp_path):
     ad = fp.read(fx.adapter("llama", "lora"))
-    kohya.write(ad, tmp_path / "a.safetensors", prefix="lora_te")
+    kohya.write(ad, tmp_path / "a.safetensors", options=WriteOptions(prefix="lora_te"))
     raw = kohya.read(tmp_path / "a.safetensors")
     assert "lora_te_model_layers_0_self_attn_q_proj" in raw.deltas
     raw2 = type(raw)(raw.name, raw.deltas, config={"format": "kohya", "metadata": {"ss_network_dim": "4"}})
@@ -127,7 +128,7 @@ def test_files_written_by_lycoris_load_with_lycoris_delta(tmp_path, algo, kw):
     net.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {"ss_network_module": "lycoris.kohya"})
     fresh = build_base("llama")
     shapes = base_shapes(fresh)
-    ad = kohya.read(tmp_path / "l.safetensors", modules=shapes.keys()).refine_targets(shapes)
+    ad = kohya.read(tmp_path / "l.safetensors", base=BaseLayout(shapes)).refine_targets(shapes)
     base_out = run(fresh, "llama", x)
     with stacked(fresh, [(ad, 1.0)]):
         ours = run(fresh, "llama", x)
@@ -141,10 +142,10 @@ def test_files_written_by_lycoris_load_with_lycoris_delta(tmp_path, algo, kw):
 @pytest.mark.parametrize("name", ["lora", "lora_patterns", "loha", "lokr", "lora_rslora"])
 @pytest.mark.parametrize(("out_type", "tol"), [("f32", 1e-6), ("f16", 1e-3), ("bf16", 1e-2)])
 def test_peft_to_gguf_to_peft(fx, tmp_path, name, out_type, tol):
-    info = fg.BaseInfo.from_folder(fx.base("llama"))
+    layout = BaseLayout.from_folder(fx.base("llama"))
     ad = fp.read(fx.adapter("llama", name)).refine_targets(base_shapes(fx.load_base("llama")))
-    fg.write(ad, tmp_path / "a.gguf", info, out_type=out_type)
-    back = fg.read(tmp_path / "a.gguf", info)
+    fg.write(ad, tmp_path / "a.gguf", base=layout, options=WriteOptions(out_type=out_type))
+    back = fg.read(tmp_path / "a.gguf", base=layout)
     for mod, d in ad.deltas.items():
         assert_close(back.deltas[mod].dense(), d.dense(), rtol=tol, what=f"{mod} {out_type}")
 
@@ -152,9 +153,9 @@ def test_peft_to_gguf_to_peft(fx, tmp_path, name, out_type, tol):
 def test_gguf_metadata_and_layout(fx, tmp_path):
     import gguf
 
-    info = fg.BaseInfo.from_folder(fx.base("llama"))
+    layout = BaseLayout.from_folder(fx.base("llama"))
     ad = fp.read(fx.adapter("llama", "lora_patterns")).refine_targets(base_shapes(fx.load_base("llama")))
-    fg.write(ad, tmp_path / "a.gguf", info)
+    fg.write(ad, tmp_path / "a.gguf", base=layout)
     reader = gguf.GGUFReader(str(tmp_path / "a.gguf"))
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
@@ -167,8 +168,8 @@ def test_gguf_metadata_and_layout(fx, tmp_path):
 def test_gguf_without_base_refuses_permuted_modules(fx, tmp_path):
     from merging.errors import UnsupportedError
 
-    info = fg.BaseInfo.from_folder(fx.base("llama"))
-    fg.write(fp.read(fx.adapter("llama", "lora")), tmp_path / "a.gguf", info)
+    layout = BaseLayout.from_folder(fx.base("llama"))
+    fg.write(fp.read(fx.adapter("llama", "lora")), tmp_path / "a.gguf", base=layout)
     with pytest.raises(UnsupportedError, match="permuted by llama.cpp"):
         fg.read(tmp_path / "a.gguf")
 
@@ -176,8 +177,8 @@ def test_gguf_without_base_refuses_permuted_modules(fx, tmp_path):
 def test_gguf_wrong_architecture_or_type(fx, tmp_path):
     from merging.errors import FormatError
 
-    info = fg.BaseInfo.from_folder(fx.base("llama"))
-    fg.write(fp.read(fx.adapter("llama", "lora")), tmp_path / "a.gguf", info)
-    other = fg.BaseInfo("qwen2", 2, 4, 2)
+    layout = BaseLayout.from_folder(fx.base("llama"))
+    fg.write(fp.read(fx.adapter("llama", "lora")), tmp_path / "a.gguf", base=layout)
+    other = BaseLayout({}, {"model_type": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2})
     with pytest.raises(FormatError, match="architecture 'llama', the base model is 'qwen2'"):
-        fg.read(tmp_path / "a.gguf", other)
+        fg.read(tmp_path / "a.gguf", base=other)

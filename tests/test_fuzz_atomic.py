@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from merging import sources
+from merging.basemodel import BaseLayout
 from merging.errors import MergingError
 from merging.formats import gguf as fg
 from merging.formats import peft as fp
@@ -37,13 +38,13 @@ cut_st = st.one_of(st.none(), st.integers(0, 2**20))
 @pytest.fixture(scope="module")
 def samples(fx, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-src")
-    info = fg.BaseInfo.from_folder(fx.base("llama"))
-    fg.write(fp.read(fx.adapter("llama", "lora_b")), root / "a.gguf", info)
+    layout = BaseLayout.from_folder(fx.base("llama"))
+    fg.write(fp.read(fx.adapter("llama", "lora_b")), root / "a.gguf", base=layout)
     return {
         "safetensors": (fx.adapter("llama", "lora_patterns") / "adapter_model.safetensors").read_bytes(),
         "config": (fx.adapter("llama", "lora_patterns") / "adapter_config.json").read_text(),
         "gguf": (root / "a.gguf").read_bytes(),
-        "info": info,
+        "layout": layout,
     }
 
 
@@ -92,7 +93,7 @@ def test_fuzz_gguf_reader(tmp_path_factory, samples, edits, cut):
     f = tmp_path_factory.mktemp("g") / "a.gguf"
     f.write_bytes(_corrupt(samples["gguf"], edits, cut))
     try:
-        fg.read(f, samples["info"])
+        fg.read(f, base=samples["layout"])
     except MergingError:
         pass
 

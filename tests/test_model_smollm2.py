@@ -135,14 +135,15 @@ def test_gguf_adapter_matches_llama_cpp_layout_and_peft(example_base, smol, tmp_
     import numpy as np
     from peft import PeftModel
 
-    from merging.basemodel import load_base
+    from merging.basemodel import BaseLayout, load_base
     from merging.examples import example_gguf
     from merging.formats import gguf as fg
 
     base_file = example_gguf()
     reader = gguf.GGUFReader(str(base_file))
     base_tensors = {t.name: t for t in reader.tensors}
-    info = fg.BaseInfo.from_folder(example_base)
+    layout = BaseLayout.from_folder(example_base)
+    info = fg.BaseInfo.from_layout(layout)
     hf, tok = _load(example_base)
     raw_q = gguf.quants.dequantize(
         base_tensors["blk.3.attn_q.weight"].data, base_tensors["blk.3.attn_q.weight"].tensor_type
@@ -156,7 +157,7 @@ def test_gguf_adapter_matches_llama_cpp_layout_and_peft(example_base, smol, tmp_
     assert np.array_equal(np.asarray(raw_k, dtype=np.float32).reshape(ours_k.shape), ours_k.numpy())
 
     ad = sources.load(smol / "lora")[0].refine_targets(base_shapes(hf))
-    fg.write(ad, tmp_path / "lora.gguf", info)
+    fg.write(ad, tmp_path / "lora.gguf", base=layout)
     lora = gguf.GGUFReader(str(tmp_path / "lora.gguf"))
     for t in lora.tensors:
         stem, part = t.name.rsplit(".", 1)

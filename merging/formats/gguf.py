@@ -16,17 +16,23 @@ form; IA³ has no GGUF LoRA form.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from merging.adapter import Adapter
 from merging.deltas import LowRank, Scale, Target
-from merging.errors import FormatError, NonFiniteError, UnsupportedError
+from merging.errors import FormatError, MergingError, NonFiniteError, NotAnAdapter, UnsupportedError
 from merging.fileio import atomic_file, reading
+from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions
+
+if TYPE_CHECKING:
+    from merging.basemodel import BaseLayout
 
 ARCH_OF_MODEL_TYPE = {
     "llama": "llama",
@@ -62,13 +68,9 @@ class BaseInfo:
         )  # fmt: skip
 
     @classmethod
-    def from_folder(cls, folder: Path) -> BaseInfo:
-        import json
-
-        from merging.basemodel import module_shapes
-
-        config = json.loads((Path(folder) / "config.json").read_text())
-        return cls.from_config(config, module_shapes(Path(folder)).keys())
+    def from_layout(cls, base: BaseLayout) -> BaseInfo:
+        """From the base model's layout: its config and module paths."""
+        return cls.from_config(base.config, base.modules.keys())
 
 
 def _name_map(info: BaseInfo):
@@ -111,31 +113,31 @@ def _to_numpy(t: torch.Tensor, out_type: str):
 
 
 def write(
-    adapter: Adapter,
-    path: Path,
-    info: BaseInfo,
-    *,
-    out_type: str = "f32",
-    force: bool = False,
-    recipe: str | None = None,
-) -> Path:
+    adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
+    base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
+) -> Path:  # fmt: skip
     """Write an Adapter as a llama.cpp GGUF LoRA file.
 
     Args:
         adapter: additive deltas on linear modules (LoHa/LoKr/dense go through their exact low-rank form).
         path: the .gguf file to write (atomically).
-        info: the base architecture, block count and head counts.
-        out_type: f32, f16 or bf16.
+        provenance: the recipe, kept as JSON in the string field ``merging.recipe``.
+        base: the base model (required): architecture, block count, head counts and module paths.
+        force: replace an existing output file.
+        options: ``out_type``, the tensor type: f32, f16 or bf16.
     """
     import gguf
 
+    if base is None:
+        raise MergingError("GGUF output needs the base model (`base`) for its architecture and heads")
+    info, out_type = BaseInfo.from_layout(base), options.out_type
     if out_type not in OUT_TYPES:
-        raise UnsupportedError(f"--outtype must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
+        raise UnsupportedError(f"`out_type` must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
     if adapter.aux:
         raise UnsupportedError(f"{adapter.where}: modules_to_save / trainable tokens have no GGUF LoRA form")
     tmap = _name_map(info)
     lows: dict[str, LowRank] = {}
-    modules = dict(adapter.deltas) | {m: adapter.deltas[s] for m, s in adapter.tied.items()}
+    modules = adapter.expanded()
     for mod, d in modules.items():
         if isinstance(d, Scale):
             raise UnsupportedError(f"module {mod}: IA³ has no GGUF LoRA form")
@@ -164,8 +166,8 @@ def write(
         w.add_float32("adapter.lora.alpha", float(alpha))
         if adapter.base_model:
             w.add_string("general.base_model.0.repo_url", adapter.base_model)
-        if recipe:
-            w.add_string("merging.recipe", recipe)
+        if provenance:
+            w.add_string("merging.recipe", json.dumps(provenance, sort_keys=True))
         for name, t in writer_tensors:
             data, raw = _to_numpy(t, out_type)
             w.add_tensor(name, data, raw_dtype=raw)
@@ -185,18 +187,22 @@ def _field(reader, key: str):
 
 
 def read(
-    path: Path, info: BaseInfo | None = None, *, allow_nonfinite: bool = False, keep_permuted: bool = False
-) -> Adapter:
+    path: Path, *, base: BaseLayout | None = None, allow_nonfinite: bool = False,
+    options: ReadOptions = READ_DEFAULTS,
+) -> Adapter:  # fmt: skip
     """Read a llama.cpp GGUF LoRA adapter.
 
     Args:
         path: the .gguf file.
-        info: the base model (module names and heads); needed to name modules exactly and to undo the
+        base: the base model (module names and heads); needed to name modules exactly and to undo the
             Llama q/k permutation. Without it, names follow gguf's map and q/k are refused for Llama.
+        allow_nonfinite: accept NaN/Inf values.
+        options: ``keep_permuted`` reads Llama q/k without a base, rows left permuted (for display).
     """
     file = Path(path)
+    info = None if base is None else BaseInfo.from_layout(base)
     with reading(file):
-        return _read(file, info, allow_nonfinite, keep_permuted)
+        return _read(file, info, allow_nonfinite, options.keep_permuted)
 
 
 def _read(file: Path, info: BaseInfo | None, allow_nonfinite: bool, keep_permuted: bool) -> Adapter:
@@ -208,7 +214,7 @@ def _read(file: Path, info: BaseInfo | None, allow_nonfinite: bool, keep_permute
     kind, atype = _field(reader, "general.type"), _field(reader, "adapter.type")
     arch = _field(reader, "general.architecture")
     if kind != "adapter" or atype != "lora":
-        raise FormatError(f"{file}: not a GGUF LoRA adapter (general.type={kind!r}, adapter.type={atype!r})")
+        raise NotAnAdapter(f"{file}: not a GGUF LoRA adapter (general.type={kind!r}, adapter.type={atype!r})")
     if info is not None and arch != info.arch:
         raise FormatError(f"{file}: adapter for architecture {arch!r}, the base model is {info.arch!r}")
     alpha = float(_field(reader, "adapter.lora.alpha") or 0.0)
@@ -220,7 +226,7 @@ def _read(file: Path, info: BaseInfo | None, allow_nonfinite: bool, keep_permute
         )
         if not allow_nonfinite and not torch.isfinite(arr).all():
             raise NonFiniteError(
-                f"{file}: tensor {t.name!r} holds NaN or Inf (pass --allow-nonfinite to accept)"
+                f"{file}: tensor {t.name!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
             )
         tensors[t.name] = arr
     reverse = _reverse_names(info, arch, file, {k.rsplit(".weight.", 1)[0] for k in tensors})
@@ -271,9 +277,11 @@ def _reverse_names(info: BaseInfo | None, arch: str, file: Path, stems: set[str]
     return out
 
 
-def is_gguf_adapter(path: Path) -> bool:
-    """A .gguf file (the reader checks that it is a LoRA adapter)."""
+def detect(path: Path) -> bool:
+    """A .gguf file (``read`` tells a LoRA adapter from a model by its metadata)."""
     return Path(path).is_file() and Path(path).suffix == ".gguf"
 
 
-__all__ = ["BaseInfo", "OUT_TYPES", "is_gguf_adapter", "permute_rows", "read", "unpermute_rows", "write"]
+FORMAT = Format("gguf", detect, read, write, uses_base=True)
+
+__all__ = ["BaseInfo", "FORMAT", "OUT_TYPES", "detect", "permute_rows", "read", "unpermute_rows", "write"]

@@ -18,58 +18,61 @@ A missing or zero ``alpha`` means α = r (scale 1).
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from merging.adapter import Adapter
 from merging.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Target
-from merging.errors import FormatError, MergingError, NonFiniteError, UnsupportedError
+from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
 from merging.fileio import atomic_file, reading
-from merging.formats.peft import loha_delta, lokr_delta
+from merging.formats import lycoris
+from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions, naming
 from merging.linalg import tucker_factors
-from merging.tensorfiles import load_tensors, safetensors_metadata
+from merging.tensorfiles import list_tensors, load_tensors, safetensors_metadata
+
+if TYPE_CHECKING:
+    from merging.basemodel import BaseLayout
 
 PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te", "lycoris", "lora")
+LORA = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+SCALED = ("alpha", "dora_scale")
 FAMILIES = {
-    "lora": {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"},
-    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"},
-    "lokr": {
-        "lokr_w1",
-        "lokr_w1_a",
-        "lokr_w1_b",
-        "lokr_w2",
-        "lokr_w2_a",
-        "lokr_w2_b",
-        "lokr_t2",
-        "alpha",
-        "dora_scale",
-    },
-    "ia3": {"weight", "on_input"},
-    "full": {"diff", "diff_b"},
+    "lora": {*LORA, *SCALED},
+    "loha": {*lycoris.LOHA, *SCALED},
+    "lokr": {*lycoris.LOKR, *SCALED},
+    "ia3": set(lycoris.IA3),
+    "full": set(lycoris.FULL),
 }
-MARKERS = {
-    "lora": "lora_down.weight",
-    "loha": "hada_w1_a",
-    "lokr": "lokr_w1",
-    "ia3": "on_input",
-    "full": "diff",
+MARKERS = {  # a group belongs to a family only when it holds one of these
+    "lora": {"lora_down.weight"},
+    "loha": {"hada_w1_a"},
+    "lokr": {"lokr_w1", "lokr_w1_a"},
+    "ia3": {"on_input"},
+    "full": {"diff"},
 }
 PART = re.compile(r"^(?P<name>[^.]+)\.(?P<part>.+)$")
 
 
-def is_kohya_file(path: Path) -> bool:
-    """A single .safetensors file whose keys look like ``<lora_name>.<lora part>``."""
-    p = Path(path)
-    if not (p.is_file() and p.suffix == ".safetensors"):
-        return False
-    from merging.tensorfiles import list_tensors
+def detect(path: Path) -> bool:
+    """A single .safetensors file (``read`` tells a kohya/LyCORIS file from a model by its keys)."""
+    return Path(path).is_file() and Path(path).suffix == ".safetensors"
 
-    parts = {t.name.split(".", 1)[-1] for t in list_tensors(p)}
-    return bool(parts & {"lora_down.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a", "on_input", "diff"})
+
+def _check_holds_adapter(file: Path) -> None:
+    """NotAnAdapter unless some key ends in a family's marker part (a model file has none), headers only."""
+    parts: dict[str, set[str]] = defaultdict(set)
+    for t in list_tensors(file):
+        name, _, part = t.name.partition(".")
+        parts[name].add(part)
+    if not any(part & marks for part in parts.values() for marks in MARKERS.values()):
+        name = min(parts, default="")
+        raise NotAnAdapter(f"{file}: {name}: unknown or mixed key families {sorted(parts[name])}")
 
 
 def name_map(modules: Iterable[str]) -> dict[str, str]:
@@ -90,25 +93,28 @@ def _family(parts: dict[str, torch.Tensor], file: Path, name: str) -> str:
 
 
 def _has_marker(family: str, parts: dict) -> bool:
-    if family == "lokr":
-        return bool({"lokr_w1", "lokr_w1_a"} & set(parts))
-    return MARKERS[family] in parts
+    return bool(MARKERS[family] & set(parts))
 
 
-def read(path: Path, *, modules: Iterable[str] | None = None, allow_nonfinite: bool = False) -> Adapter:
+def read(
+    path: Path, *, base: BaseLayout | None = None, allow_nonfinite: bool = False,
+    options: ReadOptions = READ_DEFAULTS,
+) -> Adapter:  # fmt: skip
     """Read a kohya/LyCORIS file into an Adapter.
 
     Args:
         path: the .safetensors file.
-        modules: the base model's module paths, to map kohya names back (kept verbatim otherwise).
+        base: the base model, whose module paths map kohya names back (kept verbatim otherwise).
         allow_nonfinite: accept NaN/Inf values.
+        options: unused.
     """
     file = Path(path)
     with reading(file):
-        return _read(file, modules, allow_nonfinite)
+        _check_holds_adapter(file)
+        return _read(file, None if base is None else base.modules, allow_nonfinite)
 
 
-def _read(file: Path, modules, allow_nonfinite: bool) -> Adapter:
+def _read(file: Path, modules: Iterable[str] | None, allow_nonfinite: bool) -> Adapter:
     tensors = load_tensors(file)
     mapping = name_map(modules) if modules is not None else {}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -118,7 +124,7 @@ def _read(file: Path, modules, allow_nonfinite: bool) -> Adapter:
             raise FormatError(f"{file}: unknown key {key!r} (expected <lora_name>.<part>)")
         if not allow_nonfinite and t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteError(
-                f"{file}: tensor {key!r} holds NaN or Inf (pass --allow-nonfinite to accept)"
+                f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
             )
         groups[m["name"]][m["part"]] = t
     deltas: dict[str, Delta] = {}
@@ -126,14 +132,8 @@ def _read(file: Path, modules, allow_nonfinite: bool) -> Adapter:
         module = mapping.get(name, name)
         if modules is not None and name not in mapping:
             raise FormatError(f"{file}: {name} matches no module of the base model")
-        try:
+        with naming(file, name):
             deltas[module] = _READERS[_family(parts, file, name)](parts)
-        except MergingError as e:
-            if str(file) in str(e):
-                raise
-            raise type(e)(f"{file}: {name}: {e}") from None
-        except KeyError as e:
-            raise FormatError(f"{file}: {name}: missing tensor {e.args[0]!r}") from None
     meta = safetensors_metadata(file)
     base = meta.get("ss_base_model_version") or meta.get("ss_sd_model_name")
     return Adapter(
@@ -166,7 +166,7 @@ def _read_lora(parts: dict[str, torch.Tensor]) -> LowRank:
         target = Target("conv2d" if mid.dim() == 4 else "conv1d", (out, down.shape[1], *mid.shape[2:]))
     else:
         b, a = up.reshape(out, -1), down.reshape(r, -1)
-        layer = {4: "conv2d", 3: "conv1d", 2: "linear"}.get(down.dim())
+        layer = lycoris.DIM_LAYERS.get(down.dim())
         if layer is None:
             raise FormatError(f"lora_down has an unsupported shape {tuple(down.shape)}")
         target = Target(layer, (out, *down.shape[1:]))
@@ -176,31 +176,20 @@ def _read_lora(parts: dict[str, torch.Tensor]) -> LowRank:
 
 def _read_loha(parts: dict[str, torch.Tensor]) -> Hadamard:
     r = parts["hada_w1_b"].shape[0]
-    return loha_delta({k: v for k, v in parts.items() if k.startswith("hada_")}, _alpha(parts, r) / r)
+    return lycoris.loha_delta({k: v for k, v in parts.items() if k in lycoris.LOHA}, _alpha(parts, r) / r)
 
 
 def _read_lokr(parts: dict[str, torch.Tensor]) -> Kronecker:
     full = "lokr_w1" in parts and "lokr_w2" in parts
     r = 1 if full else (parts["lokr_w1_a"] if "lokr_w1_a" in parts else parts["lokr_w2_a"]).shape[1]
     scale = 1.0 if full else _alpha(parts, r) / r
-    return lokr_delta({k: v for k, v in parts.items() if k.startswith("lokr_")}, scale)
+    return lycoris.lokr_delta({k: v for k, v in parts.items() if k in lycoris.LOKR}, scale)
 
 
-def _read_ia3(parts: dict[str, torch.Tensor]) -> Scale:
-    w = parts["weight"]
-    side = "in" if int(parts["on_input"].reshape(-1)[0]) else "out"
-    return Scale((1 + w.float()).reshape(-1).to(w.dtype), side, "conv2d" if w.dim() == 4 else "linear")
-
-
-def _read_full(parts: dict[str, torch.Tensor]) -> Dense:
-    d = parts["diff"]
-    layer = {4: "conv2d", 3: "conv1d", 2: "linear"}.get(d.dim())
-    if layer is None:
-        raise FormatError(f"diff has an unsupported shape {tuple(d.shape)}")
-    return Dense(d.reshape(d.shape[0], -1), Target(layer, tuple(d.shape)), bias=parts.get("diff_b"))
-
-
-_READERS = {"lora": _read_lora, "loha": _read_loha, "lokr": _read_lokr, "ia3": _read_ia3, "full": _read_full}
+_READERS = {
+    "lora": _read_lora, "loha": _read_loha, "lokr": _read_lokr,
+    "ia3": lycoris.ia3_delta, "full": lycoris.full_delta,
+}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -231,9 +220,7 @@ def _lora_parts(d: LowRank) -> dict[str, torch.Tensor]:
 
 
 def _lokr_parts(d: Kronecker) -> dict[str, torch.Tensor]:
-    names = {"lokr_w1": d.w1, "lokr_w1_a": d.w1a, "lokr_w1_b": d.w1b, "lokr_w2": d.w2}
-    names |= {"lokr_w2_a": d.w2a, "lokr_w2_b": d.w2b, "lokr_t2": d.t2}
-    parts = {k: v for k, v in names.items() if v is not None}
+    parts = lycoris.lokr_parts(d)
     if d.w1 is not None and d.w2 is not None:  # LyCORIS uses scale 1 here: fold ours into w1
         parts["lokr_w1"] = (d.scale * d.w1.float()).to(d.w1.dtype)
     else:
@@ -246,46 +233,49 @@ def _parts(d: Delta) -> dict[str, torch.Tensor]:
     if isinstance(d, LowRank):
         return _lora_parts(d)
     if isinstance(d, Hadamard):
-        parts = {"hada_w1_a": d.w1a, "hada_w1_b": d.w1b, "hada_w2_a": d.w2a, "hada_w2_b": d.w2b}
-        parts |= {k: v for k, v in (("hada_t1", d.t1), ("hada_t2", d.t2)) if v is not None}
-        return parts | {"alpha": torch.tensor(d.scale * d.w1b.shape[0], dtype=torch.float32)}
+        alpha = torch.tensor(d.scale * d.w1b.shape[0], dtype=torch.float32)
+        return lycoris.loha_parts(d) | {"alpha": alpha}
     if isinstance(d, Kronecker):
         return _lokr_parts(d)
     if isinstance(d, Scale):
-        shape = (1, -1, 1, 1) if d.layer == "conv2d" else (-1,)
-        return {
-            "weight": (d.l.float() - 1).reshape(shape).to(d.l.dtype),
-            "on_input": torch.tensor(int(d.side == "in")),
-        }
+        return lycoris.ia3_parts(d)
     if isinstance(d, Dense):
-        parts = {"diff": (d.scale * d.d.float()).reshape(d.target.shape).to(d.d.dtype)}
-        if d.bias is not None:
-            parts["diff_b"] = (d.scale * d.bias.float()).to(d.bias.dtype)
-        return parts
+        return lycoris.full_parts(d)
     raise UnsupportedError(f"{type(d).__name__} has no kohya form")
 
 
-def write(adapter: Adapter, path: Path, *, prefix: str = "lora_unet", force: bool = False) -> Path:
+def write(
+    adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
+    base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
+) -> Path:  # fmt: skip
     """Write an Adapter as one kohya/LyCORIS .safetensors file (kohya ``ss_*`` metadata kept).
 
     Args:
         adapter: deltas of any kind; auxiliary modules have no kohya form and are refused.
         path: the output file (written to a temporary folder and renamed into place).
-        prefix: the lora_name prefix for module paths (``lora_unet``, ``lora_te``, ``lycoris``...).
+        provenance: the recipe, kept as JSON in the metadata key ``merging.recipe``.
+        base: unused (module paths become lora_names with ``options.prefix``).
+        force: replace an existing output file.
+        options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...).
     """
     from safetensors.torch import save_file
 
     if adapter.aux:
         raise UnsupportedError(f"{adapter.where}: modules_to_save / trainable tokens have no kohya form")
     tensors = {}
-    modules = dict(adapter.deltas) | {m: adapter.deltas[s] for m, s in adapter.tied.items()}
+    modules = adapter.expanded()
     for mod, d in modules.items():
-        name = _kohya_name(mod, prefix)
+        name = _kohya_name(mod, options.prefix)
         for part, t in _parts(d).items():
             tensors[f"{name}.{part}"] = t.contiguous()
     meta = dict(adapter.config.get("metadata", {})) if adapter.config.get("format") == "kohya" else {}
+    if provenance:
+        meta["merging.recipe"] = json.dumps(provenance, sort_keys=True)
     if adapter.base_model and "ss_base_model_version" not in meta:
         meta["ss_base_model_version"] = adapter.base_model
     with atomic_file(Path(path), force=force) as tmp:
         save_file(dict(sorted(tensors.items())), str(tmp), metadata=meta or {"format": "pt"})
     return Path(path)
+
+
+FORMAT = Format("kohya", detect, read, write, uses_base=True)
