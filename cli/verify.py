@@ -92,8 +92,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         merged = [ad.refine_targets(shapes) for ad in sources.load(folder, base=model)]
         recipe = merge_lib.read_recipe(folder)
         recipe_weights = recipe_weights or [i["weight"] for i in recipe.get("inputs", [])] or None
-        names = [s for s in (recipe.get("additive_strategy"), recipe.get("ia3_strategy")) if s]
-        exact = bool(names) and all(claims_exact(s, adapters, merged) for s in names)
+        exact = claims_exact(recipe.get("additive_strategy"), recipe.get("ia3_strategy"), adapters, merged)
         candidates.append(Candidate(str(folder), merged, recipe.get("strategy"), exact))
     if recipe_weights and len(recipe_weights) != len(adapters):
         recipe_weights = None  # the recipe merged other inputs: compare against these, weight 1 each
@@ -103,10 +102,8 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     options = Options(rank=rank, energy=energy, density=density, seed=seed)
     for name in strategy_names:
         result = merge_lib.merge(adapters, name, ws, options)
-        parts = [s for s in (result.additive_strategy, result.ia3_strategy) if s]
-        exact = all(claims_exact(s, adapters, result.adapters) for s in parts)
         label = f"{name} r={rank}" if strategies.get(name).ranked and rank is not None else name
-        candidates.append(Candidate(label, result.adapters, name, exact))
+        candidates.append(Candidate(label, result.adapters, name, result.exact))
     lines = [ln for ln in (Path(prompts).read_text().splitlines() if prompts else PROMPTS) if ln.strip()]
     if not lines:
         raise MergingError(f"{prompts}: no prompts (one per line)")

@@ -62,6 +62,7 @@ class MergeResult:
     ia3_strategy: str | None
     options: Options
     weights: list[float] = field(default_factory=list)
+    exact: bool = False  # reproduces the stacked outputs, by the strategies' exactness rules, every module
 
 
 def merge(
@@ -95,13 +96,14 @@ def merge(
         raise MergingError(f"{len(weights)} weights for {len(adapters)} adapters")
     options = options or Options()
     chosen = strategies.get(strategy)
-    add_name = chosen.name if chosen.handles in ("additive", "both") else "cat"
-    ia3_name = chosen.name if chosen.handles in ("ia3", "both") else "multiplicative"
+    add = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
+    ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
     modules = align(adapters)
     tied = _merge_ties(adapters)
     lora: dict[str, Delta] = {}
     ia3: dict[str, Delta] = {}
     reports = []
+    exact = True
     for i, mod in enumerate(modules):
         stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
         stack = [(_resolve_dora(d, mod, base_weights), w) for d, w in stack]
@@ -109,15 +111,17 @@ def merge(
         rank, numel, err, kinds = 0, 0, None, []
         if add_part:
             ds, ws = zip(*add_part, strict=True)
-            merged = strategies.get(add_name).fn(ds, ws, options, mod)
+            merged = add.fn(ds, ws, options, mod)
             lora[mod] = merged
             rank, numel = merged.rank, merged.numel
-            # cat is exact by construction (tests check it); the factored error check costs O(out·R²)
-            err = None if add_name == "cat" else weight_space_error(merged, ds, ws)
+            exact = exact and add.exact_for(merged, ds)
+            # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
+            err = None if add.exact == "always" else weight_space_error(merged, ds, ws)
             kinds.append("lora")
         if scale_part:
             ds, ws = zip(*scale_part, strict=True)
-            merged_l = strategies.get(ia3_name).fn(ds, ws, options, mod)
+            merged_l = ia3_strategy.fn(ds, ws, options, mod)
+            exact = exact and ia3_strategy.exact_for(merged_l, ds)
             ia3[mod] = merged_l
             numel += merged_l.numel
             kinds.append("ia3")
@@ -135,8 +139,9 @@ def merge(
             Adapter("lora", lora, base, rev, aux=extra, tied={m: s for m, s in tied.items() if s in lora})
         )
     return MergeResult(
-        out, reports, chosen.name, add_name if lora else None, ia3_name if ia3 else None, options, weights
-    )
+        out, reports, chosen.name, add.name if lora else None, ia3_strategy.name if ia3 else None, options,
+        weights, exact,
+    )  # fmt: skip
 
 
 def weight_space_error(

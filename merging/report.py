@@ -26,7 +26,7 @@ from merging.fileio import atomic_folder
 from merging.runtime import stacked
 from merging.sources import describe
 from merging.strategies import Options
-from merging.verify import Candidate, claims_exact, verify
+from merging.verify import Candidate, verify
 
 RETENTION_NOTE = (
     "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone)."
@@ -144,8 +144,7 @@ def compare(
             continue
         seconds = time.perf_counter() - started
         parts = [s for s in (result.additive_strategy, result.ia3_strategy) if s]
-        exact = all(claims_exact(s, ads, result.adapters) for s in parts)
-        candidates.append(Candidate(var.label, result.adapters, var.strategy, exact))
+        candidates.append(Candidate(var.label, result.adapters, var.strategy, result.exact))
         params = sum(a.numel for a in result.adapters)
         max_rank = max((m.rank for m in result.modules), default=0)
         meta = {"rank": var.rank, "seconds": seconds, "params": params, "max_rank": max_rank, "parts": parts}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from merging import strategies
 from merging.adapter import Adapter, layer_kind
 from merging.deltas import AdditiveDelta, Delta, Scale, sum_error
 from merging.errors import DeviceError, SourceError
@@ -303,20 +304,22 @@ def verify(
     return Report(base_name, str(device), str(dtype).removeprefix("torch."), list(prompts), tol, rows)
 
 
-def claims_exact(strategy: str | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]) -> bool:
-    """Whether a merge result promises the stacked outputs: cat and multiplicative always; svd when every
-    module kept at least the rank of the sum's stacked factors (Σ r_i, or the full matrix rank)."""
-    if strategy in ("cat", "multiplicative"):
-        return True
-    if strategy != "svd":
+def claims_exact(
+    additive: str | None, ia3: str | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]
+) -> bool:
+    """Whether a merged folder promises the stacked outputs, by the exactness rules of the strategies its
+    recipe names (``additive`` for the additive deltas, ``ia3`` for the IA³ vectors), module by module.
+    A result made in this session carries it as ``MergeResult.exact``; no strategy named promises nothing.
+    """
+    known = set(strategies.names())
+    parts = [s for s in (additive, ia3) if s]
+    if not parts or not set(parts) <= known:
         return False
     for ad in merged:
         for mod, d in ad.deltas.items():
-            if isinstance(d, Scale):
-                continue
-            bound = sum(
-                a.deltas[mod].low_rank().rank for a in inputs if isinstance(a.deltas.get(mod), AdditiveDelta)
-            )
-            if d.rank < min(bound, *d.target.matrix_shape):
+            name = ia3 if isinstance(d, Scale) else additive
+            if name is not None and not strategies.get(name).exact_for(
+                d, [a.deltas[mod] for a in inputs if mod in a.deltas]
+            ):
                 return False
     return True

@@ -314,3 +314,41 @@ def test_parity_with_peft_add_weighted_adapter(fx, tmp_path, combination):
     base = run(fx.load_base("llama"), "llama", x)
     assert (theirs - base).norm() > 1e-3 * base.norm()
     assert_close(mine, theirs, rtol=1e-4, what=combination)
+
+
+# ---------------------------------------------------------------- exactness from the strategies' metadata
+
+
+def test_exactness_rule_lives_on_the_strategy():
+    t = Target("linear", (4, 6))
+    g = torch.Generator().manual_seed(0)
+
+    def lr(r):
+        return LowRank(torch.randn(4, r, generator=g), torch.randn(r, 6, generator=g), 1.0, t)
+
+    inputs = [lr(2), lr(3), Scale(torch.ones(4), "out")]  # the bound is min(2 + 3, 4, 6) = 4
+    svd = strategies.get("svd")
+    assert svd.exact_for(lr(4), inputs) and not svd.exact_for(lr(3), inputs)
+    assert svd.exact_for(lr(5), inputs[:2]) and not svd.exact_for(lr(1), inputs[:2])
+    assert strategies.get("cat").exact_for(lr(1), inputs)
+    assert strategies.get("multiplicative").exact_for(inputs[2], inputs[2:])
+    for name in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "geometric"):
+        assert strategies.get(name).exact == "never" and not strategies.get(name).exact_for(lr(4), inputs)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "rank", "exact"),
+    [("cat", None, True), ("svd", 10_000, True), ("svd", 1, False), ("ties", 10_000, False),
+     ("linear", None, False), ("multiplicative", None, True)],
+)  # fmt: skip
+def test_merge_result_carries_exactness(fx, strategy, rank, exact):
+    names = ["ia3", "ia3_b"] if strategy == "multiplicative" else ["lora", "lora_b"]
+    result = merge(_read(fx, names), strategy, options=Options(rank=rank))
+    assert result.exact is exact
+    assert all((r.error is None) == (strategy == "cat") for r in result.modules if "lora" in r.kind)
+
+
+def test_svd_with_ia3_is_exact_at_full_rank(fx):
+    ads = _read(fx, ["lora", "ia3", "loha"])
+    assert merge(ads, "svd", options=Options(rank=10_000)).exact
+    assert not merge(ads, "svd", options=Options(rank=1)).exact

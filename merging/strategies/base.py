@@ -61,19 +61,40 @@ class Options:
 
 
 MergeFn = Callable[[Sequence[Delta], Sequence[float], Options, str], Delta]
+Exactness = Literal["always", "full_rank", "never"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Strategy:
-    """A named per-module merge function and what it promises."""
+    """A named per-module merge function and what it promises.
+
+    exact: whether a merged module reproduces the stacked outputs: "always", "never", or "full_rank"
+    (when the kept rank covers the rank of the sum, min(Σ r_i, out, in_flat)); see ``exact_for``.
+    """
 
     name: str
     fn: MergeFn
     space: Literal["dW", "factors", "ia3"]
-    exact: bool
+    exact: Exactness
     handles: Literal["additive", "ia3", "both"]
     doc: str
-    ranked: bool = False  # takes a rank budget (--rank / --energy)
+    ranked: bool = False  # takes a rank budget (`rank` / `energy`)
+
+    def exact_for(self, merged: Delta, inputs: Sequence[Delta]) -> bool:
+        """Whether ``merged``, this strategy's merge of one module's ``inputs``, reproduces their stack.
+
+        Args:
+            merged: the merged delta of the module.
+            inputs: the module's input deltas (IA³ vectors among them do not count towards the rank).
+
+        Returns:
+            True for an "always" strategy; for "full_rank", when the merged rank reaches the rank bound
+            of the sum, min(Σ r_i, out, in_flat); False otherwise.
+        """
+        if self.exact != "full_rank" or not isinstance(merged, AdditiveDelta):
+            return self.exact == "always"
+        bound = sum(d.rank for d in inputs if isinstance(d, AdditiveDelta))
+        return merged.rank >= min(bound, *merged.target.matrix_shape)
 
 
 def additive(deltas: Sequence[Delta], strategy: str, module: str) -> list[AdditiveDelta]:

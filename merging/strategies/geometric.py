@@ -31,4 +31,11 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return Scale((sign * mag).to(ls[0].l.dtype), ls[0].side, ls[0].layer)
 
 
-STRATEGY = Strategy("geometric", merge, "ia3", False, "ia3", "weighted geometric mean of IA³ vectors")
+STRATEGY = Strategy(
+    name="geometric",
+    fn=merge,
+    space="ia3",
+    exact="never",
+    handles="ia3",
+    doc="weighted geometric mean of IA³ vectors",
+)

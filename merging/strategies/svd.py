@@ -25,5 +25,11 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
 
 
 STRATEGY = Strategy(
-    "svd", merge, "dW", True, "additive", "best rank-k approximation of the exact sum", ranked=True
+    name="svd",
+    fn=merge,
+    space="dW",
+    exact="full_rank",
+    handles="additive",
+    doc="best rank-k approximation of the exact sum",
+    ranked=True,
 )
