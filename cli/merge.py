@@ -125,7 +125,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) 
         if not spec.get("base"):
             raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
         info = BaseInfo.from_folder(Path(spec["base"]))
-    recipe_data = merge_lib.recipe(result, adapters)
+    recipe_data = merge_lib.recipe(result, adapters).to_dict()
     overwrite = force or bool(spec.get("force"))
     merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base_info=info)
     _summary(result, out, time.perf_counter() - started)

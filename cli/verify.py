@@ -91,9 +91,9 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     for folder in merged_dirs:
         merged = [ad.refine_targets(shapes) for ad in sources.load(folder, base=model)]
         recipe = merge_lib.read_recipe(folder)
-        recipe_weights = recipe_weights or [i["weight"] for i in recipe.get("inputs", [])] or None
-        exact = claims_exact(recipe.get("additive_strategy"), recipe.get("ia3_strategy"), adapters, merged)
-        candidates.append(Candidate(str(folder), merged, recipe.get("strategy"), exact))
+        recipe_weights = recipe_weights or (recipe.weights if recipe else None) or None
+        exact = claims_exact(recipe, adapters, merged)
+        candidates.append(Candidate(str(folder), merged, recipe.strategy if recipe else None, exact))
     if recipe_weights and len(recipe_weights) != len(adapters):
         recipe_weights = None  # the recipe merged other inputs: compare against these, weight 1 each
     ws = weights or recipe_weights or [1.0] * len(adapters)

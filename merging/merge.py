@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from merging.deltas import (
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.formats import peft as peft_format
-from merging.sources import STACK_FILE, describe
+from merging.recipe import RECIPE_FILE, Recipe, Versions, inputs_of
+from merging.sources import STACK_FILE
 from merging.strategies import Options
 
 Progress = Callable[[int, int, str], None]
@@ -271,43 +272,17 @@ def _sum_aux(mod: str, items: list, base_weights: BaseWeights) -> ModuleReplacem
     return ModuleReplacement(tensors)
 
 
-RECIPE_FILE = "merge_recipe.json"
+def read_recipe(folder: Path) -> Recipe | None:
+    """The merge_recipe.json of a merged folder, typed (None when there is none)."""
+    return Recipe.read(folder)
 
 
-def read_recipe(folder: Path) -> dict[str, Any]:
-    """The merge_recipe.json of a merged folder ({} when there is none)."""
-    f = Path(folder) / RECIPE_FILE
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except ValueError as e:
-        raise MergingError(f"{f}: invalid JSON ({e})") from e
-
-
-def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> dict[str, Any]:
+def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> Recipe:
     """The merge recipe: inputs (with sha256 of their weight files), weights, strategy, options, versions."""
-    return {
-        "inputs": [describe(ad) | {"weight": w} for ad, w in zip(inputs, result.weights, strict=True)],
-        "strategy": result.strategy,
-        "additive_strategy": result.additive_strategy,
-        "ia3_strategy": result.ia3_strategy,
-        "options": asdict(result.options),
-        "outputs": [a.name for a in result.adapters],
-        "versions": _versions(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-
-    from merging import __version__
-
-    return {
-        "merging": __version__,
-        "torch": torch.__version__.split("+")[0],
-        "safetensors": safetensors.__version__,
-    }
+    return Recipe(
+        inputs_of(inputs, result.weights), result.strategy, result.additive_strategy, result.ia3_strategy,
+        result.options, tuple(a.name for a in result.adapters), Versions.current(),
+    )  # fmt: skip
 
 
 def write_result(

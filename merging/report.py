@@ -23,8 +23,8 @@ from merging import strategies
 from merging.adapter import Adapter
 from merging.errors import MergingError, UnsupportedError
 from merging.fileio import atomic_folder
+from merging.recipe import Versions, inputs_of
 from merging.runtime import stacked
-from merging.sources import describe
 from merging.strategies import Options
 from merging.verify import Candidate, verify
 
@@ -170,12 +170,12 @@ def compare(
         "dtype": report.dtype,
         "tolerance": report.tolerance,
         "prompts": report.prompts,
-        "inputs": [describe(a) | {"weight": w} for a, w in inputs],
+        "inputs": [i.to_dict() for i in inputs_of(ads, ws)],
         "options": asdict(base_opts),
         "variants": rows,
         "not_applicable": skipped,
         "skills": {k: v for k, v in skills.items() if k != "merged"},
-        "versions": merge_lib._versions(),
+        "versions": asdict(Versions.current()),
     }
 
 

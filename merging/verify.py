@@ -18,6 +18,7 @@ from merging import strategies
 from merging.adapter import Adapter, layer_kind
 from merging.deltas import AdditiveDelta, Delta, Scale, sum_error
 from merging.errors import DeviceError, SourceError
+from merging.recipe import Recipe
 from merging.runtime import effective_weight, stacked
 
 EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -304,20 +305,17 @@ def verify(
     return Report(base_name, str(device), str(dtype).removeprefix("torch."), list(prompts), tol, rows)
 
 
-def claims_exact(
-    additive: str | None, ia3: str | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]
-) -> bool:
+def claims_exact(recipe: Recipe | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]) -> bool:
     """Whether a merged folder promises the stacked outputs, by the exactness rules of the strategies its
-    recipe names (``additive`` for the additive deltas, ``ia3`` for the IA³ vectors), module by module.
-    A result made in this session carries it as ``MergeResult.exact``; no strategy named promises nothing.
+    recipe names (``additive_strategy`` for additive deltas, ``ia3_strategy`` for IA³ vectors), module by
+    module. A result merged in this session carries it as ``MergeResult.exact``; no recipe, no promise.
     """
-    known = set(strategies.names())
-    parts = [s for s in (additive, ia3) if s]
-    if not parts or not set(parts) <= known:
+    parts = [s for s in (recipe.additive_strategy, recipe.ia3_strategy) if s] if recipe else []
+    if not parts or not set(parts) <= set(strategies.names()):
         return False
     for ad in merged:
         for mod, d in ad.deltas.items():
-            name = ia3 if isinstance(d, Scale) else additive
+            name = recipe.ia3_strategy if isinstance(d, Scale) else recipe.additive_strategy
             if name is not None and not strategies.get(name).exact_for(
                 d, [a.deltas[mod] for a in inputs if mod in a.deltas]
             ):
