@@ -12,6 +12,7 @@ from merging import report as report_lib
 from merging import sources, strategies
 from merging.adapter import base_shapes
 from merging.errors import MergingError
+from merging.results import Comparison
 from merging.strategies import Options
 from merging.verify import load_base
 
@@ -66,7 +67,7 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
     with progress_bar("comparing") as update:
         pairs = list(zip(adapters, ws, strict=True))
         opts = Options(density=density, seed=seed)
-        data = report_lib.compare(
+        report = report_lib.compare(
             model,
             tokenizer,
             pairs,
@@ -76,21 +77,21 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
             base_name=label,
             progress=update,
         )
-    data = report_lib.write_report(data, out, force=force)
-    show(data)
-    console.print(f"wrote {out}/report.md, report.html, report.json and {len(data.get('plots', []))} plots")
+    report = report_lib.write_report(report, out, force=force)
+    show(report)
+    console.print(f"wrote {out}/report.md, report.html, report.json and {len(report.plots or ())} plots")
 
 
-def show(data: dict) -> None:
+def show(report: Comparison) -> None:
     """The comparison table in the terminal."""
-    head, rows = report_lib.table_rows(data)
-    table = Table(title=data["title"])
+    head, rows = report_lib.table_rows(report)
+    table = Table(title=report.title)
     for col in head:
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    head, rows = report_lib.skill_rows(data)
+    head, rows = report_lib.skill_rows(report)
     if rows:
         skills = Table(title="skill retention (1 = as the adapter alone)")
         for col in head:
@@ -98,5 +99,5 @@ def show(data: dict) -> None:
         for row in rows:
             skills.add_row(*row)
         console.print(skills)
-    for s in data["not_applicable"]:
-        console.print(f"[dim]not applicable: {s['label']}: {s['reason']}[/dim]")
+    for s in report.not_applicable:
+        console.print(f"[dim]not applicable: {s.label}: {s.reason}[/dim]")

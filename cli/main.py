@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import click
@@ -19,6 +20,14 @@ class Settings:
     debug: bool = False
 
 
+FLAGS = {"base_weights": "--base", "evals": "--eval"}  # library parameters whose flag is named otherwise
+
+
+def as_flags(message: str) -> str:
+    """A library message with its backticked parameter names written as flags: `rank` → --rank."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: FLAGS.get(m[1], "--" + m[1].replace("_", "-")), message)
+
+
 class MergingGroup(click.Group):
     """A group that turns a MergingError into one line on stderr and exit code 2."""
 
@@ -28,7 +37,7 @@ class MergingGroup(click.Group):
         except MergingError as e:
             if isinstance(ctx.obj, Settings) and ctx.obj.debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {as_flags(str(e))}", err=True)
             ctx.exit(2)
 
 

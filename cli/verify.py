@@ -14,8 +14,9 @@ from merging import sources, strategies
 from merging.adapter import base_shapes
 from merging.errors import MergingError
 from merging.fileio import atomic_file
+from merging.results import Report
 from merging.strategies import Options
-from merging.verify import PROMPTS, Candidate, Report, claims_exact, load_base, verify
+from merging.verify import PROMPTS, Candidate, claims_exact, load_base, verify
 
 
 def _fmt(v, spec=".2e") -> str:
@@ -41,7 +42,7 @@ def show(report: Report) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col in ("candidate", "strategy") else "right")
     for r in report.rows:
-        verdict = "approx." if r.passed is None else ("[green]PASS" if r.passed else "[red]FAIL")
+        verdict = {"PASS": "[green]PASS", "FAIL": "[red]FAIL"}.get(r.verdict, r.verdict)
         table.add_row(
             r.name, r.strategy or "", _fmt(r.effect_rel_error), _fmt(r.max_abs_diff), _fmt(r.kl),
             _fmt(r.top1_agreement, ".1%"), _fmt(r.greedy_agreement, ".1%"), _fmt(r.weight_error_max), verdict,

@@ -216,7 +216,7 @@ def _merge_aux(
 ) -> dict[str, ModuleReplacement | TokenRows]:
     """Carry auxiliary modules over; overlapping ones are an error unless summed as deltas (how="sum")."""
     if how not in ("error", "sum"):
-        raise MergingError(f"--aux must be error or sum, got {how!r}")
+        raise MergingError(f"`aux` must be error or sum, got {how!r}")
     by_module: dict[str, list[tuple[Adapter, ModuleReplacement | TokenRows]]] = {}
     for ad in adapters:
         for mod, a in ad.aux.items():
@@ -244,10 +244,10 @@ def _merge_aux(
         if how != "sum":
             names = ", ".join(ad.where for ad, _ in items)
             raise IncompatibleAdapters(
-                f"module {mod} is replaced by several inputs ({names}); pass --aux sum"
+                f"module {mod} is replaced by several inputs ({names}); pass `aux` sum"
             )
         if base_weights is None:
-            raise MergingError(f"--aux sum needs the base weights (--base) for module {mod}")
+            raise MergingError(f"`aux` sum needs the base weights (`base_weights`) for module {mod}")
         out[mod] = _sum_aux(mod, [a for _, a in items], base_weights)
     return out
 
@@ -265,7 +265,7 @@ def _sum_aux(mod: str, items: list, base_weights: BaseWeights) -> ModuleReplacem
     tensors = {}
     for key in items[0].tensors:
         if key != "weight":
-            raise UnsupportedError(f"--aux sum handles module weights; {mod}.{key} has no base value here")
+            raise UnsupportedError(f"`aux` sum handles module weights; {mod}.{key} has no base value here")
         tensors[key] = (base + sum(a.tensors[key].float() - base for a in items)).to(
             items[0].tensors[key].dtype
         )

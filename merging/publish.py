@@ -14,11 +14,11 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from merging import sources
 from merging.errors import MergingError, SourceError
 from merging.recipe import HubSource, Input, Recipe
+from merging.results import Report
 
 VERIFY_FILE = "verify_report.json"
 
@@ -32,13 +32,13 @@ class Plan:
     files: list[tuple[str, int]]
 
 
-def _verification(path: Path | None) -> dict[str, Any] | None:
+def _verification(path: Path | None) -> Report | None:
     if path is None or not Path(path).is_file():
         return None
     try:
-        return json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise MergingError(f"{path}: invalid JSON ({e})") from e
+        return Report.from_json(Path(path).read_text())
+    except MergingError as e:
+        raise MergingError(f"{path}: {e}") from None
 
 
 def _front_matter(adapters, inputs: Sequence[Input]) -> tuple[str, str | None]:
@@ -73,25 +73,22 @@ def _recipe_lines(recipe: Recipe) -> list[str]:
     return lines
 
 
-def _verification_lines(report: dict[str, Any]) -> list[str]:
-    where = f"`{report.get('base', '')}` ({report.get('device')}, {report.get('dtype')})"
+def _verification_lines(report: Report) -> list[str]:
     lines = [
         "## Verification",
         "",
-        f"On {where}: merged outputs against the inputs stacked active at once.",
+        f"On `{report.base}` ({report.device}, {report.dtype}): merged outputs against the inputs stacked "
+        "active at once.",
         "",
     ]
     lines += [
         "| candidate | effect-relative error | KL | top-1 agreement | result |",
         "|---|---|---|---|---|",
     ]
-    for r in report.get("rows", []):
-        verdict = "approx." if r.get("passed") is None else ("PASS" if r["passed"] else "FAIL")
-        kl = "" if r.get("kl") is None else f"{r['kl']:.2e}"
-        top1 = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1%}"
-        lines.append(
-            f"| {r['strategy'] or r['name']} | {r['effect_rel_error']:.2e} | {kl} | {top1} | {verdict} |"
-        )
+    for r in report.rows:
+        kl = "" if r.kl is None else f"{r.kl:.2e}"
+        top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
+        lines.append(f"| {r.strategy or r.name} | {r.effect_rel_error:.2e} | {kl} | {top1} | {r.verdict} |")
     return [*lines, ""]
 
 
@@ -126,9 +123,9 @@ def _check_repo(repo: str) -> None:
     try:
         validate_repo_id(repo)
     except HFValidationError as e:
-        raise SourceError(f"--repo {repo!r}: {e}") from None
+        raise SourceError(f"`repo` {repo!r}: {e}") from None
     if "/" not in repo:
-        raise SourceError(f"--repo {repo!r}: give it as user/name")
+        raise SourceError(f"`repo` {repo!r}: give it as user/name")
 
 
 def plan(folder: Path, repo: str, verification: Path | None = None) -> Plan:

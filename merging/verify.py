@@ -7,9 +7,8 @@ agreement, greedy continuation agreement, and per-module weight-space error comp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from merging.adapter import Adapter, layer_kind
 from merging.deltas import AdditiveDelta, Delta, Scale, sum_error
 from merging.errors import DeviceError, SourceError
 from merging.recipe import Recipe
+from merging.results import Report, Row
 from merging.runtime import effective_weight, stacked
 
 EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -44,44 +44,6 @@ class Candidate:
     adapters: list[Adapter]
     strategy: str | None = None
     exact: bool = False
-
-
-@dataclass(frozen=True)
-class Row:
-    """The verification figures of one candidate."""
-
-    name: str
-    strategy: str | None
-    exact: bool
-    effect_rel_error: float
-    max_abs_diff: float
-    kl: float | None
-    top1_agreement: float | None
-    greedy_agreement: float | None
-    weight_error_max: float
-    weight_error_mean: float
-    passed: bool | None
-    module_errors: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Report:
-    """Everything ``verify`` measured."""
-
-    base: str
-    device: str
-    dtype: str
-    prompts: list[str]
-    tolerance: float
-    rows: list[Row]
-
-    @property
-    def failed(self) -> bool:
-        """True when an exact candidate did not pass."""
-        return any(r.passed is False for r in self.rows)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -287,19 +249,19 @@ def verify(
         passed = figures["effect_rel_error"] <= tol if cand.exact else None
         rows.append(
             Row(
-                cand.name,
-                cand.strategy,
-                cand.exact,
-                figures["effect_rel_error"],
-                figures["max_abs_diff"],
-                figures["kl"],
-                figures["top1_agreement"],
-                greedy,
-                max(errs.values(), default=0.0),
-                sum(errs.values()) / max(len(errs), 1),
-                passed,
-                errs,
-            )  # fmt: skip
+                name=cand.name,
+                strategy=cand.strategy,
+                exact=cand.exact,
+                effect_rel_error=figures["effect_rel_error"],
+                max_abs_diff=figures["max_abs_diff"],
+                kl=figures["kl"],
+                top1_agreement=figures["top1_agreement"],
+                greedy_agreement=greedy,
+                weight_error_max=max(errs.values(), default=0.0),
+                weight_error_mean=sum(errs.values()) / max(len(errs), 1),
+                passed=passed,
+                module_errors=errs,
+            )
         )
         tick(cand.name)
     return Report(base_name, str(device), str(dtype).removeprefix("torch."), list(prompts), tol, rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -10,6 +11,7 @@ from merging import sources
 from merging.errors import MergingError
 from merging.merge import merge, recipe, write_result
 from merging.recipe import RECIPE_FILE, Recipe
+from merging.results import Report, Row
 from merging.strategies import Options
 
 
@@ -35,3 +37,15 @@ def test_no_recipe_is_none_and_a_malformed_one_names_the_file(tmp_path):
     (tmp_path / RECIPE_FILE).write_text("{oops")
     with pytest.raises(MergingError, match="invalid JSON"):
         Recipe.read(tmp_path)
+
+
+def test_row_verdict_and_report_json_round_trip():
+    def row(name, exact, passed):
+        return Row(name, "cat", exact, 1e-6, 1e-6, None, None, None, 0.0, 0.0, passed, {"m": 0.0})
+
+    report = Report("base", "cpu", "float32", ["p"], 1e-4, [row("a", True, True), row("b", True, False)])
+    report = replace(report, rows=[*report.rows, row("c", False, None)])
+    assert [r.verdict for r in report.rows] == ["PASS", "FAIL", "approx."] and report.failed
+    assert Report.from_json(report.to_json()) == report
+    with pytest.raises(MergingError, match="verification row: malformed"):
+        Report.from_dict(report.to_dict() | {"rows": [{"name": "x"}]})

@@ -191,7 +191,7 @@ def test_geometric_and_linear_ia3():
     lin = strategies.get("linear").fn(ds, [1.0, 0.5], Options(), "m")
     assert_close(lin.l, t + 0.5 * u)
     neg = [Scale(torch.tensor([-1.0, 2.0]), "in"), Scale(torch.tensor([4.0, 2.0]), "in")]
-    with pytest.raises(UnsupportedError, match="--signed"):
+    with pytest.raises(UnsupportedError, match="`signed`"):
         strategies.get("geometric").fn(neg, [1.0, 1.0], Options(), "m")
     signed = strategies.get("geometric").fn(neg, [1.0, 3.0], Options(signed=True), "m")
     assert_close(signed.l, torch.tensor([4.0**0.75, 2.0]))
@@ -252,7 +252,7 @@ def test_registry_lists_names_on_a_miss():
 
 
 def test_options_are_validated():
-    with pytest.raises(MergingError, match="--density"):
+    with pytest.raises(MergingError, match="`density`"):
         Options(density=1.5)
     with pytest.raises(MergingError, match="not both"):
         Options(rank=4, energy=0.9)
@@ -281,7 +281,7 @@ def test_auxiliary_modules(fx):
     mts, tokens, lora = _read(fx, ["lora_mts", "lora_tokens", "lora"])
     (out,) = merge([mts, tokens, lora], "cat").adapters
     assert set(out.aux) == {"lm_head", "model.embed_tokens"}
-    with pytest.raises(IncompatibleAdapters, match="pass --aux sum"):
+    with pytest.raises(IncompatibleAdapters, match="pass `aux` sum"):
         merge([mts, mts], "cat")
     base = fx.load_base("llama")
     w = base.lm_head.weight.detach()
