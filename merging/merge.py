@@ -97,7 +97,7 @@ def merge(
         raise MergingError(f"{len(weights)} weights for {len(adapters)} adapters")
     options = options or Options()
     chosen = strategies.get(strategy)
-    add = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
+    add_strategy = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
     ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
     modules = align(adapters)
     tied = _merge_ties(adapters)
@@ -112,12 +112,12 @@ def merge(
         rank, numel, err, kinds = 0, 0, None, []
         if add_part:
             ds, ws = zip(*add_part, strict=True)
-            merged = add.fn(ds, ws, options, mod)
+            merged = add_strategy.fn(ds, ws, options, mod)
             lora[mod] = merged
             rank, numel = merged.rank, merged.numel
-            exact = exact and add.exact_for(merged, ds)
+            exact = exact and add_strategy.exact_for(merged, ds)
             # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
-            err = None if add.exact == "always" else weight_space_error(merged, ds, ws)
+            err = None if add_strategy.exact == "always" else weight_space_error(merged, ds, ws)
             kinds.append("lora")
         if scale_part:
             ds, ws = zip(*scale_part, strict=True)
@@ -140,8 +140,8 @@ def merge(
             Adapter("lora", lora, base, rev, aux=extra, tied={m: s for m, s in tied.items() if s in lora})
         )
     return MergeResult(
-        out, reports, chosen.name, add.name if lora else None, ia3_strategy.name if ia3 else None, options,
-        weights, exact,
+        out, reports, chosen.name, add_strategy.name if lora else None, ia3_strategy.name if ia3 else None,
+        options, weights, exact,
     )  # fmt: skip
 
 
