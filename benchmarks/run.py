@@ -97,6 +97,7 @@ def bench_svd(
     tmp: Path, layers: int, n: int, r: int, repeats_ours: int, peft_modes: list[bool], **over
 ) -> dict:
     from merging import sources
+    from merging.adapter import weighted
     from merging.merge import merge
 
     paths = make_adapters(tmp / f"svd-{n}-{over.get('hidden_size', 2048)}", layers, n, r, **over)
@@ -105,8 +106,8 @@ def bench_svd(
     from merging.strategies import Options
 
     result = {}
-    ours = timed(lambda: merge(adapters, "svd", weights, Options(rank=r)), repeats_ours)
-    merged = merge(adapters, "svd", weights, Options(rank=r))
+    ours = timed(lambda: merge(weighted(adapters, weights), "svd", Options(rank=r)), repeats_ours)
+    merged = merge(weighted(adapters, weights), "svd", Options(rank=r))
     result["ours"] = ours | {"error": max(m.error for m in merged.modules)}
     for full in peft_modes:
         model = peft_model_with(paths, layers, **over)

@@ -10,9 +10,9 @@ from rich.table import Table
 from cli.common import FloatList, console, progress_bar
 from merging import report as report_lib
 from merging import sources, strategies
-from merging.adapter import base_shapes
 from merging.basemodel import load_base
 from merging.errors import MergingError
+from merging.results import Comparison
 from merging.strategies import Options
 
 
@@ -49,12 +49,8 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
     model, tokenizer = load_base(base, device, dtype)
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")
-    shapes = base_shapes(model)
-    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item, base=model)]
-    ws = weights or [1.0] * len(adapters)
-    if len(ws) != len(adapters):
-        raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")
-    label = next((a.base_model for a in adapters if a.base_model), None) or str(base)
+    pairs = sources.load_inputs(inputs, base=model, weights=weights)
+    label = next((a.base_model for a, _ in pairs if a.base_model), None) or str(base)
     eval_sets = {}
     for spec in evals:
         name, sep, path = spec.partition("=")
@@ -64,9 +60,8 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
     chosen = strategies.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
     variants = report_lib.variants(chosen, _ints(ranks))
     with progress_bar("comparing") as update:
-        pairs = list(zip(adapters, ws, strict=True))
         opts = Options(density=density, seed=seed)
-        data = report_lib.compare(
+        report = report_lib.compare(
             model,
             tokenizer,
             pairs,
@@ -76,21 +71,21 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
             base_name=label,
             progress=update,
         )
-    data = report_lib.write_report(data, out, force=force)
-    show(data)
-    console.print(f"wrote {out}/report.md, report.html, report.json and {len(data.get('plots', []))} plots")
+    report = report_lib.write_report(report, out, force=force)
+    show(report)
+    console.print(f"wrote {out}/report.md, report.html, report.json and {len(report.plots or ())} plots")
 
 
-def show(data: dict) -> None:
+def show(report: Comparison) -> None:
     """The comparison table in the terminal."""
-    head, rows = report_lib.table_rows(data)
-    table = Table(title=data["title"])
+    head, rows = report_lib.table_rows(report)
+    table = Table(title=report.title)
     for col in head:
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    head, rows = report_lib.skill_rows(data)
+    head, rows = report_lib.skill_rows(report)
     if rows:
         skills = Table(title="skill retention (1 = as the adapter alone)")
         for col in head:
@@ -98,5 +93,5 @@ def show(data: dict) -> None:
         for row in rows:
             skills.add_row(*row)
         console.print(skills)
-    for s in data["not_applicable"]:
-        console.print(f"[dim]not applicable: {s['label']}: {s['reason']}[/dim]")
+    for s in report.not_applicable:
+        console.print(f"[dim]not applicable: {s.label}: {s.reason}[/dim]")

@@ -21,7 +21,7 @@ class Settings:
 
 
 PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
-FLAGS = {"out_type": "--outtype", "fmt": "--format"}  # parameters whose flag is not --name-with-dashes
+FLAGS = {"out_type": "--outtype", "fmt": "--format", "base_weights": "--base", "evals": "--eval"}
 
 
 def flagged(message: str) -> str:

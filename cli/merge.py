@@ -11,7 +11,6 @@ from rich.table import Table
 from cli.common import FloatList, console, progress_bar
 from merging import merge as merge_lib
 from merging import sources, strategies
-from merging.basemodel import module_shapes
 from merging.errors import MergingError
 from merging.strategies import Options
 from merging.tensorfiles import LazyWeights
@@ -101,30 +100,22 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) 
     if not spec.get("strategy"):
         raise click.UsageError(f"give --strategy, one of: {', '.join(strategies.names())}")
     base_dir = Path(spec["base"]) if spec.get("base") else None
-    adapters = [
-        ad
-        for item in inputs
-        for ad in sources.load_spec(item, allow_nonfinite=allow_nonfinite, base=base_dir)
-    ]
-    weights = spec.get("weights")
-    if weights is not None and len(weights) != len(adapters):
-        raise MergingError(f"{len(weights)} weights for {len(adapters)} input adapters")
+    pairs = sources.load_inputs(
+        inputs, base=base_dir, weights=spec.get("weights"), allow_nonfinite=allow_nonfinite
+    )
     fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed")
     options = Options(**{k: spec[k] for k in fields if k in spec})
     base = LazyWeights(spec["base"]) if spec.get("base") else None
-    if spec.get("base"):
-        shapes = module_shapes(Path(spec["base"]))
-        adapters = [ad.refine_targets(shapes) for ad in adapters]
     started = time.perf_counter()
     with progress_bar("merging") as update:
         result = merge_lib.merge(
-            adapters, spec["strategy"], weights, options, aux=spec.get("aux", "error"),
+            pairs, spec["strategy"], options, aux=spec.get("aux", "error"),
             base_weights=base.module_weight if base else None, progress=update,
         )  # fmt: skip
     fmt = spec.get("fmt") or spec.get("format") or "peft"
     if fmt == "gguf" and not spec.get("base"):
         raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
-    recipe_data = merge_lib.recipe(result, adapters)
+    recipe_data = merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
     overwrite = force or bool(spec.get("force"))
     merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
     _summary(result, out, time.perf_counter() - started)

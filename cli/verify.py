@@ -11,12 +11,13 @@ from rich.table import Table
 from cli.common import FloatList, console, progress_bar
 from merging import merge as merge_lib
 from merging import sources, strategies
-from merging.adapter import base_shapes
-from merging.basemodel import load_base
+from merging.adapter import weighted
+from merging.basemodel import BaseLayout, load_base
 from merging.errors import MergingError
 from merging.fileio import atomic_file
+from merging.results import Report
 from merging.strategies import Options
-from merging.verify import PROMPTS, Candidate, Report, claims_exact, verify
+from merging.verify import PROMPTS, Candidate, claims_exact, verify
 
 
 def _fmt(v, spec=".2e") -> str:
@@ -42,7 +43,7 @@ def show(report: Report) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col in ("candidate", "strategy") else "right")
     for r in report.rows:
-        verdict = "approx." if r.passed is None else ("[green]PASS" if r.passed else "[red]FAIL")
+        verdict = {"PASS": "[green]PASS", "FAIL": "[red]FAIL"}.get(r.verdict, r.verdict)
         table.add_row(
             r.name, r.strategy or "", _fmt(r.effect_rel_error), _fmt(r.max_abs_diff), _fmt(r.kl),
             _fmt(r.top1_agreement, ".1%"), _fmt(r.greedy_agreement, ".1%"), _fmt(r.weight_error_max), verdict,
@@ -85,34 +86,29 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     if not merged_dirs and not strategy_names:
         raise click.UsageError("give --merged OUT or --strategy NAME (or both)")
     model, tokenizer = load_base(base, device, dtype, device_map=device_map)
-    shapes = base_shapes(model)
-    adapters = [ad.refine_targets(shapes) for item in inputs for ad in sources.load_spec(item, base=model)]
+    layout = BaseLayout.from_model(model)
+    adapters = [ad for ad, _ in sources.load_inputs(inputs, base=layout)]
     candidates = []
     recipe_weights = None
     for folder in merged_dirs:
-        merged = [ad.refine_targets(shapes) for ad in sources.load(folder, base=model)]
+        merged = [ad.refine_targets(layout.modules) for ad in sources.load(folder, base=layout)]
         recipe = merge_lib.read_recipe(folder)
-        recipe_weights = recipe_weights or [i["weight"] for i in recipe.get("inputs", [])] or None
-        names = [s for s in (recipe.get("additive_strategy"), recipe.get("ia3_strategy")) if s]
-        exact = bool(names) and all(claims_exact(s, adapters, merged) for s in names)
-        candidates.append(Candidate(str(folder), merged, recipe.get("strategy"), exact))
+        recipe_weights = recipe_weights or (recipe.weights if recipe else None) or None
+        exact = claims_exact(recipe, adapters, merged)
+        candidates.append(Candidate(str(folder), merged, recipe.strategy if recipe else None, exact))
     if recipe_weights and len(recipe_weights) != len(adapters):
         recipe_weights = None  # the recipe merged other inputs: compare against these, weight 1 each
-    ws = weights or recipe_weights or [1.0] * len(adapters)
-    if len(ws) != len(adapters):
-        raise MergingError(f"{len(ws)} weights for {len(adapters)} input adapters")
+    pairs = weighted(adapters, weights or recipe_weights)
     options = Options(rank=rank, energy=energy, density=density, seed=seed)
     for name in strategy_names:
-        result = merge_lib.merge(adapters, name, ws, options)
-        parts = [s for s in (result.additive_strategy, result.ia3_strategy) if s]
-        exact = all(claims_exact(s, adapters, result.adapters) for s in parts)
+        result = merge_lib.merge(pairs, name, options)
         label = f"{name} r={rank}" if strategies.get(name).ranked and rank is not None else name
-        candidates.append(Candidate(label, result.adapters, name, exact))
+        candidates.append(Candidate(label, result.adapters, name, result.exact))
     lines = [ln for ln in (Path(prompts).read_text().splitlines() if prompts else PROMPTS) if ln.strip()]
     if not lines:
         raise MergingError(f"{prompts}: no prompts (one per line)")
     with progress_bar("verifying") as update:
-        report = verify(model, tokenizer, list(zip(adapters, ws, strict=True)), candidates,
+        report = verify(model, tokenizer, pairs, candidates,
                         prompts=lines, max_new_tokens=max_new_tokens,
                         base_name=str(base), progress=update)  # fmt: skip
     if save:

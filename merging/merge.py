@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from merging import formats, strategies
-from merging.adapter import Adapter, align, combine_aux
+from merging.adapter import Adapter, Pair, align, combine_aux
 from merging.basemodel import BaseLayout
 from merging.deltas import (
     AdditiveDelta,
@@ -34,7 +34,8 @@ from merging.deltas import (
 )
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.fileio import atomic_folder
-from merging.sources import STACK_FILE, describe
+from merging.recipe import RECIPE_FILE, Recipe, Versions, inputs_of
+from merging.sources import STACK_FILE
 from merging.strategies import Options
 
 Progress = Callable[[int, int, str], None]
@@ -63,12 +64,12 @@ class MergeResult:
     ia3_strategy: str | None
     options: Options
     weights: list[float] = field(default_factory=list)
+    exact: bool = False  # reproduces the stacked outputs, by the strategies' exactness rules, every module
 
 
 def merge(
-    adapters: Sequence[Adapter],
+    pairs: Sequence[Pair],
     strategy: str,
-    weights: Sequence[float] | None = None,
     options: Options | None = None,
     *,
     aux: str = "error",
@@ -78,9 +79,9 @@ def merge(
     """Merge adapters with a strategy, module by module.
 
     Args:
-        adapters: the inputs, in stacking order (innermost first).
+        pairs: the inputs as (adapter, weight) in stacking order (innermost first); ``adapter.weighted``
+            makes them.
         strategy: a registered strategy name (see ``strategies.names()``).
-        weights: one per adapter (default 1 each).
         options: strategy options.
         aux: what to do when auxiliary modules overlap: "error", or "sum" them as deltas against the base.
         base_weights: gives a module's base weight; needed for DoRA inputs and ``aux="sum"``.
@@ -89,20 +90,19 @@ def merge(
     Returns:
         A MergeResult with one LoRA adapter, one IA³ adapter, or both (IA³ first).
     """
-    if not adapters:
+    if not pairs:
         raise MergingError("nothing to merge: give at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise MergingError(f"{len(weights)} weights for {len(adapters)} adapters")
+    adapters, weights = [a for a, _ in pairs], [float(w) for _, w in pairs]
     options = options or Options()
     chosen = strategies.get(strategy)
-    add_name = chosen.name if chosen.handles in ("additive", "both") else "cat"
-    ia3_name = chosen.name if chosen.handles in ("ia3", "both") else "multiplicative"
+    add_strategy = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
+    ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
     modules = align(adapters)
     tied = _merge_ties(adapters)
     lora: dict[str, Delta] = {}
     ia3: dict[str, Delta] = {}
     reports = []
+    exact = True
     for i, mod in enumerate(modules):
         stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
         stack = [(_resolve_dora(d, mod, base_weights), w) for d, w in stack]
@@ -110,15 +110,17 @@ def merge(
         rank, numel, err, kinds = 0, 0, None, []
         if add_part:
             ds, ws = zip(*add_part, strict=True)
-            merged = strategies.get(add_name).fn(ds, ws, options, mod)
+            merged = add_strategy.fn(ds, ws, options, mod)
             lora[mod] = merged
             rank, numel = merged.rank, merged.numel
-            # cat is exact by construction (tests check it); the factored error check costs O(out·R²)
-            err = None if add_name == "cat" else weight_space_error(merged, ds, ws)
+            exact = exact and add_strategy.exact_for(merged, ds)
+            # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
+            err = None if add_strategy.exact == "always" else weight_space_error(merged, ds, ws)
             kinds.append("lora")
         if scale_part:
             ds, ws = zip(*scale_part, strict=True)
-            merged_l = strategies.get(ia3_name).fn(ds, ws, options, mod)
+            merged_l = ia3_strategy.fn(ds, ws, options, mod)
+            exact = exact and ia3_strategy.exact_for(merged_l, ds)
             ia3[mod] = merged_l
             numel += merged_l.numel
             kinds.append("ia3")
@@ -136,8 +138,9 @@ def merge(
             Adapter("lora", lora, base, rev, aux=extra, tied={m: s for m, s in tied.items() if s in lora})
         )
     return MergeResult(
-        out, reports, chosen.name, add_name if lora else None, ia3_name if ia3 else None, options, weights
-    )
+        out, reports, chosen.name, add_strategy.name if lora else None, ia3_strategy.name if ia3 else None,
+        options, weights, exact,
+    )  # fmt: skip
 
 
 def weight_space_error(
@@ -228,7 +231,7 @@ def _merge_aux(
             if how != "sum" or len({type(a) for _, a in items}) > 1:
                 raise IncompatibleAdapters(f"{e}; pass `aux`=sum to add them as deltas") from None
             if base_weights is None:
-                raise MergingError(f"`aux`=sum needs the base weights (`base`) for module {mod}") from None
+                raise MergingError(f"`aux`=sum needs `base_weights` for module {mod}") from None
             out[mod] = _sum_aux(mod, [a for _, a in items], base_weights)
     return out
 
@@ -253,43 +256,17 @@ def _sum_aux(mod: str, items: list, base_weights: BaseWeights) -> ModuleReplacem
     return ModuleReplacement(tensors)
 
 
-RECIPE_FILE = "merge_recipe.json"
+def read_recipe(folder: Path) -> Recipe | None:
+    """The merge_recipe.json of a merged folder, typed (None when there is none)."""
+    return Recipe.read(folder)
 
 
-def read_recipe(folder: Path) -> dict[str, Any]:
-    """The merge_recipe.json of a merged folder ({} when there is none)."""
-    f = Path(folder) / RECIPE_FILE
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except ValueError as e:
-        raise MergingError(f"{f}: invalid JSON ({e})") from e
-
-
-def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> dict[str, Any]:
+def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> Recipe:
     """The merge recipe: inputs (with sha256 of their weight files), weights, strategy, options, versions."""
-    return {
-        "inputs": [describe(ad) | {"weight": w} for ad, w in zip(inputs, result.weights, strict=True)],
-        "strategy": result.strategy,
-        "additive_strategy": result.additive_strategy,
-        "ia3_strategy": result.ia3_strategy,
-        "options": asdict(result.options),
-        "outputs": [a.name for a in result.adapters],
-        "versions": _versions(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-
-    from merging import __version__
-
-    return {
-        "merging": __version__,
-        "torch": torch.__version__.split("+")[0],
-        "safetensors": safetensors.__version__,
-    }
+    return Recipe(
+        inputs_of(inputs, result.weights), result.strategy, result.additive_strategy, result.ia3_strategy,
+        result.options, tuple(a.name for a in result.adapters), Versions.current(),
+    )  # fmt: skip
 
 
 def write_result(

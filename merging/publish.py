@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from merging import sources
 from merging.errors import MergingError, SourceError
-from merging.merge import read_recipe
+from merging.recipe import HubSource, Input, Recipe
+from merging.results import Report
 
 VERIFY_FILE = "verify_report.json"
 
@@ -31,22 +32,22 @@ class Plan:
     files: list[tuple[str, int]]
 
 
-def _verification(path: Path | None) -> dict[str, Any] | None:
+def _verification(path: Path | None) -> Report | None:
     if path is None or not Path(path).is_file():
         return None
     try:
-        return json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise MergingError(f"{path}: invalid JSON ({e})") from e
+        return Report.from_json(Path(path).read_text())
+    except MergingError as e:
+        raise MergingError(f"{path}: {e}") from None
 
 
-def _front_matter(adapters, inputs) -> tuple[str, str | None]:
+def _front_matter(adapters, inputs: Sequence[Input]) -> tuple[str, str | None]:
     from huggingface_hub import ModelCardData
 
     base = next((a.base_model for a in adapters if a.base_model), None)
-    base = base or next((i.get("base_model") for i in inputs if i.get("base_model")), None)
-    kinds = sorted({k for a in adapters for k in a.kinds} | {k for i in inputs for k in i.get("kinds", [])})
-    licenses = {(i.get("hub") or {}).get("license") for i in inputs} - {None}
+    base = base or next((i.base_model for i in inputs if i.base_model), None)
+    kinds = sorted({k for a in adapters for k in a.kinds} | {k for i in inputs for k in i.kinds})
+    licenses = {i.hub.license for i in inputs if i.hub} - {None}
     data = ModelCardData(
         base_model=base, library_name="peft", tags=sorted({"merging", "peft", *kinds}),
         license=licenses.pop() if len(licenses) == 1 else None,
@@ -54,55 +55,48 @@ def _front_matter(adapters, inputs) -> tuple[str, str | None]:
     return data.to_yaml(), base
 
 
-def _recipe_lines(recipe: dict[str, Any]) -> list[str]:
+def _recipe_lines(recipe: Recipe) -> list[str]:
     lines = ["## Recipe", "", "| input | source | revision | kinds | weight |", "|---|---|---|---|---|"]
-    for i in recipe.get("inputs", []):
-        hub = i.get("hub") or {}
-        src = (hub.get("repo") or i.get("path") or "") + (
-            f":{hub['subfolder']}" if hub.get("subfolder") else ""
-        )
-        rev = hub.get("revision") or i.get("revision") or ""
-        lines.append(
-            f"| {i['name']} | `{src}` | `{rev}` | {', '.join(i.get('kinds', []))} | {i['weight']:g} |"
-        )
-    opts = {k: v for k, v in recipe.get("options", {}).items() if v is not None}
-    lines += ["", f"Strategy: `{recipe.get('strategy')}`, options `{json.dumps(opts, sort_keys=True)}`.", ""]
-    if recipe.get("additive_strategy") and recipe.get("ia3_strategy"):
+    for i in recipe.inputs:
+        hub = i.hub or HubSource("")
+        src = (hub.repo or i.path or "") + (f":{hub.subfolder}" if hub.subfolder else "")
+        rev = hub.revision or i.revision or ""
+        lines.append(f"| {i.name} | `{src}` | `{rev}` | {', '.join(i.kinds)} | {i.weight:g} |")
+    opts = {k: v for k, v in asdict(recipe.options).items() if v is not None}
+    lines += ["", f"Strategy: `{recipe.strategy}`, options `{json.dumps(opts, sort_keys=True)}`.", ""]
+    if recipe.additive_strategy and recipe.ia3_strategy:
         lines += [
-            f"Additive deltas: `{recipe['additive_strategy']}`; IA³ vectors: `{recipe['ia3_strategy']}`.",
+            f"Additive deltas: `{recipe.additive_strategy}`; IA³ vectors: `{recipe.ia3_strategy}`.",
             "Load the `ia3` adapter first and the `lora` adapter on top of it (see `merging_stack.json`).",
             "",
         ]
     return lines
 
 
-def _verification_lines(report: dict[str, Any]) -> list[str]:
-    where = f"`{report.get('base', '')}` ({report.get('device')}, {report.get('dtype')})"
+def _verification_lines(report: Report) -> list[str]:
     lines = [
         "## Verification",
         "",
-        f"On {where}: merged outputs against the inputs stacked active at once.",
+        f"On `{report.base}` ({report.device}, {report.dtype}): merged outputs against the inputs stacked "
+        "active at once.",
         "",
     ]
     lines += [
         "| candidate | effect-relative error | KL | top-1 agreement | result |",
         "|---|---|---|---|---|",
     ]
-    for r in report.get("rows", []):
-        verdict = "approx." if r.get("passed") is None else ("PASS" if r["passed"] else "FAIL")
-        kl = "" if r.get("kl") is None else f"{r['kl']:.2e}"
-        top1 = "" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1%}"
-        lines.append(
-            f"| {r['strategy'] or r['name']} | {r['effect_rel_error']:.2e} | {kl} | {top1} | {verdict} |"
-        )
+    for r in report.rows:
+        kl = "" if r.kl is None else f"{r.kl:.2e}"
+        top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.1%}"
+        lines.append(f"| {r.strategy or r.name} | {r.effect_rel_error:.2e} | {kl} | {top1} | {r.verdict} |")
     return [*lines, ""]
 
 
 def model_card(folder: Path, verification: Path | None = None) -> str:
     """The README.md model card for a merged adapter folder (refused when it is not a loadable adapter)."""
     adapters = sources.load(folder)
-    recipe = read_recipe(folder)
-    inputs = recipe.get("inputs", [])
+    recipe = Recipe.read(folder)
+    inputs = recipe.inputs if recipe else ()
     yaml, base = _front_matter(adapters, inputs)
     on = f" on `{base}`" if base else ""
     lines = [
@@ -110,11 +104,11 @@ def model_card(folder: Path, verification: Path | None = None) -> str:
         yaml.strip(),
         "---",
         "",
-        f"# Merged adapter ({recipe.get('strategy', 'unknown strategy')})",
+        f"# Merged adapter ({recipe.strategy if recipe else 'unknown strategy'})",
         "",
     ]
     lines += [f"Made with [merging](https://pypi.org/project/merging/) from {len(inputs)} adapters{on}.", ""]
-    if inputs:
+    if recipe and inputs:
         lines += _recipe_lines(recipe)
     report = _verification(verification or folder / VERIFY_FILE)
     if report:
@@ -129,9 +123,9 @@ def _check_repo(repo: str) -> None:
     try:
         validate_repo_id(repo)
     except HFValidationError as e:
-        raise SourceError(f"--repo {repo!r}: {e}") from None
+        raise SourceError(f"`repo` {repo!r}: {e}") from None
     if "/" not in repo:
-        raise SourceError(f"--repo {repo!r}: give it as user/name")
+        raise SourceError(f"`repo` {repo!r}: give it as user/name")
 
 
 def plan(folder: Path, repo: str, verification: Path | None = None) -> Plan:

@@ -1,6 +1,6 @@
 """Strategy comparison: run strategies (and ranks) on the same adapters, verify each, measure skills.
 
-``compare`` produces the report's data (a JSON-able dict); ``write_report`` renders report.json,
+``compare`` produces the report (a typed ``Comparison``); ``write_report`` renders report.json,
 report.md, a self-contained report.html and PNG plots (matplotlib, the ``plots`` extra).
 """
 
@@ -12,7 +12,8 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ from merging import strategies
 from merging.adapter import Adapter, weighted
 from merging.errors import MergingError, UnsupportedError
 from merging.fileio import atomic_folder
+from merging.recipe import Versions, inputs_of
+from merging.results import Comparison, Skill, Skills, Skipped, VariantResult
 from merging.runtime import stacked
-from merging.sources import describe
 from merging.strategies import Options
-from merging.verify import Candidate, claims_exact, verify
+from merging.verify import Candidate, verify
 
 RETENTION_NOTE = (
     "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone)."
@@ -109,7 +111,7 @@ def compare(
     options: Options | None = None,
     base_name: str = "",
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Comparison:
     """Merge with every variant, verify each against the stacked inputs, and measure skill retention.
 
     Args:
@@ -120,112 +122,105 @@ def compare(
         options: options shared by all variants (rank is set per variant).
 
     Returns:
-        The report's data: every figure, the recipe and the versions.
+        The report: every figure, the inputs, the options and the versions.
     """
     evals = evals or {}
     names = {ad.name for ad, _ in inputs}
     for skill in evals:
         if skill not in names:
             raise MergingError(
-                f"--eval {skill}: no input adapter is named {skill!r} (inputs: {', '.join(sorted(names))})"
+                f"`evals`: no input adapter is named {skill!r} (inputs: {', '.join(sorted(names))})"
             )
     base_opts = options or Options()
     ads = [a for a, _ in inputs]
     ws = [w for _, w in inputs]
     total = len(chosen) + 2
-    candidates, rows_meta, skipped = [], [], []
+    candidates, measured, skipped = [], [], []
     for i, var in enumerate(chosen):
         opts = Options(**(asdict(base_opts) | {"rank": var.rank if var.rank is not None else base_opts.rank}))
         started = time.perf_counter()
         try:
-            result = merge_lib.merge(ads, var.strategy, ws, opts)
+            result = merge_lib.merge(inputs, var.strategy, opts)
         except UnsupportedError as e:
-            skipped.append({"label": var.label, "strategy": var.strategy, "rank": var.rank, "reason": str(e)})
+            skipped.append(Skipped(var.label, var.strategy, var.rank, str(e)))
             continue
         seconds = time.perf_counter() - started
-        parts = [s for s in (result.additive_strategy, result.ia3_strategy) if s]
-        exact = all(claims_exact(s, ads, result.adapters) for s in parts)
-        candidates.append(Candidate(var.label, result.adapters, var.strategy, exact))
+        parts = tuple(s for s in (result.additive_strategy, result.ia3_strategy) if s)
+        candidates.append(Candidate(var.label, result.adapters, var.strategy, result.exact))
         params = sum(a.numel for a in result.adapters)
         max_rank = max((m.rank for m in result.modules), default=0)
-        meta = {"rank": var.rank, "seconds": seconds, "params": params, "max_rank": max_rank, "parts": parts}
-        rows_meta.append(meta)
+        measured.append(
+            partial(VariantResult, label=var.label, rank=var.rank, seconds=seconds, params=params,
+                    max_rank=max_rank, parts=parts)
+        )  # fmt: skip
         if progress:
             progress(i + 1, total, f"merged {var.label}")
     report = verify(model, tokenizer, inputs, candidates, base_name=base_name)
     if progress:
         progress(len(chosen) + 1, total, "verified")
-    skills = _skills(model, tokenizer, inputs, candidates, evals)
+    skills, merged_skills = _skills(model, tokenizer, inputs, candidates, evals)
     if progress:
         progress(total, total, "skills")
-    rows = []
-    for cand, meta, row in zip(candidates, rows_meta, report.rows, strict=True):
-        entry = asdict(row) | meta | {"label": cand.name}
-        entry["bytes"] = 4 * entry["params"]
-        entry["skills"] = skills["merged"].get(cand.name, {})
-        rows.append(entry)
-    return {
-        "title": f"{len(inputs)} adapters on {base_name}",
-        "base": base_name,
-        "device": report.device,
-        "dtype": report.dtype,
-        "tolerance": report.tolerance,
-        "prompts": report.prompts,
-        "inputs": [describe(a) | {"weight": w} for a, w in inputs],
-        "options": asdict(base_opts),
-        "variants": rows,
-        "not_applicable": skipped,
-        "skills": {k: v for k, v in skills.items() if k != "merged"},
-        "versions": merge_lib._versions(),
-    }
+    return Comparison(
+        title=f"{len(inputs)} adapters on {base_name}",
+        base=base_name,
+        device=report.device,
+        dtype=report.dtype,
+        tolerance=report.tolerance,
+        prompts=tuple(report.prompts),
+        inputs=inputs_of(ads, ws),
+        options=base_opts,
+        variants=tuple(
+            variant(row=row, skills=merged_skills.get(cand.name, {}))
+            for cand, variant, row in zip(candidates, measured, report.rows, strict=True)
+        ),
+        not_applicable=tuple(skipped),
+        skills=skills,
+        versions=Versions.current(),
+    )
 
 
-def _skills(model, tokenizer, inputs, candidates, evals) -> dict[str, Any]:
-    """Held-out losses: base, each adapter alone, all stacked, each merged; retention per skill."""
-    out: dict[str, Any] = {"base": {}, "alone": {}, "stacked": {}, "merged": {}}
+def _skills(model, tokenizer, inputs, candidates, evals) -> tuple[Skills, dict[str, dict[str, Skill]]]:
+    """Held-out losses: base, each adapter alone, all stacked; and each merged candidate's, by name."""
     if not evals:
-        return out
+        return Skills(), {}
+    base, alone = {}, {}
     for skill, pairs in evals.items():
-        out["base"][skill] = answer_loss(model, tokenizer, pairs)
-        alone = [(a, w) for a, w in inputs if a.name == skill]
-        with stacked(model, alone):
-            out["alone"][skill] = answer_loss(model, tokenizer, pairs)
-    with stacked(model, list(inputs)):
-        out["stacked"] = {s: answer_loss(model, tokenizer, p) for s, p in evals.items()}
-    for cand in candidates:
-        with stacked(model, weighted(cand.adapters)):
-            out["merged"][cand.name] = {s: answer_loss(model, tokenizer, p) for s, p in evals.items()}
-    for key in ("stacked",):
-        out[key] = {s: {"loss": v, "retention": _retention(out, s, v)} for s, v in out[key].items()}
-    out["merged"] = {
-        name: {s: {"loss": v, "retention": _retention(out, s, v)} for s, v in losses.items()}
-        for name, losses in out["merged"].items()
-    }
-    return out
+        base[skill] = answer_loss(model, tokenizer, pairs)
+        with stacked(model, [(a, w) for a, w in inputs if a.name == skill]):
+            alone[skill] = answer_loss(model, tokenizer, pairs)
+
+    def measure(adapters) -> dict[str, Skill]:
+        with stacked(model, adapters):
+            losses = {s: answer_loss(model, tokenizer, p) for s, p in evals.items()}
+        return {s: Skill(v, _retention(base[s], alone[s], v)) for s, v in losses.items()}
+
+    stacked_skills = measure(list(inputs))
+    merged = {cand.name: measure(weighted(cand.adapters)) for cand in candidates}
+    return Skills(base, alone, stacked_skills), merged
 
 
-def _retention(out: dict[str, Any], skill: str, loss: float) -> float | None:
+def _retention(base: float, alone: float, loss: float) -> float | None:
     """(L_base − L) / (L_base − L_alone): the share of the adapter's own improvement that survives."""
-    gain = out["base"][skill] - out["alone"][skill]
-    return None if gain <= 0 else (out["base"][skill] - loss) / gain
+    gain = base - alone
+    return None if gain <= 0 else (base - loss) / gain
 
 
 # ------------------------------------------------------------------------------------------ rendering
 
 
-def write_report(data: dict[str, Any], out: Path, *, force: bool = False) -> dict[str, Any]:
+def write_report(report: Comparison, out: Path, *, force: bool = False) -> Comparison:
     """Write report.json, report.md, report.html and the PNG plots into ``out`` (atomically).
 
     Returns:
-        The data as written, with the plot file names under "plots".
+        The report as written, with the plot file names in ``plots``.
     """
     with atomic_folder(Path(out), force=force) as tmp:
-        plots = _plots(data, tmp)
-        data = data | {"plots": plots}
-        (tmp / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        (tmp / "report.md").write_text(render_markdown(data))
-        (tmp / "report.html").write_text(render_html(data, tmp))
-    return data
+        report = replace(report, plots=tuple(_plots(report, tmp)))
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+        (tmp / "report.md").write_text(render_markdown(report))
+        (tmp / "report.html").write_text(render_html(report, tmp))
+    return report
 
 
 def _fmt(v: Any, spec: str = ".2e") -> str:
@@ -236,7 +231,7 @@ def _fmt(v: Any, spec: str = ".2e") -> str:
     return format(v, spec)
 
 
-def table_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def table_rows(report: Comparison) -> tuple[list[str], list[list[str]]]:
     """The main table: one row per variant (shared by Markdown, HTML and the terminal)."""
     head = [
         "strategy",
@@ -251,26 +246,26 @@ def table_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "params",
     ]
     rows = []
-    for v in data["variants"]:
-        result = "approx." if v["passed"] is None else ("PASS" if v["passed"] else "FAIL")
+    for v in report.variants:
+        r = v.row
         rows.append([
-            v["label"], "yes" if v["exact"] else "no", result, _fmt(v["effect_rel_error"]), _fmt(v["kl"]),
-            _fmt(v["top1_agreement"], ".1%"), _fmt(v["greedy_agreement"], ".1%"), _fmt(v["weight_error_max"]),
-            str(v["max_rank"]), f"{v['params']:,}",
+            v.label, "yes" if r.exact else "no", r.verdict, _fmt(r.effect_rel_error), _fmt(r.kl),
+            _fmt(r.top1_agreement, ".1%"), _fmt(r.greedy_agreement, ".1%"), _fmt(r.weight_error_max),
+            str(v.max_rank), f"{v.params:,}",
         ])  # fmt: skip
     return head, rows
 
 
-def skill_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def skill_rows(report: Comparison) -> tuple[list[str], list[list[str]]]:
     """Skill retention: one row per variant (plus stacked), one column per skill."""
-    skills = list(data["skills"].get("base", {}))
+    skills = report.skills.names
     head = ["strategy", *skills]
     rows = []
     if skills:
-        stack = data["skills"]["stacked"]
-        rows.append(["stacked inputs", *(_fmt(stack[s]["retention"], ".0%") for s in skills)])
-        for v in data["variants"]:
-            rows.append([v["label"], *(_fmt(v["skills"][s]["retention"], ".0%") for s in skills)])
+        stack = report.skills.stacked
+        rows.append(["stacked inputs", *(_fmt(stack[s].retention, ".0%") for s in skills)])
+        for v in report.variants:
+            rows.append([v.label, *(_fmt(v.skills[s].retention, ".0%") for s in skills)])
     return head, rows
 
 
@@ -280,33 +275,33 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(data: dict[str, Any]) -> str:
+def render_markdown(report: Comparison) -> str:
     """The report as Markdown, with the plots as relative image links."""
-    parts = [f"# Strategy comparison: {data['title']}", ""]
+    parts = [f"# Strategy comparison: {report.title}", ""]
     parts.append(
-        f"Base `{data['base']}` on {data['device']} ({data['dtype']}); {len(data['prompts'])} prompts. "
-        f"Exact strategies pass at effect-relative error ≤ {data['tolerance']:g}."
+        f"Base `{report.base}` on {report.device} ({report.dtype}); {len(report.prompts)} prompts. "
+        f"Exact strategies pass at effect-relative error ≤ {report.tolerance:g}."
     )
-    inputs = [[i["name"], ", ".join(i["kinds"]), f"{i['weight']:g}"] for i in data["inputs"]]
+    inputs = [[i.name, ", ".join(i.kinds), f"{i.weight:g}"] for i in report.inputs]
     parts += ["", "## Inputs", "", _md_table(["name", "kinds", "weight"], inputs)]
-    parts += ["", "## Fidelity against the stacked inputs", "", _md_table(*table_rows(data))]
-    if data["not_applicable"]:
+    parts += ["", "## Fidelity against the stacked inputs", "", _md_table(*table_rows(report))]
+    if report.not_applicable:
         parts += ["", "Not applicable to these inputs:", ""]
-        parts += [f"- `{s['label']}`: {s['reason']}" for s in data["not_applicable"]]
-    head, rows = skill_rows(data)
+        parts += [f"- `{s.label}`: {s.reason}" for s in report.not_applicable]
+    head, rows = skill_rows(report)
     if rows:
-        base, alone = data["skills"]["base"], data["skills"]["alone"]
+        base, alone = report.skills.base, report.skills.alone
         losses = "; ".join(f"{s}: base {base[s]:.3f}, alone {alone[s]:.3f}" for s in base)
         parts += ["", "## Skill retention", "", RETENTION_NOTE, "", _md_table(head, rows), ""]
         parts += [f"Held-out answer loss: {losses}."]
-    if data.get("plots"):
-        parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in data["plots"]]
-    v = data["versions"]
-    parts += ["", f"Made with merging {v['merging']}, torch {v['torch']}.", ""]
+    if report.plots:
+        parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report.plots]
+    v = report.versions
+    parts += ["", f"Made with merging {v.merging}, torch {v.torch}.", ""]
     return "\n".join(parts)
 
 
-def render_html(data: dict[str, Any], folder: Path) -> str:
+def render_html(report: Comparison, folder: Path) -> str:
     """A self-contained HTML page: tables and the plots embedded as data URIs."""
 
     def table(head, rows):
@@ -315,15 +310,15 @@ def render_html(data: dict[str, Any], folder: Path) -> str:
         return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
     imgs = []
-    for p in data.get("plots", []):
+    for p in report.plots or ():
         b64 = base64.b64encode((folder / p).read_bytes()).decode()
         src = f"data:image/png;base64,{b64}"
         cap = html.escape(p)
         imgs.append(f'<figure><img alt="{cap}" src="{src}"><figcaption>{cap}</figcaption></figure>')
-    head, rows = skill_rows(data)
+    head, rows = skill_rows(report)
     na = "".join(
-        f"<li><code>{html.escape(s['label'])}</code>: {html.escape(s['reason'])}</li>"
-        for s in data["not_applicable"]
+        f"<li><code>{html.escape(s.label)}</code>: {html.escape(s.reason)}</li>"
+        for s in report.not_applicable
     )
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -332,11 +327,11 @@ def render_html(data: dict[str, Any], folder: Path) -> str:
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1em 0}"
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data['title'])}</title>"
-        f"<style>{style}</style></head><body><h1>Strategy comparison: {html.escape(data['title'])}</h1>"
-        f"<p>Base <code>{html.escape(data['base'])}</code> on {data['device']} ({data['dtype']}). "
-        f"Exact strategies pass at effect-relative error ≤ {data['tolerance']:g}.</p>"
-        f"<h2>Fidelity against the stacked inputs</h2>{table(*table_rows(data))}"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report.title)}</title>"
+        f"<style>{style}</style></head><body><h1>Strategy comparison: {html.escape(report.title)}</h1>"
+        f"<p>Base <code>{html.escape(report.base)}</code> on {report.device} ({report.dtype}). "
+        f"Exact strategies pass at effect-relative error ≤ {report.tolerance:g}.</p>"
+        f"<h2>Fidelity against the stacked inputs</h2>{table(*table_rows(report))}"
         + (f"<p>Not applicable:</p><ul>{na}</ul>" if na else "")
         + (f"<h2>Skill retention</h2>{table(head, rows)}" if rows else "")
         + "<h2>Plots</h2>"
@@ -345,7 +340,7 @@ def render_html(data: dict[str, Any], folder: Path) -> str:
     )
 
 
-def _plots(data: dict[str, Any], folder: Path) -> list[str]:
+def _plots(report: Comparison, folder: Path) -> list[str]:
     """PNG plots with labelled axes; [] when matplotlib is not installed."""
     try:
         import matplotlib
@@ -356,4 +351,4 @@ def _plots(data: dict[str, Any], folder: Path) -> list[str]:
         return []
     from merging.report_plots import draw_all
 
-    return draw_all(plt, data, folder)
+    return draw_all(plt, report, folder)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+
+from merging.results import Comparison
 
 FLOOR = 1e-9  # errors are drawn no lower than this on log axes
 
 
-def draw_all(plt, data: dict[str, Any], folder: Path) -> list[str]:
+def draw_all(plt, report: Comparison, folder: Path) -> list[str]:
     """Draw every plot that has data into folder; return the file names."""
     out = []
     for name, fn in (
@@ -19,7 +20,7 @@ def draw_all(plt, data: dict[str, Any], folder: Path) -> list[str]:
         ("skill_retention.png", _skills),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        if fn(ax, data):
+        if fn(ax, report):
             fig.tight_layout()
             fig.savefig(folder / name)
             out.append(name)
@@ -27,12 +28,12 @@ def draw_all(plt, data: dict[str, Any], folder: Path) -> list[str]:
     return out
 
 
-def _fidelity_vs_rank(ax, data) -> bool:
-    by: dict[str, list[tuple[int, float]]] = {}
+def _fidelity_vs_rank(ax, report: Comparison) -> bool:
+    by: dict[str | None, list[tuple[int, float]]] = {}
     flat = []
-    for v in data["variants"]:
-        if v["rank"] is not None:
-            by.setdefault(v["strategy"], []).append((v["rank"], max(v["effect_rel_error"], FLOOR)))
+    for v in report.variants:
+        if v.rank is not None:
+            by.setdefault(v.strategy, []).append((v.rank, max(v.row.effect_rel_error, FLOOR)))
         else:
             flat.append(v)
     if not by:
@@ -42,9 +43,9 @@ def _fidelity_vs_rank(ax, data) -> bool:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     for v in flat:
         ax.axhline(
-            max(v["effect_rel_error"], FLOOR), linestyle="--", linewidth=1, label=f"{v['label']} (any rank)"
+            max(v.row.effect_rel_error, FLOOR), linestyle="--", linewidth=1, label=f"{v.label} (any rank)"
         )
-    ax.axhline(data["tolerance"], color="black", linewidth=0.8, linestyle=":", label="exact tolerance")
+    ax.axhline(report.tolerance, color="black", linewidth=0.8, linestyle=":", label="exact tolerance")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("rank budget per module")
@@ -59,19 +60,19 @@ def _layer(module: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _per_layer(ax, data) -> bool:
+def _per_layer(ax, report: Comparison) -> bool:
     drawn = False
-    for v in data["variants"]:
-        if v["strategy"] not in ("svd", "ties") or not v["module_errors"]:
+    for v in report.variants:
+        if v.row.exact or not v.row.module_errors:  # an exact variant's errors are rounding noise
             continue
         layers: dict[int, list[float]] = {}
-        for mod, e in v["module_errors"].items():
+        for mod, e in v.row.module_errors.items():
             if (i := _layer(mod)) is not None:
                 layers.setdefault(i, []).append(e)
         if not layers:
             continue
         xs = sorted(layers)
-        ax.plot(xs, [max(sum(layers[i]) / len(layers[i]), FLOOR) for i in xs], marker=".", label=v["label"])
+        ax.plot(xs, [max(sum(layers[i]) / len(layers[i]), FLOOR) for i in xs], marker=".", label=v.label)
         drawn = True
     if drawn:
         ax.set_yscale("log")
@@ -82,12 +83,12 @@ def _per_layer(ax, data) -> bool:
     return drawn
 
 
-def _size_vs_fidelity(ax, data) -> bool:
-    if not data["variants"]:
+def _size_vs_fidelity(ax, report: Comparison) -> bool:
+    if not report.variants:
         return False
-    for v in data["variants"]:
-        ax.scatter(v["params"], max(v["effect_rel_error"], FLOOR), s=18)
-        ax.annotate(v["label"], (v["params"], max(v["effect_rel_error"], FLOOR)), fontsize=6,
+    for v in report.variants:
+        ax.scatter(v.params, max(v.row.effect_rel_error, FLOOR), s=18)
+        ax.annotate(v.label, (v.params, max(v.row.effect_rel_error, FLOOR)), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -97,13 +98,13 @@ def _size_vs_fidelity(ax, data) -> bool:
     return True
 
 
-def _skills(ax, data) -> bool:
-    skills = list(data["skills"].get("base", {}))
+def _skills(ax, report: Comparison) -> bool:
+    skills = report.skills.names
     if not skills:
         return False
-    labels = ["stacked"] + [v["label"] for v in data["variants"]]
-    values = [[data["skills"]["stacked"][s]["retention"] or 0.0 for s in skills]]
-    values += [[v["skills"][s]["retention"] or 0.0 for s in skills] for v in data["variants"]]
+    labels = ["stacked"] + [v.label for v in report.variants]
+    values = [[report.skills.stacked[s].retention or 0.0 for s in skills]]
+    values += [[v.skills[s].retention or 0.0 for s in skills] for v in report.variants]
     width = 0.8 / len(skills)
     for j, s in enumerate(skills):
         ax.bar([i + j * width for i in range(len(labels))], [row[j] for row in values], width, label=s)

@@ -7,14 +7,16 @@ agreement, greedy continuation agreement, and per-module weight-space error comp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from merging import strategies
 from merging.adapter import Adapter, Pair, layer_kind, stacks, weighted
 from merging.deltas import AdditiveDelta, Scale, sum_error
+from merging.recipe import Recipe
+from merging.results import Report, Row
 from merging.runtime import effective_weight, stacked
 
 EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -41,42 +43,6 @@ class Candidate:
     exact: bool = False
 
 
-@dataclass(frozen=True)
-class Row:
-    """The verification figures of one candidate."""
-
-    name: str
-    strategy: str | None
-    exact: bool
-    effect_rel_error: float
-    max_abs_diff: float
-    kl: float | None
-    top1_agreement: float | None
-    greedy_agreement: float | None
-    weight_error_max: float
-    weight_error_mean: float
-    passed: bool | None
-    module_errors: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Report:
-    """Everything ``verify`` measured."""
-
-    base: str
-    device: str
-    dtype: str
-    prompts: list[str]
-    tolerance: float
-    rows: list[Row]
-
-    @property
-    def failed(self) -> bool:
-        """True when an exact candidate did not pass."""
-        return any(r.passed is False for r in self.rows)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 def batch_inputs(
@@ -207,38 +173,37 @@ def verify(
         passed = figures["effect_rel_error"] <= tol if cand.exact else None
         rows.append(
             Row(
-                cand.name,
-                cand.strategy,
-                cand.exact,
-                figures["effect_rel_error"],
-                figures["max_abs_diff"],
-                figures["kl"],
-                figures["top1_agreement"],
-                greedy,
-                max(errs.values(), default=0.0),
-                sum(errs.values()) / max(len(errs), 1),
-                passed,
-                errs,
-            )  # fmt: skip
+                name=cand.name,
+                strategy=cand.strategy,
+                exact=cand.exact,
+                effect_rel_error=figures["effect_rel_error"],
+                max_abs_diff=figures["max_abs_diff"],
+                kl=figures["kl"],
+                top1_agreement=figures["top1_agreement"],
+                greedy_agreement=greedy,
+                weight_error_max=max(errs.values(), default=0.0),
+                weight_error_mean=sum(errs.values()) / max(len(errs), 1),
+                passed=passed,
+                module_errors=errs,
+            )
         )
         tick(cand.name)
     return Report(base_name, str(device), str(dtype).removeprefix("torch."), list(prompts), tol, rows)
 
 
-def claims_exact(strategy: str | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]) -> bool:
-    """Whether a merge result promises the stacked outputs: cat and multiplicative always; svd when every
-    module kept at least the rank of the sum's stacked factors (Σ r_i, or the full matrix rank)."""
-    if strategy in ("cat", "multiplicative"):
-        return True
-    if strategy != "svd":
+def claims_exact(recipe: Recipe | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]) -> bool:
+    """Whether a merged folder promises the stacked outputs, by the exactness rules of the strategies its
+    recipe names (``additive_strategy`` for additive deltas, ``ia3_strategy`` for IA³ vectors), module by
+    module. A result merged in this session carries it as ``MergeResult.exact``; no recipe, no promise.
+    """
+    parts = [s for s in (recipe.additive_strategy, recipe.ia3_strategy) if s] if recipe else []
+    if not parts or not set(parts) <= set(strategies.names()):
         return False
     for ad in merged:
         for mod, d in ad.deltas.items():
-            if isinstance(d, Scale):
-                continue
-            bound = sum(
-                a.deltas[mod].low_rank().rank for a in inputs if isinstance(a.deltas.get(mod), AdditiveDelta)
-            )
-            if d.rank < min(bound, *d.target.matrix_shape):
+            name = recipe.ia3_strategy if isinstance(d, Scale) else recipe.additive_strategy
+            if name is not None and not strategies.get(name).exact_for(
+                d, [a.deltas[mod] for a in inputs if mod in a.deltas]
+            ):
                 return False
     return True

@@ -194,5 +194,5 @@ def test_recipe_with_an_unknown_key_or_a_wrong_type_is_one_line(fx, tmp_path):
     assert r.exit_code == 2 and "unknown recipe key 'rnak'" in r.output and str(bad) in r.output
     bad.write_text(f'inputs = ["{a}"]\nstrategy = "svd"\nrank = "four"\n')
     r = _invoke("merge", "--recipe", bad, "-o", tmp_path / "o")
-    assert r.exit_code == 2 and "option rank must be int" in r.output
+    assert r.exit_code == 2 and "option --rank must be int" in r.output
     assert not (tmp_path / "o").exists()

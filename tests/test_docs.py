@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from cli.main import cli
 from merging import report as report_lib
 from merging import sources
+from merging.results import Comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,13 +56,15 @@ def test_every_command_in_cli_md_runs(example_base, tmp_path, monkeypatch):
 def test_guide_tables_are_the_committed_report():
     """Every row of the guide's tables is a row of reports/example/report.json, rendered the same way."""
     data = json.loads((ROOT / "reports" / "example" / "report.json").read_text())
+    report = Comparison.from_dict(data)
+    assert report.to_dict() == data  # the typed report reads and writes report.json unchanged
     guide = (ROOT / "docs" / "guide.md").read_text()
-    head, rows = report_lib.table_rows(data)
+    head, rows = report_lib.table_rows(report)
     quoted = [ln for ln in guide.splitlines() if ln.startswith("| ") and ln.count("|") == len(head) + 1]
     expected = {"| " + " | ".join(r) + " |" for r in rows}
     fidelity = [q for q in quoted if q.split("|")[1].strip() in {r[0] for r in rows}]
     assert len(fidelity) >= 5 and set(fidelity) <= expected
-    shead, srows = report_lib.skill_rows(data)
+    shead, srows = report_lib.skill_rows(report)
     skills = {"| " + " | ".join(r) + " |" for r in srows}
     names = {r[0] for r in srows}
     quoted_skills = [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from merging.recipe import Recipe
 from tests.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,7 @@ def test_download_by_revision_and_subfolder_records_the_commit(hub, tmp_path, fx
     r = _cli(hub, tmp_path, "merge", "alice/math@v1", "bob/many:loha", "-s", "cat", "-o", out)
     assert r.returncode == 0, r.stderr
     recipe = json.loads((out / "merge_recipe.json").read_text())
+    assert Recipe.from_dict(recipe).to_dict() == recipe
     hubs = [i["hub"] for i in recipe["inputs"]]
     assert hubs[0]["repo"] == "alice/math" and hubs[0]["revision"] == v1
     assert hubs[1]["subfolder"] == "loha" and hubs[1]["revision"] == sha_b

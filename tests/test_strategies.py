@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merging import strategies
-from merging.adapter import Adapter, base_shapes
+from merging.adapter import Adapter, base_shapes, weighted
 from merging.deltas import AdditiveDelta, LowRank, Scale, Target
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.formats import peft as fp
@@ -39,7 +39,7 @@ def test_exact_strategies_reproduce_the_sum(fx, combo, strategy, weights):
     ads = _read(fx, COMBOS[combo])
     ws = weights[: len(ads)] if weights else [1.0] * len(ads)
     opts = Options(rank=10_000) if strategy == "svd_full" else Options()
-    result = merge(ads, strategy.removesuffix("_full"), ws, opts)
+    result = merge(weighted(ads, ws), strategy.removesuffix("_full"), opts)
     (out,) = result.adapters
     for mod, d in out.deltas.items():
         assert_close(d.dense(), _exact_sum(ads, ws, mod), what=f"{combo} {mod}")
@@ -51,7 +51,7 @@ def test_exact_strategies_reproduce_the_sum(fx, combo, strategy, weights):
 
 def test_multiplicative_is_the_product(fx):
     ads = _read(fx, ["ia3", "ia3_b"])
-    (out,) = merge(ads, "multiplicative").adapters
+    (out,) = merge(weighted(ads), "multiplicative").adapters
     for mod, d in out.deltas.items():
         expected = torch.ones_like(d.l)
         for ad in ads:
@@ -59,7 +59,7 @@ def test_multiplicative_is_the_product(fx):
                 expected = expected * ad.deltas[mod].l
         assert_close(d.l, expected, what=mod)
         assert d.side == next(ad.deltas[mod].side for ad in ads if mod in ad.deltas)
-    (half,) = merge(ads, "multiplicative", [0.5, 2.0]).adapters
+    (half,) = merge(weighted(ads, [0.5, 2.0]), "multiplicative").adapters
     mod = "model.layers.0.mlp.down_proj"
     assert_close(half.deltas[mod].l, ads[0].deltas[mod].l ** 0.5 * ads[1].deltas[mod].l ** 2)
 
@@ -67,7 +67,7 @@ def test_multiplicative_is_the_product(fx):
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_svd_rank_k_equals_dense_truncated_svd(fx, k):
     ads = _read(fx, ["lora", "loha", "lokr"])
-    (out,) = merge(ads, "svd", [1.0, 0.7, -1.3], Options(rank=k)).adapters
+    (out,) = merge(weighted(ads, [1.0, 0.7, -1.3]), "svd", Options(rank=k)).adapters
     for mod, d in out.deltas.items():
         total = _exact_sum(ads, [1.0, 0.7, -1.3], mod).double()
         u, s, vh = torch.linalg.svd(total, full_matrices=False)
@@ -78,7 +78,7 @@ def test_svd_rank_k_equals_dense_truncated_svd(fx, k):
 
 def test_svd_energy_picks_the_smallest_rank(fx):
     ads = _read(fx, ["lora", "lora_b", "lora_r8"])
-    result = merge(ads, "svd", options=Options(energy=0.9))
+    result = merge(weighted(ads), "svd", options=Options(energy=0.9))
     for mod, d in result.adapters[0].deltas.items():
         s = torch.linalg.svdvals(_exact_sum(ads, [1, 1, 1], mod).double())
         frac = torch.cumsum(s**2, 0) / (s**2).sum()
@@ -87,8 +87,8 @@ def test_svd_energy_picks_the_smallest_rank(fx):
 
 def test_svd_clamp_follows_peft(fx):
     ads = _read(fx, ["lora", "lora_b"])
-    plain = merge(ads, "svd", options=Options(rank=4)).adapters[0]
-    clamped = merge(ads, "svd", options=Options(rank=4, clamp=0.5)).adapters[0]
+    plain = merge(weighted(ads), "svd", options=Options(rank=4)).adapters[0]
+    clamped = merge(weighted(ads), "svd", options=Options(rank=4, clamp=0.5)).adapters[0]
     mod = "model.layers.0.self_attn.q_proj"
     b, a = plain.deltas[mod].b, plain.deltas[mod].a
     hi = torch.quantile(torch.cat([b.flatten(), a.flatten()]), 0.5)
@@ -191,7 +191,7 @@ def test_geometric_and_linear_ia3():
     lin = strategies.get("linear").fn(ds, [1.0, 0.5], Options(), "m")
     assert_close(lin.l, t + 0.5 * u)
     neg = [Scale(torch.tensor([-1.0, 2.0]), "in"), Scale(torch.tensor([4.0, 2.0]), "in")]
-    with pytest.raises(UnsupportedError, match="--signed"):
+    with pytest.raises(UnsupportedError, match="`signed`"):
         strategies.get("geometric").fn(neg, [1.0, 1.0], Options(), "m")
     signed = strategies.get("geometric").fn(neg, [1.0, 3.0], Options(signed=True), "m")
     assert_close(signed.l, torch.tensor([4.0**0.75, 2.0]))
@@ -218,7 +218,7 @@ def test_ia3_with_additive_composes_exactly(fx, order, strategy):
     ads = _read(fx, order)
     ws = [1.0, 0.5, -1.0, 1.0][: len(ads)]
     opts = Options(rank=10_000) if strategy == "svd_full" else Options()
-    result = merge(ads, strategy.removesuffix("_full"), ws, opts)
+    result = merge(weighted(ads, ws), strategy.removesuffix("_full"), opts)
     ia3, lora = result.adapters
     assert ia3.kinds == {"ia3"} and lora.kinds == {"lora"}
     base = fx.load_base("llama")
@@ -236,7 +236,7 @@ def test_ia3_on_both_sides_of_one_module_is_refused():
     b = Adapter("b", {"m": Scale(torch.ones(4), "out")})
     c = Adapter("c", {"m": LowRank(torch.ones(4, 1), torch.ones(1, 4), 1.0, t)})
     with pytest.raises(UnsupportedError, match="both the input and the output"):
-        merge([a, c, b], "cat")
+        merge(weighted([a, c, b]), "cat")
 
 
 # ---------------------------------------------------------------- registry, options, auxiliary modules
@@ -252,7 +252,7 @@ def test_registry_lists_names_on_a_miss():
 
 
 def test_options_are_validated():
-    with pytest.raises(MergingError, match="--density"):
+    with pytest.raises(MergingError, match="`density`"):
         Options(density=1.5)
     with pytest.raises(MergingError, match="not both"):
         Options(rank=4, energy=0.9)
@@ -260,18 +260,18 @@ def test_options_are_validated():
 
 def test_linear_refuses_unequal_ranks_and_loha(fx):
     with pytest.raises(UnsupportedError, match="equal ranks"):
-        merge(_read(fx, ["lora", "lora_r8"]), "linear")
+        merge(weighted(_read(fx, ["lora", "lora_r8"])), "linear")
     with pytest.raises(UnsupportedError, match="LoRA factors"):
-        merge(_read(fx, ["lora", "loha"]), "linear")
+        merge(weighted(_read(fx, ["lora", "loha"])), "linear")
 
 
 def test_dora_needs_base_weights(fx):
     ads = _read(fx, ["lora_dora", "lora"])
     with pytest.raises(UnsupportedError, match="DoRA"):
-        merge(ads, "cat")
+        merge(weighted(ads), "cat")
     base = fx.load_base("llama")
     weights = {n: m.weight.detach() for n, m in base.named_modules() if hasattr(m, "weight")}
-    (out,) = merge(ads, "cat", base_weights=weights.__getitem__).adapters
+    (out,) = merge(weighted(ads), "cat", base_weights=weights.__getitem__).adapters
     mod = "model.layers.0.self_attn.q_proj"
     expected = ads[0].deltas[mod].dora_dense(weights[mod]) + ads[1].deltas[mod].dense()
     assert_close(out.deltas[mod].dense(), expected, rtol=1e-5)
@@ -279,13 +279,13 @@ def test_dora_needs_base_weights(fx):
 
 def test_auxiliary_modules(fx):
     mts, tokens, lora = _read(fx, ["lora_mts", "lora_tokens", "lora"])
-    (out,) = merge([mts, tokens, lora], "cat").adapters
+    (out,) = merge(weighted([mts, tokens, lora]), "cat").adapters
     assert set(out.aux) == {"lm_head", "model.embed_tokens"}
     with pytest.raises(IncompatibleAdapters, match="pass `aux`=sum"):
-        merge([mts, mts], "cat")
+        merge(weighted([mts, mts]), "cat")
     base = fx.load_base("llama")
     w = base.lm_head.weight.detach()
-    (summed,) = merge([mts, mts], "cat", aux="sum", base_weights=lambda m: w).adapters
+    (summed,) = merge(weighted([mts, mts]), "cat", aux="sum", base_weights=lambda m: w).adapters
     new = summed.aux["lm_head"].tensors["weight"]
     assert_close(new, w + 2 * (mts.aux["lm_head"].tensors["weight"] - w), rtol=1e-6)
 
@@ -308,9 +308,47 @@ def test_parity_with_peft_add_weighted_adapter(fx, tmp_path, combination):
     model.set_adapter("merged")
     x = example_input("llama")
     theirs = run(model.eval(), "llama", x)
-    (ours,) = merge(_read(fx, names), combination, ws).adapters
+    (ours,) = merge(weighted(_read(fx, names), ws), combination).adapters
     fp.write(ours, tmp_path / "ours")
     mine = run(PeftModel.from_pretrained(fx.load_base("llama"), str(tmp_path / "ours")).eval(), "llama", x)
     base = run(fx.load_base("llama"), "llama", x)
     assert (theirs - base).norm() > 1e-3 * base.norm()
     assert_close(mine, theirs, rtol=1e-4, what=combination)
+
+
+# ---------------------------------------------------------------- exactness from the strategies' metadata
+
+
+def test_exactness_rule_lives_on_the_strategy():
+    t = Target("linear", (4, 6))
+    g = torch.Generator().manual_seed(0)
+
+    def lr(r):
+        return LowRank(torch.randn(4, r, generator=g), torch.randn(r, 6, generator=g), 1.0, t)
+
+    inputs = [lr(2), lr(3), Scale(torch.ones(4), "out")]  # the bound is min(2 + 3, 4, 6) = 4
+    svd = strategies.get("svd")
+    assert svd.exact_for(lr(4), inputs) and not svd.exact_for(lr(3), inputs)
+    assert svd.exact_for(lr(5), inputs[:2]) and not svd.exact_for(lr(1), inputs[:2])
+    assert strategies.get("cat").exact_for(lr(1), inputs)
+    assert strategies.get("multiplicative").exact_for(inputs[2], inputs[2:])
+    for name in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "geometric"):
+        assert strategies.get(name).exact == "never" and not strategies.get(name).exact_for(lr(4), inputs)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "rank", "exact"),
+    [("cat", None, True), ("svd", 10_000, True), ("svd", 1, False), ("ties", 10_000, False),
+     ("linear", None, False), ("multiplicative", None, True)],
+)  # fmt: skip
+def test_merge_result_carries_exactness(fx, strategy, rank, exact):
+    names = ["ia3", "ia3_b"] if strategy == "multiplicative" else ["lora", "lora_b"]
+    result = merge(weighted(_read(fx, names)), strategy, options=Options(rank=rank))
+    assert result.exact is exact
+    assert all((r.error is None) == (strategy == "cat") for r in result.modules if "lora" in r.kind)
+
+
+def test_svd_with_ia3_is_exact_at_full_rank(fx):
+    ads = _read(fx, ["lora", "ia3", "loha"])
+    assert merge(weighted(ads), "svd", options=Options(rank=10_000)).exact
+    assert not merge(weighted(ads), "svd", options=Options(rank=1)).exact

@@ -16,6 +16,7 @@ from merging.adapter import base_shapes, weighted
 from merging.bake import bake
 from merging.basemodel import resolve_device
 from merging.errors import DeviceError
+from merging.results import Report
 from merging.runtime import stacked
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close
@@ -30,6 +31,7 @@ def test_verify_cli_exact_pass_and_approximate(fx):
     r = _invoke("verify", "--base", fx.base("llama"), *ads, "-s", "cat", "-s", "svd", "--rank", "2", "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
+    assert Report.from_json(r.output).to_json() == r.output.strip()  # typed, and the same JSON
     rows = {row["strategy"]: row for row in report["rows"]}
     assert rows["cat"]["passed"] is True and rows["cat"]["effect_rel_error"] < 1e-5
     assert rows["cat"]["weight_error_max"] < 1e-5

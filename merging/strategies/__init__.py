@@ -1,20 +1,11 @@
-"""The strategy registry: every strategy is one small module; this list is the whole registry."""
+"""The strategy registry: every strategy is one small module (or one composition); this list is all of it."""
 
 from __future__ import annotations
 
 from merging.errors import MergingError, UnsupportedError
-from merging.strategies import (
-    cat,
-    dare_linear,
-    dare_ties,
-    geometric,
-    linear,
-    magnitude_prune,
-    multiplicative,
-    svd,
-    ties,
-)
+from merging.strategies import cat, geometric, linear, multiplicative, svd
 from merging.strategies.base import Options, Strategy
+from merging.strategies.pruned import dare, make, sign_elect_mean, top_magnitude, weighted_sum
 
 _REGISTRY: dict[str, Strategy] = {}
 
@@ -28,8 +19,18 @@ def register(strategy: Strategy) -> None:
     _REGISTRY[strategy.name] = strategy
 
 
-for _module in (cat, svd, linear, ties, dare_linear, dare_ties, magnitude_prune, multiplicative, geometric):
-    register(_module.STRATEGY)
+for _strategy in (
+    cat.STRATEGY,
+    svd.STRATEGY,
+    linear.STRATEGY,
+    make("ties", top_magnitude, sign_elect_mean, "trim, elect sign, disjoint mean; then svd"),
+    make("dare_linear", dare, weighted_sum, "random drop + rescale, weighted sum; then svd"),
+    make("dare_ties", dare, sign_elect_mean, "random drop + rescale, TIES sign; then svd"),
+    make("magnitude_prune", top_magnitude, weighted_sum, "top-magnitude entries, weighted sum; then svd"),
+    multiplicative.STRATEGY,
+    geometric.STRATEGY,
+):  # fmt: skip
+    register(_strategy)
 
 
 def get(name: str) -> Strategy:

@@ -40,20 +40,20 @@ class Options:
                 not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))
             ):
                 raise MergingError(
-                    f"option {name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}"
+                    f"option `{name}` must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}"
                 )
         if self.rank is not None and self.rank < 1:
-            raise MergingError(f"--rank must be at least 1, got {self.rank}")
+            raise MergingError(f"`rank` must be at least 1, got {self.rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
-            raise MergingError(f"--energy must be in (0, 1], got {self.energy}")
+            raise MergingError(f"`energy` must be in (0, 1], got {self.energy}")
         if self.rank is not None and self.energy is not None:
-            raise MergingError("give --rank or --energy, not both")
+            raise MergingError("give `rank` or `energy`, not both")
         if self.clamp is not None and not 0 < self.clamp <= 1:
-            raise MergingError(f"--clamp must be a quantile in (0, 1], got {self.clamp}")
+            raise MergingError(f"`clamp` must be a quantile in (0, 1], got {self.clamp}")
         if not 0 < self.density <= 1:
-            raise MergingError(f"--density must be in (0, 1], got {self.density}")
+            raise MergingError(f"`density` must be in (0, 1], got {self.density}")
         if self.majority_sign not in ("total", "frequency"):
-            raise MergingError(f"--majority-sign must be total or frequency, got {self.majority_sign!r}")
+            raise MergingError(f"`majority_sign` must be total or frequency, got {self.majority_sign!r}")
 
     def generator(self, module: str) -> torch.Generator:
         """A generator seeded from ``seed`` and the module name: reproducible, different per module."""
@@ -61,19 +61,40 @@ class Options:
 
 
 MergeFn = Callable[[Sequence[Delta], Sequence[float], Options, str], Delta]
+Exactness = Literal["always", "full_rank", "never"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Strategy:
-    """A named per-module merge function and what it promises."""
+    """A named per-module merge function and what it promises.
+
+    exact: whether a merged module reproduces the stacked outputs: "always", "never", or "full_rank"
+    (when the kept rank covers the rank of the sum, min(Σ r_i, out, in_flat)); see ``exact_for``.
+    """
 
     name: str
     fn: MergeFn
     space: Literal["dW", "factors", "ia3"]
-    exact: bool
+    exact: Exactness
     handles: Literal["additive", "ia3", "both"]
     doc: str
-    ranked: bool = False  # takes a rank budget (--rank / --energy)
+    ranked: bool = False  # takes a rank budget (`rank` / `energy`)
+
+    def exact_for(self, merged: Delta, inputs: Sequence[Delta]) -> bool:
+        """Whether ``merged``, this strategy's merge of one module's ``inputs``, reproduces their stack.
+
+        Args:
+            merged: the merged delta of the module.
+            inputs: the module's input deltas (IA³ vectors among them do not count towards the rank).
+
+        Returns:
+            True for an "always" strategy; for "full_rank", when the merged rank reaches the rank bound
+            of the sum, min(Σ r_i, out, in_flat); False otherwise.
+        """
+        if self.exact != "full_rank" or not isinstance(merged, AdditiveDelta):
+            return self.exact == "always"
+        bound = sum(d.rank for d in inputs if isinstance(d, AdditiveDelta))
+        return merged.rank >= min(bound, *merged.target.matrix_shape)
 
 
 def additive(deltas: Sequence[Delta], strategy: str, module: str) -> list[AdditiveDelta]:
@@ -84,7 +105,7 @@ def additive(deltas: Sequence[Delta], strategy: str, module: str) -> list[Additi
             raise UnsupportedError(f"{strategy} merges additive deltas; module {module} has an IA³ vector")
         if isinstance(d, LowRank) and d.magnitude is not None:
             raise UnsupportedError(
-                f"module {module}: a DoRA delta depends on the base weights; pass --base to resolve it"
+                f"module {module}: a DoRA delta needs its base weights; pass `base_weights` to resolve it"
             )
         out.append(d)
     return out

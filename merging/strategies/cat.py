@@ -26,4 +26,5 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
-STRATEGY = Strategy("cat", merge, "dW", True, "additive", "exact sum as one LoRA of rank Σ r_i")
+STRATEGY = Strategy(name="cat", fn=merge, space="dW", exact="always", handles="additive",
+                    doc="exact sum as one LoRA of rank Σ r_i")  # fmt: skip

@@ -24,11 +24,12 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     wn = [w / total for w in weights]
     stack = torch.stack([d.l.double() for d in ls])  # (n, features)
     if not opts.signed and bool((stack <= 0).any()):
-        raise UnsupportedError(f"module {module}: IA³ entries ≤ 0 have no logarithm (pass --signed)")
+        raise UnsupportedError(f"module {module}: IA³ entries ≤ 0 have no logarithm (pass `signed`)")
     w = torch.tensor(wn, dtype=torch.float64)[:, None]
     mag = torch.exp((w * stack.abs().clamp_min(1e-300).log()).sum(0))
     sign = torch.where((w * stack.sign()).sum(0) >= 0, 1.0, -1.0)
     return Scale((sign * mag).to(ls[0].l.dtype), ls[0].side, ls[0].layer)
 
 
-STRATEGY = Strategy("geometric", merge, "ia3", False, "ia3", "weighted geometric mean of IA³ vectors")
+STRATEGY = Strategy(name="geometric", fn=merge, space="ia3", exact="never", handles="ia3",
+                    doc="weighted geometric mean of IA³ vectors")  # fmt: skip

@@ -40,4 +40,5 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
-STRATEGY = Strategy("linear", merge, "factors", False, "both", "PEFT's factor-space linear (cross terms)")
+STRATEGY = Strategy(name="linear", fn=merge, space="factors", exact="never", handles="both",
+                    doc="PEFT's factor-space linear (cross terms)")  # fmt: skip

@@ -28,4 +28,5 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return Scale(out.to(ls[0].l.dtype), ls[0].side, ls[0].layer)
 
 
-STRATEGY = Strategy("multiplicative", merge, "ia3", True, "ia3", "product of IA³ vectors (exact stacked IA³)")
+STRATEGY = Strategy(name="multiplicative", fn=merge, space="ia3", exact="always", handles="ia3",
+                    doc="product of IA³ vectors (exact stacked IA³)")  # fmt: skip

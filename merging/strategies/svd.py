@@ -24,6 +24,5 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return LowRank(bk, ak, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
-STRATEGY = Strategy(
-    "svd", merge, "dW", True, "additive", "best rank-k approximation of the exact sum", ranked=True
-)
+STRATEGY = Strategy(name="svd", fn=merge, space="dW", exact="full_rank", handles="additive",
+                    doc="best rank-k approximation of the exact sum", ranked=True)  # fmt: skip

@@ -1,0 +1,52 @@
+"""The merge recipe and the verification report: typed, and byte-for-byte the JSON they were read from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from merging import sources
+from merging.adapter import weighted
+from merging.errors import MergingError
+from merging.merge import merge, recipe, write_result
+from merging.recipe import RECIPE_FILE, Recipe
+from merging.results import Report, Row
+from merging.strategies import Options
+
+
+@pytest.mark.parametrize(("names", "strategy"), [(["lora", "lokr"], "svd"), (["lora", "ia3"], "cat")])
+def test_recipe_round_trip_on_a_real_merge(fx, tmp_path, names, strategy):
+    ads = [sources.load(fx.adapter("llama", n))[0] for n in names]
+    result = merge(weighted(ads, [1.0, 0.5]), strategy, Options(rank=3 if strategy == "svd" else None))
+    made = recipe(result, ads)
+    write_result(result, tmp_path / "m", made.to_dict())
+    data = json.loads((tmp_path / "m" / RECIPE_FILE).read_text())
+    assert Recipe.from_dict(data).to_dict() == data == json.loads(json.dumps(made.to_dict()))
+    read = Recipe.read(tmp_path / "m")
+    assert read == made and read.weights == [1.0, 0.5] and read.options.rank == made.options.rank
+    assert read.outputs == tuple(a.name for a in result.adapters)
+    assert [i.kinds for i in read.inputs] == [tuple(sorted(a.kinds)) for a in ads]
+
+
+def test_no_recipe_is_none_and_a_malformed_one_names_the_file(tmp_path):
+    assert Recipe.read(tmp_path) is None
+    (tmp_path / RECIPE_FILE).write_text('{"inputs": [], "strategy": "cat"}')
+    with pytest.raises(MergingError, match=rf"{RECIPE_FILE}: recipe: malformed .*additive_strategy"):
+        Recipe.read(tmp_path)
+    (tmp_path / RECIPE_FILE).write_text("{oops")
+    with pytest.raises(MergingError, match="invalid JSON"):
+        Recipe.read(tmp_path)
+
+
+def test_row_verdict_and_report_json_round_trip():
+    def row(name, exact, passed):
+        return Row(name, "cat", exact, 1e-6, 1e-6, None, None, None, 0.0, 0.0, passed, {"m": 0.0})
+
+    report = Report("base", "cpu", "float32", ["p"], 1e-4, [row("a", True, True), row("b", True, False)])
+    report = replace(report, rows=[*report.rows, row("c", False, None)])
+    assert [r.verdict for r in report.rows] == ["PASS", "FAIL", "approx."] and report.failed
+    assert Report.from_json(report.to_json()) == report
+    with pytest.raises(MergingError, match="verification row: malformed"):
+        Report.from_dict(report.to_dict() | {"rows": [{"name": "x"}]})
