@@ -85,6 +85,7 @@ def show(report: Comparison) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    console.print(report_lib.judged(report))
     head, rows = report_lib.skill_rows(report)
     if rows:
         skills = Table(title="skill retention (1 = as the adapter alone)")

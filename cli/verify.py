@@ -15,7 +15,7 @@ from merging.adapter import weighted
 from merging.basemodel import BaseLayout, load_base
 from merging.errors import MergingError
 from merging.fileio import atomic_file
-from merging.results import Report
+from merging.results import Report, judge_note
 from merging.strategies import Options
 from merging.verify import PROMPTS, Candidate, claims_exact, verify
 
@@ -49,6 +49,7 @@ def show(report: Report) -> None:
             _fmt(r.top1_agreement, ".1%"), _fmt(r.greedy_agreement, ".1%"), _fmt(r.weight_error_max), verdict,
         )  # fmt: skip
     console.print(table)
+    console.print(judge_note(report.reference_reason, report.reference_checks, report.rows))
 
 
 @click.command("verify")
@@ -95,7 +96,8 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         recipe = merge_lib.read_recipe(folder)
         recipe_weights = recipe_weights or (recipe.weights if recipe else None) or None
         exact = claims_exact(recipe, adapters, merged)
-        candidates.append(Candidate(str(folder), merged, recipe.strategy if recipe else None, exact))
+        strategy = recipe.strategy if recipe else None
+        candidates.append(Candidate(str(folder), merged, strategy, exact, folder=Path(folder)))
     if recipe_weights and len(recipe_weights) != len(adapters):
         recipe_weights = None  # the recipe merged other inputs: compare against these, weight 1 each
     pairs = weighted(adapters, weights or recipe_weights)

@@ -25,7 +25,7 @@ from merging.adapter import Adapter, weighted
 from merging.errors import MergingError, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.recipe import Versions, inputs_of
-from merging.results import Comparison, Skill, Skills, Skipped, VariantResult
+from merging.results import Comparison, Skill, Skills, Skipped, VariantResult, judge_note
 from merging.runtime import stacked
 from merging.strategies import Options
 from merging.verify import Candidate, verify
@@ -177,6 +177,8 @@ def compare(
         not_applicable=tuple(skipped),
         skills=skills,
         versions=Versions.current(),
+        reference_reason=report.reference_reason,
+        reference_checks=report.reference_checks,
     )
 
 
@@ -285,6 +287,7 @@ def render_markdown(report: Comparison) -> str:
     inputs = [[i.name, ", ".join(i.kinds), f"{i.weight:g}"] for i in report.inputs]
     parts += ["", "## Inputs", "", _md_table(["name", "kinds", "weight"], inputs)]
     parts += ["", "## Fidelity against the stacked inputs", "", _md_table(*table_rows(report))]
+    parts += ["", judged(report)]
     if report.not_applicable:
         parts += ["", "Not applicable to these inputs:", ""]
         parts += [f"- `{s.label}`: {s.reason}" for s in report.not_applicable]
@@ -299,6 +302,11 @@ def render_markdown(report: Comparison) -> str:
     v = report.versions
     parts += ["", f"Made with merging {v.merging}, torch {v.torch}.", ""]
     return "\n".join(parts)
+
+
+def judged(report: Comparison) -> str:
+    """Who stacked the inputs and who loaded each merged result, in one paragraph."""
+    return judge_note(report.reference_reason, report.reference_checks, [v.row for v in report.variants])
 
 
 def render_html(report: Comparison, folder: Path) -> str:
@@ -332,6 +340,7 @@ def render_html(report: Comparison, folder: Path) -> str:
         f"<p>Base <code>{html.escape(report.base)}</code> on {report.device} ({report.dtype}). "
         f"Exact strategies pass at effect-relative error ≤ {report.tolerance:g}.</p>"
         f"<h2>Fidelity against the stacked inputs</h2>{table(*table_rows(report))}"
+        f"<p>{html.escape(judged(report))}</p>"
         + (f"<p>Not applicable:</p><ul>{na}</ul>" if na else "")
         + (f"<h2>Skill retention</h2>{table(head, rows)}" if rows else "")
         + "<h2>Plots</h2>"

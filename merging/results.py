@@ -8,7 +8,7 @@ dependency order so that ``publish`` can read a verification report without impo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from merging.errors import MergingError
@@ -34,6 +34,8 @@ class Row:
     weight_error_mean: float
     passed: bool | None  # None for a candidate that does not claim exactness
     module_errors: dict[str, float] = field(default_factory=dict)
+    reference: str = "merging.runtime"  # who stacked the inputs: "peft" (the files' own runtime) or ours
+    loaded_by: str = "merging.runtime"  # who loaded the merged result: "peft" (as users load it) or ours
 
     @property
     def verdict(self) -> Verdict:
@@ -46,7 +48,7 @@ class Row:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Row:
         with malformed("verification row"):
-            return cls(**{f.name: d[f.name] for f in fields(cls)})
+            return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d or f.default is MISSING})
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,14 @@ class Report:
     prompts: list[str]
     tolerance: float
     rows: list[Row]
+    reference_reason: str | None = None  # why PEFT could not stack the inputs (our runtime did)
+    reference_checks: dict[str, float] = field(default_factory=dict)  # ours vs PEFT on the parts it stacks
 
     @property
     def failed(self) -> bool:
-        """True when an exact candidate did not pass."""
-        return any(r.passed is False for r in self.rows)
+        """True when an exact candidate failed, or our runtime disagreed with PEFT where it was checked."""
+        checks_failed = any(e > self.tolerance for e in self.reference_checks.values())
+        return checks_failed or any(r.passed is False for r in self.rows)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +80,10 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> Report:
         with malformed("verification report"):
             rows = [Row.from_dict(r) for r in d["rows"]]
-            return cls(d["base"], d["device"], d["dtype"], list(d["prompts"]), d["tolerance"], rows)
+            return cls(
+                d["base"], d["device"], d["dtype"], list(d["prompts"]), d["tolerance"], rows,
+                d.get("reference_reason"), dict(d.get("reference_checks") or {}),
+            )  # fmt: skip
 
     @classmethod
     def from_json(cls, text: str) -> Report:
@@ -84,6 +92,20 @@ class Report:
         except ValueError as e:
             raise MergingError(f"invalid JSON ({e})") from e
         return cls.from_dict(data)
+
+
+def judge_note(reason: str | None, checks: dict[str, float], rows: list[Row]) -> str:
+    """One paragraph naming who stacked the inputs and who loaded each merged result."""
+    if reason is None:
+        text = "Reference: the input files stacked active by PEFT itself."
+    else:
+        checked = "; ".join(f"{part} {err:.1e}" for part, err in checks.items()) or "no part PEFT can stack"
+        text = f"Reference: merging.runtime ({reason}), checked against PEFT (effect-rel err): {checked}."
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        by.setdefault(r.loaded_by, []).append(r.name)
+    loaded = "; ".join(f"by {who}: {', '.join(names)}" for who, names in by.items())
+    return f"{text} Merged results loaded {loaded}." if rows else text
 
 
 # ------------------------------------------------------------------------------------------ compare
@@ -201,6 +223,8 @@ class Comparison:
     skills: Skills
     versions: Versions
     plots: tuple[str, ...] | None = None  # the PNG files, once written
+    reference_reason: str | None = None  # why PEFT could not stack the inputs (our runtime did)
+    reference_checks: dict[str, float] = field(default_factory=dict)  # ours vs PEFT on the parts it stacks
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``report.json``."""
@@ -217,6 +241,8 @@ class Comparison:
             "not_applicable": [asdict(s) for s in self.not_applicable],
             "skills": self.skills.to_dict(),
             "versions": asdict(self.versions),
+            "reference_reason": self.reference_reason,
+            "reference_checks": dict(self.reference_checks),
         }
         return out if self.plots is None else out | {"plots": list(self.plots)}
 
@@ -229,4 +255,5 @@ class Comparison:
                 tuple(VariantResult.from_dict(v) for v in d["variants"]),
                 tuple(Skipped(**s) for s in d["not_applicable"]), Skills.from_dict(d["skills"]),
                 Versions.from_dict(d["versions"]), None if d.get("plots") is None else tuple(d["plots"]),
+                d.get("reference_reason"), dict(d.get("reference_checks") or {}),
             )  # fmt: skip

@@ -1,5 +1,9 @@
 """Verification on the real base model: merged adapters against the inputs stacked active at once.
 
+The judge is independent (``judge.py``): PEFT stacks the ORIGINAL input files and loads a merged PEFT
+folder as users do; ``merging.runtime`` is the reference only where PEFT cannot stack the inputs, and is
+then checked against PEFT on every part PEFT can stack (``Report.reference_checks``).
+
 For each candidate: effect-relative error ‖y_merged − y_stacked‖ / ‖y_stacked − y_base‖ over the
 logits (or last hidden states for encoders), max abs difference, mean KL(p_stacked ‖ p_merged), top-1
 agreement, greedy continuation agreement, and per-module weight-space error computed from factors.
@@ -7,14 +11,18 @@ agreement, greedy continuation agreement, and per-module weight-space error comp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from merging import strategies
+from merging import formats, judge, strategies
 from merging.adapter import Adapter, Pair, layer_kind, stacks, weighted
 from merging.deltas import AdditiveDelta, Scale, sum_error
+from merging.errors import UnsupportedError
 from merging.recipe import Recipe
 from merging.results import Report, Row
 from merging.runtime import effective_weight, stacked
@@ -41,8 +49,26 @@ class Candidate:
     adapters: list[Adapter]
     strategy: str | None = None
     exact: bool = False
+    folder: Path | None = None  # where it is on disk: a PEFT folder there is loaded by PEFT itself
 
 
+
+
+@contextmanager
+def on_disk(candidates: Sequence[Candidate]) -> Iterator[list[Candidate]]:
+    """Candidates merged in memory, written as PEFT folders in a temporary folder so PEFT loads them as
+    users do (one that has no PEFT form, e.g. an IA³ + LoRA pair, stays in memory: our runtime loads it)."""
+    with tempfile.TemporaryDirectory(prefix="merging-verify-") as tmp:
+        out = []
+        for i, cand in enumerate(candidates):
+            if cand.folder is None and len(cand.adapters) == 1:
+                try:
+                    folder = formats.get("peft").write(cand.adapters[0], Path(tmp) / f"candidate{i}")
+                    cand = replace(cand, folder=folder)
+                except UnsupportedError:
+                    pass
+            out.append(cand)
+        yield out
 
 
 def batch_inputs(
@@ -158,37 +184,57 @@ def verify(
 
     y_base = _outputs(model, batch)
     tick("base")
-    with stacked(model, pairs):
+    with judge.reference(model, pairs) as the_plan:
         y_stack = _outputs(model, batch)
         g_stack = _greedy(model, batch, max_new_tokens, pad_id) if is_lm and max_new_tokens else None
+    checks = {} if the_plan.reference == judge.PEFT else reference_checks(model, batch, pairs, y_base)
     tick("stacked")
     rows = []
-    for cand in candidates:
-        with stacked(model, weighted(cand.adapters)):
-            y_m = _outputs(model, batch)
-            g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
-        figures = _compare(y_base, y_stack, y_m, is_lm)
-        errs = module_errors(model, pairs, cand.adapters)
-        greedy = None if g_m is None else float((g_m == g_stack).float().mean())
-        passed = figures["effect_rel_error"] <= tol if cand.exact else None
-        rows.append(
-            Row(
-                name=cand.name,
-                strategy=cand.strategy,
-                exact=cand.exact,
-                effect_rel_error=figures["effect_rel_error"],
-                max_abs_diff=figures["max_abs_diff"],
-                kl=figures["kl"],
-                top1_agreement=figures["top1_agreement"],
-                greedy_agreement=greedy,
-                weight_error_max=max(errs.values(), default=0.0),
-                weight_error_mean=sum(errs.values()) / max(len(errs), 1),
-                passed=passed,
-                module_errors=errs,
+    with on_disk(candidates) as written:
+        for cand in written:
+            with judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
+                y_m = _outputs(model, batch)
+                g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
+            figures = _compare(y_base, y_stack, y_m, is_lm)
+            errs = module_errors(model, pairs, cand.adapters)
+            greedy = None if g_m is None else float((g_m == g_stack).float().mean())
+            rows.append(
+                Row(
+                    name=cand.name,
+                    strategy=cand.strategy,
+                    exact=cand.exact,
+                    effect_rel_error=figures["effect_rel_error"],
+                    max_abs_diff=figures["max_abs_diff"],
+                    kl=figures["kl"],
+                    top1_agreement=figures["top1_agreement"],
+                    greedy_agreement=greedy,
+                    weight_error_max=max(errs.values(), default=0.0),
+                    weight_error_mean=sum(errs.values()) / max(len(errs), 1),
+                    passed=figures["effect_rel_error"] <= tol if cand.exact else None,
+                    module_errors=errs,
+                    reference=the_plan.reference,
+                    loaded_by=loaded_by,
+                )
             )
-        )
-        tick(cand.name)
-    return Report(base_name, str(device), str(dtype).removeprefix("torch."), list(prompts), tol, rows)
+            tick(cand.name)
+    dt = str(dtype).removeprefix("torch.")
+    return Report(base_name, str(device), dt, list(prompts), tol, rows, the_plan.reason, checks)
+
+
+def reference_checks(model, batch, pairs: Sequence[Pair], y_base: torch.Tensor) -> dict[str, float]:
+    """Where our runtime is the reference: its outputs against PEFT's on each part PEFT can stack.
+
+    Returns:
+        part name (e.g. "additive inputs") → effect-relative error of our runtime against PEFT.
+    """
+    out = {}
+    for label, part in judge.parts(pairs):
+        with stacked(model, part):
+            y_ours = _outputs(model, batch)
+        with judge.peft_stacked(model, judge.plan(part)):
+            y_peft = _outputs(model, batch)
+        out[label] = _compare(y_base, y_peft, y_ours, False)["effect_rel_error"]
+    return out
 
 
 def claims_exact(recipe: Recipe | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]) -> bool:

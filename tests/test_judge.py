@@ -11,7 +11,9 @@ import torch
 from merging import judge
 from merging.adapter import base_shapes, weighted
 from merging.formats import peft as fp
+from merging.merge import merge
 from merging.runtime import stacked
+from merging.verify import Candidate, verify
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close
 
@@ -56,3 +58,48 @@ def test_peft_reference_equals_runtime_and_leaves_the_model(fx, names):
         y_ours = run(model, "llama", x)
     assert_close(y_ours, y_peft, rtol=1e-5)
     assert not (y_peft == run(model, "llama", x)).all()  # the adapters did something
+
+
+def test_verify_stacks_the_inputs_and_loads_the_merge_with_peft(fx):
+    model = fx.load_base("llama")
+    pairs = weighted(_read(fx, "llama", ["lora", "loha", "lokr"]))
+    result = merge(pairs, "cat")
+    report = verify(model, None, pairs, [Candidate("cat", result.adapters, "cat", result.exact)])
+    (row,) = report.rows
+    assert (row.reference, row.loaded_by, report.reference_reason) == (judge.PEFT, judge.PEFT, None)
+    assert row.verdict == "PASS" and row.effect_rel_error < 1e-5
+
+
+def test_a_reader_bug_cannot_certify_itself(fx, monkeypatch):
+    """A reader that halves every LoRA makes merge and our runtime wrong together; PEFT, reading the
+    original files, still sees the truth and verify fails."""
+    model = fx.load_base("llama")
+    true_read = fp.read
+    monkeypatch.setattr(fp, "read", lambda *a, **k: _halved(true_read(*a, **k)))
+    pairs = weighted(_read(fx, "llama", ["lora", "lora_b"]))
+    result = merge(pairs, "cat")
+    cand = Candidate("cat", result.adapters, "cat", result.exact)
+    with stacked(model, pairs):  # the old reference, fed by the same reader, agrees with the wrong merge
+        y_ours = run(model, "llama", example_input("llama"))
+    with stacked(model, weighted(result.adapters)):
+        assert_close(run(model, "llama", example_input("llama")), y_ours, rtol=1e-5)
+    report = verify(model, None, pairs, [cand])
+    assert report.rows[0].reference == judge.PEFT
+    assert report.failed and report.rows[0].verdict == "FAIL" and report.rows[0].effect_rel_error > 0.1
+
+
+def _halved(adapter):
+    return adapter.with_deltas({m: replace(d, scale=d.scale / 2) for m, d in adapter.deltas.items()})
+
+
+def test_runtime_reference_is_checked_against_peft(fx):
+    model = fx.load_base("llama")
+    pairs = weighted(_read(fx, "llama", ["ia3", "lora", "loha"]))
+    result = merge(pairs, "cat")
+    report = verify(model, None, pairs, [Candidate("cat", result.adapters, "cat", result.exact)])
+    assert "IA³" in report.reference_reason
+    assert set(report.reference_checks) == {"ia3 inputs", "additive inputs"}
+    assert max(report.reference_checks.values()) < 1e-5
+    (row,) = report.rows
+    assert (row.reference, row.loaded_by) == (judge.RUNTIME, judge.RUNTIME)  # an IA³ + LoRA pair
+    assert row.verdict == "PASS" and not report.failed
