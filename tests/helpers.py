@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -35,3 +37,12 @@ def rewrite_tensors(folder, fn):
     fn(t)
     save_file(t, str(f))
     return f
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the model's state dict, by name: equal only when bit-identical."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

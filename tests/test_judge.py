@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 
 import pytest
-import torch
 
 from merging import judge
 from merging.adapter import base_shapes, weighted
@@ -15,20 +13,13 @@ from merging.merge import merge
 from merging.runtime import stacked
 from merging.verify import Candidate, verify
 from tests.fixtures import example_input, run
-from tests.helpers import assert_close
+from tests.helpers import assert_close, state_hash
 
 
 def _read(fx, kind, names):
     shapes = base_shapes(fx.load_base(kind))
     return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
 
-
-def _hash(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_plan_names_who_stacks(fx):
@@ -48,12 +39,12 @@ def test_plan_names_who_stacks(fx):
 @pytest.mark.parametrize("names", [["lora", "loha", "lokr"], ["ia3", "ia3_b"]])
 def test_peft_reference_equals_runtime_and_leaves_the_model(fx, names):
     model, x = fx.load_base("llama"), example_input("llama")
-    before = _hash(model)
+    before = state_hash(model)
     pairs = weighted(_read(fx, "llama", names))
     with judge.reference(model, pairs) as the_plan:
         y_peft = run(model, "llama", x)
     assert the_plan.reference == judge.PEFT
-    assert _hash(model) == before
+    assert state_hash(model) == before
     with stacked(model, pairs):
         y_ours = run(model, "llama", x)
     assert_close(y_ours, y_peft, rtol=1e-5)

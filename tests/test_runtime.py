@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
-import torch
 
 from merging.adapter import base_shapes, weighted
 from merging.formats import peft as fp
 from merging.runtime import merge_into, stacked
 from tests.fixtures import example_input, run
-from tests.helpers import assert_close
+from tests.helpers import assert_close, state_hash
 
 
 def _read(fx, kind, names):
@@ -43,13 +40,6 @@ def _peft_ia3(fx, kind, names):
     return model.eval()
 
 
-def _hash(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 
 CASES = [
     ("llama", ["lora", "loha", "lokr"]),
@@ -66,11 +56,11 @@ def test_stacked_equals_peft_mixed_model(fx, kind, names):
     x = example_input(kind)
     expected = run(_peft_mixed(fx, kind, names), kind, x)
     model = fx.load_base(kind)
-    before = _hash(model)
+    before = state_hash(model)
     with stacked(model, weighted(_read(fx, kind, names))):
         ours = run(model, kind, x)
     assert (ours - expected).abs().max() <= 1e-5
-    assert _hash(model) == before
+    assert state_hash(model) == before
     assert (ours - run(model, kind, x)).abs().max() > 1e-4
 
 
@@ -115,13 +105,13 @@ def test_merge_into_equals_stacked_and_undoes_exactly(fx, kind, names):
     ads = _read(fx, kind, names)
     x = example_input(kind)
     model = fx.load_base(kind)
-    before = _hash(model)
+    before = state_hash(model)
     with stacked(model, weighted(ads)):
         expected = run(model, kind, x)
     undo = merge_into(model, weighted(ads))
     assert_close(run(model, kind, x), expected, rtol=1e-5)
     undo()
-    assert _hash(model) == before
+    assert state_hash(model) == before
 
 
 def test_weighted_stack(fx):

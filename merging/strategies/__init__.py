@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from merging.errors import MergingError, UnsupportedError
+from merging.registry import Registry
 from merging.strategies import cat, geometric, linear, multiplicative, svd
 from merging.strategies.base import Options, Strategy
 from merging.strategies.pruned import dare, make, sign_elect_mean, top_magnitude, weighted_sum
 
-_REGISTRY: dict[str, Strategy] = {}
+_REGISTRY: Registry[Strategy] = Registry("strategy")
 
 
 def register(strategy: Strategy) -> None:
     """Add a strategy; a duplicate or malformed name is an error."""
-    if not strategy.name.isidentifier() or strategy.name != strategy.name.lower():
-        raise MergingError(f"strategy name {strategy.name!r} must be a lower-case identifier")
-    if strategy.name in _REGISTRY:
-        raise MergingError(f"strategy {strategy.name!r} is already registered")
-    _REGISTRY[strategy.name] = strategy
+    _REGISTRY.register(strategy.name, strategy)
 
 
 for _strategy in (
@@ -33,16 +29,8 @@ for _strategy in (
     register(_strategy)
 
 
-def get(name: str) -> Strategy:
-    """The strategy called ``name``; a miss lists the valid names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnsupportedError(f"unknown strategy {name!r}; choose one of: {', '.join(names())}") from None
-
-
-def names() -> list[str]:
-    return list(_REGISTRY)
+get = _REGISTRY.get  # the strategy called name; a miss lists the valid names
+names = _REGISTRY.names
 
 
 __all__ = ["Options", "Strategy", "get", "names", "register"]
