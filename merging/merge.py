@@ -34,7 +34,8 @@ from merging.deltas import (
 )
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.fileio import atomic_folder
-from merging.recipe import RECIPE_FILE, Recipe, Versions, inputs_of
+from merging.formats.peft import RECIPE_FILE, recipe_text
+from merging.recipe import Recipe, Versions, inputs_of
 from merging.sources import STACK_FILE
 from merging.strategies import Options
 
@@ -292,5 +293,5 @@ def write_result(
         (tmp / STACK_FILE).write_text(
             json.dumps({"stack": [ad.name for ad in result.adapters]}, indent=2) + "\n"
         )
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe_data, indent=2, sort_keys=True) + "\n")
+        (tmp / RECIPE_FILE).write_text(recipe_text(recipe_data))
     return Path(out)

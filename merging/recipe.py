@@ -16,10 +16,9 @@ from typing import Any
 
 from merging.adapter import Adapter
 from merging.errors import MergingError
+from merging.formats.peft import RECIPE_FILE
 from merging.sources import describe
 from merging.strategies import Options
-
-RECIPE_FILE = "merge_recipe.json"
 
 
 @contextmanager

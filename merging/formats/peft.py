@@ -335,8 +335,13 @@ def write(
         save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if provenance:
-            (tmp / RECIPE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+            (tmp / RECIPE_FILE).write_text(recipe_text(provenance))
     return Path(path)
 
 
 FORMAT = Format("peft", detect, read, write, uses_base=False)
+
+
+def recipe_text(provenance: Mapping[str, Any]) -> str:
+    """The merge_recipe.json text of a recipe dict (sorted keys, indented, one final newline)."""
+    return json.dumps(provenance, indent=2, sort_keys=True) + "\n"
