@@ -122,6 +122,13 @@ def base_shapes(model: torch.nn.Module) -> dict[str, tuple[Layer, tuple[int, ...
     return out
 
 
+def base_identity(name: str) -> str:
+    """Which base model a name means: a local folder by its resolved path (``base`` = ``./base/``), else the
+    Hub id as written."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name.rstrip("/")
+
+
 def align(adapters: Sequence[Adapter]) -> list[str]:
     """Check that adapters agree on every module they share; return the union of modules, sorted.
 
@@ -129,7 +136,7 @@ def align(adapters: Sequence[Adapter]) -> list[str]:
         IncompatibleAdapters: they name different base models.
         ShapeMismatch: a shared module has different base weight shapes (naming the module and both shapes).
     """
-    bases = {a.base_model for a in adapters if a.base_model}
+    bases = {base_identity(a.base_model) for a in adapters if a.base_model}
     if len(bases) > 1:
         names = ", ".join(f"{a.where} ({a.base_model})" for a in adapters if a.base_model)
         raise IncompatibleAdapters(f"adapters are for different base models: {names}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from merging.adapter import base_shapes
-from merging.deltas import AdditiveDelta, LowRank, ModuleReplacement, Scale, TokenRows
+from merging.deltas import AdditiveDelta, LowRank, ModuleReplacement, Scale, Target, TokenRows
 from merging.errors import FormatError, MergingError, NonFiniteError, ShapeMismatch
 from merging.formats import peft as fp
 from tests.fixtures import ADAPTERS, example_input, run
@@ -280,3 +280,36 @@ def test_write_refuses_existing_output(fx, tmp_path):
         fp.write(ad, tmp_path / "o")
     fp.write(ad, tmp_path / "o", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+@pytest.mark.parametrize(
+    "ff", [["4h_to_h"], ["down_proj"], ["mlp.fc2"], ["fc2"], r"gpt_neox\.layers\.\d+\.mlp\.dense_4h_to_h", []]
+)
+def test_ia3_feedforward_matching_is_peft_s(ff):
+    """IA³'s input side is decided by PEFT's own rule (plain suffixes, or a full-name regex)."""
+    from peft import IA3Config
+    from peft.tuners.ia3 import IA3Model
+
+    from merging.formats.peft_config import is_feedforward
+
+    config = IA3Config(target_modules=ff or ["x"], feedforward_modules=ff)
+    keys = ["gpt_neox.layers.0.mlp.dense_4h_to_h", "gpt_neox.layers.0.mlp.dense_h_to_4h",
+            "model.layers.3.mlp.down_proj", "model.decoder.layers.1.fc2",
+            "model.decoder.layers.1.mlp.fc2"]  # fmt: skip
+    for key in keys:
+        assert is_feedforward({"feedforward_modules": ff}, key) == IA3Model._check_target_module_feedforward(
+            config, key
+        ), key
+
+
+def test_same_base_folder_however_written(tmp_path):
+    from merging.adapter import Adapter, align
+
+    (tmp_path / "base").mkdir()
+    d = LowRank(torch.ones(2, 1), torch.ones(1, 3), 1.0, Target("linear", (2, 3)))
+    a = Adapter("a", {"m": d}, base_model=str(tmp_path / "base"))
+    b = Adapter("b", {"m": d}, base_model=str(tmp_path / "base") + "/")
+    c = Adapter("c", {"m": d}, base_model=str(tmp_path / "other"))
+    assert align([a, b]) == ["m"]
+    with pytest.raises(MergingError, match="different base models"):
+        align([a, c])

@@ -28,11 +28,12 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 
 
 def is_feedforward(config: Mapping[str, Any], module: str) -> bool:
-    """Whether IA³ scales this module's input (feedforward_modules: a regex or a list of name suffixes)."""
+    """Whether IA³ scales this module's input, matched as PEFT matches: a regex on the whole module name,
+    or a list of plain string suffixes (``4h_to_h`` matches ``dense_4h_to_h``)."""
     ff = config.get("feedforward_modules") or []
     if isinstance(ff, str):
         return re.fullmatch(ff, module) is not None
-    return any(module == k or module.endswith("." + k) for k in ff)
+    return any(module.endswith(k) for k in ff)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
