@@ -19,6 +19,8 @@ from merging.errors import DeviceError, FormatError, SourceError
 from merging.fileio import cache_dir, sha256_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
 
 def _config(folder: Path):
@@ -81,19 +83,23 @@ def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", de
     if path.suffix == ".gguf" and path.is_file():
         path = _gguf_folder(path)
     where = str(path) if path.exists() else str(spec)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise SourceError(f"{spec}: not a transformers model folder (no config.json)")
     extra = {"device_map": device_map} if device_map else {}
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **extra)
         except ValueError:
             model = AutoModel.from_pretrained(where, dtype=DTYPES[dtype], **extra)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:  # missing, no weights, unknown model_type: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(f"{spec}: cannot load the base model ({first})") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
+    tokenizer = None
+    if not path.is_dir() or any((path / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+        except (OSError, ValueError, TypeError, RuntimeError):
+            tokenizer = None  # verify then runs on seeded token ids
     if dev is not None:
         model = model.to(dev)
     return model.eval(), tokenizer

@@ -178,3 +178,20 @@ def test_bake_peak_memory_stays_near_one_shard(tmp_path):
         f"peak grew by {grew / 2**20:.0f} MiB; largest shard {largest / 2**20:.0f} MiB"
     )
     assert grew < total / 2
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unknown_type", "no_weights"])
+def test_bad_base_is_one_line(fx, tmp_path, case):
+    import shutil
+
+    base = tmp_path / "base"
+    if case != "missing":
+        base.mkdir()
+    if case in ("unknown_type", "no_weights"):
+        shutil.copy(fx.base("llama") / "config.json", base / "config.json")
+    if case == "unknown_type":
+        cfg = json.loads((base / "config.json").read_text()) | {"model_type": "no_such_model"}
+        (base / "config.json").write_text(json.dumps(cfg))
+    r = _invoke("verify", "--base", base, fx.adapter("llama", "lora"), "-s", "cat")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and str(base) in r.output, r.output
