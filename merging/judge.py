@@ -14,14 +14,14 @@ PEFT injects its layers into the model in place; every context here unloads them
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from merging.adapter import Adapter, Pair
-from merging.errors import UnsupportedError
+from merging.errors import FormatError, UnsupportedError
 
 PEFT = "peft"
 RUNTIME = "merging.runtime"
@@ -74,6 +74,9 @@ def parts(pairs: Sequence[Pair]) -> list[tuple[str, list[Pair]]]:
     add = [p for p in pairs if peft_type(p[0]) in ADDITIVE_TYPES]
     return [(name, sub) for name, sub in (("ia3 inputs", ia3), ("additive inputs", add))
             if sub and plan(sub).reference == PEFT]  # fmt: skip
+
+
+PEFT_REFUSALS = (ValueError, TypeError, KeyError, RuntimeError, AttributeError)
 
 
 def _require_peft():
@@ -140,12 +143,19 @@ def reference(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[Plan]:
     from merging.runtime import stacked
 
     the_plan = plan(pairs)
-    if the_plan.reference == PEFT:
-        with peft_stacked(model, the_plan):
-            yield the_plan
-    else:
-        with stacked(model, pairs):
-            yield the_plan
+    with ExitStack() as stack:
+        if the_plan.reference == PEFT:
+            try:
+                stack.enter_context(peft_stacked(model, the_plan))
+            except PEFT_REFUSALS as e:  # e.g. modules_to_save active in two adapters at once
+                the_plan = Plan(RUNTIME, reason=f"PEFT refused to stack them ({_first_line(e)})")
+        if the_plan.reference == RUNTIME:
+            stack.enter_context(stacked(model, pairs))
+        yield the_plan
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @contextmanager
@@ -159,7 +169,12 @@ def loaded(model: nn.Module, adapters: Sequence[Adapter], folder: Path | None) -
     from merging.runtime import stacked
 
     if folder is not None and (Path(folder) / "adapter_config.json").is_file():
-        with peft_loaded(model, Path(folder)):
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(peft_loaded(model, Path(folder)))
+            except PEFT_REFUSALS as e:  # our output must load where users load it: that is a failure
+                why = _first_line(e)
+                raise FormatError(f"{folder}: PEFT cannot load this merged adapter ({why})") from None
             yield PEFT
     else:
         with stacked(model, weighted(adapters)):
