@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from merging import linalg
+from merging.auxiliary import Auxiliary, BaseTensors, ModuleReplacement, TokenRows  # noqa: F401 (re-exported)
 from merging.errors import ShapeMismatch, UnsupportedError
 
 Layer = Literal["linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d", "unknown"]
 Side = Literal["in", "out"]
-
 
 @dataclass(frozen=True)
 class Target:
@@ -68,7 +68,6 @@ class Target:
             raise ShapeMismatch(f"delta has shape {self.matrix_shape}, the base weight {new.matrix_shape}")
         return new
 
-
 class AdditiveDelta:
     """Shared behaviour of the additive deltas: ΔW in matrix form, exact factors, norms."""
 
@@ -105,7 +104,6 @@ class AdditiveDelta:
         if self.target.layer == "embedding":
             return lr.scale * (F.embedding(x, lr.b.to(torch.float32)) @ lr.a.float())
         return lr.scale * ((x.float() @ lr.a.float().T) @ lr.b.float().T)
-
 
 @dataclass(frozen=True, eq=False)
 class LowRank(AdditiveDelta):
@@ -156,7 +154,6 @@ class LowRank(AdditiveDelta):
         extra = sum(v.numel() for v in (self.bias, self.magnitude) if v is not None)
         return self.b.numel() + self.a.numel() + extra
 
-
 @dataclass(frozen=True, eq=False)
 class Hadamard(AdditiveDelta):
     """ΔW = scale·(B1A1) ⊙ (B2A2) (LoHa), stored as PEFT and LyCORIS store it.
@@ -202,7 +199,6 @@ class Hadamard(AdditiveDelta):
     def numel(self) -> int:
         parts = (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2)
         return sum(t.numel() for t in parts if t is not None)
-
 
 @dataclass(frozen=True, eq=False)
 class Kronecker(AdditiveDelta):
@@ -283,7 +279,6 @@ class Kronecker(AdditiveDelta):
         parts = (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2)
         return sum(t.numel() for t in parts if t is not None)
 
-
 @dataclass(frozen=True, eq=False)
 class Dense(AdditiveDelta):
     """ΔW = D (LyCORIS full/diff, DoRA resolved against its base, a replaced module as new − base)."""
@@ -315,7 +310,6 @@ class Dense(AdditiveDelta):
     def numel(self) -> int:
         return self.d.numel()
 
-
 @dataclass(frozen=True, eq=False)
 class Scale:
     """IA³: side=out gives y = l ⊙ (Wx + b); side=in gives y = W(l ⊙ x) + b. Multiplicative, not additive."""
@@ -341,29 +335,7 @@ class Scale:
             return l[:, None] * w
         return w * l.repeat_interleave(w.shape[1] // l.numel())[None, :]
 
-
-@dataclass(frozen=True, eq=False)
-class ModuleReplacement:
-    """A module replaced wholesale (PEFT ``modules_to_save``): its new tensors by name (weight, bias)."""
-
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, eq=False)
-class TokenRows:
-    """Embedding rows replaced (PEFT ``trainable_token_indices``): rows[i] is the new row of indices[i]."""
-
-    indices: tuple[int, ...]
-    rows: torch.Tensor  # (k, dim)
-
-    def __post_init__(self) -> None:
-        if self.rows.dim() != 2 or self.rows.shape[0] != len(self.indices):
-            n, shape = len(self.indices), tuple(self.rows.shape)
-            raise ShapeMismatch(f"{n} token indices but rows of shape {shape}")
-
-
 Delta = LowRank | Hadamard | Kronecker | Dense | Scale
-
 
 def stack_factors(items: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ w_i ΔW_i as one pair of stacked factors, scales and weights folded into B.
@@ -381,7 +353,6 @@ def stack_factors(items: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.T
         as_.append(lr.a.float())
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
-
 def sum_error(
     ref: Sequence[tuple[AdditiveDelta, float]], got: Sequence[tuple[AdditiveDelta, float]]
 ) -> float:
@@ -396,5 +367,3 @@ def sum_error(
     diff = max(float(linalg.gram_norm_sq(torch.cat([b_got, -b_ref], 1), torch.cat([a_got, a_ref], 0))), 0.0)
     return math.sqrt(diff / denom) if denom > 0 else math.sqrt(diff)
 
-
-Auxiliary = ModuleReplacement | TokenRows

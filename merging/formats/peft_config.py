@@ -14,6 +14,7 @@ from merging.adapter import Adapter
 from merging.deltas import Hadamard, Kronecker, LowRank
 from merging.errors import FormatError, UnsupportedError
 from merging.formats.lycoris import factorization
+from merging.formats.peft_fields import check_fields
 
 CONFIG = "adapter_config.json"
 SUPPORTED = ("LORA", "LOHA", "LOKR", "IA3")
@@ -50,6 +51,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     peft_type = config.get("peft_type")
     if peft_type not in SUPPORTED:
         raise FormatError(f"{path}: unknown peft_type {peft_type!r}; supported: {', '.join(SUPPORTED)}")
+    check_fields(config, path)
     return config
 
 
