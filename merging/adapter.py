@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from merging.auxiliary import Auxiliary, BaseTensors
 from merging.deltas import (
     AdditiveDelta,
-    Auxiliary,
     Delta,
     Dense,
     Hadamard,
@@ -210,12 +210,28 @@ def combine_aux(mod: str, items: Sequence[tuple[Adapter, Auxiliary]]) -> Auxilia
         return items[0][1]
     kinds = {type(a) for _, a in items}
     if len(kinds) > 1:
-        raise IncompatibleAdapters(
-            f"module {mod}: replaced by modules_to_save in one input, token rows in another"
-        )
+        names = " and ".join(sorted(k.__name__ for k in kinds))
+        raise IncompatibleAdapters(f"module {mod}: replaced in different ways by the inputs ({names})")
+    if kinds == {BaseTensors}:
+        return _same_base_tensors(mod, items)
     if kinds == {TokenRows}:
         idx = [i for _, a in items for i in a.indices]
         if len(set(idx)) == len(idx):  # disjoint rows: the union is exact
             return TokenRows(tuple(idx), torch.cat([a.rows for _, a in items]))
     names = ", ".join(ad.where for ad, _ in items)
     raise IncompatibleAdapters(f"module {mod} is replaced by several inputs ({names})")
+
+
+def _same_base_tensors(mod: str, items: Sequence[tuple[Adapter, BaseTensors]]) -> BaseTensors:
+    """Saved base-layer tensors of several inputs: equal ones are one; different ones cannot be stacked."""
+    merged: dict[str, torch.Tensor] = {}
+    for ad, a in items:
+        for key, t in a.tensors.items():
+            if key in merged and not torch.equal(merged[key], t):
+                raise IncompatibleAdapters(
+                    f"module {mod}: {ad.where} and an earlier input both saved a different base {key} "
+                    "(PEFT bias='all'/'lora_only' or saved embedding layers); loaded together, PEFT keeps "
+                    "only the last one"
+                )
+            merged[key] = t
+    return BaseTensors(merged)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from merging.adapter import Pair, stacks
+from merging.adapter import Pair, Stacks, stacks
+from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.basemodel import module_shapes
-from merging.deltas import ModuleReplacement, TokenRows
 from merging.errors import FormatError, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.runtime import effective_bias, effective_weight
@@ -55,6 +55,8 @@ def bake(
     plan = stacks(pairs, expand_tie=lambda mod: f"{mod}.weight" in weights.where)
     if outside := [m for m in plan.modules if m not in shapes]:
         raise FormatError(f"module {outside[0]} is not in the base model")
+    for mod in _tied_twins(plan, weights):
+        del plan.aux[mod]
     jobs = {f"{m}.weight": m for m in plan.modules}
     jobs |= {f"{m}.bias": m for m in plan.modules if f"{m}.bias" in weights}
     missing = sorted(m for n, m in jobs.items() if n.endswith(".weight") and n not in weights)
@@ -67,11 +69,11 @@ def bake(
         mod = jobs[name]
         layer, a, stack = shapes[mod][0], plan.aux.get(mod), plan.deltas.get(mod, [])
         if name.endswith(".bias"):
-            if isinstance(a, ModuleReplacement) and "bias" in a.tensors:
+            if isinstance(a, ModuleReplacement | BaseTensors) and "bias" in a.tensors:
                 t = a.tensors["bias"]
             return effective_bias(stack, t).to(t.dtype)
-        if isinstance(a, ModuleReplacement):
-            t = a.tensors.get("weight", t)
+        if isinstance(a, ModuleReplacement | BaseTensors) and "weight" in a.tensors:
+            t = a.tensors["weight"].clone()  # folded in place below: never into the adapter's own tensor
         elif isinstance(a, TokenRows):
             t = t.clone()
             t[list(a.indices)] = a.rows.to(t.dtype)
@@ -131,3 +133,24 @@ def stream_shard(src: Path, dst: Path, transforms: dict) -> None:
                 block = fin.read(min(CHUNK, left))
                 fout.write(block)
                 left -= len(block)
+
+
+def _tied_twins(plan: Stacks, weights: LazyWeights) -> list[str]:
+    """Tied modules (no stored weight) whose only change is a saved base weight equal to a stored module's:
+    PEFT saves a tied embedding twice; the stored one carries it."""
+    stored = {
+        m: a.tensors["weight"] for m, a in plan.aux.items()
+        if isinstance(a, BaseTensors) and "weight" in a.tensors and f"{m}.weight" in weights.where
+    }  # fmt: skip
+    twins = []
+    for mod, a in plan.aux.items():
+        if mod in plan.deltas or f"{mod}.weight" in weights.where or not isinstance(a, BaseTensors):
+            continue
+        w = a.tensors.get("weight")
+        if set(a.tensors) == {"weight"} and any(_same(w, s) for s in stored.values()):
+            twins.append(mod)
+    return twins
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)

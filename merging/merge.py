@@ -24,6 +24,7 @@ from merging.basemodel import BaseLayout
 from merging.deltas import (
     AdditiveDelta,
     Auxiliary,
+    BaseTensors,
     Delta,
     Dense,
     LowRank,
@@ -238,6 +239,8 @@ def _merge_aux(
 
 
 def _sum_aux(mod: str, items: list, base_weights: BaseWeights) -> ModuleReplacement | TokenRows:
+    if isinstance(items[0], BaseTensors):
+        raise UnsupportedError(f"`aux`=sum cannot add saved base tensors (trained biases) of module {mod}")
     base = base_weights(mod).float()
     if isinstance(items[0], TokenRows):
         idx = sorted({i for a in items for i in a.indices})

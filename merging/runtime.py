@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging.adapter import Pair, layer_kind, stacks
+from merging.auxiliary import Auxiliary, BaseTensors
 from merging.deltas import (
     AdditiveDelta,
     Delta,
@@ -27,7 +28,6 @@ from merging.deltas import (
     ModuleReplacement,
     Scale,
     Target,
-    TokenRows,
 )
 from merging.errors import ShapeMismatch, UnsupportedError
 
@@ -165,13 +165,18 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _replacement(module: nn.Module, aux: ModuleReplacement | TokenRows) -> nn.Module:
+def _replacement(module: nn.Module, aux: Auxiliary, name: str = "") -> nn.Module:
     """A copy of the module with the auxiliary tensors in place (the original is left untouched)."""
     new = copy.deepcopy(module)
     with torch.no_grad():
-        if isinstance(aux, ModuleReplacement):
+        if isinstance(aux, ModuleReplacement | BaseTensors):
             for key, value in aux.tensors.items():
-                getattr(new, key).copy_(value)
+                old = getattr(new, key, None)
+                if old is None or old.shape != value.shape:
+                    got = None if old is None else tuple(old.shape)
+                    shape = tuple(value.shape)
+                    raise ShapeMismatch(f"module {name}: saved {key} of shape {shape}, the base has {got}")
+                old.copy_(value)
         else:
             new.weight[list(aux.indices)] = aux.rows.to(new.weight.dtype)
     return new
@@ -200,7 +205,7 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
             kind = layer_kind(original)
             if kind is None:
                 raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
-            base = _replacement(original, plan.aux[mod]) if mod in plan.aux else original
+            base = _replacement(original, plan.aux[mod], mod) if mod in plan.aux else original
             ref = original.weight
             stack = plan.deltas.get(mod, [])
             ops = [_prepare(d, w, ref) for d, w in stack]
@@ -260,7 +265,7 @@ def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
                 if p is not None:
                     saved.setdefault(f"{mod}.{pname}", p.detach().clone())
             if mod in plan.aux:
-                m.load_state_dict(_replacement(m, plan.aux[mod]).state_dict())
+                m.load_state_dict(_replacement(m, plan.aux[mod], mod).state_dict())
             w, b = effective_weight(
                 plan.deltas.get(mod, []), m.weight, m.bias if hasattr(m, "bias") else None, kind
             )

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from merging.adapter import Adapter
-from merging.deltas import Delta, Hadamard, Kronecker, LowRank, ModuleReplacement, Scale, Target, TokenRows
+from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
+from merging.deltas import Delta, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import FormatError, NonFiniteError, UnsupportedError
 from merging.fileio import atomic_folder, reading
 from merging.formats import lycoris
@@ -128,17 +129,25 @@ def _read(folder: Path, allow_nonfinite: bool) -> Adapter:
     aux: dict = {}
     for module, parts in sorted(groups.items()):
         with naming(file, f"module {module}"):
+            saved = {k[len("base_layer.") :]: v for k, v in parts.items() if k.startswith("base_layer.")}
             parts = {k: v for k, v in parts.items() if not k.startswith("base_layer.")}
+            if saved:
+                aux[module] = BaseTensors(saved)
             if "token_adapter.trainable_tokens_delta" in parts:
+                if saved:
+                    raise UnsupportedError("trainable tokens on a layer whose base weights are saved too")
                 aux[module] = TokenRows(
                     pc.token_indices(config, module), parts.pop("token_adapter.trainable_tokens_delta")
                 )
             if not parts:
                 continue
             if set(parts) <= {"weight", "bias"}:
-                if not any(module == m or module.endswith("." + m) for m in mts):
+                if any(module == m or module.endswith("." + m) for m in mts):
+                    aux[module] = ModuleReplacement(dict(parts))
+                elif set(parts) == {"bias"} and config.get("bias", "none") == "all":
+                    aux[module] = BaseTensors(dict(parts))  # a trained bias of a module without adapter
+                else:
                     raise FormatError(f"{file}: unknown keys {sorted(parts)} for module {module}")
-                aux[module] = ModuleReplacement(dict(parts))
                 continue
             deltas[module] = _DELTA_READERS[peft_type](parts, config, module)
     tied = _find_ties(deltas) if config.get("ensure_weight_tying") else {}
@@ -263,6 +272,25 @@ def _ia3_tensors(mod: str, d: Scale) -> dict[str, torch.Tensor]:
     return {f"{PREFIX}{mod}.ia3_l": d.l.reshape(shape).contiguous()}
 
 
+def _base_tensors(
+    adapter: Adapter, saved: Mapping[str, BaseTensors], config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Base-layer tensors as PEFT saves them (``<module>.base_layer.<name>`` under an adapted module) and the
+    ``bias`` setting under which PEFT's save and load treat them alike."""
+    if config["peft_type"] != "LORA":
+        raise UnsupportedError(
+            f"{adapter.where}: trained base tensors (bias='all'/'lora_only') have a PEFT form for LoRA only"
+        )
+    adapted = set(adapter.deltas) | set(adapter.tied)
+    out: dict[str, torch.Tensor] = {}
+    for mod, a in saved.items():
+        where = f"{PREFIX}{mod}.base_layer" if mod in adapted else f"{PREFIX}{mod}"
+        out |= {f"{where}.{k}": v.contiguous() for k, v in a.tensors.items()}
+    biased = {m for m, a in saved.items() if "bias" in a.tensors}
+    config["bias"] = "none" if not biased else ("lora_only" if biased <= adapted else "all")
+    return out
+
+
 def write(
     adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
     base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
@@ -314,7 +342,11 @@ def write(
             f"{adapter.where}: {kind.__name__} deltas have no PEFT form; use cat or svd first"
         )
     mts, tokens = [], {}
+    if saved := {m: a for m, a in adapter.aux.items() if isinstance(a, BaseTensors)}:
+        tensors |= _base_tensors(adapter, saved, config)
     for mod, a in adapter.aux.items():
+        if isinstance(a, BaseTensors):
+            continue
         if isinstance(a, ModuleReplacement):
             mts.append(mod)
             tensors |= {f"{PREFIX}{mod}.{k}": v.contiguous() for k, v in a.tensors.items()}
