@@ -66,6 +66,13 @@ class Adapter:
     def numel(self) -> int:
         return sum(d.numel for d in self.deltas.values())
 
+    @property
+    def invocation(self) -> tuple[int, ...] | None:
+        """aLoRA's invocation tokens (PEFT ``alora_invocation_tokens``): the deltas act from their last
+        occurrence on; None for an adapter that acts on every token."""
+        tokens = self.config.get("alora_invocation_tokens")
+        return None if tokens is None else tuple(int(t) for t in tokens)
+
     def expanded(self) -> dict[str, Delta]:
         """Every module's delta, tied modules included (each sharing its source module's delta)."""
         return dict(self.deltas) | {mod: self.deltas[src] for mod, src in self.tied.items()}
@@ -235,3 +242,12 @@ def _same_base_tensors(mod: str, items: Sequence[tuple[Adapter, BaseTensors]]) -
                 )
             merged[key] = t
     return BaseTensors(merged)
+
+
+def common_invocation(adapters: Sequence[Adapter]) -> tuple[int, ...] | None:
+    """The aLoRA invocation tokens all inputs share (None when none is gated); mixing is an error."""
+    found = {ad.invocation for ad in adapters}
+    if len(found) > 1:
+        names = ", ".join(f"{ad.where} ({list(ad.invocation or []) or 'every token'})" for ad in adapters)
+        raise IncompatibleAdapters(f"aLoRA inputs must share their invocation tokens: {names}")
+    return found.pop() if found else None

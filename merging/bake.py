@@ -20,7 +20,7 @@ from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.basemodel import module_shapes
 from merging.errors import FormatError, UnsupportedError
 from merging.fileio import atomic_folder
-from merging.runtime import effective_bias, effective_weight
+from merging.runtime import effective_bias, effective_weight, refuse_gated
 from merging.tensorfiles import LazyWeights, safetensors_header
 
 Progress = Callable[[int, int, str], None]
@@ -52,6 +52,7 @@ def bake(
     shapes = module_shapes(base)
     weights = LazyWeights(base)
     # a module tied in the base too shares one stored tensor with its source: it takes the delta once
+    refuse_gated(pairs)
     plan = stacks(pairs, expand_tie=lambda mod: f"{mod}.weight" in weights.where)
     if outside := [m for m in plan.modules if m not in shapes]:
         raise FormatError(f"module {outside[0]} is not in the base model")

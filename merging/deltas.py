@@ -128,9 +128,11 @@ class LowRank(AdditiveDelta):
         if self.b.shape[0] != out or self.a.shape[1] != inf:
             got = (self.b.shape[0], self.a.shape[1])
             raise ShapeMismatch(f"LoRA factors give {got}, the module is {(out, inf)}")
-        for name, v in (("bias", self.bias), ("magnitude", self.magnitude)):
-            if v is not None and v.shape != (out,):
-                raise ShapeMismatch(f"LoRA {name} has shape {tuple(v.shape)}, expected ({out},)")
+        # DoRA normalises per output row, per embedding dimension for an embedding
+        mag = inf if self.target.layer == "embedding" else out
+        for name, v, n in (("bias", self.bias, out), ("magnitude", self.magnitude, mag)):
+            if v is not None and v.shape != (n,):
+                raise ShapeMismatch(f"LoRA {name} has shape {tuple(v.shape)}, expected ({n},)")
 
     def low_rank(self) -> LowRank:
         return self
@@ -146,8 +148,9 @@ class LowRank(AdditiveDelta):
         w_new = w + self.scale * (self.b.float() @ self.a.float())
         if self.magnitude is None:
             return w_new - w
-        norm = w_new.norm(dim=1)  # per output row, as PEFT's weight norm
-        return (self.magnitude.float() / norm)[:, None] * w_new - w
+        if self.target.layer == "embedding":  # per embedding dimension
+            return w_new * (self.magnitude.float() / w_new.norm(dim=0))[None, :] - w
+        return (self.magnitude.float() / w_new.norm(dim=1))[:, None] * w_new - w  # per output row
 
     @property
     def numel(self) -> int:

@@ -18,15 +18,14 @@ from typing import Any
 
 import torch
 
-from merging import formats, strategies
-from merging.adapter import Adapter, Pair, align, combine_aux
+from merging import dora, formats, strategies
+from merging.adapter import Adapter, Pair, Stack, align, combine_aux, common_invocation
 from merging.basemodel import BaseLayout
 from merging.deltas import (
     AdditiveDelta,
     Auxiliary,
     BaseTensors,
     Delta,
-    Dense,
     LowRank,
     ModuleReplacement,
     Scale,
@@ -100,6 +99,7 @@ def merge(
     add_strategy = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
     ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
     modules = align(adapters)
+    gate = common_invocation(adapters)
     tied = _merge_ties(adapters)
     lora: dict[str, Delta] = {}
     ia3: dict[str, Delta] = {}
@@ -107,12 +107,18 @@ def merge(
     exact = True
     for i, mod in enumerate(modules):
         stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
-        stack = [(_resolve_dora(d, mod, base_weights), w) for d, w in stack]
+        composed = None
+        if any(dora.is_dora(d) for d, _ in stack):  # PEFT's DoRA rescales what is stacked inside it
+            w0 = _base_matrix(stack, mod, base_weights)
+            if add_strategy.name == "cat":
+                composed = dora.compose(stack, w0, mod)
+            else:
+                stack = dora.contributions(stack, w0, mod)
         scale_part, add_part = _compose(stack)
         rank, numel, err, kinds = 0, 0, None, []
         if add_part:
             ds, ws = zip(*add_part, strict=True)
-            merged = add_strategy.fn(ds, ws, options, mod)
+            merged = composed if composed is not None else add_strategy.fn(ds, ws, options, mod)
             lora[mod] = merged
             rank, numel = merged.rank, merged.numel
             exact = exact and add_strategy.exact_for(merged, ds)
@@ -129,20 +135,34 @@ def merge(
         reports.append(ModuleReport(mod, "+".join(kinds), rank, numel, err))
         if progress:
             progress(i + 1, len(modules), mod)
+    if any(dora.is_dora(d) for d in lora.values()):  # PEFT's use_dora is per adapter: every module gets one
+        lora = {
+            m: d if dora.is_dora(d) else dora.as_dora(d, _base_matrix([(d, 1.0)], m, base_weights))
+            for m, d in lora.items()
+        }  # fmt: skip
     extra = _merge_aux(adapters, aux, base_weights, set(lora) | set(ia3))
     base = next((a.base_model for a in adapters if a.base_model), None)
     rev = next((a.revision for a in adapters if a.revision), None)
+    config = _common_config(adapters, gate)
     out = []
     if ia3:
-        out.append(Adapter("ia3", ia3, base, rev, aux={} if lora else extra))
+        out.append(Adapter("ia3", ia3, base, rev, aux={} if lora else extra, config=config))
     if lora or not ia3:
-        out.append(
-            Adapter("lora", lora, base, rev, aux=extra, tied={m: s for m, s in tied.items() if s in lora})
-        )
+        ties = {m: s for m, s in tied.items() if s in lora}
+        out.append(Adapter("lora", lora, base, rev, aux=extra, tied=ties, config=config))
     return MergeResult(
         out, reports, chosen.name, add_strategy.name if lora else None, ia3_strategy.name if ia3 else None,
         options, weights, exact,
     )  # fmt: skip
+
+
+def _common_config(adapters: Sequence[Adapter], gate: tuple[int, ...] | None) -> dict[str, Any]:
+    """What the merged adapter keeps of its inputs' configs: the task type they share, aLoRA's tokens."""
+    tasks = {ad.config.get("task_type") for ad in adapters}
+    config: dict[str, Any] = {"task_type": tasks.pop()} if len(tasks) == 1 else {}
+    if gate is not None:
+        config["alora_invocation_tokens"] = list(gate)
+    return config
 
 
 def weight_space_error(
@@ -152,11 +172,13 @@ def weight_space_error(
     return sum_error(list(zip(deltas, weights, strict=True)), [(merged, 1.0)])
 
 
-def _resolve_dora(d: Delta, mod: str, base_weights: BaseWeights | None) -> Delta:
-    """DoRA needs the base weight: with it, the exact Dense(W' − W); else unchanged (strategies refuse)."""
-    if isinstance(d, LowRank) and d.magnitude is not None and base_weights is not None:
-        return Dense(d.dora_dense(base_weights(mod)), d.target)
-    return d
+def _base_matrix(stack: Stack, mod: str, base_weights: BaseWeights | None) -> torch.Tensor:
+    """The base weight of a module with DoRA in its stack, in matrix form (float32)."""
+    if base_weights is None:
+        raise UnsupportedError(f"module {mod}: a DoRA delta needs its base weights; pass `base_weights`")
+    if any(isinstance(d, Scale) for d, _ in stack):
+        raise UnsupportedError(f"module {mod}: IA³ and DoRA on one module are not supported")
+    return stack[0][0].target.to_matrix(base_weights(mod).float())
 
 
 def _compose(

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merging.adapter import Pair, layer_kind, stacks
+from merging import dora
+from merging.adapter import Pair, common_invocation, layer_kind, stacks
 from merging.auxiliary import Auxiliary, BaseTensors
 from merging.deltas import (
     AdditiveDelta,
     Delta,
     Dense,
     Layer,
-    LowRank,
     ModuleReplacement,
     Scale,
     Target,
@@ -51,8 +51,13 @@ def _prepare(delta: Delta, weight: float, ref: torch.Tensor) -> _Op:
     dev, dt = ref.device, ref.dtype
     if isinstance(delta, Scale):
         return _Op("scale", weight, l=(delta.l.double() ** weight).to(dev, dt), side=delta.side)
-    if isinstance(delta, LowRank) and delta.magnitude is not None:
-        raise UnsupportedError("a DoRA delta cannot be stacked without resolving it against the base weight")
+    if dora.is_dora(delta):  # s from the base weight alone, as PEFT's DoRA layer computes it
+        if weight != 1.0:
+            raise UnsupportedError(f"a DoRA input has no stacked meaning at weight {weight:g}")
+        s = dora.magnitude_scale(delta, delta.target.to_matrix(ref.detach().float()))
+        return _Op(
+            "dora", 1.0, b=delta.b.to(dev, dt), a=delta.a.to(dev, dt), scale=delta.scale, l=s.to(dev, dt)
+        )  # fmt: skip
     if isinstance(delta, Dense):
         bias = None if delta.bias is None else (weight * delta.scale * delta.bias.float()).to(dev, dt)
         return _Op("add", weight, d=delta.dense().to(dev, dt), scale=weight, bias=bias)
@@ -61,14 +66,54 @@ def _prepare(delta: Delta, weight: float, ref: torch.Tensor) -> _Op:
     return _Op("add", weight, b=lr.b.to(dev, dt), a=lr.a.to(dev, dt), scale=weight * lr.scale, bias=bias)
 
 
-class StackedLayer(nn.Module):
-    """A base module with deltas stacked on top, innermost first."""
+def invocation_mask(ids: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+    """aLoRA: the positions from the last occurrence of the invocation tokens on, per row (PEFT's rule).
 
-    def __init__(self, base: nn.Module, kind: Layer, ops: list[_Op]) -> None:
+    Args:
+        ids: token ids (B, T).
+        tokens: the invocation sequence.
+
+    Returns:
+        A bool mask (B, T); all False in a row without the sequence.
+    """
+    inv = torch.tensor(list(tokens), device=ids.device)
+    n, (rows, t) = len(inv), ids.shape
+    if t < n:
+        return torch.zeros(rows, t, dtype=torch.bool, device=ids.device)
+    hits = (ids.unfold(1, n, 1) == inv).all(-1)  # (B, T-n+1): the sequence starts here
+    pos = torch.arange(hits.shape[1], device=ids.device)
+    start = torch.where(hits, pos, -1).amax(-1, keepdim=True)  # (B, 1): the last start, -1 if none
+    return (torch.arange(t, device=ids.device)[None, :] >= start) & (start >= 0)
+
+
+class _Gate:
+    """aLoRA gating for one stacked forward: the mask of the current input ids, kept across generation
+    steps (a cached step only sees its new token, which follows the prompt's invocation)."""
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self.tokens, self.mask, self.found = tuple(tokens), None, None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise UnsupportedError("an aLoRA needs input_ids to find its invocation tokens")
+        cache = kwargs.get("past_key_values")
+        if self.found is not None and cache is not None and cache.get_seq_length() > 0:
+            self.mask = self.found[:, None].expand(ids.shape)
+            return
+        self.mask = invocation_mask(ids, self.tokens)
+        self.found = self.mask.any(-1)
+
+
+class StackedLayer(nn.Module):
+    """A base module with deltas stacked on top, innermost first (gated by an aLoRA's mask if any)."""
+
+    def __init__(self, base: nn.Module, kind: Layer, ops: list[_Op], gate: _Gate | None = None) -> None:
         super().__init__()
         self.base = base
         self.kind = kind
         self.ops = ops
+        self.gate = gate
         if kind in ("conv1d", "conv2d") and base.groups != 1:
             raise UnsupportedError(f"grouped convolutions (groups={base.groups}) are not supported")
 
@@ -84,7 +129,21 @@ class StackedLayer(nn.Module):
                 return self._run(k - 1, x * self._channel(op.l, x), args, kwargs)
             y = self._run(k - 1, x, args, kwargs)
             return y * self._channel(op.l, y)
-        return self._run(k - 1, x, args, kwargs) + self._delta(op, x)
+        if op.kind == "dora":
+            return self._dora(op, x, self._run(k - 1, x, args, kwargs))
+        delta = self._delta(op, x)
+        if self.gate is not None:
+            delta = delta * self.gate.mask[..., None].to(delta.dtype)
+        return self._run(k - 1, x, args, kwargs) + delta
+
+    def _dora(self, op: _Op, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA on the running result y: s·(y − bias) + bias + s·ΔW x (an embedding: s·y + s·ΔW[x])."""
+        s = self._channel(op.l, y)
+        bias = getattr(self.base, "bias", None) if self.kind != "embedding" else None
+        if bias is None:
+            return s * (y + self._delta(op, x))
+        b = self._channel(bias, y)
+        return s * (y - b + self._delta(op, x)) + b
 
     def _channel(self, l: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """l shaped to broadcast over the channel dimension of t."""
@@ -136,9 +195,14 @@ def effective_weight(
         inplace: a float32 ``w`` may be modified in place (the caller owns it; saves a copy).
     """
     target = Target(kind, tuple(w.shape))
+    w0 = target.to_matrix(w.float()).clone() if any(dora.is_dora(d) for d, _ in stack) else None
     m = target.to_matrix(w) if inplace and w.dtype == torch.float32 else target.to_matrix(w.float()).clone()
     for d, wt in stack:
-        if isinstance(d, Scale):
+        if dora.is_dora(d):
+            if wt != 1.0:
+                raise UnsupportedError(f"a DoRA input has no stacked meaning at weight {wt:g}")
+            m = dora.fold(m, d, w0)
+        elif isinstance(d, Scale):
             m = Scale((d.l.double() ** wt).float(), d.side, d.layer).fold(m)
         elif isinstance(d, AdditiveDelta):
             m.add_(d.dense(), alpha=wt)  # in place: one (out, in) temporary, not two
@@ -195,6 +259,9 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
         The same model, with wrapper modules in place.
     """
     plan = stacks(pairs)
+    tokens = common_invocation([ad for ad, _ in pairs])
+    gate = None if tokens is None else _Gate(tokens)
+    hook = None if gate is None else model.register_forward_pre_hook(gate, with_kwargs=True)
     originals: dict[str, nn.Module] = {}
     try:
         for mod in plan.modules:
@@ -206,15 +273,19 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
             if kind is None:
                 raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
             base = _replacement(original, plan.aux[mod], mod) if mod in plan.aux else original
-            ref = original.weight
+            ref = base.weight  # DoRA norms use the base layer's weight, as loaded
             stack = plan.deltas.get(mod, [])
             ops = [_prepare(d, w, ref) for d, w in stack]
             _check_shapes(mod, stack, kind, tuple(ref.shape))
             parent, child = _parent(model, mod)
             originals[mod] = original
-            setattr(parent, child, StackedLayer(base, kind, ops) if ops else base)
+            if gate is not None and (kind != "linear" or any(op.kind != "add" for op in ops)):
+                raise UnsupportedError(f"module {mod}: aLoRA gating is modelled on plain LoRA linear layers")
+            setattr(parent, child, StackedLayer(base, kind, ops, gate) if ops else base)
         yield model
     finally:
+        if hook is not None:
+            hook.remove()
         for mod, original in originals.items():
             parent, child = _parent(model, mod)
             setattr(parent, child, original)
@@ -231,6 +302,12 @@ def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape
             raise ShapeMismatch(
                 f"module {mod}: delta of shape {d.target.matrix_shape}, the weight is {(out, inf)}"
             )
+
+
+def refuse_gated(pairs: Sequence[Pair]) -> None:
+    """An aLoRA acts only from its invocation tokens on: no weight reproduces it."""
+    if gated := [ad.where for ad, _ in pairs if ad.invocation is not None]:
+        raise UnsupportedError(f"{gated[0]}: an aLoRA acts only after its invocation tokens; cannot fold it")
 
 
 class Undo:
@@ -250,6 +327,7 @@ def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
 
     Tied weights shared by two modules receive each module's delta once (as a shared tensor would).
     """
+    refuse_gated(pairs)
     plan = stacks(pairs)
     saved: dict[str, torch.Tensor] = {}
     seen: set[int] = set()

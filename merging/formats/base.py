@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from merging.adapter import Adapter
-from merging.errors import FormatError, MergingError
+from merging.errors import FormatError, MergingError, UnsupportedError
 
 if TYPE_CHECKING:  # formats only read a BaseLayout's fields; basemodel is not imported at run time
     from merging.basemodel import BaseLayout
@@ -66,6 +66,12 @@ class Format:
     read: Reader
     write: Writer
     uses_base: bool
+
+
+def refuse_gated(adapter: Adapter, fmt: str) -> None:
+    """aLoRA gating (invocation tokens) lives in PEFT's config only: other formats would drop it."""
+    if adapter.invocation is not None:
+        raise UnsupportedError(f"{adapter.where}: an aLoRA (alora_invocation_tokens) has no {fmt} form")
 
 
 @contextmanager

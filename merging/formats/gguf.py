@@ -29,7 +29,14 @@ from merging.adapter import Adapter
 from merging.deltas import LowRank, Scale, Target
 from merging.errors import FormatError, MergingError, NonFiniteError, NotAnAdapter, UnsupportedError
 from merging.fileio import atomic_file, reading
-from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions
+from merging.formats.base import (
+    READ_DEFAULTS,
+    WRITE_DEFAULTS,
+    Format,
+    ReadOptions,
+    WriteOptions,
+    refuse_gated,
+)
 
 if TYPE_CHECKING:
     from merging.basemodel import BaseLayout
@@ -135,6 +142,7 @@ def write(
         raise UnsupportedError(f"`out_type` must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
     if adapter.aux:
         raise UnsupportedError(f"{adapter.where}: modules_to_save / trainable tokens have no GGUF LoRA form")
+    refuse_gated(adapter, "GGUF")
     tmap = _name_map(info)
     lows: dict[str, LowRank] = {}
     modules = adapter.expanded()

@@ -32,7 +32,15 @@ from merging.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Ta
 from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
 from merging.fileio import atomic_file, reading
 from merging.formats import lycoris
-from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions, naming
+from merging.formats.base import (
+    READ_DEFAULTS,
+    WRITE_DEFAULTS,
+    Format,
+    ReadOptions,
+    WriteOptions,
+    naming,
+    refuse_gated,
+)
 from merging.linalg import tucker_factors
 from merging.tensorfiles import list_tensors, load_tensors, safetensors_metadata
 
@@ -262,6 +270,7 @@ def write(
 
     if adapter.aux:
         raise UnsupportedError(f"{adapter.where}: modules_to_save / trainable tokens have no kohya form")
+    refuse_gated(adapter, "kohya")
     tensors = {}
     modules = adapter.expanded()
     for mod, d in modules.items():

@@ -357,10 +357,17 @@ def write(
         "base_model_name_or_path": adapter.base_model,
         "revision": adapter.revision,
         "modules_to_save": sorted(mts) or None,
-        "trainable_token_indices": tokens or None,
         "task_type": adapter.config.get("task_type"),
         "inference_mode": True,
     }
+    if tokens and config["peft_type"] != "LORA":
+        raise UnsupportedError(f"{adapter.where}: trainable tokens have a PEFT form beside LoRA only")
+    if config["peft_type"] == "LORA":
+        config["trainable_token_indices"] = tokens or None
+    if adapter.invocation is not None:
+        if config["peft_type"] != "LORA":
+            raise UnsupportedError(f"{adapter.where}: aLoRA gating exists for LoRA only")
+        config["alora_invocation_tokens"] = list(adapter.invocation)
     from safetensors.torch import save_file
 
     with atomic_folder(Path(path), force=force) as tmp:

@@ -80,6 +80,12 @@ def _mode(values: list) -> Any:
 
 
 def lora_config(adapter: Adapter, deltas: Mapping[str, LowRank]) -> dict[str, Any]:
+    plain = sorted(m for m, d in deltas.items() if d.magnitude is None)
+    if plain and len(plain) < len(deltas):
+        raise UnsupportedError(
+            f"module {plain[0]} has no DoRA magnitude but PEFT's use_dora applies to every module; "
+            "merge with `base_weights` (--base) to give it one"
+        )
     ranks = {m: d.b.shape[1] for m, d in deltas.items()}
     alphas = {m: d.scale * ranks[m] for m, d in deltas.items()}
     r, alpha = _mode(list(ranks.values())), _mode(list(alphas.values()))

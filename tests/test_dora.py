@@ -1,0 +1,109 @@
+"""DoRA merged as PEFT stacks it, in any order, embeddings included: checked against PEFT's own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging.adapter import weighted
+from merging.bake import bake
+from merging.errors import UnsupportedError
+from merging.formats import peft as peft_format
+from merging.merge import merge, write_result
+from merging.runtime import stacked
+from tests.helpers import rel_err
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.model
+IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def _base():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _adapter(folder, seed, targets, dora):
+    """A LoRA/DoRA written by PEFT, factors and magnitudes moved off their init by a seeded amount."""
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=dora, init_lora_weights=False)
+    model = peft.get_peft_model(_base(), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                factor = 0.3 if "magnitude" in name else 1.0
+                p.mul_(1 + factor * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    return folder
+
+
+def _peft_stacked(folders):
+    model = peft.PeftModel.from_pretrained(_base(), folders[0], adapter_name="a0")
+    for i, f in enumerate(folders[1:], 1):
+        model.load_adapter(f, adapter_name=f"a{i}")
+    model.base_model.set_adapter([f"a{i}" for i in range(len(folders))])
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _weights():
+    return {n: m.weight.detach() for n, m in _base().named_modules() if hasattr(m, "weight")}
+
+
+ATTN, EMB = ["q_proj", "v_proj"], ["embed_tokens", "q_proj"]
+ORDERS = {
+    "dora_then_lora": [(1, ATTN, True), (2, ATTN, False)],
+    "lora_then_dora": [(2, ATTN, False), (1, ATTN, True)],
+    "dora_dora": [(1, ATTN, True), (3, ["q_proj", "o_proj"], True)],
+    "embedding_dora": [(4, EMB, True), (5, EMB, False)],
+    "lora_then_embedding_dora": [(5, EMB, False), (4, EMB, True), (1, ATTN, True)],
+}
+
+
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_cat_with_dora_reloads_as_peft_stacks(tmp_path, order):
+    folders = [_adapter(tmp_path / f"in{i}", *spec) for i, spec in enumerate(ORDERS[order])]
+    ref = _peft_stacked(folders)
+    with torch.no_grad():
+        bare = _base()(IDS).logits
+    pairs = weighted([peft_format.read(f) for f in folders])
+    out = write_result(merge(pairs, "cat", base_weights=_weights().__getitem__), tmp_path / "m", {})
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(_base(), out)(IDS).logits
+    assert rel_err(got - bare, ref - bare) < 1e-4
+    with stacked(_base(), pairs) as model, torch.no_grad():  # our runtime, as verify's fallback judge
+        assert rel_err(model(IDS).logits - bare, ref - bare) < 1e-4
+    _base().save_pretrained(tmp_path / "base")
+    bake(tmp_path / "base", pairs, tmp_path / "baked")
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        baked = AutoModelForCausalLM.from_pretrained(tmp_path / "baked")(IDS).logits
+    assert rel_err(baked - bare, ref - bare) < 1e-4
+
+
+def test_svd_of_dora_stack_approximates_the_peft_stack(tmp_path):
+    folders = [_adapter(tmp_path / f"in{i}", *spec) for i, spec in enumerate(ORDERS["lora_then_dora"])]
+    ref = _peft_stacked(folders)
+    with torch.no_grad():
+        bare = _base()(IDS).logits
+    pairs = weighted([peft_format.read(f) for f in folders])
+    from merging.strategies import Options
+
+    result = merge(pairs, "svd", Options(rank=32), base_weights=_weights().__getitem__)
+    out = write_result(result, tmp_path / "m", {})
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(_base(), out)(IDS).logits
+    assert rel_err(got - bare, ref - bare) < 1e-4  # full rank (32): the in-context contributions sum exactly
+
+
+def test_weighted_dora_is_refused(tmp_path):
+    f = _adapter(tmp_path / "d", 1, ATTN, True)
+    with pytest.raises(UnsupportedError, match="weight 0.5"):
+        merge(weighted([peft_format.read(f)], [0.5]), "cat", base_weights=_weights().__getitem__)
