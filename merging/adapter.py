@@ -147,6 +147,10 @@ def align(adapters: Sequence[Adapter]) -> list[str]:
     if len(bases) > 1:
         names = ", ".join(f"{a.where} ({a.base_model})" for a in adapters if a.base_model)
         raise IncompatibleAdapters(f"adapters are for different base models: {names}")
+    revisions = {a.revision for a in adapters if a.base_model and a.revision}
+    if len(revisions) > 1:  # one Hub id, two commits of it: not the same weights
+        names = ", ".join(f"{a.where} ({a.base_model}@{a.revision})" for a in adapters if a.revision)
+        raise IncompatibleAdapters(f"adapters are for different revisions of the base model: {names}")
     seen: dict[str, tuple[Adapter, tuple[int, int]]] = {}
     for ad in adapters:
         for mod, d in ad.deltas.items():

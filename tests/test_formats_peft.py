@@ -313,3 +313,15 @@ def test_same_base_folder_however_written(tmp_path):
     assert align([a, b]) == ["m"]
     with pytest.raises(MergingError, match="different base models"):
         align([a, c])
+
+
+def test_one_hub_id_at_two_revisions_is_two_bases():
+    from merging.adapter import Adapter, align
+
+    d = LowRank(torch.ones(2, 1), torch.ones(1, 3), 1.0, Target("linear", (2, 3)))
+    a = Adapter("a", {"m": d}, base_model="org/model", revision="abc123")
+    b = Adapter("b", {"m": d}, base_model="org/model", revision="def456")
+    c = Adapter("c", {"m": d}, base_model="org/model")  # no revision given: not a conflict
+    assert align([a, c]) == ["m"]
+    with pytest.raises(MergingError, match="different revisions"):
+        align([a, b])
