@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.common import console
-from merging import formats, sources
+from merging import formats, serving, sources
 from merging.basemodel import BaseLayout
 from merging.errors import MergingError
 
@@ -26,7 +26,9 @@ from merging.errors import MergingError
               help="GGUF tensor type.")  # fmt: skip
 @click.option("--prefix", default="lora_unet", show_default=True, help="kohya lora_name prefix.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def convert_cmd(source, out, fmt, base, outtype, prefix, force) -> None:
+@click.option("--uniform-rank", is_flag=True, help="One rank and lora_alpha = r in every module.")
+@click.option("--serve", type=click.Choice(["vllm"]), help="Pad to the smallest rank the engine accepts.")
+def convert_cmd(source, out, fmt, base, outtype, prefix, force, uniform_rank, serve) -> None:
     """Convert an adapter between formats (LoHa/LoKr become exact LoRA where the target needs it).
 
     Example: merging convert adapter/ -o adapter.gguf --to gguf --base BASE
@@ -40,6 +42,11 @@ def convert_cmd(source, out, fmt, base, outtype, prefix, force) -> None:
         ad = ad.refine_targets(layout.modules)
     if fmt == "gguf" and layout is None:
         raise click.UsageError("--to gguf needs --base (the architecture, block and head counts)")
+    if uniform_rank or serve:
+        rank = serving.vllm_rank(serving.of([ad]).max_rank) if serve == "vllm" else None
+        ad = serving.uniform(ad, rank)
     options = formats.WriteOptions(prefix=prefix, out_type=outtype)
     formats.get(fmt).write(ad, out, base=layout, force=force, options=options)
     console.print(f"wrote {out} ({fmt}, {len(ad.deltas)} modules)")
+    for line in serving.of([ad]).lines():
+        console.print(line, highlight=False, soft_wrap=True)

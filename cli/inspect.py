@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from merging import formats, sources
+from merging import formats, serving, sources
 from merging.adapter import KIND_NAMES
 from merging.deltas import LowRank, Scale
 from merging.errors import NotAnAdapter
@@ -106,6 +106,8 @@ def _inspect_adapter(path: Path, ad) -> None:
     console.print(table)
     size = sum(f.stat().st_size for f in tensor_files(ad.source or path))
     console.print(f"{len(ad.deltas)} modules, {ad.numel:,} parameters, {size / 2**20:.2f} MiB on disk")
+    for line in serving.of([ad]).lines():
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _aux_tensors(a) -> list:

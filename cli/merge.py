@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ from rich.table import Table
 
 from cli.common import FloatList, console, progress_bar
 from merging import merge as merge_lib
-from merging import sources, strategies
+from merging import serving, sources, strategies
 from merging.errors import MergingError
 from merging.strategies import Options
 from merging.tensorfiles import LazyWeights
@@ -21,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
     import tomli as tomllib
 
 RECIPE_KEYS = {"inputs", "output", "strategy", "weights", "rank", "energy", "clamp", "density"}
-RECIPE_KEYS |= {"majority_sign", "seed", "signed", "aux", "base", "format", "force"}
+RECIPE_KEYS |= {"majority_sign", "seed", "signed", "aux", "base", "format", "force", "uniform_rank", "serve"}
 
 
 def _read_recipe(path: Path) -> dict:
@@ -77,6 +78,10 @@ def _read_recipe(path: Path) -> dict:
     "--format", "fmt", type=click.Choice(["peft", "kohya", "gguf"]), help="Output format (default peft)."
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--uniform-rank", is_flag=True, default=None,
+              help="One rank, lora_alpha = r everywhere (llama.cpp, TGI, LoRAX read the global alpha only).")
+@click.option("--serve", type=click.Choice(["vllm"]),
+              help="Pad to the smallest max_lora_rank the engine accepts (implies --uniform-rank).")
 @click.option(
     "--push-to-hub", "push_to_hub", help="Publish the result to this Hub repo (user/name) afterwards."
 )
@@ -115,6 +120,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) 
     fmt = spec.get("fmt") or spec.get("format") or "peft"
     if fmt == "gguf" and not spec.get("base"):
         raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
+    result = _for_serving(result, bool(spec.get("uniform_rank")), spec.get("serve"))
     recipe_data = merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
     overwrite = force or bool(spec.get("force"))
     merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
@@ -125,6 +131,25 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) 
         if fmt != "peft":
             raise click.UsageError("--push-to-hub publishes PEFT folders; drop --format")
         run_publish(Path(out), push_to_hub)
+
+
+def _for_serving(result: merge_lib.MergeResult, uniform: bool, engine: str | None) -> merge_lib.MergeResult:
+    """The LoRA part padded to one rank (the engine's smallest accepted rank with ``engine``)."""
+    if not uniform and engine is None:
+        return result
+    out = []
+    for ad in result.adapters:
+        if ad.name != "lora":
+            out.append(ad)
+            continue
+        rank = None
+        if engine == "vllm":
+            top = serving.of([ad]).max_rank
+            rank = serving.vllm_rank(top)
+            if rank is None:
+                raise MergingError(f"rank {top} exceeds vLLM's largest max_lora_rank; use svd --rank 512")
+        out.append(serving.uniform(ad, rank))
+    return replace(result, adapters=out)
 
 
 def _summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> None:
@@ -144,4 +169,6 @@ def _summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> None:
             f"{size:,}" if len(result.adapters) == 1 else "", f"{max(errs):.2e}" if errs else "",
         )  # fmt: skip
     console.print(table)
+    for line in serving.of(result.adapters).lines():
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {out} in {seconds:.2f} s")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from merging import sources
+from merging import serving, sources
 from merging.errors import MergingError, SourceError
 from merging.recipe import HubSource, Input, Recipe
 from merging.results import Report
@@ -113,6 +113,7 @@ def model_card(folder: Path, verification: Path | None = None) -> str:
     report = _verification(verification or folder / VERIFY_FILE)
     if report:
         lines += _verification_lines(report)
+    lines += ["## Serving", "", *(f"- {line}" for line in serving.of(adapters).lines()), ""]
     return "\n".join(lines)
 
 
