@@ -11,6 +11,7 @@ from rich.table import Table
 
 from cli.common import FloatList, console, progress_bar
 from merging import merge as merge_lib
+from merging import publish as publish_lib
 from merging import serving, sources, strategies
 from merging.errors import MergingError
 from merging.strategies import Options
@@ -85,7 +86,8 @@ def _read_recipe(path: Path) -> dict:
 @click.option(
     "--push-to-hub", "push_to_hub", help="Publish the result to this Hub repo (user/name) afterwards."
 )
-def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) -> None:
+@click.option("--base-model", help="The base's Hub id to record (when the inputs name a local folder).")
+def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_model, **opts) -> None:
     """Merge adapters (folders, or name=folder) into one adapter with a strategy.
 
     Example: merging merge a/ b/ -o merged/ --strategy cat --weights 1,0.5
@@ -121,6 +123,10 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) 
     if fmt == "gguf" and not spec.get("base"):
         raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
     result = _for_serving(result, bool(spec.get("uniform_rank")), spec.get("serve"))
+    if base_model:
+        if publish_lib.hub_id(base_model) is None:
+            raise click.UsageError(f"--base-model {base_model!r}: give the base's Hub id, user/name")
+        result = replace(result, adapters=[replace(a, base_model=base_model) for a in result.adapters])
     recipe_data = merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
     overwrite = force or bool(spec.get("force"))
     merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
@@ -130,7 +136,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) 
 
         if fmt != "peft":
             raise click.UsageError("--push-to-hub publishes PEFT folders; drop --format")
-        run_publish(Path(out), push_to_hub)
+        run_publish(Path(out), push_to_hub, base_model=base_model)
 
 
 def _for_serving(result: merge_lib.MergeResult, uniform: bool, engine: str | None) -> merge_lib.MergeResult:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.markdown import Markdown
 from rich.table import Table
 
 from cli.common import console
@@ -13,11 +12,13 @@ from merging import publish as publish_lib
 
 
 def run_publish(folder: Path, repo: str, *, private=False, revision=None, message=None, verification=None,
-                dry_run=False) -> None:  # fmt: skip
+                dry_run=False, base_model=None) -> None:  # fmt: skip
     """Shared by `publish` and `merge --push-to-hub`."""
     if dry_run:
-        plan = publish_lib.plan(folder, repo, verification)
-        console.print(Markdown(plan.card))
+        plan = publish_lib.plan(folder, repo, verification, base_model)
+        click.echo(f"--- README.md ({len(plan.card.encode()):,} bytes) ---")
+        click.echo(plan.card, nl=not plan.card.endswith("\n"))  # the exact bytes that would be uploaded
+        click.echo("--- end of README.md ---")
         table = Table(title=f"would upload to {repo}" + (f"@{revision}" if revision else ""))
         table.add_column("file")
         table.add_column("bytes", justify="right")
@@ -27,7 +28,7 @@ def run_publish(folder: Path, repo: str, *, private=False, revision=None, messag
         console.print("dry run: nothing was sent")
         return
     url = publish_lib.publish(folder, repo, private=private, revision=revision, message=message,
-                              verification=verification)  # fmt: skip
+                              verification=verification, base_model=base_model)  # fmt: skip
     console.print(f"published {folder} to {repo}: {url}")
 
 
@@ -40,10 +41,11 @@ def run_publish(folder: Path, repo: str, *, private=False, revision=None, messag
 @click.option("--verification", type=click.Path(exists=True, path_type=Path),
               help="A `verify --save` report for the card (default: FOLDER/verify_report.json).")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Print the card and the file list; send nothing.")
-def publish_cmd(folder, repo, private, revision, message, verification, dry_run) -> None:
+@click.option("--base-model", help="The base's Hub id for the card (when the inputs name a local folder).")
+def publish_cmd(folder, repo, private, revision, message, verification, dry_run, base_model) -> None:
     """Upload a merged adapter folder to the Hub with a model card recording its recipe.
 
     Example: merging publish merged/ --repo you/merged-adapter --dry-run
     """
     run_publish(folder, repo, private=private, revision=revision, message=message, verification=verification,
-                dry_run=dry_run)  # fmt: skip
+                dry_run=dry_run, base_model=base_model)  # fmt: skip

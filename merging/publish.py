@@ -9,6 +9,7 @@ Uploads go through huggingface_hub: ``create_repo(exist_ok=True)`` then ``upload
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -41,11 +42,20 @@ def _verification(path: Path | None) -> Report | None:
         raise MergingError(f"{path}: {e}") from None
 
 
-def _front_matter(adapters, inputs: Sequence[Input]) -> tuple[str, str | None]:
+def hub_id(name: str | None) -> str | None:
+    """The name when it is a Hub repo id (user/name, not a local path), else None."""
+    if not name or Path(name).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    return name
+
+
+def _front_matter(
+    adapters, inputs: Sequence[Input], base_model: str | None = None
+) -> tuple[str, str | None]:  # fmt: skip
     from huggingface_hub import ModelCardData
 
-    base = next((a.base_model for a in adapters if a.base_model), None)
-    base = base or next((i.base_model for i in inputs if i.base_model), None)
+    names = [base_model, *(a.base_model for a in adapters), *(i.base_model for i in inputs)]
+    base = next((b for b in map(hub_id, names) if b), None)  # the Hub links a card to a repo id only
     kinds = sorted({k for a in adapters for k in a.kinds} | {k for i in inputs for k in i.kinds})
     licenses = {i.hub.license for i in inputs if i.hub} - {None}
     data = ModelCardData(
@@ -60,10 +70,12 @@ def _recipe_lines(recipe: Recipe) -> list[str]:
     for i in recipe.inputs:
         hub = i.hub or HubSource("")
         src = (hub.repo or i.path or "") + (f":{hub.subfolder}" if hub.subfolder else "")
-        rev = hub.revision or i.revision or ""
-        lines.append(f"| {i.name} | `{src}` | `{rev}` | {', '.join(i.kinds)} | {i.weight:g} |")
-    opts = {k: v for k, v in asdict(recipe.options).items() if v is not None}
-    lines += ["", f"Strategy: `{recipe.strategy}`, options `{json.dumps(opts, sort_keys=True)}`.", ""]
+        rev = hub.revision or i.revision
+        rev = f"`{rev}`" if rev else "—"
+        lines.append(f"| {i.name} | `{src}` | {rev} | {', '.join(i.kinds)} | {i.weight:g} |")
+    opts = {k: v for k, v in asdict(recipe.options).items() if v is not None and k in _options_read(recipe)}
+    used = f", options `{json.dumps(opts, sort_keys=True)}`" if opts else " (no options)"
+    lines += ["", f"Strategy: `{recipe.strategy}`{used}.", ""]
     if recipe.additive_strategy and recipe.ia3_strategy:
         lines += [
             f"Additive deltas: `{recipe.additive_strategy}`; IA³ vectors: `{recipe.ia3_strategy}`.",
@@ -71,6 +83,17 @@ def _recipe_lines(recipe: Recipe) -> list[str]:
             "",
         ]
     return lines
+
+
+def _options_read(recipe: Recipe) -> set[str]:
+    """The options the recipe's strategies read (all of them for a strategy that does not say)."""
+    from merging import strategies
+
+    read: set[str] = set()
+    for name in {recipe.strategy, recipe.additive_strategy, recipe.ia3_strategy} - {None}:
+        declared = strategies.get(name).options_read if name in strategies.names() else None
+        read |= set(declared) if declared is not None else set(asdict(recipe.options))
+    return read
 
 
 def _verification_lines(report: Report) -> list[str]:
@@ -92,13 +115,18 @@ def _verification_lines(report: Report) -> list[str]:
     return [*lines, ""]
 
 
-def model_card(folder: Path, verification: Path | None = None) -> str:
-    """The README.md model card for a merged adapter folder (refused when it is not a loadable adapter)."""
+def model_card(folder: Path, verification: Path | None = None, base_model: str | None = None) -> str:
+    """The README.md model card for a merged adapter folder (refused when it is not a loadable adapter).
+
+    ``base_model`` names the base's Hub id when the inputs name only a local folder.
+    """
+    if base_model is not None and hub_id(base_model) is None:
+        raise SourceError(f"`base_model` {base_model!r}: give the base's Hub id, user/name")
     adapters = sources.load(folder)
     recipe = Recipe.read(folder)
     inputs = recipe.inputs if recipe else ()
-    yaml, base = _front_matter(adapters, inputs)
-    on = f" on `{base}`" if base else ""
+    yaml, base = _front_matter(adapters, inputs, base_model)
+    on = f" on `{base}`" if base else " (base model: a local folder; publish with --base-model to link it)"
     lines = [
         "---",
         yaml.strip(),
@@ -129,13 +157,13 @@ def _check_repo(repo: str) -> None:
         raise SourceError(f"`repo` {repo!r}: give it as user/name")
 
 
-def plan(folder: Path, repo: str, verification: Path | None = None) -> Plan:
+def plan(folder: Path, repo: str, verification: Path | None = None, base_model: str | None = None) -> Plan:
     """The card and the file list a publish would send (nothing is sent)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceError(f"{folder}: not a folder")
     _check_repo(repo)
-    card = model_card(folder, verification)
+    card = model_card(folder, verification, base_model)
     files = sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
     files = [f for f in files if f[0] != "README.md"] + [("README.md", len(card.encode()))]
     return Plan(repo, card, files)
@@ -150,12 +178,13 @@ def publish(
     message: str | None = None,
     verification: Path | None = None,
     token: str | None = None,
+    base_model: str | None = None,
 ) -> str:
     """Create the repo if needed and upload the folder with its model card; return the commit URL."""
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
-    the_plan = plan(folder, repo, verification)
+    the_plan = plan(folder, repo, verification, base_model)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="merging-publish-") as tmp:
         stage = Path(tmp) / "upload"

@@ -79,6 +79,14 @@ class Strategy:
     handles: Literal["additive", "ia3", "both"]
     doc: str
     ranked: bool = False  # takes a rank budget (`rank` / `energy`)
+    reads: tuple[str, ...] | None = None  # the Options fields it reads besides the rank budget (None: unsaid)
+
+    @property
+    def options_read(self) -> tuple[str, ...] | None:
+        """Every Options field this strategy reads (None when it does not say)."""
+        if self.reads is None:
+            return None
+        return (*self.reads, *(("rank", "energy", "clamp") if self.ranked else ()))
 
     def exact_for(self, merged: Delta, inputs: Sequence[Delta]) -> bool:
         """Whether ``merged``, this strategy's merge of one module's ``inputs``, reproduces their stack.

@@ -32,4 +32,4 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
 
 
 STRATEGY = Strategy(name="geometric", fn=merge, space="ia3", exact="never", handles="ia3",
-                    doc="weighted geometric mean of IA³ vectors")  # fmt: skip
+                    doc="weighted geometric mean of IA³ vectors", reads=("signed",))  # fmt: skip

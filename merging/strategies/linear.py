@@ -41,4 +41,4 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
 
 
 STRATEGY = Strategy(name="linear", fn=merge, space="factors", exact="never", handles="both",
-                    doc="PEFT's factor-space linear (cross terms)")  # fmt: skip
+                    doc="PEFT's factor-space linear (cross terms)", reads=())  # fmt: skip

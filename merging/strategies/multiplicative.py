@@ -29,4 +29,4 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
 
 
 STRATEGY = Strategy(name="multiplicative", fn=merge, space="ia3", exact="always", handles="ia3",
-                    doc="product of IA³ vectors (exact stacked IA³)")  # fmt: skip
+                    doc="product of IA³ vectors (exact stacked IA³)", reads=())  # fmt: skip

@@ -71,7 +71,9 @@ def merge(
     return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
-def make(name: str, prune: Prune, combine: Combine, doc: str) -> Strategy:
+def make(name: str, prune: Prune, combine: Combine, doc: str, reads: tuple[str, ...] = ()) -> Strategy:
     """The Strategy that prunes with ``prune`` and combines with ``combine``."""
     fn = partial(merge, name=name, prune=prune, combine=combine)
-    return Strategy(name=name, fn=fn, space="dW", exact="never", handles="additive", doc=doc, ranked=True)
+    return Strategy(
+        name=name, fn=fn, space="dW", exact="never", handles="additive", doc=doc, ranked=True, reads=reads
+    )  # fmt: skip

@@ -25,4 +25,4 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
 
 
 STRATEGY = Strategy(name="svd", fn=merge, space="dW", exact="full_rank", handles="additive",
-                    doc="best rank-k approximation of the exact sum", ranked=True)  # fmt: skip
+                    doc="best rank-k approximation of the exact sum", ranked=True, reads=())  # fmt: skip
