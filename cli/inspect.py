@@ -15,6 +15,8 @@ from merging.deltas import LowRank, Scale
 from merging.errors import NotAnAdapter
 from merging.tensorfiles import list_tensors, tensor_files
 
+ADAPTER_PARTS = ("lora_", "hada_", "lokr_", "ia3_")
+
 
 def _module_of(name: str) -> tuple[str, str]:
     """Split a tensor name into (module path, tensor part) for display."""
@@ -63,6 +65,12 @@ def inspect_cmd(spec: str) -> None:
         f"{len(modules)} modules, {len(infos)} tensors, {sum(t.numel for t in infos):,} parameters, "
         f"{size / 2**20:.1f} MiB in {len(files)} file(s)"
     )
+    if any(_module_of(t.name)[1].startswith(ADAPTER_PARTS) for t in infos):
+        console.print(
+            "these look like adapter tensors, but there is no adapter_config.json: the adapter type, its "
+            "scale (alpha / r) and its targets are unknown without it",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
 
 
 def _as_adapter(path: Path):

@@ -7,7 +7,9 @@ Every failure is a ``FormatError`` naming the file.
 from __future__ import annotations
 
 import json
+import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,10 +125,17 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise FormatError(f"{path}: cannot read safetensors file ({e})") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds here (UnpicklingError, RuntimeError, EOFError, ...)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own advice on this path is to unpickle anyway
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FormatError(
+            f"{path}: holds pickled objects besides tensors, which merging never loads; convert it to "
+            "safetensors where you trust its source"
+        ) from e
+    except Exception as e:  # torch raises many kinds here (RuntimeError, EOFError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{path}: not a loadable weights-only torch file ({first})") from e
+        raise FormatError(f"{path}: not a readable torch weights file ({first[:120]})") from e
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FormatError(f"{path}: expected a mapping of tensor names to tensors")
     return {str(k): v for k, v in obj.items()}

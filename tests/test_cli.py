@@ -42,3 +42,12 @@ def test_inspect_corrupt_file_is_one_line_exit_2(tmp_path, fx):
     assert "Traceback" not in result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and str(bad) in lines[0] and "truncated" in lines[0]
+
+
+def test_inspect_says_when_the_config_is_missing(fx, tmp_path):
+    import shutil
+
+    (tmp_path / "a").mkdir()
+    shutil.copy(fx.adapter("llama", "lora") / "adapter_model.safetensors", tmp_path / "a")
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["inspect", str(tmp_path / "a")])
+    assert r.exit_code == 0 and "no adapter_config.json" in r.output and "unknown without it" in r.output

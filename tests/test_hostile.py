@@ -165,7 +165,7 @@ CASES = [
          "inspect", FormatError, ("unknown key 'base_model.model.x.lora_Q'",)),
     Case("weights missing", lambda fx, t: [(d := _peft(fx, t), (d / "adapter_model.safetensors").unlink())[0]],
          "inspect", FormatError, ("adapter-lora", "no adapter_model.safetensors")),
-    Case("pickle payload", _pickle_bin, "inspect", FormatError, ("adapter_model.bin", "weights-only")),
+    Case("pickle payload", _pickle_bin, "inspect", FormatError, ("adapter_model.bin", "pickled objects")),
     Case("bin of random bytes", lambda fx, t: [(d := _peft(fx, t), (d / "adapter_model.safetensors").unlink(),
                                                (d / "adapter_model.bin").write_bytes(b"\x80\x04junk" * 9))[0]],
          "inspect", FormatError, ("adapter_model.bin",)),
@@ -234,3 +234,22 @@ def test_cli_prints_one_line_and_exits_2(fx, tmp_path, case):
     assert not (tmp_path / "o").exists()
     debug = CliRunner().invoke(cli, ["--debug", case.command, *args])
     assert isinstance(debug.exception, MergingError)  # --debug lets the traceback through
+
+
+@pytest.mark.parametrize("name", ["pickle payload", "bin of random bytes", "NaN values", "truncated GGUF",
+                                  "unknown peft_type", "does not fit the base"])  # fmt: skip
+def test_a_real_process_prints_one_stderr_line(fx, tmp_path, name):
+    """As a user runs it: nothing from torch or transformers reaches stderr, and no advice to unpickle."""
+    import os
+    import subprocess
+    import sys
+
+    case = next(c for c in CASES if c.name == name)
+    args = [str(a) for a in case.build(fx, tmp_path)]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), COLUMNS="300")
+    run = subprocess.run([sys.executable, "-m", "cli.main", case.command, *args], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "weights_only" not in run.stderr and "trust" not in run.stderr.replace("you trust its source", "")
