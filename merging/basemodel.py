@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from merging.adapter import base_shapes
+from merging.adapter import base_shapes, layer_kind
 from merging.deltas import Layer
 from merging.errors import DeviceError, FormatError, SourceError
 from merging.fileio import cache_dir, sha256_file
@@ -42,6 +42,12 @@ def skeleton(folder: Path) -> torch.nn.Module:
             return AutoModelForCausalLM.from_config(config)
         except ValueError:
             return AutoModel.from_config(config)
+
+
+def biased_modules(model: torch.nn.Module) -> frozenset[str]:
+    """The adaptable modules of a model that have a bias."""
+    mods = model.named_modules()
+    return frozenset(n for n, m in mods if layer_kind(m) is not None and getattr(m, "bias", None) is not None)
 
 
 def module_shapes(folder: Path) -> dict[str, tuple[Layer, tuple[int, ...]]]:
@@ -157,24 +163,41 @@ def convert_gguf_model(gguf_file: Path, out: Path) -> Path:
 class BaseLayout:
     """A base model without its weights: module path → (layer kind, stored weight shape), and its config.
 
-    ``config`` is the transformers config as a dict (``{}`` when there is none).
+    ``config`` is the transformers config as a dict (``{}`` when there is none); ``biased`` the adaptable
+    modules that have a bias (None: not known). A diffusers pipeline names modules ``<component>.<path>``.
     """
 
     modules: Mapping[str, tuple[Layer, tuple[int, ...]]]
     config: Mapping[str, Any] = field(default_factory=dict)
+    biased: frozenset[str] | None = None
+    components: tuple[str, ...] = ()  # a diffusers pipeline's: unet, transformer, text_encoder, ...
+
+    def has_bias(self, module: str) -> bool | None:
+        """Whether the module has a bias (None when the layout does not know)."""
+        return None if self.biased is None or module not in self.modules else module in self.biased
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> BaseLayout:
         """From a transformers model folder (config.json and the module tree built on the meta device)."""
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        return cls(module_shapes(Path(folder)), config)
+        model = skeleton(Path(folder))
+        return cls(base_shapes(model), config, biased_modules(model))
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> BaseLayout:
         """From a loaded torch / transformers model."""
         config = getattr(model, "config", None)
-        return cls(base_shapes(model), config.to_dict() if hasattr(config, "to_dict") else {})
+        as_dict = dict(config) if isinstance(config, Mapping) else getattr(config, "to_dict", dict)()
+        return cls(base_shapes(model), as_dict, biased_modules(model))
+
+    @classmethod
+    def from_components(cls, components: Mapping[str, torch.nn.Module]) -> BaseLayout:
+        """From a pipeline's loaded components by name (unet, text_encoder, ...): ``<component>.<path>``."""
+        layouts = {name: cls.from_model(m) for name, m in components.items()}
+        modules = {f"{c}.{m}": v for c, lay in layouts.items() for m, v in lay.modules.items()}
+        biased = frozenset(f"{c}.{m}" for c, lay in layouts.items() for m in lay.biased or ())
+        return cls(modules, {c: dict(lay.config) for c, lay in layouts.items()}, biased, tuple(layouts))
 
     @classmethod
     def of(cls, base: BaseLayout | str | Path | torch.nn.Module) -> BaseLayout:

@@ -3,6 +3,9 @@
 Per module the inputs are taken in the order given (innermost first, as they would be stacked).
 Additive deltas go through the chosen strategy (or ``cat`` when the strategy only merges IA³);
 IA³ vectors through the chosen strategy (or ``multiplicative`` when it only merges additive deltas).
+LyCORIS IA³ (``AddedScale``, additive per network) sums exactly into one LyCORIS IA³; stacked with other
+kinds on one module it is resolved against the base weights (``Dense(w ⊙ W)``) or refused.
+An input read without its base (layer kind "unknown") takes the layer kind and shape another input knows.
 Where a module has both, the IA³ scalings are folded exactly into the additive deltas stacked inside
 them (diag(l) into B's rows for side=out, into A's columns for side=in), so the result is one IA³
 adapter applied first plus one LoRA adapter on top: exactly the stacked outputs.
@@ -32,9 +35,10 @@ from merging.deltas import (
     TokenRows,
     sum_error,
 )
-from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
+from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.formats.peft import RECIPE_FILE, recipe_text
+from merging.ia3 import AddedScale, summed
 from merging.recipe import Recipe, Versions, inputs_of
 from merging.sources import STACK_FILE
 from merging.strategies import Options
@@ -107,6 +111,18 @@ def merge(
     for i, mod in enumerate(modules):
         stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
         stack = [(_resolve_dora(d, mod, base_weights), w) for d, w in stack]
+        stack = _same_target(_lycoris_ia3(stack, mod, base_weights), mod)
+        if all(isinstance(d, AddedScale) for d, _ in stack):
+            if add_strategy is not chosen:
+                raise UnsupportedError(
+                    f"module {mod}: LyCORIS IA³ networks add w ⊙ W each; {chosen.name} models PEFT's "
+                    "product of IA³ vectors: use cat (their exact sum)"
+                )
+            lora[mod] = summed([d for d, _ in stack], [w for _, w in stack], mod)
+            reports.append(ModuleReport(mod, "ia3", 0, lora[mod].numel, None))
+            if progress:
+                progress(i + 1, len(modules), mod)
+            continue
         scale_part, add_part = _compose(stack)
         rank, numel, err, kinds = 0, 0, None, []
         if add_part:
@@ -156,6 +172,39 @@ def _resolve_dora(d: Delta, mod: str, base_weights: BaseWeights | None) -> Delta
     if isinstance(d, LowRank) and d.magnitude is not None and base_weights is not None:
         return Dense(d.dora_dense(base_weights(mod)), d.target)
     return d
+
+
+def _lycoris_ia3(
+    stack: Sequence[tuple[Delta, float]], mod: str, base_weights: BaseWeights | None
+) -> list[tuple[Delta, float]]:
+    """LyCORIS IA³ stacked with other kinds: resolved as Dense(w ⊙ W) with the base weights, else refused."""
+    lycoris = [isinstance(d, AddedScale) for d, _ in stack]
+    if all(lycoris) or not any(lycoris):
+        return list(stack)
+    if base_weights is None:
+        raise UnsupportedError(
+            f"module {mod}: a LyCORIS IA³ (w ⊙ W, from the base weight) stacked with other adapter kinds "
+            "needs the base weights: pass --base"
+        )
+    return [(d.resolve(base_weights(mod), d.layer) if isinstance(d, AddedScale) else d, w) for d, w in stack]
+
+
+def _same_target(stack: list[tuple[Delta, float]], mod: str) -> list[tuple[Delta, float]]:
+    """Every additive delta of a module on the one layer kind and shape its inputs know (any order)."""
+    known = {(d.target.layer, d.target.shape) for d, _ in stack
+             if isinstance(d, AdditiveDelta) and d.target.layer != "unknown"}  # fmt: skip
+    if len(known) > 1:
+        raise ShapeMismatch(f"module {mod}: the inputs disagree on its layer: {sorted(known)}")
+    if not known:
+        return stack
+    layer, shape = known.pop()
+    try:
+        return [
+            (replace(d, target=d.target.refine(layer, shape)) if isinstance(d, AdditiveDelta) else d, w)
+            for d, w in stack
+        ]
+    except ShapeMismatch as e:
+        raise ShapeMismatch(f"module {mod}: {e}") from None
 
 
 def _compose(
