@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
-from collections.abc import Mapping
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,8 +208,20 @@ def _kohya_name(module: str, prefix: str, names: Mapping[str, str]) -> str:
     return f"{prefix}_{module.replace('.', '_')}"
 
 
-def _lora_parts(d: LowRank) -> dict[str, torch.Tensor]:
+def file_alpha(deltas: Iterable[Delta]) -> float | None:
+    """One alpha for every LoRA module of a file: the most common α = scale·r (None when there is no LoRA).
+
+    diffusers reads per-module alphas by names that miss its attention processors (they silently take
+    the file's most common alpha), so modules with another α get scale·r / α folded into lora_up instead.
+    """
+    alphas = Counter(d.scale * d.b.shape[1] for d in deltas if isinstance(d, LowRank) and d.scale != 0)
+    return alphas.most_common(1)[0][0] if alphas else None
+
+
+def _lora_parts(d: LowRank, alpha: float | None) -> dict[str, torch.Tensor]:
     t, r = d.target, d.b.shape[1]
+    alpha = alpha or d.scale * r or float(r)
+    up = d.b if alpha == d.scale * r else (d.b.float() * (d.scale * r / alpha)).to(d.b.dtype)
     if t.layer == "unknown":
         raise UnsupportedError(
             f"layer kind unknown for a LoRA of shape {t.matrix_shape} (a LoHa/LoKr read without its base "
@@ -221,8 +233,8 @@ def _lora_parts(d: LowRank) -> dict[str, torch.Tensor]:
         raise UnsupportedError("kohya files have no embedding LoRA; keep this adapter in PEFT format")
     parts = {
         "lora_down.weight": d.a.reshape(r, in_ch, *kernel),  # (r, in, k...)
-        "lora_up.weight": d.b.reshape(d.b.shape[0], r, *(1 for _ in kernel)),  # (out, r, 1...)
-        "alpha": torch.tensor(d.scale * r, dtype=torch.float32),
+        "lora_up.weight": up.reshape(d.b.shape[0], r, *(1 for _ in kernel)),  # (out, r, 1...)
+        "alpha": torch.tensor(alpha, dtype=torch.float32),
     }
     if d.bias is not None:
         raise UnsupportedError("kohya LoRA has no bias delta; keep this adapter in PEFT format")
@@ -241,9 +253,9 @@ def _lokr_parts(d: Kronecker) -> dict[str, torch.Tensor]:
     return parts
 
 
-def _parts(mod: str, d: Delta, base: BaseLayout | None) -> dict[str, torch.Tensor]:
+def _parts(mod: str, d: Delta, base: BaseLayout | None, alpha: float | None) -> dict[str, torch.Tensor]:
     if isinstance(d, LowRank):
-        return _lora_parts(d)
+        return _lora_parts(d, alpha)
     if isinstance(d, Hadamard):
         alpha = torch.tensor(d.scale * d.w1b.shape[0], dtype=torch.float32)
         return lycoris.loha_parts(d) | {"alpha": alpha}
@@ -287,10 +299,11 @@ def write(
     if base is not None:
         adapter = _refined(adapter, base)
     names = to_kohya(base.modules, base.components) if base is not None else {}
+    alpha = file_alpha(adapter.deltas.values())
     for mod, d in adapter.expanded().items():
         name = _kohya_name(mod, options.prefix, names)
         with naming(adapter.where, f"module {mod}"):
-            for part, t in _parts(mod, d, base).items():
+            for part, t in _parts(mod, d, base, alpha).items():
                 tensors[f"{name}.{part}"] = t.contiguous()
     meta = dict(adapter.config.get("metadata", {})) if adapter.config.get("format") == "kohya" else {}
     if provenance:
