@@ -50,6 +50,26 @@ def biased_modules(model: torch.nn.Module) -> frozenset[str]:
     return frozenset(n for n, m in mods if layer_kind(m) is not None and getattr(m, "bias", None) is not None)
 
 
+def saved_paths(model: torch.nn.Module) -> dict[str, str]:
+    """Module path → the path its checkpoints use, where transformers declares a removed prefix.
+
+    transformers 5 builds CLIPTextModel without its ``text_model.`` level but saves and loads checkpoints
+    with it (a PrefixChange in its conversion mapping); kohya names (lora_te_text_model_...) follow the
+    checkpoints, as sd-scripts and every SD runtime do.
+    """
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+    except ImportError:  # transformers 4: the modules are where the checkpoints put them
+        return {}
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        return {}
+    rules = extract_weight_conversions_for_model(model) or []
+    prefixes = [p for r in rules if (p := getattr(r, "prefix_to_remove", None)) and not r.model_prefix]
+    if len(prefixes) != 1:
+        return {}
+    return {m: f"{prefixes[0]}.{m}" for m in base_shapes(model)}
+
+
 def module_shapes(folder: Path) -> dict[str, tuple[Layer, tuple[int, ...]]]:
     """Module path → (layer kind, stored weight shape) of a transformers model folder, without its weights."""
     return base_shapes(skeleton(Path(folder)))
@@ -171,6 +191,7 @@ class BaseLayout:
     config: Mapping[str, Any] = field(default_factory=dict)
     biased: frozenset[str] | None = None
     components: tuple[str, ...] = ()  # a diffusers pipeline's: unet, transformer, text_encoder, ...
+    saved: Mapping[str, str] = field(default_factory=dict)  # module path → as checkpoints name it, if other
 
     def has_bias(self, module: str) -> bool | None:
         """Whether the module has a bias (None when the layout does not know)."""
@@ -182,14 +203,14 @@ class BaseLayout:
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}
         model = skeleton(Path(folder))
-        return cls(base_shapes(model), config, biased_modules(model))
+        return cls(base_shapes(model), config, biased_modules(model), saved=saved_paths(model))
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> BaseLayout:
         """From a loaded torch / transformers model."""
         config = getattr(model, "config", None)
         as_dict = dict(config) if isinstance(config, Mapping) else getattr(config, "to_dict", dict)()
-        return cls(base_shapes(model), as_dict, biased_modules(model))
+        return cls(base_shapes(model), as_dict, biased_modules(model), saved=saved_paths(model))
 
     @classmethod
     def from_components(cls, components: Mapping[str, torch.nn.Module]) -> BaseLayout:
@@ -197,7 +218,9 @@ class BaseLayout:
         layouts = {name: cls.from_model(m) for name, m in components.items()}
         modules = {f"{c}.{m}": v for c, lay in layouts.items() for m, v in lay.modules.items()}
         biased = frozenset(f"{c}.{m}" for c, lay in layouts.items() for m in lay.biased or ())
-        return cls(modules, {c: dict(lay.config) for c, lay in layouts.items()}, biased, tuple(layouts))
+        saved = {f"{c}.{m}": f"{c}.{s}" for c, lay in layouts.items() for m, s in lay.saved.items()}
+        configs = {c: dict(lay.config) for c, lay in layouts.items()}
+        return cls(modules, configs, biased, tuple(layouts), saved)
 
     @classmethod
     def of(cls, base: BaseLayout | str | Path | torch.nn.Module) -> BaseLayout:

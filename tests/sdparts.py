@@ -27,16 +27,16 @@ def unet(seed: int = 0, config: dict | None = None) -> torch.nn.Module:
     return UNet2DConditionModel(**(config or UNET)).eval()
 
 
-def text_encoder(seed: int = 1, hidden: int = 32) -> torch.nn.Module:
-    """A tiny CLIPTextModel with seeded weights."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def text_encoder(seed: int = 1, hidden: int = 32, projection: bool = False) -> torch.nn.Module:
+    """A tiny CLIPTextModel (SDXL's second: CLIPTextModelWithProjection) with seeded weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(
         hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
         max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1,
     )  # fmt: skip
-    return CLIPTextModel(cfg).eval()
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
 def _inputs(cross: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,12 +113,38 @@ def lycoris_load(models: dict, file: Path, algo: str, **kw) -> None:
         raise AssertionError(f"LyCORIS loaded {file} with {info}")
 
 
+def legacy_te_names(file: Path, out: Path, prefix: str = "lora_te_", undo: bool = False) -> Path:
+    """A LyCORIS file with its CLIPTextModel names as sd-scripts writes them (``text_model_`` kept).
+
+    Under transformers 5 CLIPTextModel has no ``text_model`` level, so LyCORIS names lora_te_encoder_...;
+    sd-scripts (transformers 4), A1111, ComfyUI and diffusers' converter use lora_te_text_model_encoder_...
+    """
+    from safetensors.torch import load_file, save_file
+
+    old, new = prefix, f"{prefix}text_model_"
+    old, new = (new, old) if undo else (old, new)
+    tensors = load_file(str(file))
+    save_file({k.replace(old, new, 1): v for k, v in tensors.items()}, str(out))
+    return out
+
+
 def lycoris_load_kohya_lora(models: dict, file: Path) -> None:
-    """Stack a kohya LoRA/LoCon file onto the models through LyCORIS's from-weights path."""
+    """Stack a kohya LoRA/LoCon file onto the models through LyCORIS's from-weights path.
+
+    (LyCORIS matches names against the live modules: under transformers 5 it skips, silently, the
+    lora_te_text_model_* names every SD1.5 file carries; the unmatched count is checked here.)
+    """
     import lycoris.kohya as lk
+    from safetensors.torch import load_file
 
     te = models.get("text_encoder")
-    net, sd = lk.create_network_from_weights(1.0, str(file), None, te, models["unet"], for_inference=True)
+    prefixes = ("lora_unet_", "lora_te") if te is not None else ("lora_unet_",)
+    sd = {k: v for k, v in load_file(str(file)).items() if k.startswith(prefixes)}
+    net, sd = lk.create_network_from_weights(1.0, str(file), None, te, models["unet"], sd, for_inference=True)
+    names = {k.split(".")[0] for k in sd}
+    matched = len(net.unet_loras) + len(net.text_encoder_loras)
+    if matched != len(names):
+        raise AssertionError(f"LyCORIS matched {matched} of the {len(names)} modules of {file}")
     net.apply_to(te, models["unet"], apply_text_encoder=te is not None, apply_unet=True)
     info = net.load_state_dict(sd, strict=False)
     if info.missing_keys or info.unexpected_keys:
@@ -137,3 +163,24 @@ def diffusers_load(models: dict, files: dict[str, Path]) -> None:
                 sd, alphas, models["text_encoder"], prefix="text_encoder", adapter_name=name
             )
     models["unet"].set_adapters(list(files), [1.0] * len(files))
+
+
+def transformer(seed: int = 0) -> torch.nn.Module:
+    """A tiny SD3-style DiT (SD3Transformer2DModel) with seeded weights."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+    ).eval()  # fmt: skip
+
+
+@torch.no_grad()
+def dit_noise(model: torch.nn.Module) -> torch.Tensor:
+    """The DiT's prediction on seeded latents, text states, pooled projections and timesteps."""
+    g = torch.Generator().manual_seed(0)
+    x, states = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    pooled = torch.randn(2, 16, generator=g)
+    return model(hidden_states=x, encoder_hidden_states=states, pooled_projections=pooled,
+                 timestep=torch.tensor([10, 500])).sample  # fmt: skip

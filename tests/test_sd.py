@@ -206,3 +206,112 @@ def test_lycoris_ia3_with_lora_on_one_module_needs_the_base_weights(tmp_path, ba
     result = merge(weighted(ads), "cat", base_weights=lambda mod: weights[mod + ".weight"])
     out = kohya.write(result.adapters[0], tmp_path / "merged.safetensors", base=layout)
     _judge(out, stacked, base_noise)
+
+
+def _keys(file) -> set[str]:
+    return set(load_file(str(file)))
+
+
+def test_sd15_names_both_ways_from_the_pipeline_base(tmp_path):
+    """lora_unet_* / lora_te_text_model_* (sd-scripts' names; LyCORIS under transformers 5 drops text_model_,
+    read too) map to the pipeline's modules and back; diffusers and LyCORIS load the rewrite alike."""
+    m = {"unet": sp.unet(), "text_encoder": sp.text_encoder()}
+    f = sp.lycoris_file(tmp_path / "a.safetensors", m, "locon", seed=1)
+    ref_noise, ref_hidden = sp.noise(m["unet"]), sp.hidden(m["text_encoder"])
+    base = {"unet": sp.unet(), "text_encoder": sp.text_encoder()}
+    base_noise, base_hidden = sp.noise(base["unet"]), sp.hidden(base["text_encoder"])
+    layout = _layout(**base)
+    legacy = sp.legacy_te_names(f, tmp_path / "legacy.safetensors")
+    ads = [kohya.read(x, base=layout) for x in (f, legacy)]
+    assert set(ads[0].deltas) == set(ads[1].deltas)
+    assert {mod.partition(".")[0] for mod in ads[0].deltas} == {"unet", "text_encoder"}
+    assert "text_encoder.encoder.layers.0.mlp.fc1" in ads[0].deltas  # transformers 5's module path
+    out = kohya.write(ads[0], tmp_path / "b.safetensors", base=layout)
+    assert _keys(out) == _keys(legacy) and "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha" in _keys(out)
+    assert set(kohya.read(out, base=layout).deltas) == set(ads[0].deltas)
+    m = {"unet": sp.unet(), "text_encoder": sp.text_encoder()}
+    sp.diffusers_load(m, {"b": out})
+    assert sp.effect_error(sp.noise(m["unet"]), ref_noise, base_noise) <= TOL
+    assert sp.effect_error(sp.hidden(m["text_encoder"]), ref_hidden, base_hidden) <= TOL
+    m = {"unet": sp.unet()}  # LyCORIS under transformers 5 cannot match lora_te_text_model_*: the UNet
+    sp.lycoris_load_kohya_lora(m, out)
+    assert sp.effect_error(sp.noise(m["unet"]), ref_noise, base_noise) <= TOL
+
+
+def test_sdxl_names_te1_te2_both_ways(tmp_path):
+    """SDXL: LyCORIS names the two text encoders lora_te1_ / lora_te2_; text_encoder_2 maps to lora_te2."""
+    tes = [sp.text_encoder(1), sp.text_encoder(2, 16, projection=True)]
+    f = sp.lycoris_file(tmp_path / "a.safetensors", {"unet": sp.unet(), "text_encoder": tes}, "locon", seed=1)
+    ref = sp.hidden(tes[1])
+    assert {k[:9] for k in _keys(f)} == {"lora_unet", "lora_te1_", "lora_te2_"}
+    layout = _layout(unet=sp.unet(), text_encoder=sp.text_encoder(1),
+                     text_encoder_2=sp.text_encoder(2, 16, projection=True))  # fmt: skip
+    ad = kohya.read(f, base=layout)
+    assert "text_encoder_2.text_model.encoder.layers.1.self_attn.q_proj" in ad.deltas
+    assert "text_encoder.encoder.layers.1.self_attn.q_proj" in ad.deltas
+    out = kohya.write(ad, tmp_path / "b.safetensors", base=layout)
+    assert _keys(out) == _keys(sp.legacy_te_names(f, tmp_path / "legacy.safetensors", "lora_te1_"))
+    te2 = sp.text_encoder(2, 16, projection=True)
+    sp.lycoris_load_kohya_lora({"unet": sp.unet(), "text_encoder": [sp.text_encoder(1), te2]},
+                               sp.legacy_te_names(out, tmp_path / "c.safetensors", "lora_te1_", undo=True))
+    assert sp.effect_error(sp.hidden(te2), ref, sp.hidden(sp.text_encoder(2, 16, projection=True))) <= TOL
+
+
+def test_dit_transformer_names_lora_transformer(tmp_path):
+    """A DiT pipeline's transformer is lora_transformer_*: LyCORIS with that prefix is the judge."""
+    import lycoris
+
+    cls = lycoris.LycorisNetwork
+    saved = (cls.LORA_PREFIX, cls.TARGET_REPLACE_MODULE, cls.TARGET_REPLACE_NAME)
+    try:
+        cls.apply_preset({"lora_prefix": "lora_transformer", "target_module": ["Linear", "Conv2d"]})
+        dit = sp.transformer()
+        net = lycoris.create_lycoris(dit, 1.0, linear_dim=4, linear_alpha=2, algo="lora")
+        net.apply_to()
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for _, p in net.named_parameters():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        ref = sp.dit_noise(dit)
+        net.save_weights(str(tmp_path / "a.safetensors"), torch.float32, {})
+    finally:
+        cls.LORA_PREFIX, cls.TARGET_REPLACE_MODULE, cls.TARGET_REPLACE_NAME = saved
+    layout = _layout(transformer=sp.transformer())
+    ad = kohya.read(tmp_path / "a.safetensors", base=layout).refine_targets(layout.modules)
+    assert "transformer.transformer_blocks.0.attn.add_q_proj" in ad.deltas
+    out = kohya.write(ad, tmp_path / "b.safetensors", base=layout)
+    assert _keys(out) == _keys(tmp_path / "a.safetensors")
+    pipe = torch.nn.ModuleDict({"transformer": sp.transformer()})
+    with stacked_runtime(pipe, weighted([ad])):
+        got = sp.dit_noise(pipe["transformer"])
+    assert sp.effect_error(got, ref, sp.dit_noise(sp.transformer())) <= TOL
+
+
+def test_kohya_to_peft_needs_the_base_and_round_trips_through_peft(tmp_path):
+    """Without a base the names are kohya's, which PEFT cannot target: one line. With the text encoder as
+    the base, PEFT loads the folder with LyCORIS's outputs, and back to kohya LyCORIS loads it alike."""
+    from peft import PeftModel
+
+    from merging.formats import WriteOptions
+    from merging.formats import peft as fp
+
+    m = {"unet": sp.unet(), "text_encoder": sp.text_encoder()}
+    both = sp.lycoris_file(tmp_path / "both.safetensors", m, "locon", seed=1)
+    ref, base = sp.hidden(m["text_encoder"]), sp.hidden(sp.text_encoder())
+    te_file = tmp_path / "te.safetensors"  # the text encoder's part, in sd-scripts' names
+    save_file({k: v for k, v in load_file(str(both)).items() if k.startswith("lora_te_")}, str(te_file))
+    te_file = sp.legacy_te_names(te_file, te_file)
+    why = r"module lora_te_text_model_encoder_layers_0_mlp_fc1 is a kohya lora_name, which PEFT cannot target"
+    with pytest.raises(UnsupportedError, match=why + "; pass --base") as e:
+        fp.write(kohya.read(te_file), tmp_path / "peft_nobase")
+    assert "\n" not in str(e.value) and not (tmp_path / "peft_nobase").exists()
+    layout = BaseLayout.from_model(sp.text_encoder())
+    fp.write(kohya.read(te_file, base=layout), tmp_path / "peft")
+    got = sp.hidden(PeftModel.from_pretrained(sp.text_encoder(), str(tmp_path / "peft")).eval())
+    assert sp.effect_error(got, ref, base) <= TOL
+    back = kohya.write(fp.read(tmp_path / "peft"), tmp_path / "back.safetensors", base=layout,
+                       options=WriteOptions(prefix="lora_te"))  # fmt: skip
+    assert _keys(back) == _keys(te_file)
+    m = {"unet": sp.unet(), "text_encoder": sp.text_encoder()}
+    sp.diffusers_load(m, {"back": back})
+    assert sp.effect_error(sp.hidden(m["text_encoder"]), ref, base) <= TOL

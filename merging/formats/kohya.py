@@ -111,7 +111,7 @@ def read(
 
 def _read(file: Path, base: BaseLayout | None, allow_nonfinite: bool) -> Adapter:
     tensors = load_tensors(file)
-    mapping = from_kohya(base.modules, base.components) if base is not None else {}
+    mapping = from_kohya(base.modules, base.components, base.saved) if base is not None else {}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
         m = PART.match(key)
@@ -298,7 +298,9 @@ def write(
     tensors = {}
     if base is not None:
         adapter = _refined(adapter, base)
-    names = to_kohya(base.modules, base.components) if base is not None else {}
+    names = {} if base is None else to_kohya(base.modules, base.components, base.saved)
+    if base is not None and not names:  # one model: its checkpoints' paths under options.prefix
+        names = {m: f"{options.prefix}_{s.replace('.', '_')}" for m, s in base.saved.items()}
     alpha = file_alpha(adapter.deltas.values())
     for mod, d in adapter.expanded().items():
         name = _kohya_name(mod, options.prefix, names)

@@ -12,6 +12,8 @@ pipeline base names its modules ``<component>.<path>``; each component has its p
 
 A base without components (one model: a transformers model or one diffusers component) maps every known
 prefix onto its module paths. Two paths that flatten to one lora_name make it ambiguous: refused by name.
+Where a module's checkpoints name it otherwise (transformers 5's CLIPTextModel lost ``text_model.``, its
+checkpoints kept it), names are written as the checkpoints name it and read either way.
 """
 
 from __future__ import annotations
@@ -44,22 +46,26 @@ def component_prefixes(components: Iterable[str]) -> dict[str, str]:
     return prefixes
 
 
-def to_kohya(modules: Iterable[str], components: Iterable[str]) -> dict[str, str]:
+def to_kohya(modules: Iterable[str], components: Iterable[str], saved: Mapping[str, str]) -> dict[str, str]:
     """module path → lora_name for a pipeline base (modules ``<component>.<path>``); {} without one."""
     prefixes = component_prefixes(components)
     out = {}
     for m in modules if prefixes else ():
-        comp, _, rest = m.partition(".")
+        comp, _, rest = saved.get(m, m).partition(".")
         out[m] = f"{prefixes[comp]}_{rest.replace('.', '_')}"
     return out
 
 
-def from_kohya(modules: Iterable[str], components: Iterable[str] = ()) -> dict[str, str]:
+def from_kohya(
+    modules: Iterable[str], components: Iterable[str] = (), saved: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """lora_name → module path (AMBIGUOUS where two paths flatten alike), for any base."""
-    mods, comps = list(modules), list(components)
-    pairs = [(name, m) for m, name in to_kohya(mods, comps).items()]
+    mods, comps, saved = list(modules), list(components), dict(saved or {})
+    live = {m: m for m in mods}
+    pairs = [(name, m) for names in (saved, live) for m, name in to_kohya(mods, comps, names).items()]
     if not comps:
-        pairs = [(f"{p}_{m.replace('.', '_')}", m) for m in mods for p in PREFIXES]
+        paths = [(m, m) for m in mods] + [(s, m) for m, s in saved.items()]
+        pairs = [(f"{p}_{path.replace('.', '_')}", m) for path, m in paths for p in PREFIXES]
     out: dict[str, str] = {}
     for name, m in pairs:
         out[name] = AMBIGUOUS if out.get(name, m) != m else m
