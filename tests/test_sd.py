@@ -315,3 +315,16 @@ def test_kohya_to_peft_needs_the_base_and_round_trips_through_peft(tmp_path):
     m = {"unet": sp.unet(), "text_encoder": sp.text_encoder()}
     sp.diffusers_load(m, {"back": back})
     assert sp.effect_error(sp.hidden(m["text_encoder"]), ref, base) <= TOL
+
+
+def test_inspect_shows_lycoris_ia3_and_whole_kohya_names_at_80_columns(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    f = sp.lycoris_file(tmp_path / "ia3.safetensors", {"unet": sp.unet()}, "ia3", seed=1)
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(cli, ["inspect", str(f)])
+    assert result.exit_code == 0, result.output
+    assert "ia3 lycoris" in result.output
+    first_column = "".join(line.split("│")[1].strip() for line in result.output.splitlines() if "│" in line)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in first_column
