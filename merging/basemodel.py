@@ -51,11 +51,11 @@ def biased_modules(model: torch.nn.Module) -> frozenset[str]:
 
 
 def saved_paths(model: torch.nn.Module) -> dict[str, str]:
-    """Module path → the path its checkpoints use, where transformers declares a removed prefix.
+    """Module path → the path older checkpoints use, where transformers declares a removed prefix.
 
-    transformers 5 builds CLIPTextModel without its ``text_model.`` level but saves and loads checkpoints
-    with it (a PrefixChange in its conversion mapping); kohya names (lora_te_text_model_...) follow the
-    checkpoints, as sd-scripts and every SD runtime do.
+    transformers 5 builds CLIPTextModel without its ``text_model.`` level and loads checkpoints with it
+    (a PrefixChange in its conversion mapping): every SD checkpoint (transformers 4) has it, and kohya
+    names follow them (lora_te_text_model_...), as sd-scripts, ComfyUI, A1111 and diffusers' converter do.
     """
     try:
         from transformers.conversion_mapping import extract_weight_conversions_for_model
@@ -191,7 +191,7 @@ class BaseLayout:
     config: Mapping[str, Any] = field(default_factory=dict)
     biased: frozenset[str] | None = None
     components: tuple[str, ...] = ()  # a diffusers pipeline's: unet, transformer, text_encoder, ...
-    saved: Mapping[str, str] = field(default_factory=dict)  # module path → as checkpoints name it, if other
+    saved: Mapping[str, str] = field(default_factory=dict)  # module path → as SD checkpoints name it
 
     def has_bias(self, module: str) -> bool | None:
         """Whether the module has a bias (None when the layout does not know)."""
@@ -199,7 +199,16 @@ class BaseLayout:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> BaseLayout:
-        """From a transformers model folder (config.json and the module tree built on the meta device)."""
+        """From a model folder: transformers, a diffusers component, or a diffusers pipeline (its components).
+
+        The module tree is built from the configs on the meta device (names and shapes, no memory).
+        """
+        from merging import sdbase
+
+        if sdbase.is_pipeline(Path(folder)):
+            return cls.from_components(sdbase.pipeline_skeletons(Path(folder)))
+        if sdbase.is_component(Path(folder)):
+            return cls.from_model(sdbase.skeleton(Path(folder)))
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}
         model = skeleton(Path(folder))

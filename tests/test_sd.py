@@ -328,3 +328,50 @@ def test_inspect_shows_lycoris_ia3_and_whole_kohya_names_at_80_columns(tmp_path)
     assert "ia3 lycoris" in result.output
     first_column = "".join(line.split("│")[1].strip() for line in result.output.splitlines() if "│" in line)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in first_column
+
+
+def _pipeline_folder(folder, models):
+    """A diffusers pipeline folder holding the given components (as save_pretrained writes them)."""
+    import json
+
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    for name, model in models.items():
+        model.save_pretrained(str(folder / name))
+        lib = "diffusers" if "diffusers" in type(model).__module__ else "transformers"
+        index[name] = [lib, type(model).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_cli_merge_and_convert_with_a_pipeline_folder_as_base(tmp_path, base_noise):
+    """--base takes a diffusers pipeline folder: names (lora_unet_/lora_te_), shapes and base weights (a
+    LyCORIS IA³ stacked with a LoCon on one module is resolved against them): diffusers loads the merge."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from merging import sdbase
+
+    m = {"unet": sp.unet(), "text_encoder": sp.text_encoder()}
+    ia3 = sp.lycoris_file(tmp_path / "ia3.safetensors", {"unet": m["unet"]}, "ia3", seed=1, scale=0.3)
+    lora = sp.lycoris_file(tmp_path / "lora.safetensors", m, "locon", seed=2)
+    ref_noise, ref_hidden = sp.noise(m["unet"]), sp.hidden(m["text_encoder"])
+    pipe = _pipeline_folder(tmp_path / "pipe", {"unet": sp.unet(), "text_encoder": sp.text_encoder()})
+    assert BaseLayout.from_folder(pipe).components == ("unet", "text_encoder")
+    fc1 = sdbase.weights(pipe).module_weight("text_encoder.encoder.layers.0.mlp.fc1")  # saved as text_model.*
+    assert torch.equal(fc1, sp.text_encoder().encoder.layers[0].mlp.fc1.weight)
+    run = CliRunner(env={"COLUMNS": "200"})
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", str(ia3), str(lora), "--strategy", "cat", "--format", "kohya", "-o", str(out)]
+    result = run.invoke(cli, args)
+    assert result.exit_code == 2 and "needs the base weights: pass --base" in result.output
+    result = run.invoke(cli, [*args, "--base", str(pipe)])
+    assert result.exit_code == 0, result.output
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha" in _keys(out)
+    got = {"unet": sp.unet(), "text_encoder": sp.text_encoder()}
+    sp.diffusers_load(got, {"merged": out})
+    assert sp.effect_error(sp.noise(got["unet"]), ref_noise, base_noise) <= TOL
+    assert sp.effect_error(sp.hidden(got["text_encoder"]), ref_hidden, sp.hidden(sp.text_encoder())) <= TOL
+    conv = tmp_path / "unet_only.safetensors"
+    args = ["convert", str(lora), "--to", "kohya", "--base", str(pipe / "unet"), "-o", str(conv)]
+    result = run.invoke(cli, args)
+    assert result.exit_code == 2 and "lora_te_encoder_layers_0_mlp_fc1 matches no module" in result.output

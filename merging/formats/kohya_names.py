@@ -12,8 +12,8 @@ pipeline base names its modules ``<component>.<path>``; each component has its p
 
 A base without components (one model: a transformers model or one diffusers component) maps every known
 prefix onto its module paths. Two paths that flatten to one lora_name make it ambiguous: refused by name.
-Where a module's checkpoints name it otherwise (transformers 5's CLIPTextModel lost ``text_model.``, its
-checkpoints kept it), names are written as the checkpoints name it and read either way.
+Where SD checkpoints name a module otherwise (transformers 5's CLIPTextModel lost ``text_model.``, which
+every SD checkpoint and kohya file has), names are written as the checkpoints name it and read either way.
 """
 
 from __future__ import annotations
