@@ -122,12 +122,15 @@ def test_loha_alone_without_base_is_refused_in_one_line_and_exact_with_it(tmp_pa
 
 
 LOCON = ("locon", {}, 0.1)
+TUCKER_BOTH_RS = {"factor": 2, "use_tucker": True, "decompose_both": True, "rs_lora": True}
 LYCORIS = {  # two inputs each: (algo, LyCORIS options, weight scale)
     "locon": [LOCON, LOCON],
+    "locon_tucker_rs": [("locon", {"use_tucker": True, "rs_lora": True}, 0.1)] * 2,  # lora_mid; α·√r stored
     "loha": [("loha", {}, 0.2)] * 2,
     "loha_tucker": [("loha", {"use_tucker": True}, 0.2)] * 2,
     "lokr": [("lokr", {"factor": 4}, 0.1)] * 2,
     "lokr_tucker": [("lokr", {"factor": 2, "use_tucker": True}, 0.2)] * 2,
+    "lokr_tucker_both_rs": [("lokr", TUCKER_BOTH_RS, 0.2)] * 2,
     "lokr_both": [("lokr", {"factor": 2, "decompose_both": True}, 0.1)] * 2,
     "lokr_full": [("lokr", {"full_matrix": True}, 0.05)] * 2,
     # LyCORIS cannot stack a full network: it deletes the layer's weight (a network applied after it fails)
