@@ -109,6 +109,13 @@ def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", de
     if path.suffix == ".gguf" and path.is_file():
         path = _gguf_folder(path)
     where = str(path) if path.exists() else str(spec)
+    from merging import sdbase
+
+    if path.is_dir() and (sdbase.is_pipeline(path) or sdbase.is_component(path)):
+        raise SourceError(
+            f"{spec}: a diffusers folder; verify and bake load transformers bases only (convert and merge "
+            "take it as --base for names, shapes and weights)"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         raise SourceError(f"{spec}: not a transformers model folder (no config.json)")
     extra = {"device_map": device_map} if device_map else {}
