@@ -214,7 +214,7 @@ class BaseLayout:
 
         if sdbase.is_pipeline(Path(folder)):
             return cls.from_components(sdbase.pipeline_skeletons(Path(folder)))
-        if sdbase.is_component(Path(folder)):
+        if sdbase.is_component(Path(folder)) or sdbase.is_text_encoder(Path(folder)):
             return cls.from_model(sdbase.skeleton(Path(folder)))
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}

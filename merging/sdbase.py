@@ -17,6 +17,7 @@ from merging.errors import FormatError, SourceError
 from merging.tensorfiles import LazyWeights
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")  # AutoModel picks wrong
 
 
 def is_pipeline(folder: Path) -> bool:
@@ -28,6 +29,12 @@ def is_component(folder: Path) -> bool:
     """A diffusers model folder (its config.json names a ``_class_name``)."""
     cfg = Path(folder) / "config.json"
     return cfg.is_file() and "_class_name" in _json(cfg)
+
+
+def is_text_encoder(folder: Path) -> bool:
+    """A pipeline's text encoder folder (its architecture is one AutoModel would not build as such)."""
+    cfg = Path(folder) / "config.json"
+    return cfg.is_file() and bool(set(_json(cfg).get("architectures") or ()) & set(TEXT_ENCODERS))
 
 
 def _json(file: Path) -> dict:

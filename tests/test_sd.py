@@ -360,6 +360,9 @@ def test_cli_merge_and_convert_with_a_pipeline_folder_as_base(tmp_path, base_noi
     ref_noise, ref_hidden = sp.noise(m["unet"]), sp.hidden(m["text_encoder"])
     pipe = _pipeline_folder(tmp_path / "pipe", {"unet": sp.unet(), "text_encoder": sp.text_encoder()})
     assert BaseLayout.from_folder(pipe).components == ("unet", "text_encoder")
+    sp.text_encoder(2, 16, projection=True).save_pretrained(str(tmp_path / "te2"))
+    te2 = BaseLayout.from_folder(tmp_path / "te2").modules  # SDXL's: not the CLIPTextModel AutoModel builds
+    assert "text_projection" in te2 and "text_model.encoder.layers.0.mlp.fc1" in te2
     fc1 = sdbase.weights(pipe).module_weight("text_encoder.encoder.layers.0.mlp.fc1")  # saved as text_model.*
     assert torch.equal(fc1, sp.text_encoder().encoder.layers[0].mlp.fc1.weight)
     run = CliRunner(env={"COLUMNS": "200"})
