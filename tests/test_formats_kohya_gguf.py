@@ -187,3 +187,17 @@ def test_gguf_wrong_architecture_or_type(fx, tmp_path):
     other = BaseLayout({}, {"model_type": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2})
     with pytest.raises(FormatError, match="architecture 'llama', the base model is 'qwen2'"):
         fg.read(tmp_path / "a.gguf", base=other)
+
+
+def test_lokr_w2_b_with_kernel_axes_reads_as_lycoris_builds_it():
+    """lokr_w2_b (r, d, kh, kw), as LyCORIS's weight_gen makes it: the kernel is kept (conv2d)."""
+    lycoris_lokr = pytest.importorskip("lycoris.functional.lokr")
+    from merging.formats import lycoris
+
+    g = torch.Generator().manual_seed(0)
+    w1, w2a = torch.randn(2, 2, generator=g), torch.randn(8, 3, generator=g)
+    w2b = torch.randn(3, 4, 3, 3, generator=g)  # (r, d, kh, kw)
+    ref = lycoris_lokr.diff_weight(w1, None, None, None, w2a, w2b, None, gamma=torch.tensor(1.0))  # × 1 / r
+    d = lycoris.lokr_delta({"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b}, 1 / 3)
+    assert d.target.layer == "conv2d" and d.target.shape == (16, 8, 3, 3)
+    assert_close(d.dense_stored(), ref)

@@ -203,7 +203,7 @@ def _kohya_name(module: str, prefix: str, names: Mapping[str, str]) -> str:
         return module
     if names:  # a pipeline base: the component's prefix
         if module not in names:
-            raise FormatError(f"module {module} is not in the base model")
+            raise FormatError("not in the base model")
         return names[module]
     return f"{prefix}_{module.replace('.', '_')}"
 
@@ -303,8 +303,8 @@ def write(
         names = {m: f"{options.prefix}_{s.replace('.', '_')}" for m, s in base.saved.items()}
     alpha = file_alpha(adapter.deltas.values())
     for mod, d in adapter.expanded().items():
-        name = _kohya_name(mod, options.prefix, names)
         with naming(adapter.where, f"module {mod}"):
+            name = _kohya_name(mod, options.prefix, names)
             for part, t in _parts(mod, d, base, alpha).items():
                 tensors[f"{name}.{part}"] = t.contiguous()
     meta = dict(adapter.config.get("metadata", {})) if adapter.config.get("format") == "kohya" else {}

@@ -60,8 +60,10 @@ def lokr_delta(parts: dict[str, torch.Tensor], scale: float) -> Kronecker:
     elif "lokr_t2" in parts:
         t2 = parts["lokr_t2"]
         b, d, kernel = parts["lokr_w2_a"].shape[1], parts["lokr_w2_b"].shape[1], tuple(t2.shape[2:])
-    else:
-        b, d, kernel = parts["lokr_w2_a"].shape[0], parts["lokr_w2_b"].shape[1], ()
+    else:  # w2_b (r, d·k...) as LyCORIS's module stores it, or (r, d, k...) as its weight_gen makes it
+        w2b = parts["lokr_w2_b"]
+        b, d, kernel = parts["lokr_w2_a"].shape[0], w2b.shape[1], tuple(w2b.shape[2:])
+        parts = parts | {"lokr_w2_b": w2b.reshape(w2b.shape[0], -1)}  # (r, d·k...)
     layer = KERNEL_LAYERS.get(len(kernel))
     if layer is None:
         raise FormatError(f"lokr_w2 has an unsupported kernel shape {kernel}")
