@@ -113,8 +113,8 @@ def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", de
 
     if path.is_dir() and (sdbase.is_pipeline(path) or sdbase.is_component(path)):
         raise SourceError(
-            f"{spec}: a diffusers folder; verify and bake load transformers bases only (convert and merge "
-            "take it as --base for names, shapes and weights)"
+            f"{spec}: a diffusers folder; verify takes the pipeline folder (model_index.json), bake loads "
+            "transformers bases only (convert and merge take either as --base)"
         )
     if path.is_dir() and not (path / "config.json").is_file():
         raise SourceError(f"{spec}: not a transformers model folder (no config.json)")

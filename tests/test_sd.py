@@ -381,3 +381,32 @@ def test_cli_merge_and_convert_with_a_pipeline_folder_as_base(tmp_path, base_noi
     args = ["convert", str(lora), "--to", "kohya", "--base", str(pipe / "unet"), "-o", str(conv)]
     result = run.invoke(cli, args)
     assert result.exit_code == 2 and "lora_te_encoder_layers_0_mlp_fc1 matches no module" in result.output
+
+
+def test_verify_runs_on_a_pipeline_folder_and_fails_a_wrong_merge(tmp_path):
+    """verify --base <pipeline>: diffusers stacks the LoRA inputs; cat passes on UNet and text encoder, a
+    merged file with one input's weight doubled fails (exit 1)."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    pipe = _pipeline_folder(tmp_path / "pipe", {"unet": sp.unet(), "text_encoder": sp.text_encoder()})
+    files = [
+        sp.lycoris_file(tmp_path / f"{i}.safetensors", {"unet": sp.unet(), "text_encoder": sp.text_encoder()},
+                        "locon", seed=i)
+        for i in (1, 2)
+    ]  # fmt: skip
+    run = CliRunner(env={"COLUMNS": "200"})
+    args = ["verify", *map(str, files), "--base", str(pipe)]
+    result = run.invoke(cli, [*args, "-s", "cat", "-s", "svd", "--rank", "2"])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "diffusers (set_adapters)" in result.output
+    wrong = tmp_path / "wrong.safetensors"
+    tensors = load_file(str(files[0]))
+    save_file({k: 2 * v if k.endswith("lora_up.weight") else v for k, v in tensors.items()}, str(wrong))
+    layout = BaseLayout.from_folder(pipe)
+    merged = merge(weighted([kohya.read(f, base=layout) for f in (wrong, files[1])]), "cat")
+    recipe = {"strategy": "cat"}
+    out = kohya.write(merged.adapters[0], tmp_path / "merged.safetensors", base=layout, provenance=recipe)
+    result = run.invoke(cli, [*args, "--merged", str(out)])
+    assert result.exit_code == 1 and "FAIL" in result.output, result.output
