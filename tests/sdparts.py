@@ -16,7 +16,10 @@ UNET = {
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32, "norm_num_groups": 32,
     "attention_head_dim": 8,
 }  # fmt: skip
-SDXL_UNET = UNET | {"cross_attention_dim": 48}  # SDXL: the two text encoders' states concatenated (32 + 16)
+SDXL_UNET = UNET | {  # SDXL: both text encoders' states (32 + 16), pooled text and size ids added to time
+    "cross_attention_dim": 48, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 16 + 6 * 8,
+}  # fmt: skip
 
 
 def unet(seed: int = 0, config: dict | None = None) -> torch.nn.Module:

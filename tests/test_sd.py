@@ -410,3 +410,24 @@ def test_verify_runs_on_a_pipeline_folder_and_fails_a_wrong_merge(tmp_path):
     out = kohya.write(merged.adapters[0], tmp_path / "merged.safetensors", base=layout, provenance=recipe)
     result = run.invoke(cli, [*args, "--merged", str(out)])
     assert result.exit_code == 1 and "FAIL" in result.output, result.output
+
+
+def test_verify_on_an_sdxl_shaped_pipeline(tmp_path):
+    """SDXL: two text encoders (lora_te1_/lora_te2_) and a UNet with added time/text embeddings."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    def parts():
+        return {"unet": sp.unet(config=sp.SDXL_UNET), "text_encoder": sp.text_encoder(1),
+                "text_encoder_2": sp.text_encoder(2, 16, projection=True)}  # fmt: skip
+
+    pipe = _pipeline_folder(tmp_path / "pipe", parts())
+    files = []
+    for i in (1, 2):
+        p = parts()
+        m = {"unet": p["unet"], "text_encoder": [p["text_encoder"], p["text_encoder_2"]]}
+        files.append(sp.lycoris_file(tmp_path / f"{i}.safetensors", m, "locon", seed=i))
+    args = ["verify", *map(str, files), "--base", str(pipe), "-s", "cat"]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, args)
+    assert result.exit_code == 0 and "PASS" in result.output, result.output
