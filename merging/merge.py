@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from merging import formats, strategies
+from merging import formats, sdbase, strategies
 from merging.adapter import Adapter, Pair, align, combine_aux
 from merging.basemodel import BaseLayout
 from merging.deltas import (
@@ -332,7 +332,9 @@ def write_result(
     """
     writer = formats.get(fmt)
     if len(result.adapters) == 1:
-        layout = BaseLayout.of(base) if base is not None and writer.uses_base else None
+        pipeline = isinstance(base, (str, Path)) and sdbase.is_pipeline(Path(base))
+        pipeline = pipeline or isinstance(base, BaseLayout)
+        layout = BaseLayout.of(base) if base is not None and (writer.uses_base or pipeline) else None
         return writer.write(result.adapters[0], out, provenance=recipe_data, base=layout, force=force)
     if writer.name != "peft":
         raise UnsupportedError(f"an IA³ + LoRA pair has no single {fmt} file; write it with --format peft")

@@ -377,6 +377,9 @@ def test_cli_merge_and_convert_with_a_pipeline_folder_as_base(tmp_path, base_noi
     sp.diffusers_load(got, {"merged": out})
     assert sp.effect_error(sp.noise(got["unet"]), ref_noise, base_noise) <= TOL
     assert sp.effect_error(sp.hidden(got["text_encoder"]), ref_hidden, sp.hidden(sp.text_encoder())) <= TOL
+    peft_args = ["merge", str(ia3), str(lora), "-s", "cat", "--base", str(pipe), "-o", str(tmp_path / "p")]
+    result = run.invoke(cli, peft_args)  # --format peft
+    assert result.exit_code == 2 and "a PEFT folder adapts one model, the base is a pipeline" in result.output
     conv = tmp_path / "unet_only.safetensors"
     args = ["convert", str(lora), "--to", "kohya", "--base", str(pipe / "unet"), "-o", str(conv)]
     result = run.invoke(cli, args)

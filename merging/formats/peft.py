@@ -295,6 +295,11 @@ def write(
             f"{adapter.where}: module {kohya[0]} is a kohya lora_name, which PEFT cannot target; "
             "pass --base to map kohya names to the base model's module paths"
         )
+    if base is not None and base.components:
+        raise UnsupportedError(
+            f"{adapter.where}: a PEFT folder adapts one model, the base is a pipeline "
+            f"({', '.join(base.components)}): write kohya, or pass one component folder as --base"
+        )
     deltas = {m: _peft_ia3(adapter.where, m, d, base) for m, d in adapter.deltas.items()}
     adapter = adapter.with_deltas(deltas)
     kinds = {type(d) for d in adapter.deltas.values()}
