@@ -187,3 +187,16 @@ def dit_noise(model: torch.nn.Module) -> torch.Tensor:
     pooled = torch.randn(2, 16, generator=g)
     return model(hidden_states=x, encoder_hidden_states=states, pooled_projections=pooled,
                  timestep=torch.tensor([10, 500])).sample  # fmt: skip
+
+
+def pipeline_folder(folder, models):
+    """A diffusers pipeline folder holding the given components (as save_pretrained writes them)."""
+    import json
+
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    for name, model in models.items():
+        model.save_pretrained(str(folder / name))
+        lib = "diffusers" if "diffusers" in type(model).__module__ else "transformers"
+        index[name] = [lib, type(model).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
