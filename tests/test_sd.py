@@ -180,6 +180,10 @@ def test_lycoris_ia3_networks_add_and_merge_exactly(tmp_path, base_noise):
         sp.lycoris_load(m, f, "ia3")
     stacked = sp.noise(m["unet"])
     ads = [kohya.read(f) for f in files]
+    pipe = torch.nn.ModuleDict({"unet": sp.unet()})  # our runtime (the verify reference) against LyCORIS
+    layout = _layout(unet=pipe["unet"])
+    with stacked_runtime(pipe, weighted([kohya.read(f, base=layout) for f in files])):
+        assert sp.effect_error(sp.noise(pipe["unet"]), stacked, base_noise) <= TOL
     result = merge(weighted(ads), "cat")
     out = kohya.write(result.adapters[0], tmp_path / "merged.safetensors")
     m = {"unet": sp.unet()}
