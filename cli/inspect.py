@@ -13,6 +13,7 @@ from merging import formats, serving, sources
 from merging.adapter import KIND_NAMES
 from merging.deltas import LowRank, Scale
 from merging.errors import NotAnAdapter
+from merging.ia3 import AddedScale
 from merging.tensorfiles import list_tensors, tensor_files
 
 ADAPTER_PARTS = ("lora_", "hada_", "lokr_", "ia3_")
@@ -49,7 +50,7 @@ def inspect_cmd(spec: str) -> None:
         modules[_module_of(t.name)[0]].append(t)
     table = Table(title=str(path), show_lines=False)
     for col in ("module", "tensors", "shapes", "dtype"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold" if col == "module" else "ellipsis")
     for mod, ts in modules.items():
         table.add_row(
             mod,
@@ -89,18 +90,13 @@ def _inspect_adapter(path: Path, ad) -> None:
     rev = f" @ {ad.revision}" if ad.revision else ""
     table = Table(title=f"{path}{rev}  ({', '.join(sorted(ad.kinds))}; base: {ad.base_model or 'unknown'})")
     for col in ("module", "delta", "shape (out, in)", "rank", "scale", "‖ΔW‖", "params"):
-        table.add_column(col, justify="left" if col in ("module", "delta") else "right")
+        left = col in ("module", "delta")
+        table.add_column(col, justify="left" if left else "right", overflow="fold" if left else "ellipsis")
     for mod, d in ad.deltas.items():
-        if isinstance(d, Scale):
-            table.add_row(
-                mod,
-                f"ia3 ({d.side})",
-                str(d.l.numel()),
-                "",
-                "",
-                f"{float(d.l.float().norm()):.4g}",
-                f"{d.numel:,}",
-            )
+        if isinstance(d, (Scale, AddedScale)):  # PEFT's l, or LyCORIS's w = l − 1 (added: w ⊙ W)
+            v, kind = (d.l, "ia3") if isinstance(d, Scale) else (d.w, "ia3 lycoris, w")
+            table.add_row(mod, f"{kind} ({d.side})", str(v.numel()), "", "", f"{float(v.float().norm()):.4g}",
+                          f"{d.numel:,}")  # fmt: skip
             continue
         kind = "dora" if isinstance(d, LowRank) and d.magnitude is not None else KIND_NAMES[type(d)]
         norm = "needs base" if kind == "dora" else f"{d.norm():.4g}"

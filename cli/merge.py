@@ -12,10 +12,9 @@ from rich.table import Table
 from cli.common import FloatList, console, progress_bar
 from merging import merge as merge_lib
 from merging import publish as publish_lib
-from merging import serving, sources, strategies
+from merging import sdbase, serving, sources, strategies
 from merging.errors import MergingError
 from merging.strategies import Options
-from merging.tensorfiles import LazyWeights
 
 try:
     import tomllib
@@ -112,7 +111,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
     )
     fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed")
     options = Options(**{k: spec[k] for k in fields if k in spec})
-    base = LazyWeights(spec["base"]) if spec.get("base") else None
+    base = sdbase.weights(Path(spec["base"])) if spec.get("base") else None
     started = time.perf_counter()
     with progress_bar("merging") as update:
         result = merge_lib.merge(

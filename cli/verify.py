@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cli.common import FloatList, console, progress_bar
 from merging import merge as merge_lib
-from merging import sources, strategies
+from merging import sdbase, sources, strategies
 from merging.adapter import weighted
 from merging.basemodel import BaseLayout, load_base
 from merging.errors import MergingError
@@ -86,6 +86,11 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     """
     if not merged_dirs and not strategy_names:
         raise click.UsageError("give --merged OUT or --strategy NAME (or both)")
+    if sdbase.is_pipeline(Path(base)):  # Stable Diffusion: the denoiser and text encoders
+        from cli import verify_sd
+
+        options = Options(rank=rank, energy=energy, density=density, seed=seed)
+        return verify_sd.run(inputs, Path(base), merged_dirs, strategy_names, weights, options)
     model, tokenizer = load_base(base, device, dtype, device_map=device_map)
     layout = BaseLayout.from_model(model)
     adapters = [ad for ad, _ in sources.load_inputs(inputs, base=layout)]

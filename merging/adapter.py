@@ -22,8 +22,11 @@ from merging.deltas import (
     TokenRows,
 )
 from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch
+from merging.ia3 import AddedScale
 
-KIND_NAMES = {LowRank: "lora", Hadamard: "loha", Kronecker: "lokr", Dense: "full", Scale: "ia3"}
+KIND_NAMES = {
+    LowRank: "lora", Hadamard: "loha", Kronecker: "lokr", Dense: "full", Scale: "ia3", AddedScale: "ia3",
+}  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +97,7 @@ class Adapter:
             if mod not in shapes:
                 raise ShapeMismatch(f"{self.where}: module {mod} is not in the base model")
             layer, shape = shapes[mod]
-            if isinstance(d, Scale):
+            if isinstance(d, (Scale, AddedScale)):
                 out[mod] = replace(d, layer=layer)
                 continue
             try:

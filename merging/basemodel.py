@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from merging.adapter import base_shapes
+from merging.adapter import base_shapes, layer_kind
 from merging.deltas import Layer
 from merging.errors import DeviceError, FormatError, SourceError
 from merging.fileio import cache_dir, sha256_file
@@ -42,6 +42,32 @@ def skeleton(folder: Path) -> torch.nn.Module:
             return AutoModelForCausalLM.from_config(config)
         except ValueError:
             return AutoModel.from_config(config)
+
+
+def biased_modules(model: torch.nn.Module) -> frozenset[str]:
+    """The adaptable modules of a model that have a bias."""
+    mods = model.named_modules()
+    return frozenset(n for n, m in mods if layer_kind(m) is not None and getattr(m, "bias", None) is not None)
+
+
+def saved_paths(model: torch.nn.Module) -> dict[str, str]:
+    """Module path → the path older checkpoints use, where transformers declares a removed prefix.
+
+    transformers 5 builds CLIPTextModel without its ``text_model.`` level and loads checkpoints with it
+    (a PrefixChange in its conversion mapping): every SD checkpoint (transformers 4) has it, and kohya
+    names follow them (lora_te_text_model_...), as sd-scripts, ComfyUI, A1111 and diffusers' converter do.
+    """
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+    except ImportError:  # transformers 4: the modules are where the checkpoints put them
+        return {}
+    if not hasattr(getattr(model, "config", None), "model_type"):
+        return {}
+    rules = extract_weight_conversions_for_model(model) or []
+    prefixes = [p for r in rules if (p := getattr(r, "prefix_to_remove", None)) and not r.model_prefix]
+    if len(prefixes) != 1:
+        return {}
+    return {m: f"{prefixes[0]}.{m}" for m in base_shapes(model)}
 
 
 def module_shapes(folder: Path) -> dict[str, tuple[Layer, tuple[int, ...]]]:
@@ -83,6 +109,13 @@ def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", de
     if path.suffix == ".gguf" and path.is_file():
         path = _gguf_folder(path)
     where = str(path) if path.exists() else str(spec)
+    from merging import sdbase
+
+    if path.is_dir() and (sdbase.is_pipeline(path) or sdbase.is_component(path)):
+        raise SourceError(
+            f"{spec}: a diffusers folder; verify takes the pipeline folder (model_index.json), bake loads "
+            "transformers bases only (convert and merge take either as --base)"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         raise SourceError(f"{spec}: not a transformers model folder (no config.json)")
     extra = {"device_map": device_map} if device_map else {}
@@ -157,24 +190,53 @@ def convert_gguf_model(gguf_file: Path, out: Path) -> Path:
 class BaseLayout:
     """A base model without its weights: module path → (layer kind, stored weight shape), and its config.
 
-    ``config`` is the transformers config as a dict (``{}`` when there is none).
+    ``config`` is the transformers config as a dict (``{}`` when there is none); ``biased`` the adaptable
+    modules that have a bias (None: not known). A diffusers pipeline names modules ``<component>.<path>``.
     """
 
     modules: Mapping[str, tuple[Layer, tuple[int, ...]]]
     config: Mapping[str, Any] = field(default_factory=dict)
+    biased: frozenset[str] | None = None
+    components: tuple[str, ...] = ()  # a diffusers pipeline's: unet, transformer, text_encoder, ...
+    saved: Mapping[str, str] = field(default_factory=dict)  # module path → as SD checkpoints name it
+
+    def has_bias(self, module: str) -> bool | None:
+        """Whether the module has a bias (None when the layout does not know)."""
+        return None if self.biased is None or module not in self.modules else module in self.biased
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> BaseLayout:
-        """From a transformers model folder (config.json and the module tree built on the meta device)."""
+        """From a model folder: transformers, a diffusers component, or a diffusers pipeline (its components).
+
+        The module tree is built from the configs on the meta device (names and shapes, no memory).
+        """
+        from merging import sdbase
+
+        if sdbase.is_pipeline(Path(folder)):
+            return cls.from_components(sdbase.pipeline_skeletons(Path(folder)))
+        if sdbase.is_component(Path(folder)) or sdbase.is_text_encoder(Path(folder)):
+            return cls.from_model(sdbase.skeleton(Path(folder)))
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        return cls(module_shapes(Path(folder)), config)
+        model = skeleton(Path(folder))
+        return cls(base_shapes(model), config, biased_modules(model), saved=saved_paths(model))
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> BaseLayout:
         """From a loaded torch / transformers model."""
         config = getattr(model, "config", None)
-        return cls(base_shapes(model), config.to_dict() if hasattr(config, "to_dict") else {})
+        as_dict = dict(config) if isinstance(config, Mapping) else getattr(config, "to_dict", dict)()
+        return cls(base_shapes(model), as_dict, biased_modules(model), saved=saved_paths(model))
+
+    @classmethod
+    def from_components(cls, components: Mapping[str, torch.nn.Module]) -> BaseLayout:
+        """From a pipeline's loaded components by name (unet, text_encoder, ...): ``<component>.<path>``."""
+        layouts = {name: cls.from_model(m) for name, m in components.items()}
+        modules = {f"{c}.{m}": v for c, lay in layouts.items() for m, v in lay.modules.items()}
+        biased = frozenset(f"{c}.{m}" for c, lay in layouts.items() for m in lay.biased or ())
+        saved = {f"{c}.{m}": f"{c}.{s}" for c, lay in layouts.items() for m, s in lay.saved.items()}
+        configs = {c: dict(lay.config) for c, lay in layouts.items()}
+        return cls(modules, configs, biased, tuple(layouts), saved)
 
     @classmethod
     def of(cls, base: BaseLayout | str | Path | torch.nn.Module) -> BaseLayout:

@@ -3,6 +3,9 @@
 Per module the inputs are taken in the order given (innermost first, as they would be stacked).
 Additive deltas go through the chosen strategy (or ``cat`` when the strategy only merges IA³);
 IA³ vectors through the chosen strategy (or ``multiplicative`` when it only merges additive deltas).
+LyCORIS IA³ (``AddedScale``, additive per network) sums exactly into one LyCORIS IA³; stacked with other
+kinds on one module it is resolved against the base weights (``Dense(w ⊙ W)``) or refused.
+An input read without its base (layer kind "unknown") takes the layer kind and shape another input knows.
 Where a module has both, the IA³ scalings are folded exactly into the additive deltas stacked inside
 them (diag(l) into B's rows for side=out, into A's columns for side=in), so the result is one IA³
 adapter applied first plus one LoRA adapter on top: exactly the stacked outputs.
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from merging import dora, formats, strategies
+from merging import dora, formats, sdbase, strategies
 from merging.adapter import Adapter, Pair, Stack, align, combine_aux, common_invocation
 from merging.basemodel import BaseLayout
 from merging.deltas import (
@@ -32,9 +35,10 @@ from merging.deltas import (
     TokenRows,
     sum_error,
 )
-from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
+from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.formats.peft import RECIPE_FILE, recipe_text
+from merging.ia3 import AddedScale, summed
 from merging.recipe import Recipe, Versions, inputs_of
 from merging.sources import STACK_FILE
 from merging.strategies import Options
@@ -107,6 +111,18 @@ def merge(
     exact = True
     for i, mod in enumerate(modules):
         stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
+        stack = _same_target(_lycoris_ia3(stack, mod, base_weights), mod)
+        if all(isinstance(d, AddedScale) for d, _ in stack):
+            if add_strategy is not chosen:
+                raise UnsupportedError(
+                    f"module {mod}: LyCORIS IA³ networks add w ⊙ W each; {chosen.name} models PEFT's "
+                    "product of IA³ vectors: use cat (their exact sum)"
+                )
+            lora[mod] = summed([d for d, _ in stack], [w for _, w in stack], mod)
+            reports.append(ModuleReport(mod, "ia3", 0, lora[mod].numel, None))
+            if progress:
+                progress(i + 1, len(modules), mod)
+            continue
         composed = None
         if any(dora.is_dora(d) for d, _ in stack):  # PEFT's DoRA rescales what is stacked inside it
             w0 = _base_matrix(stack, mod, base_weights)
@@ -137,7 +153,7 @@ def merge(
             progress(i + 1, len(modules), mod)
     if any(dora.is_dora(d) for d in lora.values()):  # PEFT's use_dora is per adapter: every module gets one
         lora = {
-            m: d if dora.is_dora(d) else dora.as_dora(d, _base_matrix([(d, 1.0)], m, base_weights))
+            m: dora.as_dora(d, _base_matrix([(d, 1.0)], m, base_weights)) if _plain_lora(d) else d
             for m, d in lora.items()
         }  # fmt: skip
     extra = _merge_aux(adapters, aux, base_weights, set(lora) | set(ia3))
@@ -172,6 +188,10 @@ def weight_space_error(
     return sum_error(list(zip(deltas, weights, strict=True)), [(merged, 1.0)])
 
 
+def _plain_lora(d: Delta) -> bool:
+    return isinstance(d, LowRank) and d.magnitude is None
+
+
 def _base_matrix(stack: Stack, mod: str, base_weights: BaseWeights | None) -> torch.Tensor:
     """The base weight of a module with DoRA in its stack, in matrix form (float32)."""
     if base_weights is None:
@@ -179,6 +199,39 @@ def _base_matrix(stack: Stack, mod: str, base_weights: BaseWeights | None) -> to
     if any(isinstance(d, Scale) for d, _ in stack):
         raise UnsupportedError(f"module {mod}: IA³ and DoRA on one module are not supported")
     return stack[0][0].target.to_matrix(base_weights(mod).float())
+
+
+def _lycoris_ia3(
+    stack: Sequence[tuple[Delta, float]], mod: str, base_weights: BaseWeights | None
+) -> list[tuple[Delta, float]]:
+    """LyCORIS IA³ stacked with other kinds: resolved as Dense(w ⊙ W) with the base weights, else refused."""
+    lycoris = [isinstance(d, AddedScale) for d, _ in stack]
+    if all(lycoris) or not any(lycoris):
+        return list(stack)
+    if base_weights is None:
+        raise UnsupportedError(
+            f"module {mod}: a LyCORIS IA³ (w ⊙ W, from the base weight) stacked with other adapter kinds "
+            "needs the base weights: pass --base"
+        )
+    return [(d.resolve(base_weights(mod), d.layer) if isinstance(d, AddedScale) else d, w) for d, w in stack]
+
+
+def _same_target(stack: list[tuple[Delta, float]], mod: str) -> list[tuple[Delta, float]]:
+    """Every additive delta of a module on the one layer kind and shape its inputs know (any order)."""
+    known = {(d.target.layer, d.target.shape) for d, _ in stack
+             if isinstance(d, AdditiveDelta) and d.target.layer != "unknown"}  # fmt: skip
+    if len(known) > 1:
+        raise ShapeMismatch(f"module {mod}: the inputs disagree on its layer: {sorted(known)}")
+    if not known:
+        return stack
+    layer, shape = known.pop()
+    try:
+        return [
+            (replace(d, target=d.target.refine(layer, shape)) if isinstance(d, AdditiveDelta) else d, w)
+            for d, w in stack
+        ]
+    except ShapeMismatch as e:
+        raise ShapeMismatch(f"module {mod}: {e}") from None
 
 
 def _compose(
@@ -308,7 +361,9 @@ def write_result(
     """
     writer = formats.get(fmt)
     if len(result.adapters) == 1:
-        layout = BaseLayout.of(base) if base is not None and writer.uses_base else None
+        pipeline = isinstance(base, (str, Path)) and sdbase.is_pipeline(Path(base))
+        pipeline = pipeline or isinstance(base, BaseLayout)
+        layout = BaseLayout.of(base) if base is not None and (writer.uses_base or pipeline) else None
         return writer.write(result.adapters[0], out, provenance=recipe_data, base=layout, force=force)
     if writer.name != "peft":
         raise UnsupportedError(f"an IA³ + LoRA pair has no single {fmt} file; write it with --format peft")

@@ -2,6 +2,7 @@
 
 Stacked-active follows PEFT's base layer pattern, innermost first: an additive delta gives
 y = inner(x) + Δ(x); an IA³ vector with side=out gives y = l ⊙ inner(x), with side=in y = inner(l ⊙ x).
+A LyCORIS IA³ (``AddedScale``) adds (w ⊙ W) x, W the original base weight, as LyCORIS networks do.
 Deltas are applied in factored form, B(A x). ``stacked`` swaps wrapper modules in and restores the
 originals on exit; no parameter of the model is touched.
 """
@@ -30,6 +31,7 @@ from merging.deltas import (
     Target,
 )
 from merging.errors import ShapeMismatch, UnsupportedError
+from merging.ia3 import AddedScale
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,8 +49,10 @@ class _Op:
     side: str = "out"
 
 
-def _prepare(delta: Delta, weight: float, ref: torch.Tensor) -> _Op:
+def _prepare(delta: Delta, weight: float, ref: torch.Tensor, kind: Layer) -> _Op:
     dev, dt = ref.device, ref.dtype
+    if isinstance(delta, AddedScale):  # LyCORIS IA³: the original base weight, scaled per channel
+        delta = delta.resolve(ref.detach(), kind)
     if isinstance(delta, Scale):
         return _Op("scale", weight, l=(delta.l.double() ** weight).to(dev, dt), side=delta.side)
     if dora.is_dora(delta):  # s from the base weight alone, as PEFT's DoRA layer computes it
@@ -195,6 +199,7 @@ def effective_weight(
         inplace: a float32 ``w`` may be modified in place (the caller owns it; saves a copy).
     """
     target = Target(kind, tuple(w.shape))
+    stack = [(d.resolve(w, kind) if isinstance(d, AddedScale) else d, wt) for d, wt in stack]  # from W itself
     w0 = target.to_matrix(w.float()).clone() if any(dora.is_dora(d) for d, _ in stack) else None
     m = target.to_matrix(w) if inplace and w.dtype == torch.float32 else target.to_matrix(w.float()).clone()
     for d, wt in stack:
@@ -275,8 +280,8 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
             base = _replacement(original, plan.aux[mod], mod) if mod in plan.aux else original
             ref = base.weight  # DoRA norms use the base layer's weight, as loaded
             stack = plan.deltas.get(mod, [])
-            ops = [_prepare(d, w, ref) for d, w in stack]
             _check_shapes(mod, stack, kind, tuple(ref.shape))
+            ops = [_prepare(d, w, ref, kind) for d, w in stack]
             parent, child = _parent(model, mod)
             originals[mod] = original
             if gate is not None and (kind != "linear" or any(op.kind != "add" for op in ops)):
@@ -294,10 +299,11 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
 def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape: tuple[int, ...]) -> None:
     out, inf = Target(kind, shape).matrix_shape
     for d, _ in stack:
-        if isinstance(d, Scale):
+        if isinstance(d, (Scale, AddedScale)):
+            numel = d.l.numel() if isinstance(d, Scale) else d.w.numel()
             n = out if d.side == "out" else (shape[1] if kind in ("conv1d", "conv2d") else inf)
-            if d.l.numel() != n:
-                raise ShapeMismatch(f"module {mod}: IA³ vector of length {d.l.numel()}, the layer needs {n}")
+            if numel != n:
+                raise ShapeMismatch(f"module {mod}: IA³ vector of length {numel}, the layer needs {n}")
         elif d.target.matrix_shape != (out, inf):
             raise ShapeMismatch(
                 f"module {mod}: delta of shape {d.target.matrix_shape}, the weight is {(out, inf)}"

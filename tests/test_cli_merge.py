@@ -177,6 +177,10 @@ def test_convert_and_merge_formats_round_trip(fx, tmp_path):
         "-o",
         tmp_path / "m.safetensors",
     )
+    # a LoHa knows only (out, in·k·k) without its base: a kohya LoRA needs the layer kind (conv or not)
+    assert r.exit_code == 2 and "layer kind unknown" in r.output and "pass --base" in r.output
+    r = _invoke("merge", a, fx.adapter("llama", "loha"), "-s", "svd", "--rank", "3", "--format", "kohya",
+                "--base", base, "-o", tmp_path / "m.safetensors")  # fmt: skip
     assert r.exit_code == 0, r.output
     meta = kohya.read(tmp_path / "m.safetensors").config["metadata"]
     assert json.loads(meta["merging.recipe"])["strategy"] == "svd"

@@ -25,8 +25,8 @@ KOHYA_CASES = [
 def _dense(d, base_w):
     if hasattr(d, "magnitude") and d.magnitude is not None:
         return d.dora_dense(base_w)
-    if hasattr(d, "l"):
-        return d.l
+    if hasattr(d, "side"):
+        return d.l if hasattr(d, "l") else 1 + d.w
     return d.dense()
 
 
@@ -35,13 +35,20 @@ def test_peft_to_kohya_to_peft_keeps_every_delta(fx, tmp_path, kind, name):
     base = fx.load_base(kind)
     shapes = base_shapes(base)
     ad = fp.read(fx.adapter(kind, name)).refine_targets(shapes)
-    kohya.write(ad, tmp_path / "a.safetensors")
-    back = kohya.read(tmp_path / "a.safetensors", base=BaseLayout(shapes)).refine_targets(shapes)
+    layout = BaseLayout.from_model(base)  # tells a PEFT IA³ on a biased output from one LyCORIS can hold
+    if (kind, name) == ("conv", "ia3"):  # conv1 has a bias: PEFT scales it, LyCORIS would not
+        from merging.errors import UnsupportedError
+
+        with pytest.raises(UnsupportedError, match="conv1: PEFT's IA³ on the output scales the bias too"):
+            kohya.write(ad, tmp_path / "a.safetensors", base=layout)
+        return
+    kohya.write(ad, tmp_path / "a.safetensors", base=layout)
+    back = kohya.read(tmp_path / "a.safetensors", base=layout).refine_targets(shapes)
     assert set(back.deltas) == set(ad.deltas)
     for mod, d in ad.deltas.items():
         w = base.get_submodule(mod).weight.detach()
         assert_close(_dense(back.deltas[mod], w), _dense(d, w), rtol=1e-6, what=mod)
-    fp.write(back, tmp_path / "peft")
+    fp.write(back, tmp_path / "peft", base=layout)
     x = example_input(kind)
     from peft import PeftModel
 
@@ -62,7 +69,7 @@ def test_kohya_names_are_kept_verbatim_without_a_base_and_metadata_round_trips(f
 
 
 def test_kohya_scales_follow_lycoris(tmp_path):
-    """Missing alpha means α = r; LoKr with both factors full uses scale 1; IA³ stores l − 1."""
+    """Missing alpha means α = r; LoKr with both factors full uses scale 1; IA³ stores w = l − 1."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
@@ -85,10 +92,8 @@ def test_kohya_scales_follow_lycoris(tmp_path):
     assert_close(
         ad.deltas["lora_unet_c"].dense(), torch.kron(t["lora_unet_c.lokr_w1"], t["lora_unet_c.lokr_w2"])
     )
-    assert (
-        torch.equal(ad.deltas["lora_unet_d"].l, torch.tensor([1.5, 0.75]))
-        and ad.deltas["lora_unet_d"].side == "in"
-    )
+    assert torch.equal(ad.deltas["lora_unet_d"].w, torch.tensor([0.5, -0.25]))
+    assert ad.deltas["lora_unet_d"].side == "in"
 
 
 def test_kohya_mixed_or_unknown_families_are_refused(tmp_path):
@@ -182,3 +187,17 @@ def test_gguf_wrong_architecture_or_type(fx, tmp_path):
     other = BaseLayout({}, {"model_type": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2})
     with pytest.raises(FormatError, match="architecture 'llama', the base model is 'qwen2'"):
         fg.read(tmp_path / "a.gguf", base=other)
+
+
+def test_lokr_w2_b_with_kernel_axes_reads_as_lycoris_builds_it():
+    """lokr_w2_b (r, d, kh, kw), as LyCORIS's weight_gen makes it: the kernel is kept (conv2d)."""
+    lycoris_lokr = pytest.importorskip("lycoris.functional.lokr")
+    from merging.formats import lycoris
+
+    g = torch.Generator().manual_seed(0)
+    w1, w2a = torch.randn(2, 2, generator=g), torch.randn(8, 3, generator=g)
+    w2b = torch.randn(3, 4, 3, 3, generator=g)  # (r, d, kh, kw)
+    ref = lycoris_lokr.diff_weight(w1, None, None, None, w2a, w2b, None, gamma=torch.tensor(1.0))  # × 1 / r
+    d = lycoris.lokr_delta({"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b}, 1 / 3)
+    assert d.target.layer == "conv2d" and d.target.shape == (16, 8, 3, 3)
+    assert_close(d.dense_stored(), ref)

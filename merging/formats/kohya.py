@@ -1,27 +1,31 @@
 """kohya / LyCORIS single-file safetensors: ``<lora_name>.<part>`` keys, scales as LyCORIS defines them.
 
 ``lora_name`` is a prefix (``lora_unet``, ``lora_te``, ``lycoris``, ...) joined to the module path with
-its dots turned into underscores. Given the base's module names, ``read`` maps them back; otherwise the
-names are kept verbatim. ``write`` mirrors ``read``.
+its dots turned into underscores (``kohya_names``: SD1.5, SDXL and DiT pipelines). Given the base's
+module names, ``read`` maps them back; otherwise the names are kept verbatim. ``write`` mirrors ``read``.
 
 | family | parts | delta | scale |
 |---|---|---|---|
 | LoRA / LoCon | lora_down (r, in[, k]), lora_up (out, r[, 1]), lora_mid (r, r, kh, kw) | LowRank | α / r |
 | LoHa | hada_w1_a (out, r), hada_w1_b (r, in_flat), w2 likewise, hada_t1/t2 (Tucker) | Hadamard | α / r |
-| LoKr | lokr_w1[_a/_b], lokr_w2[_a/_b], lokr_t2 | Kronecker | 1 if both full, else α / r |
-| IA³ | weight = l − 1 (n,) or (1, n, 1, 1), on_input | Scale | – |
+| LoKr | lokr_w1[_a/_b], lokr_w2[_a/_b], lokr_t2 | Kronecker | 1 if both full, else α / r (r: lora_dim) |
+| IA³ | weight w = l − 1 (n,) or (1, n, 1, 1), on_input | AddedScale: ΔW = w ⊙ W, per network | – |
 | full | diff (out, in[, k...]), diff_b (out,) | Dense | 1 |
 | DoRA | dora_scale (out, 1[, 1...]) beside a LoRA | LowRank.magnitude | |
 
-A missing or zero ``alpha`` means α = r (scale 1).
+A missing or zero ``alpha`` means α = r (scale 1). LoKr's r is LyCORIS's lora_dim: lokr_w1_a's columns,
+else lokr_t2's first dimension (Tucker: lokr_w2_a is (r, b)), else lokr_w2_a's columns. A conv factor is
+never written 2-D: a LoRA whose layer kind is unknown (a LoHa/LoKr read without its base, merged into a
+LoRA) is refused unless the base or another input of the merge gives the kernel.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +45,14 @@ from merging.formats.base import (
     naming,
     refuse_gated,
 )
+from merging.formats.kohya_names import from_kohya, is_kohya_name, module_of, to_kohya
+from merging.ia3 import AddedScale, from_peft
 from merging.linalg import tucker_factors
 from merging.tensorfiles import list_tensors, load_tensors, safetensors_metadata
 
 if TYPE_CHECKING:
     from merging.basemodel import BaseLayout
 
-PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te", "lycoris", "lora")
 LORA = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 SCALED = ("alpha", "dora_scale")
 FAMILIES = {
@@ -83,16 +88,6 @@ def _check_holds_adapter(file: Path) -> None:
         raise NotAnAdapter(f"{file}: {name}: unknown or mixed key families {sorted(parts[name])}")
 
 
-def name_map(modules: Iterable[str]) -> dict[str, str]:
-    """kohya lora_name → module path, for every known prefix."""
-    out = {}
-    for mod in modules:
-        flat = mod.replace(".", "_")
-        for prefix in PREFIXES:
-            out[f"{prefix}_{flat}"] = mod
-    return out
-
-
 def _family(parts: dict[str, torch.Tensor], file: Path, name: str) -> str:
     found = [f for f, keys in FAMILIES.items() if set(parts) <= keys and _has_marker(f, parts)]
     if len(found) != 1:
@@ -119,12 +114,12 @@ def read(
     file = Path(path)
     with reading(file):
         _check_holds_adapter(file)
-        return _read(file, None if base is None else base.modules, allow_nonfinite)
+        return _read(file, base, allow_nonfinite)
 
 
-def _read(file: Path, modules: Iterable[str] | None, allow_nonfinite: bool) -> Adapter:
+def _read(file: Path, base: BaseLayout | None, allow_nonfinite: bool) -> Adapter:
     tensors = load_tensors(file)
-    mapping = name_map(modules) if modules is not None else {}
+    mapping = from_kohya(base.modules, base.components, base.saved) if base is not None else {}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
         m = PART.match(key)
@@ -137,9 +132,7 @@ def _read(file: Path, modules: Iterable[str] | None, allow_nonfinite: bool) -> A
         groups[m["name"]][m["part"]] = t
     deltas: dict[str, Delta] = {}
     for name, parts in sorted(groups.items()):
-        module = mapping.get(name, name)
-        if modules is not None and name not in mapping:
-            raise FormatError(f"{file}: {name} matches no module of the base model")
+        module = module_of(name, mapping, file) if base is not None else name
         with naming(file, name):
             deltas[module] = _READERS[_family(parts, file, name)](parts)
     meta = safetensors_metadata(file)
@@ -187,10 +180,20 @@ def _read_loha(parts: dict[str, torch.Tensor]) -> Hadamard:
     return lycoris.loha_delta({k: v for k, v in parts.items() if k in lycoris.LOHA}, _alpha(parts, r) / r)
 
 
+def lokr_rank(parts: Mapping[str, torch.Tensor | None]) -> int | None:
+    """LyCORIS's lora_dim of a LoKr module (None when both factors are full: scale 1)."""
+    if parts.get("lokr_w1_a") is not None:
+        return parts["lokr_w1_a"].shape[1]  # (a, r)
+    if parts.get("lokr_t2") is not None:
+        return parts["lokr_t2"].shape[0]  # (r, r, kh, kw); lokr_w2_a is (r, b)
+    if parts.get("lokr_w2_a") is not None:
+        return parts["lokr_w2_a"].shape[1]  # (b, r)
+    return None
+
+
 def _read_lokr(parts: dict[str, torch.Tensor]) -> Kronecker:
-    full = "lokr_w1" in parts and "lokr_w2" in parts
-    r = 1 if full else (parts["lokr_w1_a"] if "lokr_w1_a" in parts else parts["lokr_w2_a"]).shape[1]
-    scale = 1.0 if full else _alpha(parts, r) / r
+    r = lokr_rank(parts)
+    scale = 1.0 if r is None else _alpha(parts, r) / r
     return lycoris.lokr_delta({k: v for k, v in parts.items() if k in lycoris.LOKR}, scale)
 
 
@@ -203,22 +206,43 @@ _READERS = {
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _kohya_name(module: str, prefix: str) -> str:
-    if module.startswith(PREFIXES) and "." not in module:  # already a kohya name (read without a base)
+def _kohya_name(module: str, prefix: str, names: Mapping[str, str]) -> str:
+    if is_kohya_name(module):  # already a kohya name (read without a base)
         return module
+    if names:  # a pipeline base: the component's prefix
+        if module not in names:
+            raise FormatError("not in the base model")
+        return names[module]
     return f"{prefix}_{module.replace('.', '_')}"
 
 
-def _lora_parts(d: LowRank) -> dict[str, torch.Tensor]:
+def file_alpha(deltas: Iterable[Delta]) -> float | None:
+    """One alpha for every LoRA module of a file: the most common α = scale·r (None when there is no LoRA).
+
+    diffusers reads per-module alphas by names that miss its attention processors (they silently take
+    the file's most common alpha), so modules with another α get scale·r / α folded into lora_up instead.
+    """
+    alphas = Counter(d.scale * d.b.shape[1] for d in deltas if isinstance(d, LowRank) and d.scale != 0)
+    return alphas.most_common(1)[0][0] if alphas else None
+
+
+def _lora_parts(d: LowRank, alpha: float | None) -> dict[str, torch.Tensor]:
     t, r = d.target, d.b.shape[1]
+    alpha = alpha or d.scale * r or float(r)
+    up = d.b if alpha == d.scale * r else (d.b.float() * (d.scale * r / alpha)).to(d.b.dtype)
+    if t.layer == "unknown":
+        raise UnsupportedError(
+            f"layer kind unknown for a LoRA of shape {t.matrix_shape} (a LoHa/LoKr read without its base "
+            "may be a conv): pass --base so its kernel is kept"
+        )
     kernel = t.shape[2:] if t.layer in ("conv1d", "conv2d") else ()
-    in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else (t.shape[1] if t.layer != "embedding" else t.shape[1])
+    in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
     if t.layer == "embedding":
         raise UnsupportedError("kohya files have no embedding LoRA; keep this adapter in PEFT format")
     parts = {
-        "lora_down.weight": d.a.reshape(r, in_ch, *kernel),
-        "lora_up.weight": d.b.reshape(d.b.shape[0], r, *(1 for _ in kernel)),
-        "alpha": torch.tensor(d.scale * r, dtype=torch.float32),
+        "lora_down.weight": d.a.reshape(r, in_ch, *kernel),  # (r, in, k...)
+        "lora_up.weight": up.reshape(d.b.shape[0], r, *(1 for _ in kernel)),  # (out, r, 1...)
+        "alpha": torch.tensor(alpha, dtype=torch.float32),
     }
     if d.bias is not None:
         raise UnsupportedError("kohya LoRA has no bias delta; keep this adapter in PEFT format")
@@ -229,27 +253,35 @@ def _lora_parts(d: LowRank) -> dict[str, torch.Tensor]:
 
 def _lokr_parts(d: Kronecker) -> dict[str, torch.Tensor]:
     parts = lycoris.lokr_parts(d)
-    if d.w1 is not None and d.w2 is not None:  # LyCORIS uses scale 1 here: fold ours into w1
+    r = lokr_rank(parts)
+    if r is None:  # LyCORIS uses scale 1 here: fold ours into w1
         parts["lokr_w1"] = (d.scale * d.w1.float()).to(d.w1.dtype)
     else:
-        r = (d.w1a if d.w1a is not None else d.w2a).shape[1]
         parts["alpha"] = torch.tensor(d.scale * r, dtype=torch.float32)
     return parts
 
 
-def _parts(d: Delta) -> dict[str, torch.Tensor]:
+def _parts(mod: str, d: Delta, base: BaseLayout | None, alpha: float | None) -> dict[str, torch.Tensor]:
     if isinstance(d, LowRank):
-        return _lora_parts(d)
+        return _lora_parts(d, alpha)
     if isinstance(d, Hadamard):
         alpha = torch.tensor(d.scale * d.w1b.shape[0], dtype=torch.float32)
         return lycoris.loha_parts(d) | {"alpha": alpha}
     if isinstance(d, Kronecker):
         return _lokr_parts(d)
-    if isinstance(d, Scale):
+    if isinstance(d, AddedScale):
         return lycoris.ia3_parts(d)
+    if isinstance(d, Scale):  # PEFT's IA³: the same in LyCORIS only where no bias is scaled
+        return lycoris.ia3_parts(from_peft(d, None if base is None else base.has_bias(mod)))
     if isinstance(d, Dense):
         return lycoris.full_parts(d)
     raise UnsupportedError(f"{type(d).__name__} has no kohya form")
+
+
+def _refined(adapter: Adapter, base: BaseLayout) -> Adapter:
+    """The adapter with the base's layer kinds and shapes on the modules the base has."""
+    known = replace(adapter, deltas={m: d for m, d in adapter.deltas.items() if m in base.modules}, tied={})
+    return adapter.with_deltas(dict(adapter.deltas) | dict(known.refine_targets(base.modules).deltas))
 
 
 def write(
@@ -262,7 +294,8 @@ def write(
         adapter: deltas of any kind; auxiliary modules have no kohya form and are refused.
         path: the output file (written to a temporary folder and renamed into place).
         provenance: the recipe, kept as JSON in the metadata key ``merging.recipe``.
-        base: unused (module paths become lora_names with ``options.prefix``).
+        base: the base model: a pipeline's components give the prefixes (else ``options.prefix``), its
+            layers the kernels of conv LoRA factors and whether a PEFT IA³ scales a bias.
         force: replace an existing output file.
         options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...).
     """
@@ -272,11 +305,17 @@ def write(
         raise UnsupportedError(f"{adapter.where}: modules_to_save / trainable tokens have no kohya form")
     refuse_gated(adapter, "kohya")
     tensors = {}
-    modules = adapter.expanded()
-    for mod, d in modules.items():
-        name = _kohya_name(mod, options.prefix)
-        for part, t in _parts(d).items():
-            tensors[f"{name}.{part}"] = t.contiguous()
+    if base is not None:
+        adapter = _refined(adapter, base)
+    names = {} if base is None else to_kohya(base.modules, base.components, base.saved)
+    if base is not None and not names:  # one model: its checkpoints' paths under options.prefix
+        names = {m: f"{options.prefix}_{s.replace('.', '_')}" for m, s in base.saved.items()}
+    alpha = file_alpha(adapter.deltas.values())
+    for mod, d in adapter.expanded().items():
+        with naming(adapter.where, f"module {mod}"):
+            name = _kohya_name(mod, options.prefix, names)
+            for part, t in _parts(mod, d, base, alpha).items():
+                tensors[f"{name}.{part}"] = t.contiguous()
     meta = dict(adapter.config.get("metadata", {})) if adapter.config.get("format") == "kohya" else {}
     if provenance:
         meta["merging.recipe"] = json.dumps(provenance, sort_keys=True)

@@ -8,7 +8,7 @@ IA³ and full (diff) are LyCORIS's own forms, written only to kohya files.
 |---|---|---|
 | LoHa | hada_w1_a (out, r), hada_w1_b (r, in_flat), w2 alike; Tucker: (r, out), (r, in), hada_t1 | Hadamard |
 | LoKr | lokr_w1 (a, c) or lokr_w1_a/_b; lokr_w2 (b, d[, k...]) or lokr_w2_a/_b (+ lokr_t2) | Kronecker |
-| IA³ | weight = l − 1, (n,) or (1, n, 1, 1); on_input (1 = input side) | Scale |
+| IA³ | weight w = l − 1, (n,) or (1, n, 1, 1); on_input (1 = input side) | AddedScale (merging.ia3) |
 | full | diff (out, in[, k...]), diff_b (out,) | Dense |
 """
 
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from merging.deltas import Dense, Hadamard, Kronecker, Scale, Target
+from merging.deltas import Dense, Hadamard, Kronecker, Target
 from merging.errors import FormatError
+from merging.ia3 import AddedScale
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -59,8 +60,10 @@ def lokr_delta(parts: dict[str, torch.Tensor], scale: float) -> Kronecker:
     elif "lokr_t2" in parts:
         t2 = parts["lokr_t2"]
         b, d, kernel = parts["lokr_w2_a"].shape[1], parts["lokr_w2_b"].shape[1], tuple(t2.shape[2:])
-    else:
-        b, d, kernel = parts["lokr_w2_a"].shape[0], parts["lokr_w2_b"].shape[1], ()
+    else:  # w2_b (r, d·k...) as LyCORIS's module stores it, or (r, d, k...) as its weight_gen makes it
+        w2b = parts["lokr_w2_b"]
+        b, d, kernel = parts["lokr_w2_a"].shape[0], w2b.shape[1], tuple(w2b.shape[2:])
+        parts = parts | {"lokr_w2_b": w2b.reshape(w2b.shape[0], -1)}  # (r, d·k...)
     layer = KERNEL_LAYERS.get(len(kernel))
     if layer is None:
         raise FormatError(f"lokr_w2 has an unsupported kernel shape {kernel}")
@@ -79,20 +82,19 @@ def lokr_parts(d: Kronecker) -> dict[str, torch.Tensor]:
     return {k: v for k, v in zip(LOKR, values, strict=True) if v is not None}
 
 
-def ia3_delta(parts: dict[str, torch.Tensor]) -> Scale:
-    """A Scale from LyCORIS IA³ tensors: weight = l − 1, on_input says the side."""
+def ia3_delta(parts: dict[str, torch.Tensor]) -> AddedScale:
+    """An AddedScale from LyCORIS IA³ tensors: weight w = l − 1, on_input says the side."""
+    if unknown := set(parts) - set(IA3):
+        raise FormatError(f"unknown IA³ tensors {sorted(unknown)}")
     w = parts["weight"]
     side = "in" if int(parts["on_input"].reshape(-1)[0]) else "out"
-    return Scale((1 + w.float()).reshape(-1).to(w.dtype), side, "conv2d" if w.dim() == 4 else "linear")
+    return AddedScale(w.reshape(-1), side, DIM_LAYERS.get(w.dim(), "linear"))
 
 
-def ia3_parts(d: Scale) -> dict[str, torch.Tensor]:
-    """The LyCORIS IA³ tensors of a Scale: weight = l − 1, (n,) or (1, n, 1, 1) for conv."""
-    shape = (1, -1, 1, 1) if d.layer == "conv2d" else (-1,)
-    return {
-        "weight": (d.l.float() - 1).reshape(shape).to(d.l.dtype),
-        "on_input": torch.tensor(int(d.side == "in")),
-    }
+def ia3_parts(d: AddedScale) -> dict[str, torch.Tensor]:
+    """The LyCORIS IA³ tensors of an AddedScale: weight w, (n,) or (1, n, 1, 1) for conv."""
+    shape = {"conv2d": (1, -1, 1, 1), "conv1d": (1, -1, 1)}.get(d.layer, (-1,))
+    return {"weight": d.w.reshape(shape), "on_input": torch.tensor(int(d.side == "in"))}
 
 
 def full_delta(parts: dict[str, torch.Tensor]) -> Dense:

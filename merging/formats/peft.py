@@ -37,7 +37,9 @@ from merging.fileio import atomic_folder, reading
 from merging.formats import lycoris
 from merging.formats import peft_config as pc
 from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions, naming
+from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft_config import CONFIG
+from merging.ia3 import AddedScale, to_peft
 from merging.tensorfiles import load_tensors
 
 if TYPE_CHECKING:
@@ -291,6 +293,14 @@ def _base_tensors(
     return out
 
 
+def _peft_ia3(where: str, mod: str, d: Delta, base: BaseLayout | None) -> Delta:
+    """A LyCORIS IA³ as PEFT's, where both mean the same (else one line); other deltas unchanged."""
+    if not isinstance(d, AddedScale):
+        return d
+    with naming(where, f"module {mod}"):
+        return to_peft(d, None if base is None else base.has_bias(mod))
+
+
 def write(
     adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
     base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
@@ -301,13 +311,25 @@ def write(
         adapter: all deltas of one kind: LowRank, Scale, Hadamard or Kronecker.
         path: the output folder; written to a temporary sibling and renamed into place.
         provenance: the recipe, written as merge_recipe.json within the same atomic step.
-        base: unused.
+        base: tells whether a layer has a bias (a LyCORIS IA³ on the output becomes PEFT's only without).
         force: replace an existing output folder.
         options: unused.
 
     Returns:
         The folder written.
     """
+    if kohya := sorted(m for m in adapter.deltas if is_kohya_name(m)):
+        raise UnsupportedError(
+            f"{adapter.where}: module {kohya[0]} is a kohya lora_name, which PEFT cannot target; "
+            "pass --base to map kohya names to the base model's module paths"
+        )
+    if base is not None and base.components:
+        raise UnsupportedError(
+            f"{adapter.where}: a PEFT folder adapts one model, the base is a pipeline "
+            f"({', '.join(base.components)}): write kohya, or pass one component folder as --base"
+        )
+    deltas = {m: _peft_ia3(adapter.where, m, d, base) for m, d in adapter.deltas.items()}
+    adapter = adapter.with_deltas(deltas)
     kinds = {type(d) for d in adapter.deltas.values()}
     if len(kinds) > 1:
         names = ", ".join(sorted(k.__name__ for k in kinds))

@@ -1,0 +1,202 @@
+"""Tiny seeded Stable Diffusion parts (SD1.5- and SDXL-shaped) and the runtimes that judge them.
+
+The references are LyCORIS (``lycoris.kohya``, what sd-scripts runs with ``--network_module lycoris.kohya``)
+and diffusers (``load_lora_into_unet`` / ``load_lora_into_text_encoder`` + ``set_adapters``), never our code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+UNET = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": (32, 64), "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 32, "norm_num_groups": 32,
+    "attention_head_dim": 8,
+}  # fmt: skip
+SDXL_UNET = UNET | {  # SDXL: both text encoders' states (32 + 16), pooled text and size ids added to time
+    "cross_attention_dim": 48, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 16 + 6 * 8,
+}  # fmt: skip
+
+
+def unet(seed: int = 0, config: dict | None = None) -> torch.nn.Module:
+    """A tiny UNet2DConditionModel with seeded weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**(config or UNET)).eval()
+
+
+def text_encoder(seed: int = 1, hidden: int = 32, projection: bool = False) -> torch.nn.Module:
+    """A tiny CLIPTextModel (SDXL's second: CLIPTextModelWithProjection) with seeded weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    )  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _inputs(cross: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    states = torch.randn(2, 5, cross, generator=g)
+    return latents, torch.tensor([10, 500]), states
+
+
+@torch.no_grad()
+def noise(model: torch.nn.Module) -> torch.Tensor:
+    """The UNet's noise prediction on seeded latents, timesteps and encoder states."""
+    latents, t, states = _inputs(model.config.cross_attention_dim)
+    return model(latents, t, encoder_hidden_states=states).sample
+
+
+@torch.no_grad()
+def hidden(model: torch.nn.Module) -> torch.Tensor:
+    """The text encoder's last hidden state on seeded token ids."""
+    ids = torch.randint(3, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    return model(ids).last_hidden_state
+
+
+def effect_error(got: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:
+    """‖got − ref‖ / ‖ref − base‖."""
+    return float((got - ref).norm() / (ref - base).norm())
+
+
+def lycoris_file(path: Path, models: dict, algo: str, seed: int, scale: float = 0.1, **kw) -> Path:
+    """A file written by LyCORIS itself (its kohya entry point) with seeded non-zero weights.
+
+    ``models``: ``unet`` and optionally ``text_encoder`` (a list of two for SDXL); ``kw``: LyCORIS options.
+    """
+    net = lycoris_network(models, algo, Path(path).parent, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in net.named_parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+    net.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya", "ss_network_dim": "4"})
+    return Path(path)
+
+
+PRESET = """# LyCORIS's "full" preset for SD UNets and CLIP. Its 4.1.3 default also targets TimestepEmbedding
+# (for Anima), which names time_embedding.linear_1 twice on a diffusers UNet: an AssertionError.
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"]
+text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+"""
+
+
+def lycoris_network(models: dict, algo: str, folder: Path, **kw):
+    """A LyCORIS network applied to the models (dim 4, alpha 2; conv dim 4, conv alpha 6 unless given)."""
+    import lycoris.kohya as lk
+
+    te = models.get("text_encoder")
+    preset = Path(folder) / "sd_preset.toml"
+    preset.write_text(PRESET)
+    kw = {"conv_dim": 4, "conv_alpha": 6, "algo": algo, "preset": str(preset)} | kw
+    dim, alpha = kw.pop("dim", 4), kw.pop("alpha", 2)
+    net = lk.create_network(1.0, dim, alpha, None, te, models["unet"], warn_on_unmatched=False, **kw)
+    net.apply_to(te, models["unet"], apply_text_encoder=te is not None, apply_unet=True)
+    return net
+
+
+def lycoris_load(models: dict, file: Path, algo: str, **kw) -> None:
+    """Stack a LyCORIS file onto the models as LyCORIS runs it: the network rebuilt with its arguments.
+
+    (LyCORIS 4.1.3 cannot rebuild some of its own files from the weights alone: LoKr with a decomposed conv
+    w2, IA³; so the network is made with the same arguments and ``load_weights`` fills it.)
+    """
+    net = lycoris_network(models, algo, Path(file).parent, **kw)
+    info = net.load_weights(str(file))
+    if info:
+        raise AssertionError(f"LyCORIS loaded {file} with {info}")
+
+
+def legacy_te_names(file: Path, out: Path, prefix: str = "lora_te_", undo: bool = False) -> Path:
+    """A LyCORIS file with its CLIPTextModel names as sd-scripts writes them (``text_model_`` kept).
+
+    Under transformers 5 CLIPTextModel has no ``text_model`` level, so LyCORIS names lora_te_encoder_...;
+    sd-scripts (transformers 4), A1111, ComfyUI and diffusers' converter use lora_te_text_model_encoder_...
+    """
+    from safetensors.torch import load_file, save_file
+
+    old, new = prefix, f"{prefix}text_model_"
+    old, new = (new, old) if undo else (old, new)
+    tensors = load_file(str(file))
+    save_file({k.replace(old, new, 1): v for k, v in tensors.items()}, str(out))
+    return out
+
+
+def lycoris_load_kohya_lora(models: dict, file: Path) -> None:
+    """Stack a kohya LoRA/LoCon file onto the models through LyCORIS's from-weights path.
+
+    (LyCORIS matches names against the live modules: under transformers 5 it skips, silently, the
+    lora_te_text_model_* names every SD1.5 file carries; the unmatched count is checked here.)
+    """
+    import lycoris.kohya as lk
+    from safetensors.torch import load_file
+
+    te = models.get("text_encoder")
+    prefixes = ("lora_unet_", "lora_te") if te is not None else ("lora_unet_",)
+    sd = {k: v for k, v in load_file(str(file)).items() if k.startswith(prefixes)}
+    net, sd = lk.create_network_from_weights(1.0, str(file), None, te, models["unet"], sd, for_inference=True)
+    names = {k.split(".")[0] for k in sd}
+    matched = len(net.unet_loras) + len(net.text_encoder_loras)
+    if matched != len(names):
+        raise AssertionError(f"LyCORIS matched {matched} of the {len(names)} modules of {file}")
+    net.apply_to(te, models["unet"], apply_text_encoder=te is not None, apply_unet=True)
+    info = net.load_state_dict(sd, strict=False)
+    if info.missing_keys or info.unexpected_keys:
+        raise AssertionError(f"LyCORIS loaded {file} with {info}")
+
+
+def diffusers_load(models: dict, files: dict[str, Path]) -> None:
+    """Load kohya LoRA files into the models with diffusers and activate them all (``set_adapters``)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+
+    for name, file in files.items():
+        sd, alphas = Loader.lora_state_dict(str(file))
+        Loader.load_lora_into_unet(sd, alphas, models["unet"], adapter_name=name)
+        if "text_encoder" in models and any(k.startswith("text_encoder.") for k in sd):
+            Loader.load_lora_into_text_encoder(
+                sd, alphas, models["text_encoder"], prefix="text_encoder", adapter_name=name
+            )
+    models["unet"].set_adapters(list(files), [1.0] * len(files))
+
+
+def transformer(seed: int = 0) -> torch.nn.Module:
+    """A tiny SD3-style DiT (SD3Transformer2DModel) with seeded weights."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+    ).eval()  # fmt: skip
+
+
+@torch.no_grad()
+def dit_noise(model: torch.nn.Module) -> torch.Tensor:
+    """The DiT's prediction on seeded latents, text states, pooled projections and timesteps."""
+    g = torch.Generator().manual_seed(0)
+    x, states = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    pooled = torch.randn(2, 16, generator=g)
+    return model(hidden_states=x, encoder_hidden_states=states, pooled_projections=pooled,
+                 timestep=torch.tensor([10, 500])).sample  # fmt: skip
+
+
+def pipeline_folder(folder, models):
+    """A diffusers pipeline folder holding the given components (as save_pretrained writes them)."""
+    import json
+
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    for name, model in models.items():
+        model.save_pretrained(str(folder / name))
+        lib = "diffusers" if "diffusers" in type(model).__module__ else "transformers"
+        index[name] = [lib, type(model).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
