@@ -152,7 +152,7 @@ def _read(folder: Path, allow_nonfinite: bool) -> Adapter:
                     raise FormatError(f"{file}: unknown keys {sorted(parts)} for module {module}")
                 continue
             deltas[module] = _DELTA_READERS[peft_type](parts, config, module)
-    tied = _find_ties(deltas) if config.get("ensure_weight_tying") else {}
+    tied = pc.find_ties(deltas) if config.get("ensure_weight_tying") else {}
     for mod in tied:
         del deltas[mod]
     return Adapter(
@@ -221,24 +221,6 @@ def _read_ia3(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module:
 
 
 _DELTA_READERS = {"LORA": _read_lora, "LOHA": _read_loha, "LOKR": _read_lokr, "IA3": _read_ia3}
-
-
-def _find_ties(deltas: Mapping[str, Delta]) -> dict[str, str]:
-    """Modules whose LoRA equals an embedding's LoRA (PEFT's ensure_weight_tying): module → embedding."""
-    ties = {}
-    embeds = {m: d for m, d in deltas.items() if isinstance(d, LowRank) and d.target.layer == "embedding"}
-    for mod, d in deltas.items():
-        if not isinstance(d, LowRank) or d.target.layer == "embedding":
-            continue
-        for emb, e in embeds.items():
-            if (
-                d.b.shape == e.b.shape
-                and d.a.shape == e.a.shape
-                and torch.equal(d.b, e.b)
-                and torch.equal(d.a, e.a)
-            ):
-                ties[mod] = emb
-    return ties
 
 
 # ------------------------------------------------------------------------------------------ writing

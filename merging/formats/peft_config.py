@@ -10,8 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from merging.adapter import Adapter
-from merging.deltas import Hadamard, Kronecker, LowRank
+from merging.deltas import Delta, Hadamard, Kronecker, LowRank
 from merging.errors import FormatError, UnsupportedError
 from merging.formats.lycoris import factorization
 from merging.formats.peft_fields import check_fields
@@ -158,3 +160,21 @@ def lycoris_config(adapter: Adapter, kind: str) -> dict[str, Any]:
         config["decompose_both"] = any(d.w1a is not None for d in adapter.deltas.values())
         config["decompose_factor"] = _lokr_factor(adapter.deltas)
     return config
+
+
+def find_ties(deltas: Mapping[str, Delta]) -> dict[str, str]:
+    """Modules whose LoRA equals an embedding's LoRA (PEFT's ensure_weight_tying): module → embedding."""
+    ties = {}
+    embeds = {m: d for m, d in deltas.items() if isinstance(d, LowRank) and d.target.layer == "embedding"}
+    for mod, d in deltas.items():
+        if not isinstance(d, LowRank) or d.target.layer == "embedding":
+            continue
+        for emb, e in embeds.items():
+            if (
+                d.b.shape == e.b.shape
+                and d.a.shape == e.a.shape
+                and torch.equal(d.b, e.b)
+                and torch.equal(d.a, e.a)
+            ):
+                ties[mod] = emb
+    return ties
