@@ -86,7 +86,8 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     """
     if not merged_dirs and not strategy_names:
         raise click.UsageError("give --merged OUT or --strategy NAME (or both)")
-    model, tokenizer = load_base(base, device, dtype, device_map=device_map)
+    task = sources.task_type([*inputs, *map(str, merged_dirs)])
+    model, tokenizer = load_base(base, device, dtype, device_map=device_map, task_type=task)
     layout = BaseLayout.from_model(model)
     adapters = [ad for ad, _ in sources.load_inputs(inputs, base=layout)]
     candidates = []

@@ -20,6 +20,7 @@ from torch import nn
 from merging.adapter import Pair, layer_kind, stacks
 from merging.deltas import (
     AdditiveDelta,
+    Auxiliary,
     Delta,
     Dense,
     Layer,
@@ -72,6 +73,11 @@ class StackedLayer(nn.Module):
         if kind in ("conv1d", "conv2d") and base.groups != 1:
             raise UnsupportedError(f"grouped convolutions (groups={base.groups}) are not supported")
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for parents that read their child's ``.weight`` (T5 reads ``wo.weight.dtype``)."""
+        return self.base.weight
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._run(len(self.ops), x, args, kwargs)
 
@@ -96,10 +102,9 @@ class StackedLayer(nn.Module):
 
     def _delta(self, op: _Op, x: torch.Tensor) -> torch.Tensor:
         base = self.base
-        if self.kind == "embedding":
-            if op.d is not None:
-                return op.scale * F.embedding(x, op.d)
-            return op.scale * (F.embedding(x, op.b) @ op.a)
+        if self.kind == "embedding":  # a scaled embedding (Gemma) scales the adapter's rows too, as PEFT does
+            y = F.embedding(x, op.d) if op.d is not None else F.embedding(x, op.b) @ op.a
+            return op.scale * y * embed_scale(base, y.dtype)
         if self.kind in ("conv1d", "conv2d"):
             conv = F.conv2d if self.kind == "conv2d" else F.conv1d
             w_shape = base.weight.shape
@@ -116,6 +121,16 @@ class StackedLayer(nn.Module):
             return y if op.bias is None else y + op.bias
         y = op.scale * ((x @ op.a.T) @ op.b.T)
         return y if op.bias is None else y + op.bias
+
+
+def embed_scale(embedding: nn.Module, dtype: torch.dtype) -> torch.Tensor | float:
+    """The factor a scaled embedding multiplies its rows by (``embed_scale``, scalar), else 1."""
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale.to(dtype)
+    return 1.0
 
 
 def effective_weight(
@@ -190,9 +205,10 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
         The same model, with wrapper modules in place.
     """
     plan = stacks(pairs)
+    aux = tied_rows(model, plan.aux) | plan.aux
     originals: dict[str, nn.Module] = {}
     try:
-        for mod in plan.modules:
+        for mod in sorted(set(plan.modules) | set(aux)):
             try:
                 original = model.get_submodule(mod)
             except AttributeError:
@@ -200,7 +216,7 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
             kind = layer_kind(original)
             if kind is None:
                 raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
-            base = _replacement(original, plan.aux[mod]) if mod in plan.aux else original
+            base = _replacement(original, aux[mod]) if mod in aux else original
             ref = original.weight
             stack = plan.deltas.get(mod, [])
             ops = [_prepare(d, w, ref) for d, w in stack]
@@ -213,6 +229,21 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
         for mod, original in originals.items():
             parent, child = _parent(model, mod)
             setattr(parent, child, original)
+
+
+def tied_rows(model: nn.Module, aux: dict[str, Auxiliary]) -> dict[str, TokenRows]:
+    """Modules sharing the weight of an embedding that takes token rows (a tied lm_head): they see the new
+    rows too, as PEFT's TrainableTokensWrapper ties them."""
+    out = {}
+    for mod, a in aux.items():
+        if isinstance(a, TokenRows):
+            try:
+                w = model.get_submodule(mod).weight
+            except AttributeError:
+                continue  # reported by the caller, naming the module
+            out |= {name: a for name, m in model.named_modules()
+                    if name != mod and getattr(m, "weight", None) is w}  # fmt: skip
+    return out
 
 
 def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape: tuple[int, ...]) -> None:
