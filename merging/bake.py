@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from merging import dora
 from merging.adapter import Pair, base_shapes, stacks
 from merging.basemodel import skeleton
 from merging.deltas import ModuleReplacement, TokenRows
@@ -88,6 +89,7 @@ def bake(
             t[list(a.indices)] = a.rows.to(t.dtype)
         if any(getattr(d, "bias", None) is not None for d, _ in stack) and f"{mod}.bias" not in weights:
             raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
+        dora.check(mod, stack)
         new, _ = effective_weight(stack, t, None, layer, inplace=True)
         return new.to(t.dtype)
 

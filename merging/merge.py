@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from merging import formats, strategies
+from merging import dora, formats, strategies
 from merging.adapter import Adapter, Pair, align, combine_aux
 from merging.basemodel import BaseLayout
 from merging.deltas import (
     AdditiveDelta,
     Auxiliary,
     Delta,
-    Dense,
     LowRank,
     ModuleReplacement,
     Scale,
@@ -106,7 +105,7 @@ def merge(
     exact = True
     for i, mod in enumerate(modules):
         stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
-        stack = [(_resolve_dora(d, mod, base_weights), w) for d, w in stack]
+        stack = dora.resolve(mod, stack, base_weights)  # DoRA, and what it scales, as one exact Dense
         scale_part, add_part = _compose(stack)
         rank, numel, err, kinds = 0, 0, None, []
         if add_part:
@@ -149,13 +148,6 @@ def weight_space_error(
 ) -> float:
     """‖ΔW_merged − Σ w_i ΔW_i‖_F / ‖Σ w_i ΔW_i‖_F computed from stacked factors (no dense matrix)."""
     return sum_error(list(zip(deltas, weights, strict=True)), [(merged, 1.0)])
-
-
-def _resolve_dora(d: Delta, mod: str, base_weights: BaseWeights | None) -> Delta:
-    """DoRA needs the base weight: with it, the exact Dense(W' − W); else unchanged (strategies refuse)."""
-    if isinstance(d, LowRank) and d.magnitude is not None and base_weights is not None:
-        return Dense(d.dora_dense(base_weights(mod)), d.target)
-    return d
 
 
 def _compose(

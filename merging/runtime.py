@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merging import dora
 from merging.adapter import Pair, layer_kind, stacks
 from merging.deltas import (
     AdditiveDelta,
@@ -24,20 +25,20 @@ from merging.deltas import (
     Delta,
     Dense,
     Layer,
-    LowRank,
     ModuleReplacement,
     Scale,
     Target,
     TokenRows,
 )
 from merging.errors import ShapeMismatch, UnsupportedError
+from merging.ties import differing
 
 
 @dataclass(frozen=True, eq=False)
 class _Op:
     """One stacked delta prepared for a layer: factors (or a dense matrix) on the layer's device."""
 
-    kind: str  # "add" or "scale"
+    kind: str  # "add", "scale" or "dora"
     weight: float
     b: torch.Tensor | None = None  # (out, r)
     a: torch.Tensor | None = None  # (r, in_flat)
@@ -52,8 +53,9 @@ def _prepare(delta: Delta, weight: float, ref: torch.Tensor) -> _Op:
     dev, dt = ref.device, ref.dtype
     if isinstance(delta, Scale):
         return _Op("scale", weight, l=(delta.l.double() ** weight).to(dev, dt), side=delta.side)
-    if isinstance(delta, LowRank) and delta.magnitude is not None:
-        raise UnsupportedError("a DoRA delta cannot be stacked without resolving it against the base weight")
+    if dora.is_dora(delta):  # PEFT's DoRA: y = s ⊙ (inner − b) + b + s ⊙ scale·B(Ax), see merging/dora.py
+        s = dora.row_scale(delta, ref.detach()).to(dev, dt)
+        return _Op("dora", weight, b=delta.b.to(dev, dt), a=delta.a.to(dev, dt), scale=delta.scale, l=s)
     if isinstance(delta, Dense):
         bias = None if delta.bias is None else (weight * delta.scale * delta.bias.float()).to(dev, dt)
         return _Op("add", weight, d=delta.dense().to(dev, dt), scale=weight, bias=bias)
@@ -85,6 +87,12 @@ class StackedLayer(nn.Module):
         if k == 0:
             return self.base(x, *args, **kwargs)
         op = self.ops[k - 1]
+        if op.kind == "dora":
+            bias = getattr(self.base, "bias", None)
+            inner = self._run(k - 1, x, args, kwargs)
+            inner = inner if bias is None else inner - bias
+            y = op.l * (inner + op.scale * ((x @ op.a.T) @ op.b.T))
+            return y if bias is None else y + bias
         if op.kind == "scale":
             if op.side == "in":
                 return self._run(k - 1, x * self._channel(op.l, x), args, kwargs)
@@ -151,9 +159,12 @@ def effective_weight(
         inplace: a float32 ``w`` may be modified in place (the caller owns it; saves a copy).
     """
     target = Target(kind, tuple(w.shape))
+    dora_scales = {i: dora.row_scale(d, w) for i, (d, _) in enumerate(stack) if dora.is_dora(d)}  # base W
     m = target.to_matrix(w) if inplace and w.dtype == torch.float32 else target.to_matrix(w.float()).clone()
-    for d, wt in stack:
-        if isinstance(d, Scale):
+    for i, (d, wt) in enumerate(stack):
+        if i in dora_scales:  # scales the base and everything stacked inside it
+            m = dora_scales[i][:, None] * (m + d.scale * (d.b.float() @ d.a.float()))
+        elif isinstance(d, Scale):
             m = Scale((d.l.double() ** wt).float(), d.side, d.layer).fold(m)
         elif isinstance(d, AdditiveDelta):
             m.add_(d.dense(), alpha=wt)  # in place: one (out, in) temporary, not two
@@ -219,6 +230,7 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
             base = _replacement(original, aux[mod]) if mod in aux else original
             ref = original.weight
             stack = plan.deltas.get(mod, [])
+            dora.check(mod, stack)
             ops = [_prepare(d, w, ref) for d, w in stack]
             _check_shapes(mod, stack, kind, tuple(ref.shape))
             parent, child = _parent(model, mod)
@@ -274,9 +286,16 @@ class Undo:
 def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
     """Fold (Adapter, weight) pairs into the model's weights in place (stacked semantics); return an undo.
 
-    Tied weights shared by two modules receive each module's delta once (as a shared tensor would).
+    Tied weights shared by two modules receive each module's delta once (as a shared tensor would);
+    modules sharing a weight that the adapters change differently (a LoRA on a tied embedding: PEFT
+    changes the input side only) are refused, since one tensor cannot hold both.
     """
     plan = stacks(pairs)
+    if split := differing(model, plan):
+        a, b = split[0]
+        raise UnsupportedError(
+            f"modules {a} and {b} share one weight that the adapters change differently; bake unties them"
+        )
     saved: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     with torch.no_grad():
@@ -286,6 +305,7 @@ def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
             if id(m.weight) in seen:  # a tied weight already got this delta
                 continue
             seen.add(id(m.weight))
+            dora.check(mod, plan.deltas.get(mod, []))
             for pname in ("weight", "bias"):
                 p = getattr(m, pname, None)
                 if p is not None:

@@ -61,16 +61,12 @@ def resolve_ties(base: Path, model: nn.Module, plan: Stacks, stored: set[str]) -
         src = next((m for m in group if f"{m}.weight" in stored), None)
         if src is None:
             raise UnsupportedError(f"{base}: no stored weight for {', '.join(group)}; cannot bake them")
-        rows = next((plan.aux[m] for m in group if isinstance(plan.aux.get(m), TokenRows)), None)
+        rows = _rows(plan, group)
         aux |= {m: rows for m in group if rows is not None and m not in plan.aux}
-
-        def change(m: str, rows=rows):
-            return [(id(d), w) for d, w in plan.deltas.get(m, [])], id(plan.aux.get(m, rows))
-
         for m in group:
             if m == src:
                 continue
-            if change(m) == change(src):
+            if _change(plan, m, rows) == _change(plan, src, rows):
                 shared.add(m)
             elif m == out_name and can_untie(base):
                 apart[m] = src
@@ -80,6 +76,27 @@ def resolve_ties(base: Path, model: nn.Module, plan: Stacks, stored: set[str]) -
                     "transformers cannot untie them for this model, so it cannot be baked"
                 )
     return Ties(frozenset(shared), apart, aux)
+
+
+def _rows(plan: Stacks, group: list[str]) -> TokenRows | None:
+    """The token rows one module of a tied group takes (PEFT ties them to the others)."""
+    return next((plan.aux[m] for m in group if isinstance(plan.aux.get(m), TokenRows)), None)
+
+
+def _change(plan: Stacks, mod: str, rows: TokenRows | None) -> tuple:
+    """What the adapters do to a module, by identity: its stacked deltas and its replacement."""
+    return [(id(d), w) for d, w in plan.deltas.get(mod, [])], id(plan.aux.get(mod, rows))
+
+
+def differing(model: nn.Module, plan: Stacks) -> list[tuple[str, str]]:
+    """(module, module) pairs that share one weight tensor but that the adapters change differently."""
+    out = []
+    for group in tied_groups(model):
+        if set(plan.modules) & set(group):
+            rows = _rows(plan, group)
+            first = _change(plan, group[0], rows)
+            out += [(group[0], m) for m in group[1:] if _change(plan, m, rows) != first]
+    return out
 
 
 def can_untie(base: Path) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from merging import formats, judge, strategies
+from merging import dora, formats, judge, strategies
 from merging.adapter import Adapter, Pair, layer_kind, stacks, weighted
 from merging.deltas import AdditiveDelta, Scale, sum_error
 from merging.errors import UnsupportedError
@@ -149,7 +149,7 @@ def module_errors(model, inputs: Sequence[Pair], merged: Sequence[Adapter]) -> d
     errors = {}
     for mod in sorted(set(ref) | set(got)):
         r, g = ref.get(mod, []), got.get(mod, [])
-        if all(isinstance(d, AdditiveDelta) for d, _ in r + g):
+        if all(isinstance(d, AdditiveDelta) and not dora.is_dora(d) for d, _ in r + g):
             errors[mod] = sum_error(r, g)
         else:
             m = model.get_submodule(mod)
@@ -259,6 +259,11 @@ def reference_checks(model, batch, pairs: Sequence[Pair], y_base: torch.Tensor) 
         if the_plan.reference == judge.PEFT:  # a part PEFT refused to stack cannot check anything
             out[label] = _compare(y_base, y_peft, y_ours, False)["effect_rel_error"]
     return out
+
+
+def base_weights(model) -> Callable[[str], torch.Tensor]:
+    """A module's base weight from the loaded model (on the CPU): what a DoRA input is resolved against."""
+    return lambda mod: model.get_submodule(mod).weight.detach().cpu()
 
 
 def claims_exact(recipe: Recipe | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]) -> bool:

@@ -147,6 +147,13 @@ def test_every_task_type_loads_its_head(family, tmp_path):
     assert (row["reference"], row["passed"]) == (judge.PEFT, True) and row["effect_rel_error"] <= TOL
     wrong = _wrong(tmp_path / "m", tmp_path / "wrong")
     assert _invoke("verify", "--base", base, a, b, "--merged", wrong).exit_code == 1
+    if FAMILIES[family].heads:  # the head itself is compared: a wrong head alone fails
+        shutil.copytree(tmp_path / "m", tmp_path / "wrong_head")
+        halve_head = lambda t: [v.mul_(0.5) for k, v in t.items() if "lora_" not in k]  # noqa: E731
+        rewrite_tensors(tmp_path / "wrong_head", halve_head)
+        assert _invoke("verify", "--base", base, a, b, "--merged", tmp_path / "wrong_head").exit_code == 1
+    model, _ = load_base(base, "cpu", task_type=FAMILIES[family].task_type)
+    assert type(model).__name__ == FAMILIES[family].model_class
 
 
 def test_a_tie_transformers_cannot_undo_is_refused_in_one_line(tmp_path):
@@ -165,3 +172,36 @@ def test_inputs_for_different_task_types_are_one_line(tmp_path):
     r = _invoke("verify", "--base", base, a, b, "-s", "cat")
     assert r.exit_code == 2 and "different task types" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dora_first", [True, False])
+def test_dora_with_the_base_is_peft_s_dora(dora_first, tmp_path):
+    """A DoRA input scales the base and whatever PEFT stacks inside it (norm of the base weight alone)."""
+    base = save_base("qwen2", tmp_path / "base")  # attention biases: DoRA keeps the bias out of its scaling
+    dora = make_adapter("qwen2", tmp_path / "dora", "dora", seed=8)
+    lora = make_adapter("qwen2", tmp_path / "lora", "lora", seed=9)
+    order = [dora, lora] if dora_first else [lora, dora]
+    r = _invoke("verify", "--base", base, *order, "-s", "cat", "--json", "--max-new-tokens", 2)
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.output)["rows"]
+    assert (row["reference"], row["passed"]) == (judge.PEFT, True) and row["effect_rel_error"] <= TOL
+    assert _invoke("bake", "--base", base, *order, "-o", tmp_path / "baked").exit_code == 0
+    baked, _ = load_base(tmp_path / "baked", "cpu")
+    y_base, y_peft = _peft_stacked("qwen2", order)
+    assert _effect_error(output(baked, inputs("qwen2")), y_peft, y_base) <= TOL
+    model = build("qwen2")
+    with stacked(model, weighted([fp.read(f).refine_targets(base_shapes(model)) for f in order])):
+        assert _effect_error(output(model, inputs("qwen2")), y_peft, y_base) <= TOL
+
+
+@pytest.mark.parametrize("case", ["weight", "ia3_inside"])
+def test_dora_where_peft_semantics_cannot_be_kept_is_one_line(case, tmp_path):
+    base = save_base("llama", tmp_path / "base")
+    dora = make_adapter("llama", tmp_path / "dora", "dora", seed=8)
+    ia3 = make_adapter("llama", tmp_path / "ia3", "ia3", seed=10)
+    args = [dora, "-w", "0.5"] if case == "weight" else [ia3, dora]
+    for verb in ("verify", "bake"):
+        tail = ["-s", "cat"] if verb == "verify" else ["-o", tmp_path / verb]
+        r = _invoke(verb, "--base", base, *args, *tail)
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+        assert ("weight 1 only" if case == "weight" else "put the DoRA input first") in r.output
