@@ -11,8 +11,8 @@ from typing import Any
 
 from merging import formats
 from merging.adapter import Adapter, Pair, weighted
-from merging.basemodel import BaseLayout
-from merging.errors import FormatError, IncompatibleAdapters, SourceError
+from merging.basemodel import TASK_CLASSES, BaseLayout
+from merging.errors import FormatError, IncompatibleAdapters, SourceError, UnsupportedError
 from merging.fileio import sha256_file
 from merging.tensorfiles import tensor_files
 
@@ -208,6 +208,9 @@ def task_type(specs: Sequence[str]) -> str | None:
                 kind = json.loads(cfg.read_text()).get("task_type")
             except (ValueError, AttributeError) as e:
                 raise FormatError(f"{cfg}: not a valid adapter config ({e})") from None
+            if kind and kind not in TASK_CLASSES:
+                known = ", ".join(TASK_CLASSES)
+                raise UnsupportedError(f"{cfg}: task_type {kind!r} is not one of PEFT's ({known})")
             if kind:
                 found[str(cfg.parent)] = kind
     if len(set(found.values())) > 1:

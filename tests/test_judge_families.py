@@ -205,3 +205,13 @@ def test_dora_where_peft_semantics_cannot_be_kept_is_one_line(case, tmp_path):
         r = _invoke(verb, "--base", base, *args, *tail)
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
         assert ("weight 1 only" if case == "weight" else "put the DoRA input first") in r.output
+
+
+def test_an_unknown_task_type_is_one_line(tmp_path):
+    base = save_base("llama", tmp_path / "base")
+    a = make_adapter("llama", tmp_path / "a", "lora", seed=1)
+    cfg = json.loads((a / "adapter_config.json").read_text()) | {"task_type": "NO_SUCH_TASK"}
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    r = _invoke("verify", "--base", base, a, "-s", "cat")
+    assert r.exit_code == 2 and "NO_SUCH_TASK" in r.output and str(a) in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
