@@ -46,7 +46,7 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
 
     Example: merging compare a/ b/ --base BASE -s cat,svd --ranks 4 -o r/
     """
-    model, tokenizer = load_base(base, device, dtype)
+    model, tokenizer = load_base(base, device, dtype, task_type=sources.task_type(inputs))
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")
     pairs = sources.load_inputs(inputs, base=model, weights=weights)

@@ -17,7 +17,7 @@ from merging.errors import MergingError
 from merging.fileio import atomic_file
 from merging.results import Report, judge_note
 from merging.strategies import Options
-from merging.verify import PROMPTS, Candidate, claims_exact, verify
+from merging.verify import PROMPTS, Candidate, base_weights, claims_exact, verify
 
 
 def _fmt(v, spec=".2e") -> str:
@@ -91,7 +91,8 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
 
         options = Options(rank=rank, energy=energy, density=density, seed=seed)
         return verify_sd.run(inputs, Path(base), merged_dirs, strategy_names, weights, options)
-    model, tokenizer = load_base(base, device, dtype, device_map=device_map)
+    task = sources.task_type([*inputs, *map(str, merged_dirs)])
+    model, tokenizer = load_base(base, device, dtype, device_map=device_map, task_type=task)
     layout = BaseLayout.from_model(model)
     adapters = [ad for ad, _ in sources.load_inputs(inputs, base=layout)]
     candidates = []
@@ -108,7 +109,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     pairs = weighted(adapters, weights or recipe_weights)
     options = Options(rank=rank, energy=energy, density=density, seed=seed)
     for name in strategy_names:
-        result = merge_lib.merge(pairs, name, options)
+        result = merge_lib.merge(pairs, name, options, base_weights=base_weights(model))
         label = f"{name} r={rank}" if strategies.get(name).ranked and rank is not None else name
         candidates.append(Candidate(label, result.adapters, name, result.exact))
     lines = [ln for ln in (Path(prompts).read_text().splitlines() if prompts else PROMPTS) if ln.strip()]

@@ -8,6 +8,7 @@ largest tensor, not a shard. Config, tokenizer and the shard index are copied un
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from collections.abc import Callable, Sequence
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-from merging.adapter import Pair, Stacks, stacks
+from merging import dora
+from merging.adapter import Pair, Stacks, base_shapes, stacks
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
-from merging.basemodel import module_shapes
-from merging.errors import FormatError, UnsupportedError
+from merging.basemodel import skeleton
+from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
 from merging.fileio import atomic_folder
 from merging.runtime import effective_bias, effective_weight, refuse_gated
 from merging.tensorfiles import LazyWeights, safetensors_header
+from merging.ties import resolve_ties, untie_files
 
 Progress = Callable[[int, int, str], None]
 
@@ -36,6 +39,10 @@ def bake(
 ) -> Path:
     """Write ``base`` with the adapters folded in (stacked semantics, innermost first) to ``out``.
 
+    A module tied to another in the base (an lm_head sharing the input embedding's tensor) that the adapters
+    change differently from it is written apart, and config.json says ``tie_word_embeddings: false``, as
+    PEFT's forward would have it; a tie transformers cannot undo is refused in one line.
+
     Args:
         base: a transformers model folder with safetensors weights.
         pairs: (Adapter, weight) in stacking order.
@@ -49,18 +56,23 @@ def bake(
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
         raise FormatError(f"{base}: no safetensors shards to bake into")
-    shapes = module_shapes(base)
+    model = skeleton(base, task_type(pairs))
+    shapes = base_shapes(model)
     weights = LazyWeights(base)
-    # a module tied in the base too shares one stored tensor with its source: it takes the delta once
     refuse_gated(pairs)
-    plan = stacks(pairs, expand_tie=lambda mod: f"{mod}.weight" in weights.where)
+    plan = stacks(pairs)  # every module as PEFT runs it, ties expanded
     if outside := [m for m in plan.modules if m not in shapes]:
         raise FormatError(f"module {outside[0]} is not in the base model")
-    for mod in _tied_twins(plan, weights):
+    for mod in _tied_twins(plan, weights):  # PEFT saves a tied embedding's base weight twice
         del plan.aux[mod]
-    jobs = {f"{m}.weight": m for m in plan.modules}
-    jobs |= {f"{m}.bias": m for m in plan.modules if f"{m}.bias" in weights}
-    missing = sorted(m for n, m in jobs.items() if n.endswith(".weight") and n not in weights)
+    ties = resolve_ties(base, model, plan, set(weights.where))
+    aux = dict(plan.aux) | ties.aux
+    modules = [m for m in sorted(set(plan.modules) | set(ties.aux) | set(ties.apart)) if m not in ties.shared]
+    jobs = {f"{m}.weight": m for m in modules}
+    jobs |= {f"{m}.bias": m for m in modules if f"{m}.bias" in weights}
+    missing = sorted(
+        m for n, m in jobs.items() if n.endswith(".weight") and n not in weights and m not in ties.apart
+    )
     if missing:
         raise UnsupportedError(
             f"{base}: no stored weight for {', '.join(missing)} (a tied weight?); cannot bake it"
@@ -68,7 +80,7 @@ def bake(
 
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
         mod = jobs[name]
-        layer, a, stack = shapes[mod][0], plan.aux.get(mod), plan.deltas.get(mod, [])
+        layer, a, stack = shapes[mod][0], aux.get(mod), plan.deltas.get(mod, [])
         if name.endswith(".bias"):
             if isinstance(a, ModuleReplacement | BaseTensors) and "bias" in a.tensors:
                 t = a.tensors["bias"]
@@ -80,6 +92,7 @@ def bake(
             t[list(a.indices)] = a.rows.to(t.dtype)
         if any(getattr(d, "bias", None) is not None for d, _ in stack) and f"{mod}.bias" not in weights:
             raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
+        dora.check(mod, stack)
         new, _ = effective_weight(stack, t, None, layer, inplace=True)
         return new.to(t.dtype)
 
@@ -87,13 +100,24 @@ def bake(
         for f in base.iterdir():
             if f.is_file() and f.suffix != ".safetensors":
                 shutil.copy2(f, tmp / f.name)
+        extra = {f"{m}.weight": (f"{src}.weight", transform) for m, src in ties.apart.items()}
         for i, shard in enumerate(shards):
-            stream_shard(
-                shard, tmp / shard.name, {n: transform for n in jobs if weights.where.get(n) == shard}
-            )
+            mine = {n: transform for n in jobs if weights.where.get(n) == shard}
+            added = {n: e for n, e in extra.items() if weights.where.get(e[0]) == shard}
+            stream_shard(shard, tmp / shard.name, mine, added)
             if progress:
                 progress(i + 1, len(shards), shard.name)
+        if ties.apart:
+            untie_files(tmp, {n: weights.where[src].name for n, (src, _) in extra.items()})
     return Path(out)
+
+
+def task_type(pairs: Sequence[Pair]) -> str | None:
+    """The PEFT task type the adapters were made for (names the head the base's module paths include)."""
+    kinds = {ad.config.get("task_type") for ad, _ in pairs if isinstance(ad.config, dict)} - {None}
+    if len(kinds) > 1:
+        raise IncompatibleAdapters(f"the inputs are for different task types: {', '.join(sorted(kinds))}")
+    return next(iter(kinds), None)
 
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -102,23 +126,40 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 CHUNK = 64 << 20
 
 
-def stream_shard(src: Path, dst: Path, transforms: dict) -> None:
+def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = None) -> None:
     """Copy a safetensors file tensor by tensor, replacing the named tensors by transform(name, tensor).
 
-    Shapes and dtypes do not change, so the header (and every offset) is copied as it is; memory stays
-    at one tensor however large the shard.
+    Shapes and dtypes do not change, so every offset stays; memory stays at one tensor however large the
+    shard. ``extra`` maps a new tensor's name to (source tensor name, fn): fn(new name, a copy of the source
+    as stored) is appended after the others (its shape and dtype are the source's).
     """
     header = safetensors_header(src)
+    extra = extra or {}
+    tensors = {n: meta for n, meta in header.items() if n != "__metadata__"}
+    offset = max((meta["data_offsets"][1] for meta in tensors.values()), default=0)
+    added = {}
+    for name, (source, _) in extra.items():
+        meta = header[source]
+        size = meta["data_offsets"][1] - meta["data_offsets"][0]
+        added[name] = meta | {"data_offsets": [offset, offset + size]}
+        offset += size
+    made: dict[str, torch.Tensor] = {}
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         (n,) = struct.unpack("<Q", fin.read(8))
-        fout.write(struct.pack("<Q", n) + fin.read(n))
+        if added:
+            text = json.dumps(header | added, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)
+            fout.write(struct.pack("<Q", len(text)) + text)
+        else:
+            fout.write(struct.pack("<Q", n) + fin.read(n))
         data_start = 8 + n
         entries = sorted(
             (meta["data_offsets"], name) for name, meta in header.items() if name != "__metadata__"
         )
         for (begin, end), name in entries:
             fin.seek(data_start + begin)
-            if name in transforms:
+            sources = [new for new, (source, _) in extra.items() if source == name]
+            if name in transforms or sources:
                 meta = header[name]
                 raw = bytearray(fin.read(end - begin))
                 t = (
@@ -126,14 +167,18 @@ def stream_shard(src: Path, dst: Path, transforms: dict) -> None:
                     if raw
                     else torch.empty(0)
                 )
-                new = transforms[name](name, t).contiguous()
-                fout.write(new.view(torch.uint8).numpy().tobytes() if new.numel() else b"")
+                for new in sources:
+                    made[new] = extra[new][1](new, t.clone()).contiguous()
+                new_t = transforms[name](name, t).contiguous() if name in transforms else t
+                fout.write(new_t.view(torch.uint8).numpy().tobytes() if new_t.numel() else b"")
                 continue
             left = end - begin
             while left:
                 block = fin.read(min(CHUNK, left))
                 fout.write(block)
                 left -= len(block)
+        for name in added:
+            fout.write(made[name].view(torch.uint8).numpy().tobytes())
 
 
 def _tied_twins(plan: Stacks, weights: LazyWeights) -> list[str]:
@@ -145,7 +190,7 @@ def _tied_twins(plan: Stacks, weights: LazyWeights) -> list[str]:
     }  # fmt: skip
     twins = []
     for mod, a in plan.aux.items():
-        if mod in plan.deltas or f"{mod}.weight" in weights.where or not isinstance(a, BaseTensors):
+        if f"{mod}.weight" in weights.where or not isinstance(a, BaseTensors):
             continue
         w = a.tensors.get("weight")
         if set(a.tensors) == {"weight"} and any(_same(w, s) for s in stored.values()):

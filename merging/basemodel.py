@@ -15,7 +15,7 @@ import torch
 
 from merging.adapter import base_shapes, layer_kind
 from merging.deltas import Layer
-from merging.errors import DeviceError, FormatError, SourceError
+from merging.errors import DeviceError, FormatError, SourceError, UnsupportedError
 from merging.fileio import cache_dir, sha256_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,16 +32,46 @@ def _config(folder: Path):
         raise FormatError(f"{folder}: not a transformers model folder ({e})") from e
 
 
-def skeleton(folder: Path) -> torch.nn.Module:
-    """The model built from its config on the meta device: module names and shapes, no memory."""
-    from transformers import AutoModel, AutoModelForCausalLM
+# PEFT's task_type → the transformers auto class that loads the head its adapters were trained with
+TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                "TOKEN_CLS": "AutoModelForTokenClassification", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+                "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel",
+                }  # fmt: skip
 
+
+def auto_classes(task_type: str | None) -> list:
+    """The transformers auto classes to try, in order, for adapters of this PEFT task type.
+
+    No task type: a causal LM, else the bare model (as PEFT users load a base for such adapters).
+    """
+    import transformers
+
+    if task_type is None:
+        return [transformers.AutoModelForCausalLM, transformers.AutoModel]
+    if task_type not in TASK_CLASSES:
+        raise UnsupportedError(f"task_type {task_type!r}: not one of PEFT's {', '.join(TASK_CLASSES)}")
+    return [getattr(transformers, TASK_CLASSES[task_type])]
+
+
+def _build(classes: list, make):
+    """make(cls) for the first auto class that knows this model type (transformers raises ValueError)."""
+    for cls in classes[:-1]:
+        try:
+            return make(cls)
+        except ValueError:
+            continue
+    return make(classes[-1])
+
+
+def skeleton(folder: Path, task_type: str | None = None) -> torch.nn.Module:
+    """The model built from its config on the meta device: module names and shapes, no memory."""
     config = _config(Path(folder))
     with torch.device("meta"):
         try:
-            return AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            return AutoModel.from_config(config)
+            return _build(auto_classes(task_type), lambda cls: cls.from_config(config))
+        except ValueError as e:
+            what = task_type or "model"
+            raise UnsupportedError(f"{folder}: transformers has no {what} class for it ({e})") from None
 
 
 def biased_modules(model: torch.nn.Module) -> frozenset[str]:
@@ -70,9 +100,9 @@ def saved_paths(model: torch.nn.Module) -> dict[str, str]:
     return {m: f"{prefixes[0]}.{m}" for m in base_shapes(model)}
 
 
-def module_shapes(folder: Path) -> dict[str, tuple[Layer, tuple[int, ...]]]:
+def module_shapes(folder: Path, task_type: str | None = None) -> dict[str, tuple[Layer, tuple[int, ...]]]:
     """Module path → (layer kind, stored weight shape) of a transformers model folder, without its weights."""
-    return base_shapes(skeleton(Path(folder)))
+    return base_shapes(skeleton(Path(folder), task_type))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -89,10 +119,18 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise DeviceError(f"`device` {device}: {e}") from None
 
 
-def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", device_map: str | None = None):
+def load_base(
+    spec: str | Path,
+    device: str = "auto",
+    dtype: str = "float32",
+    device_map: str | None = None,
+    task_type: str | None = None,
+):
     """Load a base model and its tokenizer from a folder, a ``.gguf`` file or a Hub id (from the cache).
 
     Args:
+        task_type: the adapters' PEFT task type: picks the head (``TASK_CLASSES``); a head the base does
+            not store is initialised from a fixed seed, so every run sees the same one.
         device: auto, cpu or cuda (ignored with ``device_map``).
         device_map: e.g. "auto": spread a base larger than one device over the GPUs and CPU memory
             (transformers + accelerate); the runtime's deltas follow each module's device.
@@ -100,7 +138,7 @@ def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", de
     Returns:
         (model in eval mode, tokenizer or None when the folder has none).
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
         raise SourceError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -119,11 +157,11 @@ def load_base(spec: str | Path, device: str = "auto", dtype: str = "float32", de
     if path.is_dir() and not (path / "config.json").is_file():
         raise SourceError(f"{spec}: not a transformers model folder (no config.json)")
     extra = {"device_map": device_map} if device_map else {}
+    classes = auto_classes(task_type)
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **extra)
-        except ValueError:
-            model = AutoModel.from_pretrained(where, dtype=DTYPES[dtype], **extra)
+        with torch.random.fork_rng(devices=[]):  # a head the base lacks (a fresh classifier): same every run
+            torch.manual_seed(0)
+            model = _build(classes, lambda cls: cls.from_pretrained(where, dtype=DTYPES[dtype], **extra))
     except (OSError, ValueError, KeyError) as e:  # missing, no weights, unknown model_type: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(f"{spec}: cannot load the base model ({first})") from None
@@ -205,10 +243,11 @@ class BaseLayout:
         return None if self.biased is None or module not in self.modules else module in self.biased
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> BaseLayout:
+    def from_folder(cls, folder: str | Path, task_type: str | None = None) -> BaseLayout:
         """From a model folder: transformers, a diffusers component, or a diffusers pipeline (its components).
 
-        The module tree is built from the configs on the meta device (names and shapes, no memory).
+        The module tree is built from the configs on the meta device (names and shapes, no memory), with
+        the head of the adapters' PEFT ``task_type``.
         """
         from merging import sdbase
 
@@ -218,7 +257,7 @@ class BaseLayout:
             return cls.from_model(sdbase.skeleton(Path(folder)))
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        model = skeleton(Path(folder))
+        model = skeleton(Path(folder), task_type)
         return cls(base_shapes(model), config, biased_modules(model), saved=saved_paths(model))
 
     @classmethod
@@ -239,10 +278,10 @@ class BaseLayout:
         return cls(modules, configs, biased, tuple(layouts), saved)
 
     @classmethod
-    def of(cls, base: BaseLayout | str | Path | torch.nn.Module) -> BaseLayout:
+    def of(cls, base: BaseLayout | str | Path | torch.nn.Module, task_type: str | None = None) -> BaseLayout:
         """A base given as a layout, a model folder or a loaded model, as a layout."""
         if isinstance(base, BaseLayout):
             return base
         if isinstance(base, (str, Path)):
-            return cls.from_folder(base)
+            return cls.from_folder(base, task_type)
         return cls.from_model(base)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.deltas import AdditiveDelta, Delta, Dense, LowRank, Target
+from merging.deltas import AdditiveDelta, Delta, Dense, LowRank, Scale, Target
 from merging.errors import UnsupportedError
 
 
@@ -48,12 +48,25 @@ def magnitude_scale(d: LowRank, w: torch.Tensor) -> torch.Tensor:
     return d.magnitude.float() / (w + dw).norm(dim=_axis(d.target))
 
 
-def _check(stack: Sequence[tuple[Delta, float]], module: str) -> None:
-    for d, wt in stack:
-        if is_dora(d) and wt != 1.0:
+def check(module: str, stack: Sequence[tuple[Delta, float]]) -> None:
+    """Refuse, in one line, a DoRA stacked where PEFT's semantics are not reproduced exactly here."""
+    for i, (d, wt) in enumerate(stack):
+        if not is_dora(d):
+            continue
+        if d.target.layer not in ("linear", "embedding"):
+            raise UnsupportedError(f"module {module}: DoRA on a {d.target.layer} layer is not supported")
+        if wt != 1.0:
             raise UnsupportedError(f"module {module}: a DoRA input has no stacked meaning at weight {wt:g}")
-        if getattr(d, "bias", None) is not None and any(is_dora(e) for e, _ in stack):
+        if any(getattr(e, "bias", None) is not None for e, _ in stack):
             raise UnsupportedError(f"module {module}: lora_bias stacked with DoRA is not supported")
+        if any(isinstance(e, Scale) for e, _ in stack[:i]):
+            raise UnsupportedError(
+                f"module {module}: a DoRA input over an IA³ vector rescales the bias; put DoRA first"
+            )
+
+
+def _check(stack: Sequence[tuple[Delta, float]], module: str) -> None:
+    check(module, stack)
 
 
 def compose(stack: Sequence[tuple[AdditiveDelta, float]], w: torch.Tensor, module: str) -> LowRank:

@@ -28,7 +28,7 @@ from merging.recipe import Versions, inputs_of
 from merging.results import Comparison, Skill, Skills, Skipped, VariantResult, judge_note
 from merging.runtime import stacked
 from merging.strategies import Options
-from merging.verify import Candidate, verify
+from merging.verify import Candidate, base_weights, verify
 
 RETENTION_NOTE = (
     "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone)."
@@ -140,7 +140,7 @@ def compare(
         opts = Options(**(asdict(base_opts) | {"rank": var.rank if var.rank is not None else base_opts.rank}))
         started = time.perf_counter()
         try:
-            result = merge_lib.merge(inputs, var.strategy, opts)
+            result = merge_lib.merge(inputs, var.strategy, opts, base_weights=base_weights(model))
         except UnsupportedError as e:
             skipped.append(Skipped(var.label, var.strategy, var.rank, str(e)))
             continue

@@ -20,7 +20,7 @@ from torch import nn
 
 from merging import dora
 from merging.adapter import Pair, common_invocation, layer_kind, stacks
-from merging.auxiliary import Auxiliary, BaseTensors
+from merging.auxiliary import Auxiliary, BaseTensors, TokenRows
 from merging.deltas import (
     AdditiveDelta,
     Delta,
@@ -32,13 +32,14 @@ from merging.deltas import (
 )
 from merging.errors import ShapeMismatch, UnsupportedError
 from merging.ia3 import AddedScale
+from merging.ties import differing
 
 
 @dataclass(frozen=True, eq=False)
 class _Op:
     """One stacked delta prepared for a layer: factors (or a dense matrix) on the layer's device."""
 
-    kind: str  # "add" or "scale"
+    kind: str  # "add", "scale" or "dora"
     weight: float
     b: torch.Tensor | None = None  # (out, r)
     a: torch.Tensor | None = None  # (r, in_flat)
@@ -121,6 +122,11 @@ class StackedLayer(nn.Module):
         if kind in ("conv1d", "conv2d") and base.groups != 1:
             raise UnsupportedError(f"grouped convolutions (groups={base.groups}) are not supported")
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for parents that read their child's ``.weight`` (T5 reads ``wo.weight.dtype``)."""
+        return self.base.weight
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._run(len(self.ops), x, args, kwargs)
 
@@ -159,10 +165,9 @@ class StackedLayer(nn.Module):
 
     def _delta(self, op: _Op, x: torch.Tensor) -> torch.Tensor:
         base = self.base
-        if self.kind == "embedding":
-            if op.d is not None:
-                return op.scale * F.embedding(x, op.d)
-            return op.scale * (F.embedding(x, op.b) @ op.a)
+        if self.kind == "embedding":  # a scaled embedding (Gemma) scales the adapter's rows too, as PEFT does
+            y = F.embedding(x, op.d) if op.d is not None else F.embedding(x, op.b) @ op.a
+            return op.scale * y * embed_scale(base, y.dtype)
         if self.kind in ("conv1d", "conv2d"):
             conv = F.conv2d if self.kind == "conv2d" else F.conv1d
             w_shape = base.weight.shape
@@ -179,6 +184,16 @@ class StackedLayer(nn.Module):
             return y if op.bias is None else y + op.bias
         y = op.scale * ((x @ op.a.T) @ op.b.T)
         return y if op.bias is None else y + op.bias
+
+
+def embed_scale(embedding: nn.Module, dtype: torch.dtype) -> torch.Tensor | float:
+    """The factor a scaled embedding multiplies its rows by (``embed_scale``, scalar), else 1."""
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale.to(dtype)
+    return 1.0
 
 
 def effective_weight(
@@ -267,9 +282,10 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
     tokens = common_invocation([ad for ad, _ in pairs])
     gate = None if tokens is None else _Gate(tokens)
     hook = None if gate is None else model.register_forward_pre_hook(gate, with_kwargs=True)
+    aux = tied_rows(model, plan.aux) | plan.aux
     originals: dict[str, nn.Module] = {}
     try:
-        for mod in plan.modules:
+        for mod in sorted(set(plan.modules) | set(aux)):
             try:
                 original = model.get_submodule(mod)
             except AttributeError:
@@ -277,9 +293,10 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
             kind = layer_kind(original)
             if kind is None:
                 raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
-            base = _replacement(original, plan.aux[mod], mod) if mod in plan.aux else original
+            base = _replacement(original, aux[mod], mod) if mod in aux else original
             ref = base.weight  # DoRA norms use the base layer's weight, as loaded
             stack = plan.deltas.get(mod, [])
+            dora.check(mod, stack)
             _check_shapes(mod, stack, kind, tuple(ref.shape))
             ops = [_prepare(d, w, ref, kind) for d, w in stack]
             parent, child = _parent(model, mod)
@@ -294,6 +311,21 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
         for mod, original in originals.items():
             parent, child = _parent(model, mod)
             setattr(parent, child, original)
+
+
+def tied_rows(model: nn.Module, aux: dict[str, Auxiliary]) -> dict[str, TokenRows]:
+    """Modules sharing the weight of an embedding that takes token rows (a tied lm_head): they see the new
+    rows too, as PEFT's TrainableTokensWrapper ties them."""
+    out = {}
+    for mod, a in aux.items():
+        if isinstance(a, TokenRows):
+            try:
+                w = model.get_submodule(mod).weight
+            except AttributeError:
+                continue  # reported by the caller, naming the module
+            out |= {name: a for name, m in model.named_modules()
+                    if name != mod and getattr(m, "weight", None) is w}  # fmt: skip
+    return out
 
 
 def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape: tuple[int, ...]) -> None:
@@ -331,10 +363,17 @@ class Undo:
 def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
     """Fold (Adapter, weight) pairs into the model's weights in place (stacked semantics); return an undo.
 
-    Tied weights shared by two modules receive each module's delta once (as a shared tensor would).
+    Tied weights shared by two modules receive each module's delta once (as a shared tensor would);
+    modules sharing a weight that the adapters change differently (a LoRA on a tied embedding: PEFT
+    changes the input side only) are refused, since one tensor cannot hold both.
     """
     refuse_gated(pairs)
     plan = stacks(pairs)
+    if split := differing(model, plan):
+        a, b = split[0]
+        raise UnsupportedError(
+            f"modules {a} and {b} share one weight that the adapters change differently; bake unties them"
+        )
     saved: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     with torch.no_grad():
@@ -344,6 +383,7 @@ def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
             if id(m.weight) in seen:  # a tied weight already got this delta
                 continue
             seen.add(id(m.weight))
+            dora.check(mod, plan.deltas.get(mod, []))
             for pname in ("weight", "bias"):
                 p = getattr(m, pname, None)
                 if p is not None:

@@ -11,8 +11,8 @@ from typing import Any
 
 from merging import formats
 from merging.adapter import Adapter, Pair, weighted
-from merging.basemodel import BaseLayout
-from merging.errors import FormatError, SourceError
+from merging.basemodel import TASK_CLASSES, BaseLayout
+from merging.errors import FormatError, IncompatibleAdapters, SourceError, UnsupportedError
 from merging.fileio import sha256_file
 from merging.tensorfiles import tensor_files
 
@@ -185,8 +185,47 @@ def load_inputs(
     Returns:
         (adapter, weight) pairs in stacking order.
     """
-    layout = None if base is None else BaseLayout.of(base)
+    layout = None if base is None else BaseLayout.of(base, task_type(specs))
     adapters = [ad for spec in specs for ad in load_spec(spec, allow_nonfinite=allow_nonfinite, base=layout)]
     if layout is not None:
         adapters = [ad.refine_targets(layout.modules) for ad in adapters]
     return weighted(adapters, weights)
+
+
+def task_type(specs: Sequence[str]) -> str | None:
+    """The PEFT ``task_type`` the inputs name in their adapter_config.json (the head a base is loaded with).
+
+    Inputs that name none (kohya, GGUF, no task) agree with any; two different ones are an error.
+    """
+    found: dict[str, str] = {}
+    for spec in specs:
+        path = spec.partition("=")[2] if "=" in spec and not Path(spec).exists() else spec
+        folder = Path(path)
+        if not folder.exists() and "/" in path and not path.startswith((".", "/", "~")):
+            folder = resolve_hub(path)[0]
+        for cfg in _configs(folder):
+            try:
+                kind = json.loads(cfg.read_text()).get("task_type")
+            except (ValueError, AttributeError) as e:
+                raise FormatError(f"{cfg}: not a valid adapter config ({e})") from None
+            if kind and kind not in TASK_CLASSES:
+                known = ", ".join(TASK_CLASSES)
+                raise UnsupportedError(f"{cfg}: task_type {kind!r} is not one of PEFT's ({known})")
+            if kind:
+                found[str(cfg.parent)] = kind
+    if len(set(found.values())) > 1:
+        named = ", ".join(f"{where} ({kind})" for where, kind in found.items())
+        raise IncompatibleAdapters(f"the inputs are for different task types: {named}")
+    return next(iter(found.values()), None)
+
+
+def _configs(folder: Path) -> list[Path]:
+    """The adapter_config.json files of a PEFT folder or of a merged stack's members (a bad manifest is
+    left for ``load`` to report)."""
+    manifest = folder / STACK_FILE
+    try:
+        names = json.loads(manifest.read_text())["stack"] if manifest.is_file() else []
+    except (ValueError, KeyError, TypeError):
+        names = []
+    return [f / "adapter_config.json" for f in [folder / n for n in names] or [folder]
+            if (f / "adapter_config.json").is_file()]  # fmt: skip

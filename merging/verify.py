@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from merging import formats, judge, strategies
+from merging import dora, formats, judge, strategies
 from merging.adapter import Adapter, Pair, layer_kind, stacks, weighted
 from merging.deltas import AdditiveDelta, Scale, sum_error
 from merging.errors import UnsupportedError
@@ -86,20 +86,41 @@ def batch_inputs(
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def decoder_inputs(config, batch: dict[str, torch.Tensor], length: int = 6) -> dict[str, torch.Tensor]:
+    """Fixed decoder ids for an encoder-decoder model (seeded, after its decoder start token)."""
+    n, device = batch["input_ids"].shape[0], batch["input_ids"].device
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, config.vocab_size, (n, length), generator=g)
+    start = getattr(config, "decoder_start_token_id", None)
+    ids[:, 0] = 0 if start is None else start
+    return {"decoder_input_ids": ids.to(device), "decoder_attention_mask": torch.ones_like(ids).to(device)}
+
+
 # ------------------------------------------------------------------------------------------ measuring
 
 
 @torch.no_grad()
 def _outputs(model, batch) -> torch.Tensor:
+    """The head's output: logits (LM, seq2seq, classification), QA start/end logits, or hidden states."""
     out = model(**batch)
-    y = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-    return y.float()[batch["attention_mask"].bool()]  # (tokens, vocab or hidden)
+    if getattr(out, "logits", None) is not None:
+        y = out.logits
+    elif getattr(out, "start_logits", None) is not None:
+        y = torch.stack([out.start_logits, out.end_logits], dim=-1)  # (batch, tokens, 2)
+    else:
+        y = out.last_hidden_state
+    mask = batch.get("decoder_attention_mask", batch["attention_mask"])
+    if tuple(y.shape[:2]) != tuple(mask.shape):  # one output per sequence (sequence classification)
+        return y.float()
+    return y.float()[mask.bool()]  # (tokens, vocab or labels or hidden)
 
 
 @torch.no_grad()
 def _greedy(model, batch, n: int, pad_id: int | None) -> torch.Tensor:
-    out = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=pad_id)
-    new = out[:, batch["input_ids"].shape[1] :]
+    prompt = {k: v for k, v in batch.items() if not k.startswith("decoder_")}
+    out = model.generate(**prompt, max_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
+    new = out[:, 1:] if seq2seq else out[:, batch["input_ids"].shape[1] :]  # after the decoder start
     if new.shape[1] < n:  # every sequence ended early: pad as generate pads finished sequences
         fill = torch.full((new.shape[0], n - new.shape[1]), -1 if pad_id is None else pad_id, dtype=new.dtype)
         new = torch.cat([new, fill.to(new.device)], dim=1)
@@ -128,7 +149,7 @@ def module_errors(model, inputs: Sequence[Pair], merged: Sequence[Adapter]) -> d
     errors = {}
     for mod in sorted(set(ref) | set(got)):
         r, g = ref.get(mod, []), got.get(mod, [])
-        if all(isinstance(d, AdditiveDelta) for d, _ in r + g):
+        if all(isinstance(d, AdditiveDelta) and not dora.is_dora(d) for d, _ in r + g):
             errors[mod] = sum_error(r, g)
         else:
             m = model.get_submodule(mod)
@@ -172,6 +193,8 @@ def verify(
     tol = EXACT_TOLERANCE[dtype]
     vocab = getattr(model.config, "vocab_size", 100)
     batch = batch_inputs(tokenizer, prompts, device, vocab)
+    if getattr(model.config, "is_encoder_decoder", False):
+        batch |= decoder_inputs(model.config, batch)
     is_lm = hasattr(model, "generate") and getattr(model, "lm_head", None) is not None
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     steps, done = 2 + len(candidates), 0
@@ -236,6 +259,11 @@ def reference_checks(model, batch, pairs: Sequence[Pair], y_base: torch.Tensor) 
         if the_plan.reference == judge.PEFT:  # a part PEFT refused to stack cannot check anything
             out[label] = _compare(y_base, y_peft, y_ours, False)["effect_rel_error"]
     return out
+
+
+def base_weights(model) -> Callable[[str], torch.Tensor]:
+    """A module's base weight from the loaded model (on the CPU): what a DoRA input is resolved against."""
+    return lambda mod: model.get_submodule(mod).weight.detach().cpu()
 
 
 def claims_exact(recipe: Recipe | None, inputs: Sequence[Adapter], merged: Sequence[Adapter]) -> bool:
