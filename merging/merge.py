@@ -196,6 +196,7 @@ def _base_matrix(stack: Stack, mod: str, base_weights: BaseWeights | None) -> to
     """The base weight of a module with DoRA in its stack, in matrix form (float32)."""
     if base_weights is None:
         raise UnsupportedError(f"module {mod}: a DoRA delta needs its base weights; pass `base_weights`")
+    dora.check(mod, stack)
     if any(isinstance(d, Scale) for d, _ in stack):
         raise UnsupportedError(f"module {mod}: IA³ and DoRA on one module are not supported")
     return stack[0][0].target.to_matrix(base_weights(mod).float())

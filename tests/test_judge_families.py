@@ -204,7 +204,7 @@ def test_dora_where_peft_semantics_cannot_be_kept_is_one_line(case, tmp_path):
         tail = ["-s", "cat"] if verb == "verify" else ["-o", tmp_path / verb]
         r = _invoke(verb, "--base", base, *args, *tail)
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-        assert ("weight 1 only" if case == "weight" else "put the DoRA input first") in r.output
+        assert ("no stacked meaning at weight 0.5" if case == "weight" else "put DoRA first") in r.output
 
 
 def test_an_unknown_task_type_is_one_line(tmp_path):
