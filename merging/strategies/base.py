@@ -14,6 +14,8 @@ from merging import linalg
 from merging.deltas import AdditiveDelta, Delta, LowRank, Scale, stack_factors
 from merging.errors import MergingError, UnsupportedError
 
+INNER = ("linear", "ties", "dare_ties")  # the merges knots and core run in their shared basis
+
 
 @dataclass(frozen=True)
 class Options:
@@ -61,7 +63,7 @@ class Options:
             raise MergingError(f"`density` must be in (0, 1], got {self.density}")
         if self.majority_sign not in ("total", "frequency"):
             raise MergingError(f"`majority_sign` must be total or frequency, got {self.majority_sign!r}")
-        if self.inner not in ("linear", "ties", "dare_ties"):
+        if self.inner not in INNER:
             raise MergingError(f"`inner` must be linear, ties or dare_ties, got {self.inner!r}")
         if not math.isfinite(self.alpha):
             raise MergingError(f"`alpha` must be a finite number, got {self.alpha}")
