@@ -275,6 +275,15 @@ def test_null_space_noise_does_not_move_tsv_or_iso():
         assert_close(ours(name, noisy, [1.0, 1.0], Options()), ours(name, ds, [1.0, 1.0], Options()), 1e-6)
 
 
+def test_zero_inputs_give_a_zero_lora():
+    """PEFT's default init (B = 0) on every input: each method returns a zero LoRA, no NaN."""
+    zero = [LowRank(torch.zeros(48, r), torch.randn(r, 40), 1.0, Target("linear", (48, 40))) for r in (2, 3)]
+    for name in NAMES:
+        for inner in ("linear", "ties", "dare_ties"):
+            out = strategies.get(name).fn(zero, [1.0, 1.0], Options(inner=inner), "m")
+            assert out.rank >= 1 and float((out.b @ out.a).abs().max()) == 0.0, (name, inner)
+
+
 def test_factored_never_builds_a_dense_matrix(monkeypatch):
     """Four rank-8 inputs on a 1024 × 1536 module: no dense ΔW, no SVD bigger than the stacked rank."""
     ds = _random((8, 8, 8, 8), shape=(1024, 1536), seed=4, scale=0.05)

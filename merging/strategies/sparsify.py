@@ -62,7 +62,7 @@ def prune_kth(t: torch.Tensor, density: float) -> torch.Tensor:
         t: (n_tasks, ...) task deltas.
         density: fraction kept, in (0, 1]; 1 keeps everything.
     """
-    if density >= 1:
+    if density >= 1 or t[0].numel() == 0:
         return t
     flat = t.reshape(t.shape[0], -1)
     n = flat.shape[1]
