@@ -14,6 +14,7 @@ from merging.basemodel import load_base
 from merging.errors import MergingError
 from merging.results import Comparison
 from merging.strategies import Options
+from merging.strategies.base import INNER
 
 
 def _ints(value: str | None) -> list[int]:
@@ -32,6 +33,10 @@ def _ints(value: str | None) -> list[int]:
 @click.option("--weights", "-w", type=FloatList(), help="Input weights (default 1).")
 @click.option("--density", type=float, default=0.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--inner", type=click.Choice(INNER), default="ties", show_default=True,
+              help="knots/core: the merge in the shared basis.")  # fmt: skip
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="Literature methods' global scale.")
+@click.option("--common-fraction", type=float, default=0.8, show_default=True, help="iso_cts common share.")
 @click.option(
     "--eval", "evals", multiple=True, help="NAME=FILE.jsonl: held-out texts of the input named NAME."
 )
@@ -41,7 +46,10 @@ def _ints(value: str | None) -> list[int]:
 )
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
-def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, device, dtype, out, force) -> None:
+def compare_cmd(
+    inputs, base, names, ranks, weights, density, seed, inner, alpha, common_fraction, evals, device, dtype,
+    out, force,
+) -> None:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
 
     Example: merging compare a/ b/ --base BASE -s cat,svd --ranks 4 -o r/
@@ -60,7 +68,7 @@ def compare_cmd(inputs, base, names, ranks, weights, density, seed, evals, devic
     chosen = strategies.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
     variants = report_lib.variants(chosen, _ints(ranks))
     with progress_bar("comparing") as update:
-        opts = Options(density=density, seed=seed)
+        opts = Options(density=density, seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction)
         report = report_lib.compare(
             model,
             tokenizer,

@@ -15,6 +15,7 @@ from merging import publish as publish_lib
 from merging import sdbase, serving, sources, strategies
 from merging.errors import MergingError
 from merging.strategies import Options
+from merging.strategies.base import INNER
 
 try:
     import tomllib
@@ -23,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 
 RECIPE_KEYS = {"inputs", "output", "strategy", "weights", "rank", "energy", "clamp", "density"}
 RECIPE_KEYS |= {"majority_sign", "seed", "signed", "aux", "base", "format", "force", "uniform_rank", "serve"}
+RECIPE_KEYS |= {"inner", "alpha", "common_fraction"}
 
 
 def _read_recipe(path: Path) -> dict:
@@ -66,6 +68,9 @@ def _read_recipe(path: Path) -> dict:
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election.")
 @click.option("--seed", type=int, help="DARE seed (default 0): same seed, same file.")
 @click.option("--signed", is_flag=True, default=None, help="geometric: accept non-positive IA³ entries.")
+@click.option("--inner", type=click.Choice(INNER), help="knots/core: the merge in the shared basis (ties).")
+@click.option("--alpha", type=float, help="knots/core/tsv/iso_c/iso_cts: global scale (default 1).")
+@click.option("--common-fraction", type=float, help="iso_cts: share of the rank kept common (default 0.8).")
 @click.option("--aux", type=click.Choice(["error", "sum"]), help="Overlapping modules_to_save / token rows.")
 @click.option(
     "--base", type=click.Path(exists=True, path_type=Path), help="Base model folder (DoRA, --aux sum)."
@@ -109,7 +114,8 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
     pairs = sources.load_inputs(
         inputs, base=base_dir, weights=spec.get("weights"), allow_nonfinite=allow_nonfinite
     )
-    fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed")
+    fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed", "inner", "alpha")
+    fields += ("common_fraction",)
     options = Options(**{k: spec[k] for k in fields if k in spec})
     base = sdbase.weights(Path(spec["base"])) if spec.get("base") else None
     started = time.perf_counter()

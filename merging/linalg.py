@@ -62,13 +62,38 @@ def factored_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.
         (u, s, vh) with u (out, k), s (k,) descending, vh (k, in), k = min(r, out, in), and
         u @ diag(s) @ vh == b @ a up to rounding.
     """
+    u, s, vh = factored_svd64(b, a)
+    return u.float(), s.float(), vh.float()
+
+
+def factored_svd64(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As ``factored_svd``, everything in float64 (for the literature's methods, which need the small σ).
+
+    Args:
+        b: (out, r).
+        a: (r, in).
+
+    Returns:
+        (u (out, k), s (k,), vh (k, in)) in float64, k = min(r, out, in).
+    """
     qb, rb = torch.linalg.qr(b.double())  # (out, k1), (k1, r)
     qa, ra = torch.linalg.qr(a.double().T)  # (in, k2), (k2, r)
-    core = rb @ ra.T  # (k1, k2)
-    uc, s, vch = torch.linalg.svd(core, full_matrices=False)
-    u = (qb @ uc).float()  # (out, k)
-    vh = (vch @ qa.T).float()  # (k, in)
-    return u, s.float(), vh
+    uc, s, vch = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # core (k1, k2)
+    return qb @ uc, s, vch @ qa.T  # (out, k), (k,), (k, in)
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor P·Qᵀ of a tall x = P Σ Qᵀ, from its QR and the SVD of the small R.
+
+    Args:
+        x: (n, k), n ≥ k.
+
+    Returns:
+        (n, k) with orthonormal columns, the same dtype as x.
+    """
+    q, r = torch.linalg.qr(x)  # (n, k), (k, k)
+    p, _, qh = torch.linalg.svd(r, full_matrices=False)
+    return q @ (p @ qh)
 
 
 def numerical_rank(s: torch.Tensor, shape: tuple[int, int], rtol: float | None = None) -> int:

@@ -137,7 +137,7 @@ def merge(
             merged = composed if composed is not None else add_strategy.fn(ds, ws, options, mod)
             lora[mod] = merged
             rank, numel = merged.rank, merged.numel
-            exact = exact and add_strategy.exact_for(merged, ds)
+            exact = exact and add_strategy.exact_for(merged, ds, options)
             # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
             err = None if add_strategy.exact == "always" else weight_space_error(merged, ds, ws)
             kinds.append("lora")

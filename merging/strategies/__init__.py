@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from merging.registry import Registry
-from merging.strategies import cat, geometric, linear, multiplicative, svd
+from merging.strategies import cat, core, geometric, iso, knots, linear, multiplicative, svd, tsv
 from merging.strategies.base import Options, Strategy
 from merging.strategies.pruned import dare, make, sign_elect_mean, top_magnitude, weighted_sum
 
@@ -29,6 +29,11 @@ for _strategy in (
          reads=("density",)),
     multiplicative.STRATEGY,
     geometric.STRATEGY,
+    knots.STRATEGY,
+    core.STRATEGY,
+    tsv.STRATEGY,
+    iso.STRATEGY_C,
+    iso.STRATEGY_CTS,
 ):  # fmt: skip
     register(_strategy)
 

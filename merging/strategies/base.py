@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from merging import linalg
 from merging.deltas import AdditiveDelta, Delta, LowRank, Scale, stack_factors
 from merging.errors import MergingError, UnsupportedError
 
+INNER = ("linear", "ties", "dare_ties")  # the merges knots and core run in their shared basis
+
 
 @dataclass(frozen=True)
 class Options:
@@ -20,7 +23,9 @@ class Options:
 
     rank/energy: the svd rank budget (rank k, or the smallest k keeping fraction ``energy`` of ‖ΔW‖²_F);
     clamp: PEFT's quantile clamp of the svd factors; density/majority_sign/seed: TIES and DARE;
-    signed: let geometric accept non-positive IA³ entries.
+    signed: let geometric accept non-positive IA³ entries; inner: the merge knots/core run in their shared
+    basis (linear, ties, dare_ties); alpha: the literature methods' global scale; common_fraction: Iso-CTS's
+    share of the rank given to the common subspace.
     """
 
     rank: int | None = None
@@ -30,10 +35,14 @@ class Options:
     majority_sign: Literal["total", "frequency"] = "total"
     seed: int = 0
     signed: bool = False
+    inner: Literal["linear", "ties", "dare_ties"] = "ties"
+    alpha: float = 1.0
+    common_fraction: float = 0.8
 
     def __post_init__(self) -> None:
         number = (int, float)
-        types = {"rank": (int,), "seed": (int,), "energy": number, "clamp": number, "density": number}
+        types = {"rank": (int,), "seed": (int,), "energy": number, "clamp": number, "density": number,
+                 "alpha": number, "common_fraction": number}  # fmt: skip
         for name, kinds in (types | {"signed": (bool,)}).items():
             value = getattr(self, name)
             if value is not None and (
@@ -54,6 +63,12 @@ class Options:
             raise MergingError(f"`density` must be in (0, 1], got {self.density}")
         if self.majority_sign not in ("total", "frequency"):
             raise MergingError(f"`majority_sign` must be total or frequency, got {self.majority_sign!r}")
+        if self.inner not in INNER:
+            raise MergingError(f"`inner` must be linear, ties or dare_ties, got {self.inner!r}")
+        if not math.isfinite(self.alpha):
+            raise MergingError(f"`alpha` must be a finite number, got {self.alpha}")
+        if not 0 < self.common_fraction <= 1:
+            raise MergingError(f"`common_fraction` must be in (0, 1], got {self.common_fraction}")
 
     def generator(self, module: str) -> torch.Generator:
         """A generator seeded from ``seed`` and the module name: reproducible, different per module."""
@@ -79,6 +94,7 @@ class Strategy:
     handles: Literal["additive", "ia3", "both"]
     doc: str
     ranked: bool = False  # takes a rank budget (`rank` / `energy`)
+    exact_when: Callable[[Options], bool] | None = None  # exact under these options ("never" otherwise)
     reads: tuple[str, ...] | None = None  # the Options fields it reads besides the rank budget (None: unsaid)
 
     @property
@@ -88,17 +104,20 @@ class Strategy:
             return None
         return (*self.reads, *(("rank", "energy", "clamp") if self.ranked else ()))
 
-    def exact_for(self, merged: Delta, inputs: Sequence[Delta]) -> bool:
+    def exact_for(self, merged: Delta, inputs: Sequence[Delta], opts: Options | None = None) -> bool:
         """Whether ``merged``, this strategy's merge of one module's ``inputs``, reproduces their stack.
 
         Args:
             merged: the merged delta of the module.
             inputs: the module's input deltas (IA³ vectors among them do not count towards the rank).
+            opts: the options it was merged with (``exact_when`` needs them; without them, not exact).
 
         Returns:
             True for an "always" strategy; for "full_rank", when the merged rank reaches the rank bound
-            of the sum, min(Σ r_i, out, in_flat); False otherwise.
+            of the sum, min(Σ r_i, out, in_flat); with ``exact_when``, what it says of ``opts``.
         """
+        if self.exact_when is not None:
+            return opts is not None and self.exact_when(opts)
         if self.exact != "full_rank" or not isinstance(merged, AdditiveDelta):
             return self.exact == "always"
         bound = sum(d.rank for d in inputs if isinstance(d, AdditiveDelta))

@@ -52,3 +52,28 @@ def disjoint_mean(t: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
 def weighted(t: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     """w_i·τ_i for each task delta."""
     return t * torch.tensor(weights, dtype=t.dtype).reshape(-1, *([1] * (t.dim() - 1)))
+
+
+def prune_kth(t: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim as the TIES and KnOTS repositories count it: keep |x| ≥ the (n − ⌊n·density⌋)-th smallest
+    magnitude of each task delta (⌊n·density⌋ + 1 entries without ties, one more than ``prune_magnitude``).
+
+    Args:
+        t: (n_tasks, ...) task deltas.
+        density: fraction kept, in (0, 1]; 1 keeps everything.
+    """
+    if density >= 1 or t[0].numel() == 0:
+        return t
+    flat = t.reshape(t.shape[0], -1)
+    n = flat.shape[1]
+    kth = flat.abs().kthvalue(n - int(n * density), dim=1, keepdim=True).values  # (n_tasks, 1)
+    return (flat * (flat.abs() >= kth)).reshape(t.shape)
+
+
+def elect_sign_resolved(t: torch.Tensor) -> torch.Tensor:
+    """TIES sign election as the TIES repository resolves it: the sign of the sum, an entry whose sum is
+    zero taking the majority (the sign of the sum of the elected signs). Returns the agreeing entries
+    (bool mask like t): positive ones where the sign is +, negative ones elsewhere."""
+    sign = t.sum(0).sign()
+    sign[sign == 0] = sign.sum().sign()
+    return torch.where(sign > 0, t > 0, t < 0)
