@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cli.common import FloatList, console, progress_bar
+from cli.common import FloatList, console, progress_bar, telling_replaced
 from merging import merge as merge_lib
 from merging import sources, strategies
 from merging.errors import MergingError
@@ -117,8 +117,9 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, **opts) 
         raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
     recipe_data = merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
     overwrite = force or bool(spec.get("force"))
-    merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
-    _summary(result, out, time.perf_counter() - started)
+    with telling_replaced():
+        merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
+        _summary(result, out, time.perf_counter() - started)
     if push_to_hub:
         from cli.publish import run_publish
 

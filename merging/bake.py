@@ -8,6 +8,7 @@ largest tensor, not a shard. Config, tokenizer and the shard index are copied un
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 import struct
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from merging.adapter import Pair, Stacks, stacks
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.basemodel import module_shapes
 from merging.errors import FormatError, UnsupportedError
-from merging.fileio import atomic_folder
+from merging.fileio import atomic_folder, checkpoint, refuse_overlap
 from merging.runtime import effective_bias, effective_weight, refuse_gated
 from merging.tensorfiles import LazyWeights, safetensors_header
 
@@ -46,6 +47,7 @@ def bake(
         ``out``.
     """
     base = Path(base)
+    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
         raise FormatError(f"{base}: no safetensors shards to bake into")
@@ -83,10 +85,11 @@ def bake(
         new, _ = effective_weight(stack, t, None, layer, inplace=True)
         return new.to(t.dtype)
 
-    with atomic_folder(Path(out), force=force) as tmp:
-        for f in base.iterdir():
+    with atomic_folder(Path(out), force=force, owns=owned) as tmp:
+        for f in sorted(base.iterdir()):
             if f.is_file() and f.suffix != ".safetensors":
-                shutil.copy2(f, tmp / f.name)
+                shutil.copyfile(f, tmp / f.name)
+                checkpoint(f"copy {f.name}")
         for i, shard in enumerate(shards):
             stream_shard(
                 shard, tmp / shard.name, {n: transform for n in jobs if weights.where.get(n) == shard}
@@ -94,6 +97,16 @@ def bake(
             if progress:
                 progress(i + 1, len(shards), shard.name)
     return Path(out)
+
+
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+
+
+def owned(folder: Path) -> set[str]:
+    """What replacing a baked model replaces besides the files it writes: every weight file and index
+    (a stale shard beside a new index would load); the user's other files are kept."""
+    names = [p.name for p in Path(folder).iterdir()]
+    return {n for n in names if any(fnmatch.fnmatch(n, pat) for pat in WEIGHT_FILES)}
 
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -128,12 +141,14 @@ def stream_shard(src: Path, dst: Path, transforms: dict) -> None:
                 )
                 new = transforms[name](name, t).contiguous()
                 fout.write(new.view(torch.uint8).numpy().tobytes() if new.numel() else b"")
+                checkpoint(f"tensor {name}")
                 continue
             left = end - begin
             while left:
                 block = fin.read(min(CHUNK, left))
                 fout.write(block)
                 left -= len(block)
+            checkpoint(f"tensor {name}")
 
 
 def _tied_twins(plan: Stacks, weights: LazyWeights) -> list[str]:

@@ -28,7 +28,7 @@ import torch
 from merging.adapter import Adapter
 from merging.deltas import LowRank, Scale, Target
 from merging.errors import FormatError, MergingError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.fileio import atomic_file, reading
+from merging.fileio import atomic_file, checkpoint, reading
 from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
@@ -180,8 +180,11 @@ def write(
             data, raw = _to_numpy(t, out_type)
             w.add_tensor(name, data, raw_dtype=raw)
         w.write_header_to_file()
+        checkpoint("gguf header")
         w.write_kv_data_to_file()
+        checkpoint("gguf metadata")
         w.write_tensors_to_file()
+        checkpoint("gguf tensors")
         w.close()
     return Path(path)
 
