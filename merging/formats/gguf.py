@@ -16,6 +16,7 @@ form; IA³ has no GGUF LoRA form.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -186,7 +187,24 @@ def write(
         w.write_tensors_to_file()
         checkpoint("gguf tensors")
         w.close()
+        _check_complete(tmp)
     return Path(path)
+
+
+def _check_complete(path: Path) -> None:
+    """Read the written file back: GGUFWriter can lose its last bytes to a full disk without an error."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (ValueError, IndexError) as e:
+        raise OSError(errno.EIO, SHORT) from e
+    if end > path.stat().st_size:
+        raise OSError(errno.EIO, SHORT)
+
+
+SHORT = "the file came out short: a full disk or a file-size limit?"
 
 
 def _field(reader, key: str):
