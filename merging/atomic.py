@@ -230,6 +230,8 @@ def _target(out: Path, *, folder: bool, force: bool) -> Path:
     out = Path(out)
     if out.is_symlink():
         out = Path(os.path.realpath(out))
+    if out.name in ("", ".", ".."):  # "-o ." names the folder by where it is: its temp goes beside it
+        out = Path(os.path.abspath(out))
     if os.path.lexists(out):
         if folder and not out.is_dir():
             raise MergingError(f"{out}: is a file, not an output folder; remove it or choose another output")
