@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 23
-PER_WAY = 18  # kill points per writer and direction (all of them when it has fewer; else a seeded sample)
+PER_WAY = 40  # kill points per writer and direction: all of them up to 40, else a seeded sample of 40
 FSIZE_TRIES = 3
 
 
