@@ -294,3 +294,19 @@ def test_a_full_disk_and_a_read_only_mount_keep_the_previous_output(fx, tmp_path
         assert "cannot write" in res["text"], res
         assert any(why in res["text"] for why in ("No space left", "Read-only file system", "short")), res
         assert res["kept"] and res["leftovers"] == [], res
+
+
+def test_without_rename_exchange_the_swap_still_keeps_the_users_files(fx, tmp_path, monkeypatch):
+    """Where renameat2 is missing (not Linux, or a filesystem without it): out is moved aside, the new one
+    renamed in, and a crash between the two is undone by clean_stale (test above)."""
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    fp.write(fp.read(fx.adapter("llama", "lora")), out)
+    mine = _plant(out)
+    new = fp.read(fx.adapter("llama", "lora_b"))
+    fp.write(new, out, force=True)
+    fp.write(new, tmp_path / "reference")
+    tree = _tree(out)
+    assert {k: tree[k] for k in mine} == mine
+    assert {k: v for k, v in tree.items() if k not in mine} == _tree(tmp_path / "reference")
+    assert _leftovers(tmp_path) == []
