@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import FloatList, console, progress_bar
+from cli.common import FloatList, console, progress_bar, telling_replaced
 from merging import sources
 from merging.bake import bake
 
@@ -25,6 +25,7 @@ def bake_cmd(inputs, base, out, weights, force) -> None:
     Example: merging bake --base BASE merged/ -o baked-model/
     """
     pairs = sources.load_inputs(inputs, base=base, weights=weights)
-    with progress_bar("baking") as update:
-        bake(base, pairs, out, force=force, progress=update)
-    console.print(f"wrote {out}")
+    with telling_replaced():
+        with progress_bar("baking") as update:
+            bake(base, pairs, out, force=force, progress=update)
+        console.print(f"wrote {out}")

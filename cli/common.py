@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from merging.fileio import collect_replaced
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,6 +28,21 @@ class FloatList(click.ParamType):
             return [float(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+@contextmanager
+def telling_replaced() -> Iterator[None]:
+    """Run writes; then say, for each existing output they replaced, which old files went and which stayed."""
+    with collect_replaced() as changes:
+        yield
+    for c in changes:
+        if Path(c.out).is_file():
+            console.print(f"replaced the previous {c.out}")
+            continue
+        what = [f"replaced {', '.join(c.replaced) or 'nothing'}"]
+        what += [f"removed {', '.join(c.removed)} (written by an earlier run)"] if c.removed else []
+        what += [f"kept {', '.join(c.kept)}"] if c.kept else []
+        console.print(f"{c.out}: " + "; ".join(what))
 
 
 @contextmanager

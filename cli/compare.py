@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cli.common import FloatList, console, progress_bar
+from cli.common import FloatList, console, progress_bar, telling_replaced
 from merging import report as report_lib
 from merging import sources, strategies
 from merging.basemodel import load_base
 from merging.errors import MergingError
+from merging.fileio import refuse_overlap
 from merging.results import Comparison
 from merging.strategies import Options
 from merging.strategies.base import INNER
@@ -58,6 +59,7 @@ def compare_cmd(
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")
     pairs = sources.load_inputs(inputs, base=model, weights=weights)
+    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
     label = next((a.base_model for a, _ in pairs if a.base_model), None) or str(base)
     eval_sets = {}
     for spec in evals:
@@ -79,9 +81,10 @@ def compare_cmd(
             base_name=label,
             progress=update,
         )
-    report = report_lib.write_report(report, out, force=force)
-    show(report)
-    console.print(f"wrote {out}/report.md, report.html, report.json and {len(report.plots or ())} plots")
+    with telling_replaced():
+        report = report_lib.write_report(report, out, force=force)
+        show(report)
+        console.print(f"wrote {out}/report.md, report.html, report.json and {len(report.plots or ())} plots")
 
 
 def show(report: Comparison) -> None:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from cli.common import console
+from cli.common import console, telling_replaced
 from merging import formats, serving, sources
 from merging.basemodel import BaseLayout
 from merging.errors import MergingError
+from merging.fileio import refuse_overlap
 
 
 @click.command("convert")
@@ -38,6 +39,7 @@ def convert_cmd(source, out, fmt, base, outtype, prefix, force, uniform_rank, se
     if len(adapters) != 1:
         raise MergingError(f"{source}: holds {len(adapters)} adapters; convert them one at a time")
     ad = adapters[0]
+    refuse_overlap(out, [ad.source, base])
     if layout is not None:
         ad = ad.refine_targets(layout.modules)
     if fmt == "gguf" and layout is None:
@@ -46,7 +48,8 @@ def convert_cmd(source, out, fmt, base, outtype, prefix, force, uniform_rank, se
         rank = serving.vllm_rank(serving.of([ad]).max_rank) if serve == "vllm" else None
         ad = serving.uniform(ad, rank)
     options = formats.WriteOptions(prefix=prefix, out_type=outtype)
-    formats.get(fmt).write(ad, out, base=layout, force=force, options=options)
-    console.print(f"wrote {out} ({fmt}, {len(ad.deltas)} modules)")
+    with telling_replaced():
+        formats.get(fmt).write(ad, out, base=layout, force=force, options=options)
+        console.print(f"wrote {out} ({fmt}, {len(ad.deltas)} modules)")
     for line in serving.of([ad]).lines():
         console.print(line, highlight=False, soft_wrap=True)

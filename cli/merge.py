@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from cli.common import FloatList, console, progress_bar
+from cli.common import FloatList, console, progress_bar, telling_replaced
 from merging import merge as merge_lib
 from merging import publish as publish_lib
 from merging import sdbase, serving, sources, strategies
@@ -134,8 +134,9 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
         result = replace(result, adapters=[replace(a, base_model=base_model) for a in result.adapters])
     recipe_data = merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
     overwrite = force or bool(spec.get("force"))
-    merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
-    _summary(result, out, time.perf_counter() - started)
+    with telling_replaced():
+        merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
+        _summary(result, out, time.perf_counter() - started)
     if push_to_hub:
         from cli.publish import run_publish
 

@@ -14,7 +14,7 @@ from merging import sdbase, sources, strategies
 from merging.adapter import weighted
 from merging.basemodel import BaseLayout, load_base
 from merging.errors import MergingError
-from merging.fileio import atomic_file
+from merging.fileio import atomic_file, write_text
 from merging.results import Report, judge_note
 from merging.strategies import Options
 from merging.verify import PROMPTS, Candidate, base_weights, claims_exact, verify
@@ -121,7 +121,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
                         base_name=str(base), progress=update)  # fmt: skip
     if save:
         with atomic_file(Path(save), force=True) as tmp:
-            tmp.write_text(report.to_json() + "\n")
+            write_text(tmp, report.to_json() + "\n")
     if as_json:
         click.echo(report.to_json())
     else:

@@ -8,6 +8,7 @@ largest tensor, not a shard. Config, tokenizer and the shard index are copied un
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 import struct
@@ -21,7 +22,7 @@ from merging.adapter import Pair, Stacks, base_shapes, stacks
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.basemodel import skeleton
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
-from merging.fileio import atomic_folder
+from merging.fileio import atomic_folder, checkpoint, refuse_overlap
 from merging.runtime import effective_bias, effective_weight, refuse_gated
 from merging.tensorfiles import LazyWeights, safetensors_header
 from merging.ties import resolve_ties, untie_files
@@ -53,6 +54,7 @@ def bake(
         ``out``.
     """
     base = Path(base)
+    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
         raise FormatError(f"{base}: no safetensors shards to bake into")
@@ -96,10 +98,11 @@ def bake(
         new, _ = effective_weight(stack, t, None, layer, inplace=True)
         return new.to(t.dtype)
 
-    with atomic_folder(Path(out), force=force) as tmp:
-        for f in base.iterdir():
+    with atomic_folder(Path(out), force=force, owns=owned) as tmp:
+        for f in sorted(base.iterdir()):
             if f.is_file() and f.suffix != ".safetensors":
-                shutil.copy2(f, tmp / f.name)
+                shutil.copyfile(f, tmp / f.name)
+                checkpoint(f"copy {f.name}")
         extra = {f"{m}.weight": (f"{src}.weight", transform) for m, src in ties.apart.items()}
         for i, shard in enumerate(shards):
             mine = {n: transform for n in jobs if weights.where.get(n) == shard}
@@ -118,6 +121,16 @@ def task_type(pairs: Sequence[Pair]) -> str | None:
     if len(kinds) > 1:
         raise IncompatibleAdapters(f"the inputs are for different task types: {', '.join(sorted(kinds))}")
     return next(iter(kinds), None)
+
+
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+
+
+def owned(folder: Path) -> set[str]:
+    """What replacing a baked model replaces besides the files it writes: every weight file and index
+    (a stale shard beside a new index would load); the user's other files are kept."""
+    names = [p.name for p in Path(folder).iterdir()]
+    return {n for n in names if any(fnmatch.fnmatch(n, pat) for pat in WEIGHT_FILES)}
 
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -171,14 +184,17 @@ def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = No
                     made[new] = extra[new][1](new, t.clone()).contiguous()
                 new_t = transforms[name](name, t).contiguous() if name in transforms else t
                 fout.write(new_t.view(torch.uint8).numpy().tobytes() if new_t.numel() else b"")
+                checkpoint(f"tensor {name}")
                 continue
             left = end - begin
             while left:
                 block = fin.read(min(CHUNK, left))
                 fout.write(block)
                 left -= len(block)
+            checkpoint(f"tensor {name}")
         for name in added:
             fout.write(made[name].view(torch.uint8).numpy().tobytes())
+            checkpoint(f"tensor {name}")
 
 
 def _tied_twins(plan: Stacks, weights: LazyWeights) -> list[str]:

@@ -1,77 +1,28 @@
-"""Atomic output: write into a temporary sibling folder, rename into place at the end."""
+"""Files: safe parsing of untrusted input, the cache root, hashes, outputs vs inputs, chunked writes.
+
+The atomic writers live in merging.atomic and are re-exported here, where callers have always found them.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors import SafetensorError
-
+from merging.atomic import (  # noqa: F401
+    WRITE_ERRORS,
+    Replacement,
+    atomic_file,
+    atomic_folder,
+    checkpoint,
+    clean_stale,
+    collect_replaced,
+)
 from merging.errors import FormatError, MergingError
-
-WRITE_ERRORS = (OSError, SafetensorError)
-
-
-def _why(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-@contextmanager
-def atomic_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it vanishes.
-
-    An existing ``out`` is refused unless ``force``; with ``force`` it is kept until the new one is complete.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise MergingError(f"{out}: already exists (pass `force` to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        try:
-            yield tmp
-        except WRITE_ERRORS as e:  # a full disk, a file-size limit, a permission: one clear line
-            raise MergingError(f"{out}: cannot write ({_why(e)}); nothing was written") from e
-        tmp.chmod(0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def atomic_file(out: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success it replaces ``out``, on failure it vanishes."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise MergingError(f"{out}: already exists (pass `force` to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        try:
-            yield tmp
-        except WRITE_ERRORS as e:
-            raise MergingError(f"{out}: cannot write ({_why(e)}); nothing was written") from e
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -102,3 +53,39 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def refuse_overlap(out: Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output that is an input, contains one or lies inside one (with or without force)."""
+    o = Path(out).expanduser().resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        i = Path(given).expanduser().resolve()
+        same = o == i or (o.exists() and os.path.samefile(o, i))
+        how = "is" if same else "contains" if o in i.parents else "lies inside" if i in o.parents else None
+        if how:
+            raise MergingError(f"{out}: the output {how} the input {given}; choose another output path")
+
+
+def write_bytes(path: Path, data: bytes, chunk: int = 1 << 16) -> None:
+    """Write ``data`` to ``path`` in chunks (a crash test can stop the process between two of them)."""
+    with open(path, "wb") as f:
+        checkpoint(f"open {Path(path).name}")
+        for i in range(0, len(data), chunk):
+            f.write(data[i : i + chunk])
+            checkpoint(f"write {Path(path).name}")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text (see write_bytes)."""
+    write_bytes(path, text.encode())
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save_file with the crash tests' checkpoints around it."""
+    from safetensors.torch import save_file
+
+    checkpoint(f"open {Path(path).name}")
+    save_file(tensors, str(path), metadata=metadata)
+    checkpoint(f"wrote {Path(path).name}")

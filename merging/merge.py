@@ -36,8 +36,8 @@ from merging.deltas import (
     sum_error,
 )
 from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch, UnsupportedError
-from merging.fileio import atomic_folder
-from merging.formats.peft import RECIPE_FILE, recipe_text
+from merging.fileio import atomic_folder, refuse_overlap, write_text
+from merging.formats.peft import RECIPE_FILE, owned, recipe_text
 from merging.ia3 import AddedScale, summed
 from merging.recipe import Recipe, Versions, inputs_of
 from merging.sources import STACK_FILE
@@ -361,6 +361,8 @@ def write_result(
     ``base`` (a layout or a model folder) is what GGUF needs for its architecture and heads.
     """
     writer = formats.get(fmt)
+    inputs = [i.get("path") for i in recipe_data.get("inputs", ()) if isinstance(i, dict)]
+    refuse_overlap(out, [*inputs, base if isinstance(base, str | Path) else None])
     if len(result.adapters) == 1:
         pipeline = isinstance(base, (str, Path)) and sdbase.is_pipeline(Path(base))
         pipeline = pipeline or isinstance(base, BaseLayout)
@@ -368,11 +370,10 @@ def write_result(
         return writer.write(result.adapters[0], out, provenance=recipe_data, base=layout, force=force)
     if writer.name != "peft":
         raise UnsupportedError(f"an IA³ + LoRA pair has no single {fmt} file; write it with --format peft")
-    with atomic_folder(Path(out), force=force) as tmp:
+    with atomic_folder(Path(out), force=force, owns=owned) as tmp:
         for ad in result.adapters:
             writer.write(ad, tmp / ad.name)
-        (tmp / STACK_FILE).write_text(
-            json.dumps({"stack": [ad.name for ad in result.adapters]}, indent=2) + "\n"
-        )
-        (tmp / RECIPE_FILE).write_text(recipe_text(recipe_data))
+        stack = {"stack": [ad.name for ad in result.adapters]}
+        write_text(tmp / STACK_FILE, json.dumps(stack, indent=2) + "\n")
+        write_text(tmp / RECIPE_FILE, recipe_text(recipe_data))
     return Path(out)

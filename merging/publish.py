@@ -3,23 +3,23 @@
 The card's front matter carries ``base_model``, ``library_name: peft``, ``tags`` (the adapter types and
 ``merging``) and the inputs' ``license`` where known; its body lists the inputs with their resolved
 revisions, the weights, the strategy and its options, and the verification table when one is present.
-Uploads go through huggingface_hub: ``create_repo(exist_ok=True)`` then ``upload_folder``.
+Uploads go through huggingface_hub: ``create_repo(exist_ok=True)`` then one ``create_commit``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from merging import serving, sources
 from merging.errors import MergingError, SourceError
+from merging.formats import peft
 from merging.recipe import HubSource, Input, Recipe
 from merging.results import Report
+from merging.sources import STACK_FILE
 
 VERIFY_FILE = "verify_report.json"
 
@@ -169,6 +169,41 @@ def plan(folder: Path, repo: str, verification: Path | None = None, base_model: 
     return Plan(repo, card, files)
 
 
+def _remote_files(api, repo: str, revision: str | None) -> tuple[list[str], set[str]]:
+    """The files at the revision being published over, and the top-level names a merged adapter owns there
+    (its files, recipe, verify report, a stack manifest and the adapters it names)."""
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        files = api.list_repo_files(repo, revision=revision)
+    except hf_errors.RevisionNotFoundError:
+        return [], set()
+    owned = set(peft.OWNED)
+    if STACK_FILE in files:
+        try:
+            path = api.hf_hub_download(repo, STACK_FILE, revision=revision)
+            owned |= {n for n in json.loads(Path(path).read_text())["stack"] if isinstance(n, str)}
+        except (OSError, ValueError, KeyError, TypeError, hf_errors.HfHubHTTPError):
+            pass
+    return files, owned
+
+
+def _operations(folder: Path, card: str, remote: list[str], owned: set[str]) -> list:
+    """One commit: every file of the folder, the card as README.md, and deletions of the files a previous
+    publish wrote there that this one does not send; the repo's other files stay."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    ops = [
+        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p))
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and (rel := p.relative_to(folder).as_posix()) != "README.md"
+    ]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    sent = {op.path_in_repo for op in ops}
+    stale = [f for f in remote if f.split("/")[0] in owned and f not in sent]
+    return ops + [CommitOperationDelete(path_in_repo=f) for f in stale]
+
+
 def publish(
     folder: Path,
     repo: str,
@@ -180,25 +215,27 @@ def publish(
     token: str | None = None,
     base_model: str | None = None,
 ) -> str:
-    """Create the repo if needed and upload the folder with its model card; return the commit URL."""
+    """Create the repo if needed and send the folder with its model card as one commit; return its URL.
+
+    Nothing is staged on disk: the card goes from memory. Files the repo holds besides the adapter's own are
+    kept; one commit means an interrupted upload leaves the previous revision whole.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
     the_plan = plan(folder, repo, verification, base_model)
     api = HfApi(token=token)
-    with tempfile.TemporaryDirectory(prefix="merging-publish-") as tmp:
-        stage = Path(tmp) / "upload"
-        shutil.copytree(folder, stage, ignore=shutil.ignore_patterns("README.md"))
-        (stage / "README.md").write_text(the_plan.card)
-        try:
-            api.create_repo(repo, private=private, exist_ok=True)
-            if revision:
-                api.create_branch(repo, branch=revision, exist_ok=True)
-            info = api.upload_folder(
-                repo_id=repo, folder_path=str(stage), revision=revision,
-                commit_message=message or f"Upload merged adapter ({len(the_plan.files)} files)",
-            )  # fmt: skip
-        except hf_errors.HfHubHTTPError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SourceError(f"publishing to {repo} failed: {first}") from None
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo, branch=revision, exist_ok=True)
+        remote, owned = _remote_files(api, repo, revision)
+        ops = _operations(Path(folder), the_plan.card, remote, owned)
+        info = api.create_commit(
+            repo_id=repo, revision=revision, operations=ops,
+            commit_message=message or f"Upload merged adapter ({len(the_plan.files)} files)",
+        )  # fmt: skip
+    except hf_errors.HfHubHTTPError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"publishing to {repo} failed: {first}") from None
     return str(info.commit_url) if hasattr(info, "commit_url") else str(info)

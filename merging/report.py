@@ -23,7 +23,7 @@ from merging import merge as merge_lib
 from merging import strategies
 from merging.adapter import Adapter, weighted
 from merging.errors import MergingError, UnsupportedError
-from merging.fileio import atomic_folder
+from merging.fileio import atomic_folder, write_text
 from merging.recipe import Versions, inputs_of
 from merging.results import Comparison, Skill, Skills, Skipped, VariantResult, judge_note
 from merging.runtime import stacked
@@ -211,17 +211,22 @@ def _retention(base: float, alone: float, loss: float) -> float | None:
 # ------------------------------------------------------------------------------------------ rendering
 
 
+# what replacing a report folder replaces: its pages and every plot it can draw; other files are kept
+REPORT_FILES = ("report.json", "report.md", "report.html", "fidelity_vs_rank.png", "per_layer_error.png",
+                "size_vs_fidelity.png", "skill_retention.png")  # fmt: skip
+
+
 def write_report(report: Comparison, out: Path, *, force: bool = False) -> Comparison:
     """Write report.json, report.md, report.html and the PNG plots into ``out`` (atomically).
 
     Returns:
         The report as written, with the plot file names in ``plots``.
     """
-    with atomic_folder(Path(out), force=force) as tmp:
+    with atomic_folder(Path(out), force=force, owns=REPORT_FILES) as tmp:
         report = replace(report, plots=tuple(_plots(report, tmp)))
-        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-        (tmp / "report.md").write_text(render_markdown(report))
-        (tmp / "report.html").write_text(render_html(report, tmp))
+        write_text(tmp / "report.json", json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_text(tmp / "report.md", render_markdown(report))
+        write_text(tmp / "report.html", render_html(report, tmp))
     return report
 
 

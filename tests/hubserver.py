@@ -1,6 +1,6 @@
 """A small HTTP server on loopback that plays the Hub's part for the endpoints huggingface_hub uses here.
 
-Repo creation, branches, YAML validation, preupload, commit (NDJSON, regular uploads), repo info,
+Repo creation, branches, YAML validation, preupload, commit (NDJSON, regular uploads, deletions), repo info,
 tree listing and file resolution. The real huggingface_hub client talks to it through HF_ENDPOINT.
 """
 
@@ -28,11 +28,19 @@ class Repo:
 class HubState:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, auth
+    # a test sets hold: each commit request then sets committing and waits for hold before reading its body
+    hold: threading.Event | None = None
+    committing: threading.Event = field(default_factory=threading.Event)
 
-    def add_commit(self, repo_id: str, branch: str, files: dict[str, bytes], message: str = "") -> str:
+    def add_commit(
+        self, repo_id: str, branch: str, files: dict[str, bytes], message: str = "", deleted: tuple = ()
+    ) -> str:
         repo = self.repos.setdefault(repo_id, Repo())
         parent = dict(repo.commits.get(repo.branches.get(branch, ""), {}))
         parent.update(files)
+        for gone in deleted:  # a file, or a folder ending in /
+            for p in [p for p in parent if p == gone or (gone.endswith("/") and p.startswith(gone))]:
+                del parent[p]
         sha = hashlib.sha1(json.dumps(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in parent.items()))
                            .encode() + str(len(repo.commits)).encode()).hexdigest()  # fmt: skip
         repo.commits[sha] = parent
@@ -80,8 +88,13 @@ def _handler(state: HubState, base_url: list[str]):
 
         def do_POST(self):  # noqa: N802
             path = self._record()
-            body = self._body()
             parts = path.strip("/").split("/")
+            if state.hold is not None and parts[-2:-1] == ["commit"]:
+                state.committing.set()
+                state.hold.wait()
+            body = self._body()
+            if len(body) < int(self.headers.get("Content-Length", 0)):
+                return None  # the client went away mid-request: as the Hub, commit nothing
             if path == "/api/repos/create":
                 data = json.loads(body)
                 repo_id = (
@@ -113,16 +126,18 @@ def _handler(state: HubState, base_url: list[str]):
                         200, {"files": out, "commitOid": state.repos[repo_id].branches.get(rev)}
                     )
                 if action == "commit":
-                    files, message = {}, ""
+                    files, message, deleted = {}, "", []
                     for line in body.splitlines():
                         item = json.loads(line)
                         if item["key"] == "header":
                             message = item["value"].get("summary", "")
                         elif item["key"] == "file":
                             files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] in ("deletedFile", "deletedFolder"):
+                            deleted.append(item["value"]["path"])
                         else:
                             return self._error(400, "BadRequest", f"unsupported commit item {item['key']}")
-                    sha = state.add_commit(repo_id, rev, files, message)
+                    sha = state.add_commit(repo_id, rev, files, message, tuple(deleted))
                     url = f"{base_url[0]}/{repo_id}/commit/{sha}"
                     return self._send(200, {"commitUrl": url, "commitOid": sha, "pullRequestUrl": None})
             return self._error(404, "EntryNotFound", f"no route POST {path}")

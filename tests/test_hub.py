@@ -129,3 +129,67 @@ def test_hub_errors_are_one_line(hub, tmp_path, fx, spec, message):
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+
+
+def test_publish_over_an_earlier_one_keeps_the_repos_other_files_in_one_commit(hub, tmp_path, fx):
+    """Files someone else put in the repo stay; the adapter files an earlier publish left (an IA³ + LoRA
+    stack here) go; the whole publish is one commit."""
+    old = tmp_path / "old"
+    assert _cli(hub, tmp_path, "merge", fx.adapter("llama", "ia3"), fx.adapter("llama", "lora"), "-s", "cat",
+                "-o", old).returncode == 0  # fmt: skip
+    assert _cli(hub, tmp_path, "publish", old, "--repo", "alice/m").returncode == 0
+    hub.state.add_commit("alice/m", "main", {"NOTES.md": b"mine", "eval/scores.jsonl": b"{}\n"}, "notes")
+    repo = hub.state.repos["alice/m"]
+    before = len(repo.commits)
+    assert {"merging_stack.json", "ia3/adapter_config.json", "lora/adapter_model.safetensors"} <= set(
+        repo.commits[repo.branches["main"]]
+    )
+    new = tmp_path / "new"
+    lora, lora_b = fx.adapter("llama", "lora"), fx.adapter("llama", "lora_b")
+    assert _cli(hub, tmp_path, "merge", lora, lora_b, "-s", "cat", "-o", new).returncode == 0
+    r = _cli(hub, tmp_path, "publish", new, "--repo", "alice/m")
+    assert r.returncode == 0, r.stderr
+    files = repo.commits[repo.branches["main"]]
+    assert len(repo.commits) == before + 1
+    assert files["NOTES.md"] == b"mine" and files["eval/scores.jsonl"] == b"{}\n"
+    adapter = {"README.md", "adapter_config.json", "adapter_model.safetensors", "merge_recipe.json"}
+    assert set(files) == {".gitattributes", "NOTES.md", "eval/scores.jsonl"} | adapter
+    assert files["adapter_model.safetensors"] == (new / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_publish_killed_mid_upload_leaves_the_previous_revision_whole(hub, tmp_path, fx):
+    import signal
+    import threading
+
+    out = tmp_path / "m"
+    assert _cli(hub, tmp_path, "merge", fx.adapter("llama", "lora"), "-s", "cat", "-o", out).returncode == 0
+    _seed(hub, "alice/m", fx.adapter("llama", "lora_b"))
+    repo = hub.state.repos["alice/m"]
+    head, old_files = repo.branches["main"], dict(repo.commits[repo.branches["main"]])
+    hub.state.hold = threading.Event()
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hf-cache"), HF_TOKEN="hf_test",
+               HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")  # fmt: skip
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [sys.executable, "-m", "cli.main", "publish", str(out), "--repo", "alice/m"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert hub.state.committing.wait(timeout=120), "the publish never reached its commit"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        hub.state.hold.set()
+        hub.state.hold = None
+    time_left = 50
+    while time_left and any(t.name != "MainThread" and t.is_alive() and "process_request" in t.name
+                            for t in threading.enumerate()):  # fmt: skip
+        time_left -= 1
+        threading.Event().wait(0.1)
+    files = repo.commits[repo.branches["main"]]
+    assert repo.branches["main"] == head and files == old_files or (
+        files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+        and "README.md" in files and "merge_recipe.json" in files
+    )
+    r = _cli(hub, tmp_path, "publish", out, "--repo", "alice/m")
+    assert r.returncode == 0, r.stderr
+    files = repo.commits[repo.branches["main"]]
+    assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()

@@ -16,6 +16,7 @@ form; IA³ has no GGUF LoRA form.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from merging.adapter import Adapter
 from merging.deltas import LowRank, Scale, Target
 from merging.errors import FormatError, MergingError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.fileio import atomic_file, reading
+from merging.fileio import atomic_file, checkpoint, reading
 from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
@@ -180,10 +181,30 @@ def write(
             data, raw = _to_numpy(t, out_type)
             w.add_tensor(name, data, raw_dtype=raw)
         w.write_header_to_file()
+        checkpoint("gguf header")
         w.write_kv_data_to_file()
+        checkpoint("gguf metadata")
         w.write_tensors_to_file()
+        checkpoint("gguf tensors")
         w.close()
+        _check_complete(tmp)
     return Path(path)
+
+
+def _check_complete(path: Path) -> None:
+    """Read the written file back: GGUFWriter can lose its last bytes to a full disk without an error."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (ValueError, IndexError) as e:
+        raise OSError(errno.EIO, SHORT) from e
+    if end > path.stat().st_size:
+        raise OSError(errno.EIO, SHORT)
+
+
+SHORT = "the file came out short: a full disk or a file-size limit?"
 
 
 def _field(reader, key: str):

@@ -34,7 +34,7 @@ import torch
 from merging.adapter import Adapter
 from merging.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.fileio import atomic_file, reading
+from merging.fileio import atomic_file, reading, save_safetensors
 from merging.formats import lycoris
 from merging.formats.base import (
     READ_DEFAULTS,
@@ -299,8 +299,6 @@ def write(
         force: replace an existing output file.
         options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...).
     """
-    from safetensors.torch import save_file
-
     if adapter.aux:
         raise UnsupportedError(f"{adapter.where}: modules_to_save / trainable tokens have no kohya form")
     refuse_gated(adapter, "kohya")
@@ -322,7 +320,7 @@ def write(
     if adapter.base_model and "ss_base_model_version" not in meta:
         meta["ss_base_model_version"] = adapter.base_model
     with atomic_file(Path(path), force=force) as tmp:
-        save_file(dict(sorted(tensors.items())), str(tmp), metadata=meta or {"format": "pt"})
+        save_safetensors(dict(sorted(tensors.items())), tmp, metadata=meta or {"format": "pt"})
     return Path(path)
 
 

@@ -33,7 +33,7 @@ from merging.adapter import Adapter
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.deltas import Delta, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import FormatError, NonFiniteError, UnsupportedError
-from merging.fileio import atomic_folder, reading
+from merging.fileio import atomic_folder, reading, save_safetensors, write_text
 from merging.formats import lycoris
 from merging.formats import peft_config as pc
 from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions, naming
@@ -372,14 +372,27 @@ def write(
         if config["peft_type"] != "LORA":
             raise UnsupportedError(f"{adapter.where}: aLoRA gating exists for LoRA only")
         config["alora_invocation_tokens"] = list(adapter.invocation)
-    from safetensors.torch import save_file
-
-    with atomic_folder(Path(path), force=force) as tmp:
-        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_folder(Path(path), force=force, owns=owned) as tmp:
+        save_safetensors(dict(sorted(tensors.items())), tmp / WEIGHTS, metadata={"format": "pt"})
+        write_text(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         if provenance:
-            (tmp / RECIPE_FILE).write_text(recipe_text(provenance))
+            write_text(tmp / RECIPE_FILE, recipe_text(provenance))
     return Path(path)
+
+
+OWNED = (CONFIG, WEIGHTS, WEIGHTS_BIN, RECIPE_FILE, "merging_stack.json", "verify_report.json")
+
+
+def owned(folder: Path) -> set[str]:
+    """What replacing an adapter folder replaces: the adapter's files, its recipe, a stack manifest and the
+    adapters it names, and a verify report (it verified the replaced adapter); nothing else is touched."""
+    names = set(OWNED)
+    try:
+        stack = json.loads((Path(folder) / "merging_stack.json").read_text())["stack"]
+        names |= {n for n in stack if isinstance(n, str) and "/" not in n}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return names
 
 
 FORMAT = Format("peft", detect, read, write, uses_base=False)
