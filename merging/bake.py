@@ -19,11 +19,12 @@ import torch
 
 from merging import dora
 from merging.adapter import Pair, Stacks, base_shapes, stacks
+from merging.alora import refuse_gated
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.basemodel import skeleton
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
 from merging.fileio import atomic_folder, checkpoint, refuse_overlap
-from merging.runtime import effective_bias, effective_weight, refuse_gated
+from merging.runtime import effective_bias, effective_weight
 from merging.tensorfiles import LazyWeights, safetensors_header
 from merging.ties import resolve_ties, untie_files
 

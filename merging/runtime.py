@@ -20,6 +20,7 @@ from torch import nn
 
 from merging import dora
 from merging.adapter import Pair, common_invocation, layer_kind, stacks
+from merging.alora import Gate, refuse_gated
 from merging.auxiliary import Auxiliary, BaseTensors, TokenRows
 from merging.deltas import (
     AdditiveDelta,
@@ -71,49 +72,10 @@ def _prepare(delta: Delta, weight: float, ref: torch.Tensor, kind: Layer) -> _Op
     return _Op("add", weight, b=lr.b.to(dev, dt), a=lr.a.to(dev, dt), scale=weight * lr.scale, bias=bias)
 
 
-def invocation_mask(ids: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
-    """aLoRA: the positions from the last occurrence of the invocation tokens on, per row (PEFT's rule).
-
-    Args:
-        ids: token ids (B, T).
-        tokens: the invocation sequence.
-
-    Returns:
-        A bool mask (B, T); all False in a row without the sequence.
-    """
-    inv = torch.tensor(list(tokens), device=ids.device)
-    n, (rows, t) = len(inv), ids.shape
-    if t < n:
-        return torch.zeros(rows, t, dtype=torch.bool, device=ids.device)
-    hits = (ids.unfold(1, n, 1) == inv).all(-1)  # (B, T-n+1): the sequence starts here
-    pos = torch.arange(hits.shape[1], device=ids.device)
-    start = torch.where(hits, pos, -1).amax(-1, keepdim=True)  # (B, 1): the last start, -1 if none
-    return (torch.arange(t, device=ids.device)[None, :] >= start) & (start >= 0)
-
-
-class _Gate:
-    """aLoRA gating for one stacked forward: the mask of the current input ids, kept across generation
-    steps (a cached step only sees its new token, which follows the prompt's invocation)."""
-
-    def __init__(self, tokens: Sequence[int]) -> None:
-        self.tokens, self.mask, self.found = tuple(tokens), None, None
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            raise UnsupportedError("an aLoRA needs input_ids to find its invocation tokens")
-        cache = kwargs.get("past_key_values")
-        if self.found is not None and cache is not None and cache.get_seq_length() > 0:
-            self.mask = self.found[:, None].expand(ids.shape)
-            return
-        self.mask = invocation_mask(ids, self.tokens)
-        self.found = self.mask.any(-1)
-
-
 class StackedLayer(nn.Module):
     """A base module with deltas stacked on top, innermost first (gated by an aLoRA's mask if any)."""
 
-    def __init__(self, base: nn.Module, kind: Layer, ops: list[_Op], gate: _Gate | None = None) -> None:
+    def __init__(self, base: nn.Module, kind: Layer, ops: list[_Op], gate: Gate | None = None) -> None:
         super().__init__()
         self.base = base
         self.kind = kind
@@ -280,7 +242,7 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
     """
     plan = stacks(pairs)
     tokens = common_invocation([ad for ad, _ in pairs])
-    gate = None if tokens is None else _Gate(tokens)
+    gate = None if tokens is None else Gate(tokens)
     hook = None if gate is None else model.register_forward_pre_hook(gate, with_kwargs=True)
     aux = tied_rows(model, plan.aux) | plan.aux
     originals: dict[str, nn.Module] = {}
@@ -340,12 +302,6 @@ def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape
             raise ShapeMismatch(
                 f"module {mod}: delta of shape {d.target.matrix_shape}, the weight is {(out, inf)}"
             )
-
-
-def refuse_gated(pairs: Sequence[Pair]) -> None:
-    """An aLoRA acts only from its invocation tokens on: no weight reproduces it."""
-    if gated := [ad.where for ad, _ in pairs if ad.invocation is not None]:
-        raise UnsupportedError(f"{gated[0]}: an aLoRA acts only after its invocation tokens; cannot fold it")
 
 
 class Undo:

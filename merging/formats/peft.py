@@ -256,25 +256,6 @@ def _ia3_tensors(mod: str, d: Scale) -> dict[str, torch.Tensor]:
     return {f"{PREFIX}{mod}.ia3_l": d.l.reshape(shape).contiguous()}
 
 
-def _base_tensors(
-    adapter: Adapter, saved: Mapping[str, BaseTensors], config: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    """Base-layer tensors as PEFT saves them (``<module>.base_layer.<name>`` under an adapted module) and the
-    ``bias`` setting under which PEFT's save and load treat them alike."""
-    if config["peft_type"] != "LORA":
-        raise UnsupportedError(
-            f"{adapter.where}: trained base tensors (bias='all'/'lora_only') have a PEFT form for LoRA only"
-        )
-    adapted = set(adapter.deltas) | set(adapter.tied)
-    out: dict[str, torch.Tensor] = {}
-    for mod, a in saved.items():
-        where = f"{PREFIX}{mod}.base_layer" if mod in adapted else f"{PREFIX}{mod}"
-        out |= {f"{where}.{k}": v.contiguous() for k, v in a.tensors.items()}
-    biased = {m for m, a in saved.items() if "bias" in a.tensors}
-    config["bias"] = "none" if not biased else ("lora_only" if biased <= adapted else "all")
-    return out
-
-
 def _peft_ia3(where: str, mod: str, d: Delta, base: BaseLayout | None) -> Delta:
     """A LyCORIS IA³ as PEFT's, where both mean the same (else one line); other deltas unchanged."""
     if not isinstance(d, AddedScale):
@@ -347,7 +328,7 @@ def write(
         )
     mts, tokens = [], {}
     if saved := {m: a for m, a in adapter.aux.items() if isinstance(a, BaseTensors)}:
-        tensors |= _base_tensors(adapter, saved, config)
+        tensors |= pc.base_tensors(adapter, saved, config, PREFIX)
     for mod, a in adapter.aux.items():
         if isinstance(a, BaseTensors):
             continue

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from merging.adapter import Adapter
+from merging.auxiliary import BaseTensors
 from merging.deltas import Delta, Hadamard, Kronecker, LowRank
 from merging.errors import FormatError, UnsupportedError
 from merging.formats.lycoris import factorization
@@ -178,3 +179,22 @@ def find_ties(deltas: Mapping[str, Delta]) -> dict[str, str]:
             ):
                 ties[mod] = emb
     return ties
+
+
+def base_tensors(
+    adapter: Adapter, saved: Mapping[str, BaseTensors], config: dict[str, Any], prefix: str
+) -> dict[str, torch.Tensor]:
+    """Base-layer tensors as PEFT saves them (``<module>.base_layer.<name>`` under an adapted module) and the
+    ``bias`` setting under which PEFT's save and load treat them alike."""
+    if config["peft_type"] != "LORA":
+        raise UnsupportedError(
+            f"{adapter.where}: trained base tensors (bias='all'/'lora_only') have a PEFT form for LoRA only"
+        )
+    adapted = set(adapter.deltas) | set(adapter.tied)
+    out: dict[str, torch.Tensor] = {}
+    for mod, a in saved.items():
+        where = f"{prefix}{mod}.base_layer" if mod in adapted else f"{prefix}{mod}"
+        out |= {f"{where}.{k}": v.contiguous() for k, v in a.tensors.items()}
+    biased = {m for m, a in saved.items() if "bias" in a.tensors}
+    config["bias"] = "none" if not biased else ("lora_only" if biased <= adapted else "all")
+    return out
