@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -27,6 +28,10 @@ def run_publish(folder: Path, repo: str, *, private=False, revision=None, messag
         console.print(table)
         console.print("dry run: nothing was sent")
         return
+    if sys.stderr.isatty():  # large files take a while: huggingface_hub's upload bars, on a terminal only
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
     url = publish_lib.publish(folder, repo, private=private, revision=revision, message=message,
                               verification=verification, base_model=base_model)  # fmt: skip
     console.print(f"published {folder} to {repo}: {url}")

@@ -1,7 +1,10 @@
 """A small HTTP server on loopback that plays the Hub's part for the endpoints huggingface_hub uses here.
 
 Repo creation, branches, YAML validation, preupload, commit (NDJSON, regular uploads, deletions), repo info,
-tree listing and file resolution. The real huggingface_hub client talks to it through HF_ENDPOINT.
+tree listing and file resolution, and the large-file path: preupload answers "lfs" for files of LFS_SIZE bytes
+or more, the LFS batch endpoint hands out a basic-transfer upload URL, the PUT stores the object by its sha256
+(checked), and a commit's ``lfsFile`` entries name stored objects. No xet is offered (clients run with
+HF_HUB_DISABLE_XET=1). The real huggingface_hub client talks to it through HF_ENDPOINT.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
+
+LFS_SIZE = 10 * 2**20  # as the Hub: larger files go through LFS
 
 
 @dataclass
@@ -31,6 +36,7 @@ class HubState:
     # a test sets hold: each commit request then sets committing and waits for hold before reading its body
     hold: threading.Event | None = None
     committing: threading.Event = field(default_factory=threading.Event)
+    lfs: dict[str, bytes] = field(default_factory=dict)  # sha256 → object uploaded through LFS
 
     def add_commit(
         self, repo_id: str, branch: str, files: dict[str, bytes], message: str = "", deleted: tuple = ()
@@ -78,8 +84,36 @@ def _handler(state: HubState, base_url: list[str]):
             )
 
         def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                out = bytearray()
+                while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)) > 0:
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()
+                return bytes(out)
             n = int(self.headers.get("Content-Length", 0))
             return self.rfile.read(n) if n else b""
+
+        def do_PUT(self):  # noqa: N802
+            path = self._record()
+            parts = path.strip("/").split("/")
+            if len(parts) == 2 and parts[0] == "lfs-upload":
+                data = self._body()
+                if hashlib.sha256(data).hexdigest() != parts[1]:
+                    return self._error(400, "BadRequest", "object does not match its oid")
+                state.lfs[parts[1]] = data
+                return self._send(200, {})
+            return self._error(404, "EntryNotFound", f"no route PUT {path}")
+
+        def _lfs_batch(self, body: bytes):
+            objects = []
+            for obj in json.loads(body)["objects"]:
+                entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+                if obj["oid"] not in state.lfs:
+                    href = f"{base_url[0]}/lfs-upload/{obj['oid']}"
+                    entry["actions"] = {"upload": {"href": href, "header": {}}}
+                objects.append(entry)
+            return self._send(200, {"transfer": "basic", "objects": objects})
 
         def _record(self) -> str:
             path = unquote(urlparse(self.path).path)
@@ -107,6 +141,8 @@ def _handler(state: HubState, base_url: list[str]):
                     repo_id, "main", {".gitattributes": b"*.safetensors filter=lfs\n"}, "initial"
                 )
                 return self._send(200, {"url": f"{base_url[0]}/{repo_id}", "name": repo_id})
+            if path.endswith(".git/info/lfs/objects/batch"):
+                return self._lfs_batch(body)
             if path == "/api/validate-yaml":
                 return self._send(200, {"errors": [], "warnings": []})
             if len(parts) >= 6 and parts[0] == "api" and parts[1] == "models":
@@ -121,7 +157,11 @@ def _handler(state: HubState, base_url: list[str]):
                     return self._send(200, {})
                 if action == "preupload":
                     files = json.loads(body)["files"]
-                    out = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                    out = [
+                        {"path": f["path"], "shouldIgnore": False,
+                         "uploadMode": "lfs" if f.get("size", 0) >= LFS_SIZE else "regular"}
+                        for f in files
+                    ]  # fmt: skip
                     return self._send(
                         200, {"files": out, "commitOid": state.repos[repo_id].branches.get(rev)}
                     )
@@ -133,6 +173,11 @@ def _handler(state: HubState, base_url: list[str]):
                             message = item["value"].get("summary", "")
                         elif item["key"] == "file":
                             files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] == "lfsFile":
+                            if item["value"]["oid"] not in state.lfs:
+                                missing = item["value"]["path"]
+                                return self._error(400, "BadRequest", f"LFS object of {missing} missing")
+                            files[item["value"]["path"]] = state.lfs[item["value"]["oid"]]
                         elif item["key"] in ("deletedFile", "deletedFolder"):
                             deleted.append(item["value"]["path"])
                         else:

@@ -28,7 +28,8 @@ def hub(tmp_path):
 
 def _cli(hub, tmp_path, *args, offline=False, token="hf_test_token"):
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hf-cache"), COLUMNS="200",
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(tmp_path / "hf-home"))  # fmt: skip
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(tmp_path / "hf-home"),
+               HF_HUB_DISABLE_XET="1")  # fmt: skip  (the loopback Hub offers LFS, not xet)
     env.pop("HF_HUB_OFFLINE", None)
     if token:
         env["HF_TOKEN"] = token
@@ -193,3 +194,33 @@ def test_a_publish_killed_mid_upload_leaves_the_previous_revision_whole(hub, tmp
     assert r.returncode == 0, r.stderr
     files = repo.commits[repo.branches["main"]]
     assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_real_sized_adapter_goes_through_lfs_byte_identical(hub, tmp_path):
+    """A 34 MB adapter takes huggingface_hub's large-file path (preupload → LFS batch → PUT → commit)."""
+    import torch
+
+    from merging.adapter import Adapter
+    from merging.deltas import LowRank, Target
+    from merging.formats import peft as peft_format
+
+    g = torch.Generator().manual_seed(0)
+    deltas = {
+        f"model.layers.{i}.mlp.down_proj": LowRank(
+            torch.randn(2048, 64, generator=g),  # (out, r)
+            torch.randn(64, 8192, generator=g),  # (r, in): 2.6 MB a module in float32
+            0.5, Target("linear", (2048, 8192)),
+        )
+        for i in range(13)
+    }
+    out = peft_format.write(Adapter("big", deltas, base_model="org/base"), tmp_path / "big")
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    assert len(weights) >= 30 * 2**20
+    r = _cli(hub, tmp_path, "publish", out, "--repo", "alice/big")
+    assert r.returncode == 0, r.stderr
+    repo = hub.state.repos["alice/big"]
+    files = repo.commits[repo.branches["main"]]
+    assert files["adapter_model.safetensors"] == weights
+    lfs = [p for m, p, _ in hub.state.requests if m == "PUT" and p.startswith("/lfs-upload/")]
+    batch = [p for m, p, _ in hub.state.requests if p.endswith(".git/info/lfs/objects/batch")]
+    assert len(lfs) == 1 and len(batch) == 1  # the weights went through LFS, the small files did not
