@@ -278,7 +278,7 @@ def claims_exact(recipe: Recipe | None, inputs: Sequence[Adapter], merged: Seque
         for mod, d in ad.deltas.items():
             name = recipe.ia3_strategy if isinstance(d, Scale) else recipe.additive_strategy
             if name is not None and not strategies.get(name).exact_for(
-                d, [a.deltas[mod] for a in inputs if mod in a.deltas]
+                d, [a.deltas[mod] for a in inputs if mod in a.deltas], recipe.options
             ):
                 return False
     return True

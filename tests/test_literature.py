@@ -356,3 +356,15 @@ def test_cli_and_recipe_write_a_lora_peft_loads(fx, tmp_path, name="iso_cts"):
         assert_close(second.deltas[mod].dense(), d.dense(), rtol=1e-6, what=mod)
         w = peft_model.get_submodule(mod).weight.detach() - base.get_submodule(mod).weight.detach()
         assert_close(w, d.dense(), rtol=1e-4, what=f"PEFT {mod}")
+
+
+def test_a_written_core_linear_folder_is_judged_exact(fx, tmp_path):
+    """verify reads the recipe's options: `core --inner linear --alpha 1` is exact, `--inner ties` is not."""
+    from merging.merge import recipe, write_result
+    from merging.verify import claims_exact
+
+    ads = _read(fx, ["lora", "lora_b"])
+    for inner, exact in (("linear", True), ("ties", False)):
+        result = merge(weighted(ads), "core", Options(inner=inner))
+        folder = write_result(result, tmp_path / inner, recipe(result, ads).to_dict())
+        assert claims_exact(read_recipe(folder), ads, sources.load(folder)) is exact
