@@ -25,3 +25,20 @@ def example_base():
     from merging.examples import example_base_model
 
     return example_base_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is ~100× faster than two spinning against other work on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_noise() -> torch.Tensor:
+    """The tiny SD UNet's noise prediction without adapters (tests/sdparts.py)."""
+    from tests import sdparts
+
+    return sdparts.noise(sdparts.unet())

@@ -24,23 +24,10 @@ from tests import sdparts as sp
 
 pytest.importorskip("diffusers")
 pytest.importorskip("lycoris")
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_thread")]
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 TOL = 1e-5
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~100× faster than two spinning against other work on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_noise() -> torch.Tensor:
-    return sp.noise(sp.unet())
 
 
 def _layout(**components) -> BaseLayout:
