@@ -46,3 +46,36 @@ def state_hash(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def peft_stacked(base: torch.nn.Module, folders, *, mixed: bool = False) -> torch.nn.Module:
+    """The adapter folders loaded by PEFT itself onto ``base`` and active at once, innermost first: the
+    independent reference (PeftMixedModel when the folders mix LoRA, LoHa and LoKr)."""
+    import peft
+
+    kind = peft.PeftMixedModel if mixed else peft.PeftModel
+    model = kind.from_pretrained(base, folders[0], adapter_name="a0")
+    for i, f in enumerate(folders[1:], 1):
+        model.load_adapter(f, adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(folders))]
+    (model if mixed else model.base_model).set_adapter(names)
+    return model
+
+
+def forbid_dense(monkeypatch, max_svd: int) -> None:
+    """Make any dense ΔW, or any SVD of a matrix larger than ``max_svd``, fail the test."""
+
+    def refuse(self):
+        raise AssertionError("dense() called")
+
+    from merging.deltas import AdditiveDelta, LowRank
+
+    monkeypatch.setattr(AdditiveDelta, "dense", refuse)
+    monkeypatch.setattr(LowRank, "dense", refuse)
+    real_svd = torch.linalg.svd
+
+    def small_svd(x, *a, **k):
+        assert max(x.shape) <= max_svd, f"SVD of a {tuple(x.shape)} matrix"
+        return real_svd(x, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", small_svd)

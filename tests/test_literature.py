@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from cli.main import cli
 from merging import sources, strategies
 from merging.adapter import base_shapes, weighted
-from merging.deltas import AdditiveDelta, Hadamard, Kronecker, LowRank, Scale, Target
+from merging.deltas import Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import MergingError, UnsupportedError
 from merging.formats import peft as fp
 from merging.merge import merge, read_recipe
 from merging.strategies import Options
-from tests.helpers import assert_close
+from tests.helpers import assert_close, forbid_dense
 
 NAMES = ["knots", "core", "tsv", "iso_c", "iso_cts"]
 TOL = 1e-6  # the issue's bound: float32 output of a float64 computation
@@ -288,18 +288,7 @@ def test_factored_never_builds_a_dense_matrix(monkeypatch):
     """Four rank-8 inputs on a 1024 × 1536 module: no dense ΔW, no SVD bigger than the stacked rank."""
     ds = _random((8, 8, 8, 8), shape=(1024, 1536), seed=4, scale=0.05)
 
-    def refuse(self):
-        raise AssertionError("dense() called")
-
-    monkeypatch.setattr(AdditiveDelta, "dense", refuse)
-    monkeypatch.setattr(LowRank, "dense", refuse)
-    real_svd = torch.linalg.svd
-
-    def small_svd(x, *a, **k):
-        assert max(x.shape) <= 32, f"SVD of a {tuple(x.shape)} matrix"
-        return real_svd(x, *a, **k)
-
-    monkeypatch.setattr(torch.linalg, "svd", small_svd)
+    forbid_dense(monkeypatch, max_svd=32)
     for name in NAMES:
         out = strategies.get(name).fn(ds, [1.0, 0.5, -1.0, 0.8], Options(), "m")
         assert out.b.shape[0] == 1024 and out.rank <= 32

@@ -11,7 +11,7 @@ from merging.errors import IncompatibleAdapters
 from merging.formats import peft as peft_format
 from merging.merge import merge, write_result
 from merging.runtime import stacked
-from tests.helpers import rel_err
+from tests.helpers import peft_stacked, rel_err
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.model
@@ -44,12 +44,8 @@ def _adapter(folder, seed, bias, targets, shift=0.3):
 
 
 def _peft_stacked(folders, ids):
-    model = peft.PeftModel.from_pretrained(_base(), folders[0], adapter_name="a0")
-    for i, f in enumerate(folders[1:], 1):
-        model.load_adapter(f, adapter_name=f"a{i}")
-    model.base_model.set_adapter([f"a{i}" for i in range(len(folders))])
     with torch.no_grad():
-        return model(ids).logits
+        return peft_stacked(_base(), folders)(ids).logits
 
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))

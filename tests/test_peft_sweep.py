@@ -14,7 +14,7 @@ from merging.errors import MergingError
 from merging.formats import peft as peft_format
 from merging.merge import merge, write_result
 from tests import tiny_models as tm
-from tests.helpers import rel_err
+from tests.helpers import peft_stacked, rel_err
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.model
@@ -58,16 +58,7 @@ CASES = [(f, c) for f in FAMILIES for c in _configs(f)]
 
 
 def _peft_stacked(family: str, folders: list, kinds: list[str]) -> torch.Tensor:
-    if len(set(kinds)) > 1:  # PeftMixedModel stacks LoRA/LoHa/LoKr
-        model = peft.PeftMixedModel.from_pretrained(tm.build(family), folders[0], adapter_name="a0")
-        for i, f in enumerate(folders[1:], 1):
-            model.load_adapter(f, adapter_name=f"a{i}")
-        model.set_adapter([f"a{i}" for i in range(len(folders))])
-    else:
-        model = peft.PeftModel.from_pretrained(tm.build(family), folders[0], adapter_name="a0")
-        for i, f in enumerate(folders[1:], 1):
-            model.load_adapter(f, adapter_name=f"a{i}")
-        model.base_model.set_adapter([f"a{i}" for i in range(len(folders))])
+    model = peft_stacked(tm.build(family), folders, mixed=len(set(kinds)) > 1)
     return tm.output(model, tm.inputs(family))
 
 

@@ -7,12 +7,12 @@ import torch
 
 from merging import strategies
 from merging.adapter import Adapter, base_shapes, weighted
-from merging.deltas import AdditiveDelta, LowRank, Scale, Target
+from merging.deltas import LowRank, Scale, Target
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.formats import peft as fp
 from merging.merge import merge, weight_space_error
 from merging.strategies import Options, sparsify
-from tests.helpers import assert_close
+from tests.helpers import assert_close, forbid_dense
 
 COMBOS = {
     "lora+loha+lokr": ["lora", "loha", "lokr"],
@@ -105,18 +105,7 @@ def test_svd_never_builds_a_dense_matrix(monkeypatch):
         for _ in range(4)
     ]
 
-    def refuse(self):
-        raise AssertionError("dense() called")
-
-    monkeypatch.setattr(AdditiveDelta, "dense", refuse)
-    monkeypatch.setattr(LowRank, "dense", refuse)
-    real_svd = torch.linalg.svd
-
-    def small_svd(x, *a, **k):
-        assert max(x.shape) <= 64, f"SVD of a {tuple(x.shape)} matrix"
-        return real_svd(x, *a, **k)
-
-    monkeypatch.setattr(torch.linalg, "svd", small_svd)
+    forbid_dense(monkeypatch, max_svd=64)
     out = strategies.get("svd").fn(deltas, [1.0, 1.0, -1.0, 0.5], Options(rank=16), "m")
     assert out.rank == 16 and out.b.shape == (2048, 16)
     full = strategies.get("svd").fn(deltas, [1.0, 1.0, -1.0, 0.5], Options(rank=64), "m")
