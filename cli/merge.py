@@ -110,32 +110,41 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
         raise click.UsageError("give -o/--output (or output in --recipe)")
     if not spec.get("strategy"):
         raise click.UsageError(f"give --strategy, one of: {', '.join(strategies.names())}")
+    if base_model and publish_lib.hub_id(base_model) is None:
+        raise click.UsageError(f"--base-model {base_model!r}: give the base's Hub id, user/name")
     base_dir = Path(spec["base"]) if spec.get("base") else None
+    fmt = spec.get("fmt") or spec.get("format") or "peft"
+    if fmt == "gguf" and not spec.get("base"):
+        raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
+    serving_ = bool(spec.get("uniform_rank")) or spec.get("serve") is not None
+    stream = fmt == "peft" and not serving_  # one module in memory at a time, read, merged and written
     pairs = sources.load_inputs(
-        inputs, base=base_dir, weights=spec.get("weights"), allow_nonfinite=allow_nonfinite
+        inputs, base=base_dir, weights=spec.get("weights"), allow_nonfinite=allow_nonfinite, lazy=stream
     )
     fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed", "inner", "alpha")
     fields += ("common_fraction",)
     options = Options(**{k: spec[k] for k in fields if k in spec})
     base = sdbase.weights(Path(spec["base"])) if spec.get("base") else None
     started = time.perf_counter()
-    with progress_bar("merging") as update:
-        result = merge_lib.merge(
-            pairs, spec["strategy"], options, aux=spec.get("aux", "error"),
-            base_weights=base.module_weight if base else None, progress=update,
-        )  # fmt: skip
-    fmt = spec.get("fmt") or spec.get("format") or "peft"
-    if fmt == "gguf" and not spec.get("base"):
-        raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
-    result = _for_serving(result, bool(spec.get("uniform_rank")), spec.get("serve"))
-    if base_model:
-        if publish_lib.hub_id(base_model) is None:
-            raise click.UsageError(f"--base-model {base_model!r}: give the base's Hub id, user/name")
-        result = replace(result, adapters=[replace(a, base_model=base_model) for a in result.adapters])
-    recipe_data = merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
     overwrite = force or bool(spec.get("force"))
     with telling_replaced():
-        merge_lib.write_result(result, out, recipe_data, force=overwrite, fmt=fmt, base=base_dir)
+        with progress_bar("merging") as update:
+            result = merge_lib.merge(
+                pairs, spec["strategy"], options, aux=spec.get("aux", "error"),
+                base_weights=base.module_weight if base else None, progress=update, stream=stream,
+            )  # fmt: skip
+            result = _for_serving(result, bool(spec.get("uniform_rank")), spec.get("serve"))
+            if base_model:
+                named = [replace(a, base_model=base_model) for a in result.adapters]
+                result = replace(result, adapters=named)
+
+            def recipe() -> dict:  # after the weights: the inputs' sha256 run on a thread meanwhile
+                return merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
+
+            sources_ = [ad.source for ad, _ in pairs]
+            merge_lib.write_result(
+                result, out, recipe, force=overwrite, fmt=fmt, base=base_dir, inputs=sources_
+            )
         _summary(result, out, time.perf_counter() - started)
     if push_to_hub:
         from cli.publish import run_publish
@@ -175,12 +184,14 @@ def _summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> None:
         reps = [r for r in result.modules if r.module in ad.deltas]
         errs = [r.error for r in reps if r.error is not None and ad.name == "lora"]
         rank = str(max((r.rank for r in reps), default=0)) if ad.name == "lora" else ""
+        numel = sum(r.numel for r in reps) if len(result.adapters) == 1 else ad.numel  # a report: both parts
         table.add_row(
             ad.name, str(len(ad.deltas)), rank,
-            f"{ad.numel:,}",
+            f"{numel:,}",
             f"{size:,}" if len(result.adapters) == 1 else "", f"{max(errs):.2e}" if errs else "",
         )  # fmt: skip
     console.print(table)
-    for line in serving.of(result.adapters).lines():
+    lora = {r.module: (r.rank, r.scale) for r in result.modules if r.scale is not None}
+    for line in serving.of(result.adapters, lora).lines():
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {out} in {seconds:.2f} s")

@@ -23,6 +23,7 @@ from merging.deltas import (
 )
 from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch
 from merging.ia3 import AddedScale
+from merging.lazy import LazyDeltas
 
 KIND_NAMES = {
     LowRank: "lora", Hadamard: "loha", Kronecker: "lokr", Dense: "full", Scale: "ia3", AddedScale: "ia3",
@@ -60,6 +61,8 @@ class Adapter:
     @property
     def kinds(self) -> set[str]:
         """Adapter types present: lora, loha, lokr, full, ia3 (dora for LoRA with magnitudes)."""
+        if isinstance(self.deltas, LazyDeltas) and self.deltas.kind:
+            return {self.deltas.kind}
         out = set()
         for d in self.deltas.values():
             out.add("dora" if isinstance(d, LowRank) and d.magnitude is not None else KIND_NAMES[type(d)])
@@ -92,19 +95,21 @@ class Adapter:
         Returns:
             A new Adapter; a module missing from ``shapes`` or with a different shape raises ShapeMismatch.
         """
-        out: dict[str, Delta] = {}
-        for mod, d in self.deltas.items():
-            if mod not in shapes:
-                raise ShapeMismatch(f"{self.where}: module {mod} is not in the base model")
+        if missing := [m for m in self.deltas if m not in shapes]:
+            raise ShapeMismatch(f"{self.where}: module {missing[0]} is not in the base model")
+
+        def refine(mod: str, d: Delta) -> Delta:
             layer, shape = shapes[mod]
             if isinstance(d, (Scale, AddedScale)):
-                out[mod] = replace(d, layer=layer)
-                continue
+                return replace(d, layer=layer)
             try:
-                out[mod] = replace(d, target=d.target.refine(layer, shape))
+                return replace(d, target=d.target.refine(layer, shape))
             except ShapeMismatch as e:
                 raise ShapeMismatch(f"{self.where}: module {mod}: {e}") from None
-        return self.with_deltas(out)
+
+        if isinstance(self.deltas, LazyDeltas):
+            return replace(self, deltas=self.deltas.mapped(refine))
+        return self.with_deltas({mod: refine(mod, d) for mod, d in self.deltas.items()})
 
 
 def layer_kind(module: torch.nn.Module) -> Layer | None:
@@ -154,19 +159,26 @@ def align(adapters: Sequence[Adapter]) -> list[str]:
     if len(revisions) > 1:  # one Hub id, two commits of it: not the same weights
         names = ", ".join(f"{a.where} ({a.base_model}@{a.revision})" for a in adapters if a.revision)
         raise IncompatibleAdapters(f"adapters are for different revisions of the base model: {names}")
-    seen: dict[str, tuple[Adapter, tuple[int, int]]] = {}
-    for ad in adapters:
-        for mod, d in ad.deltas.items():
-            if not isinstance(d, AdditiveDelta):
-                continue
-            shape = d.target.matrix_shape
-            if mod in seen and seen[mod][1] != shape:
-                other, other_shape = seen[mod]
-                raise ShapeMismatch(
-                    f"module {mod}: {other.where} has shape {other_shape}, {ad.where} has shape {shape}"
-                )
-            seen.setdefault(mod, (ad, shape))
+    for mod in sorted({m for a in adapters if not isinstance(a.deltas, LazyDeltas) for m in a.deltas}):
+        same_shape(mod, [(ad, ad.deltas[mod]) for ad in adapters
+                         if not isinstance(ad.deltas, LazyDeltas) and mod in ad.deltas])  # fmt: skip
     return sorted({m for a in adapters for m in a.deltas})
+
+
+def same_shape(mod: str, deltas: Sequence[tuple[Adapter, Delta]]) -> None:
+    """Raise ShapeMismatch, naming both inputs, when the additive deltas of one module differ in shape
+    (lazily read inputs are checked when the module is merged)."""
+    seen: tuple[Adapter, tuple[int, int]] | None = None
+    for ad, d in deltas:
+        if not isinstance(d, AdditiveDelta):
+            continue
+        shape = d.target.matrix_shape
+        if seen is not None and seen[1] != shape:
+            other, other_shape = seen
+            raise ShapeMismatch(
+                f"module {mod}: {other.where} has shape {other_shape}, {ad.where} has shape {shape}"
+            )
+        seen = seen or (ad, shape)
 
 
 Pair = tuple[Adapter, float]  # weight: multiplies an additive delta, is the exponent of an IA³ vector

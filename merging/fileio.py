@@ -9,7 +9,9 @@ import hashlib
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,12 +49,54 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks (taken from ``hash_ahead`` when it started on this file)."""
+    key = _stat_key(path)
+    with _HASH_LOCK:
+        pending = _HASHES.get(key)
+    if pending is not None:
+        return pending.result()
+    return _sha256(path, chunk)
+
+
+def hash_ahead(path: Path) -> None:
+    """Start hashing a file on a worker thread (hashlib and reads release the GIL); ``sha256_file`` waits for
+    it. The result is keyed by path, size, mtime and inode, so a file changed since is hashed again."""
+    global _HASHER
+    key = _stat_key(path)
+    with _HASH_LOCK:
+        if key in _HASHES:
+            return
+        if _HASHER is None:
+            _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merging-sha256")
+        _HASHES[key] = _HASHER.submit(_sha256, Path(path))
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    with open(path, "rb", buffering=0) as f:
+        block = bytearray(chunk)
+        view = memoryview(block)
+        while n := f.readinto(block):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def _stat_key(path: Path) -> tuple:
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _forget_hashes() -> None:
+    """A forked child has no worker thread: start afresh (pending results would never come)."""
+    global _HASH_LOCK, _HASHER
+    _HASH_LOCK, _HASHER = threading.Lock(), None
+    _HASHES.clear()
+
+
+_HASH_LOCK = threading.Lock()
+_HASHES: dict[tuple, Future] = {}
+_HASHER: ThreadPoolExecutor | None = None
+os.register_at_fork(after_in_child=_forget_hashes)
 
 
 def refuse_overlap(out: Path, inputs: Iterable[str | Path | None]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from merging import dora, formats, sdbase, strategies
-from merging.adapter import Adapter, Pair, Stack, align, combine_aux, common_invocation
+from merging.adapter import Adapter, Pair, Stack, align, combine_aux, common_invocation, same_shape
 from merging.basemodel import BaseLayout
 from merging.deltas import (
     AdditiveDelta,
@@ -37,11 +37,13 @@ from merging.deltas import (
 )
 from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch, UnsupportedError
 from merging.fileio import atomic_folder, refuse_overlap, write_text
+from merging.formats.base import Provenance
 from merging.formats.peft import RECIPE_FILE, owned, recipe_text
 from merging.ia3 import AddedScale, summed
+from merging.lazy import LazyDeltas
 from merging.recipe import Recipe, Versions, inputs_of
 from merging.sources import STACK_FILE
-from merging.strategies import Options
+from merging.strategies import Options, Strategy
 
 Progress = Callable[[int, int, str], None]
 BaseWeights = Callable[[str], torch.Tensor]  # module path → its base weight (stored layout)
@@ -56,11 +58,17 @@ class ModuleReport:
     rank: int
     numel: int
     error: float | None  # ‖ΔW_merged − Σ w_i ΔW_i‖_F / ‖Σ w_i ΔW_i‖_F, from factors (additive part)
+    exact: bool = True  # reproduces the stacked outputs, by the strategies' exactness rules
+    scale: float | None = None  # the merged LoRA's scale (alpha / r), for what serving needs
 
 
 @dataclass(frozen=True, eq=False)
 class MergeResult:
-    """The merged adapter(s) in stacking order (IA³ first when there is one) and per-module reports."""
+    """The merged adapter(s) in stacking order (IA³ first when there is one) and per-module reports.
+
+    A streamed result (``merge(..., stream=True)``) builds each module when the writer asks for it; its
+    ``modules`` fill in as that happens.
+    """
 
     adapters: list[Adapter]
     modules: list[ModuleReport]
@@ -69,7 +77,24 @@ class MergeResult:
     ia3_strategy: str | None
     options: Options
     weights: list[float] = field(default_factory=list)
-    exact: bool = False  # reproduces the stacked outputs, by the strategies' exactness rules, every module
+
+    @property
+    def exact(self) -> bool:
+        """Reproduces the stacked outputs, by the strategies' exactness rules, in every module."""
+        return all(m.exact for m in self.modules)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every module's merge needs: the inputs, the strategies and the base weights."""
+
+    adapters: list[Adapter]
+    weights: list[float]
+    chosen: Strategy
+    additive: Strategy
+    ia3: Strategy
+    options: Options
+    base_weights: BaseWeights | None
 
 
 def merge(
@@ -80,6 +105,7 @@ def merge(
     aux: str = "error",
     base_weights: BaseWeights | None = None,
     progress: Progress | None = None,
+    stream: bool = False,
 ) -> MergeResult:
     """Merge adapters with a strategy, module by module.
 
@@ -91,6 +117,8 @@ def merge(
         aux: what to do when auxiliary modules overlap: "error", or "sum" them as deltas against the base.
         base_weights: gives a module's base weight; needed for DoRA inputs and ``aux="sum"``.
         progress: called as progress(done, total, module).
+        stream: when every input is additive without DoRA (LoRA, LoHa, LoKr), return a result whose deltas
+            are merged when read (``LazyDeltas``): with lazily read inputs, one module is in memory at a time.
 
     Returns:
         A MergeResult with one LoRA adapter, one IA³ adapter, or both (IA³ first).
@@ -102,53 +130,41 @@ def merge(
     chosen = strategies.get(strategy)
     add_strategy = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
     ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
+    plan = _Plan(adapters, weights, chosen, add_strategy, ia3_strategy, options, base_weights)
     modules = align(adapters)
     gate = common_invocation(adapters)
     tied = _merge_ties(adapters)
+    extra = _merge_aux(adapters, aux, base_weights, set(modules))
+    base = next((a.base_model for a in adapters if a.base_model), None)
+    rev = next((a.revision for a in adapters if a.revision), None)
+    config = _common_config(adapters, gate)
+    reports: list[ModuleReport] = []
+    names = (chosen.name, add_strategy.name, None)
+    if stream and add_strategy is chosen and all(ad.kinds <= {"lora", "loha", "lokr"} for ad in adapters):
+        built: set[str] = set()
+
+        def build(mod: str) -> Delta:
+            merged, _, report = _merge_module(plan, mod)
+            if mod not in built:
+                built.add(mod)
+                reports.append(report)
+                if progress:
+                    progress(len(built), len(modules), mod)
+            return merged
+
+        ties = {m: s for m, s in tied.items() if s in modules}
+        deltas = LazyDeltas(modules, build, "lora")
+        out = [Adapter("lora", deltas, base, rev, aux=extra, tied=ties, config=config)]
+        return MergeResult(out, reports, *names, options, weights)
     lora: dict[str, Delta] = {}
     ia3: dict[str, Delta] = {}
-    reports = []
-    exact = True
     for i, mod in enumerate(modules):
-        stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
-        stack = _same_target(_lycoris_ia3(stack, mod, base_weights), mod)
-        if all(isinstance(d, AddedScale) for d, _ in stack):
-            if add_strategy is not chosen:
-                raise UnsupportedError(
-                    f"module {mod}: LyCORIS IA³ networks add w ⊙ W each; {chosen.name} models PEFT's "
-                    "product of IA³ vectors: use cat (their exact sum)"
-                )
-            lora[mod] = summed([d for d, _ in stack], [w for _, w in stack], mod)
-            reports.append(ModuleReport(mod, "ia3", 0, lora[mod].numel, None))
-            if progress:
-                progress(i + 1, len(modules), mod)
-            continue
-        composed = None
-        if any(dora.is_dora(d) for d, _ in stack):  # PEFT's DoRA rescales what is stacked inside it
-            w0 = _base_matrix(stack, mod, base_weights)
-            if add_strategy.name == "cat":
-                composed = dora.compose(stack, w0, mod)
-            else:
-                stack = dora.contributions(stack, w0, mod)
-        scale_part, add_part = _compose(stack)
-        rank, numel, err, kinds = 0, 0, None, []
-        if add_part:
-            ds, ws = zip(*add_part, strict=True)
-            merged = composed if composed is not None else add_strategy.fn(ds, ws, options, mod)
+        merged, merged_l, report = _merge_module(plan, mod)
+        if merged is not None:
             lora[mod] = merged
-            rank, numel = merged.rank, merged.numel
-            exact = exact and add_strategy.exact_for(merged, ds, options)
-            # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
-            err = None if add_strategy.exact == "always" else weight_space_error(merged, ds, ws)
-            kinds.append("lora")
-        if scale_part:
-            ds, ws = zip(*scale_part, strict=True)
-            merged_l = ia3_strategy.fn(ds, ws, options, mod)
-            exact = exact and ia3_strategy.exact_for(merged_l, ds)
+        if merged_l is not None:
             ia3[mod] = merged_l
-            numel += merged_l.numel
-            kinds.append("ia3")
-        reports.append(ModuleReport(mod, "+".join(kinds), rank, numel, err))
+        reports.append(report)
         if progress:
             progress(i + 1, len(modules), mod)
     if any(dora.is_dora(d) for d in lora.values()):  # PEFT's use_dora is per adapter: every module gets one
@@ -156,10 +172,6 @@ def merge(
             m: dora.as_dora(d, _base_matrix([(d, 1.0)], m, base_weights)) if _plain_lora(d) else d
             for m, d in lora.items()
         }  # fmt: skip
-    extra = _merge_aux(adapters, aux, base_weights, set(lora) | set(ia3))
-    base = next((a.base_model for a in adapters if a.base_model), None)
-    rev = next((a.revision for a in adapters if a.revision), None)
-    config = _common_config(adapters, gate)
     out = []
     if ia3:
         out.append(Adapter("ia3", ia3, base, rev, aux={} if lora else extra, config=config))
@@ -168,8 +180,51 @@ def merge(
         out.append(Adapter("lora", lora, base, rev, aux=extra, tied=ties, config=config))
     return MergeResult(
         out, reports, chosen.name, add_strategy.name if lora else None, ia3_strategy.name if ia3 else None,
-        options, weights, exact,
+        options, weights,
     )  # fmt: skip
+
+
+def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, ModuleReport]:
+    """One module: (its merged additive delta, its merged IA³ vector, the report); either may be None."""
+    inputs = zip(plan.adapters, plan.weights, strict=True)
+    pairs = [(ad, ad.deltas[mod], w) for ad, w in inputs if mod in ad.deltas]
+    same_shape(mod, [(ad, d) for ad, d, _ in pairs])
+    stack = [(d, w) for _, d, w in pairs]
+    stack = _same_target(_lycoris_ia3(stack, mod, plan.base_weights), mod)
+    if all(isinstance(d, AddedScale) for d, _ in stack):
+        if plan.additive is not plan.chosen:
+            raise UnsupportedError(
+                f"module {mod}: LyCORIS IA³ networks add w ⊙ W each; {plan.chosen.name} models PEFT's "
+                "product of IA³ vectors: use cat (their exact sum)"
+            )
+        merged = summed([d for d, _ in stack], [w for _, w in stack], mod)
+        return merged, None, ModuleReport(mod, "ia3", 0, merged.numel, None)
+    composed = None
+    if any(dora.is_dora(d) for d, _ in stack):  # PEFT's DoRA rescales what is stacked inside it
+        w0 = _base_matrix(stack, mod, plan.base_weights)
+        if plan.additive.name == "cat":
+            composed = dora.compose(stack, w0, mod)
+        else:
+            stack = dora.contributions(stack, w0, mod)
+    scale_part, add_part = _compose(stack)
+    rank, numel, err, kinds, exact = 0, 0, None, [], True
+    merged = merged_l = None
+    if add_part:
+        ds, ws = zip(*add_part, strict=True)
+        merged = composed if composed is not None else plan.additive.fn(ds, ws, plan.options, mod)
+        rank, numel = merged.rank, merged.numel
+        exact = plan.additive.exact_for(merged, ds, plan.options)
+        # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
+        err = None if plan.additive.exact == "always" else weight_space_error(merged, ds, ws)
+        kinds.append("lora")
+    if scale_part:
+        ds, ws = zip(*scale_part, strict=True)
+        merged_l = plan.ia3.fn(ds, ws, plan.options, mod)
+        exact = exact and plan.ia3.exact_for(merged_l, ds)
+        numel += merged_l.numel
+        kinds.append("ia3")
+    scale = merged.scale if isinstance(merged, LowRank) else None
+    return merged, merged_l, ModuleReport(mod, "+".join(kinds), rank, numel, err, exact, scale)
 
 
 def _common_config(adapters: Sequence[Adapter], gate: tuple[int, ...] | None) -> dict[str, Any]:
@@ -350,8 +405,8 @@ def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> Recipe:
 
 
 def write_result(
-    result: MergeResult, out: Path, recipe_data: dict[str, Any], *, force: bool = False, fmt: str = "peft",
-    base: BaseLayout | str | Path | None = None,
+    result: MergeResult, out: Path, recipe_data: Provenance, *, force: bool = False, fmt: str = "peft",
+    base: BaseLayout | str | Path | None = None, inputs: Sequence[Path | None] = (),
 ) -> Path:  # fmt: skip
     """Write the merged adapter(s) with the recipe, atomically.
 
@@ -359,9 +414,14 @@ def write_result(
     ``out/lora`` and a ``merging_stack.json`` naming them in stacking order (``sources.load`` reads it
     back as one set). kohya / gguf: ``out`` is one file, the recipe in its metadata (``merging.recipe``).
     ``base`` (a layout or a model folder) is what GGUF needs for its architecture and heads.
+    ``recipe_data`` may be a function giving the recipe: the PEFT writer calls it once the weights are
+    written (the inputs' hashes finish meanwhile); ``inputs`` are then the paths no output may overlap.
     """
     writer = formats.get(fmt)
-    inputs = [i.get("path") for i in recipe_data.get("inputs", ()) if isinstance(i, dict)]
+    if not callable(recipe_data):
+        inputs = [*inputs, *(i.get("path") for i in recipe_data.get("inputs", ()) if isinstance(i, dict))]
+    elif writer.name != "peft" or len(result.adapters) != 1:
+        recipe_data = recipe_data()
     refuse_overlap(out, [*inputs, base if isinstance(base, str | Path) else None])
     if len(result.adapters) == 1:
         pipeline = isinstance(base, (str, Path)) and sdbase.is_pipeline(Path(base))

@@ -8,15 +8,16 @@ A *uniform* folder (one rank, ``lora_alpha`` = r, no patterns) is read right by 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from merging.adapter import Adapter
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
-from merging.deltas import Hadamard, Kronecker, LowRank, Scale
+from merging.deltas import LowRank
 from merging.errors import UnsupportedError
+from merging.lazy import LazyDeltas
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's accepted max_lora_rank values
 
@@ -51,25 +52,31 @@ def vllm_rank(rank: int) -> int | None:
     return next((r for r in VLLM_RANKS if r >= rank), None)
 
 
-def of(adapters: Sequence[Adapter]) -> Serving:
-    """What serving these adapters (a merge result or a folder's set) needs."""
+def of(adapters: Sequence[Adapter], lora: Mapping[str, tuple[int, float]] | None = None) -> Serving:
+    """What serving these adapters (a merge result or a folder's set) needs.
+
+    ``lora`` gives the LoRA modules' (rank, scale) of a streamed merge result, whose deltas are not kept.
+    """
     ranks, scales, blockers = set(), set(), []
     for ad in adapters:
-        deltas = list(ad.deltas.values())
-        if any(isinstance(d, Scale) for d in deltas):
+        kinds = ad.kinds
+        if "ia3" in kinds:
             blockers.append(f"{ad.name}: IA³ vectors (vLLM, llama.cpp and TGI load LoRA only): bake them")
-        if any(isinstance(d, Hadamard | Kronecker) for d in deltas):
+        if kinds & {"loha", "lokr"}:
             blockers.append(f"{ad.name}: LoHa/LoKr factors: merge -s cat writes them as an exact LoRA")
-        if any(isinstance(d, LowRank) and d.magnitude is not None for d in deltas):
+        if "dora" in kinds:
             blockers.append(f"{ad.name}: DoRA magnitudes (not loaded by vLLM or llama.cpp): bake it")
         if any(isinstance(a, ModuleReplacement | TokenRows | BaseTensors) for a in ad.aux.values()):
             blockers.append(f"{ad.name}: replaced modules, token rows or trained biases: bake them")
         if ad.invocation is not None:
             blockers.append(f"{ad.name}: aLoRA gating (check that the engine supports activated LoRA)")
-        for d in deltas:
+        for d in [] if isinstance(ad.deltas, LazyDeltas) else ad.deltas.values():
             if isinstance(d, LowRank):
                 ranks.add(d.rank)
                 scales.add(round(d.scale, 12))
+    for rank, scale in (lora or {}).values():
+        ranks.add(rank)
+        scales.add(round(scale, 12))
     top = max(ranks, default=0)
     return Serving(top, len(ranks) <= 1 and len(scales) <= 1, vllm_rank(top), tuple(blockers))
 

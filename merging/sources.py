@@ -14,12 +14,13 @@ from merging.adapter import Adapter, Pair, weighted
 from merging.basemodel import TASK_CLASSES, BaseLayout
 from merging.errors import FormatError, IncompatibleAdapters, SourceError, UnsupportedError
 from merging.fileio import sha256_file
+from merging.formats.base import ReadOptions
 from merging.tensorfiles import tensor_files
 
 STACK_FILE = "merging_stack.json"
 
 
-def load(path: str | Path, *, allow_nonfinite: bool = False, base=None) -> list[Adapter]:
+def load(path: str | Path, *, allow_nonfinite: bool = False, base=None, lazy: bool = False) -> list[Adapter]:
     """The adapters a path holds, in stacking order: one for a PEFT folder or a kohya/GGUF file, several
     for a merged stack.
 
@@ -29,13 +30,15 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None) -> list[
         allow_nonfinite: accept NaN/Inf values.
         base: the base model (a BaseLayout, a folder or a loaded model): maps kohya names to module paths
             and undoes GGUF's q/k permutation.
+        lazy: read PEFT folders' tensors module by module when the deltas are used (a streaming merge).
     """
     p = Path(path)
+    how = ReadOptions(lazy=lazy)
     if not p.exists():
         if isinstance(path, str) and not path.startswith((".", "/", "~")) and "/" in path:
             folder, sha = resolve_hub(path)  # HubRef.parse refuses anything that is not user/repo[@rev][:sub]
             ref = HubRef.parse(path)
-            found = load(folder, allow_nonfinite=allow_nonfinite, base=base)
+            found = load(folder, allow_nonfinite=allow_nonfinite, base=base, lazy=lazy)
             root = folder
             for _ in (ref.subfolder or "").split("/") if ref.subfolder else []:
                 root = root.parent
@@ -48,11 +51,11 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None) -> list[
             names = json.loads((p / STACK_FILE).read_text())["stack"]
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{p / STACK_FILE}: not a valid stack manifest ({e})") from e
-        return [formats.get("peft").read(p / n, allow_nonfinite=allow_nonfinite) for n in names]
+        return [formats.get("peft").read(p / n, allow_nonfinite=allow_nonfinite, options=how) for n in names]
     fmt = formats.detect(p)
     if fmt is not None:
         layout = BaseLayout.of(base) if base is not None and fmt.uses_base else None
-        return [fmt.read(p, base=layout, allow_nonfinite=allow_nonfinite)]
+        return [fmt.read(p, base=layout, allow_nonfinite=allow_nonfinite, options=how)]
     raise SourceError(f"{p}: not an adapter (no adapter_config.json, {STACK_FILE}, .safetensors or .gguf)")
 
 
@@ -73,12 +76,12 @@ def describe(adapter: Adapter) -> dict[str, Any]:
     }
 
 
-def load_spec(spec: str, *, allow_nonfinite: bool = False, base=None) -> list[Adapter]:
+def load_spec(spec: str, *, allow_nonfinite: bool = False, base=None, lazy: bool = False) -> list[Adapter]:
     """Load ``path`` or ``name=path``; with a name, the adapter (or each of a stack) is renamed."""
     name, path = None, spec
     if "=" in spec and not Path(spec).exists():
         name, _, path = spec.partition("=")
-    adapters = load(path, allow_nonfinite=allow_nonfinite, base=base)
+    adapters = load(path, allow_nonfinite=allow_nonfinite, base=base, lazy=lazy)
     if name is None:
         return adapters
     if len(adapters) == 1:
@@ -171,8 +174,9 @@ def hub_license(folder: Path) -> str | None:
 
 
 def load_inputs(
-    specs: Sequence[str], *, base=None, weights: Sequence[float] | None = None, allow_nonfinite: bool = False
-) -> list[Pair]:
+    specs: Sequence[str], *, base=None, weights: Sequence[float] | None = None, allow_nonfinite: bool = False,
+    lazy: bool = False,
+) -> list[Pair]:  # fmt: skip
     """The adapters named by specs (each ``path``, ``name=path`` or a Hub id) with their weights.
 
     Args:
@@ -181,12 +185,14 @@ def load_inputs(
             refines every delta's layer kind and shape against the base's modules.
         weights: one per adapter (default 1 each).
         allow_nonfinite: accept NaN/Inf values.
+        lazy: read PEFT folders module by module when the deltas are used (a streaming merge).
 
     Returns:
         (adapter, weight) pairs in stacking order.
     """
     layout = None if base is None else BaseLayout.of(base, task_type(specs))
-    adapters = [ad for spec in specs for ad in load_spec(spec, allow_nonfinite=allow_nonfinite, base=layout)]
+    how = {"allow_nonfinite": allow_nonfinite, "base": layout, "lazy": lazy}
+    adapters = [ad for spec in specs for ad in load_spec(spec, **how)]
     if layout is not None:
         adapters = [ad.refine_targets(layout.modules) for ad in adapters]
     return weighted(adapters, weights)

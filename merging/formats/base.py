@@ -20,6 +20,7 @@ class ReadOptions:
     """Format-specific reading knobs; a format ignores the ones that are not its own."""
 
     keep_permuted: bool = False  # gguf: without a base, keep llama.cpp's q/k row permutation (display only)
+    lazy: bool = False  # peft: read each module's tensors when its delta is asked for (a streaming merge)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class WriteOptions:
     out_type: str = "f32"  # gguf: tensor type, f32, f16 or bf16
 
 
+# the recipe kept with a written adapter, or a function giving it (called once the weights are written)
+Provenance = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 READ_DEFAULTS = ReadOptions()
 WRITE_DEFAULTS = WriteOptions()
 
@@ -45,11 +48,16 @@ class Reader(Protocol):
 
 class Writer(Protocol):
     def __call__(
-        self, adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
+        self, adapter: Adapter, path: Path, *, provenance: Provenance = None,
         base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
     ) -> Path:  # fmt: skip
         """Write one adapter atomically; ``provenance`` is the JSON-able recipe kept with it."""
         ...
+
+
+def recipe_of(provenance: Provenance) -> Mapping[str, Any] | None:
+    """The recipe itself, when ``provenance`` is a function giving it."""
+    return provenance() if callable(provenance) else provenance
 
 
 @dataclass(frozen=True)

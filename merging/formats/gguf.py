@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,8 +34,10 @@ from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
     Format,
+    Provenance,
     ReadOptions,
     WriteOptions,
+    recipe_of,
     refuse_gated,
 )
 
@@ -121,7 +123,7 @@ def _to_numpy(t: torch.Tensor, out_type: str):
 
 
 def write(
-    adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
+    adapter: Adapter, path: Path, *, provenance: Provenance = None,
     base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
 ) -> Path:  # fmt: skip
     """Write an Adapter as a llama.cpp GGUF LoRA file.
@@ -176,7 +178,7 @@ def write(
         if adapter.base_model:
             w.add_string("general.base_model.0.repo_url", adapter.base_model)
         if provenance:
-            w.add_string("merging.recipe", json.dumps(provenance, sort_keys=True))
+            w.add_string("merging.recipe", json.dumps(recipe_of(provenance), sort_keys=True))
         for name, t in writer_tensors:
             data, raw = _to_numpy(t, out_type)
             w.add_tensor(name, data, raw_dtype=raw)

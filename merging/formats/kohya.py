@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,9 +40,11 @@ from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
     Format,
+    Provenance,
     ReadOptions,
     WriteOptions,
     naming,
+    recipe_of,
     refuse_gated,
 )
 from merging.formats.kohya_names import from_kohya, is_kohya_name, module_of, to_kohya
@@ -285,7 +287,7 @@ def _refined(adapter: Adapter, base: BaseLayout) -> Adapter:
 
 
 def write(
-    adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
+    adapter: Adapter, path: Path, *, provenance: Provenance = None,
     base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
 ) -> Path:  # fmt: skip
     """Write an Adapter as one kohya/LyCORIS .safetensors file (kohya ``ss_*`` metadata kept).
@@ -316,7 +318,7 @@ def write(
                 tensors[f"{name}.{part}"] = t.contiguous()
     meta = dict(adapter.config.get("metadata", {})) if adapter.config.get("format") == "kohya" else {}
     if provenance:
-        meta["merging.recipe"] = json.dumps(provenance, sort_keys=True)
+        meta["merging.recipe"] = json.dumps(recipe_of(provenance), sort_keys=True)
     if adapter.base_model and "ss_base_model_version" not in meta:
         meta["ss_base_model_version"] = adapter.base_model
     with atomic_file(Path(path), force=force) as tmp:

@@ -33,14 +33,24 @@ from merging.adapter import Adapter
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.deltas import Delta, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import FormatError, NonFiniteError, UnsupportedError
-from merging.fileio import atomic_folder, reading, save_safetensors, write_text
+from merging.fileio import atomic_folder, hash_ahead, reading, write_text
 from merging.formats import lycoris
 from merging.formats import peft_config as pc
-from merging.formats.base import READ_DEFAULTS, WRITE_DEFAULTS, Format, ReadOptions, WriteOptions, naming
+from merging.formats.base import (
+    READ_DEFAULTS,
+    WRITE_DEFAULTS,
+    Format,
+    Provenance,
+    ReadOptions,
+    WriteOptions,
+    naming,
+    recipe_of,
+)
 from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft_config import CONFIG
 from merging.ia3 import AddedScale, to_peft
-from merging.tensorfiles import load_tensors
+from merging.lazy import LazyDeltas
+from merging.streamfiles import SafetensorsWriter, finite, header_room, open_tensors
 
 if TYPE_CHECKING:
     from merging.basemodel import BaseLayout
@@ -103,55 +113,73 @@ def read(
         path: the folder holding adapter_config.json and the weights.
         base: unused (PEFT names modules by their full paths).
         allow_nonfinite: accept NaN/Inf values instead of refusing them.
-        options: unused.
+        options: ``lazy`` reads each module's tensors when its delta is asked for (and checks them then).
 
     Returns:
         The Adapter, with module paths as in the base model's ``named_modules()``.
     """
     folder = Path(path)
     with reading(folder):
-        return _read(folder, allow_nonfinite)
+        return _read(folder, allow_nonfinite, options.lazy)
 
 
-def _read(folder: Path, allow_nonfinite: bool) -> Adapter:
+def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
     config = pc.read_config(folder)
     file = _weights_file(folder)
-    tensors = load_tensors(file)
-    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, t in tensors.items():
-        if not allow_nonfinite and t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(
-                f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
-            )
+    source = open_tensors(file)
+    hash_ahead(file)  # the recipe's sha256, on another thread while the deltas are read
+    groups: dict[str, dict[str, str]] = defaultdict(dict)  # module → part → tensor key
+    for key in source.keys():
         module, part = _split(key, file)
-        groups[module][part] = t
+        groups[module][part] = key
+
+    def tensors(module: str, parts: Mapping[str, str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for part, key in parts.items():
+            out[part] = t = source.get(key)
+            if not allow_nonfinite and not finite(t):
+                raise NonFiniteError(
+                    f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
+                )
+        return out
+
     peft_type = config["peft_type"]
     mts = config.get("modules_to_save") or []
-    deltas: dict[str, Delta] = {}
+    adapted: dict[str, dict[str, str]] = {}
     aux: dict = {}
-    for module, parts in sorted(groups.items()):
+    for module, keys in sorted(groups.items()):
         with naming(file, f"module {module}"):
-            saved = {k[len("base_layer.") :]: v for k, v in parts.items() if k.startswith("base_layer.")}
-            parts = {k: v for k, v in parts.items() if not k.startswith("base_layer.")}
+            saved = {k[len("base_layer.") :]: v for k, v in keys.items() if k.startswith("base_layer.")}
+            keys = {k: v for k, v in keys.items() if not k.startswith("base_layer.")}
             if saved:
-                aux[module] = BaseTensors(saved)
-            if "token_adapter.trainable_tokens_delta" in parts:
+                aux[module] = BaseTensors(tensors(module, saved))
+            if "token_adapter.trainable_tokens_delta" in keys:
                 if saved:
                     raise UnsupportedError("trainable tokens on a layer whose base weights are saved too")
-                aux[module] = TokenRows(
-                    pc.token_indices(config, module), parts.pop("token_adapter.trainable_tokens_delta")
-                )
-            if not parts:
+                rows = tensors(module, {"d": keys.pop("token_adapter.trainable_tokens_delta")})["d"]
+                aux[module] = TokenRows(pc.token_indices(config, module), rows)
+            if not keys:
                 continue
-            if set(parts) <= {"weight", "bias"}:
+            if set(keys) <= {"weight", "bias"}:
                 if any(module == m or module.endswith("." + m) for m in mts):
-                    aux[module] = ModuleReplacement(dict(parts))
-                elif set(parts) == {"bias"} and config.get("bias", "none") == "all":
-                    aux[module] = BaseTensors(dict(parts))  # a trained bias of a module without adapter
+                    aux[module] = ModuleReplacement(tensors(module, keys))
+                elif set(keys) == {"bias"} and config.get("bias", "none") == "all":
+                    aux[module] = BaseTensors(tensors(module, keys))  # a trained bias, module not adapted
                 else:
-                    raise FormatError(f"{file}: unknown keys {sorted(parts)} for module {module}")
+                    raise FormatError(f"{file}: unknown keys {sorted(keys)} for module {module}")
                 continue
-            deltas[module] = _DELTA_READERS[peft_type](parts, config, module)
+            adapted[module] = keys
+
+    def build(module: str) -> Delta:
+        with reading(folder), naming(file, f"module {module}"):
+            return _DELTA_READERS[peft_type](tensors(module, adapted[module]), config, module)
+
+    kind = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3"}[peft_type]
+    if any(any(p.startswith("lora_magnitude") for p in keys) for keys in adapted.values()):
+        kind = "dora"
+    deltas: Mapping[str, Delta] = LazyDeltas(sorted(adapted), build, kind)
+    if not lazy or config.get("ensure_weight_tying"):  # finding ties compares tensors
+        deltas = dict(deltas.items())
     tied = pc.find_ties(deltas) if config.get("ensure_weight_tying") else {}
     for mod in tied:
         del deltas[mod]
@@ -265,15 +293,19 @@ def _peft_ia3(where: str, mod: str, d: Delta, base: BaseLayout | None) -> Delta:
 
 
 def write(
-    adapter: Adapter, path: Path, *, provenance: Mapping[str, Any] | None = None,
+    adapter: Adapter, path: Path, *, provenance: Provenance = None,
     base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
 ) -> Path:  # fmt: skip
     """Write an Adapter as a PEFT folder (LoRA, IA³, or LoHa/LoKr) that PEFT loads.
 
+    A LoRA adapter is written in one pass over its deltas, each module's tensors appended as it comes, so a
+    streamed merge result (``LazyDeltas``) is never whole in memory.
+
     Args:
         adapter: all deltas of one kind: LowRank, Scale, Hadamard or Kronecker.
         path: the output folder; written to a temporary sibling and renamed into place.
-        provenance: the recipe, written as merge_recipe.json within the same atomic step.
+        provenance: the recipe (or a function giving it, called once the weights are written), written as
+            merge_recipe.json within the same atomic step.
         base: tells whether a layer has a bias (a LyCORIS IA³ on the output becomes PEFT's only without).
         force: replace an existing output folder.
         options: unused.
@@ -291,74 +323,107 @@ def write(
             f"{adapter.where}: a PEFT folder adapts one model, the base is a pipeline "
             f"({', '.join(base.components)}): write kohya, or pass one component folder as --base"
         )
-    deltas = {m: _peft_ia3(adapter.where, m, d, base) for m, d in adapter.deltas.items()}
-    adapter = adapter.with_deltas(deltas)
-    kinds = {type(d) for d in adapter.deltas.values()}
+    streamed = isinstance(adapter.deltas, LazyDeltas) and adapter.deltas.kind in ("lora", "dora")
+    if not streamed:
+        adapter = adapter.with_deltas(
+            {m: _peft_ia3(adapter.where, m, d, base) for m, d in adapter.deltas.items()}
+        )
+    kinds = {LowRank} if streamed else {type(d) for d in adapter.deltas.values()}
     if len(kinds) > 1:
         names = ", ".join(sorted(k.__name__ for k in kinds))
         raise UnsupportedError(
             f"{adapter.where}: one PEFT folder holds one adapter type, got {names}; merge first"
         )
     kind = kinds.pop() if kinds else LowRank
-    tensors: dict[str, torch.Tensor] = {}
-    if kind is LowRank:
-        config = pc.lora_config(adapter, adapter.deltas)
-        for mod, d in adapter.deltas.items():
-            tensors |= _lora_tensors(mod, d)
-        for mod, src in adapter.tied.items():
-            d = adapter.deltas[src]
-            tensors[f"{PREFIX}{mod}.lora_A.weight"] = d.a.contiguous()
-            tensors[f"{PREFIX}{mod}.lora_B.weight"] = d.b.contiguous()
-        config["ensure_weight_tying"] = bool(adapter.tied)
-    elif kind is Scale:
-        config = {"peft_type": "IA3", "init_ia3_weights": True}
-        config["target_modules"] = sorted(adapter.deltas)
-        config["feedforward_modules"] = sorted(m for m, d in adapter.deltas.items() if d.side == "in")
-        config["fan_in_fan_out"] = any(d.layer == "gpt2_conv1d" for d in adapter.deltas.values())
-        for mod, d in adapter.deltas.items():
-            tensors |= _ia3_tensors(mod, d)
-    elif kind in (Hadamard, Kronecker):
-        config = pc.lycoris_config(adapter, "LOHA" if kind is Hadamard else "LOKR")
-        parts = lycoris.loha_parts if kind is Hadamard else lycoris.lokr_parts
-        for mod, d in adapter.deltas.items():
-            tensors |= {f"{PREFIX}{mod}.{k}": v.contiguous() for k, v in parts(d).items()}
-    else:
+    if kind not in (LowRank, Scale, Hadamard, Kronecker):
         raise UnsupportedError(
             f"{adapter.where}: {kind.__name__} deltas have no PEFT form; use cat or svd first"
         )
-    mts, tokens = [], {}
-    if saved := {m: a for m, a in adapter.aux.items() if isinstance(a, BaseTensors)}:
-        tensors |= pc.base_tensors(adapter, saved, config, PREFIX)
-    for mod, a in adapter.aux.items():
-        if isinstance(a, BaseTensors):
-            continue
-        if isinstance(a, ModuleReplacement):
-            mts.append(mod)
-            tensors |= {f"{PREFIX}{mod}.{k}": v.contiguous() for k, v in a.tensors.items()}
-        else:
-            tokens[mod] = list(a.indices)
-            tensors[f"{PREFIX}{mod}.token_adapter.trainable_tokens_delta"] = a.rows.contiguous()
-    config |= {
-        "base_model_name_or_path": adapter.base_model,
-        "revision": adapter.revision,
-        "modules_to_save": sorted(mts) or None,
-        "task_type": adapter.config.get("task_type"),
-        "inference_mode": True,
-    }
-    if tokens and config["peft_type"] != "LORA":
+    tokens = {m: list(a.indices) for m, a in adapter.aux.items() if isinstance(a, TokenRows)}
+    if tokens and kind is not LowRank:
         raise UnsupportedError(f"{adapter.where}: trainable tokens have a PEFT form beside LoRA only")
-    if config["peft_type"] == "LORA":
-        config["trainable_token_indices"] = tokens or None
-    if adapter.invocation is not None:
-        if config["peft_type"] != "LORA":
-            raise UnsupportedError(f"{adapter.where}: aLoRA gating exists for LoRA only")
-        config["alora_invocation_tokens"] = list(adapter.invocation)
+    if adapter.invocation is not None and kind is not LowRank:
+        raise UnsupportedError(f"{adapter.where}: aLoRA gating exists for LoRA only")
     with atomic_folder(Path(path), force=force, owns=owned) as tmp:
-        save_safetensors(dict(sorted(tensors.items())), tmp / WEIGHTS, metadata={"format": "pt"})
+        sink = SafetensorsWriter(tmp / WEIGHTS, header_room(_names(adapter)))
+        try:
+            config = _write_deltas(adapter, kind, sink)
+            config |= _write_aux(adapter, config, sink)
+            sink.close({"format": "pt"})
+        except BaseException:
+            sink.abort()
+            raise
+        config |= {
+            "base_model_name_or_path": adapter.base_model,
+            "revision": adapter.revision,
+            "task_type": adapter.config.get("task_type"),
+            "inference_mode": True,
+        }
+        if kind is LowRank:
+            config["trainable_token_indices"] = tokens or None
+        if adapter.invocation is not None:
+            config["alora_invocation_tokens"] = list(adapter.invocation)
         write_text(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
         if provenance:
-            write_text(tmp / RECIPE_FILE, recipe_text(provenance))
+            write_text(tmp / RECIPE_FILE, recipe_text(recipe_of(provenance)))
     return Path(path)
+
+
+def _write_deltas(adapter: Adapter, kind: type, sink: SafetensorsWriter) -> dict[str, Any]:
+    """Append every module's tensors to ``sink`` (one pass over the deltas) and return the config."""
+    if kind is LowRank:
+        seen: dict[str, pc.LoraInfo] = {}
+        for mod, d in adapter.deltas.items():
+            if not isinstance(d, LowRank):
+                raise UnsupportedError(f"{adapter.where}: module {mod} is not a LoRA; merge first")
+            for name, t in _lora_tensors(mod, d).items():
+                sink.add(name, t)
+            seen[mod] = pc.LoraInfo.of(d)
+        for mod, src in adapter.tied.items():
+            d = adapter.deltas[src]
+            sink.add(f"{PREFIX}{mod}.lora_A.weight", d.a.contiguous())
+            sink.add(f"{PREFIX}{mod}.lora_B.weight", d.b.contiguous())
+        return pc.lora_config(seen) | {"ensure_weight_tying": bool(adapter.tied)}
+    if kind is Scale:
+        for mod, d in adapter.deltas.items():
+            for name, t in _ia3_tensors(mod, d).items():
+                sink.add(name, t)
+        return {
+            "peft_type": "IA3", "init_ia3_weights": True, "target_modules": sorted(adapter.deltas),
+            "feedforward_modules": sorted(m for m, d in adapter.deltas.items() if d.side == "in"),
+            "fan_in_fan_out": any(d.layer == "gpt2_conv1d" for d in adapter.deltas.values()),
+        }  # fmt: skip
+    parts = lycoris.loha_parts if kind is Hadamard else lycoris.lokr_parts
+    for mod, d in adapter.deltas.items():
+        for k, v in parts(d).items():
+            sink.add(f"{PREFIX}{mod}.{k}", v.contiguous())
+    return pc.lycoris_config(adapter, "LOHA" if kind is Hadamard else "LOKR")
+
+
+def _write_aux(adapter: Adapter, config: dict[str, Any], sink: SafetensorsWriter) -> dict[str, Any]:
+    """Append saved base tensors (setting ``bias`` in config), modules_to_save and token rows."""
+    mts = []
+    if saved := {m: a for m, a in adapter.aux.items() if isinstance(a, BaseTensors)}:
+        for name, t in pc.base_tensors(adapter, saved, config, PREFIX).items():
+            sink.add(name, t)
+    for mod, a in adapter.aux.items():
+        if isinstance(a, ModuleReplacement):
+            mts.append(mod)
+            for k, v in a.tensors.items():
+                sink.add(f"{PREFIX}{mod}.{k}", v.contiguous())
+        elif isinstance(a, TokenRows):
+            sink.add(f"{PREFIX}{mod}.token_adapter.trainable_tokens_delta", a.rows.contiguous())
+    return {"modules_to_save": sorted(mts) or None}
+
+
+def _names(adapter: Adapter) -> list[str]:
+    """The tensor names a PEFT folder of this adapter will most likely hold (to reserve header room)."""
+    parts = ("lora_A.weight", "lora_B.weight")
+    names = [f"{PREFIX}{m}.{p}" for m in [*adapter.deltas, *adapter.tied] for p in parts]
+    for mod, a in adapter.aux.items():
+        keys = a.tensors if isinstance(a, ModuleReplacement | BaseTensors) else ["token_adapter.x"]
+        names += [f"{PREFIX}{mod}.base_layer.{k}" for k in keys]
+    return names
 
 
 OWNED = (CONFIG, WEIGHTS, WEIGHTS_BIN, RECIPE_FILE, "merging_stack.json", "verify_report.json")

@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -82,17 +82,33 @@ def _mode(values: list) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def lora_config(adapter: Adapter, deltas: Mapping[str, LowRank]) -> dict[str, Any]:
-    plain = sorted(m for m, d in deltas.items() if d.magnitude is None)
-    if plain and len(plain) < len(deltas):
+class LoraInfo(NamedTuple):
+    """What a LoRA module contributes to adapter_config.json."""
+
+    rank: int
+    scale: float
+    layer: str
+    dora: bool
+    bias: bool
+
+    @classmethod
+    def of(cls, d: LowRank) -> LoraInfo:
+        return cls(d.b.shape[1], d.scale, d.target.layer, d.magnitude is not None, d.bias is not None)
+
+
+def lora_config(infos: Mapping[str, LoraInfo]) -> dict[str, Any]:
+    """A LoraConfig (as JSON) for modules with these ranks, scales and layers: the most common rank and
+    alpha as r and lora_alpha, the others as rank_pattern and alpha_pattern."""
+    plain = sorted(m for m, d in infos.items() if not d.dora)
+    if plain and len(plain) < len(infos):
         raise UnsupportedError(
             f"module {plain[0]} has no DoRA magnitude but PEFT's use_dora applies to every module; "
             "merge with `base_weights` (--base) to give it one"
         )
-    ranks = {m: d.b.shape[1] for m, d in deltas.items()}
-    alphas = {m: d.scale * ranks[m] for m, d in deltas.items()}
+    ranks = {m: d.rank for m, d in infos.items()}
+    alphas = {m: d.scale * ranks[m] for m, d in infos.items()}
     r, alpha = _mode(list(ranks.values())), _mode(list(alphas.values()))
-    layers = {d.target.layer for d in deltas.values()}
+    layers = {d.layer for d in infos.values()}
     if "gpt2_conv1d" in layers and layers - {"gpt2_conv1d", "embedding"}:
         raise UnsupportedError(
             "cannot write GPT-2 Conv1D and other linear layers in one PEFT LoRA (fan_in_fan_out)"
@@ -103,10 +119,10 @@ def lora_config(adapter: Adapter, deltas: Mapping[str, LowRank]) -> dict[str, An
         "lora_alpha": alpha,
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-        "target_modules": sorted(deltas),
+        "target_modules": sorted(infos),
         "use_rslora": False,
-        "use_dora": any(d.magnitude is not None for d in deltas.values()),
-        "lora_bias": any(d.bias is not None for d in deltas.values()),
+        "use_dora": any(d.dora for d in infos.values()),
+        "lora_bias": any(d.bias for d in infos.values()),
         "fan_in_fan_out": "gpt2_conv1d" in layers,
         "init_lora_weights": True,
         "lora_dropout": 0.0,
