@@ -173,9 +173,34 @@ def fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages to disk now, without waiting (Linux
+    sync_file_range; elsewhere nothing): the fsync that makes the output durable then waits less."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+            _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        _sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: start writeback of the whole file
+
+
+_sync_file_range = None
+
+
 def _settle(root: Path) -> None:
-    """Give every file and folder under ``root`` the umask's mode and fsync it, deepest first."""
+    """Give every file and folder under ``root`` the umask's mode and fsync it, deepest first (the writeback
+    of every file is started first, so that the disk writes them together)."""
     mask = umask()
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                start_writeback(fd)
+            finally:
+                os.close(fd)
     if root.is_file():
         os.chmod(root, 0o666 & ~mask)
         fsync_path(root)

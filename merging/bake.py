@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
 import struct
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import torch
 from merging import dora
 from merging.adapter import Pair, Stacks, base_shapes, stacks
 from merging.alora import refuse_gated
+from merging.atomic import start_writeback
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.basemodel import skeleton
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
@@ -171,9 +173,9 @@ def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = No
             (meta["data_offsets"], name) for name, meta in header.items() if name != "__metadata__"
         )
         for (begin, end), name in entries:
-            fin.seek(data_start + begin)
             sources = [new for new, (source, _) in extra.items() if source == name]
             if name in transforms or sources:
+                fin.seek(data_start + begin)
                 meta = header[name]
                 raw = bytearray(fin.read(end - begin))
                 t = (
@@ -184,18 +186,44 @@ def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = No
                 for new in sources:
                     made[new] = extra[new][1](new, t.clone()).contiguous()
                 new_t = transforms[name](name, t).contiguous() if name in transforms else t
-                fout.write(new_t.view(torch.uint8).numpy().tobytes() if new_t.numel() else b"")
-                checkpoint(f"tensor {name}")
-                continue
-            left = end - begin
-            while left:
-                block = fin.read(min(CHUNK, left))
-                fout.write(block)
-                left -= len(block)
+                _write(fout, new_t)
+            else:
+                _copy(fin, fout, data_start + begin, end - begin)
             checkpoint(f"tensor {name}")
         for name in added:
-            fout.write(made[name].view(torch.uint8).numpy().tobytes())
+            _write(fout, made[name])
             checkpoint(f"tensor {name}")
+
+
+def _write(f, t: torch.Tensor) -> None:
+    """Append a tensor's bytes (no copy) and start their writeback to disk."""
+    if t.numel():
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        start_writeback(f.fileno())
+
+
+def _copy(fin, fout, offset: int, size: int) -> None:
+    """Append ``size`` bytes of ``fin`` from ``offset``: in the kernel (copy_file_range) where it can."""
+    fout.flush()
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, offset + done)
+            if n == 0:
+                raise FormatError(f"{fin.name}: truncated safetensors file")
+            done += n
+    except (OSError, AttributeError):  # no copy_file_range here (or across these filesystems): read + write
+        fin.seek(offset + done)
+        fout.seek(0, os.SEEK_END)
+        while done < size:
+            block = fin.read(min(CHUNK, size - done))
+            if not block:
+                raise FormatError(f"{fin.name}: truncated safetensors file") from None
+            fout.write(block)
+            done += len(block)
+    fout.seek(0, os.SEEK_END)
+    start_writeback(fout.fileno())
 
 
 def _tied_twins(plan: Stacks, weights: LazyWeights) -> list[str]:

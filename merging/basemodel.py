@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -64,7 +65,18 @@ def _build(classes: list, make):
 
 
 def skeleton(folder: Path, task_type: str | None = None) -> torch.nn.Module:
-    """The model built from its config on the meta device: module names and shapes, no memory."""
+    """The model built from its config on the meta device: module names and shapes, no memory.
+
+    Built once per folder, task type and config file version (bake and its inputs' layout share it); do not
+    modify it.
+    """
+    cfg = Path(folder) / "config.json"
+    stamp = cfg.stat().st_mtime_ns if cfg.is_file() else None
+    return _skeleton(Path(folder), task_type, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _skeleton(folder: Path, task_type: str | None, stamp: int | None) -> torch.nn.Module:
     config = _config(Path(folder))
     with torch.device("meta"):
         try:

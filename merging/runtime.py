@@ -27,6 +27,7 @@ from merging.deltas import (
     Delta,
     Dense,
     Layer,
+    LowRank,
     ModuleReplacement,
     Scale,
     Target,
@@ -186,6 +187,8 @@ def effective_weight(
             m = dora.fold(m, d, w0)
         elif isinstance(d, Scale):
             m = Scale((d.l.double() ** wt).float(), d.side, d.layer).fold(m)
+        elif isinstance(d, LowRank):
+            m.addmm_(d.b.float() * (wt * d.scale), d.a.float())  # in place, no (out, in) temporary
         elif isinstance(d, AdditiveDelta):
             m.add_(d.dense(), alpha=wt)  # in place: one (out, in) temporary, not two
         else:

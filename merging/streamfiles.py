@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from merging.atomic import checkpoint
+from merging.atomic import checkpoint, start_writeback
 from merging.errors import FormatError
 from merging.tensorfiles import load_tensors, safetensors_header
 
@@ -27,6 +27,7 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 NAMES = {v: k for k, v in DTYPES.items()}
+WRITEBACK = 32 << 20  # bytes written between two requests to start writing them to disk
 
 
 def finite(t: torch.Tensor) -> bool:
@@ -90,7 +91,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.room = max(64, -(-header_room // 8) * 8)
         self.entries: dict[str, dict] = {}
-        self.size = 0
+        self.size = self._unsynced = 0
         checkpoint(f"open {self.path.name}")
         self.file = open(self.path, "wb")  # noqa: SIM115  (closed in close())
         self.file.seek(8 + self.room)
@@ -102,6 +103,11 @@ class SafetensorsWriter:
         t = tensor.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
         self.file.write(memoryview(raw.numpy()))
+        self._unsynced += raw.numel()
+        if self._unsynced > WRITEBACK:  # start the disk writes while the next modules are merged
+            self.file.flush()
+            start_writeback(self.file.fileno())
+            self._unsynced = 0
         self.entries[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self.size, self.size + raw.numel()]}  # fmt: skip
         self.size += raw.numel()
