@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import real_sizes
+
 ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("svd", "cat", "inference", "bake", "scaling", "real")
 OUT = ROOT / "reports" / "benchmarks"
 LLAMA = dict(
     hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16, vocab_size=1024
@@ -148,9 +151,15 @@ def now_rss():
             return int(line.split()[1]) * 1024
 start_rss = now_rss()
 start = time.perf_counter()
-if job == "copy":
+if job in ("copy", "copy_fsync"):
+    import os
     for src in args[1:]:
         shutil.copytree(src, Path(args[0]) / Path(src).name)
+    if job == "copy_fsync":  # what our output gets: every file and folder made durable
+        for f in sorted(Path(args[0]).rglob("*")) + [Path(args[0])]:
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
 elif job == "ours_cat":
     r = CliRunner().invoke(cli, ["merge", *args[1:], "-s", "cat", "-o", args[0]])
     assert r.exit_code == 0, r.output
@@ -197,9 +206,10 @@ def baseline_rss() -> int:
 def bench_cat(tmp: Path, layers: int, repeats: int) -> dict:
     paths = make_adapters(tmp / "cat", layers, 4, 64)
     sizes = [sum(f.stat().st_size for f in p.iterdir()) for p in paths]
-    runs = {"copy": [], "ours": [], "peft": []}
+    runs = {"copy": [], "copy_fsync": [], "ours": [], "peft": []}
     for i in range(repeats):
         runs["copy"].append(child("copy", tmp / f"copy{i}", *paths))
+        runs["copy_fsync"].append(child("copy_fsync", tmp / f"copyf{i}", *paths))
         runs["ours"].append(child("ours_cat", tmp / f"ours{i}", *paths))
         runs["peft"].append(child("peft_cat", tmp / f"peft{i}", layers, *paths))
     med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
@@ -210,6 +220,7 @@ def bench_cat(tmp: Path, layers: int, repeats: int) -> dict:
                     for k, m in med.items()},  # fmt: skip
         "peak_rss": peak, "largest_input_bytes": max(sizes), "input_bytes": sum(sizes),
         "ratio_vs_copy": med["ours"] / med["copy"], "ratio_vs_peft": med["ours"] / med["peft"],
+        "ratio_vs_copy_fsync": med["ours"] / med["copy_fsync"],
         "module_working_set": module_ws,
     }  # fmt: skip
 
@@ -328,9 +339,11 @@ def render(data: dict) -> str:
     c = data["cat"]
     lines += ["## 2. `merging merge --strategy cat` end to end (4 × rank 64)", "",
               "| | median s (after imports) | peak RSS growth during the job |", "|---|---|---|"]  # fmt: skip
-    for k in ("copy", "ours", "peft"):
-        lines.append(f"| {k} | {f(c['seconds'][k]['median'])} | {c['peak_rss'][k] / 2**20:.0f} MiB |")
-    lines += ["", f"Ours / copy: {f(c['ratio_vs_copy'])}× (target ≤ 2×); ours / PEFT: {f(c['ratio_vs_peft'])}×. "
+    for k in ("copy", "copy_fsync", "ours", "peft"):
+        if k in c["seconds"]:
+            lines.append(f"| {k} | {f(c['seconds'][k]['median'])} | {c['peak_rss'][k] / 2**20:.0f} MiB |")
+    durable = f"ours / copy + fsync (durable, as our output is): {f(c['ratio_vs_copy_fsync'])}×; " if "ratio_vs_copy_fsync" in c else ""
+    lines += ["", f"Ours / copy: {f(c['ratio_vs_copy'])}× (target ≤ 2×); {durable}ours / PEFT: {f(c['ratio_vs_peft'])}×. "
               f"Largest input {c['largest_input_bytes'] / 2**20:.0f} MiB; one module's working set "
               f"{c['module_working_set'] / 2**20:.0f} MiB.", ""]  # fmt: skip
     lines += ["## 3. Stacked-active inference (4 adapters active)", "", "| model | bare s | ours s | PEFT mixed s | ours/bare | ours/PEFT |",
@@ -351,6 +364,8 @@ def render(data: dict) -> str:
             f"| {case} | {f(v['ours']['median'])} | {f(v['peft_thin']['median'])} | {f(v['speedup_vs_peft_thin'])}× |"
         )
     lines += ["", "![scaling](scaling.png)", ""]
+    if "real" in data:
+        lines += real_sizes.render(data["real"])
     return "\n".join(lines)
 
 
@@ -378,7 +393,7 @@ def plot(data: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer layers and repeats (a smoke run)")
-    parser.add_argument("--only", default="svd,cat,inference,bake,scaling",
+    parser.add_argument("--only", default=",".join(SECTIONS),
                         help="comma-separated sections to (re)measure; the others are kept from benchmarks.json")  # fmt: skip
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -389,7 +404,7 @@ def main() -> None:
     old = OUT / "benchmarks.json"
     data = (
         json.loads(old.read_text())
-        if old.exists() and only != {"svd", "cat", "inference", "bake", "scaling"}
+        if old.exists() and only != set(SECTIONS)
         else {}
     )
     data |= {"machine": machine(), "baseline_rss": baseline_rss()}
@@ -411,6 +426,10 @@ def main() -> None:
         if "scaling" in only:
             print("5. scaling ...", flush=True)
             data["scaling"] = bench_scaling(tmp, rep)
+        if "real" in only:
+            print("6. real sizes ...", flush=True)
+            cases = [("llama3-8b", 16)] if args.quick else [(s, r) for s in real_sizes.SHAPES for r in (16, 64)]
+            data["real"] = real_sizes.bench(tmp, cases)
     (OUT / "benchmarks.json").write_text(json.dumps(data, indent=2) + "\n")
     plot(data)
     (OUT / "benchmarks.md").write_text(render(data))

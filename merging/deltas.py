@@ -352,7 +352,8 @@ def stack_factors(items: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.T
     bs, as_ = [], []
     for d, w in items:
         lr = d.low_rank()
-        bs.append((w * lr.scale) * lr.b.float())
+        c = w * lr.scale
+        bs.append(lr.b.float() if c == 1.0 else c * lr.b.float())  # cat copies it anyway
         as_.append(lr.a.float())
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
