@@ -23,7 +23,7 @@ def complete_path(ctx: click.Context, param: click.Parameter, incomplete: str) -
 
 
 def complete_strategy(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
-    """Strategy names; after a comma, the next name of a comma-separated list (``-s cat,sv`` → ``cat,svd``)."""
+    """Strategy names; after a comma, the next one of a comma-separated list (``cat,sv`` → ``cat,svd``)."""
     from merging import strategies
 
     done, _, last = incomplete.rpartition(",")

@@ -20,9 +20,9 @@ from merging.ia3 import AddedScale
 from merging.tensorfiles import list_tensors, tensor_files
 
 ADAPTER_PARTS = ("lora_", "hada_", "lokr_", "ia3_")
-CONFIG_FIELDS = ("peft_type", "task_type", "r", "lora_alpha", "alpha", "use_rslora", "use_dora", "target_modules",
-                 "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "trainable_token_indices",
-                 "alora_invocation_tokens", "revision")  # fmt: skip
+CONFIG_FIELDS = ("peft_type", "task_type", "r", "lora_alpha", "alpha", "use_rslora", "use_dora",
+                 "target_modules", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                 "trainable_token_indices", "alora_invocation_tokens", "revision")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def kinds(mods: list[Module]) -> list[Kind]:
         layers = sorted({layer for _, layer in items if layer is not None})
         out.append(Kind(pattern, delta, layers, len(ms), lo_hi([m.rank for m in ms]),
                         lo_hi([m.scale for m in ms]), lo_hi([m.norm for m in ms]), sum(m.params for m in ms)))
-    return out  # fmt: skip
+    return out
 
 
 def config_of(ad: Adapter) -> dict[str, Any]:
@@ -115,10 +115,10 @@ def config_of(ad: Adapter) -> dict[str, Any]:
 
 
 def stem(patterns: list[str]) -> str:
-    """The shared start of the kinds up to their layer index (``model.layers.*.``), shown once in the title."""
+    """The kinds' shared start up to their layer index (``model.layers.*.``), said once in the title."""
     split = [p.split(".") for p in patterns]
     common = []
-    for parts in zip(*split):
+    for parts in zip(*split, strict=False):
         if len(set(parts)) > 1:
             break
         common.append(parts[0])
@@ -133,7 +133,8 @@ def kind_rows(ks: list[Kind], prefix: str = "") -> list[list[str]]:
     rows = []
     for k in ks:
         layers = ranges(k.layers) if len(k.layers) == k.modules else f"{k.modules} modules"
-        rows.append([k.kind.removeprefix(prefix), layers, k.delta, span(k.rank, str), span(k.scale), span(k.norm), count(k.params)])
+        spans = [span(k.rank, str), span(k.scale), span(k.norm)]
+        rows.append([k.kind.removeprefix(prefix), layers, k.delta, *spans, count(k.params)])
     return rows
 
 
@@ -165,7 +166,7 @@ def inspect_cmd(spec: str, glob: str | None, as_json: bool) -> None:
     docs = [_adapter_doc(ad, glob) for ad in adapters]
     if as_json:
         return emit_json("merging.inspect/1", {"path": spec, "kind": "adapter", "adapters": docs})
-    for ad, doc in zip(adapters, docs):
+    for ad, doc in zip(adapters, docs, strict=True):
         _show_adapter(spec, ad, doc, glob)
 
 
@@ -208,7 +209,8 @@ def _show_adapter(spec: str, ad: Adapter, doc: dict[str, Any], glob: str | None)
     title = f"{spec}{rev}: {', '.join(doc['delta_kinds'])} on {ad.base_model or 'an unknown base'}"
     title += f"; module kinds under {prefix.rstrip('.')}" if prefix else ""
     show(Grid(title, cols, kind_rows(ks, prefix)))
-    say(f"{doc['modules']} modules in {len(ks)} kinds, {doc['params']:,} parameters ({count(doc['params'])}), "
+    params = doc["params"]
+    say(f"{doc['modules']} modules in {len(ks)} kinds, {params:,} parameters ({count(params)}), "
         f"{doc['bytes'] / 2**20:.2f} MiB on disk")  # fmt: skip
     for key, value in doc["config"].items():
         if value is not None:

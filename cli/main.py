@@ -52,7 +52,7 @@ class MergingGroup(click.Group):
 def cli(ctx: click.Context, debug: bool, no_color: bool) -> None:
     """Adapter arithmetic and merging workbench for LoRA, LoHa, LoKr and IA³.
 
-    Shell completion, once per shell: eval "$(_MERGING_COMPLETE=bash_source merging)" (zsh_source, fish_source).
+    Shell completion: eval "$(_MERGING_COMPLETE=bash_source merging)" (zsh_source, fish_source).
     """
     ctx.obj = Settings(debug=debug)
     for c in (console, err_console):  # rich reads NO_COLOR when a console is made; --no-color says it later

@@ -166,7 +166,7 @@ def _blocks(grid: Grid, out: Console) -> None:
     out.print(Text(grid.title, style="bold"))
     for row in grid.rows:
         out.print(Text(row[0], style="bold"), overflow="fold")
-        for c, v in zip(grid.cols[1:], row[1:]):
+        for c, v in zip(grid.cols[1:], row[1:], strict=True):
             if v:
                 out.print(Text.assemble(f"  {c.name}: ", _cell(v)), overflow="fold")
 
@@ -178,7 +178,7 @@ def plain(grid: Grid) -> str:
     def line(cells: Sequence[str]) -> str:
         padded = [
             " " * (w - cell_len(v)) + v if c.right else v + " " * (w - cell_len(v))
-            for c, v, w in zip(grid.cols, cells, widths)
+            for c, v, w in zip(grid.cols, cells, widths, strict=True)
         ]
         return SEP.join(padded).rstrip()
 

@@ -27,15 +27,16 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    drop = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     return env | {"PYTHONPATH": str(ROOT), "TERM": "xterm-256color"} | extra
 
 
 def tty_runs(runs: list[tuple[int, list[str]]], cwd: Path | None = None, **env: str) -> list[str]:
     """The terminal text of each (columns, args) run, in one child process on a pty."""
     master, slave = pty.openpty()
-    child = subprocess.Popen([sys.executable, "-m", "tests.ttyrun", json.dumps(runs)], stdin=slave, stdout=slave,
-                             stderr=subprocess.DEVNULL, cwd=cwd, env=_env(**env), close_fds=True)  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-m", "tests.ttyrun", json.dumps(runs)], stdin=slave,
+                             stdout=slave, stderr=subprocess.DEVNULL, cwd=cwd, env=_env(**env))  # fmt: skip
     os.close(slave)
     data = b""
     while True:
