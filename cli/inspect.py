@@ -221,7 +221,7 @@ def _show_adapter(spec: str, ad: Adapter, doc: dict[str, Any], glob: str | None)
         say("per module: --modules (all) or --modules GLOB, e.g. --modules '*.q_proj'")
         return
     rows = doc["module_rows"]
-    mcols = (Col("module"), Col("delta"), Col("shape (out, in)", True), Col("rank", True), Col("scale", True),
+    mcols = (Col("module"), Col("delta"), Col("shape", True), Col("rank", True), Col("scale", True),
              Col("‖ΔW‖", True), Col("params", True))  # fmt: skip
     show(Grid(f"{len(rows)} modules matching {glob!r}", mcols, module_rows([Module(**m) for m in rows])))
 

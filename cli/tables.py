@@ -1,8 +1,8 @@
 """Tables every command prints: compact numbers, no cut cells at any width, plain text in pipes.
 
     grid = Grid("verify on base", (Col("candidate"), Col("KL", right=True)), [("m1", sci(6.7e-4))])
-    show(grid)   # a terminal: a box table, split into parts or one block per row when too wide
-                 # a pipe or a file: plain aligned columns, full values, no box characters
+    show(grid)   # a terminal: aligned columns, split into parts or one block per row when too narrow
+                 # a pipe or a file: the same columns, one line per row, every value whole
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-from rich import box
 from rich.cells import cell_len
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from cli.common import console
@@ -115,55 +113,65 @@ class Grid:
 
 
 def show(grid: Grid, out: Console | None = None) -> None:
-    """Print a grid whole: boxed on a terminal (split or as blocks when too wide), plain when piped."""
+    """Print a grid whole: aligned columns, split into parts (or one block per row) when a terminal is too
+    narrow for all of them; in a pipe or a file, one line per row however long."""
     out = out or console
+    widths = [max([cell_len(c.name), *(cell_len(r[i]) for r in grid.rows)]) for i, c in enumerate(grid.cols)]
     if not out.is_terminal:
         say(plain(grid), out)
         return
-    widths = [max([cell_len(c.name), *(cell_len(r[i]) for r in grid.rows)]) for i, c in enumerate(grid.cols)]
+    say(Text(grid.title, style="bold"), out)
     parts = fit(widths, out.width)
     if parts is None:
         _blocks(grid, out)
         return
     for n, part in enumerate(parts):
-        title = grid.title if n == 0 else f"{grid.title} (continued)"
-        out.print(_boxed(Grid(title, grid.cols, grid.rows), part, widths))
+        if n:
+            out.print()
+        for line in _lines(grid, part, widths, "─"):
+            out.print(line, soft_wrap=True, crop=False, highlight=False)
 
 
 def fit(widths: Sequence[int], width: int) -> list[list[int]] | None:
-    """Column indices per boxed part so each fits ``width`` (the first column in every part); None if not."""
+    """Column indices per part so each line fits ``width`` (the first column in every part); None if not."""
     parts = [[0]]
     for i in range(1, len(widths)):
-        if _boxed_width([widths[j] for j in [*parts[-1], i]]) <= width:
+        if _width([widths[j] for j in [*parts[-1], i]]) <= width:
             parts[-1].append(i)
-        elif _boxed_width([widths[0], widths[i]]) <= width:
+        elif _width([widths[0], widths[i]]) <= width:
             parts.append([0, i])
         else:
             return None
-    return parts if _boxed_width([widths[0]]) <= width else None
+    return parts if _width([widths[0]]) <= width else None
 
 
-def _boxed_width(widths: Sequence[int]) -> int:
-    return sum(widths) + 3 * len(widths) + 1  # "│ a │ b │": one space either side, one border between
+def _width(widths: Sequence[int]) -> int:
+    return sum(widths) + len(SEP) * (len(widths) - 1)
 
 
 def _cell(value: str) -> Text:
     return Text(value, style=STYLES.get(value, ""))
 
 
-def _boxed(grid: Grid, cols: Sequence[int], widths: Sequence[int]) -> Table:
-    table = Table(title=Text(grid.title), box=box.HEAVY_HEAD, title_justify="left")
-    for i in cols:
-        c = grid.cols[i]
-        table.add_column(c.name, justify="right" if c.right else "left", no_wrap=True, min_width=widths[i])
-    for row in grid.rows:
-        table.add_row(*(_cell(row[i]) for i in cols))
-    return table
+def _lines(grid: Grid, cols: Sequence[int], widths: Sequence[int], rule: str) -> list[Text]:
+    """Header, rule and rows of the chosen columns, padded to the column widths (right for numbers)."""
+
+    def line(cells: Sequence[Text]) -> Text:
+        out = Text()
+        for n, i in enumerate(cols):
+            pad = " " * (widths[i] - cell_len(cells[n].plain))
+            out.append(SEP if n else "")
+            out.append_text(Text(pad) + cells[n] if grid.cols[i].right else cells[n] + Text(pad))
+        out.rstrip()
+        return out
+
+    head = line([Text(grid.cols[i].name, style="bold") for i in cols])
+    ruled = Text(SEP.join(rule * widths[i] for i in cols), style="dim")
+    return [head, ruled, *(line([_cell(row[i]) for i in cols]) for row in grid.rows)]
 
 
 def _blocks(grid: Grid, out: Console) -> None:
     """One block per row: its name, then ``header: value`` lines (long values fold, never cut)."""
-    out.print(Text(grid.title, style="bold"))
     for row in grid.rows:
         out.print(Text(row[0], style="bold"), overflow="fold")
         for c, v in zip(grid.cols[1:], row[1:], strict=True):
@@ -172,24 +180,18 @@ def _blocks(grid: Grid, out: Console) -> None:
 
 
 def plain(grid: Grid) -> str:
-    """The grid as plain aligned text: title, header, rule, rows; every value whole."""
+    """The grid as plain aligned text (title, header, rule, rows), as a pipe receives it."""
     widths = [max([cell_len(c.name), *(cell_len(r[i]) for r in grid.rows)]) for i, c in enumerate(grid.cols)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [
-            " " * (w - cell_len(v)) + v if c.right else v + " " * (w - cell_len(v))
-            for c, v, w in zip(grid.cols, cells, widths, strict=True)
-        ]
-        return SEP.join(padded).rstrip()
-
-    rule = SEP.join("-" * w for w in widths)
-    return "\n".join([grid.title, line([c.name for c in grid.cols]), rule, *(line(r) for r in grid.rows)])
+    return "\n".join([grid.title, *(t.plain for t in _lines(grid, range(len(grid.cols)), widths, "-"))])
 
 
-def say(text: str | Text, out: Console | None = None, *, markup: bool = False) -> None:
-    """A line of prose: wrapped at words on a terminal, one unbroken line in a pipe (grep finds it whole)."""
+def say(text: str | Text, out: Console | None = None) -> None:
+    """Prose: wrapped at words on a terminal, one unbroken line in a pipe (grep finds it whole)."""
     out = out or console
-    out.print(text, markup=markup, highlight=False, soft_wrap=not out.is_terminal, overflow="fold")
+    if out.is_terminal:
+        out.print(text, markup=False, highlight=False, overflow="fold")
+    else:
+        out.print(text, markup=False, highlight=False, soft_wrap=True, crop=False)
 
 
 def emit_json(schema: str, data: dict[str, Any]) -> None:
