@@ -1,10 +1,11 @@
 """Run `merging` commands as a person sees them: stdout a pseudo-terminal of a given width, or a pipe.
 
     outs = tty_runs([(80, ["inspect", "a/"]), (120, ["inspect", "a/"])])   # what the terminal shows
-    out = piped(["inspect", "a/"])                                        # what `| grep` reads
+    outs = piped([["inspect", "a/"]])                                       # what `| grep` reads
 
 ``tty_runs`` starts one Python process on a pty (imports once) and runs each command in it after resizing the
 terminal (TIOCSWINSZ, as a window resize does); the text comes back without ANSI escapes and carriage returns.
+``@show-report FILE`` stands for compare's tables of a report.json (compare itself needs a real base).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env | {"PYTHONPATH": str(ROOT), "TERM": "xterm-256color"} | extra
 
 
-def tty_runs(runs: list[tuple[int, list[str]]], cwd: Path | None = None, **env: str) -> list[str]:
-    """The terminal text of each (columns, args) run, in one child process on a pty."""
+def tty_runs(runs: list[tuple[int, list[str]]], cwd: Path | None = None, raw: bool = False,
+             **env: str) -> list[str]:  # fmt: skip
+    """The terminal text of each (columns, args) run, in one child process on a pty (raw: with ANSI codes)."""
     master, slave = pty.openpty()
     child = subprocess.Popen([sys.executable, "-m", "tests.ttyrun", json.dumps(runs)], stdin=slave,
                              stdout=slave, stderr=subprocess.DEVNULL, cwd=cwd, env=_env(**env))  # fmt: skip
@@ -53,23 +55,32 @@ def tty_runs(runs: list[tuple[int, list[str]]], cwd: Path | None = None, **env: 
             break
     child.wait()
     os.close(master)
-    text = ANSI.sub("", data.decode("utf-8", "replace")).replace("\r\n", "\n").replace("\r", "")
+    text = data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+    text = text if raw else ANSI.sub("", text)
     return text.split(MARK)[: len(runs)]
 
 
-def piped(args: list[str], cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
-    """A run with stdout a pipe, as ``merging ... | grep`` has it."""
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=cwd,
-                          env=_env(**env), check=False)  # fmt: skip
+def piped(runs: list[list[str]], cwd: Path | None = None, **env: str) -> list[str]:
+    """The text each run writes when stdout is a pipe, as ``merging ... | grep`` reads it (one child)."""
+    child = subprocess.run([sys.executable, "-m", "tests.ttyrun", json.dumps([[0, r] for r in runs])],
+                           capture_output=True, text=True, cwd=cwd, env=_env(**env), check=True)  # fmt: skip
+    return child.stdout.split(MARK)[: len(runs)]
 
 
 def _child(runs: list[tuple[int, list[str]]]) -> None:
     from cli.main import cli
 
     for cols, args in runs:
-        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 50, cols, 0, 0))
+        if cols:
+            fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 50, cols, 0, 0))
         try:
-            cli.main(args, prog_name="merging", standalone_mode=False)
+            if args[0] == "@show-report":  # compare's tables for a report.json, without running compare
+                from cli.compare import show
+                from merging.results import Comparison
+
+                show(Comparison.from_dict(json.loads(Path(args[1]).read_text())))
+            else:
+                cli.main(args, prog_name="merging", standalone_mode=False)
         except SystemExit:
             pass
         except Exception as e:  # the test sees it in the text
