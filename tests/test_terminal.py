@@ -22,6 +22,7 @@ from merging.results import Comparison
 from tests.ttyrun import ANSI, piped, tty_runs
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread (the children too, ttyrun)
 ADD, SORT, SENTIMENT = (str(ROOT / "examples" / "adapters" / n) for n in ("add", "sort", "sentiment"))
 
 

@@ -30,7 +30,8 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 def _env(**extra: str) -> dict[str, str]:
     drop = ("COLUMNS", "LINES", "FORCE_COLOR", "TTY_COMPATIBLE")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    return env | {"PYTHONPATH": str(ROOT), "TERM": "xterm-256color"} | extra
+    # one torch thread: small tensors, and two threads spinning against other work cost 3× the CPU
+    return env | {"PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "OMP_NUM_THREADS": "1"} | extra
 
 
 def tty_runs(runs: list[tuple[int, list[str]]], cwd: Path | None = None, raw: bool = False,
