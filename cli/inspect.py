@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
@@ -61,11 +62,13 @@ def _module_of(name: str) -> tuple[str, str]:
     return ".".join(parts[:-1]) or name, parts[-1]
 
 
+INDEX = re.compile(r"(?<=[._])\d+(?=[._]|$)")  # layers.3.x, kohya's down_blocks_0_attentions_1_
+
+
 def kind_of(module: str) -> tuple[str, int | None]:
     """(the name with each index as ``*``, the layer index when there is exactly one)."""
-    parts = module.split(".")
-    idx = [int(p) for p in parts if p.isdigit()]
-    return ".".join("*" if p.isdigit() else p for p in parts), idx[0] if len(idx) == 1 else None
+    idx = INDEX.findall(module)
+    return INDEX.sub("*", module), int(idx[0]) if len(idx) == 1 else None
 
 
 def modules(ad: Adapter) -> list[Module]:
@@ -132,7 +135,8 @@ def kind_rows(ks: list[Kind], prefix: str = "") -> list[list[str]]:
     """The summary table's cells: the kind without ``prefix``, layers as ranges, spans, compact counts."""
     rows = []
     for k in ks:
-        layers = ranges(k.layers) if len(k.layers) == k.modules else f"{k.modules} modules"
+        many = f"{k.modules} module" + "s" * (k.modules > 1)
+        layers = ranges(k.layers) if len(k.layers) == k.modules else many
         spans = [span(k.rank, str), span(k.scale), span(k.norm)]
         rows.append([k.kind.removeprefix(prefix), layers, k.delta, *spans, count(k.params)])
     return rows
