@@ -97,6 +97,9 @@ def test_inspect_summary_and_modules_at_80_120_and_in_a_pipe():
         for m in ad["module_rows"] if name in ("m80", "mpipe") else []:
             shown(rows, m["module"], [m["delta"], m["shape"], str(m["rank"]), tables.num(m["scale"]),
                                       tables.num(m["norm"]), count(m["params"])])  # fmt: skip
+    page = (ROOT / "docs" / "cli.md").read_text()
+    quoted = re.search(r"```\n(examples/adapters/add: .*?)```", page, flags=re.S)[1].splitlines()
+    assert set(quoted[1:]) <= set(views["pipe"].splitlines())  # docs/cli.md quotes this output as it is
     grep = [ln for ln in views["mpipe"].splitlines() if "q_proj" in ln and ln.startswith("model.layers.")]
     assert len(grep) == 30 and grep[10].split()[0] == "model.layers.10.self_attn.q_proj"  # natural order
     assert "─" not in views["pipe"] and "─" in views["t80"]  # plain text for grep/awk; a rule on a terminal
