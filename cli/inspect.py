@@ -118,28 +118,28 @@ def config_of(ad: Adapter) -> dict[str, Any]:
 
 
 def stem(patterns: list[str]) -> str:
-    """The kinds' shared start up to their layer index (``model.layers.*.``), said once in the title."""
-    split = [p.split(".") for p in patterns]
-    common = []
-    for parts in zip(*split, strict=False):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    while common and common[-1] != "*":
-        common.pop()
-    fits = common and all(len(s) > len(common) for s in split)
-    return ".".join(common) + "." if fits else ""
+    """The start the layered kinds share up to their index (``model.layers.*.``), said once in the title."""
+    layered = [p.split(".") for p in patterns if "*" in p.split(".")]
+    heads = {tuple(parts[: parts.index("*") + 1]) for parts in layered}
+    if len(heads) != 1:
+        return ""
+    head = heads.pop()
+    return ".".join(head) + "." if all(len(parts) > len(head) for parts in layered) else ""
 
 
 def kind_rows(ks: list[Kind], prefix: str = "") -> list[list[str]]:
     """The summary table's cells: the kind without ``prefix``, layers as ranges, spans, compact counts."""
     rows = []
     for k in ks:
-        many = f"{k.modules} module" + "s" * (k.modules > 1)
-        layers = ranges(k.layers) if len(k.layers) == k.modules else many
+        layers = _layers(k.layers, k.modules)
         spans = [span(k.rank, str), span(k.scale), span(k.norm)]
         rows.append([k.kind.removeprefix(prefix), layers, k.delta, *spans, count(k.params)])
     return rows
+
+
+def _layers(layers: list[int], modules: int) -> str:
+    """Layer indices as ranges when each module has one, else how many modules."""
+    return ranges(layers) if len(layers) == modules else f"{modules} module" + "s" * (modules > 1)
 
 
 def module_rows(mods: list[Module]) -> list[list[str]]:
@@ -165,7 +165,7 @@ def inspect_cmd(spec: str, glob: str | None, as_json: bool) -> None:
     else:
         adapter = _as_adapter(path)
         if adapter is None:
-            return _inspect_tensors(path, as_json)
+            return _inspect_tensors(path, as_json, glob)
         adapters = [adapter]
     docs = [_adapter_doc(ad, glob) for ad in adapters]
     if as_json:
@@ -211,7 +211,7 @@ def _show_adapter(spec: str, ad: Adapter, doc: dict[str, Any], glob: str | None)
             Col("‖ΔW‖", True), Col("params", True))  # fmt: skip
     prefix = stem([k.kind for k in ks])
     title = f"{spec}{rev}: {', '.join(doc['delta_kinds'])} on {ad.base_model or 'an unknown base'}"
-    title += f"; module kinds under {prefix.rstrip('.')}" if prefix else ""
+    title += f"; layer modules are {prefix}KIND" if prefix else ""
     show(Grid(title, cols, kind_rows(ks, prefix)))
     params = doc["params"]
     say(f"{doc['modules']} modules in {len(ks)} kinds, {params:,} parameters ({count(params)}), "
@@ -230,8 +230,8 @@ def _show_adapter(spec: str, ad: Adapter, doc: dict[str, Any], glob: str | None)
     show(Grid(f"{len(rows)} modules matching {glob!r}", mcols, module_rows([Module(**m) for m in rows])))
 
 
-def _inspect_tensors(path: Path, as_json: bool) -> None:
-    """A model's or tensor file's modules, their tensors, shapes and dtypes (natural order)."""
+def _inspect_tensors(path: Path, as_json: bool, glob: str | None) -> None:
+    """A tensor file's modules by kind (tensors, shapes, dtypes); with --modules, per module."""
     infos = list_tensors(path)
     groups: dict[str, list] = defaultdict(list)
     for t in infos:
@@ -239,20 +239,43 @@ def _inspect_tensors(path: Path, as_json: bool) -> None:
     files = {t.file for t in infos}
     rows = [
         {"module": mod, "tensors": [_module_of(t.name)[1] for t in ts], "shapes": [list(t.shape) for t in ts],
-         "dtypes": sorted({t.dtype for t in ts})}
+         "dtypes": sorted({t.dtype for t in ts}), "params": sum(t.numel for t in ts)}
         for mod, ts in sorted(groups.items(), key=lambda kv: natural(kv[0]))
     ]  # fmt: skip
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_kind[kind_of(r["module"])[0]].append(r)
+    kinds_ = [{"kind": k, "layers": sorted({kind_of(r["module"])[1] for r in rs} - {None}),
+               "modules": len(rs),
+               "tensors": sorted({n for r in rs for n in r["tensors"]}),
+               "shapes": sorted({"×".join(map(str, s)) for r in rs for s in r["shapes"]}, key=natural),
+               "dtypes": sorted({d for r in rs for d in r["dtypes"]}), "params": sum(r["params"] for r in rs)}
+              for k, rs in by_kind.items()]  # fmt: skip
     looks = any(_module_of(t.name)[1].startswith(ADAPTER_PARTS) for t in infos)
-    doc = {"path": str(path), "kind": "tensors", "modules": rows, "tensors": len(infos),
+    doc = {"path": str(path), "kind": "tensors", "modules": len(rows), "kinds": kinds_, "tensors": len(infos),
            "params": sum(t.numel for t in infos), "bytes": sum(f.stat().st_size for f in files),
            "files": len(files), "adapter_without_config": looks}  # fmt: skip
+    if glob is not None:
+        doc["module_rows"] = [r for r in rows if _matches(r["module"], glob)]
     if as_json:
         return emit_json("merging.inspect/1", doc)
-    cells = [[r["module"], ", ".join(r["tensors"]), ", ".join("×".join(map(str, s)) for s in r["shapes"]),
-              ", ".join(r["dtypes"])] for r in rows]  # fmt: skip
-    show(Grid(str(path), (Col("module"), Col("tensors"), Col("shapes"), Col("dtype")), cells))
-    say(f"{len(rows)} modules, {len(infos)} tensors, {doc['params']:,} parameters, "
+    prefix = stem([k["kind"] for k in kinds_])
+    title = str(path) + (f"; layer modules are {prefix}KIND" if prefix else "")
+    cells = [[k["kind"].removeprefix(prefix), _layers(k["layers"], k["modules"]), ", ".join(k["tensors"]),
+              ", ".join(k["shapes"]), ", ".join(k["dtypes"]), count(k["params"])]
+             for k in kinds_]  # fmt: skip
+    cols = (Col("module kind"), Col("layers"), Col("tensors"), Col("shapes"), Col("dtype"),
+            Col("params", True))  # fmt: skip
+    show(Grid(title, cols, cells))
+    say(f"{len(rows)} modules in {len(kinds_)} kinds, {len(infos)} tensors, {doc['params']:,} parameters, "
         f"{doc['bytes'] / 2**20:.1f} MiB in {len(files)} file(s)")  # fmt: skip
     if looks:
         say("these look like adapter tensors, but there is no adapter_config.json: the adapter type, its "
             "scale (alpha / r) and its targets are unknown without it")  # fmt: skip
+    if glob is None:
+        say("per module: --modules (all) or --modules GLOB, e.g. --modules '*.q_proj'")
+        return
+    cells = [[r["module"], ", ".join(r["tensors"]), ", ".join("×".join(map(str, s)) for s in r["shapes"]),
+              ", ".join(r["dtypes"]), count(r["params"])] for r in doc["module_rows"]]  # fmt: skip
+    cols = (Col("module"), Col("tensors"), Col("shapes"), Col("dtype"), Col("params", True))
+    show(Grid(f"{len(cells)} modules matching {glob!r}", cols, cells))

@@ -17,9 +17,11 @@ def test_version():
 
 
 def test_inspect_lists_tensor_files(fx):
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["inspect", str(fx.base("llama"))])
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["inspect", str(fx.base("llama")), "--modules"])
     assert result.exit_code == 0, result.output
     assert "model.layers.0.self_attn.q_proj" in result.output and "64×64" in result.output
+    kind = next(ln for ln in result.output.splitlines() if ln.startswith("self_attn.q_proj "))
+    assert kind.split()[:4] == ["self_attn.q_proj", "0–1", "weight", "64×64"]  # the summary: one row per kind
     # embed, lm_head, final norm + 2 layers × (4 attention + 3 mlp + 2 norms)
     assert "21 tensors" in result.output
 
