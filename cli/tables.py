@@ -116,7 +116,7 @@ def show(grid: Grid, out: Console | None = None) -> None:
     """Print a grid whole: aligned columns, split into parts (or one block per row) when a terminal is too
     narrow for all of them; in a pipe or a file, one line per row however long."""
     out = out or console
-    widths = [max([cell_len(c.name), *(cell_len(r[i]) for r in grid.rows)]) for i, c in enumerate(grid.cols)]
+    widths = _widths(grid)
     if not out.is_terminal:
         say(plain(grid), out)
         return
@@ -143,6 +143,10 @@ def fit(widths: Sequence[int], width: int) -> list[list[int]] | None:
         else:
             return None
     return parts if _width([widths[0]]) <= width else None
+
+
+def _widths(grid: Grid) -> list[int]:
+    return [max([cell_len(c.name), *(cell_len(r[i]) for r in grid.rows)]) for i, c in enumerate(grid.cols)]
 
 
 def _width(widths: Sequence[int]) -> int:
@@ -181,8 +185,8 @@ def _blocks(grid: Grid, out: Console) -> None:
 
 def plain(grid: Grid) -> str:
     """The grid as plain aligned text (title, header, rule, rows), as a pipe receives it."""
-    widths = [max([cell_len(c.name), *(cell_len(r[i]) for r in grid.rows)]) for i, c in enumerate(grid.cols)]
-    return "\n".join([grid.title, *(t.plain for t in _lines(grid, range(len(grid.cols)), widths, "-"))])
+    lines = _lines(grid, range(len(grid.cols)), _widths(grid), "-")
+    return "\n".join([grid.title, *(t.plain for t in lines)])
 
 
 def say(text: str | Text, out: Console | None = None) -> None:

@@ -4,6 +4,7 @@ shown are the command's --json values in the same compact form."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections import defaultdict
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from rich.cells import cell_len
+from rich.console import Console
 
 from cli import tables
 from cli.compare import rows as compare_rows
@@ -70,6 +72,24 @@ def test_formats_are_compact_and_whole():
     ]  # fmt: skip
     names = sorted(["layers.10", "layers.2", "layers.1"], key=tables.natural)
     assert names == ["layers.1", "layers.2", "layers.10"]
+
+
+def test_a_narrow_terminal_gets_parts_then_blocks_never_a_cut_cell():
+    grid = tables.Grid("t", (tables.Col("name"), tables.Col("error", True), tables.Col("verdict")),
+                       [["model.layers.10.q_proj", "6.7e-04", "FAIL"], ["[red]x", "0", "PASS"]])  # fmt: skip
+    assert tables.fit([22, 7, 7], 80) == [[0, 1, 2]] and tables.fit([22, 7, 7], 32) == [[0, 1], [0, 2]]
+    assert tables.fit([22, 7, 7], 30) is None and tables.fit([81], 80) is None
+    for width, kind in ((80, "one part"), (32, "parts"), (24, "blocks")):
+        term = Console(file=io.StringIO(), force_terminal=True, width=width, color_system=None)
+        tables.show(grid, term)
+        text = term.file.getvalue()
+        assert all(cell_len(ln) <= width for ln in text.splitlines()), (kind, text)
+        assert text.count("model.layers.10.q_proj") == {"one part": 1, "parts": 2, "blocks": 1}[kind]
+        assert "6.7e-04" in text and "FAIL" in text and "[red]x" in text  # whole, and not read as markup
+    assert "  error: 6.7e-04" in text  # the blocks: header: value
+    assert tables.plain(grid).splitlines()[3:] == [
+        "model.layers.10.q_proj  6.7e-04  FAIL", "[red]x                        0  PASS",
+    ]  # fmt: skip
 
 
 def test_inspect_summary_and_modules_at_80_120_and_in_a_pipe():
@@ -160,7 +180,7 @@ def test_verify_and_bake_at_80_120_and_in_a_pipe(tiny, tmp_path):
     doc = json_of(*verify)
     assert doc["schema"] == "merging.verify/1" and [r["name"] for r in doc["rows"]] == ["cat", "svd r=2"]
     bake = ["bake", "--base", base, ads[0], "--force", "-o"]
-    runs = [(80, verify), (120, ["--no-color", *verify]), (80, [*bake, "b80"])]
+    runs = [(80, verify), (120, ["--no-color", *verify]), (80, [*bake, "b80"]), (80, ["inspect", base])]
     raw = tty_runs(runs, cwd=tmp_path, raw=True)
     colour = re.compile(r"\x1b\[[0-9;]*3[0-9]m")  # a foreground colour: PASS in green
     assert colour.search(raw[0]) and not colour.search(raw[1])
@@ -177,6 +197,13 @@ def test_verify_and_bake_at_80_120_and_in_a_pipe(tiny, tmp_path):
         assert "Reference:" in text
     as_seen(texts[2], 80)
     assert f"{sum(baked['files'].values()):,} bytes" in texts[2]
+    model = json_of("inspect", base)  # a model folder: its tensors by module kind
+    rows = as_seen(texts[3], 80)
+    for k in model["kinds"]:
+        layers = tables.ranges(k["layers"]) if k["layers"] else "1 module"
+        cells = [layers, ", ".join(k["shapes"]), count(k["params"])]
+        shown(rows, k["kind"].removeprefix("model.layers.*."), cells)
+    assert {k["kind"] for k in model["kinds"]} >= {"lm_head", "model.layers.*.self_attn.q_proj"}
     pipe = in_pipe(*verify)
     shown(as_seen(pipe, None), "cat", ["PASS", "cat", sci(doc["rows"][0]["effect_rel_error"])])
     assert re.search(r"^Reference: .*loaded by peft: cat, svd r=2\.$", pipe, flags=re.M)  # one whole line
