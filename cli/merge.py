@@ -154,7 +154,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
 
         if fmt != "peft":
             raise click.UsageError("--push-to-hub publishes PEFT folders; drop --format")
-        run_publish(Path(out), push_to_hub, base_model=base_model)
+        run_publish(Path(out), push_to_hub, base_model=base_model, out=err_console if as_json else console)
 
 
 def _for_serving(result: merge_lib.MergeResult, uniform: bool, engine: str | None) -> merge_lib.MergeResult:

@@ -13,7 +13,7 @@ from merging import publish as publish_lib
 
 
 def run_publish(folder: Path, repo: str, *, private=False, revision=None, message=None, verification=None,
-                dry_run=False, base_model=None) -> None:  # fmt: skip
+                dry_run=False, base_model=None, out=console) -> None:  # fmt: skip
     """Shared by `publish` and `merge --push-to-hub`."""
     if dry_run:
         plan = publish_lib.plan(folder, repo, verification, base_model)
@@ -31,7 +31,7 @@ def run_publish(folder: Path, repo: str, *, private=False, revision=None, messag
         enable_progress_bars()
     url = publish_lib.publish(folder, repo, private=private, revision=revision, message=message,
                               verification=verification, base_model=base_model)  # fmt: skip
-    console.print(f"published {folder} to {repo}: {url}")
+    out.print(f"published {folder} to {repo}: {url}", highlight=False, soft_wrap=True)
 
 
 @click.command("publish")
