@@ -6,26 +6,34 @@ from pathlib import Path
 
 import click
 
-from cli.common import FloatList, console, progress_bar, telling_replaced
+from cli.common import FloatList, complete_path, console, err_console, progress_bar, telling_replaced
+from cli.tables import emit_json, say
 from merging import sources
 from merging.bake import bake
 
 
 @click.command("bake")
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1, required=True, shell_complete=complete_path)
 @click.option(
     "--base", required=True, type=click.Path(exists=True, path_type=Path), help="Base model folder."
 )
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--weights", "-w", type=FloatList(), help="Input weights (default 1).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def bake_cmd(inputs, base, out, weights, force) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON (merging.bake/1).")
+def bake_cmd(inputs, base, out, weights, force, as_json) -> None:
     """Write the base model with the adapters folded in, streaming one shard at a time.
 
     Example: merging bake --base BASE merged/ -o baked-model/
     """
     pairs = sources.load_inputs(inputs, base=base, weights=weights)
-    with telling_replaced():
+    with telling_replaced(err_console if as_json else console):
         with progress_bar("baking") as update:
             bake(base, pairs, out, force=force, progress=update)
-        console.print(f"wrote {out}")
+    files = sorted(p for p in Path(out).iterdir() if p.is_file())
+    doc = {"output": str(out), "base": str(base), "inputs": [{"source": str(ad.source), "weight": w}
+           for ad, w in pairs], "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip
+    if as_json:
+        return emit_json("merging.bake/1", doc)
+    size = sum(doc["files"].values())
+    say(f"wrote {out}: {len(files)} files, {size:,} bytes ({size / 2**20:.1f} MiB)")

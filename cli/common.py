@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from click.shell_completion import CompletionItem
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -14,6 +15,21 @@ from merging.fileio import collect_replaced
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def complete_path(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Let the shell complete a file or folder (inputs also take ``name=path`` and Hub ids)."""
+    return [CompletionItem(incomplete, type="file")]
+
+
+def complete_strategy(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """Strategy names; after a comma, the next one of a comma-separated list (``cat,sv`` → ``cat,svd``)."""
+    from merging import strategies
+
+    done, _, last = incomplete.rpartition(",")
+    head = f"{done}," if done else ""
+    names = [*strategies.names(), "all"] if param.name == "names" and not done else strategies.names()
+    return [CompletionItem(head + n) for n in names if n.startswith(last)]
 
 
 class FloatList(click.ParamType):
@@ -31,18 +47,18 @@ class FloatList(click.ParamType):
 
 
 @contextmanager
-def telling_replaced() -> Iterator[None]:
+def telling_replaced(out: Console = console) -> Iterator[None]:
     """Run writes; then say, for each existing output they replaced, which old files went and which stayed."""
     with collect_replaced() as changes:
         yield
     for c in changes:
         if Path(c.out).is_file():
-            console.print(f"replaced the previous {c.out}")
+            out.print(f"replaced the previous {c.out}", highlight=False, soft_wrap=True)
             continue
         what = [f"replaced {', '.join(c.replaced) or 'nothing'}"]
         what += [f"removed {', '.join(c.removed)} (written by an earlier run)"] if c.removed else []
         what += [f"kept {', '.join(c.kept)}"] if c.kept else []
-        console.print(f"{c.out}: " + "; ".join(what))
+        out.print(f"{c.out}: " + "; ".join(what), highlight=False, soft_wrap=True)
 
 
 @contextmanager

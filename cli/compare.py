@@ -5,9 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from cli.common import FloatList, console, progress_bar, telling_replaced
+from cli import tables
+from cli.common import (
+    FloatList,
+    complete_path,
+    complete_strategy,
+    err_console,
+    progress_bar,
+    telling_replaced,
+)
+from cli.tables import Col, Grid, count, emit_json, pct, say, sci
 from merging import report as report_lib
 from merging import sources, strategies
 from merging.basemodel import load_base
@@ -26,9 +34,11 @@ def _ints(value: str | None) -> list[int]:
 
 
 @click.command("compare")
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("--base", required=True, help="Base model: a folder, a .gguf file, or a Hub id in the cache.")
+@click.argument("inputs", nargs=-1, required=True, shell_complete=complete_path)
+@click.option("--base", required=True, shell_complete=complete_path,
+              help="Base model: a folder, a .gguf file, or a Hub id in the cache.")  # fmt: skip
 @click.option("--strategies", "-s", "names", default="cat,svd,ties", show_default=True,
+              shell_complete=complete_strategy,
               help=f"Comma-separated from: {', '.join(strategies.names())}; or 'all'.")  # fmt: skip
 @click.option("--ranks", default="", help="Ranks for the rank-based strategies, e.g. 4,8,16.")
 @click.option("--weights", "-w", type=FloatList(), help="Input weights (default 1).")
@@ -47,9 +57,10 @@ def _ints(value: str | None) -> list[int]:
 )
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report's JSON (schema merging.compare/1).")
 def compare_cmd(
     inputs, base, names, ranks, weights, density, seed, inner, alpha, common_fraction, evals, device, dtype,
-    out, force,
+    out, force, as_json,
 ) -> None:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
 
@@ -81,29 +92,39 @@ def compare_cmd(
             base_name=label,
             progress=update,
         )
-    with telling_replaced():
+    with telling_replaced(err_console if as_json else tables.console):
         report = report_lib.write_report(report, out, force=force)
+        if as_json:
+            return emit_json("merging.compare/1", {"output": str(out), **report.to_dict()})
         show(report)
-        console.print(f"wrote {out}/report.md, report.html, report.json and {len(report.plots or ())} plots")
+        say(f"wrote {out}/report.md, report.html, report.json and {len(report.plots or ())} plots")
+
+
+COMPARE_COLS = (Col("strategy"), Col("result"), Col("exact"), Col("rel err", True), Col("KL", True),
+                Col("top-1", True), Col("greedy", True), Col("ΔW err", True), Col("rank", True),
+                Col("params", True))  # fmt: skip
+
+
+def rows(report: Comparison) -> list[list[str]]:
+    """The fidelity table's cells in the terminal (report.md keeps its own, fuller, figures)."""
+    return [[v.label, r.verdict, "yes" if r.exact else "no", sci(r.effect_rel_error), sci(r.kl),
+             pct(r.top1_agreement), pct(r.greedy_agreement), sci(r.weight_error_max), str(v.max_rank),
+             count(v.params)] for v in report.variants for r in [v.row]]  # fmt: skip
+
+
+def skill_rows(report: Comparison) -> list[list[str]]:
+    """Skill retention: the stacked inputs, then one row per variant; one column per skill."""
+    names, stack = report.skills.names, report.skills.stacked
+    out = [["stacked inputs", *(pct(stack[s].retention) for s in names)]] if names else []
+    return out + [[v.label, *(pct(v.skills[s].retention) for s in names)] for v in report.variants if names]
 
 
 def show(report: Comparison) -> None:
-    """The comparison table in the terminal."""
-    head, rows = report_lib.table_rows(report)
-    table = Table(title=report.title)
-    for col in head:
-        table.add_column(col, justify="left" if col == "strategy" else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    console.print(report_lib.judged(report))
-    head, rows = report_lib.skill_rows(report)
-    if rows:
-        skills = Table(title="skill retention (1 = as the adapter alone)")
-        for col in head:
-            skills.add_column(col, justify="left" if col == "strategy" else "right")
-        for row in rows:
-            skills.add_row(*row)
-        console.print(skills)
+    """The comparison tables in the terminal."""
+    tables.show(Grid(report.title, COMPARE_COLS, rows(report)))
+    say(report_lib.judged(report))
+    if report.skills.names:
+        cols = (Col("strategy"), *(Col(s, True) for s in report.skills.names))
+        tables.show(Grid("skill retention (100% = as the adapter alone)", cols, skill_rows(report)))
     for s in report.not_applicable:
-        console.print(f"[dim]not applicable: {s.label}: {s.reason}[/dim]")
+        say(f"not applicable: {s.label}: {s.reason}")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import console, telling_replaced
+from cli.common import complete_path, console, err_console, telling_replaced
+from cli.tables import emit_json, say
 from merging import formats, serving, sources
 from merging.basemodel import BaseLayout
 from merging.errors import MergingError
@@ -14,7 +15,7 @@ from merging.fileio import refuse_overlap
 
 
 @click.command("convert")
-@click.argument("source")
+@click.argument("source", shell_complete=complete_path)
 @click.option(
     "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder or file."
 )
@@ -29,7 +30,8 @@ from merging.fileio import refuse_overlap
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--uniform-rank", is_flag=True, help="One rank and lora_alpha = r in every module.")
 @click.option("--serve", type=click.Choice(["vllm"]), help="Pad to the smallest rank the engine accepts.")
-def convert_cmd(source, out, fmt, base, outtype, prefix, force, uniform_rank, serve) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON (merging.convert/1).")
+def convert_cmd(source, out, fmt, base, outtype, prefix, force, uniform_rank, serve, as_json) -> None:
     """Convert an adapter between formats (LoHa/LoKr become exact LoRA where the target needs it).
 
     Example: merging convert adapter/ -o adapter.gguf --to gguf --base BASE
@@ -48,8 +50,14 @@ def convert_cmd(source, out, fmt, base, outtype, prefix, force, uniform_rank, se
         rank = serving.vllm_rank(serving.of([ad]).max_rank) if serve == "vllm" else None
         ad = serving.uniform(ad, rank)
     options = formats.WriteOptions(prefix=prefix, out_type=outtype)
-    with telling_replaced():
+    with telling_replaced(err_console if as_json else console):
         formats.get(fmt).write(ad, out, base=layout, force=force, options=options)
-        console.print(f"wrote {out} ({fmt}, {len(ad.deltas)} modules)")
-    for line in serving.of([ad]).lines():
-        console.print(line, highlight=False, soft_wrap=True)
+    written = [Path(out)] if Path(out).is_file() else sorted(p for p in Path(out).rglob("*") if p.is_file())
+    doc = {"source": source, "output": str(out), "format": fmt, "modules": len(ad.deltas), "params": ad.numel,
+           "bytes": sum(p.stat().st_size for p in written), "serving": serving.of([ad]).lines()}  # fmt: skip
+    if as_json:
+        return emit_json("merging.convert/1", doc)
+    say(f"wrote {out} ({fmt}, {doc['modules']} modules, {doc['params']:,} parameters, "
+        f"{doc['bytes']:,} bytes)")  # fmt: skip
+    for line in doc["serving"]:
+        say(line)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import click
 
+from cli.common import console, err_console
 from merging import __version__
 from merging.errors import MergingError
 
@@ -45,11 +46,17 @@ class MergingGroup(click.Group):
 
 @click.group(cls=MergingGroup)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--no-color", is_flag=True, help="No colours (as the NO_COLOR environment variable).")
 @click.version_option(__version__, prog_name="merging")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """Adapter arithmetic and merging workbench for LoRA, LoHa, LoKr and IA³."""
+def cli(ctx: click.Context, debug: bool, no_color: bool) -> None:
+    """Adapter arithmetic and merging workbench for LoRA, LoHa, LoKr and IA³.
+
+    Shell completion: eval "$(_MERGING_COMPLETE=bash_source merging)" (zsh_source, fish_source).
+    """
     ctx.obj = Settings(debug=debug)
+    for c in (console, err_console):  # rich reads NO_COLOR when a console is made; --no-color says it later
+        c.no_color = no_color or os.environ.get("NO_COLOR", "") != ""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -5,11 +5,20 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
-from rich.table import Table
 
-from cli.common import FloatList, console, progress_bar, telling_replaced
+from cli.common import (
+    FloatList,
+    complete_path,
+    complete_strategy,
+    console,
+    err_console,
+    progress_bar,
+    telling_replaced,
+)
+from cli.tables import Col, Grid, count, emit_json, say, sci, show
 from merging import merge as merge_lib
 from merging import publish as publish_lib
 from merging import sdbase, serving, sources, strategies
@@ -53,9 +62,10 @@ def _read_recipe(path: Path) -> dict:
 
 
 @click.command("merge")
-@click.argument("inputs", nargs=-1)
+@click.argument("inputs", nargs=-1, shell_complete=complete_path)
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--strategy", "-s", help=f"One of: {', '.join(strategies.names())}.")
+@click.option("--strategy", "-s", shell_complete=complete_strategy,
+              help=f"One of: {', '.join(strategies.names())}.")  # fmt: skip
 @click.option("--weights", "-w", type=FloatList(), help="One weight per input, comma-separated (default 1).")
 @click.option("--rank", type=int, help="svd/TIES/DARE rank budget (default: the largest input rank).")
 @click.option(
@@ -91,7 +101,8 @@ def _read_recipe(path: Path) -> dict:
     "--push-to-hub", "push_to_hub", help="Publish the result to this Hub repo (user/name) afterwards."
 )
 @click.option("--base-model", help="The base's Hub id to record (when the inputs name a local folder).")
-def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_model, **opts) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (schema merging.merge/1).")
+def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_model, as_json, **opts) -> None:
     """Merge adapters (folders, or name=folder) into one adapter with a strategy.
 
     Example: merging merge a/ b/ -o merged/ --strategy cat --weights 1,0.5
@@ -127,7 +138,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
     base = sdbase.weights(Path(spec["base"])) if spec.get("base") else None
     started = time.perf_counter()
     overwrite = force or bool(spec.get("force"))
-    with telling_replaced():
+    with telling_replaced(err_console if as_json else console):
         with progress_bar("merging") as update:
             result = merge_lib.merge(
                 pairs, spec["strategy"], options, aux=spec.get("aux", "error"),
@@ -145,13 +156,14 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
             merge_lib.write_result(
                 result, out, recipe, force=overwrite, fmt=fmt, base=base_dir, inputs=sources_
             )
-        _summary(result, out, time.perf_counter() - started)
+        doc = summary(result, out, time.perf_counter() - started)
+        emit_json("merging.merge/1", doc) if as_json else _summary(doc)
     if push_to_hub:
         from cli.publish import run_publish
 
         if fmt != "peft":
             raise click.UsageError("--push-to-hub publishes PEFT folders; drop --format")
-        run_publish(Path(out), push_to_hub, base_model=base_model)
+        run_publish(Path(out), push_to_hub, base_model=base_model, out=err_console if as_json else console)
 
 
 def _for_serving(result: merge_lib.MergeResult, uniform: bool, engine: str | None) -> merge_lib.MergeResult:
@@ -173,25 +185,40 @@ def _for_serving(result: merge_lib.MergeResult, uniform: bool, engine: str | Non
     return replace(result, adapters=out)
 
 
-def _summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> None:
-    table = Table(title=f"{out}  (strategy {result.strategy})")
-    for col in ("adapter", "modules", "max rank", "parameters", "bytes", "max weight-space error"):
-        table.add_column(col, justify="left" if col == "adapter" else "right")
-    size = sum(
-        f.stat().st_size for f in ([Path(out)] if Path(out).is_file() else Path(out).rglob("*.safetensors"))
-    )
+SUMMARY_COLS = (Col("adapter"), Col("modules", True), Col("max rank", True), Col("params", True),
+                Col("bytes", True), Col("max ΔW err", True))  # fmt: skip
+
+
+def summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> dict[str, Any]:
+    """What a merge wrote (the ``--json`` document, schema merging.merge/1)."""
+    files = [Path(out)] if Path(out).is_file() else sorted(Path(out).rglob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    adapters = []
     for ad in result.adapters:
         reps = [r for r in result.modules if r.module in ad.deltas]
-        errs = [r.error for r in reps if r.error is not None and ad.name == "lora"]
-        rank = str(max((r.rank for r in reps), default=0)) if ad.name == "lora" else ""
+        lora = ad.name == "lora"
         numel = sum(r.numel for r in reps) if len(result.adapters) == 1 else ad.numel  # a report: both parts
-        table.add_row(
-            ad.name, str(len(ad.deltas)), rank,
-            f"{numel:,}",
-            f"{size:,}" if len(result.adapters) == 1 else "", f"{max(errs):.2e}" if errs else "",
-        )  # fmt: skip
-    console.print(table)
-    lora = {r.module: (r.rank, r.scale) for r in result.modules if r.scale is not None}
-    for line in serving.of(result.adapters, lora).lines():
-        console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"wrote {out} in {seconds:.2f} s")
+        errs = [r.error for r in reps if r.error is not None and lora]
+        adapters.append({
+            "name": ad.name, "modules": len(ad.deltas), "max_rank": max((r.rank for r in reps), default=0)
+            if lora else None, "params": numel, "bytes": size if len(result.adapters) == 1 else None,
+            "weight_error_max": max(errs) if errs else None,
+        })  # fmt: skip
+    lora_ranks = {r.module: (r.rank, r.scale) for r in result.modules if r.scale is not None}  # streamed
+    serves = serving.of(result.adapters, lora_ranks).lines()
+    return {"output": str(out), "strategy": result.strategy, "exact": result.exact, "seconds": seconds,
+            "bytes": size, "adapters": adapters, "serving": serves}  # fmt: skip
+
+
+def summary_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """The summary table's cells."""
+    return [[a["name"], str(a["modules"]), "" if a["max_rank"] is None else str(a["max_rank"]),
+             count(a["params"]), "" if a["bytes"] is None else count(a["bytes"]), sci(a["weight_error_max"])]
+            for a in doc["adapters"]]  # fmt: skip
+
+
+def _summary(doc: dict[str, Any]) -> None:
+    show(Grid(f"{doc['output']}  (strategy {doc['strategy']})", SUMMARY_COLS, summary_rows(doc)))
+    for line in doc["serving"]:
+        say(line)
+    say(f"wrote {doc['output']} in {doc['seconds']:.2f} s")

@@ -6,26 +6,23 @@ import sys
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from cli.common import console
+from cli.tables import Col, Grid, show
 from merging import publish as publish_lib
 
 
 def run_publish(folder: Path, repo: str, *, private=False, revision=None, message=None, verification=None,
-                dry_run=False, base_model=None) -> None:  # fmt: skip
+                dry_run=False, base_model=None, out=console) -> None:  # fmt: skip
     """Shared by `publish` and `merge --push-to-hub`."""
     if dry_run:
         plan = publish_lib.plan(folder, repo, verification, base_model)
         click.echo(f"--- README.md ({len(plan.card.encode()):,} bytes) ---")
         click.echo(plan.card, nl=not plan.card.endswith("\n"))  # the exact bytes that would be uploaded
         click.echo("--- end of README.md ---")
-        table = Table(title=f"would upload to {repo}" + (f"@{revision}" if revision else ""))
-        table.add_column("file")
-        table.add_column("bytes", justify="right")
-        for name, size in plan.files:
-            table.add_row(name, f"{size:,}")
-        console.print(table)
+        title = f"would upload to {repo}" + (f"@{revision}" if revision else "")
+        rows = [[name, f"{size:,}"] for name, size in plan.files]
+        show(Grid(title, (Col("file"), Col("bytes", True)), rows))
         console.print("dry run: nothing was sent")
         return
     if sys.stderr.isatty():  # large files take a while: huggingface_hub's upload bars, on a terminal only
@@ -34,7 +31,7 @@ def run_publish(folder: Path, repo: str, *, private=False, revision=None, messag
         enable_progress_bars()
     url = publish_lib.publish(folder, repo, private=private, revision=revision, message=message,
                               verification=verification, base_model=base_model)  # fmt: skip
-    console.print(f"published {folder} to {repo}: {url}")
+    out.print(f"published {folder} to {repo}: {url}", highlight=False, soft_wrap=True)
 
 
 @click.command("publish")

@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from cli.common import FloatList, console, progress_bar
+from cli import tables
+from cli.common import FloatList, complete_path, complete_strategy, progress_bar
+from cli.tables import Col, Grid, emit_json, pct, say, sci
 from merging import merge as merge_lib
 from merging import sdbase, sources, strategies
 from merging.adapter import weighted
@@ -19,47 +20,32 @@ from merging.results import Report, judge_note
 from merging.strategies import Options
 from merging.verify import PROMPTS, Candidate, base_weights, claims_exact, verify
 
+VERIFY_COLS = (Col("candidate"), Col("result"), Col("strategy"), Col("rel err", True), Col("max |Δ|", True),
+               Col("KL", True), Col("top-1", True), Col("greedy", True), Col("ΔW err", True))  # fmt: skip
 
-def _fmt(v, spec=".2e") -> str:
-    return "" if v is None else format(v, spec)
+
+def rows(report: Report) -> list[list[str]]:
+    """The verification table's cells: the verdict beside the name, numbers in compact form."""
+    return [[r.name, r.verdict, r.strategy or "", sci(r.effect_rel_error), sci(r.max_abs_diff), sci(r.kl),
+             pct(r.top1_agreement), pct(r.greedy_agreement), sci(r.weight_error_max)]
+            for r in report.rows]  # fmt: skip
 
 
 def show(report: Report) -> None:
-    """The verification table."""
-    table = Table(
-        title=f"verify on {report.base} ({report.device}, {report.dtype}; exact at ≤ {report.tolerance:g})"
-    )
-    cols = (
-        "candidate",
-        "strategy",
-        "effect-rel err",
-        "max |Δ|",
-        "KL",
-        "top-1",
-        "greedy",
-        "ΔW err max",
-        "result",
-    )
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("candidate", "strategy") else "right")
-    for r in report.rows:
-        verdict = {"PASS": "[green]PASS", "FAIL": "[red]FAIL"}.get(r.verdict, r.verdict)
-        table.add_row(
-            r.name, r.strategy or "", _fmt(r.effect_rel_error), _fmt(r.max_abs_diff), _fmt(r.kl),
-            _fmt(r.top1_agreement, ".1%"), _fmt(r.greedy_agreement, ".1%"), _fmt(r.weight_error_max), verdict,
-        )  # fmt: skip
-    console.print(table)
-    console.print(judge_note(report.reference_reason, report.reference_checks, report.rows))
+    """The verification table and who judged it."""
+    title = f"verify on {report.base} ({report.device}, {report.dtype}; exact at ≤ {report.tolerance:g})"
+    tables.show(Grid(title, VERIFY_COLS, rows(report)))
+    say(judge_note(report.reference_reason, report.reference_checks, report.rows))
 
 
 @click.command("verify")
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("--base", required=True, help="Base model: a folder, a .gguf file, or a Hub id in the cache.")
+@click.argument("inputs", nargs=-1, required=True, shell_complete=complete_path)
+@click.option("--base", required=True, shell_complete=complete_path,
+              help="Base model: a folder, a .gguf file, or a Hub id in the cache.")  # fmt: skip
 @click.option("--merged", "merged_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="A merged adapter folder to check (repeatable).")  # fmt: skip
-@click.option(
-    "--strategy", "-s", "strategy_names", multiple=True, help="Merge on the fly with this strategy."
-)
+@click.option("--strategy", "-s", "strategy_names", multiple=True, shell_complete=complete_strategy,
+              help="Merge on the fly with this strategy.")  # fmt: skip
 @click.option("--weights", "-w", type=FloatList(), help="Input weights (default: the recipe's, else 1).")
 @click.option("--rank", type=int)
 @click.option("--energy", type=float)
@@ -76,7 +62,7 @@ def show(report: Report) -> None:
     "--prompts", type=click.Path(exists=True, path_type=Path), help="A file with one prompt per line."
 )
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema merging.verify/1).")
 @click.option("--save", type=click.Path(path_type=Path), help="Also write the JSON report to this file.")
 def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy, density, seed, device,
                device_map, dtype, prompts, max_new_tokens, as_json, save) -> None:  # fmt: skip
@@ -90,7 +76,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         from cli import verify_sd
 
         options = Options(rank=rank, energy=energy, density=density, seed=seed)
-        return verify_sd.run(inputs, Path(base), merged_dirs, strategy_names, weights, options)
+        return verify_sd.run(inputs, Path(base), merged_dirs, strategy_names, weights, options, as_json)
     task = sources.task_type([*inputs, *map(str, merged_dirs)])
     model, tokenizer = load_base(base, device, dtype, device_map=device_map, task_type=task)
     layout = BaseLayout.from_model(model)
@@ -123,7 +109,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         with atomic_file(Path(save), force=True) as tmp:
             write_text(tmp, report.to_json() + "\n")
     if as_json:
-        click.echo(report.to_json())
+        emit_json("merging.verify/1", report.to_dict())
     else:
         show(report)
     if report.failed:

@@ -6,9 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from rich.table import Table
-
-from cli.common import console
+from cli.tables import Col, Grid, emit_json, say, sci, show
 from merging import merge as merge_lib
 from merging import sources, strategies
 from merging.adapter import weighted
@@ -30,7 +28,7 @@ def _claims_exact(merged) -> bool:
         return False
 
 
-def run(inputs, base: Path, merged_files, strategy_names, weights, options: Options) -> None:
+def run(inputs, base: Path, merged_files, strategy_names, weights, options: Options, as_json=False) -> None:
     """Verify merged adapters on a pipeline folder; exit 1 when an exact one fails."""
     layout = BaseLayout.from_folder(base)
     adapters = [ad.refine_targets(layout.modules) for ad, _ in sources.load_inputs(inputs, base=layout)]
@@ -44,13 +42,18 @@ def run(inputs, base: Path, merged_files, strategy_names, weights, options: Opti
         candidates.append((name, result.adapters, result.exact))
     files = [Path(s) for s in inputs] if all(Path(s).is_file() for s in inputs) else None
     rows, reference = verify_sd(base, pairs, candidates, files)
-    table = Table(title=f"verify on {base} (noise prediction, text encoders; exact at ≤ {TOLERANCE:g})")
-    for col in ("candidate", "effect-rel err", "worst component", "loaded by", "result"):
-        table.add_column(col, justify="right" if col in ("effect-rel err", "result") else "left")
-    for r in rows:
-        worst = max(r.errors, key=r.errors.get)
-        table.add_row(r.name, f"{r.error:.2e}", worst, r.loader, r.verdict(TOLERANCE))
-    console.print(table)
-    console.print(f"reference: the inputs stacked by {reference}")
+    if as_json:
+        emit_json("merging.verify_sd/1", {
+            "base": str(base), "tolerance": TOLERANCE, "reference": reference,
+            "rows": [{"name": r.name, "verdict": r.verdict(TOLERANCE), "effect_rel_error": r.error,
+                      "errors": dict(r.errors), "loaded_by": r.loader} for r in rows],
+        })  # fmt: skip
+    else:
+        cols = (Col("candidate"), Col("result"), Col("rel err", True), Col("worst part"), Col("loaded by"))
+        cells = [[r.name, r.verdict(TOLERANCE), sci(r.error), max(r.errors, key=r.errors.get), r.loader]
+                 for r in rows]  # fmt: skip
+        title = f"verify on {base} (noise prediction, text encoders; exact at ≤ {TOLERANCE:g})"
+        show(Grid(title, cols, cells))
+        say(f"reference: the inputs stacked by {reference}")
     if any(r.verdict(TOLERANCE) == "FAIL" for r in rows):
         sys.exit(1)

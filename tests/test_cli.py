@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from click.testing import CliRunner
 
 from cli.main import cli
@@ -15,21 +17,27 @@ def test_version():
 
 
 def test_inspect_lists_tensor_files(fx):
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["inspect", str(fx.base("llama"))])
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["inspect", str(fx.base("llama")), "--modules"])
     assert result.exit_code == 0, result.output
     assert "model.layers.0.self_attn.q_proj" in result.output and "64×64" in result.output
+    kind = next(ln for ln in result.output.splitlines() if ln.startswith("self_attn.q_proj "))
+    assert kind.split()[:4] == ["self_attn.q_proj", "0–1", "weight", "64×64"]  # the summary: one row per kind
     # embed, lm_head, final norm + 2 layers × (4 attention + 3 mlp + 2 norms)
     assert "21 tensors" in result.output
 
 
 def test_inspect_adapter_shows_deltas(fx):
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(
-        cli, ["inspect", str(fx.adapter("llama", "lora_patterns"))]
-    )
+    """The summary groups layers by module kind; --modules GLOB gives the per-module rows, whole in a pipe."""
+    path = str(fx.adapter("llama", "lora_patterns"))
+    result = CliRunner().invoke(cli, ["inspect", path, "--modules", "*.v_proj"])
     assert result.exit_code == 0, result.output
-    row = next(ln for ln in result.output.splitlines() if "layers.1.self_attn.v_proj" in ln)
-    cells = [c.strip() for c in row.split("│") if c.strip()]
-    assert cells[1:5] == ["lora", "32×64", "6", "0.5"]
+    lines = result.output.splitlines()
+    rows = {cells[0]: cells[1:] for ln in lines if len(cells := re.split(r"\s{2,}", ln.strip())) > 4}
+    assert rows["model.layers.1.self_attn.v_proj"][:4] == ["lora", "32×64", "6", "0.5"]
+    assert [m for m in rows if m.startswith("model.layers.")] == [
+        "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"
+    ]  # only the matching modules, in layer order
+    assert rows["self_attn.v_proj"][:2] == ["0–1", "lora"]  # the summary: one row for both layers
     assert "6 modules" in result.output
 
 

@@ -101,7 +101,7 @@ def test_download_by_revision_and_subfolder_records_the_commit(hub, tmp_path, fx
     assert hubs[0]["repo"] == "alice/math" and hubs[0]["revision"] == v1
     assert hubs[1]["subfolder"] == "loha" and hubs[1]["revision"] == sha_b
     # offline: the cache serves the same ids; a miss is one clear line
-    r = _cli(hub, tmp_path, "inspect", "alice/math@v1", offline=True)
+    r = _cli(hub, tmp_path, "inspect", "alice/math@v1", "--modules", offline=True)
     assert r.returncode == 0 and "model.layers.0.self_attn.q_proj" in r.stdout
     r = _cli(hub, tmp_path, "inspect", "carol/never", offline=True)
     assert (

@@ -6,6 +6,7 @@ References as in test_sd.py: LyCORIS and diffusers, never our own code.
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -34,10 +35,10 @@ def _keys(file) -> set[str]:
 
 def test_inspect_shows_lycoris_ia3_and_whole_kohya_names_at_80_columns(tmp_path):
     f = sp.lycoris_file(tmp_path / "ia3.safetensors", {"unet": sp.unet()}, "ia3", seed=1)
-    result = CliRunner(env={"COLUMNS": "80"}).invoke(cli, ["inspect", str(f)])
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(cli, ["inspect", str(f), "--modules"])
     assert result.exit_code == 0, result.output
     assert "ia3 lycoris" in result.output
-    first_column = "".join(line.split("│")[1].strip() for line in result.output.splitlines() if "│" in line)
+    first_column = [re.split(r"\s{2,}", line.strip())[0] for line in result.output.splitlines()]
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in first_column
 
 
