@@ -14,15 +14,15 @@ adapter applied first plus one LoRA adapter on top: exactly the stacked outputs.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from merging import dora, formats, sdbase, strategies
-from merging.adapter import Adapter, Pair, Stack, align, combine_aux, common_invocation
+from merging import budget, dora, formats, sdbase, strategies
+from merging.adapter import Adapter, Pair, Stack, align, combine_aux, common_invocation, layer_of
 from merging.basemodel import BaseLayout
 from merging.deltas import (
     AdditiveDelta,
@@ -33,6 +33,7 @@ from merging.deltas import (
     ModuleReplacement,
     Scale,
     TokenRows,
+    stack_factors,
     sum_error,
 )
 from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch, UnsupportedError
@@ -70,6 +71,7 @@ class MergeResult:
     options: Options
     weights: list[float] = field(default_factory=list)
     exact: bool = False  # reproduces the stacked outputs, by the strategies' exactness rules, every module
+    layer_weights: dict[str, tuple[float, ...]] | None = None  # layer → one weight per input (tuned merges)
 
 
 def merge(
@@ -80,6 +82,7 @@ def merge(
     aux: str = "error",
     base_weights: BaseWeights | None = None,
     progress: Progress | None = None,
+    layer_weights: Mapping[str, Sequence[float]] | None = None,
 ) -> MergeResult:
     """Merge adapters with a strategy, module by module.
 
@@ -91,6 +94,8 @@ def merge(
         aux: what to do when auxiliary modules overlap: "error", or "sum" them as deltas against the base.
         base_weights: gives a module's base weight; needed for DoRA inputs and ``aux="sum"``.
         progress: called as progress(done, total, module).
+        layer_weights: layer (``tune.layer_of``: ``model.layers.3``) → one weight per input, replacing
+            ``pairs``' weights on that layer's modules (as ``merging tune --granularity layer`` learns them).
 
     Returns:
         A MergeResult with one LoRA adapter, one IA³ adapter, or both (IA³ first).
@@ -102,6 +107,7 @@ def merge(
     chosen = strategies.get(strategy)
     add_strategy = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
     ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
+    layer_w = _check_layer_weights(layer_weights, len(adapters))
     modules = align(adapters)
     gate = common_invocation(adapters)
     tied = _merge_ties(adapters)
@@ -109,9 +115,15 @@ def merge(
     ia3: dict[str, Delta] = {}
     reports = []
     exact = True
+
+    def module_stack(mod: str) -> list[tuple[Delta, float]]:
+        ws_mod = layer_w.get(layer_of(mod), weights)
+        stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, ws_mod, strict=True) if mod in ad.deltas]
+        return _same_target(_lycoris_ia3(stack, mod, base_weights), mod)
+
+    ranks = _budget_ranks(modules, module_stack, add_strategy.name, options, base_weights)
     for i, mod in enumerate(modules):
-        stack = [(ad.deltas[mod], w) for ad, w in zip(adapters, weights, strict=True) if mod in ad.deltas]
-        stack = _same_target(_lycoris_ia3(stack, mod, base_weights), mod)
+        stack = module_stack(mod)
         if all(isinstance(d, AddedScale) for d, _ in stack):
             if add_strategy is not chosen:
                 raise UnsupportedError(
@@ -132,9 +144,12 @@ def merge(
                 stack = dora.contributions(stack, w0, mod)
         scale_part, add_part = _compose(stack)
         rank, numel, err, kinds = 0, 0, None, []
-        if add_part:
+        if add_part and ranks is not None and ranks[mod] == 0:  # the global budget left this module out
+            exact, err = False, 1.0
+        elif add_part:
             ds, ws = zip(*add_part, strict=True)
-            merged = composed if composed is not None else add_strategy.fn(ds, ws, options, mod)
+            opts = options if ranks is None else replace(options, rank=ranks[mod], budget=None)
+            merged = composed if composed is not None else add_strategy.fn(ds, ws, opts, mod)
             lora[mod] = merged
             rank, numel = merged.rank, merged.numel
             exact = exact and add_strategy.exact_for(merged, ds, options)
@@ -168,8 +183,43 @@ def merge(
         out.append(Adapter("lora", lora, base, rev, aux=extra, tied=ties, config=config))
     return MergeResult(
         out, reports, chosen.name, add_strategy.name if lora else None, ia3_strategy.name if ia3 else None,
-        options, weights, exact,
+        options, weights, exact, {k: tuple(v) for k, v in layer_w.items()} or None,
     )  # fmt: skip
+
+
+def _budget_ranks(
+    modules: Sequence[str],
+    module_stack: Callable[[str], list[tuple[Delta, float]]],
+    strategy: str,
+    options: Options,
+    base_weights: BaseWeights | None,
+) -> dict[str, int] | None:
+    """svd's ranks per module under the global parameter budget (None when no budget is asked)."""
+    if options.budget is None:
+        return None
+    if strategy != "svd":
+        raise UnsupportedError(f"`budget` allocates svd ranks across modules; {strategy} takes --rank")
+    spectra = {}
+    for mod in modules:
+        stack = module_stack(mod)
+        if all(isinstance(d, AddedScale) for d, _ in stack):
+            continue
+        if any(dora.is_dora(d) for d, _ in stack):
+            stack = dora.contributions(stack, _base_matrix(stack, mod, base_weights), mod)
+        _, add_part = _compose(stack)
+        if add_part:
+            spectra[mod] = budget.spectrum(*stack_factors(add_part))
+    return budget.allocate(spectra, options.budget)
+
+
+def _check_layer_weights(layer_weights: Mapping[str, Sequence[float]] | None, n: int) -> dict[str, list]:
+    """Per-layer weights as floats, one per input each, or an error naming the layer."""
+    out = {}
+    for layer, ws in (layer_weights or {}).items():
+        if len(ws) != n:
+            raise MergingError(f"`layer_weights`: layer {layer} has {len(ws)} weights for {n} input adapters")
+        out[layer] = [float(w) for w in ws]
+    return out
 
 
 def _common_config(adapters: Sequence[Adapter], gate: tuple[int, ...] | None) -> dict[str, Any]:
@@ -345,7 +395,7 @@ def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> Recipe:
     """The merge recipe: inputs (with sha256 of their weight files), weights, strategy, options, versions."""
     return Recipe(
         inputs_of(inputs, result.weights), result.strategy, result.additive_strategy, result.ia3_strategy,
-        result.options, tuple(a.name for a in result.adapters), Versions.current(),
+        result.options, tuple(a.name for a in result.adapters), Versions.current(), result.layer_weights,
     )  # fmt: skip
 
 

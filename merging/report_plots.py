@@ -117,3 +117,46 @@ def _skills(ax, report: Comparison) -> bool:
     ax.set_title("Skill retention per strategy")
     ax.legend(fontsize=7)
     return True
+
+
+def draw_search(plt, trace: list[tuple[int, float, str]], path: Path) -> bool:
+    """The tuning search: objective against step (minibatch points and whole-tuning-split points)."""
+    if not trace:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for on, style, label in (("batch", "o-", "step's minibatch"), ("tune", "s", "whole tuning split")):
+        pts = [(k, v) for k, v, o in trace if o == on]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("objective (retention)")
+    ax.set_title("Tuning the merge weights")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+Retentions = dict[str, float | None]
+
+
+def draw_before_after(plt, before: Retentions, after: Retentions, path: Path) -> bool:
+    """Retention per skill on the reporting split: the inputs stacked as given, and the tuned merge."""
+    names = [n for n in before if before[n] is not None and after.get(n) is not None]
+    if not names:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [before[n] for n in names], width=0.4, label="stacked as given")
+    ax.bar([i + 0.2 for i in x], [after[n] for n in names], width=0.4, label="tuned merge")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("retention on the reporting split")
+    ax.set_title("Skill retention before and after tuning")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
