@@ -103,7 +103,7 @@ def tune_cmd(
     """Learn the merge weights that keep every skill (by default the worst one's retention) and write the
     merge, with tune_recipe.toml (`merging merge --recipe` remakes it byte for byte) and tune.json.
 
-    Example: merging tune add/ sort/ --base BASE --eval add=add.jsonl --eval sort=sort.jsonl -o tuned/
+    Example: merging tune a/ b/ --base B --eval a=a.jsonl --eval b=b.jsonl -o t/
     """
     started = time.perf_counter()
     inputs = [absolute(s) for s in inputs]
