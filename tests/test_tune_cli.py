@@ -48,4 +48,29 @@ def test_tune_recipe_remakes_the_merge_byte_for_byte(example_base, tmp_path):
     made, remade = _files(out), _files(again)
     assert {"ia3/adapter_model.safetensors", "lora/adapter_model.safetensors"} <= set(remade)
     assert remade == {k: v for k, v in made.items() if k in remade}
-    assert set(made) - set(remade) == {"tune.json", "tune_recipe.toml", "tune_search.png", "tune_retention.png"}
+    extra = {"tune.json", "tune_recipe.toml", "tune_search.png", "tune_retention.png"}
+    assert set(made) - set(remade) == extra
+
+
+@pytest.mark.model
+def test_compare_gains_tuned_and_budget_rows(example_base, tmp_path):
+    skills = ["add", "sort"]
+    out = tmp_path / "report"
+    args = ["compare", *(f"{s}={ROOT / 'examples/adapters' / s}" for s in skills)]
+    args += ["--base", str(example_base), *_small_evals(tmp_path, skills), "-s", "svd", "--ranks", "4"]
+    args += ["--budget", "r4", "--tune", "1"]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "report.json").read_text())
+    by = {v["label"]: v for v in data["variants"]}
+    uniform = by["svd r=4"]
+    budget_label = next(label for label in by if label.startswith("svd budget="))
+    assert int(budget_label.split("=")[1].replace(",", "")) == uniform["params"]  # r4: uniform rank 4's size
+    assert by[budget_label]["params"] <= uniform["params"]
+    assert by[budget_label]["weight_error_max"] != uniform["weight_error_max"]  # a different allocation
+    tuned = by["tuned cat"]
+    assert set(tuned["skills"]) == set(skills) and tuned["passed"] is None
+    assert data["search"]["label"] == "tuned cat" and len(data["search"]["trace"]) == 2
+    assert "reporting split (4 examples)" in data["notes"][0]
+    assert {"tune_search.png", "tune_retention.png"} <= set(data["plots"])
+    assert "reporting split" in (out / "report.md").read_text()
