@@ -173,6 +173,7 @@ def _logits_at(model, batch: _Batch, where: torch.Tensor) -> torch.Tensor:
     """The logits at the answer positions only (the head runs on those rows; the rest are not needed)."""
     head, body = model.get_output_embeddings(), getattr(model, "base_model", None)
     plain = getattr(model.config, "final_logit_softcapping", None) is None and body is not model
+    plain = plain and not model._forward_pre_hooks  # an aLoRA gate reads the ids at the top model
     if head is None or body is None or not plain:
         return model(**batch.inputs).logits[:, :-1][where].float()
     hidden = body(**batch.inputs).last_hidden_state[:, :-1]  # (n, t - 1, d)
