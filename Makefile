@@ -22,11 +22,13 @@ $(VENV)/.installed-test: $(VENV)/.installed-base
 EXAMPLE_INPUTS := $(foreach s,add sort reverse translate sentiment,$(s)=examples/adapters/$(s))
 EXAMPLE_EVALS := $(foreach s,add sort reverse translate sentiment,--eval $(s)=examples/data/$(s).jsonl)
 
-# The main job: compare every strategy on the bundled adapters and regenerate reports/example/.
+# The main job: compare every strategy on the bundled adapters and regenerate reports/example/; with svd under
+# global budgets the size of ranks 4 and 16, and a tuned-weights row (every retention then on the evals'
+# reporting half).
 example: $(VENV)/.installed-base
 	$(VENV)/bin/merging example-base
 	$(VENV)/bin/merging compare $(EXAMPLE_INPUTS) --base "$$($(VENV)/bin/merging example-base)" \
-		--strategies all --ranks 4,16,64 $(EXAMPLE_EVALS) -o reports/example --force
+		--strategies all --ranks 4,16,64 --budget r4,r16 --tune 6 $(EXAMPLE_EVALS) -o reports/example --force
 
 # Retrain the bundled adapters (a few minutes on 2 cores); `make example` does not need this.
 train-examples: $(VENV)/.installed-test
@@ -42,9 +44,11 @@ quick: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check merging cli tests examples benchmarks
 
-# Timing and memory against PEFT (not part of `make test`); writes reports/benchmarks/.
+# Timing and memory against PEFT, and svd's global budget against uniform rank (not part of `make test`);
+# writes reports/benchmarks/.
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.budget
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -16,8 +18,10 @@ from cli.common import (
     telling_replaced,
 )
 from cli.tables import Col, Grid, count, emit_json, pct, say, sci
+from merging import merge as merge_lib
 from merging import report as report_lib
 from merging import sources, strategies
+from merging import tune as tune_lib
 from merging.basemodel import load_base
 from merging.errors import MergingError
 from merging.fileio import refuse_overlap
@@ -51,6 +55,20 @@ def _ints(value: str | None) -> list[int]:
 @click.option(
     "--eval", "evals", multiple=True, help="NAME=FILE.jsonl: held-out texts of the input named NAME."
 )
+@click.option(
+    "--budget",
+    "budgets",
+    default="",
+    help="svd under one global parameter budget: counts, or rN for uniform rank N's size; comma-separated.",
+)
+@click.option(
+    "--tune",
+    "tune_steps",
+    type=int,
+    default=None,
+    help="Add a row for the merge `merging tune` learns in this many steps (needs --eval); every "
+    "row's retention is then measured on the evals' reporting split.",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
@@ -59,8 +77,8 @@ def _ints(value: str | None) -> list[int]:
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON (schema merging.compare/1).")
 def compare_cmd(
-    inputs, base, names, ranks, weights, density, seed, inner, alpha, common_fraction, evals, device, dtype,
-    out, force, as_json,
+    inputs, base, names, ranks, weights, density, seed, inner, alpha, common_fraction, evals, budgets,
+    tune_steps, device, dtype, out, force, as_json,
 ) -> None:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
 
@@ -80,6 +98,20 @@ def compare_cmd(
         eval_sets[name] = report_lib.read_eval(Path(path))
     chosen = strategies.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
     variants = report_lib.variants(chosen, _ints(ranks))
+    variants += [report_lib.Variant("svd", budget=b) for b in _budgets(budgets, pairs)]
+    extra, notes, search = [], (), None
+    if tune_steps is not None:
+        if not eval_sets:
+            raise click.UsageError("--tune needs --eval sets to tune on")
+        split = tune_lib.split_evals(eval_sets, seed=seed)
+        with progress_bar("tuning") as update:
+            row, search = tuned_row(model, tokenizer, pairs, split.tune, tune_steps, seed, update)
+        extra, eval_sets = [row], split.report
+        n_tune, n_report = sum(map(len, split.tune.values())), sum(map(len, split.report.values()))
+        notes = (
+            f"Every row's retention is measured on the reporting split ({n_report} examples); the tuned "
+            f"row's weights were learnt on the other {n_tune} (seed {seed}), never on these.",
+        )
     with progress_bar("comparing") as update:
         opts = Options(density=density, seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction)
         report = report_lib.compare(
@@ -91,7 +123,9 @@ def compare_cmd(
             options=opts,
             base_name=label,
             progress=update,
+            extra=extra,
         )
+    report = replace(report, notes=notes, search=search)
     with telling_replaced(err_console if as_json else tables.console):
         report = report_lib.write_report(report, out, force=force)
         if as_json:
@@ -117,6 +151,36 @@ def skill_rows(report: Comparison) -> list[list[str]]:
     names, stack = report.skills.names, report.skills.stacked
     out = [["stacked inputs", *(pct(stack[s].retention) for s in names)]] if names else []
     return out + [[v.label, *(pct(v.skills[s].retention) for s in names)] for v in report.variants if names]
+
+
+def _budgets(value: str, pairs) -> list[int]:
+    """--budget entries as parameter counts: an integer, or rN for what uniform svd rank N keeps here."""
+    out = []
+    for item in (v.strip() for v in value.split(",") if v.strip()):
+        if item.startswith("r") and item[1:].isdigit():
+            result = merge_lib.merge(pairs, "svd", Options(rank=int(item[1:])))
+            out.append(sum(a.numel for a in result.adapters if a.name == "lora"))
+        elif item.isdigit():
+            out.append(int(item))
+        else:
+            raise click.BadParameter(f"--budget {item!r}: a parameter count or rN")
+    return out
+
+
+def tuned_row(model, tokenizer, pairs, evals, steps: int, seed: int, progress) -> tuple:
+    """The tuned merge as a report row, and its search record (weights learnt on ``evals``)."""
+    started = time.perf_counter()
+    found = tune_lib.tune(model, tokenizer, pairs, evals, settings=tune_lib.Settings(steps=steps, seed=seed),
+                          progress=progress)  # fmt: skip
+    merged_pairs, layer_w = tune_lib.merge_inputs([ad for ad, _ in pairs], found.weights)
+    result = merge_lib.merge(merged_pairs, "cat", layer_weights=layer_w)
+    label = "tuned cat"
+    search = {
+        "label": label, "weights": {ad.name: w for ad, w in merged_pairs},
+        "trace": [{"step": s.step, "objective": s.objective, "on": s.on} for s in found.steps],
+        "tuning_objective": {"start": found.start.objective, "end": found.end.objective},
+    }  # fmt: skip
+    return report_lib.Extra(label, result, time.perf_counter() - started), search
 
 
 def show(report: Comparison) -> None:

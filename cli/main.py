@@ -76,7 +76,7 @@ def _quiet_transformers() -> None:
 
 
 def _register() -> None:
-    from cli import bake, compare, convert, example_base, inspect, merge, publish, verify
+    from cli import bake, compare, convert, example_base, inspect, merge, publish, tune, verify
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(example_base.example_base_cmd)
@@ -86,6 +86,7 @@ def _register() -> None:
     cli.add_command(compare.compare_cmd)
     cli.add_command(convert.convert_cmd)
     cli.add_command(publish.publish_cmd)
+    cli.add_command(tune.tune_cmd)
 
 
 _register()

@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 
 RECIPE_KEYS = {"inputs", "output", "strategy", "weights", "rank", "energy", "clamp", "density"}
 RECIPE_KEYS |= {"majority_sign", "seed", "signed", "aux", "base", "format", "force", "uniform_rank", "serve"}
-RECIPE_KEYS |= {"inner", "alpha", "common_fraction"}
+RECIPE_KEYS |= {"inner", "alpha", "common_fraction", "budget", "layer_weights"}
 
 
 def _read_recipe(path: Path) -> dict:
@@ -72,6 +72,7 @@ def _read_recipe(path: Path) -> dict:
     "--energy", type=float, help="svd: keep this fraction of ‖ΔW‖² per module instead of a fixed rank."
 )
 @click.option("--clamp", type=float, help="svd: clamp factors at this quantile, as PEFT and kohya.")
+@click.option("--budget", type=int, help="svd: one global parameter budget, ranks allocated across modules.")
 @click.option(
     "--density", type=float, help="TIES/DARE/magnitude_prune: fraction of entries kept (default 0.5)."
 )
@@ -110,7 +111,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
     spec = _read_recipe(recipe) if recipe else {}
     inputs = list(inputs)
     if not inputs and recipe:  # recipe inputs are relative to the recipe file
-        inputs = [str(Path(recipe).parent / p) for p in spec.get("inputs", [])]
+        inputs = [_beside(Path(recipe), p) for p in spec.get("inputs", [])]
     for key, value in opts.items():
         if value is not None:
             spec[key] = value
@@ -133,7 +134,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
         inputs, base=base_dir, weights=spec.get("weights"), allow_nonfinite=allow_nonfinite, lazy=stream
     )
     fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed", "inner", "alpha")
-    fields += ("common_fraction",)
+    fields += ("common_fraction", "budget")
     options = Options(**{k: spec[k] for k in fields if k in spec})
     base = sdbase.weights(Path(spec["base"])) if spec.get("base") else None
     started = time.perf_counter()
@@ -143,6 +144,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
             result = merge_lib.merge(
                 pairs, spec["strategy"], options, aux=spec.get("aux", "error"),
                 base_weights=base.module_weight if base else None, progress=update, stream=stream,
+                layer_weights=spec.get("layer_weights"),
             )  # fmt: skip
             result = _for_serving(result, bool(spec.get("uniform_rank")), spec.get("serve"))
             if base_model:
@@ -164,6 +166,14 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
         if fmt != "peft":
             raise click.UsageError("--push-to-hub publishes PEFT folders; drop --format")
         run_publish(Path(out), push_to_hub, base_model=base_model, out=err_console if as_json else console)
+
+
+def _beside(recipe: Path, spec: str) -> str:
+    """A recipe's input (``path`` or ``name=path``) with its path taken relative to the recipe file."""
+    name, sep, path = spec.partition("=")
+    if not sep or (recipe.parent / spec).exists():
+        return str(recipe.parent / spec)
+    return f"{name}={recipe.parent / path}"
 
 
 def _for_serving(result: merge_lib.MergeResult, uniform: bool, engine: str | None) -> merge_lib.MergeResult:
@@ -207,7 +217,8 @@ def summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> dict[st
     lora_ranks = {r.module: (r.rank, r.scale) for r in result.modules if r.scale is not None}  # streamed
     serves = serving.of(result.adapters, lora_ranks).lines()
     return {"output": str(out), "strategy": result.strategy, "exact": result.exact, "seconds": seconds,
-            "bytes": size, "adapters": adapters, "serving": serves}  # fmt: skip
+            "bytes": size, "adapters": adapters, "serving": serves,
+            "budget": None if result.options.budget is None else budget_line(result)}  # fmt: skip
 
 
 def summary_rows(doc: dict[str, Any]) -> list[list[str]]:
@@ -221,4 +232,14 @@ def _summary(doc: dict[str, Any]) -> None:
     show(Grid(f"{doc['output']}  (strategy {doc['strategy']})", SUMMARY_COLS, summary_rows(doc)))
     for line in doc["serving"]:
         say(line)
+    if doc["budget"]:
+        say(doc["budget"])
     say(f"wrote {doc['output']} in {doc['seconds']:.2f} s")
+
+
+def budget_line(result: merge_lib.MergeResult) -> str:
+    """What the global budget gave each module: the parameters used and the ranks, module by module."""
+    lora = [r for r in result.modules if "lora" in r.kind or r.rank == 0 and r.error is not None]
+    used = sum(r.numel for r in lora)
+    ranks = ", ".join(f"{r.module} {r.rank}" for r in lora)
+    return f"budget {result.options.budget:,} parameters, {used:,} used; rank per module: {ranks}"

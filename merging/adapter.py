@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -110,6 +111,15 @@ class Adapter:
         if isinstance(self.deltas, LazyDeltas):
             return replace(self, deltas=self.deltas.mapped(refine))
         return self.with_deltas({mod: refine(mod, d) for mod, d in self.deltas.items()})
+
+
+LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def layer_of(module: str) -> str:
+    """The layer of a module: its path up to the first numeric part (``model.layers.3``), else itself."""
+    m = LAYER.match(module)
+    return m.group(1) if m else module
 
 
 def layer_kind(module: torch.nn.Module) -> Layer | None:

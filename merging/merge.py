@@ -14,28 +14,34 @@ adapter applied first plus one LoRA adapter on top: exactly the stacked outputs.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from merging import dora, formats, sdbase, strategies
-from merging.adapter import Adapter, Pair, Stack, align, combine_aux, common_invocation, same_shape
+from merging import budget, dora, formats, sdbase, strategies
+from merging.adapter import (
+    Adapter,
+    Pair,
+    Stack,
+    align,
+    common_invocation,
+    layer_of,
+    same_shape,
+)  # fmt: skip
+from merging.auxmerge import merge_aux, merge_ties
 from merging.basemodel import BaseLayout
 from merging.deltas import (
     AdditiveDelta,
-    Auxiliary,
-    BaseTensors,
     Delta,
     LowRank,
-    ModuleReplacement,
     Scale,
-    TokenRows,
+    stack_factors,
     sum_error,
 )
-from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch, UnsupportedError
+from merging.errors import MergingError, ShapeMismatch, UnsupportedError
 from merging.fileio import atomic_folder, refuse_overlap, write_text
 from merging.formats.base import Provenance
 from merging.formats.peft import RECIPE_FILE, owned, recipe_text
@@ -77,6 +83,7 @@ class MergeResult:
     ia3_strategy: str | None
     options: Options
     weights: list[float] = field(default_factory=list)
+    layer_weights: dict[str, tuple[float, ...]] | None = None  # layer → one weight per input (tuned merges)
 
     @property
     def exact(self) -> bool:
@@ -95,6 +102,8 @@ class _Plan:
     ia3: Strategy
     options: Options
     base_weights: BaseWeights | None
+    layer_weights: dict[str, list[float]] = field(default_factory=dict)
+    ranks: dict[str, int] | None = None  # svd's rank per module under a global budget
 
 
 def merge(
@@ -106,6 +115,7 @@ def merge(
     base_weights: BaseWeights | None = None,
     progress: Progress | None = None,
     stream: bool = False,
+    layer_weights: Mapping[str, Sequence[float]] | None = None,
 ) -> MergeResult:
     """Merge adapters with a strategy, module by module.
 
@@ -119,6 +129,8 @@ def merge(
         progress: called as progress(done, total, module).
         stream: when every input is additive without DoRA (LoRA, LoHa, LoKr), return a result whose deltas
             are merged when read (``LazyDeltas``): with lazily read inputs, one module is in memory at a time.
+        layer_weights: layer (``adapter.layer_of``: ``model.layers.3``) → one weight per input, replacing
+            ``pairs``' weights on that layer's modules (as ``merging tune --granularity layer`` learns them).
 
     Returns:
         A MergeResult with one LoRA adapter, one IA³ adapter, or both (IA³ first).
@@ -130,11 +142,13 @@ def merge(
     chosen = strategies.get(strategy)
     add_strategy = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
     ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
-    plan = _Plan(adapters, weights, chosen, add_strategy, ia3_strategy, options, base_weights)
+    layer_w = _check_layer_weights(layer_weights, len(adapters))
+    plan = _Plan(adapters, weights, chosen, add_strategy, ia3_strategy, options, base_weights, layer_w)
     modules = align(adapters)
+    plan = replace(plan, ranks=_budget_ranks(plan, modules))
     gate = common_invocation(adapters)
-    tied = _merge_ties(adapters)
-    extra = _merge_aux(adapters, aux, base_weights, set(modules))
+    tied = merge_ties(adapters)
+    extra = merge_aux(adapters, aux, base_weights, set(modules))
     base = next((a.base_model for a in adapters if a.base_model), None)
     rev = next((a.revision for a in adapters if a.revision), None)
     config = _common_config(adapters, gate)
@@ -155,7 +169,7 @@ def merge(
         ties = {m: s for m, s in tied.items() if s in modules}
         deltas = LazyDeltas(modules, build, "lora")
         out = [Adapter("lora", deltas, base, rev, aux=extra, tied=ties, config=config)]
-        return MergeResult(out, reports, *names, options, weights)
+        return MergeResult(out, reports, *names, options, weights, _recorded(layer_w))
     lora: dict[str, Delta] = {}
     ia3: dict[str, Delta] = {}
     for i, mod in enumerate(modules):
@@ -180,17 +194,26 @@ def merge(
         out.append(Adapter("lora", lora, base, rev, aux=extra, tied=ties, config=config))
     return MergeResult(
         out, reports, chosen.name, add_strategy.name if lora else None, ia3_strategy.name if ia3 else None,
-        options, weights,
+        options, weights, _recorded(layer_w),
     )  # fmt: skip
+
+
+def _recorded(layer_w: dict[str, list[float]]) -> dict[str, tuple[float, ...]] | None:
+    return {k: tuple(v) for k, v in layer_w.items()} or None
+
+
+def _stack(plan: _Plan, mod: str) -> list[tuple[Delta, float]]:
+    """One module's (delta, weight) pairs in stacking order, on one layer kind and shape."""
+    weights = plan.layer_weights.get(layer_of(mod), plan.weights)
+    inputs = zip(plan.adapters, weights, strict=True)
+    pairs = [(ad, ad.deltas[mod], w) for ad, w in inputs if mod in ad.deltas]
+    same_shape(mod, [(ad, d) for ad, d, _ in pairs])
+    return _same_target(_lycoris_ia3([(d, w) for _, d, w in pairs], mod, plan.base_weights), mod)
 
 
 def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, ModuleReport]:
     """One module: (its merged additive delta, its merged IA³ vector, the report); either may be None."""
-    inputs = zip(plan.adapters, plan.weights, strict=True)
-    pairs = [(ad, ad.deltas[mod], w) for ad, w in inputs if mod in ad.deltas]
-    same_shape(mod, [(ad, d) for ad, d, _ in pairs])
-    stack = [(d, w) for _, d, w in pairs]
-    stack = _same_target(_lycoris_ia3(stack, mod, plan.base_weights), mod)
+    stack = _stack(plan, mod)
     if all(isinstance(d, AddedScale) for d, _ in stack):
         if plan.additive is not plan.chosen:
             raise UnsupportedError(
@@ -209,9 +232,14 @@ def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, Mo
     scale_part, add_part = _compose(stack)
     rank, numel, err, kinds, exact = 0, 0, None, [], True
     merged = merged_l = None
-    if add_part:
+    if add_part and plan.ranks is not None and plan.ranks[mod] == 0:  # the global budget left it out
+        exact, err = False, 1.0
+    elif add_part:
         ds, ws = zip(*add_part, strict=True)
-        merged = composed if composed is not None else plan.additive.fn(ds, ws, plan.options, mod)
+        opts = plan.options
+        if plan.ranks is not None:
+            opts = replace(opts, rank=plan.ranks[mod], budget=None)
+        merged = composed if composed is not None else plan.additive.fn(ds, ws, opts, mod)
         rank, numel = merged.rank, merged.numel
         exact = plan.additive.exact_for(merged, ds, plan.options)
         # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
@@ -225,6 +253,36 @@ def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, Mo
         kinds.append("ia3")
     scale = merged.scale if isinstance(merged, LowRank) else None
     return merged, merged_l, ModuleReport(mod, "+".join(kinds), rank, numel, err, exact, scale)
+
+
+def _budget_ranks(plan: _Plan, modules: Sequence[str]) -> dict[str, int] | None:
+    """svd's ranks per module under the global parameter budget (None when no budget is asked)."""
+    if plan.options.budget is None:
+        return None
+    if plan.additive.name != "svd":
+        name = plan.additive.name
+        raise UnsupportedError(f"`budget` allocates svd ranks across modules; {name} takes --rank")
+    spectra = {}
+    for mod in modules:  # a first pass over the inputs, one module at a time
+        stack = _stack(plan, mod)
+        if all(isinstance(d, AddedScale) for d, _ in stack):
+            continue
+        if any(dora.is_dora(d) for d, _ in stack):
+            stack = dora.contributions(stack, _base_matrix(stack, mod, plan.base_weights), mod)
+        _, add_part = _compose(stack)
+        if add_part:
+            spectra[mod] = budget.spectrum(*stack_factors(add_part))
+    return budget.allocate(spectra, plan.options.budget)
+
+
+def _check_layer_weights(layer_weights: Mapping[str, Sequence[float]] | None, n: int) -> dict[str, list]:
+    """Per-layer weights as floats, one per input each, or an error naming the layer."""
+    out = {}
+    for layer, ws in (layer_weights or {}).items():
+        if len(ws) != n:
+            raise MergingError(f"`layer_weights`: layer {layer} has {len(ws)} weights for {n} input adapters")
+        out[layer] = [float(w) for w in ws]
+    return out
 
 
 def _common_config(adapters: Sequence[Adapter], gate: tuple[int, ...] | None) -> dict[str, Any]:
@@ -324,73 +382,6 @@ def _fold(d: Delta, l: torch.Tensor, side: str) -> LowRank:
     return replace(lr, a=a * l.repeat_interleave(a.shape[1] // l.numel())[None, :])
 
 
-def _merge_ties(adapters: Sequence[Adapter]) -> dict[str, str]:
-    """Union of the inputs' tied modules; tied in one input and adapted alone in another is an error."""
-    ties: dict[str, str] = {}
-    for ad in adapters:
-        for mod, src in ad.tied.items():
-            if ties.setdefault(mod, src) != src:
-                raise IncompatibleAdapters(
-                    f"{mod} is tied to {ties[mod]} in one input and to {src} in {ad.where}"
-                )
-    for ad in adapters:
-        for mod in ties:
-            if mod in ad.deltas:
-                raise IncompatibleAdapters(
-                    f"{mod} is tied to {ties[mod]} in one input but has its own delta in {ad.where}"
-                )
-    return ties
-
-
-def _merge_aux(
-    adapters: Sequence[Adapter], how: str, base_weights: BaseWeights | None, adapted: set[str]
-) -> dict[str, Auxiliary]:
-    """Carry auxiliary modules over; overlapping ones are an error unless summed as deltas (how="sum")."""
-    if how not in ("error", "sum"):
-        raise MergingError(f"`aux` must be error or sum, got {how!r}")
-    by_module: dict[str, list[tuple[Adapter, Auxiliary]]] = {}
-    for ad in adapters:
-        for mod, a in ad.aux.items():
-            by_module.setdefault(mod, []).append((ad, a))
-    out: dict[str, Auxiliary] = {}
-    for mod, items in by_module.items():
-        if mod in adapted and any(isinstance(a, ModuleReplacement) for _, a in items):
-            raise IncompatibleAdapters(
-                f"module {mod} is replaced by modules_to_save and also adapted by a delta"
-            )
-        try:
-            out[mod] = combine_aux(mod, items)
-        except IncompatibleAdapters as e:
-            if how != "sum" or len({type(a) for _, a in items}) > 1:
-                raise IncompatibleAdapters(f"{e}; pass `aux`=sum to add them as deltas") from None
-            if base_weights is None:
-                raise MergingError(f"`aux`=sum needs `base_weights` for module {mod}") from None
-            out[mod] = _sum_aux(mod, [a for _, a in items], base_weights)
-    return out
-
-
-def _sum_aux(mod: str, items: list, base_weights: BaseWeights) -> ModuleReplacement | TokenRows:
-    if isinstance(items[0], BaseTensors):
-        raise UnsupportedError(f"`aux`=sum cannot add saved base tensors (trained biases) of module {mod}")
-    base = base_weights(mod).float()
-    if isinstance(items[0], TokenRows):
-        idx = sorted({i for a in items for i in a.indices})
-        rows = base[idx].clone()
-        pos = {i: k for k, i in enumerate(idx)}
-        for a in items:
-            for j, i in enumerate(a.indices):
-                rows[pos[i]] += a.rows[j].float() - base[i]
-        return TokenRows(tuple(idx), rows.to(items[0].rows.dtype))
-    tensors = {}
-    for key in items[0].tensors:
-        if key != "weight":
-            raise UnsupportedError(f"`aux`=sum handles module weights; {mod}.{key} has no base value here")
-        tensors[key] = (base + sum(a.tensors[key].float() - base for a in items)).to(
-            items[0].tensors[key].dtype
-        )
-    return ModuleReplacement(tensors)
-
-
 def read_recipe(folder: Path) -> Recipe | None:
     """The merge_recipe.json of a merged folder, typed (None when there is none)."""
     return Recipe.read(folder)
@@ -400,7 +391,7 @@ def recipe(result: MergeResult, inputs: Sequence[Adapter]) -> Recipe:
     """The merge recipe: inputs (with sha256 of their weight files), weights, strategy, options, versions."""
     return Recipe(
         inputs_of(inputs, result.weights), result.strategy, result.additive_strategy, result.ia3_strategy,
-        result.options, tuple(a.name for a in result.adapters), Versions.current(),
+        result.options, tuple(a.name for a in result.adapters), Versions.current(), result.layer_weights,
     )  # fmt: skip
 
 

@@ -111,6 +111,7 @@ class Recipe:
     options: Options
     outputs: tuple[str, ...]  # the written adapters' names, in stacking order
     versions: Versions
+    layer_weights: dict[str, tuple[float, ...]] | None = None  # layer → one weight per input (merging tune)
 
     @property
     def weights(self) -> list[float]:
@@ -119,7 +120,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``merge_recipe.json``."""
-        return {
+        out = {
             "inputs": [i.to_dict() for i in self.inputs],
             "strategy": self.strategy,
             "additive_strategy": self.additive_strategy,
@@ -128,6 +129,9 @@ class Recipe:
             "outputs": list(self.outputs),
             "versions": asdict(self.versions),
         }
+        if self.layer_weights is None:
+            return out
+        return out | {"layer_weights": {k: list(v) for k, v in self.layer_weights.items()}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
@@ -135,7 +139,7 @@ class Recipe:
             return cls(
                 tuple(Input.from_dict(i) for i in d["inputs"]), d["strategy"], d["additive_strategy"],
                 d["ia3_strategy"], options_from_dict(d["options"]), tuple(d["outputs"]),
-                Versions.from_dict(d["versions"]),
+                Versions.from_dict(d["versions"]), _layer_weights(d.get("layer_weights")),
             )  # fmt: skip
 
     @classmethod
@@ -152,6 +156,10 @@ class Recipe:
             return cls.from_dict(data)
         except MergingError as e:
             raise MergingError(f"{f}: {e}") from None
+
+
+def _layer_weights(d: dict[str, list[float]] | None) -> dict[str, tuple[float, ...]] | None:
+    return None if d is None else {str(k): tuple(float(w) for w in v) for k, v in d.items()}
 
 
 def inputs_of(adapters: Sequence[Adapter], weights: Sequence[float]) -> tuple[Input, ...]:

@@ -39,14 +39,27 @@ Pairs = list[tuple[str, str]]
 
 @dataclass(frozen=True)
 class Variant:
-    """One strategy at one rank (rank None: the strategy's own default or not rank-based)."""
+    """One strategy at one rank (rank None: the strategy's own default or not rank-based), or svd under
+    one global parameter budget."""
 
     strategy: str
     rank: int | None = None
+    budget: int | None = None
 
     @property
     def label(self) -> str:
+        if self.budget is not None:
+            return f"{self.strategy} budget={self.budget:,}"
         return self.strategy if self.rank is None else f"{self.strategy} r={self.rank}"
+
+
+@dataclass(frozen=True, eq=False)
+class Extra:
+    """A merge made outside the comparison (a tuned merge) shown as one more row, verified like the rest."""
+
+    label: str
+    result: merge_lib.MergeResult
+    seconds: float
 
 
 def variants(names: Sequence[str], ranks: Sequence[int]) -> list[Variant]:
@@ -111,6 +124,7 @@ def compare(
     options: Options | None = None,
     base_name: str = "",
     progress: Progress | None = None,
+    extra: Sequence[Extra] = (),
 ) -> Comparison:
     """Merge with every variant, verify each against the stacked inputs, and measure skill retention.
 
@@ -120,6 +134,7 @@ def compare(
         chosen: the strategy variants to run; one that cannot handle the inputs is reported as such.
         evals: skill name (an input's name) → held-out (prompt, answer) pairs.
         options: options shared by all variants (rank is set per variant).
+        extra: merges made elsewhere (``merging tune``'s), verified and measured as rows after the variants.
 
     Returns:
         The report: every figure, the inputs, the options and the versions.
@@ -137,7 +152,8 @@ def compare(
     total = len(chosen) + 2
     candidates, measured, skipped = [], [], []
     for i, var in enumerate(chosen):
-        opts = Options(**(asdict(base_opts) | {"rank": var.rank if var.rank is not None else base_opts.rank}))
+        opts = Options(**(asdict(base_opts) | {"rank": var.rank if var.rank is not None else base_opts.rank,
+                                               "budget": var.budget}))  # fmt: skip
         started = time.perf_counter()
         try:
             result = merge_lib.merge(inputs, var.strategy, opts, base_weights=base_weights(model))
@@ -155,6 +171,14 @@ def compare(
         )  # fmt: skip
         if progress:
             progress(i + 1, total, f"merged {var.label}")
+    for ex in extra:  # merges made elsewhere (a tuned merge): rows like the others
+        result = ex.result
+        parts = tuple(s for s in (result.additive_strategy, result.ia3_strategy) if s)
+        candidates.append(Candidate(ex.label, result.adapters, result.strategy, False))
+        max_rank = max((m.rank for m in result.modules), default=0)
+        params = sum(a.numel for a in result.adapters)
+        measured.append(partial(VariantResult, label=ex.label, rank=None, seconds=ex.seconds, params=params,
+                                max_rank=max_rank, parts=parts))  # fmt: skip
     report = verify(model, tokenizer, inputs, candidates, base_name=base_name)
     if progress:
         progress(len(chosen) + 1, total, "verified")
@@ -213,7 +237,8 @@ def _retention(base: float, alone: float, loss: float) -> float | None:
 
 # what replacing a report folder replaces: its pages and every plot it can draw; other files are kept
 REPORT_FILES = ("report.json", "report.md", "report.html", "fidelity_vs_rank.png", "per_layer_error.png",
-                "size_vs_fidelity.png", "skill_retention.png")  # fmt: skip
+                "size_vs_fidelity.png", "skill_retention.png", "tune_search.png",
+                "tune_retention.png")  # fmt: skip
 
 
 def write_report(report: Comparison, out: Path, *, force: bool = False) -> Comparison:
@@ -302,6 +327,7 @@ def render_markdown(report: Comparison) -> str:
         losses = "; ".join(f"{s}: base {base[s]:.3f}, alone {alone[s]:.3f}" for s in base)
         parts += ["", "## Skill retention", "", RETENTION_NOTE, "", _md_table(head, rows), ""]
         parts += [f"Held-out answer loss: {losses}."]
+        parts += [f"\n{note}" for note in report.notes]
     if report.plots:
         parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report.plots]
     v = report.versions
@@ -348,6 +374,7 @@ def render_html(report: Comparison, folder: Path) -> str:
         f"<p>{html.escape(judged(report))}</p>"
         + (f"<p>Not applicable:</p><ul>{na}</ul>" if na else "")
         + (f"<h2>Skill retention</h2>{table(head, rows)}" if rows else "")
+        + "".join(f"<p>{html.escape(n)}</p>" for n in report.notes)
         + "<h2>Plots</h2>"
         + "".join(imgs)
         + "</body></html>\n"

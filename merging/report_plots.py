@@ -18,6 +18,8 @@ def draw_all(plt, report: Comparison, folder: Path) -> list[str]:
         ("per_layer_error.png", _per_layer),
         ("size_vs_fidelity.png", _size_vs_fidelity),
         ("skill_retention.png", _skills),
+        ("tune_search.png", _search),
+        ("tune_retention.png", _before_after),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         if fn(ax, report):
@@ -116,4 +118,76 @@ def _skills(ax, report: Comparison) -> bool:
     ax.set_xlabel("strategy")
     ax.set_title("Skill retention per strategy")
     ax.legend(fontsize=7)
+    return True
+
+
+def _search(ax, report: Comparison) -> bool:
+    if report.search is None:
+        return False
+    return _draw_search(ax, [(s["step"], s["objective"], s["on"]) for s in report.search["trace"]])
+
+
+def _before_after(ax, report: Comparison) -> bool:
+    """Retention per skill: the inputs stacked as given, and the tuned row."""
+    if report.search is None or not report.skills.names:
+        return False
+    tuned = next((v for v in report.variants if v.label == report.search["label"]), None)
+    if tuned is None:
+        return False
+    before = {s: k.retention for s, k in report.skills.stacked.items()}
+    return _draw_before_after(ax, before, {s: k.retention for s, k in tuned.skills.items()})
+
+
+def draw_search(plt, trace: list[tuple[int, float, str]], path: Path) -> bool:
+    """The tuning search: objective against step (minibatch points and whole-tuning-split points)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    drawn = _draw_search(ax, trace)
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
+def _draw_search(ax, trace: list[tuple[int, float, str]]) -> bool:
+    if not trace:
+        return False
+    for on, style, label in (("batch", "o-", "step's minibatch"), ("tune", "s", "whole tuning split")):
+        pts = [(k, v) for k, v, o in trace if o == on]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("objective (retention)")
+    ax.set_title("Tuning the merge weights")
+    ax.legend(fontsize=8)
+    return True
+
+
+Retentions = dict[str, float | None]
+
+
+def draw_before_after(plt, before: Retentions, after: Retentions, path: Path) -> bool:
+    """Retention per skill on the reporting split: the inputs stacked as given, and the tuned merge."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    drawn = _draw_before_after(ax, before, after)
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
+def _draw_before_after(ax, before: Retentions, after: Retentions) -> bool:
+    names = [n for n in before if before[n] is not None and after.get(n) is not None]
+    if not names:
+        return False
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [before[n] for n in names], width=0.4, label="stacked as given")
+    ax.bar([i + 0.2 for i in x], [after[n] for n in names], width=0.4, label="tuned merge")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("retention on the reporting split")
+    ax.set_title("Skill retention before and after tuning")
+    ax.legend(fontsize=8)
     return True

@@ -85,7 +85,8 @@ class Report:
             rows = [Row.from_dict(r) for r in d["rows"]]
             return cls(
                 d["base"], d["device"], d["dtype"], list(d["prompts"]), d["tolerance"], rows,
-                d.get("reference_reason"), dict(d.get("reference_checks") or {}),
+                d.get("reference_reason"), dict(d.get("reference_checks") or {}), tuple(d.get("notes", ())),
+                d.get("search"),
             )  # fmt: skip
 
     @classmethod
@@ -228,6 +229,8 @@ class Comparison:
     plots: tuple[str, ...] | None = None  # the PNG files, once written
     reference_reason: str | None = None  # why PEFT could not stack the inputs (our runtime did)
     reference_checks: dict[str, float] = field(default_factory=dict)  # ours vs PEFT on the parts it stacks
+    notes: tuple[str, ...] = ()  # said under the skill table (which split the retentions are measured on)
+    search: dict[str, Any] | None = None  # the tuned row's search: label, trace, weights (``merging tune``)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``report.json``."""
@@ -247,6 +250,8 @@ class Comparison:
             "reference_reason": self.reference_reason,
             "reference_checks": dict(self.reference_checks),
         }
+        out |= {"notes": list(self.notes)} if self.notes else {}
+        out |= {"search": self.search} if self.search is not None else {}
         return out if self.plots is None else out | {"plots": list(self.plots)}
 
     @classmethod
@@ -258,5 +263,6 @@ class Comparison:
                 tuple(VariantResult.from_dict(v) for v in d["variants"]),
                 tuple(Skipped(**s) for s in d["not_applicable"]), Skills.from_dict(d["skills"]),
                 Versions.from_dict(d["versions"]), None if d.get("plots") is None else tuple(d["plots"]),
-                d.get("reference_reason"), dict(d.get("reference_checks") or {}),
+                d.get("reference_reason"), dict(d.get("reference_checks") or {}), tuple(d.get("notes", ())),
+                d.get("search"),
             )  # fmt: skip

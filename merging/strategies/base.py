@@ -22,6 +22,7 @@ class Options:
     """Strategy options; each strategy reads the ones it needs.
 
     rank/energy: the svd rank budget (rank k, or the smallest k keeping fraction ``energy`` of ‖ΔW‖²_F);
+    budget: svd's one global parameter budget, ranks allocated across modules (``merging.budget``);
     clamp: PEFT's quantile clamp of the svd factors; density/majority_sign/seed: TIES and DARE;
     signed: let geometric accept non-positive IA³ entries; inner: the merge knots/core run in their shared
     basis (linear, ties, dare_ties); alpha: the literature methods' global scale; common_fraction: Iso-CTS's
@@ -38,11 +39,12 @@ class Options:
     inner: Literal["linear", "ties", "dare_ties"] = "ties"
     alpha: float = 1.0
     common_fraction: float = 0.8
+    budget: int | None = None
 
     def __post_init__(self) -> None:
         number = (int, float)
-        types = {"rank": (int,), "seed": (int,), "energy": number, "clamp": number, "density": number,
-                 "alpha": number, "common_fraction": number}  # fmt: skip
+        types = {"rank": (int,), "seed": (int,), "budget": (int,), "energy": number, "clamp": number,
+                 "density": number, "alpha": number, "common_fraction": number}  # fmt: skip
         for name, kinds in (types | {"signed": (bool,)}).items():
             value = getattr(self, name)
             if value is not None and (
@@ -57,6 +59,8 @@ class Options:
             raise MergingError(f"`energy` must be in (0, 1], got {self.energy}")
         if self.rank is not None and self.energy is not None:
             raise MergingError("give `rank` or `energy`, not both")
+        if self.budget is not None and (self.budget < 1 or self.rank is not None or self.energy is not None):
+            raise MergingError("`budget` is a positive parameter count, given without `rank` or `energy`")
         if self.clamp is not None and not 0 < self.clamp <= 1:
             raise MergingError(f"`clamp` must be a quantile in (0, 1], got {self.clamp}")
         if not 0 < self.density <= 1:

@@ -2,6 +2,8 @@
 
 Space: ΔW. Exact when k ≥ the rank of the sum. Cost O((out + in)·R²) per module, R = Σ r_i; no dense
 (out, in) matrix. Rank from --rank (default: the largest input rank, as PEFT) or --energy; --clamp as PEFT.
+--budget: one global parameter count, ranks allocated across modules by ``merging.budget`` (the merge
+pipeline sets each module's rank).
 """
 
 from __future__ import annotations
@@ -24,5 +26,5 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return LowRank(bk, ak, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
-STRATEGY = Strategy(name="svd", fn=merge, space="dW", exact="full_rank", handles="additive",
-                    doc="best rank-k approximation of the exact sum", ranked=True, reads=())  # fmt: skip
+STRATEGY = Strategy(name="svd", fn=merge, space="dW", exact="full_rank", handles="additive", ranked=True,
+                    doc="best rank-k approximation of the exact sum", reads=("budget",))  # fmt: skip

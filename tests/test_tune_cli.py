@@ -1,0 +1,76 @@
+"""`merging tune` on the bundled example: its recipe remakes the tuned merge byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _small_evals(tmp: Path, skills: list[str], n: int = 4) -> list[str]:
+    args = []
+    for s in skills:
+        lines = (ROOT / "examples/data" / f"{s}.jsonl").read_text().splitlines()[:n]
+        (tmp / f"{s}.jsonl").write_text("\n".join(lines) + "\n")
+        args += ["--eval", f"{s}={tmp / f'{s}.jsonl'}"]
+    return args
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.model
+def test_tune_recipe_remakes_the_merge_byte_for_byte(example_base, tmp_path):
+    skills = ["add", "sentiment"]  # a LoRA and an IA³: the result is a LoRA + IA³ stack folder
+    out = tmp_path / "tuned"
+    args = ["tune", *(f"{s}={ROOT / 'examples/adapters' / s}" for s in skills), "--base", str(example_base)]
+    args += _small_evals(tmp_path, skills) + ["--granularity", "layer", "--steps", "1", "--batch", "1"]
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(cli, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "tune.json").read_text())
+    assert record["split"] == {"add": {"tune": 2, "report": 2}, "sentiment": {"tune": 2, "report": 2}}
+    assert len(record["layer_weights"]) == 30 and record["layer_weights"]["model.layers.0"] != [1.0, 1.0]
+    assert set(record["reporting_split"]["after"]) == set(skills)
+    recipe = json.loads((out / "merge_recipe.json").read_text())
+    assert recipe["layer_weights"] == record["layer_weights"]
+
+    again = tmp_path / "again"
+    result = runner.invoke(cli, ["merge", "--recipe", str(out / "tune_recipe.toml"), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    made, remade = _files(out), _files(again)
+    assert {"ia3/adapter_model.safetensors", "lora/adapter_model.safetensors"} <= set(remade)
+    assert remade == {k: v for k, v in made.items() if k in remade}
+    extra = {"tune.json", "tune_recipe.toml", "tune_search.png", "tune_retention.png"}
+    assert set(made) - set(remade) == extra
+
+
+@pytest.mark.model
+def test_compare_gains_tuned_and_budget_rows(example_base, tmp_path):
+    skills = ["add", "sort"]
+    out = tmp_path / "report"
+    args = ["compare", *(f"{s}={ROOT / 'examples/adapters' / s}" for s in skills)]
+    args += ["--base", str(example_base), *_small_evals(tmp_path, skills), "-s", "svd", "--ranks", "4"]
+    args += ["--budget", "r4", "--tune", "1"]
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "report.json").read_text())
+    by = {v["label"]: v for v in data["variants"]}
+    uniform = by["svd r=4"]
+    budget_label = next(label for label in by if label.startswith("svd budget="))
+    assert int(budget_label.split("=")[1].replace(",", "")) == uniform["params"]  # r4: uniform rank 4's size
+    assert by[budget_label]["params"] <= uniform["params"]
+    assert by[budget_label]["weight_error_max"] != uniform["weight_error_max"]  # a different allocation
+    tuned = by["tuned cat"]
+    assert set(tuned["skills"]) == set(skills) and tuned["passed"] is None
+    assert data["search"]["label"] == "tuned cat" and len(data["search"]["trace"]) == 2
+    assert "reporting split (4 examples)" in data["notes"][0]
+    assert {"tune_search.png", "tune_retention.png"} <= set(data["plots"])
+    assert "reporting split" in (out / "report.md").read_text()
