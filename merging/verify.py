@@ -25,7 +25,7 @@ from merging.deltas import AdditiveDelta, Scale, sum_error
 from merging.errors import UnsupportedError
 from merging.recipe import Recipe
 from merging.results import Report, Row
-from merging.runtime import effective_weight, stacked
+from merging.runtime import effective_weight, evaluated, stacked
 
 EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 PROMPTS = [
@@ -55,13 +55,16 @@ class Candidate:
 
 
 @contextmanager
-def on_disk(candidates: Sequence[Candidate]) -> Iterator[list[Candidate]]:
+def on_disk(
+    candidates: Sequence[Candidate], in_memory: Callable[[Candidate], bool] | None = None
+) -> Iterator[list[Candidate]]:
     """Candidates merged in memory, written as PEFT folders in a temporary folder so PEFT loads them as
-    users do (one that has no PEFT form, e.g. an IA³ + LoRA pair, stays in memory: our runtime loads it)."""
+    users do (one that has no PEFT form, e.g. an IA³ + LoRA pair, stays in memory: our runtime loads it;
+    so does one that ``in_memory`` names)."""
     with tempfile.TemporaryDirectory(prefix="merging-verify-") as tmp:
         out = []
         for i, cand in enumerate(candidates):
-            if cand.folder is None and len(cand.adapters) == 1:
+            if cand.folder is None and len(cand.adapters) == 1 and not (in_memory and in_memory(cand)):
                 try:
                     folder = formats.get("peft").write(cand.adapters[0], Path(tmp) / f"candidate{i}")
                     cand = replace(cand, folder=folder)
@@ -172,6 +175,7 @@ def verify(
     max_new_tokens: int = 8,
     base_name: str = "",
     progress: Progress | None = None,
+    fold_approximate: bool = False,
 ) -> Report:
     """Run base, stacked inputs and each candidate on the model and compare them.
 
@@ -182,6 +186,9 @@ def verify(
         candidates: the merged results to check.
         prompts: the batch.
         max_new_tokens: length of the greedy continuations compared (0 to skip).
+        fold_approximate: run the candidates that claim no exactness folded into the float32 weights
+            (``runtime.evaluated``: equal to stacking up to rounding, and as fast as the base) instead of
+            loaded as users load them. Exact candidates are always judged as users load them.
 
     Returns:
         A Report; ``report.failed`` tells whether an exact candidate missed the tolerance.
@@ -213,9 +220,11 @@ def verify(
     checks = {} if the_plan.reference == judge.PEFT else reference_checks(model, batch, pairs, y_base)
     tick("stacked")
     rows = []
-    with on_disk(candidates) as written:
+    folds = (lambda cand: not cand.exact) if fold_approximate else (lambda cand: False)
+    with on_disk(candidates, folds) as written:
         for cand in written:
-            with judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
+            how = evaluated(model, weighted(cand.adapters)) if folds(cand) else None
+            with how or judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
                 y_m = _outputs(model, batch)
                 g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
             figures = _compare(y_base, y_stack, y_m, is_lm)

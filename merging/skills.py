@@ -1,0 +1,77 @@
+"""Held-out skill losses for ``compare``: the base, each input alone, the inputs stacked, each candidate.
+
+The references (base, alone, stacked) and the candidates that claim exactness run through
+``runtime.stacked`` as before; a candidate that claims no exactness runs folded into the float32 weights
+(``runtime.evaluated``: ``merge_into``, undone bit for bit), which equals stacking up to rounding and
+costs one plain forward of the base model. Each skill's texts are tokenised once, by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from merging.adapter import Pair, weighted
+from merging.results import Skill, Skills
+from merging.runtime import evaluated, stacked
+
+Progress = Callable[[int, int, str], None]
+Batches = dict[str, dict[str, torch.Tensor]]
+
+
+def held_out(
+    model, batches: Batches, inputs: Sequence[Pair], candidates: Sequence, progress: Progress | None = None
+) -> tuple[Skills, dict[str, dict[str, Skill]]]:
+    """Held-out losses per skill (an input's name → its tokenised batch with answer labels).
+
+    Args:
+        model: the base model; it is left exactly as it was.
+        batches: skill → ``answer_batch`` of its held-out texts.
+        inputs: the (adapter, weight) pairs in stacking order; an input's name keys its skill.
+        candidates: the merged results (``verify.Candidate``: name, adapters, exact).
+        progress: called after the base, the inputs alone, the stack and each candidate.
+
+    Returns:
+        The reference losses, and each candidate's losses and retentions by candidate name.
+    """
+    steps, done = 3 + len(candidates), 0
+
+    def tick(item: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, steps, item)
+
+    base = losses(model, batches)
+    tick("base")
+    alone = {}
+    for skill, batch in batches.items():
+        with stacked(model, [(a, w) for a, w in inputs if a.name == skill]):
+            alone[skill] = losses(model, {skill: batch})[skill]
+    tick("each input alone")
+
+    def measure(pairs: Sequence[Pair], exact: bool) -> dict[str, Skill]:
+        with stacked(model, pairs) if exact else evaluated(model, pairs):
+            got = losses(model, batches)
+        return {s: Skill(v, retention(base[s], alone[s], v)) for s, v in got.items()}
+
+    stacked_skills = measure(list(inputs), True)
+    tick("stacked inputs")
+    merged = {}
+    for cand in candidates:
+        merged[cand.name] = measure(weighted(cand.adapters), cand.exact)
+        tick(cand.name)
+    return Skills(base, alone, stacked_skills), merged
+
+
+@torch.no_grad()
+def losses(model, batches: Batches) -> dict[str, float]:
+    """Mean cross-entropy per answer token of each skill's batch (the model's own loss)."""
+    return {skill: float(model(**batch).loss) for skill, batch in batches.items()}
+
+
+def retention(base: float, alone: float, loss: float) -> float | None:
+    """(L_base − L) / (L_base − L_alone): the share of the adapter's own improvement that survives."""
+    gain = base - alone
+    return None if gain <= 0 else (base - loss) / gain
