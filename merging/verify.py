@@ -21,7 +21,7 @@ import torch
 
 from merging import dora, formats, judge, strategies
 from merging.adapter import Adapter, Pair, layer_kind, stacks, weighted
-from merging.deltas import AdditiveDelta, Scale, sum_error
+from merging.deltas import AdditiveDelta, Scale, sum_error, sum_factors
 from merging.errors import UnsupportedError
 from merging.recipe import Recipe
 from merging.results import Report, Row
@@ -146,23 +146,43 @@ def _compare(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]
     return res
 
 
-def module_errors(model, inputs: Sequence[Pair], merged: Sequence[Adapter]) -> dict[str, float]:
-    """Per-module ‖ΔW_merged − ΔW_stack‖_F / ‖ΔW_stack‖_F; from factors when every delta is additive."""
+REFERENCE_FLOATS = 1 << 26  # at most 256 MiB of the stacked inputs' dense weights kept across candidates
+
+
+def module_errors(
+    model, inputs: Sequence[Pair], merged: Sequence[Adapter], reference: dict | None = None
+) -> dict[str, float]:
+    """Per-module ‖ΔW_merged − ΔW_stack‖_F / ‖ΔW_stack‖_F; from factors when every delta is additive.
+
+    ``reference``: a dict kept across the candidates of one verify run, where the stacked inputs' side
+    (their factors, or their dense weight while under REFERENCE_FLOATS in all) is computed once.
+    """
     ref, got = stacks(inputs).deltas, stacks(weighted(merged)).deltas
+    cache = {} if reference is None else reference
     errors = {}
     for mod in sorted(set(ref) | set(got)):
         r, g = ref.get(mod, []), got.get(mod, [])
         if all(isinstance(d, AdditiveDelta) and not dora.is_dora(d) for d, _ in r + g):
-            errors[mod] = sum_error(r, g)
+            if r and ("factors", mod) not in cache:
+                cache["factors", mod] = sum_factors(r)
+            errors[mod] = sum_error(r, g, cache.get(("factors", mod)))
         else:
             m = model.get_submodule(mod)
             kind = layer_kind(m)
             w0 = m.weight.detach().float().cpu()
-            w_ref, _ = effective_weight(r, w0, None, kind)
+            w_ref, denom = cache.get(("dense", mod)) or _dense_reference(r, w0, kind)
+            kept = cache.get("floats", 0) + w_ref.numel()
+            if ("dense", mod) not in cache and kept <= REFERENCE_FLOATS:
+                cache["dense", mod], cache["floats"] = (w_ref, denom), kept
             w_got, _ = effective_weight(g, w0, None, kind)
-            denom = float((w_ref - w0).double().norm())
             errors[mod] = float((w_got - w_ref).double().norm()) / denom if denom > 0 else 0.0
     return errors
+
+
+def _dense_reference(r, w0: torch.Tensor, kind) -> tuple[torch.Tensor, float]:
+    """The stacked inputs' effective weight on one module, and ‖W_ref − W0‖_F."""
+    w_ref, _ = effective_weight(r, w0, None, kind)
+    return w_ref, float((w_ref - w0).double().norm())
 
 
 def verify(
@@ -219,7 +239,7 @@ def verify(
         g_stack = _greedy(model, batch, max_new_tokens, pad_id) if is_lm and max_new_tokens else None
     checks = {} if the_plan.reference == judge.PEFT else reference_checks(model, batch, pairs, y_base)
     tick("stacked")
-    rows = []
+    rows, reference = [], {}  # the stacked inputs' side of module_errors, shared by the candidates
     folds = (lambda cand: not cand.exact) if fold_approximate else (lambda cand: False)
     with on_disk(candidates, folds) as written:
         for cand in written:
@@ -228,7 +248,7 @@ def verify(
                 y_m = _outputs(model, batch)
                 g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
             figures = _compare(y_base, y_stack, y_m, is_lm)
-            errs = module_errors(model, pairs, cand.adapters)
+            errs = module_errors(model, pairs, cand.adapters, reference)
             greedy = None if g_m is None else float((g_m == g_stack).float().mean())
             rows.append(
                 Row(

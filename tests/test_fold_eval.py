@@ -13,7 +13,7 @@ from merging.formats import peft as fp
 from merging.merge import merge
 from merging.runtime import FOLDED, evaluated, merge_into, stacked
 from merging.strategies import Options
-from merging.verify import Candidate, verify
+from merging.verify import Candidate, module_errors, verify
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close, state_hash
 
@@ -116,3 +116,14 @@ def test_held_out_losses_folded_equal_stacked(fx):
         got, want = merged["svd"][s], merged["svd stacked"][s]
         assert got.loss == pytest.approx(want.loss, rel=1e-5)
         assert abs(want.loss - refs.base[s]) > 1e-3  # the merge moved the loss: the check can fail
+
+
+def test_module_errors_reuse_the_reference_side_unchanged(fx):
+    pairs = weighted(_read(fx, "llama", ["lora", "ia3", "loha"]))
+    model = fx.load_base("llama")
+    cache: dict = {}
+    for rank in (1, 2):
+        merged = merge(pairs, "svd", Options(rank=rank)).adapters
+        assert module_errors(model, pairs, merged, cache) == module_errors(model, pairs, merged)
+    kinds = {k[0] for k in cache if isinstance(k, tuple)}
+    assert kinds == {"factors", "dense"}  # both branches were kept and reused
