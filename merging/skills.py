@@ -3,7 +3,8 @@
 The references (base, alone, stacked) and the candidates that claim exactness run through
 ``runtime.stacked`` as before; a candidate that claims no exactness runs folded into the float32 weights
 (``runtime.evaluated``: ``merge_into``, undone bit for bit), which equals stacking up to rounding and
-costs one plain forward of the base model. Each skill's texts are tokenised once, by the caller.
+costs one plain forward of the base model. Candidates with identical adapters (``content_digest``, e.g.
+cat and multiplicative on additive inputs) are measured once. Each skill's texts are tokenised once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from merging.adapter import Pair, weighted
+from merging.adapter import Pair, content_digest, weighted
 from merging.results import Skill, Skills
 from merging.runtime import evaluated, stacked
 
@@ -58,9 +59,13 @@ def held_out(
 
     stacked_skills = measure(list(inputs), True)
     tick("stacked inputs")
-    merged = {}
+    merged: dict[str, dict[str, Skill]] = {}
+    seen: dict[str, dict[str, Skill]] = {}  # content digest → the losses of those very adapters
     for cand in candidates:
-        merged[cand.name] = measure(weighted(cand.adapters), cand.exact)
+        digest = content_digest(cand.adapters)
+        if digest not in seen:
+            seen[digest or cand.name] = measure(weighted(cand.adapters), cand.exact)
+        merged[cand.name] = seen[digest or cand.name]
         tick(cand.name)
     return Skills(base, alone, stacked_skills), merged
 

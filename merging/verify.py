@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from merging import dora, formats, judge, strategies
-from merging.adapter import Adapter, Pair, layer_kind, stacks, weighted
+from merging.adapter import Adapter, Pair, content_digest, layer_kind, stacks, weighted
 from merging.deltas import AdditiveDelta, Scale, sum_error, sum_factors
 from merging.errors import UnsupportedError
 from merging.recipe import Recipe
@@ -208,7 +208,8 @@ def verify(
         max_new_tokens: length of the greedy continuations compared (0 to skip).
         fold_approximate: run the candidates that claim no exactness folded into the float32 weights
             (``runtime.evaluated``: equal to stacking up to rounding, and as fast as the base) instead of
-            loaded as users load them. Exact candidates are always judged as users load them.
+            loaded as users load them; one whose adapters equal an earlier candidate's (``content_digest``)
+            takes that candidate's figures. Exact candidates are always judged as users load them.
 
     Returns:
         A Report; ``report.failed`` tells whether an exact candidate missed the tolerance.
@@ -241,8 +242,15 @@ def verify(
     tick("stacked")
     rows, reference = [], {}  # the stacked inputs' side of module_errors, shared by the candidates
     folds = (lambda cand: not cand.exact) if fold_approximate else (lambda cand: False)
+    seen: dict[str, Row] = {}  # content digest → the row measured on those very adapters
     with on_disk(candidates, folds) as written:
         for cand in written:
+            digest = content_digest(cand.adapters) if fold_approximate else None
+            if folds(cand) and digest in seen:  # identical adapters act identically: measured once
+                same = seen[digest]
+                rows.append(replace(same, name=cand.name, strategy=cand.strategy, exact=False, passed=None))
+                tick(cand.name)
+                continue
             how = evaluated(model, weighted(cand.adapters)) if folds(cand) else None
             with how or judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
                 y_m = _outputs(model, batch)
@@ -250,24 +258,25 @@ def verify(
             figures = _compare(y_base, y_stack, y_m, is_lm)
             errs = module_errors(model, pairs, cand.adapters, reference)
             greedy = None if g_m is None else float((g_m == g_stack).float().mean())
-            rows.append(
-                Row(
-                    name=cand.name,
-                    strategy=cand.strategy,
-                    exact=cand.exact,
-                    effect_rel_error=figures["effect_rel_error"],
-                    max_abs_diff=figures["max_abs_diff"],
-                    kl=figures["kl"],
-                    top1_agreement=figures["top1_agreement"],
-                    greedy_agreement=greedy,
-                    weight_error_max=max(errs.values(), default=0.0),
-                    weight_error_mean=sum(errs.values()) / max(len(errs), 1),
-                    passed=figures["effect_rel_error"] <= tol if cand.exact else None,
-                    module_errors=errs,
-                    reference=the_plan.reference,
-                    loaded_by=loaded_by,
-                )
+            row = Row(
+                name=cand.name,
+                strategy=cand.strategy,
+                exact=cand.exact,
+                effect_rel_error=figures["effect_rel_error"],
+                max_abs_diff=figures["max_abs_diff"],
+                kl=figures["kl"],
+                top1_agreement=figures["top1_agreement"],
+                greedy_agreement=greedy,
+                weight_error_max=max(errs.values(), default=0.0),
+                weight_error_mean=sum(errs.values()) / max(len(errs), 1),
+                passed=figures["effect_rel_error"] <= tol if cand.exact else None,
+                module_errors=errs,
+                reference=the_plan.reference,
+                loaded_by=loaded_by,
             )
+            rows.append(row)
+            if digest is not None:
+                seen.setdefault(digest, row)
             tick(cand.name)
     dt = str(dtype).removeprefix("torch.")
     return Report(base_name, str(device), dt, list(prompts), tol, rows, the_plan.reason, checks)

@@ -3,11 +3,13 @@ used by verify and the held-out losses for approximate candidates only."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from merging import judge, skills
-from merging.adapter import base_shapes, weighted
+from merging.adapter import base_shapes, content_digest, weighted
 from merging.errors import UnsupportedError
 from merging.formats import peft as fp
 from merging.merge import merge
@@ -127,3 +129,21 @@ def test_module_errors_reuse_the_reference_side_unchanged(fx):
         assert module_errors(model, pairs, merged, cache) == module_errors(model, pairs, merged)
     kinds = {k[0] for k in cache if isinstance(k, tuple)}
     assert kinds == {"factors", "dense"}  # both branches were kept and reused
+
+
+def test_identical_candidates_are_measured_once_and_digests_see_one_changed_value(fx):
+    pairs = weighted(_read(fx, "llama", ["lora", "loha"]))
+    res = merge(pairs, "cat")
+    twin = merge(pairs, "cat").adapters  # merged again: other tensors, same values
+    assert content_digest(res.adapters) == content_digest(twin)
+    (ad,) = twin
+    mod, d = next(iter(ad.deltas.items()))
+    changed = d.b.clone()
+    changed[0, 0] += 1e-6
+    other = dataclasses.replace(ad, deltas={**ad.deltas, mod: dataclasses.replace(d, b=changed)})
+    assert content_digest([other]) != content_digest(twin)
+    cands = [Candidate("cat", res.adapters, "cat", True), Candidate("again", twin, "geometric", False)]
+    first, again = verify(fx.load_base("llama"), None, pairs, cands, fold_approximate=True).rows
+    assert first.loaded_by == judge.PEFT and first.passed is True
+    assert (again.name, again.strategy, again.exact, again.passed) == ("again", "geometric", False, None)
+    assert dataclasses.replace(again, name="cat", strategy="cat", exact=True, passed=True) == first
