@@ -31,7 +31,9 @@ from merging.strategies import Options
 from merging.verify import Candidate, base_weights, verify
 
 RETENTION_NOTE = (
-    "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone)."
+    "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone). "
+    "The references and the exact rows run stacked; the approximate rows run folded into the weights "
+    "(equal up to float32 rounding)."
 )
 Progress = Callable[[int, int, str], None]
 Pairs = list[tuple[str, str]]

@@ -147,3 +147,31 @@ def test_identical_candidates_are_measured_once_and_digests_see_one_changed_valu
     assert first.loaded_by == judge.PEFT and first.passed is True
     assert (again.name, again.strategy, again.exact, again.passed) == ("again", "geometric", False, None)
     assert dataclasses.replace(again, name="cat", strategy="cat", exact=True, passed=True) == first
+
+
+def _labelled(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # one right-padded row
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompts
+    labels[mask == 0] = -100
+    return {"s": {"input_ids": ids, "attention_mask": mask, "labels": labels}}
+
+
+def test_answer_losses_equal_the_models_own_and_a_soft_capped_head_keeps_its_own(fx):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    batches = _labelled(4)
+    model = fx.load_base("llama")
+    own = skills.losses(model, batches)
+    assert skills.answer_losses(model, batches)["s"] == pytest.approx(own["s"], rel=1e-6)
+    assert skills.head_only_agrees(model, batches, own)
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, final_logit_softcapping=0.5,
+    )  # fmt: skip
+    capped = Gemma2ForCausalLM(cfg).eval()
+    assert not skills.head_only_agrees(capped, batches, skills.losses(capped, batches))
