@@ -9,7 +9,14 @@ from pathlib import Path
 import click
 from click.shell_completion import CompletionItem
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from merging.fileio import collect_replaced
 
@@ -63,10 +70,12 @@ def telling_replaced(out: Console = console) -> Iterator[None]:
 
 @contextmanager
 def progress_bar(description: str) -> Iterator:
-    """A rich progress bar on stderr; yields a library-style callback progress(done, total, item)."""
+    """A rich progress bar on stderr (elapsed, and the time left once steps are done); yields a
+    library-style callback progress(done, total, item)."""
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("[dim]{task.fields[item]}"), console=err_console, transient=True,
+        TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[item]}"),
+        console=err_console, transient=True,
     ) as bar:  # fmt: skip
         task = bar.add_task(description, total=None, item="")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -280,3 +281,26 @@ def common_invocation(adapters: Sequence[Adapter]) -> tuple[int, ...] | None:
         names = ", ".join(f"{ad.where} ({list(ad.invocation or []) or 'every token'})" for ad in adapters)
         raise IncompatibleAdapters(f"aLoRA inputs must share their invocation tokens: {names}")
     return found.pop() if found else None
+
+
+def content_digest(adapters: Sequence[Adapter]) -> str | None:
+    """A sha256 over every delta's kind, fields and tensor bytes, in stacking order: equal digests act
+    identically on any model. None when an adapter carries more than deltas (module replacements, token
+    rows, tied modules, an aLoRA gate), which the digest does not cover."""
+    h = hashlib.sha256()
+    for ad in adapters:
+        if ad.aux or ad.tied or ad.invocation is not None:
+            return None
+        h.update(b"\0adapter")
+        for mod, d in ad.deltas.items():
+            if not is_dataclass(d):
+                return None
+            h.update(f"\0{mod}\0{type(d).__name__}".encode())
+            for f in fields(d):
+                v = getattr(d, f.name)
+                if isinstance(v, torch.Tensor):
+                    h.update(f"\0{f.name} {v.dtype} {tuple(v.shape)}".encode())
+                    h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                else:
+                    h.update(f"\0{f.name} {v!r}".encode())
+    return h.hexdigest()

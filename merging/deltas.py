@@ -357,14 +357,24 @@ def stack_factors(items: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.T
         as_.append(lr.a.float())
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
+def sum_factors(ref: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Σ ref as stacked factors (B, A) and ‖Σ ref‖_F²: ``sum_error``'s reference side, reusable."""
+    b_ref, a_ref = stack_factors(ref)
+    return b_ref, a_ref, float(linalg.gram_norm_sq(b_ref, a_ref))
+
+
 def sum_error(
-    ref: Sequence[tuple[AdditiveDelta, float]], got: Sequence[tuple[AdditiveDelta, float]]
+    ref: Sequence[tuple[AdditiveDelta, float]],
+    got: Sequence[tuple[AdditiveDelta, float]],
+    ref_factors: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> float:
-    """‖Σ got − Σ ref‖_F / ‖Σ ref‖_F from the stacked factors (no dense matrix); absolute when Σ ref = 0."""
+    """‖Σ got − Σ ref‖_F / ‖Σ ref‖_F from the stacked factors (no dense matrix); absolute when Σ ref = 0.
+
+    ``ref_factors``: ``sum_factors(ref)`` computed once when one reference is compared with many results.
+    """
     if not ref:
         return math.inf if got else 0.0
-    b_ref, a_ref = stack_factors(ref)
-    denom = float(linalg.gram_norm_sq(b_ref, a_ref))
+    b_ref, a_ref, denom = ref_factors or sum_factors(ref)
     if not got:
         return 1.0 if denom > 0 else 0.0
     b_got, a_got = stack_factors(got)

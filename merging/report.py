@@ -20,18 +20,20 @@ from typing import Any
 import torch
 
 from merging import merge as merge_lib
+from merging import skills as skills_lib
 from merging import strategies
-from merging.adapter import Adapter, weighted
+from merging.adapter import Adapter
 from merging.errors import MergingError, UnsupportedError
 from merging.fileio import atomic_folder, write_text
 from merging.recipe import Versions, inputs_of
 from merging.results import Comparison, Skill, Skills, Skipped, VariantResult, judge_note
-from merging.runtime import stacked
 from merging.strategies import Options
 from merging.verify import Candidate, base_weights, verify
 
 RETENTION_NOTE = (
-    "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone)."
+    "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone). "
+    "The references and the exact rows run stacked; the approximate rows run folded into the weights "
+    "(equal up to float32 rounding)."
 )
 Progress = Callable[[int, int, str], None]
 Pairs = list[tuple[str, str]]
@@ -149,7 +151,7 @@ def compare(
     base_opts = options or Options()
     ads = [a for a, _ in inputs]
     ws = [w for _, w in inputs]
-    total = len(chosen) + 2
+    total = _steps(len(chosen), len(chosen), evals)
     candidates, measured, skipped = [], [], []
     for i, var in enumerate(chosen):
         opts = Options(**(asdict(base_opts) | {"rank": var.rank if var.rank is not None else base_opts.rank,
@@ -179,12 +181,13 @@ def compare(
         params = sum(a.numel for a in result.adapters)
         measured.append(partial(VariantResult, label=ex.label, rank=None, seconds=ex.seconds, params=params,
                                 max_rank=max_rank, parts=parts))  # fmt: skip
-    report = verify(model, tokenizer, inputs, candidates, base_name=base_name)
-    if progress:
-        progress(len(chosen) + 1, total, "verified")
-    skills, merged_skills = _skills(model, tokenizer, inputs, candidates, evals)
-    if progress:
-        progress(total, total, "skills")
+    total = _steps(len(chosen), len(candidates), evals)
+    report = verify(
+        model, tokenizer, inputs, candidates, base_name=base_name, fold_approximate=True,
+        progress=_after(progress, len(chosen), total, "verified"),
+    )  # fmt: skip
+    ticks = _after(progress, len(chosen) + len(candidates) + 2, total, "held-out loss")
+    skills, merged_skills = _skills(model, tokenizer, inputs, candidates, evals, ticks)
     return Comparison(
         title=f"{len(inputs)} adapters on {base_name}",
         base=base_name,
@@ -206,30 +209,27 @@ def compare(
     )
 
 
-def _skills(model, tokenizer, inputs, candidates, evals) -> tuple[Skills, dict[str, dict[str, Skill]]]:
+def _steps(chosen: int, candidates: int, evals: dict[str, Pairs]) -> int:
+    """Progress steps of ``compare``: each merge, verify's (base, stacked, each candidate), the losses'."""
+    return chosen + (2 + candidates) + ((3 + candidates) if evals else 0)
+
+
+def _after(progress: Progress | None, start: int, total: int, what: str) -> Progress | None:
+    """A progress callback for one phase, whose steps count on from ``start`` of ``total``."""
+    if progress is None:
+        return None
+    return lambda done, _total, item: progress(start + done, total, f"{what}: {item}")
+
+
+def _skills(
+    model, tokenizer, inputs, candidates, evals, progress: Progress | None = None
+) -> tuple[Skills, dict[str, dict[str, Skill]]]:
     """Held-out losses: base, each adapter alone, all stacked; and each merged candidate's, by name."""
     if not evals:
         return Skills(), {}
-    base, alone = {}, {}
-    for skill, pairs in evals.items():
-        base[skill] = answer_loss(model, tokenizer, pairs)
-        with stacked(model, [(a, w) for a, w in inputs if a.name == skill]):
-            alone[skill] = answer_loss(model, tokenizer, pairs)
-
-    def measure(adapters) -> dict[str, Skill]:
-        with stacked(model, adapters):
-            losses = {s: answer_loss(model, tokenizer, p) for s, p in evals.items()}
-        return {s: Skill(v, _retention(base[s], alone[s], v)) for s, v in losses.items()}
-
-    stacked_skills = measure(list(inputs))
-    merged = {cand.name: measure(weighted(cand.adapters)) for cand in candidates}
-    return Skills(base, alone, stacked_skills), merged
-
-
-def _retention(base: float, alone: float, loss: float) -> float | None:
-    """(L_base − L) / (L_base − L_alone): the share of the adapter's own improvement that survives."""
-    gain = base - alone
-    return None if gain <= 0 else (base - loss) / gain
+    device = next(model.parameters()).device
+    batches = {s: answer_batch(tokenizer, p, device) for s, p in evals.items()}  # tokenised once
+    return skills_lib.held_out(model, batches, inputs, candidates, progress)
 
 
 # ------------------------------------------------------------------------------------------ rendering

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging import dora
-from merging.adapter import Pair, common_invocation, layer_kind, stacks
+from merging.adapter import Pair, Stacks, common_invocation, layer_kind, stacks
 from merging.alora import Gate, refuse_gated
 from merging.auxiliary import Auxiliary, BaseTensors, TokenRows
 from merging.deltas import (
@@ -334,6 +334,16 @@ def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
             f"modules {a} and {b} share one weight that the adapters change differently; bake unties them"
         )
     saved: dict[str, torch.Tensor] = {}
+    try:
+        _fold(model, plan, saved)
+    except BaseException:  # a refusal half-way leaves the model as it was
+        Undo(model, saved)()
+        raise
+    return Undo(model, saved)
+
+
+def _fold(model: nn.Module, plan: Stacks, saved: dict[str, torch.Tensor]) -> None:
+    """merge_into's loop: each module's stack folded in place, its tensors saved into ``saved`` first."""
     seen: set[int] = set()
     with torch.no_grad():
         for mod in plan.modules:
@@ -357,4 +367,43 @@ def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
                 if getattr(m, "bias", None) is None:
                     raise UnsupportedError(f"module {mod} has no bias to fold a LoRA bias into")
                 m.bias.copy_(b.to(m.bias.dtype))
-    return Undo(model, saved)
+
+
+FOLDED = "merging.runtime folded into the weights"
+
+
+def _foldable(model: nn.Module, plan: Stacks) -> bool:
+    """Whether folding is evaluated as stacking is: float32 weights, no replaced modules or token rows."""
+    if plan.aux:
+        return False
+    try:
+        return all(model.get_submodule(mod).weight.dtype == torch.float32 for mod in plan.modules)
+    except AttributeError:
+        return False
+
+
+@contextmanager
+def evaluated(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[str]:
+    """Pairs active on the model: folded into its float32 weights (``merge_into``, undone bit for bit on
+    exit) where that is equivalent to stacking them, else stacked (``stacked``).
+
+    Folding changes float32 rounding only (W + ΔW summed once instead of Wx + B(Ax) per call), and runs
+    the model's own layers: one forward costs what the base costs. Lower precisions stay stacked.
+
+    Yields:
+        How they were applied: FOLDED or "merging.runtime" (stacked).
+    """
+    undo = None
+    if _foldable(model, stacks(pairs)):
+        try:
+            undo = merge_into(model, pairs)
+        except UnsupportedError:  # e.g. a tied weight changed two ways, an aLoRA gate: stacking handles it
+            undo = None
+    if undo is None:
+        with stacked(model, pairs):
+            yield "merging.runtime"
+        return
+    try:
+        yield FOLDED
+    finally:
+        undo()

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from merging import dora, formats, judge, strategies
-from merging.adapter import Adapter, Pair, layer_kind, stacks, weighted
-from merging.deltas import AdditiveDelta, Scale, sum_error
+from merging.adapter import Adapter, Pair, content_digest, layer_kind, stacks, weighted
+from merging.deltas import AdditiveDelta, Scale, sum_error, sum_factors
 from merging.errors import UnsupportedError
 from merging.recipe import Recipe
 from merging.results import Report, Row
-from merging.runtime import effective_weight, stacked
+from merging.runtime import effective_weight, evaluated, stacked
 
 EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 PROMPTS = [
@@ -55,13 +55,16 @@ class Candidate:
 
 
 @contextmanager
-def on_disk(candidates: Sequence[Candidate]) -> Iterator[list[Candidate]]:
+def on_disk(
+    candidates: Sequence[Candidate], in_memory: Callable[[Candidate], bool] | None = None
+) -> Iterator[list[Candidate]]:
     """Candidates merged in memory, written as PEFT folders in a temporary folder so PEFT loads them as
-    users do (one that has no PEFT form, e.g. an IA³ + LoRA pair, stays in memory: our runtime loads it)."""
+    users do (one that has no PEFT form, e.g. an IA³ + LoRA pair, stays in memory: our runtime loads it;
+    so does one that ``in_memory`` names)."""
     with tempfile.TemporaryDirectory(prefix="merging-verify-") as tmp:
         out = []
         for i, cand in enumerate(candidates):
-            if cand.folder is None and len(cand.adapters) == 1:
+            if cand.folder is None and len(cand.adapters) == 1 and not (in_memory and in_memory(cand)):
                 try:
                     folder = formats.get("peft").write(cand.adapters[0], Path(tmp) / f"candidate{i}")
                     cand = replace(cand, folder=folder)
@@ -143,23 +146,43 @@ def _compare(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]
     return res
 
 
-def module_errors(model, inputs: Sequence[Pair], merged: Sequence[Adapter]) -> dict[str, float]:
-    """Per-module ‖ΔW_merged − ΔW_stack‖_F / ‖ΔW_stack‖_F; from factors when every delta is additive."""
+REFERENCE_FLOATS = 1 << 26  # at most 256 MiB of the stacked inputs' dense weights kept across candidates
+
+
+def module_errors(
+    model, inputs: Sequence[Pair], merged: Sequence[Adapter], reference: dict | None = None
+) -> dict[str, float]:
+    """Per-module ‖ΔW_merged − ΔW_stack‖_F / ‖ΔW_stack‖_F; from factors when every delta is additive.
+
+    ``reference``: a dict kept across the candidates of one verify run, where the stacked inputs' side
+    (their factors, or their dense weight while under REFERENCE_FLOATS in all) is computed once.
+    """
     ref, got = stacks(inputs).deltas, stacks(weighted(merged)).deltas
+    cache = {} if reference is None else reference
     errors = {}
     for mod in sorted(set(ref) | set(got)):
         r, g = ref.get(mod, []), got.get(mod, [])
         if all(isinstance(d, AdditiveDelta) and not dora.is_dora(d) for d, _ in r + g):
-            errors[mod] = sum_error(r, g)
+            if r and ("factors", mod) not in cache:
+                cache["factors", mod] = sum_factors(r)
+            errors[mod] = sum_error(r, g, cache.get(("factors", mod)))
         else:
             m = model.get_submodule(mod)
             kind = layer_kind(m)
             w0 = m.weight.detach().float().cpu()
-            w_ref, _ = effective_weight(r, w0, None, kind)
+            w_ref, denom = cache.get(("dense", mod)) or _dense_reference(r, w0, kind)
+            kept = cache.get("floats", 0) + w_ref.numel()
+            if ("dense", mod) not in cache and kept <= REFERENCE_FLOATS:
+                cache["dense", mod], cache["floats"] = (w_ref, denom), kept
             w_got, _ = effective_weight(g, w0, None, kind)
-            denom = float((w_ref - w0).double().norm())
             errors[mod] = float((w_got - w_ref).double().norm()) / denom if denom > 0 else 0.0
     return errors
+
+
+def _dense_reference(r, w0: torch.Tensor, kind) -> tuple[torch.Tensor, float]:
+    """The stacked inputs' effective weight on one module, and ‖W_ref − W0‖_F."""
+    w_ref, _ = effective_weight(r, w0, None, kind)
+    return w_ref, float((w_ref - w0).double().norm())
 
 
 def verify(
@@ -172,6 +195,7 @@ def verify(
     max_new_tokens: int = 8,
     base_name: str = "",
     progress: Progress | None = None,
+    fold_approximate: bool = False,
 ) -> Report:
     """Run base, stacked inputs and each candidate on the model and compare them.
 
@@ -182,6 +206,10 @@ def verify(
         candidates: the merged results to check.
         prompts: the batch.
         max_new_tokens: length of the greedy continuations compared (0 to skip).
+        fold_approximate: run the candidates that claim no exactness folded into the float32 weights
+            (``runtime.evaluated``: equal to stacking up to rounding, and as fast as the base) instead of
+            loaded as users load them; one whose adapters equal an earlier candidate's (``content_digest``)
+            takes that candidate's figures. Exact candidates are always judged as users load them.
 
     Returns:
         A Report; ``report.failed`` tells whether an exact candidate missed the tolerance.
@@ -212,33 +240,43 @@ def verify(
         g_stack = _greedy(model, batch, max_new_tokens, pad_id) if is_lm and max_new_tokens else None
     checks = {} if the_plan.reference == judge.PEFT else reference_checks(model, batch, pairs, y_base)
     tick("stacked")
-    rows = []
-    with on_disk(candidates) as written:
+    rows, reference = [], {}  # the stacked inputs' side of module_errors, shared by the candidates
+    folds = (lambda cand: not cand.exact) if fold_approximate else (lambda cand: False)
+    seen: dict[str, Row] = {}  # content digest → the row measured on those very adapters
+    with on_disk(candidates, folds) as written:
         for cand in written:
-            with judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
+            digest = content_digest(cand.adapters) if fold_approximate else None
+            if folds(cand) and digest in seen:  # identical adapters act identically: measured once
+                same = seen[digest]
+                rows.append(replace(same, name=cand.name, strategy=cand.strategy, exact=False, passed=None))
+                tick(cand.name)
+                continue
+            how = evaluated(model, weighted(cand.adapters)) if folds(cand) else None
+            with how or judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
                 y_m = _outputs(model, batch)
                 g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
             figures = _compare(y_base, y_stack, y_m, is_lm)
-            errs = module_errors(model, pairs, cand.adapters)
+            errs = module_errors(model, pairs, cand.adapters, reference)
             greedy = None if g_m is None else float((g_m == g_stack).float().mean())
-            rows.append(
-                Row(
-                    name=cand.name,
-                    strategy=cand.strategy,
-                    exact=cand.exact,
-                    effect_rel_error=figures["effect_rel_error"],
-                    max_abs_diff=figures["max_abs_diff"],
-                    kl=figures["kl"],
-                    top1_agreement=figures["top1_agreement"],
-                    greedy_agreement=greedy,
-                    weight_error_max=max(errs.values(), default=0.0),
-                    weight_error_mean=sum(errs.values()) / max(len(errs), 1),
-                    passed=figures["effect_rel_error"] <= tol if cand.exact else None,
-                    module_errors=errs,
-                    reference=the_plan.reference,
-                    loaded_by=loaded_by,
-                )
+            row = Row(
+                name=cand.name,
+                strategy=cand.strategy,
+                exact=cand.exact,
+                effect_rel_error=figures["effect_rel_error"],
+                max_abs_diff=figures["max_abs_diff"],
+                kl=figures["kl"],
+                top1_agreement=figures["top1_agreement"],
+                greedy_agreement=greedy,
+                weight_error_max=max(errs.values(), default=0.0),
+                weight_error_mean=sum(errs.values()) / max(len(errs), 1),
+                passed=figures["effect_rel_error"] <= tol if cand.exact else None,
+                module_errors=errs,
+                reference=the_plan.reference,
+                loaded_by=loaded_by,
             )
+            rows.append(row)
+            if digest is not None:
+                seen.setdefault(digest, row)
             tick(cand.name)
     dt = str(dtype).removeprefix("torch.")
     return Report(base_name, str(device), dt, list(prompts), tol, rows, the_plan.reason, checks)
