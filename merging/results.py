@@ -85,8 +85,7 @@ class Report:
             rows = [Row.from_dict(r) for r in d["rows"]]
             return cls(
                 d["base"], d["device"], d["dtype"], list(d["prompts"]), d["tolerance"], rows,
-                d.get("reference_reason"), dict(d.get("reference_checks") or {}), tuple(d.get("notes", ())),
-                d.get("search"),
+                d.get("reference_reason"), dict(d.get("reference_checks") or {}),
             )  # fmt: skip
 
     @classmethod
