@@ -17,7 +17,7 @@ from cli.common import (
     progress_bar,
     telling_replaced,
 )
-from cli.tables import Col, Grid, count, emit_json, pct, say, sci
+from cli.tables import Col, Grid, count, emit_json, pct, say, sci, signed_pct
 from merging import merge as merge_lib
 from merging import report as report_lib
 from merging import sources, strategies
@@ -149,8 +149,9 @@ def rows(report: Comparison) -> list[list[str]]:
 def skill_rows(report: Comparison) -> list[list[str]]:
     """Skill retention: the stacked inputs, then one row per variant; one column per skill."""
     names, stack = report.skills.names, report.skills.stacked
-    out = [["stacked inputs", *(pct(stack[s].retention) for s in names)]] if names else []
-    return out + [[v.label, *(pct(v.skills[s].retention) for s in names)] for v in report.variants if names]
+    out = [["stacked inputs", *(signed_pct(stack[s].retention) for s in names)]] if names else []
+    return out + [[v.label, *(signed_pct(v.skills[s].retention) for s in names)]
+                  for v in report.variants if names]  # fmt: skip
 
 
 def _budgets(value: str, pairs) -> list[int]:

@@ -46,6 +46,13 @@ def pct(v: float | None) -> str:
     return f"{min(max(round(v * 100, 1), 0.1), 99.9):.1f}%"
 
 
+def signed_pct(v: float | None) -> str:
+    """A share that may be negative or above one (skill retention): ``-198%``, ``26%``, ``5.5%``, ``0%``."""
+    if v is None:
+        return ""
+    return f"{v * 100:.0f}%" if abs(v) >= 0.1 or v == 0 else f"{v * 100:.1f}%"
+
+
 def count(n: int | None) -> str:
     """A parameter or byte count in three digits: ``912``, ``4.6k``, ``276k``, ``1.5M``, ``7.2G``."""
     if n is None:

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import click
-from rich.table import Table
 
-from cli.common import console, progress_bar, telling_replaced
+from cli.common import progress_bar, telling_replaced
+from cli.tables import Col, Grid, say, show, signed_pct
 from merging import merge as merge_lib
 from merging import report as report_lib
 from merging import sources
@@ -132,7 +132,7 @@ def tune_cmd(
         plots = _plots(record, Path(out))
     _show({ad.name: w for ad, w in merged_pairs}, found, measured)
     seconds = time.perf_counter() - started
-    console.print(f"wrote {out} ({RECIPE_TOML}, {RECORD}, {len(plots)} plots) in {seconds:.0f} s")
+    say(f"wrote {out} ({RECIPE_TOML}, {RECORD}, {len(plots)} plots) in {seconds:.0f} s")
 
 
 def recipe_toml(inputs, base: str, strategy: str, found: tune_lib.TuneResult, options: Options) -> str:
@@ -187,16 +187,9 @@ def _plots(record: dict, folder: Path) -> list[str]:
 
 
 def _show(weights: dict[str, float], found: tune_lib.TuneResult, measured: dict) -> None:
-    table = Table(title="retention on the reporting split (1 = as the adapter alone)")
-    for col in ("skill", "weight", "before (stacked)", "after (tuned)"):
-        table.add_column(col, justify="left" if col == "skill" else "right")
-    for n in measured["before"]:
-        b, a = measured["before"][n], measured["after"][n]
-        table.add_row(n, f"{weights[n]:g}" if n in weights else "–", _pct(b), _pct(a))
-    console.print(table)
-    console.print(f"tuning objective {found.start.objective:.3f} → {found.end.objective:.3f} "
-                  f"(chosen {found.chosen.objective:.3f})")  # fmt: skip
-
-
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{v:.0%}"
+    cols = (Col("skill"), Col("weight", True), Col("before (stacked)", True), Col("after (tuned)", True))
+    rows = [[n, f"{weights[n]:g}" if n in weights else "", signed_pct(measured["before"][n]),
+             signed_pct(measured["after"][n])] for n in measured["before"]]  # fmt: skip
+    show(Grid("retention on the reporting split (100% = as the adapter alone)", cols, rows))
+    say(f"tuning objective {found.start.objective:.3f} → {found.end.objective:.3f} "
+        f"(chosen {found.chosen.objective:.3f})")  # fmt: skip
