@@ -106,19 +106,19 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_writer_failing_after_the_first_tensor_leaves_nothing(fx, tmp_path, monkeypatch):
-    import safetensors.torch
+    from merging.streamfiles import SafetensorsWriter
 
     ad = fp.read(fx.adapter("llama", "lora"))
     fp.write(ad, tmp_path / "existing")
     before = (tmp_path / "existing" / "adapter_model.safetensors").read_bytes()
-    real = safetensors.torch.save_file
+    real = SafetensorsWriter.add
 
-    def half_then_fail(tensors, filename, metadata=None):
-        first = dict(list(tensors.items())[:1])
-        real(first, filename, metadata=metadata)
-        raise RuntimeError("disk went away after the first tensor")
+    def one_then_fail(self, name, tensor):
+        if self.entries:
+            raise RuntimeError("disk went away after the first tensor")
+        real(self, name, tensor)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    monkeypatch.setattr(SafetensorsWriter, "add", one_then_fail)
     with pytest.raises(RuntimeError):
         fp.write(ad, tmp_path / "new")
     with pytest.raises(RuntimeError):
@@ -129,12 +129,12 @@ def test_writer_failing_after_the_first_tensor_leaves_nothing(fx, tmp_path, monk
 
 
 def test_interrupted_write_leaves_no_temp_files(fx, tmp_path, monkeypatch):
-    import safetensors.torch
+    from merging.streamfiles import SafetensorsWriter
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupt)
+    monkeypatch.setattr(SafetensorsWriter, "add", interrupt)
     with pytest.raises(KeyboardInterrupt):
         fp.write(fp.read(fx.adapter("llama", "lora")), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
