@@ -27,6 +27,7 @@ from merging.basemodel import skeleton
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
 from merging.fileio import atomic_folder, checkpoint, refuse_overlap
 from merging.runtime import effective_bias, effective_weight
+from merging.streamfiles import DTYPES  # safetensors dtype names → torch dtypes
 from merging.tensorfiles import LazyWeights, safetensors_header
 from merging.ties import resolve_ties, untie_files
 
@@ -136,9 +137,6 @@ def owned(folder: Path) -> set[str]:
     return {n for n in names if any(fnmatch.fnmatch(n, pat) for pat in WEIGHT_FILES)}
 
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}  # fmt: skip
 CHUNK = 64 << 20
 
 
