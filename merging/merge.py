@@ -14,6 +14,7 @@ adapter applied first plus one LoRA adapter on top: exactly the stacked outputs.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -91,6 +92,34 @@ class MergeResult:
         return all(m.exact for m in self.modules)
 
 
+@dataclass(eq=False)
+class Spectra:
+    """Each module's spectrum, shared by merges of the same inputs that differ only in rank.
+
+    For a strategy with a ``spectrum`` (svd, TIES, DARE, magnitude pruning) the rank-k merge of a module is
+    the top k of one SVD, so ``compare``'s rank variants compute it once per module: the first merge fills
+    this, the others read it (bit for bit the merges they would make alone). It holds the leading ``keep``
+    triplets of each module; a merge that needs more computes its own. A merge with other inputs, weights
+    or options than the first is refused.
+    """
+
+    keep: int
+    by_module: dict[str, Any] = field(default_factory=dict)  # module → strategies.base.Spectrum
+    seconds: float = 0.0  # spent computing them (what each sharing merge would have spent alone)
+    _key: tuple | None = None
+    _held: list = field(default_factory=list)  # the first merge's inputs, kept alive: their ids key it
+
+    def check(self, plan: _Plan) -> None:
+        """Bind to the first merge's inputs and options; refuse another's."""
+        opts = replace(plan.options, rank=None, energy=None, clamp=None)
+        key = (plan.additive.name, opts, tuple(plan.weights), tuple(map(id, plan.adapters)),
+               tuple(sorted((k, tuple(v)) for k, v in plan.layer_weights.items())))  # fmt: skip
+        if self._key is None:
+            self._key, self._held = key, list(plan.adapters)
+        elif key != self._key:
+            raise MergingError("`spectra` are shared by merges of the same inputs and options; got others")
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What every module's merge needs: the inputs, the strategies and the base weights."""
@@ -104,6 +133,7 @@ class _Plan:
     base_weights: BaseWeights | None
     layer_weights: dict[str, list[float]] = field(default_factory=dict)
     ranks: dict[str, int] | None = None  # svd's rank per module under a global budget
+    spectra: Spectra | None = None
 
 
 def merge(
@@ -116,6 +146,7 @@ def merge(
     progress: Progress | None = None,
     stream: bool = False,
     layer_weights: Mapping[str, Sequence[float]] | None = None,
+    spectra: Spectra | None = None,
 ) -> MergeResult:
     """Merge adapters with a strategy, module by module.
 
@@ -131,6 +162,7 @@ def merge(
             are merged when read (``LazyDeltas``): with lazily read inputs, one module is in memory at a time.
         layer_weights: layer (``adapter.layer_of``: ``model.layers.3``) → one weight per input, replacing
             ``pairs``' weights on that layer's modules (as ``merging tune --granularity layer`` learns them).
+        spectra: shared by merges of these inputs that differ only in rank (see ``Spectra``).
 
     Returns:
         A MergeResult with one LoRA adapter, one IA³ adapter, or both (IA³ first).
@@ -144,6 +176,9 @@ def merge(
     ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
     layer_w = _check_layer_weights(layer_weights, len(adapters))
     plan = _Plan(adapters, weights, chosen, add_strategy, ia3_strategy, options, base_weights, layer_w)
+    if spectra is not None and add_strategy.spectrum is not None:
+        spectra.check(plan)
+        plan = replace(plan, spectra=spectra)
     modules = align(adapters)
     plan = replace(plan, ranks=_budget_ranks(plan, modules))
     gate = common_invocation(adapters)
@@ -239,7 +274,7 @@ def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, Mo
         opts = plan.options
         if plan.ranks is not None:
             opts = replace(opts, rank=plan.ranks[mod], budget=None)
-        merged = composed if composed is not None else plan.additive.fn(ds, ws, opts, mod)
+        merged = composed if composed is not None else _additive(plan, ds, ws, opts, mod)
         rank, numel = merged.rank, merged.numel
         exact = plan.additive.exact_for(merged, ds, plan.options)
         # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
@@ -253,6 +288,21 @@ def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, Mo
         kinds.append("ia3")
     scale = merged.scale if isinstance(merged, LowRank) else None
     return merged, merged_l, ModuleReport(mod, "+".join(kinds), rank, numel, err, exact, scale)
+
+
+def _additive(plan: _Plan, ds: Sequence[Delta], ws: Sequence[float], opts: Options, mod: str) -> Delta:
+    """The additive strategy's merge of one module; from the shared spectrum where there is one."""
+    shared, spectrum_fn = plan.spectra, plan.additive.spectrum
+    if shared is None or spectrum_fn is None:
+        return plan.additive.fn(ds, ws, opts, mod)
+    spec = shared.by_module.get(mod)
+    if spec is None or not spec.covers(opts):
+        started = time.perf_counter()
+        spec = spectrum_fn(ds, ws, opts, mod)
+        if mod not in shared.by_module:
+            shared.by_module[mod] = spec.top(shared.keep)
+        shared.seconds += time.perf_counter() - started
+    return spec.delta(opts)
 
 
 def _budget_ranks(plan: _Plan, modules: Sequence[str]) -> dict[str, int] | None:

@@ -153,16 +153,25 @@ def compare(
     ws = [w for _, w in inputs]
     total = _steps(len(chosen), len(chosen), evals)
     candidates, measured, skipped = [], [], []
+    shared = _shared_spectra(chosen)
     for i, var in enumerate(chosen):
         opts = Options(**(asdict(base_opts) | {"rank": var.rank if var.rank is not None else base_opts.rank,
                                                "budget": var.budget}))  # fmt: skip
+        spectra = shared.get(var)
+        spent = spectra.seconds if spectra else 0.0
         started = time.perf_counter()
         try:
-            result = merge_lib.merge(inputs, var.strategy, opts, base_weights=base_weights(model))
+            result = merge_lib.merge(
+                inputs, var.strategy, opts, base_weights=base_weights(model), spectra=spectra
+            )
         except UnsupportedError as e:
             skipped.append(Skipped(var.label, var.strategy, var.rank, str(e)))
             continue
         seconds = time.perf_counter() - started
+        if spectra:  # the time this merge takes alone: its own, and the spectra it shares
+            seconds += spent
+            if not any(shared.get(v) is spectra for v in chosen[i + 1 :]):
+                spectra.by_module.clear()  # its last variant: free the triplets
         parts = tuple(s for s in (result.additive_strategy, result.ia3_strategy) if s)
         candidates.append(Candidate(var.label, result.adapters, var.strategy, result.exact))
         params = sum(a.numel for a in result.adapters)
@@ -207,6 +216,16 @@ def compare(
         reference_reason=report.reference_reason,
         reference_checks=report.reference_checks,
     )
+
+
+def _shared_spectra(chosen: Sequence[Variant]) -> dict[Variant, merge_lib.Spectra]:
+    """One ``Spectra`` per strategy run at several ranks (svd, TIES, DARE...): each module's SVD once."""
+    ranks: dict[str, list[int]] = {}
+    for var in chosen:
+        if var.rank is not None and var.budget is None and strategies.get(var.strategy).spectrum:
+            ranks.setdefault(var.strategy, []).append(var.rank)
+    spectra = {name: merge_lib.Spectra(keep=max(rs)) for name, rs in ranks.items() if len(rs) > 1}
+    return {v: spectra[v.strategy] for v in chosen if v.budget is None and v.strategy in spectra}
 
 
 def _steps(chosen: int, candidates: int, evals: dict[str, Pairs]) -> int:

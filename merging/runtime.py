@@ -247,32 +247,54 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
     tokens = common_invocation([ad for ad, _ in pairs])
     gate = None if tokens is None else Gate(tokens)
     hook = None if gate is None else model.register_forward_pre_hook(gate, with_kwargs=True)
-    aux = tied_rows(model, plan.aux) | plan.aux
-    originals: dict[str, nn.Module] = {}
+    aux = active_aux(model, plan)
     try:
-        for mod in sorted(set(plan.modules) | set(aux)):
-            try:
-                original = model.get_submodule(mod)
-            except AttributeError:
-                raise ShapeMismatch(f"module {mod} is not in the model") from None
-            kind = layer_kind(original)
-            if kind is None:
-                raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
-            base = _replacement(original, aux[mod], mod) if mod in aux else original
-            ref = base.weight  # DoRA norms use the base layer's weight, as loaded
-            stack = plan.deltas.get(mod, [])
-            dora.check(mod, stack)
-            _check_shapes(mod, stack, kind, tuple(ref.shape))
-            ops = [_prepare(d, w, ref, kind) for d, w in stack]
-            parent, child = _parent(model, mod)
-            originals[mod] = original
-            if gate is not None and (kind != "linear" or any(op.kind != "add" for op in ops)):
-                raise UnsupportedError(f"module {mod}: aLoRA gating is modelled on plain LoRA linear layers")
-            setattr(parent, child, StackedLayer(base, kind, ops, gate) if ops else base)
-        yield model
+        layers = {m: stacked_layer(model, m, plan, aux, gate) for m in sorted(set(plan.modules) | set(aux))}
+        with swapped(model, layers):
+            yield model
     finally:
         if hook is not None:
             hook.remove()
+
+
+def active_aux(model: nn.Module, plan: Stacks) -> dict[str, Auxiliary]:
+    """The auxiliary modules a plan activates, tied lm_heads that see new token rows included."""
+    return tied_rows(model, plan.aux) | plan.aux
+
+
+def stacked_layer(
+    model: nn.Module, mod: str, plan: Stacks, aux: dict[str, Auxiliary], gate: Gate | None = None
+) -> nn.Module:
+    """What stacking ``plan`` puts in place of module ``mod``: its base (or replacement), deltas on top."""
+    try:
+        original = model.get_submodule(mod)
+    except AttributeError:
+        raise ShapeMismatch(f"module {mod} is not in the model") from None
+    kind = layer_kind(original)
+    if kind is None:
+        raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
+    base = _replacement(original, aux[mod], mod) if mod in aux else original
+    ref = base.weight  # DoRA norms use the base layer's weight, as loaded
+    stack = plan.deltas.get(mod, [])
+    dora.check(mod, stack)
+    _check_shapes(mod, stack, kind, tuple(ref.shape))
+    ops = [_prepare(d, w, ref, kind) for d, w in stack]
+    if gate is not None and (kind != "linear" or any(op.kind != "add" for op in ops)):
+        raise UnsupportedError(f"module {mod}: aLoRA gating is modelled on plain LoRA linear layers")
+    return StackedLayer(base, kind, ops, gate) if ops else base
+
+
+@contextmanager
+def swapped(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """The model with the named modules replaced by ``layers``; the originals put back on exit."""
+    originals: dict[str, nn.Module] = {}
+    try:
+        for mod, layer in layers.items():
+            parent, child = _parent(model, mod)
+            originals[mod] = getattr(parent, child)
+            setattr(parent, child, layer)
+        yield model
+    finally:
         for mod, original in originals.items():
             parent, child = _parent(model, mod)
             setattr(parent, child, original)

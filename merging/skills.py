@@ -3,9 +3,10 @@
 The references (base, alone, stacked) and the candidates that claim exactness run through
 ``runtime.stacked`` with the model's own loss, as before. A candidate that claims no exactness runs folded
 into the float32 weights (``runtime.evaluated``: ``merge_into``, undone bit for bit), equal to stacking up
-to rounding at the cost of one plain forward, with the output layer applied at the answer positions only
-(``answer_losses``, first checked against the model's own loss on the base). Candidates with identical
-adapters (``content_digest``; cat and multiplicative here) are measured once. Texts are tokenised once.
+to rounding at the cost of one plain forward: every skill's texts packed into one batch with no padding
+and the output layer applied at the answer positions only (``answer_losses``, ``merging.packing``; first
+checked against the model's own loss on the base, skill by skill). Candidates with identical adapters
+(``content_digest``; cat and multiplicative here) are measured once. Texts are tokenised once.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from merging.adapter import Pair, content_digest, weighted
+from merging.packing import Packed, pack, packed_losses
 from merging.results import Skill, Skills
 from merging.runtime import evaluated, stacked
 
@@ -47,7 +48,8 @@ def held_out(
             progress(done, steps, item)
 
     base = losses(model, batches)
-    fast = head_only_agrees(model, batches, base)
+    packed = pack(batches)
+    fast = head_only_agrees(model, packed, base)
     tick("base")
     alone = {}
     for skill, batch in batches.items():
@@ -57,7 +59,7 @@ def held_out(
 
     def measure(pairs: Sequence[Pair], exact: bool) -> dict[str, Skill]:
         with stacked(model, pairs) if exact else evaluated(model, pairs):
-            got = losses(model, batches) if exact or not fast else answer_losses(model, batches)
+            got = losses(model, batches) if exact or not fast else answer_losses(model, packed)
         return {s: Skill(v, retention(base[s], alone[s], v)) for s, v in got.items()}
 
     stacked_skills = measure(list(inputs), True)
@@ -80,28 +82,21 @@ def losses(model, batches: Batches) -> dict[str, float]:
 
 
 @torch.no_grad()
-def answer_losses(model, batches: Batches) -> dict[str, float]:
-    """The same losses with the output layer applied at the answer positions only (the decoder's hidden
-    states, then ``get_output_embeddings``): the prompts' logits, most of the batch, are never made."""
-    body, head = model.get_decoder(), model.get_output_embeddings()
-    out = {}
-    for skill, batch in batches.items():
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        target = batch["labels"][:, 1:]  # token t predicts t + 1, as the model's own loss shifts
-        keep = target != -100
-        out[skill] = float(F.cross_entropy(head(hidden[:, :-1][keep]).float(), target[keep]))
-    return out
+def answer_losses(model, packed: Packed) -> dict[str, float]:
+    """The same losses from one forward of every skill's texts packed (``merging.packing``): no pad tokens,
+    and the output layer only at the answer positions (the prompts' logits, most of them, are never made)."""
+    return {skill: float(v) for skill, v in packed_losses(model, packed).items()}
 
 
-def head_only_agrees(model, batches: Batches, own: dict[str, float], rtol: float = 1e-5) -> bool:
-    """Whether ``answer_losses`` reproduces the model's own loss on the first batch (a model whose head
-    does more than its output layer, e.g. logit soft-capping or scaling, does not: it keeps its own)."""
-    skill = next(iter(batches))
+def head_only_agrees(model, packed: Packed, own: dict[str, float], rtol: float = 1e-5) -> bool:
+    """Whether ``answer_losses`` reproduces the model's own loss on every skill (one whose head does more
+    than its output layer, e.g. logit soft-capping, or that does not read packed sequences, does not: it
+    keeps its own loss)."""
     try:
-        got = answer_losses(model, {skill: batches[skill]})[skill]
-    except (AttributeError, TypeError, NotImplementedError, RuntimeError):
+        got = answer_losses(model, packed)
+    except (AttributeError, TypeError, NotImplementedError, RuntimeError, ValueError):
         return False
-    return abs(got - own[skill]) <= rtol * abs(own[skill])
+    return all(abs(got[s] - own[s]) <= rtol * abs(own[s]) for s in own)
 
 
 def retention(base: float, alone: float, loss: float) -> float | None:

@@ -23,6 +23,7 @@ from merging import dora, formats, judge, strategies
 from merging.adapter import Adapter, Pair, content_digest, layer_kind, stacks, weighted
 from merging.deltas import AdditiveDelta, Scale, sum_error, sum_factors
 from merging.errors import UnsupportedError
+from merging.grouped import grouped
 from merging.recipe import Recipe
 from merging.results import Report, Row
 from merging.runtime import effective_weight, evaluated, stacked
@@ -206,9 +207,11 @@ def verify(
         candidates: the merged results to check.
         prompts: the batch.
         max_new_tokens: length of the greedy continuations compared (0 to skip).
-        fold_approximate: run the candidates that claim no exactness folded into the float32 weights
-            (``runtime.evaluated``: equal to stacking up to rounding, and as fast as the base) instead of
-            loaded as users load them; one whose adapters equal an earlier candidate's (``content_digest``)
+        fold_approximate: run the candidates that claim no exactness through our runtime instead of
+            loaded as users load them: stacked, GROUP of them at once, each on its own copy of the batch
+            (``grouped``: one pass over the weights serves them all, which is what greedy decoding costs),
+            or one at a time folded into the float32 weights where they cannot be grouped
+            (``runtime.evaluated``); one whose adapters equal an earlier candidate's (``content_digest``)
             takes that candidate's figures. Exact candidates are always judged as users load them.
 
     Returns:
@@ -243,18 +246,27 @@ def verify(
     rows, reference = [], {}  # the stacked inputs' side of module_errors, shared by the candidates
     folds = (lambda cand: not cand.exact) if fold_approximate else (lambda cand: False)
     seen: dict[str, Row] = {}  # content digest → the row measured on those very adapters
+    fast = {}  # candidate index → its outputs, for the approximate candidates run grouped
+    if fold_approximate and (g_stack is None or pad_id is not None):  # (generate pads with pad_id)
+        firsts = _first_of_each(candidates)
+        n_new = max_new_tokens if g_stack is not None else 0
+        runs = _grouped_outputs(model, batch, [candidates[i].adapters for i in firsts], n_new, pad_id)
+        fast = {i: run for i, run in zip(firsts, runs, strict=True) if run is not None}
     with on_disk(candidates, folds) as written:
-        for cand in written:
+        for i, cand in enumerate(written):
             digest = content_digest(cand.adapters) if fold_approximate else None
             if folds(cand) and digest in seen:  # identical adapters act identically: measured once
                 same = seen[digest]
                 rows.append(replace(same, name=cand.name, strategy=cand.strategy, exact=False, passed=None))
                 tick(cand.name)
                 continue
-            how = evaluated(model, weighted(cand.adapters)) if folds(cand) else None
-            with how or judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
-                y_m = _outputs(model, batch)
-                g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
+            if folds(cand) and i in fast:
+                (y_m, g_m), loaded_by = fast[i], GROUPED
+            else:
+                how = evaluated(model, weighted(cand.adapters)) if folds(cand) else None
+                with how or judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
+                    y_m = _outputs(model, batch)
+                    g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
             figures = _compare(y_base, y_stack, y_m, is_lm)
             errs = module_errors(model, pairs, cand.adapters, reference)
             greedy = None if g_m is None else float((g_m == g_stack).float().mean())
@@ -280,6 +292,41 @@ def verify(
             tick(cand.name)
     dt = str(dtype).removeprefix("torch.")
     return Report(base_name, str(device), dt, list(prompts), tol, rows, the_plan.reason, checks)
+
+
+GROUP = 8  # approximate candidates run at once by ``_grouped_outputs``
+GROUPED = "merging.runtime stacked, grouped with other candidates"
+
+
+def _first_of_each(candidates: Sequence[Candidate]) -> list[int]:
+    """The approximate candidates' indices, one per distinct content (``content_digest``; None: each)."""
+    firsts, seen = [], set()
+    for i, cand in enumerate(candidates):
+        digest = None if cand.exact else content_digest(cand.adapters)
+        if not cand.exact and (digest is None or digest not in seen):
+            firsts.append(i)
+            seen.add(digest)
+    return firsts
+
+
+def _grouped_outputs(
+    model, batch: dict[str, torch.Tensor], groups: Sequence[Sequence[Adapter]], n_new: int, pad_id: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """Each candidate's outputs and greedy continuation (``n_new`` tokens; 0: none), GROUP candidates per
+    run, each on its own copy of ``batch``; None for a chunk the grouped runtime cannot run (an aLoRA)."""
+    out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+    for start in range(0, len(groups), GROUP):
+        chunk = [weighted(ads) for ads in groups[start : start + GROUP]]
+        copies = {k: v.repeat(len(chunk), *([1] * (v.dim() - 1))) for k, v in batch.items()}
+        try:
+            with grouped(model, chunk):
+                ys = _outputs(model, copies).chunk(len(chunk))  # each copy's rows, in order
+                gs = _greedy(model, copies, n_new, pad_id).chunk(len(chunk)) if n_new else [None] * len(chunk)
+        except UnsupportedError:
+            out += [None] * len(chunk)
+            continue
+        out += list(zip(ys, gs, strict=True))
+    return out
 
 
 def reference_checks(model, batch, pairs: Sequence[Pair], y_base: torch.Tensor) -> dict[str, float]:

@@ -341,3 +341,33 @@ def test_svd_with_ia3_is_exact_at_full_rank(fx):
     ads = _read(fx, ["lora", "ia3", "loha"])
     assert merge(weighted(ads), "svd", options=Options(rank=10_000)).exact
     assert not merge(weighted(ads), "svd", options=Options(rank=1)).exact
+
+
+SPECTRAL = [n for n in strategies.names() if strategies.get(n).spectrum is not None]
+
+
+def test_spectral_strategies_are_the_ranked_ones_that_truncate():
+    assert set(SPECTRAL) == {"svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"}
+    assert all(strategies.get(n).ranked for n in SPECTRAL)
+
+
+@pytest.mark.parametrize("strategy", SPECTRAL)
+def test_merges_sharing_spectra_equal_merges_alone(fx, strategy):
+    """compare's rank variants share each module's SVD (merge.Spectra): bit for bit what each makes alone."""
+    from merging.merge import Spectra
+
+    pairs = weighted(_read(fx, COMBOS["lora+loha+lokr"]), [1.0, -0.5, 2.0])
+    shared = Spectra(keep=6)
+    for opts in (Options(rank=6), Options(rank=2), Options(rank=5, clamp=0.9), Options(energy=0.5),
+                 Options(rank=40)):  # fmt: skip  (rank 40 needs more than the 6 triplets kept)
+        alone, together = merge(pairs, strategy, opts), merge(pairs, strategy, opts, spectra=shared)
+        assert alone.modules == together.modules
+        for mod, d in alone.adapters[0].deltas.items():
+            got = together.adapters[0].deltas[mod]
+            assert torch.equal(d.b, got.b) and torch.equal(d.a, got.a), (strategy, opts, mod)
+    assert shared.by_module and all(s.u.shape[1] <= 6 for s in shared.by_module.values())
+    assert shared.seconds > 0
+    with pytest.raises(MergingError, match="same inputs and options"):
+        merge(pairs, strategy, Options(rank=2, density=0.3, seed=1), spectra=shared)
+    with pytest.raises(MergingError, match="same inputs and options"):
+        merge(weighted([a for a, _ in pairs]), strategy, Options(rank=2), spectra=shared)

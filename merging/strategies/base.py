@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from merging import linalg
-from merging.deltas import AdditiveDelta, Delta, LowRank, Scale, stack_factors
+from merging.deltas import AdditiveDelta, Delta, LowRank, Scale, Target, stack_factors
 from merging.errors import MergingError, UnsupportedError
 
 INNER = ("linear", "ties", "dare_ties")  # the merges knots and core run in their shared basis
@@ -80,6 +80,7 @@ class Options:
 
 
 MergeFn = Callable[[Sequence[Delta], Sequence[float], Options, str], Delta]
+SpectrumFn = Callable[[Sequence[Delta], Sequence[float], Options, str], "Spectrum"]
 Exactness = Literal["always", "full_rank", "never"]
 
 
@@ -100,6 +101,9 @@ class Strategy:
     ranked: bool = False  # takes a rank budget (`rank` / `energy`)
     exact_when: Callable[[Options], bool] | None = None  # exact under these options ("never" otherwise)
     reads: tuple[str, ...] | None = None  # the Options fields it reads besides the rank budget (None: unsaid)
+    # a ranked strategy whose rank-k merge is the top k of one spectrum: fn(...) == spectrum(...).delta(opts),
+    # so merges that differ only in rank can share it (``merge.Spectra``)
+    spectrum: SpectrumFn | None = None
 
     @property
     def options_read(self) -> tuple[str, ...] | None:
@@ -172,35 +176,59 @@ def summed_bias(deltas: Sequence[AdditiveDelta], weights: Sequence[float]) -> to
     return torch.stack(biases).sum(0) if biases else None
 
 
-def truncate(
-    b: torch.Tensor, a: torch.Tensor, opts: Options, default_rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-k factors of b @ a by factored QR+SVD; k from opts (rank, energy) or default_rank.
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """One module's merged ΔW as singular triplets, before the rank budget: a rank-k merge keeps the top k.
 
-    Returns:
-        (B (out, k), A (k, in_flat)) with singular values folded into B, clamped as PEFT when opts.clamp.
+    ``u`` and ``vh`` may hold only the leading triplets (``top``); ``s`` is always whole, since the energy
+    rule and the numerical rank read every singular value.
     """
-    return keep_top(*linalg.factored_svd(b, a), opts, default_rank)
+
+    u: torch.Tensor  # (out, m)
+    s: torch.Tensor  # (n,), n ≥ m, descending
+    vh: torch.Tensor  # (m, in_flat)
+    target: Target
+    default_rank: int  # the rank kept when the options name none (the largest input rank, as PEFT)
+    bias: torch.Tensor | None = None  # the summed LoRA biases (out,)
+
+    def rank(self, opts: Options) -> int:
+        """The number of triplets a merge with ``opts`` keeps: rank, or energy's k; never a null direction."""
+        if opts.energy is not None:
+            frac = torch.cumsum(self.s.double() ** 2, 0) / max(float((self.s.double() ** 2).sum()), 1e-300)
+            k = int((frac < opts.energy - 1e-12).sum()) + 1
+        else:
+            k = opts.rank or self.default_rank
+        return max(1, min(k, linalg.numerical_rank(self.s, (self.u.shape[0], self.vh.shape[1])) or 1))
+
+    def covers(self, opts: Options) -> bool:
+        """Whether the triplets held are enough for a merge with ``opts``."""
+        return self.rank(opts) <= self.u.shape[1]
+
+    def top(self, k: int) -> Spectrum:
+        """The same spectrum holding only its leading ``k`` triplets (copies, so the rest can be freed)."""
+        return replace(self, u=self.u[:, :k].clone(), vh=self.vh[:k].clone())
+
+    def delta(self, opts: Options) -> LowRank:
+        """The merged LowRank (scale 1) under ``opts``: top-k triplets, s folded into B, clamped as PEFT."""
+        k = self.rank(opts)
+        if k > self.u.shape[1]:
+            raise MergingError(f"a spectrum holding {self.u.shape[1]} triplets cannot give rank {k}")
+        bk, ak = self.u[:, :k] * self.s[:k], self.vh[:k]  # (out, k), (k, in_flat)
+        if opts.clamp is not None:
+            hi = torch.quantile(torch.cat([bk.flatten(), ak.flatten()]), opts.clamp)
+            bk, ak = bk.clamp(-hi, hi), ak.clamp(-hi, hi)
+        return LowRank(bk.contiguous(), ak.contiguous(), 1.0, self.target, bias=self.bias)
 
 
-def truncate_dense(d: torch.Tensor, opts: Options, default_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``truncate`` for a dense (out, in_flat) matrix (TIES/DARE results, dense inputs)."""
-    u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)  # float32: the callers are approximate
-    return keep_top(u, s, vh, opts, default_rank)
+def factored_spectrum(
+    b: torch.Tensor, a: torch.Tensor, target: Target, default_rank: int, bias: torch.Tensor | None = None
+) -> Spectrum:
+    """The spectrum of b @ a (b (out, R), a (R, in_flat)) by factored QR+SVD: no dense matrix."""
+    return Spectrum(*linalg.factored_svd(b, a), target, default_rank, bias)
 
 
-def keep_top(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, opts: Options, default_rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the top-k singular triplets (k from opts or default_rank); fold s into B; clamp as PEFT."""
-    if opts.energy is not None:
-        frac = torch.cumsum(s.double() ** 2, 0) / max(float((s.double() ** 2).sum()), 1e-300)
-        k = int((frac < opts.energy - 1e-12).sum()) + 1
-    else:
-        k = opts.rank or default_rank
-    k = max(1, min(k, linalg.numerical_rank(s, (u.shape[0], vh.shape[1])) or 1))  # never keep null directions
-    bk, ak = u[:, :k] * s[:k], vh[:k]
-    if opts.clamp is not None:
-        hi = torch.quantile(torch.cat([bk.flatten(), ak.flatten()]), opts.clamp)
-        bk, ak = bk.clamp(-hi, hi), ak.clamp(-hi, hi)
-    return bk.contiguous(), ak.contiguous()
+def dense_spectrum(
+    d: torch.Tensor, target: Target, default_rank: int, bias: torch.Tensor | None = None
+) -> Spectrum:
+    """The spectrum of a dense (out, in_flat) matrix (TIES/DARE results), in float32 (they approximate)."""
+    return Spectrum(*torch.linalg.svd(d.float(), full_matrices=False), target, default_rank, bias)

@@ -23,7 +23,7 @@ import torch
 
 from merging.deltas import Delta, LowRank
 from merging.strategies import sparsify
-from merging.strategies.base import Options, Strategy, additive, summed_bias, truncate_dense
+from merging.strategies.base import Options, Spectrum, Strategy, additive, dense_spectrum, summed_bias
 
 Prune = Callable[[torch.Tensor, Options, str], torch.Tensor]  # (task deltas, options, module) → pruned
 Combine = Callable[[torch.Tensor, Sequence[float], Options], torch.Tensor]  # (n, out, in) → (out, in)
@@ -50,11 +50,11 @@ def weighted_sum(t: torch.Tensor, weights: Sequence[float], opts: Options) -> to
     return sparsify.weighted(t, weights).sum(0)
 
 
-def merge(
+def spectrum(
     deltas: Sequence[Delta], weights: Sequence[float], opts: Options, module: str, *,
     name: str, prune: Prune, combine: Combine,
-) -> LowRank:  # fmt: skip
-    """Prune the dense task deltas, combine them, and truncate to the rank budget.
+) -> Spectrum:  # fmt: skip
+    """Prune the dense task deltas, combine them, and take the SVD of the result.
 
     Args:
         deltas: additive deltas of one module.
@@ -63,17 +63,26 @@ def merge(
         prune, combine: the two steps.
 
     Returns:
-        A LowRank of rank ``rank`` (default: the largest input rank) with scale 1.
+        The combined delta's spectrum; its rank-k merge (``delta``) keeps ``rank`` triplets (default: the
+        largest input rank).
     """
     ds = additive(deltas, name, module)
     t = prune(sparsify.task_stack(ds), opts, module)  # (n, out, in_flat)
-    b, a = truncate_dense(combine(t, weights, opts), opts, default_rank=max(d.rank for d in ds))
-    return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
+    rank = max(d.rank for d in ds)
+    return dense_spectrum(combine(t, weights, opts), ds[0].target, rank, summed_bias(ds, weights))
+
+
+def merge(
+    deltas: Sequence[Delta], weights: Sequence[float], opts: Options, module: str, **steps: Callable
+) -> LowRank:
+    """The pruned-and-combined delta truncated to the rank budget: a LowRank of scale 1."""
+    return spectrum(deltas, weights, opts, module, **steps).delta(opts)
 
 
 def make(name: str, prune: Prune, combine: Combine, doc: str, reads: tuple[str, ...] = ()) -> Strategy:
     """The Strategy that prunes with ``prune`` and combines with ``combine``."""
-    fn = partial(merge, name=name, prune=prune, combine=combine)
+    steps = {"name": name, "prune": prune, "combine": combine}
     return Strategy(
-        name=name, fn=fn, space="dW", exact="never", handles="additive", doc=doc, ranked=True, reads=reads
+        name=name, fn=partial(merge, **steps), space="dW", exact="never", handles="additive", doc=doc,
+        ranked=True, reads=reads, spectrum=partial(spectrum, **steps),
     )  # fmt: skip

@@ -11,7 +11,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from merging.deltas import Delta, LowRank
-from merging.strategies.base import Options, Strategy, additive, stacked_factors, summed_bias, truncate
+from merging.strategies.base import (
+    Options,
+    Spectrum,
+    Strategy,
+    additive,
+    factored_spectrum,
+    stacked_factors,
+    summed_bias,
+)  # fmt: skip
+
+
+def spectrum(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, module: str) -> Spectrum:
+    """The SVD of the weighted sum computed from the stacked factors (every triplet: at most Σ r_i)."""
+    ds = additive(deltas, "svd", module)
+    b, a = stacked_factors(ds, weights)  # (out, R), (R, in_flat)
+    return factored_spectrum(b, a, ds[0].target, max(d.rank for d in ds), summed_bias(ds, weights))
 
 
 def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, module: str) -> LowRank:
@@ -20,11 +35,9 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     Returns:
         A LowRank of rank k with scale 1.
     """
-    ds = additive(deltas, "svd", module)
-    b, a = stacked_factors(ds, weights)
-    bk, ak = truncate(b, a, opts, default_rank=max(d.rank for d in ds))
-    return LowRank(bk, ak, 1.0, ds[0].target, bias=summed_bias(ds, weights))
+    return spectrum(deltas, weights, opts, module).delta(opts)
 
 
 STRATEGY = Strategy(name="svd", fn=merge, space="dW", exact="full_rank", handles="additive", ranked=True,
-                    doc="best rank-k approximation of the exact sum", reads=("budget",))  # fmt: skip
+                    doc="best rank-k approximation of the exact sum", reads=("budget",),
+                    spectrum=spectrum)  # fmt: skip

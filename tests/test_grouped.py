@@ -1,0 +1,88 @@
+"""Grouped evaluation (several candidates on one batch, each on its own slice) equals stacking each alone,
+and verify's approximate rows measured that way equal the same candidates loaded by PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging import judge
+from merging.adapter import base_shapes, weighted
+from merging.errors import UnsupportedError
+from merging.formats import peft as fp
+from merging.grouped import grouped
+from merging.merge import merge
+from merging.runtime import stacked
+from merging.strategies import Options
+from merging.verify import GROUPED, Candidate, _greedy, _grouped_outputs, verify
+from tests.fixtures import example_input, run
+from tests.helpers import assert_close, state_hash
+
+
+def _read(fx, kind, names):
+    shapes = base_shapes(fx.load_base(kind))
+    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
+
+
+@pytest.mark.parametrize(
+    ("kind", "groups"),
+    [
+        ("llama", [["lora", "ia3"], ["loha"], [], ["lokr", "lora_dora"], ["lora_mts", "lora_b"]]),
+        ("conv", [["lora_bias", "ia3"], ["loha"]]),
+    ],
+)
+def test_each_group_sees_its_own_stack(fx, kind, groups):
+    model = fx.load_base(kind)
+    stacks = [weighted(_read(fx, kind, names)) for names in groups]
+    x = example_input(kind)
+    before, y_base = state_hash(model), run(model, kind, x)
+    expected = []
+    for pairs in stacks:
+        with stacked(model, pairs):
+            expected.append(run(model, kind, x))
+    with grouped(model, stacks):
+        got = run(model, kind, torch.cat([x] * len(stacks))).chunk(len(stacks))
+    assert state_hash(model) == before
+    assert not any(type(m).__name__ == "GroupedLayer" for m in model.modules())  # restored
+    for names, y, want in zip(groups, got, expected, strict=True):
+        assert_close(y, want, rtol=1e-5, what=str(names))
+        if names:  # the check can fail: each stack moved the output its own way
+            assert float((want - y_base).norm()) > 1e-3 * float(y_base.norm())
+    assert float((expected[0] - expected[1]).norm()) > 1e-3 * float(expected[0].norm())
+
+
+def test_a_batch_that_does_not_split_is_refused(fx):
+    model = fx.load_base("llama")
+    pairs = weighted(_read(fx, "llama", ["lora"]))
+    with grouped(model, [pairs, pairs]), pytest.raises(UnsupportedError, match="equal groups"):
+        run(model, "llama", example_input("llama", batch=3))
+
+
+def test_greedy_of_a_group_equals_greedy_alone(fx):
+    model = fx.load_base("llama")
+    pairs = weighted(_read(fx, "llama", ["lora", "loha", "lokr"]))
+    cands = [merge(pairs, "svd", Options(rank=r)).adapters for r in (1, 2, 4)]
+    ids = torch.randint(3, 120, (2, 7), generator=torch.Generator().manual_seed(5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    runs = _grouped_outputs(model, batch, cands, 6, pad_id=0)
+    for ads, (_, g) in zip(cands, runs, strict=True):
+        with stacked(model, weighted(ads)):
+            assert torch.equal(g, _greedy(model, batch, 6, 0))
+
+
+def test_verify_groups_approximate_candidates(fx):
+    pairs = weighted(_read(fx, "llama", ["lora", "loha", "lokr"]))
+    cands = [Candidate("cat", merge(pairs, "cat").adapters, "cat", True)]
+    cands += [Candidate(f"svd{r}", merge(pairs, "svd", Options(rank=r)).adapters, "svd") for r in (1, 3)]
+    model = fx.load_base("llama")
+    before = state_hash(model)
+    plain = verify(model, None, pairs, cands, max_new_tokens=0)
+    fast = verify(model, None, pairs, cands, max_new_tokens=0, fold_approximate=True)
+    assert state_hash(model) == before
+    assert [r.loaded_by for r in fast.rows] == [judge.PEFT, GROUPED, GROUPED]
+    assert fast.rows[0] == plain.rows[0]
+    for a, b in zip(plain.rows[1:], fast.rows[1:], strict=True):
+        assert a.effect_rel_error > 1e-3  # approximate: a real error to measure
+        assert b.effect_rel_error == pytest.approx(a.effect_rel_error, rel=1e-5)
+        assert (b.top1_agreement, b.module_errors) == (a.top1_agreement, a.module_errors)
+    assert fast.rows[1].effect_rel_error != pytest.approx(fast.rows[2].effect_rel_error, rel=1e-3)
