@@ -14,21 +14,24 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from merging import dora
-from merging.adapter import Pair, Stacks, base_shapes, stacks
+from merging.adapter import Pair, Stack, Stacks, base_shapes, stacks
 from merging.alora import refuse_gated
 from merging.atomic import start_writeback
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.basemodel import skeleton
+from merging.deltas import LowRank
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
 from merging.fileio import atomic_folder, checkpoint, refuse_overlap
 from merging.runtime import effective_bias, effective_weight
 from merging.streamfiles import DTYPES  # safetensors dtype names → torch dtypes
 from merging.tensorfiles import LazyWeights, safetensors_header
+from merging.threads import serial
 from merging.ties import resolve_ties, untie_files
 
 Progress = Callable[[int, int, str], None]
@@ -99,7 +102,8 @@ def bake(
         if any(getattr(d, "bias", None) is not None for d, _ in stack) and f"{mod}.bias" not in weights:
             raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
         dora.check(mod, stack)
-        new, _ = effective_weight(stack, t, None, layer, inplace=True)
+        with serial() if memory_bound(stack) else nullcontext():
+            new, _ = effective_weight(stack, t, None, layer, inplace=True)
         return new.to(t.dtype)
 
     with atomic_folder(Path(out), force=force, owns=owned) as tmp:
@@ -125,6 +129,16 @@ def task_type(pairs: Sequence[Pair]) -> str | None:
     if len(kinds) > 1:
         raise IncompatibleAdapters(f"the inputs are for different task types: {', '.join(sorted(kinds))}")
     return next(iter(kinds), None)
+
+
+SERIAL_RANK = 64  # a fold of rank r does 2r flops per weight entry against 8 bytes moved: memory-bound
+
+
+def memory_bound(stack: Stack) -> bool:
+    """Whether folding a module's stack only streams its weight through memory (plain LoRAs of small total
+    rank): it then runs on one thread (merging.threads)."""
+    lowrank = [d for d, _ in stack if isinstance(d, LowRank) and not dora.is_dora(d)]
+    return len(lowrank) == len(stack) and sum(d.a.shape[0] for d in lowrank) <= SERIAL_RANK
 
 
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
