@@ -14,21 +14,24 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from merging import dora
-from merging.adapter import Pair, Stacks, base_shapes, stacks
+from merging.adapter import Pair, Stack, Stacks, base_shapes, stacks
 from merging.alora import refuse_gated
 from merging.atomic import start_writeback
 from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
 from merging.basemodel import skeleton
+from merging.deltas import LowRank
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
 from merging.fileio import atomic_folder, checkpoint, refuse_overlap
 from merging.runtime import effective_bias, effective_weight
 from merging.streamfiles import DTYPES  # safetensors dtype names → torch dtypes
 from merging.tensorfiles import LazyWeights, safetensors_header
+from merging.threads import serial
 from merging.ties import resolve_ties, untie_files
 
 Progress = Callable[[int, int, str], None]
@@ -99,7 +102,8 @@ def bake(
         if any(getattr(d, "bias", None) is not None for d, _ in stack) and f"{mod}.bias" not in weights:
             raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
         dora.check(mod, stack)
-        new, _ = effective_weight(stack, t, None, layer, inplace=True)
+        with serial() if memory_bound(stack) else nullcontext():
+            new, _ = effective_weight(stack, t, None, layer, inplace=True)
         return new.to(t.dtype)
 
     with atomic_folder(Path(out), force=force, owns=owned) as tmp:
@@ -127,6 +131,16 @@ def task_type(pairs: Sequence[Pair]) -> str | None:
     return next(iter(kinds), None)
 
 
+SERIAL_RANK = 64  # a fold of rank r does 2r flops per weight entry against 8 bytes moved: memory-bound
+
+
+def memory_bound(stack: Stack) -> bool:
+    """Whether folding a module's stack only streams its weight through memory (plain LoRAs of small total
+    rank): it then runs on one thread (merging.threads)."""
+    lowrank = [d for d, _ in stack if isinstance(d, LowRank) and not dora.is_dora(d)]
+    return len(lowrank) == len(stack) and sum(d.a.shape[0] for d in lowrank) <= SERIAL_RANK
+
+
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
 
 
@@ -143,9 +157,12 @@ CHUNK = 64 << 20
 def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = None) -> None:
     """Copy a safetensors file tensor by tensor, replacing the named tensors by transform(name, tensor).
 
-    Shapes and dtypes do not change, so every offset stays; memory stays at one tensor however large the
-    shard. ``extra`` maps a new tensor's name to (source tensor name, fn): fn(new name, a copy of the source
-    as stored) is appended after the others (its shape and dtype are the source's).
+    Shapes and dtypes do not change, so every offset stays. Untouched tensors are copied in the kernel; each
+    transformed one is read into one buffer that every tensor of the shard reuses (sized for the largest),
+    folded there in place and written from it, so memory stays at one tensor however large the shard, and
+    no tensor costs fresh pages of its own. ``extra`` maps a new tensor's name to (source tensor name, fn):
+    fn(new name, a copy of the source as stored) is appended after the others (its shape and dtype are the
+    source's).
     """
     header = safetensors_header(src)
     extra = extra or {}
@@ -157,34 +174,28 @@ def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = No
         size = meta["data_offsets"][1] - meta["data_offsets"][0]
         added[name] = meta | {"data_offsets": [offset, offset + size]}
         offset += size
+    sources = {name: [new for new, (source, _) in extra.items() if source == name] for name in tensors}
+    folded = [meta["data_offsets"] for name, meta in tensors.items() if name in transforms or sources[name]]
+    buf = torch.empty(max((e - b for b, e in folded), default=0), dtype=torch.uint8)  # (bytes,) reused
     made: dict[str, torch.Tensor] = {}
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        (n,) = struct.unpack("<Q", fin.read(8))
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        (n,) = struct.unpack("<Q", _pread(fin, 8, 0))
         if added:
             text = json.dumps(header | added, separators=(",", ":")).encode()
             text += b" " * (-len(text) % 8)
-            fout.write(struct.pack("<Q", len(text)) + text)
+            _write_all(fout, struct.pack("<Q", len(text)) + text)
         else:
-            fout.write(struct.pack("<Q", n) + fin.read(n))
+            _write_all(fout, struct.pack("<Q", n) + _pread(fin, n, 8))
         data_start = 8 + n
-        entries = sorted(
-            (meta["data_offsets"], name) for name, meta in header.items() if name != "__metadata__"
-        )
-        for (begin, end), name in entries:
-            sources = [new for new, (source, _) in extra.items() if source == name]
-            if name in transforms or sources:
-                fin.seek(data_start + begin)
+        for (begin, end), name in sorted((meta["data_offsets"], name) for name, meta in tensors.items()):
+            if name in transforms or sources[name]:
                 meta = header[name]
-                raw = bytearray(fin.read(end - begin))
-                t = (
-                    torch.frombuffer(raw, dtype=DTYPES[meta["dtype"]]).reshape(meta["shape"])
-                    if raw
-                    else torch.empty(0)
-                )
-                for new in sources:
+                raw = buf[: end - begin]
+                _pread_into(fin, raw, data_start + begin)
+                t = raw.view(DTYPES[meta["dtype"]]).reshape(meta["shape"]) if end > begin else torch.empty(0)
+                for new in sources[name]:
                     made[new] = extra[new][1](new, t.clone()).contiguous()
-                new_t = transforms[name](name, t).contiguous() if name in transforms else t
-                _write(fout, new_t)
+                _write(fout, transforms[name](name, t).contiguous() if name in transforms else t)
             else:
                 _copy(fin, fout, data_start + begin, end - begin)
             checkpoint(f"tensor {name}")
@@ -193,17 +204,40 @@ def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = No
             checkpoint(f"tensor {name}")
 
 
+def _pread(f, size: int, offset: int) -> bytes:
+    """``size`` bytes of ``f`` at ``offset`` (a short read is a truncated file)."""
+    data = os.pread(f.fileno(), size, offset)
+    if len(data) < size:
+        raise FormatError(f"{f.name}: truncated safetensors file")
+    return data
+
+
+def _pread_into(f, raw: torch.Tensor, offset: int) -> None:
+    """Fill the byte tensor ``raw`` from ``f`` at ``offset`` (a short read is a truncated file)."""
+    view, done = memoryview(raw.numpy()), 0
+    while done < len(view):
+        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if got == 0:
+            raise FormatError(f"{f.name}: truncated safetensors file")
+        done += got
+
+
+def _write_all(f, data) -> None:
+    """Write every byte of ``data`` (an unbuffered file may take fewer per call)."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += f.write(view[done:])
+
+
 def _write(f, t: torch.Tensor) -> None:
     """Append a tensor's bytes (no copy) and start their writeback to disk."""
     if t.numel():
-        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
+        _write_all(f, t.reshape(-1).view(torch.uint8).numpy())
         start_writeback(f.fileno())
 
 
 def _copy(fin, fout, offset: int, size: int) -> None:
     """Append ``size`` bytes of ``fin`` from ``offset``: in the kernel (copy_file_range) where it can."""
-    fout.flush()
     done = 0
     try:
         while done < size:
@@ -212,13 +246,12 @@ def _copy(fin, fout, offset: int, size: int) -> None:
                 raise FormatError(f"{fin.name}: truncated safetensors file")
             done += n
     except (OSError, AttributeError):  # no copy_file_range here (or across these filesystems): read + write
-        fin.seek(offset + done)
         fout.seek(0, os.SEEK_END)
         while done < size:
-            block = fin.read(min(CHUNK, size - done))
+            block = os.pread(fin.fileno(), min(CHUNK, size - done), offset + done)
             if not block:
                 raise FormatError(f"{fin.name}: truncated safetensors file") from None
-            fout.write(block)
+            _write_all(fout, block)
             done += len(block)
     fout.seek(0, os.SEEK_END)
     start_writeback(fout.fileno())

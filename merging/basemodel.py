@@ -112,6 +112,28 @@ def saved_paths(model: torch.nn.Module) -> dict[str, str]:
     return {m: f"{prefixes[0]}.{m}" for m in base_shapes(model)}
 
 
+class LazyPaths(Mapping):
+    """``saved_paths(model)``, computed on first use: transformers builds its whole table of checkpoint
+    conversions for it (~0.2 s), and only kohya names and SD checkpoints need it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model, self._paths = model, None
+
+    def _get(self) -> dict[str, str]:
+        if self._paths is None:
+            self._paths = saved_paths(self._model)
+        return self._paths
+
+    def __getitem__(self, key: str) -> str:
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 def module_shapes(folder: Path, task_type: str | None = None) -> dict[str, tuple[Layer, tuple[int, ...]]]:
     """Module path → (layer kind, stored weight shape) of a transformers model folder, without its weights."""
     return base_shapes(skeleton(Path(folder), task_type))
@@ -270,7 +292,7 @@ class BaseLayout:
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}
         model = skeleton(Path(folder), task_type)
-        return cls(base_shapes(model), config, biased_modules(model), saved=saved_paths(model))
+        return cls(base_shapes(model), config, biased_modules(model), saved=LazyPaths(model))
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> BaseLayout:

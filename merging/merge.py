@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from merging.lazy import LazyDeltas
 from merging.recipe import Recipe, Versions, inputs_of
 from merging.sources import STACK_FILE
 from merging.strategies import Options, Strategy
+from merging.threads import serial
 
 Progress = Callable[[int, int, str], None]
 BaseWeights = Callable[[str], torch.Tensor]  # module path → its base weight (stored layout)
@@ -192,8 +194,11 @@ def merge(
     if stream and add_strategy is chosen and all(ad.kinds <= {"lora", "loha", "lokr"} for ad in adapters):
         built: set[str] = set()
 
+        quiet = serial if add_strategy.name == "cat" else nullcontext  # cat only moves memory: one thread
+
         def build(mod: str) -> Delta:
-            merged, _, report = _merge_module(plan, mod)
+            with quiet():  # the module's reads (finite checks) and its concatenation
+                merged, _, report = _merge_module(plan, mod)
             if mod not in built:
                 built.add(mod)
                 reports.append(report)

@@ -20,6 +20,7 @@ import torch
 from merging.atomic import checkpoint, start_writeback
 from merging.errors import FormatError
 from merging.tensorfiles import load_tensors, safetensors_header
+from merging.threads import serial
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -34,7 +35,8 @@ def finite(t: torch.Tensor) -> bool:
     """Whether every entry is finite (one fast reduction; the exact check only when the sum overflows)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    with serial():  # one pass over memory: threads only add waiting (merging.threads)
+        return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class SafetensorsReader:
