@@ -81,7 +81,8 @@ def packed_losses(model, packed: Packed) -> dict[str, torch.Tensor]:
     """Mean answer-token cross-entropy per skill from one forward of the packed rows (0-d tensors; NaN for
     a skill with no scored token). Differentiable: ``merging tune`` steps through it."""
     body, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
+    out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)  # no 2-D mask
+    hidden = out.last_hidden_state  # (rows, L, d)
     keep = packed.target != -100
     ce = F.cross_entropy(head(hidden[keep]).float(), packed.target[keep], reduction="none")
     group = packed.group[keep]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from merging.adapter import Adapter, Pair, layer_of, weighted
 from merging.errors import MergingError
+from merging.packing import Packed, pack, packed_losses
 from merging.runtime import stacked
 
 Pairs = list[tuple[str, str]]
@@ -157,32 +158,47 @@ class _Batch:
     labels: torch.Tensor  # (n, t - 1) next-token labels, -100 off the answers
     skill: torch.Tensor  # (n,) skill index per row
     names: tuple[str, ...]
+    packed: Packed | None = None  # the same texts packed (no padding): one forward, where the model agrees
 
 
-def _batch(tokenizer, evals: Evals, device, names: Sequence[str] | None = None) -> _Batch:
+def _batch(
+    tokenizer, evals: Evals, device, names: Sequence[str] | None = None, packed: bool = False
+) -> _Batch:
     from merging.report import answer_batch
 
     names = tuple(names or evals)
     rows = [(names.index(n), p) for n in evals for p in evals[n]]
     b = answer_batch(tokenizer, [p for _, p in rows], device)
+    skill = torch.tensor([i for i, _ in rows], device=device)
+    per_skill = {n: {k: v[skill == i] for k, v in b.items()} for i, n in enumerate(names)}
+    packs = pack({n: sb for n, sb in per_skill.items() if len(sb["input_ids"])}) if packed else None
     labels = b.pop("labels")[:, 1:]
-    return _Batch(b, labels, torch.tensor([i for i, _ in rows], device=device), names)
+    return _Batch(b, labels, skill, names, packs)
+
+
+def _plain(model) -> bool:
+    """Whether the model's logits are its output layer on the body's last hidden states (no soft-capping,
+    no forward pre-hook such as an aLoRA gate, which reads the ids at the top model)."""
+    head, body = model.get_output_embeddings(), getattr(model, "base_model", None)
+    plain = getattr(model.config, "final_logit_softcapping", None) is None and body is not model
+    return head is not None and body is not None and plain and not model._forward_pre_hooks
 
 
 def _logits_at(model, batch: _Batch, where: torch.Tensor) -> torch.Tensor:
     """The logits at the answer positions only (the head runs on those rows; the rest are not needed)."""
-    head, body = model.get_output_embeddings(), getattr(model, "base_model", None)
-    plain = getattr(model.config, "final_logit_softcapping", None) is None and body is not model
-    plain = plain and not model._forward_pre_hooks  # an aLoRA gate reads the ids at the top model
-    if head is None or body is None or not plain:
+    if not _plain(model):
         return model(**batch.inputs).logits[:, :-1][where].float()
-    hidden = body(**batch.inputs).last_hidden_state[:, :-1]  # (n, t - 1, d)
-    return head(hidden[where]).float()
+    hidden = model.base_model(**batch.inputs).last_hidden_state[:, :-1]  # (n, t - 1, d)
+    return model.get_output_embeddings()(hidden[where]).float()
 
 
 def _losses(model, batch: _Batch) -> torch.Tensor:
     """Mean answer-token cross-entropy per skill (as ``report.answer_loss`` computes it per eval set);
-    NaN for a skill with no row in the batch."""
+    NaN for a skill with no row in the batch. From the packed texts when the batch carries them."""
+    if batch.packed is not None and _plain(model):  # (an aLoRA gate, stacked later, is a pre-hook)
+        got = packed_losses(model, batch.packed)
+        nan = torch.tensor(float("nan"), device=batch.skill.device)
+        return torch.stack([got.get(n, nan) for n in batch.names])
     where = batch.labels != -100
     ce = F.cross_entropy(_logits_at(model, batch, where), batch.labels[where], reduction="none")
     skill = batch.skill[:, None].expand_as(batch.labels)[where]
@@ -263,6 +279,7 @@ class _Problem:
     gain: torch.Tensor  # (skills,) base − alone
     names: tuple[str, ...]
     settings: Settings
+    packed: bool = False  # the search's losses from packed texts (checked against the padded batch first)
 
     def measure(self, losses: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Retention per skill (only skills whose adapter alone improves on the base count)."""
@@ -272,7 +289,7 @@ class _Problem:
         return r, {n: float(v) for n, v in zip(kept, r.tolist(), strict=True)}
 
     def batch(self, evals: Evals) -> _Batch:
-        return _batch(self.tokenizer, evals, next(self.model.parameters()).device, self.names)
+        return _batch(self.tokenizer, evals, next(self.model.parameters()).device, self.names, self.packed)
 
     def step(self, k: int, losses: torch.Tensor, on: str) -> tuple[torch.Tensor, Step]:
         r, named = self.measure(losses)
@@ -311,7 +328,9 @@ def tune(
     names = tuple(evals)
     device = next(model.parameters()).device
     with torch.no_grad():
-        base = _losses(model, _batch(tokenizer, evals, device, names))
+        full = _batch(tokenizer, evals, device, names, packed=_plain(model))
+        base = _losses(model, replace(full, packed=None))
+        packs = full.packed is not None and torch.allclose(_losses(model, full), base, rtol=1e-5, atol=0)
         alone = base.clone()
         for i, n in enumerate(names):  # each adapter alone on its own skill's examples
             with stacked(model, [(a, w) for a, w in inputs if a.name == n]):
@@ -319,7 +338,7 @@ def tune(
     if not bool((base - alone > 0).any()):
         raise MergingError("no eval set improves with its adapter alone: nothing to tune for")
     groups = layers(adapters) if s.granularity == "layer" else []
-    prob = _Problem(model, tokenizer, adapters, evals, groups, base, base - alone, names, s)
+    prob = _Problem(model, tokenizer, adapters, evals, groups, base, base - alone, names, s, packs)
     start = torch.tensor([float(w) for _, w in inputs])
     w0 = start.expand((len(groups), len(adapters)) if groups else (len(adapters),)).clone()
     search = _gradient if strategy == "cat" else partial(_evolution, strategy=strategy, options=options)
