@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from merging.verify import GROUPED
 
 ROOT = Path(__file__).resolve().parents[1]
 SKILLS = ["add", "sort", "reverse", "translate", "sentiment"]
@@ -45,6 +46,8 @@ def test_report_structure_exactness_and_skills(example_report):
     assert by["cat"]["passed"] is True and by["cat"]["effect_rel_error"] <= 1e-4
     assert by["multiplicative"]["passed"] is True
     assert by["svd r=4"]["effect_rel_error"] > by["svd r=16"]["effect_rel_error"] > 0
+    assert {by[k]["loaded_by"] for k in ("svd r=4", "svd r=16", "ties r=4", "ties r=16")} == {GROUPED}
+    assert by["ties r=4"]["params"] < by["ties r=16"]["params"]  # the ranks share one SVD, not one result
     for v in data["variants"]:
         assert set(v["skills"]) == set(SKILLS)
         assert all(isinstance(v["skills"][s]["retention"], float) for s in SKILLS)
