@@ -250,7 +250,8 @@ def verify(
     if fold_approximate and (g_stack is None or pad_id is not None):  # (generate pads with pad_id)
         firsts = _first_of_each(candidates)
         n_new = max_new_tokens if g_stack is not None else 0
-        runs = _grouped_outputs(model, batch, [candidates[i].adapters for i in firsts], n_new, pad_id)
+        cands = [candidates[i].adapters for i in firsts]
+        runs = _grouped_outputs(model, batch, cands, n_new, pad_id, y_base)
         fast = {i: run for i, run in zip(firsts, runs, strict=True) if run is not None}
     with on_disk(candidates, folds) as written:
         for i, cand in enumerate(written):
@@ -310,10 +311,20 @@ def _first_of_each(candidates: Sequence[Candidate]) -> list[int]:
 
 
 def _grouped_outputs(
-    model, batch: dict[str, torch.Tensor], groups: Sequence[Sequence[Adapter]], n_new: int, pad_id: int | None
+    model,
+    batch: dict[str, torch.Tensor],
+    groups: Sequence[Sequence[Adapter]],
+    n_new: int,
+    pad_id: int | None,
+    y_base: torch.Tensor,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Each candidate's outputs and greedy continuation (``n_new`` tokens; 0: none), GROUP candidates per
-    run, each on its own copy of ``batch``; None for a chunk the grouped runtime cannot run (an aLoRA)."""
+    run, each on its own copy of ``batch``; None for a chunk the grouped runtime cannot run (an aLoRA).
+
+    Each chunk's last candidate is also run alone, stacked, and must agree with its slice (to 1e-4 of its
+    effect on the outputs): a model that mixes rows between the batch and its layers (experts that route
+    tokens) is not grouped, whatever the shapes say.
+    """
     out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
     for start in range(0, len(groups), GROUP):
         chunk = [weighted(ads) for ads in groups[start : start + GROUP]]
@@ -323,6 +334,12 @@ def _grouped_outputs(
                 ys = _outputs(model, copies).chunk(len(chunk))  # each copy's rows, in order
                 gs = _greedy(model, copies, n_new, pad_id).chunk(len(chunk)) if n_new else [None] * len(chunk)
         except UnsupportedError:
+            out += [None] * len(chunk)
+            continue
+        with stacked(model, chunk[-1]):
+            alone = _outputs(model, batch)
+        off, effect = float((ys[-1] - alone).norm()), float((alone - y_base).norm())
+        if off > 1e-4 * effect + 1e-6 * float(alone.norm()):  # rows crossed between the groups
             out += [None] * len(chunk)
             continue
         out += list(zip(ys, gs, strict=True))

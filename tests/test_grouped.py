@@ -3,18 +3,21 @@ and verify's approximate rows measured that way equal the same candidates loaded
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from merging import judge
-from merging.adapter import base_shapes, weighted
+from merging.adapter import Adapter, base_shapes, weighted
+from merging.deltas import LowRank, Target
 from merging.errors import UnsupportedError
 from merging.formats import peft as fp
 from merging.grouped import grouped
 from merging.merge import merge
 from merging.runtime import stacked
 from merging.strategies import Options
-from merging.verify import GROUPED, Candidate, _greedy, _grouped_outputs, verify
+from merging.verify import GROUPED, Candidate, _greedy, _grouped_outputs, _outputs, verify
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close, state_hash
 
@@ -64,7 +67,8 @@ def test_greedy_of_a_group_equals_greedy_alone(fx):
     cands = [merge(pairs, "svd", Options(rank=r)).adapters for r in (1, 2, 4)]
     ids = torch.randint(3, 120, (2, 7), generator=torch.Generator().manual_seed(5))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    runs = _grouped_outputs(model, batch, cands, 6, pad_id=0)
+    y_base = _outputs(model, batch)
+    runs = _grouped_outputs(model, batch, cands, 6, 0, y_base)
     for ads, (_, g) in zip(cands, runs, strict=True):
         with stacked(model, weighted(ads)):
             assert torch.equal(g, _greedy(model, batch, 6, 0))
@@ -86,3 +90,39 @@ def test_verify_groups_approximate_candidates(fx):
         assert b.effect_rel_error == pytest.approx(a.effect_rel_error, rel=1e-5)
         assert (b.top1_agreement, b.module_errors) == (a.top1_agreement, a.module_errors)
     assert fast.rows[1].effect_rel_error != pytest.approx(fast.rows[2].effect_rel_error, rel=1e-3)
+
+
+class _Routed(torch.nn.Module):
+    """A model whose adapted layer sees the batch's rows in another order (as routing experts do)."""
+
+    def __init__(self, flip: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.proj = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 50)
+        self.flip = flip
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        h = self.proj(h.flip(0)).flip(0) if self.flip else self.proj(h)
+        return SimpleNamespace(logits=self.head(h))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_model_that_mixes_rows_is_not_grouped(flip):
+    target = Target("linear", (8, 8))
+    g = torch.Generator().manual_seed(1)
+    def lora() -> LowRank:
+        return LowRank(torch.randn(8, 2, generator=g), torch.randn(2, 8, generator=g), 1.0, target)
+
+    cands = [[Adapter(f"c{i}", {"proj": lora()})] for i in range(2)]
+    model = _Routed(flip).eval()
+    ids = torch.randint(0, 50, (2, 5), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    runs = _grouped_outputs(model, batch, cands, 0, None, _outputs(model, batch))
+    if flip:  # the slices got each other's deltas: caught by running the last one alone
+        assert runs == [None, None]
+        return
+    for ads, (y, _) in zip(cands, runs, strict=True):
+        with stacked(model, weighted(ads)):
+            assert_close(y, _outputs(model, batch), rtol=1e-6)
