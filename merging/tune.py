@@ -192,6 +192,15 @@ def _logits_at(model, batch: _Batch, where: torch.Tensor) -> torch.Tensor:
     return model.get_output_embeddings()(hidden[where]).float()
 
 
+def _packed_agrees(model, batch: _Batch, padded: torch.Tensor) -> bool:
+    """Whether the packed texts give the padded batch's losses on this model (one that does not read packed
+    sequences, or has no decoder to run alone, keeps the padded batch)."""
+    try:
+        return bool(torch.allclose(_losses(model, batch), padded, rtol=1e-5, atol=0))
+    except (AttributeError, TypeError, NotImplementedError, RuntimeError, ValueError):
+        return False
+
+
 def _losses(model, batch: _Batch) -> torch.Tensor:
     """Mean answer-token cross-entropy per skill (as ``report.answer_loss`` computes it per eval set);
     NaN for a skill with no row in the batch. From the packed texts when the batch carries them."""
@@ -330,7 +339,7 @@ def tune(
     with torch.no_grad():
         full = _batch(tokenizer, evals, device, names, packed=_plain(model))
         base = _losses(model, replace(full, packed=None))
-        packs = full.packed is not None and torch.allclose(_losses(model, full), base, rtol=1e-5, atol=0)
+        packs = full.packed is not None and _packed_agrees(model, full, base)
         alone = base.clone()
         for i, n in enumerate(names):  # each adapter alone on its own skill's examples
             with stacked(model, [(a, w) for a, w in inputs if a.name == n]):

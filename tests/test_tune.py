@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -133,3 +135,18 @@ def test_gradient_free_search_for_svd(setting):
                       options=merge_lib.Options(rank=2))  # fmt: skip
     assert found.trace == sorted(found.trace)  # an elitist search never gets worse
     assert found.chosen.objective >= found.start.objective
+
+
+def test_search_batches_are_packed_and_give_the_padded_losses(setting):
+    """tune's search reads packed texts (no padding) once they agree with the padded batch on the base."""
+    model, tok, ads, evals = setting
+    with torch.no_grad():
+        full = tune._batch(tok, evals, "cpu", packed=True)
+        padded = tune._losses(model, dataclasses.replace(full, packed=None))
+        assert full.packed is not None and full.packed.input_ids.shape[0] < len(full.labels)  # rows shared
+        assert tune._losses(model, full) == pytest.approx(padded, rel=1e-5)
+        assert tune._packed_agrees(model, full, padded)
+        assert not tune._packed_agrees(model, full, padded * 1.01)  # the check can fail
+        one = tune._batch(tok, {"a": evals["a"]}, "cpu", ("a", "b"), packed=True)
+        got = tune._losses(model, one)
+        assert torch.isnan(got[1]) and not torch.isnan(got[0])  # a skill with no rows: NaN, as padded
