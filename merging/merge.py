@@ -194,7 +194,7 @@ def merge(
     if stream and add_strategy is chosen and all(ad.kinds <= {"lora", "loha", "lokr"} for ad in adapters):
         built: set[str] = set()
 
-        quiet = serial if add_strategy.name == "cat" else nullcontext  # cat only moves memory: one thread
+        quiet = serial if add_strategy.moves_memory else nullcontext  # (merging.threads)
 
         def build(mod: str) -> Delta:
             with quiet():  # the module's reads (finite checks) and its concatenation

@@ -170,8 +170,10 @@ def _batch(
     rows = [(names.index(n), p) for n in evals for p in evals[n]]
     b = answer_batch(tokenizer, [p for _, p in rows], device)
     skill = torch.tensor([i for i, _ in rows], device=device)
-    per_skill = {n: {k: v[skill == i] for k, v in b.items()} for i, n in enumerate(names)}
-    packs = pack({n: sb for n, sb in per_skill.items() if len(sb["input_ids"])}) if packed else None
+    packs = None
+    if packed:  # pack reads each skill's rows as its own batch
+        mine = {n: skill == i for i, n in enumerate(names) if evals.get(n)}
+        packs = pack({n: {k: v[rows_of] for k, v in b.items()} for n, rows_of in mine.items()})
     labels = b.pop("labels")[:, 1:]
     return _Batch(b, labels, skill, names, packs)
 

@@ -246,16 +246,17 @@ def verify(
     rows, reference = [], {}  # the stacked inputs' side of module_errors, shared by the candidates
     folds = (lambda cand: not cand.exact) if fold_approximate else (lambda cand: False)
     seen: dict[str, Row] = {}  # content digest → the row measured on those very adapters
+    digests = [content_digest(c.adapters) if fold_approximate else None for c in candidates]  # hashed once
     fast = {}  # candidate index → its outputs, for the approximate candidates run grouped
     if fold_approximate and (g_stack is None or pad_id is not None):  # (generate pads with pad_id)
-        firsts = _first_of_each(candidates)
+        firsts = _first_of_each(candidates, digests)
         n_new = max_new_tokens if g_stack is not None else 0
         cands = [candidates[i].adapters for i in firsts]
         runs = _grouped_outputs(model, batch, cands, n_new, pad_id, y_base)
         fast = {i: run for i, run in zip(firsts, runs, strict=True) if run is not None}
     with on_disk(candidates, folds) as written:
         for i, cand in enumerate(written):
-            digest = content_digest(cand.adapters) if fold_approximate else None
+            digest = digests[i]
             if folds(cand) and digest in seen:  # identical adapters act identically: measured once
                 same = seen[digest]
                 rows.append(replace(same, name=cand.name, strategy=cand.strategy, exact=False, passed=None))
@@ -299,11 +300,10 @@ GROUP = 8  # approximate candidates run at once by ``_grouped_outputs``
 GROUPED = "merging.runtime stacked, grouped with other candidates"
 
 
-def _first_of_each(candidates: Sequence[Candidate]) -> list[int]:
+def _first_of_each(candidates: Sequence[Candidate], digests: Sequence[str | None]) -> list[int]:
     """The approximate candidates' indices, one per distinct content (``content_digest``; None: each)."""
     firsts, seen = [], set()
-    for i, cand in enumerate(candidates):
-        digest = None if cand.exact else content_digest(cand.adapters)
+    for i, (cand, digest) in enumerate(zip(candidates, digests, strict=True)):
         if not cand.exact and (digest is None or digest not in seen):
             firsts.append(i)
             seen.add(digest)

@@ -104,6 +104,7 @@ class Strategy:
     # a ranked strategy whose rank-k merge is the top k of one spectrum: fn(...) == spectrum(...).delta(opts),
     # so merges that differ only in rank can share it (``merge.Spectra``)
     spectrum: SpectrumFn | None = None
+    moves_memory: bool = False  # its merge only copies factors (cat): a streamed merge runs it on one thread
 
     @property
     def options_read(self) -> tuple[str, ...] | None:

@@ -27,4 +27,4 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
 
 
 STRATEGY = Strategy(name="cat", fn=merge, space="dW", exact="always", handles="additive",
-                    doc="exact sum as one LoRA of rank Σ r_i", reads=())  # fmt: skip
+                    doc="exact sum as one LoRA of rank Σ r_i", reads=(), moves_memory=True)  # fmt: skip
