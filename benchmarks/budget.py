@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from benchmarks.run import OUT, machine
-from merging import linalg, sources
-from merging import merge as merge_lib
-from merging.adapter import weighted
-from merging.deltas import stack_factors
+from merging.core import linalg
+from merging.core.adapter import weighted
+from merging.core.deltas import stack_factors
+from merging.formats import sources
+from merging.merge import pipeline as merge_lib
 from merging.strategies import Options
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import transformers
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import judge
-from merging.adapter import base_shapes, weighted
-from merging.basemodel import load_base
+from merging.base.layout import load_base
+from merging.core.adapter import base_shapes, weighted
+from merging.eval import judge
 from merging.formats import peft as fp
-from merging.runtime import stacked
+from merging.runtime.stacked import stacked
 from tests.test_judge_families import _inputs, _wrong
 from tests.tiny_models import FAMILIES, build, inputs, output, save_base
 

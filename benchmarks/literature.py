@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.run import OUT, machine
 from merging import strategies
-from merging.deltas import LowRank, Target
+from merging.core.deltas import LowRank, Target
 from merging.strategies import Options
 from merging.strategies.inner import merge_inner
 

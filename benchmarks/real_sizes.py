@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from merging.streamfiles import SafetensorsWriter, header_room
+from merging.storage.safetensors_io import SafetensorsWriter, header_room
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # layers, hidden, intermediate, kv width
@@ -58,7 +58,7 @@ def write_adapter(folder: Path, shape: str, r: int, seed: int) -> int:
 CHILD = r"""
 import json, sys, time
 from click.testing import CliRunner
-from cli.main import cli
+from merging_cli.main import cli
 import transformers, merging.merge  # noqa: F401  (imports are a fixed cost, reported apart from the work)
 def status(key):
     return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key)][0]

@@ -81,8 +81,8 @@ def peft_model_with(paths: list[Path], layers: int, **over):
 
 def peft_merged_error(model, names, weights, adapters) -> float:
     """Weight-space error of PEFT's merged adapter against the exact weighted sum, per module, max."""
-    from merging.deltas import LowRank, Target
-    from merging.merge import weight_space_error
+    from merging.core.deltas import LowRank, Target
+    from merging.merge.pipeline import weight_space_error
 
     worst = 0.0
     for mod, d0 in adapters[0].deltas.items():
@@ -99,9 +99,9 @@ def peft_merged_error(model, names, weights, adapters) -> float:
 def bench_svd(
     tmp: Path, layers: int, n: int, r: int, repeats_ours: int, peft_modes: list[bool], **over
 ) -> dict:
-    from merging import sources
-    from merging.adapter import weighted
-    from merging.merge import merge
+    from merging.core.adapter import weighted
+    from merging.formats import sources
+    from merging.merge.pipeline import merge
 
     paths = make_adapters(tmp / f"svd-{n}-{over.get('hidden_size', 2048)}", layers, n, r, **over)
     adapters = [sources.load(p)[0] for p in paths]
@@ -137,7 +137,7 @@ from pathlib import Path
 job, args = sys.argv[1], sys.argv[2:]
 if job.startswith("ours"):  # imports are a fixed start-up cost, reported apart from the work
     from click.testing import CliRunner
-    from cli.main import cli
+    from merging_cli.main import cli
     import transformers, merging.basemodel, merging.merge, merging.bake  # noqa: F401  (as the PEFT jobs import theirs)
     if job == "ours_bake":  # transformers imports lazily: load what `import peft` loads before its clock
         import transformers.modeling_utils  # noqa: F401
@@ -252,14 +252,14 @@ def bench_bake(tmp: Path, layers: int) -> dict:
 def bench_inference(tmp: Path, which: str, layers: int, repeats: int) -> dict:
     import peft
 
-    from merging import sources
-    from merging.adapter import weighted
-    from merging.runtime import stacked
+    from merging.core.adapter import weighted
+    from merging.formats import sources
+    from merging.runtime.stacked import stacked
 
     if which == "smollm2":
         from transformers import AutoModelForCausalLM
 
-        from merging.examples import example_base_model
+        from merging.base.example_model import example_base_model
 
         folder = example_base_model()
 

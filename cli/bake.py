@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from cli.common import FloatList, complete_path, console, err_console, progress_bar, telling_replaced
-from cli.tables import emit_json, say
-from merging import sources
-from merging.bake import bake
+from merging.export.bake import bake
+from merging.formats import sources
+
+from .common import FloatList, complete_path, console, err_console, progress_bar, telling_replaced
+from .tables import emit_json, say
 
 
 @click.command("bake")

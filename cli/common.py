@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from merging.fileio import collect_replaced
+from merging.storage.files import collect_replaced
 
 console = Console()
 err_console = Console(stderr=True)

@@ -8,8 +8,20 @@ from pathlib import Path
 
 import click
 
-from cli import tables
-from cli.common import (
+from merging import strategies
+from merging.base.layout import load_base
+from merging.errors import MergingError
+from merging.eval import compare as report_lib
+from merging.eval import tune as tune_lib
+from merging.eval.results import Comparison
+from merging.formats import sources
+from merging.merge import pipeline as merge_lib
+from merging.storage.files import refuse_overlap
+from merging.strategies import Options
+from merging.strategies.base import INNER
+
+from . import tables
+from .common import (
     FloatList,
     complete_path,
     complete_strategy,
@@ -17,17 +29,7 @@ from cli.common import (
     progress_bar,
     telling_replaced,
 )
-from cli.tables import Col, Grid, count, emit_json, pct, say, sci, signed_pct
-from merging import merge as merge_lib
-from merging import report as report_lib
-from merging import sources, strategies
-from merging import tune as tune_lib
-from merging.basemodel import load_base
-from merging.errors import MergingError
-from merging.fileio import refuse_overlap
-from merging.results import Comparison
-from merging.strategies import Options
-from merging.strategies.base import INNER
+from .tables import Col, Grid, count, emit_json, pct, say, sci, signed_pct
 
 
 def _ints(value: str | None) -> list[int]:

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import click
 
-from cli.common import complete_path, console, err_console, telling_replaced
-from cli.tables import emit_json, say
-from merging import formats, serving, sources
-from merging.basemodel import BaseLayout
+from merging import formats
+from merging.base.layout import BaseLayout
 from merging.errors import MergingError
-from merging.fileio import refuse_overlap
+from merging.formats import sources
+from merging.merge import serving
+from merging.storage.files import refuse_overlap
+
+from .common import complete_path, console, err_console, telling_replaced
+from .tables import emit_json, say
 
 
 @click.command("convert")

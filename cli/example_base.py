@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from merging.examples import example_base_model
+from merging.base.example_model import example_base_model
 
 
 @click.command("example-base")

@@ -11,14 +11,17 @@ from typing import Any
 
 import click
 
-from cli.common import complete_path
-from cli.tables import Col, Grid, count, emit_json, natural, num, ranges, say, show, span
-from merging import formats, serving, sources
-from merging.adapter import KIND_NAMES, Adapter
-from merging.deltas import LowRank, Scale
+from merging import formats
+from merging.core.adapter import KIND_NAMES, Adapter
+from merging.core.deltas import LowRank, Scale
+from merging.core.lycoris_ia3 import AddedScale
 from merging.errors import NotAnAdapter
-from merging.ia3 import AddedScale
-from merging.tensorfiles import list_tensors, tensor_files
+from merging.formats import sources
+from merging.merge import serving
+from merging.storage.tensorfiles import list_tensors, tensor_files
+
+from .common import complete_path
+from .tables import Col, Grid, count, emit_json, natural, num, ranges, say, show, span
 
 ADAPTER_PARTS = ("lora_", "hada_", "lokr_", "ia3_")
 CONFIG_FIELDS = ("peft_type", "task_type", "r", "lora_alpha", "alpha", "use_rslora", "use_dora",

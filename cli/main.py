@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import click
 
-from cli.common import console, err_console
 from merging import __version__
 from merging.errors import MergingError
+
+from .common import console, err_console
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _quiet_transformers() -> None:
 
 
 def _register() -> None:
-    from cli import bake, compare, convert, example_base, inspect, merge, publish, tune, verify
+    from . import bake, compare, convert, example_base, inspect, merge, publish, tune, verify
 
     cli.add_command(inspect.inspect_cmd)
     cli.add_command(example_base.example_base_cmd)

@@ -9,7 +9,17 @@ from typing import Any
 
 import click
 
-from cli.common import (
+from merging import strategies
+from merging.base import pipelines as sdbase
+from merging.errors import MergingError
+from merging.export import hub as publish_lib
+from merging.formats import sources
+from merging.merge import pipeline as merge_lib
+from merging.merge import serving
+from merging.strategies import Options
+from merging.strategies.base import INNER
+
+from .common import (
     FloatList,
     complete_path,
     complete_strategy,
@@ -18,13 +28,7 @@ from cli.common import (
     progress_bar,
     telling_replaced,
 )
-from cli.tables import Col, Grid, count, emit_json, say, sci, show
-from merging import merge as merge_lib
-from merging import publish as publish_lib
-from merging import sdbase, serving, sources, strategies
-from merging.errors import MergingError
-from merging.strategies import Options
-from merging.strategies.base import INNER
+from .tables import Col, Grid, count, emit_json, say, sci, show
 
 try:
     import tomllib
@@ -161,7 +165,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
         doc = summary(result, out, time.perf_counter() - started)
         emit_json("merging.merge/1", doc) if as_json else _summary(doc)
     if push_to_hub:
-        from cli.publish import run_publish
+        from .publish import run_publish
 
         if fmt != "peft":
             raise click.UsageError("--push-to-hub publishes PEFT folders; drop --format")

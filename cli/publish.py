@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from cli.common import console
-from cli.tables import Col, Grid, show
-from merging import publish as publish_lib
+from merging.export import hub as publish_lib
+
+from .common import console
+from .tables import Col, Grid, show
 
 
 def run_publish(folder: Path, repo: str, *, private=False, revision=None, message=None, verification=None,

@@ -19,7 +19,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
-from cli.common import console
+from .common import console
 
 STYLES = {"PASS": "bold green", "FAIL": "bold red"}  # cells shown in colour on a terminal
 SEP = "  "  # between plain columns

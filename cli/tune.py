@@ -8,18 +8,19 @@ from pathlib import Path
 
 import click
 
-from cli.common import progress_bar, telling_replaced
-from cli.tables import Col, Grid, say, show, signed_pct
-from merging import merge as merge_lib
-from merging import report as report_lib
-from merging import sources
-from merging import tune as tune_lib
-from merging.adapter import weighted
-from merging.basemodel import load_base
+from merging.base.layout import load_base
+from merging.core.adapter import weighted
 from merging.errors import MergingError
-from merging.fileio import refuse_overlap, write_text
+from merging.eval import compare as report_lib
+from merging.eval import tune as tune_lib
+from merging.eval.verify import base_weights
+from merging.formats import sources
+from merging.merge import pipeline as merge_lib
+from merging.storage.files import refuse_overlap, write_text
 from merging.strategies import Options
-from merging.verify import base_weights
+
+from .common import progress_bar, telling_replaced
+from .tables import Col, Grid, say, show, signed_pct
 
 RECIPE_TOML = "tune_recipe.toml"
 RECORD = "tune.json"
@@ -174,7 +175,7 @@ def _plots(record: dict, folder: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from merging.report_plots import draw_before_after, draw_search
+    from merging.export.plots import draw_before_after, draw_search
 
     out = []
     trace = [(s["step"], s["objective"], s["on"]) for s in record["trace"]]

@@ -7,18 +7,21 @@ from pathlib import Path
 
 import click
 
-from cli import tables
-from cli.common import FloatList, complete_path, complete_strategy, progress_bar
-from cli.tables import Col, Grid, emit_json, pct, say, sci
-from merging import merge as merge_lib
-from merging import sdbase, sources, strategies
-from merging.adapter import weighted
-from merging.basemodel import BaseLayout, load_base
+from merging import strategies
+from merging.base import pipelines as sdbase
+from merging.base.layout import BaseLayout, load_base
+from merging.core.adapter import weighted
 from merging.errors import MergingError
-from merging.fileio import atomic_file, write_text
-from merging.results import Report, judge_note
+from merging.eval.results import Report, judge_note
+from merging.eval.verify import PROMPTS, Candidate, base_weights, claims_exact, verify
+from merging.formats import sources
+from merging.merge import pipeline as merge_lib
+from merging.storage.files import atomic_file, write_text
 from merging.strategies import Options
-from merging.verify import PROMPTS, Candidate, base_weights, claims_exact, verify
+
+from . import tables
+from .common import FloatList, complete_path, complete_strategy, progress_bar
+from .tables import Col, Grid, emit_json, pct, say, sci
 
 VERIFY_COLS = (Col("candidate"), Col("result"), Col("strategy"), Col("rel err", True), Col("max |Δ|", True),
                Col("KL", True), Col("top-1", True), Col("greedy", True), Col("ΔW err", True))  # fmt: skip
@@ -73,7 +76,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     if not merged_dirs and not strategy_names:
         raise click.UsageError("give --merged OUT or --strategy NAME (or both)")
     if sdbase.is_pipeline(Path(base)):  # Stable Diffusion: the denoiser and text encoders
-        from cli import verify_sd
+        from . import verify_sd
 
         options = Options(rank=rank, energy=energy, density=density, seed=seed)
         return verify_sd.run(inputs, Path(base), merged_dirs, strategy_names, weights, options, as_json)

@@ -6,14 +6,16 @@ import json
 import sys
 from pathlib import Path
 
-from cli.tables import Col, Grid, emit_json, say, sci, show
-from merging import merge as merge_lib
-from merging import sources, strategies
-from merging.adapter import weighted
-from merging.basemodel import BaseLayout
+from merging import strategies
+from merging.base.layout import BaseLayout
+from merging.core.adapter import weighted
 from merging.errors import MergingError
-from merging.sdverify import verify_sd
+from merging.eval.verify_diffusers import verify_sd
+from merging.formats import sources
+from merging.merge import pipeline as merge_lib
 from merging.strategies import Options
+
+from .tables import Col, Grid, emit_json, say, sci, show
 
 TOLERANCE = 1e-4
 

@@ -90,7 +90,7 @@ SKILLS = {
 @torch.no_grad()
 def eval_loss(model, tok, pairs) -> float:
     """Mean per-token loss on the answers."""
-    from merging.report import answer_loss
+    from merging.eval.compare import answer_loss
 
     model.eval()
     return answer_loss(model, tok, pairs)
@@ -100,7 +100,7 @@ def train(skill: str, base_dir: Path, batch: int = 12) -> None:
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merging.report import answer_batch
+    from merging.eval.compare import answer_batch
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -142,7 +142,7 @@ def train(skill: str, base_dir: Path, batch: int = 12) -> None:
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parent))
-    from merging.examples import example_base_model
+    from merging.base.example_model import example_base_model
 
     torch.set_num_threads(2)
     base = example_base_model()

@@ -22,7 +22,7 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Fixtures:
 @pytest.fixture(scope="session")
 def example_base():
     """The bundled example's base model folder (SmolLM2-135M-Instruct), prepared once and cached."""
-    from merging.examples import example_base_model
+    from merging.base.example_model import example_base_model
 
     return example_base_model()
 

@@ -25,11 +25,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from cli.main import cli  # noqa: E402
-from merging import atomic  # noqa: E402
-from merging import report as report_lib  # noqa: E402
+from merging_cli.main import cli  # noqa: E402
+
 from merging.errors import MergingError  # noqa: E402
-from merging.results import Comparison  # noqa: E402
+from merging.eval import compare as report_lib  # noqa: E402
+from merging.eval.results import Comparison  # noqa: E402
+from merging.storage import atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = Comparison.from_dict(json.loads((ROOT / "reports" / "example" / "report.json").read_text()))

@@ -68,7 +68,7 @@ def forbid_dense(monkeypatch, max_svd: int) -> None:
     def refuse(self):
         raise AssertionError("dense() called")
 
-    from merging.deltas import AdditiveDelta, LowRank
+    from merging.core.deltas import AdditiveDelta, LowRank
 
     monkeypatch.setattr(AdditiveDelta, "dense", refuse)
     monkeypatch.setattr(LowRank, "dense", refuse)

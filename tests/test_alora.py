@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.adapter import weighted
-from merging.alora import invocation_mask
+from merging.core.adapter import weighted
+from merging.core.alora import invocation_mask
 from merging.errors import IncompatibleAdapters, UnsupportedError
 from merging.formats import kohya
 from merging.formats import peft as peft_format
-from merging.merge import merge, write_result
-from merging.runtime import merge_into, stacked
+from merging.merge.pipeline import merge, write_result
+from merging.runtime.stacked import merge_into, stacked
 from tests.helpers import rel_err
 
 peft = pytest.importorskip("peft")

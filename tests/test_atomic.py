@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import atomic
 from merging.formats import peft as fp
+from merging.storage import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,8 @@ def test_files_and_folders_are_fsynced_before_the_swap_and_the_old_output_goes_l
     assert _invoke("merge", lora, "-s", "cat", "-o", out).exit_code == 0
     calls = "trace=fsync,rename,renameat,renameat2,unlinkat"
     trace = ["strace", "-f", "-y", "-qq", "-o", str(log), "-e", calls]
-    merge = ["-m", "cli.main", "merge", str(lora), str(lora_b), "-s", "cat", "-o", str(out), "--force"]
+    merge = ["-m", "merging_cli.main", "merge", str(lora), str(lora_b), "-s", "cat", "-o", str(out)]
+    merge.append("--force")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([*trace, sys.executable, *merge], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -189,7 +190,7 @@ def test_three_concurrent_merges_into_one_output_leave_one_complete_output(fx, t
         _invoke("merge", a[i], a[(i + 1) % 3], "-s", "cat", "-o", tmp_path / f"e{i}")
         expected.append(_tree(tmp_path / f"e{i}"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmds = [["-m", "cli.main", "merge", str(a[i]), str(a[(i + 1) % 3]), "-s", "cat", "-o", str(out),
+    cmds = [["-m", "merging_cli.main", "merge", str(a[i]), str(a[(i + 1) % 3]), "-s", "cat", "-o", str(out),
              "--force"] for i in range(3)]  # fmt: skip
     procs = [
         subprocess.Popen([sys.executable, *c], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -228,7 +229,7 @@ MOUNTED = textwrap.dedent(r"""
     import json, os, random, subprocess, sys
     from pathlib import Path
     from click.testing import CliRunner
-    from cli.main import cli
+    from merging_cli.main import cli
 
     disk, seed = Path(sys.argv[1]), int(sys.argv[4])
     args_a, args_b = json.loads(sys.argv[2]), json.loads(sys.argv[3])

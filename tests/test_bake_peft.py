@@ -8,9 +8,9 @@ import struct
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 from safetensors.torch import load_file
 
-from cli.main import cli
 from tests.helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")

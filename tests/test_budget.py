@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
-from merging import budget
-from merging import merge as merge_lib
-from merging.adapter import Adapter, weighted
-from merging.deltas import LowRank, Target
+from merging.core.adapter import Adapter, weighted
+from merging.core.deltas import LowRank, Target
 from merging.errors import MergingError, UnsupportedError
+from merging.merge import budget
+from merging.merge import pipeline as merge_lib
 from merging.strategies import Options
 
 

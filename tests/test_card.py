@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import publish
+from merging.export import hub as publish
 
 
 def _merge(fx, tmp_path, *extra):

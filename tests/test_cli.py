@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
 from merging import __version__
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import sources
+from merging.formats import sources
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close
 
@@ -118,8 +118,8 @@ import pytest  # noqa: E402
 def test_written_merge_loads_in_peft_like_our_runtime(fx, tmp_path, strategy):
     from peft import PeftModel
 
-    from merging.adapter import base_shapes, weighted
-    from merging.runtime import stacked
+    from merging.core.adapter import base_shapes, weighted
+    from merging.runtime.stacked import stacked
 
     a, b = fx.adapter("llama", "lora"), fx.adapter("llama", "lora_b")
     r = _invoke("merge", a, b, "-o", tmp_path / "m", "-s", strategy, "-w", "1,0.5")
@@ -134,7 +134,7 @@ def test_written_merge_loads_in_peft_like_our_runtime(fx, tmp_path, strategy):
 
 
 def test_convert_and_merge_formats_round_trip(fx, tmp_path):
-    from merging.basemodel import BaseLayout
+    from merging.base.layout import BaseLayout
     from merging.formats import gguf as fg
     from merging.formats import kohya
 

@@ -102,7 +102,7 @@ def _writers(fx) -> list[Writer]:
         return lambda out, tmp: (x(out, tmp), y(out, tmp))
 
     def kohya_loads(out):
-        from merging import sources
+        from merging.formats import sources
 
         assert sources.load(out, base=base)[0].deltas
 
@@ -117,12 +117,12 @@ def _writers(fx) -> list[Writer]:
         AutoModelForCausalLM.from_pretrained(out)
 
     def verify_loads(out):
-        from merging.results import Report
+        from merging.eval.results import Report
 
         assert Report.from_json(out.read_text()).rows
 
     def report_loads(out):
-        from merging.results import Comparison
+        from merging.eval.results import Comparison
 
         assert Comparison.from_dict(json.loads((out / "report.json").read_text())).variants
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import report as report_lib
-from merging import sources
-from merging.results import Comparison
+from merging.eval import compare as report_lib
+from merging.eval.results import Comparison
+from merging.formats import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.adapter import weighted
-from merging.bake import bake
+from merging.core.adapter import weighted
 from merging.errors import UnsupportedError
+from merging.export.bake import bake
 from merging.formats import peft as peft_format
-from merging.merge import merge, write_result
-from merging.runtime import stacked
+from merging.merge.pipeline import merge, write_result
+from merging.runtime.stacked import stacked
 from tests.helpers import peft_stacked, rel_err
 
 peft = pytest.importorskip("peft")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from merging.examples import GGUF_SHA256
+from merging.base.example_model import GGUF_SHA256
 
 
 @pytest.mark.model

@@ -8,14 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from merging import judge, packing, skills
-from merging.adapter import base_shapes, content_digest, weighted
+from merging.core.adapter import base_shapes, content_digest, weighted
 from merging.errors import UnsupportedError
+from merging.eval import judge, packing, skills
+from merging.eval.verify import Candidate, module_errors, verify
 from merging.formats import peft as fp
-from merging.merge import merge
-from merging.runtime import FOLDED, evaluated, merge_into, stacked
+from merging.merge.pipeline import merge
+from merging.runtime.stacked import FOLDED, evaluated, merge_into, stacked
 from merging.strategies import Options
-from merging.verify import Candidate, module_errors, verify
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close, state_hash
 

@@ -7,12 +7,12 @@ import inspect
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
 from merging import formats
-from merging.adapter import base_shapes
-from merging.basemodel import BaseLayout
-from merging.deltas import Hadamard, Kronecker
+from merging.base.layout import BaseLayout
+from merging.core.adapter import base_shapes
+from merging.core.deltas import Hadamard, Kronecker
 from merging.errors import MergingError, NotAnAdapter, UnsupportedError
 from merging.formats import lycoris
 from merging.formats import peft as fp

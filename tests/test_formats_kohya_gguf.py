@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.adapter import base_shapes
-from merging.basemodel import BaseLayout
+from merging.base.layout import BaseLayout
+from merging.core.adapter import base_shapes
 from merging.formats import WriteOptions, kohya
 from merging.formats import gguf as fg
 from merging.formats import peft as fp
-from merging.runtime import stacked
+from merging.runtime.stacked import stacked
 from tests.fixtures import build_base, example_input, run
 from tests.helpers import assert_close
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from merging.adapter import base_shapes
-from merging.deltas import AdditiveDelta, LowRank, ModuleReplacement, Scale, Target, TokenRows
+from merging.core.adapter import base_shapes
+from merging.core.deltas import AdditiveDelta, LowRank, ModuleReplacement, Scale, Target, TokenRows
 from merging.errors import FormatError, MergingError, NonFiniteError, ShapeMismatch
 from merging.formats import peft as fp
 from tests.fixtures import ADAPTERS, example_input, run
@@ -303,7 +303,7 @@ def test_ia3_feedforward_matching_is_peft_s(ff):
 
 
 def test_same_base_folder_however_written(tmp_path):
-    from merging.adapter import Adapter, align
+    from merging.core.adapter import Adapter, align
 
     (tmp_path / "base").mkdir()
     d = LowRank(torch.ones(2, 1), torch.ones(1, 3), 1.0, Target("linear", (2, 3)))
@@ -316,7 +316,7 @@ def test_same_base_folder_however_written(tmp_path):
 
 
 def test_one_hub_id_at_two_revisions_is_two_bases():
-    from merging.adapter import Adapter, align
+    from merging.core.adapter import Adapter, align
 
     d = LowRank(torch.ones(2, 1), torch.ones(1, 3), 1.0, Target("linear", (2, 3)))
     a = Adapter("a", {"m": d}, base_model="org/model", revision="abc123")

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from merging import sources
-from merging.basemodel import BaseLayout
+from merging.base.layout import BaseLayout
 from merging.errors import MergingError
 from merging.formats import gguf as fg
 from merging.formats import peft as fp
+from merging.formats import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -106,7 +106,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_writer_failing_after_the_first_tensor_leaves_nothing(fx, tmp_path, monkeypatch):
-    from merging.streamfiles import SafetensorsWriter
+    from merging.storage.safetensors_io import SafetensorsWriter
 
     ad = fp.read(fx.adapter("llama", "lora"))
     fp.write(ad, tmp_path / "existing")
@@ -129,7 +129,7 @@ def test_writer_failing_after_the_first_tensor_leaves_nothing(fx, tmp_path, monk
 
 
 def test_interrupted_write_leaves_no_temp_files(fx, tmp_path, monkeypatch):
-    from merging.streamfiles import SafetensorsWriter
+    from merging.storage.safetensors_io import SafetensorsWriter
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -145,7 +145,7 @@ import resource, signal, sys
 from click.testing import CliRunner
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
-from cli.main import main
+from merging_cli.main import main
 sys.argv = ["merging", *sys.argv[1:]]
 main()
 """
@@ -168,7 +168,8 @@ def test_full_disk_leaves_no_output_and_keeps_the_existing_one(fx, tmp_path, fmt
     assert r.returncode == 2, r.stdout + r.stderr
     assert "cannot write" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
-    cmd = [sys.executable, "-m", "cli.main", "merge", str(fx.adapter("llama", "lora_bin")), "-s", "cat"]
+    lora = str(fx.adapter("llama", "lora_bin"))
+    cmd = [sys.executable, "-m", "merging_cli.main", "merge", lora, "-s", "cat"]
     cmd += ["--format", fmt, "-o", str(small)]
     ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
@@ -182,8 +183,7 @@ def test_full_disk_leaves_no_output_and_keeps_the_existing_one(fx, tmp_path, fmt
 def test_same_inputs_give_byte_identical_files(fx, tmp_path):
     """Determinism: every format, and DARE with its seed."""
     from click.testing import CliRunner
-
-    from cli.main import cli
+    from merging_cli.main import cli
 
     a, b = fx.adapter("llama", "lora"), fx.adapter("llama", "lora_b")
     outs = []

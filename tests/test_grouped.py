@@ -8,16 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from merging import judge
-from merging.adapter import Adapter, base_shapes, weighted
-from merging.deltas import LowRank, Target
+from merging.core.adapter import Adapter, base_shapes, weighted
+from merging.core.deltas import LowRank, Target
 from merging.errors import UnsupportedError
+from merging.eval import judge
+from merging.eval.verify import GROUPED, Candidate, _greedy, _grouped_outputs, _outputs, verify
 from merging.formats import peft as fp
-from merging.grouped import grouped
-from merging.merge import merge
-from merging.runtime import stacked
+from merging.merge.pipeline import merge
+from merging.runtime.grouped import grouped
+from merging.runtime.stacked import stacked
 from merging.strategies import Options
-from merging.verify import GROUPED, Candidate, _greedy, _grouped_outputs, _outputs, verify
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close, state_hash
 

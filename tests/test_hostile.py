@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import sources
 from merging.errors import (
     FormatError,
     IncompatibleAdapters,
@@ -24,6 +23,7 @@ from merging.errors import (
     ShapeMismatch,
     SourceError,
 )
+from merging.formats import sources
 from tests.helpers import rewrite_tensors
 
 QKEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -197,8 +197,8 @@ def _library_call(case: Case, args: list, fx):
         i = args.index("-o") if "-o" in args else len(args)
         paths = args[:i]
         base = args[args.index("--base") + 1] if "--base" in args else None
-        from merging.adapter import align
-        from merging.basemodel import module_shapes
+        from merging.base.layout import module_shapes
+        from merging.core.adapter import align
 
         ads = [ad for p in paths for ad in sources.load(str(p), base=base)]
         if base is not None:
@@ -238,7 +238,7 @@ def test_cli_prints_one_line_and_exits_2(fx, tmp_path, case):
 
 ONE_PROCESS = r"""
 import json, os, sys, tempfile
-from cli.main import cli
+from merging_cli.main import cli
 results = []
 for argv in json.loads(sys.argv[1]):
     with tempfile.TemporaryFile() as err:

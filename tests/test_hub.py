@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from merging.recipe import Recipe
+from merging.merge.recipe import Recipe
 from tests.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _cli(hub, tmp_path, *args, offline=False, token="hf_test_token"):
         env.pop("HF_TOKEN", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    cmd = [sys.executable, "-m", "cli.main", *(str(a) for a in args)]
+    cmd = [sys.executable, "-m", "merging_cli.main", *(str(a) for a in args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
@@ -171,7 +171,7 @@ def test_a_publish_killed_mid_upload_leaves_the_previous_revision_whole(hub, tmp
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hf-cache"), HF_TOKEN="hf_test",
                HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")  # fmt: skip
     env.pop("HF_HUB_OFFLINE", None)
-    cmd = [sys.executable, "-m", "cli.main", "publish", str(out), "--repo", "alice/m"]
+    cmd = [sys.executable, "-m", "merging_cli.main", "publish", str(out), "--repo", "alice/m"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert hub.state.committing.wait(timeout=120), "the publish never reached its commit"
@@ -200,8 +200,8 @@ def test_a_real_sized_adapter_goes_through_lfs_byte_identical(hub, tmp_path):
     """A 34 MB adapter takes huggingface_hub's large-file path (preupload → LFS batch → PUT → commit)."""
     import torch
 
-    from merging.adapter import Adapter
-    from merging.deltas import LowRank, Target
+    from merging.core.adapter import Adapter
+    from merging.core.deltas import LowRank, Target
     from merging.formats import peft as peft_format
 
     g = torch.Generator().manual_seed(0)

@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from merging import judge
-from merging.adapter import base_shapes, weighted
+from merging.core.adapter import base_shapes, weighted
+from merging.eval import judge
+from merging.eval.verify import Candidate, verify
 from merging.formats import peft as fp
-from merging.merge import merge
-from merging.runtime import stacked
-from merging.verify import Candidate, verify
+from merging.merge.pipeline import merge
+from merging.runtime.stacked import stacked
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close, state_hash
 

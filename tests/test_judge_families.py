@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import judge
-from merging.adapter import base_shapes, weighted
-from merging.basemodel import load_base
+from merging.base.layout import load_base
+from merging.core.adapter import base_shapes, weighted
+from merging.eval import judge
+from merging.eval.verify import Candidate, verify
 from merging.formats import peft as fp
-from merging.merge import merge
-from merging.runtime import stacked
-from merging.verify import Candidate, verify
+from merging.merge.pipeline import merge
+from merging.runtime.stacked import stacked
 from tests.helpers import rewrite_tensors
 from tests.tiny_models import FAMILIES, build, inputs, make_adapter, output, save_base
 

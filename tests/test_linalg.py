@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merging import linalg
-from merging.deltas import Hadamard, Kronecker, LowRank, Target
+from merging.core import linalg
+from merging.core.deltas import Hadamard, Kronecker, LowRank, Target
 from tests.helpers import assert_close
 
 dims = st.integers(1, 9)

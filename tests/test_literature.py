@@ -13,14 +13,15 @@ from dataclasses import replace
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import sources, strategies
-from merging.adapter import base_shapes, weighted
-from merging.deltas import Hadamard, Kronecker, LowRank, Scale, Target
+from merging import strategies
+from merging.core.adapter import base_shapes, weighted
+from merging.core.deltas import Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import MergingError, UnsupportedError
 from merging.formats import peft as fp
-from merging.merge import merge, read_recipe
+from merging.formats import sources
+from merging.merge.pipeline import merge, read_recipe
 from merging.strategies import Options
 from tests.helpers import assert_close, forbid_dense
 
@@ -349,8 +350,8 @@ def test_cli_and_recipe_write_a_lora_peft_loads(fx, tmp_path, name="iso_cts"):
 
 def test_a_written_core_linear_folder_is_judged_exact(fx, tmp_path):
     """verify reads the recipe's options: `core --inner linear --alpha 1` is exact, `--inner ties` is not."""
-    from merging.merge import recipe, write_result
-    from merging.verify import claims_exact
+    from merging.eval.verify import claims_exact
+    from merging.merge.pipeline import recipe, write_result
 
     ads = _read(fx, ["lora", "lora_b"])
     for inner, exact in (("linear", True), ("ties", False)):

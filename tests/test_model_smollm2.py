@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import sources
-from merging.adapter import base_shapes, weighted
-from merging.runtime import stacked
+from merging.core.adapter import base_shapes, weighted
+from merging.formats import sources
+from merging.runtime.stacked import stacked
 from tests.fixtures import _randomise
 
 pytestmark = pytest.mark.model
@@ -135,8 +135,8 @@ def test_gguf_adapter_matches_llama_cpp_layout_and_peft(example_base, smol, tmp_
     import numpy as np
     from peft import PeftModel
 
-    from merging.basemodel import BaseLayout, load_base
-    from merging.examples import example_gguf
+    from merging.base.example_model import example_gguf
+    from merging.base.layout import BaseLayout, load_base
     from merging.formats import gguf as fg
 
     base_file = example_gguf()

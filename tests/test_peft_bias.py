@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merging.adapter import weighted
-from merging.auxiliary import BaseTensors
+from merging.core.adapter import weighted
+from merging.core.replacements import BaseTensors
 from merging.errors import IncompatibleAdapters
 from merging.formats import peft as peft_format
-from merging.merge import merge, write_result
-from merging.runtime import stacked
+from merging.merge.pipeline import merge, write_result
+from merging.runtime.stacked import stacked
 from tests.helpers import peft_stacked, rel_err
 
 peft = pytest.importorskip("peft")
@@ -81,7 +81,7 @@ def test_two_different_trained_biases_are_refused(tmp_path):
 def test_bake_carries_trained_biases_as_peft_does(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from merging.bake import bake
+    from merging.export.bake import bake
 
     a = _adapter(tmp_path / "a", 1, "all", ["q_proj", "up_proj"])
     b = _adapter(tmp_path / "b", 2, "none", ["v_proj"])

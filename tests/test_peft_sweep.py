@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from merging.adapter import weighted
+from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.formats import peft as peft_format
-from merging.merge import merge, write_result
+from merging.merge.pipeline import merge, write_result
 from tests import tiny_models as tm
 from tests.helpers import peft_stacked, rel_err
 

@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import pytest
 
-from merging import sources
-from merging.adapter import weighted
+from merging.core.adapter import weighted
 from merging.errors import MergingError
-from merging.merge import merge, recipe, write_result
-from merging.recipe import RECIPE_FILE, Recipe
-from merging.results import Report, Row
+from merging.eval.results import Report, Row
+from merging.formats import sources
+from merging.merge.pipeline import merge, recipe, write_result
+from merging.merge.recipe import RECIPE_FILE, Recipe
 from merging.strategies import Options
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging.verify import GROUPED
+from merging.eval.verify import GROUPED
 
 ROOT = Path(__file__).resolve().parents[1]
 SKILLS = ["add", "sort", "reverse", "translate", "sentiment"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from merging.adapter import base_shapes, weighted
+from merging.core.adapter import base_shapes, weighted
 from merging.formats import peft as fp
-from merging.runtime import merge_into, stacked
+from merging.runtime.stacked import merge_into, stacked
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close, state_hash
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merging.adapter import weighted
-from merging.basemodel import BaseLayout
+from merging.base.layout import BaseLayout
+from merging.core.adapter import weighted
 from merging.errors import UnsupportedError
 from merging.formats import kohya
-from merging.merge import merge
-from merging.runtime import stacked as stacked_runtime
+from merging.merge.pipeline import merge
+from merging.runtime.stacked import stacked as stacked_runtime
 from tests import sdparts as sp
 
 pytest.importorskip("diffusers")

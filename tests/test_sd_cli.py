@@ -11,14 +11,14 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
-from merging import sdbase
-from merging.adapter import weighted
-from merging.basemodel import BaseLayout
+from merging.base import pipelines as sdbase
+from merging.base.layout import BaseLayout
+from merging.core.adapter import weighted
 from merging.formats import kohya
-from merging.merge import merge
+from merging.merge.pipeline import merge
 from tests import sdparts as sp
 
 pytest.importorskip("diffusers")

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 from safetensors.torch import load_file
 
-from cli.main import cli
-from merging import serving
-from merging.adapter import weighted
+from merging.core.adapter import weighted
 from merging.formats import peft as peft_format
-from merging.merge import merge, write_result
+from merging.merge import serving
+from merging.merge.pipeline import merge, write_result
 
 peft = pytest.importorskip("peft")
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from merging import strategies
-from merging.adapter import Adapter, base_shapes, weighted
-from merging.deltas import LowRank, Scale, Target
+from merging.core.adapter import Adapter, base_shapes, weighted
+from merging.core.deltas import LowRank, Scale, Target
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.formats import peft as fp
-from merging.merge import merge, weight_space_error
+from merging.merge.pipeline import merge, weight_space_error
 from merging.strategies import Options, sparsify
 from tests.helpers import assert_close, forbid_dense
 
@@ -354,7 +354,7 @@ def test_spectral_strategies_are_the_ranked_ones_that_truncate():
 @pytest.mark.parametrize("strategy", SPECTRAL)
 def test_merges_sharing_spectra_equal_merges_alone(fx, strategy):
     """compare's rank variants share each module's SVD (merge.Spectra): bit for bit what each makes alone."""
-    from merging.merge import Spectra
+    from merging.merge.pipeline import Spectra
 
     pairs = weighted(_read(fx, COMBOS["lora+loha+lokr"]), [1.0, -0.5, 2.0])
     shared = Spectra(keep=6)

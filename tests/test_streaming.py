@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
-from merging import merge as merge_lib
-from merging import sources
+from merging.core.lazy import LazyDeltas
 from merging.formats import peft as fp
+from merging.formats import sources
 from merging.formats.base import ReadOptions
-from merging.lazy import LazyDeltas
-from merging.streamfiles import SafetensorsReader, SafetensorsWriter, finite, header_room
+from merging.merge import pipeline as merge_lib
+from merging.storage.safetensors_io import SafetensorsReader, SafetensorsWriter, finite, header_room
 
 TENSORS = {
     "a.f32": torch.randn(7, 5),
@@ -115,7 +115,7 @@ def test_streamed_cli_merge_writes_what_the_eager_merge_writes(fx, tmp_path, str
 MERGE_MEMORY = r"""
 import sys
 from click.testing import CliRunner
-from cli.main import cli
+from merging_cli.main import cli
 import transformers, merging.merge  # noqa: F401  (imports are a fixed cost, not the merge's working memory)
 def hwm():  # this process image's peak RSS (ru_maxrss would carry the parent's across fork/exec)
     return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]

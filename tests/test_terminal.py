@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from merging_cli import tables
+from merging_cli.compare import rows as compare_rows
+from merging_cli.compare import skill_rows
+from merging_cli.main import cli
+from merging_cli.tables import count, pct, sci, span
 from rich.cells import cell_len
 from rich.console import Console
 
-from cli import tables
-from cli.compare import rows as compare_rows
-from cli.compare import skill_rows
-from cli.main import cli
-from cli.tables import count, pct, sci, span
-from merging.results import Comparison
+from merging.eval.results import Comparison
 from tests.ttyrun import ANSI, piped, tty_runs
 
 ROOT = Path(__file__).resolve().parents[1]

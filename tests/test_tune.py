@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from merging import merge as merge_lib
-from merging import tune
-from merging.adapter import Adapter, layer_of, weighted
-from merging.deltas import LowRank, Target
+from merging.core.adapter import Adapter, layer_of, weighted
+from merging.core.deltas import LowRank, Target
 from merging.errors import MergingError
-from merging.runtime import stacked
+from merging.eval import tune
+from merging.merge import pipeline as merge_lib
+from merging.runtime.stacked import stacked
 from tests.tiny_models import build
 
 TARGETS = ("q_proj", "v_proj", "down_proj")

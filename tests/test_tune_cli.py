@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from cli.main import cli
+from merging_cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,15 +9,15 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from merging_cli.main import cli
 
-from cli.main import cli
-from merging import sources
-from merging.adapter import base_shapes, weighted
-from merging.bake import bake
-from merging.basemodel import resolve_device
+from merging.base.layout import resolve_device
+from merging.core.adapter import base_shapes, weighted
 from merging.errors import DeviceError
-from merging.results import Report
-from merging.runtime import stacked
+from merging.eval.results import Report
+from merging.export.bake import bake
+from merging.formats import sources
+from merging.runtime.stacked import stacked
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close
 
@@ -140,10 +140,10 @@ def test_bake_tied_embedding_lora(fx, tmp_path):
 BAKE_MEMORY = r"""
 import sys, torch
 from pathlib import Path
-from merging.bake import bake
+from merging.export.bake import bake
 from merging.formats import peft
-from merging.deltas import LowRank, Target
-from merging.adapter import Adapter
+from merging.core.deltas import LowRank, Target
+from merging.core.adapter import Adapter
 base, out = Path(sys.argv[1]), Path(sys.argv[2])
 g = torch.Generator().manual_seed(0)
 t = Target("linear", (2048, 1024))
@@ -152,7 +152,7 @@ def lr():
 deltas = {f"model.layers.{i}.mlp.up_proj": lr() for i in range(8)}
 def hwm():  # this process image's peak RSS (ru_maxrss would carry the parent's across fork/exec)
     return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
-from merging.basemodel import module_shapes
+from merging.base.layout import module_shapes
 module_shapes(base)  # imports transformers: a fixed cost, not the bake's working memory
 before = hwm()
 bake(base, [(Adapter("a", deltas), 1.0)], out)

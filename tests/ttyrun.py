@@ -69,15 +69,16 @@ def piped(runs: list[list[str]], cwd: Path | None = None, **env: str) -> list[st
 
 
 def _child(runs: list[tuple[int, list[str]]]) -> None:
-    from cli.main import cli
+    from merging_cli.main import cli
 
     for cols, args in runs:
         if cols:
             fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 50, cols, 0, 0))
         try:
             if args[0] == "@show-report":  # compare's tables for a report.json, without running compare
-                from cli.compare import show
-                from merging.results import Comparison
+                from merging_cli.compare import show
+
+                from merging.eval.results import Comparison
 
                 show(Comparison.from_dict(json.loads(Path(args[1]).read_text())))
             else:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from merging.core.registry import Registry
 from merging.formats import gguf, kohya, peft
 from merging.formats.base import Format, ReadOptions, WriteOptions
-from merging.registry import Registry
 
 _REGISTRY: Registry[Format] = Registry("format")
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from merging.adapter import Adapter
+from merging.core.adapter import Adapter
 from merging.errors import FormatError, MergingError, UnsupportedError
 
 if TYPE_CHECKING:  # formats only read a BaseLayout's fields; basemodel is not imported at run time
-    from merging.basemodel import BaseLayout
+    from merging.base.layout import BaseLayout
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from merging.adapter import Adapter
-from merging.deltas import LowRank, Scale, Target
+from merging.core.adapter import Adapter
+from merging.core.deltas import LowRank, Scale, Target
 from merging.errors import FormatError, MergingError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.fileio import atomic_file, checkpoint, reading
 from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
@@ -40,9 +39,10 @@ from merging.formats.base import (
     recipe_of,
     refuse_gated,
 )
+from merging.storage.files import atomic_file, checkpoint, reading
 
 if TYPE_CHECKING:
-    from merging.basemodel import BaseLayout
+    from merging.base.layout import BaseLayout
 
 ARCH_OF_MODEL_TYPE = {
     "llama": "llama",
@@ -239,7 +239,7 @@ def read(
 def _read(file: Path, info: BaseInfo | None, allow_nonfinite: bool, keep_permuted: bool) -> Adapter:
     import gguf
 
-    from merging.tensorfiles import gguf_reader
+    from merging.storage.tensorfiles import gguf_reader
 
     reader = gguf_reader(file)
     kind, atype = _field(reader, "general.type"), _field(reader, "adapter.type")

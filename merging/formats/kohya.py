@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from merging.adapter import Adapter
-from merging.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Target
+from merging.core.adapter import Adapter
+from merging.core.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scale, Target
+from merging.core.linalg import tucker_factors
+from merging.core.lycoris_ia3 import AddedScale, from_peft
 from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.fileio import atomic_file, reading, save_safetensors
 from merging.formats import lycoris
 from merging.formats.base import (
     READ_DEFAULTS,
@@ -48,12 +49,11 @@ from merging.formats.base import (
     refuse_gated,
 )
 from merging.formats.kohya_names import from_kohya, is_kohya_name, module_of, to_kohya
-from merging.ia3 import AddedScale, from_peft
-from merging.linalg import tucker_factors
-from merging.tensorfiles import list_tensors, load_tensors, safetensors_metadata
+from merging.storage.files import atomic_file, reading, save_safetensors
+from merging.storage.tensorfiles import list_tensors, load_tensors, safetensors_metadata
 
 if TYPE_CHECKING:
-    from merging.basemodel import BaseLayout
+    from merging.base.layout import BaseLayout
 
 LORA = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
 SCALED = ("alpha", "dora_scale")

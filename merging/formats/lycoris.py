@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from merging.deltas import Dense, Hadamard, Kronecker, Target
+from merging.core.deltas import Dense, Hadamard, Kronecker, Target
+from merging.core.lycoris_ia3 import AddedScale
 from merging.errors import FormatError
-from merging.ia3 import AddedScale
 
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")

@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from merging.adapter import Adapter
-from merging.auxiliary import BaseTensors, ModuleReplacement, TokenRows
-from merging.deltas import Delta, Hadamard, Kronecker, LowRank, Scale, Target
+from merging.core.adapter import Adapter
+from merging.core.deltas import Delta, Hadamard, Kronecker, LowRank, Scale, Target
+from merging.core.lazy import LazyDeltas
+from merging.core.lycoris_ia3 import AddedScale, to_peft
+from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
 from merging.errors import FormatError, NonFiniteError, UnsupportedError
-from merging.fileio import atomic_folder, hash_ahead, reading, write_text
 from merging.formats import lycoris
 from merging.formats import peft_config as pc
 from merging.formats.base import (
@@ -48,12 +49,11 @@ from merging.formats.base import (
 )
 from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft_config import CONFIG
-from merging.ia3 import AddedScale, to_peft
-from merging.lazy import LazyDeltas
-from merging.streamfiles import SafetensorsWriter, finite, header_room, open_tensors
+from merging.storage.files import atomic_folder, hash_ahead, reading, write_text
+from merging.storage.safetensors_io import SafetensorsWriter, finite, header_room, open_tensors
 
 if TYPE_CHECKING:
-    from merging.basemodel import BaseLayout
+    from merging.base.layout import BaseLayout
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from merging.adapter import Adapter
-from merging.auxiliary import BaseTensors
-from merging.deltas import Delta, Hadamard, Kronecker, LowRank
+from merging.core.adapter import Adapter
+from merging.core.deltas import Delta, Hadamard, Kronecker, LowRank
+from merging.core.replacements import BaseTensors
 from merging.errors import FormatError, UnsupportedError
 from merging.formats.lycoris import factorization
 from merging.formats.peft_fields import check_fields

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from merging.registry import Registry
+from merging.core.registry import Registry
 from merging.strategies import cat, core, geometric, iso, knots, linear, multiplicative, svd, tsv
 from merging.strategies.base import Options, Strategy
 from merging.strategies.pruned import dare, make, sign_elect_mean, top_magnitude, weighted_sum

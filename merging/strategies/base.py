@@ -10,8 +10,8 @@ from typing import Literal
 
 import torch
 
-from merging import linalg
-from merging.deltas import AdditiveDelta, Delta, LowRank, Scale, Target, stack_factors
+from merging.core import linalg
+from merging.core.deltas import AdditiveDelta, Delta, LowRank, Scale, Target, stack_factors
 from merging.errors import MergingError, UnsupportedError
 
 INNER = ("linear", "ties", "dare_ties")  # the merges knots and core run in their shared basis

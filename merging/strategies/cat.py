@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merging.deltas import Delta, LowRank
+from merging.core.deltas import Delta, LowRank
 from merging.strategies.base import Options, Strategy, additive, stacked_factors, summed_bias
 
 

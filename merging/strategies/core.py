@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.deltas import Delta, LowRank
+from merging.core.deltas import Delta, LowRank
 from merging.strategies.base import Options, Strategy
 from merging.strategies.inner import merge_inner
 from merging.strategies.spectral import result, task_factors

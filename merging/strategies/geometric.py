@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.deltas import Delta, Scale
+from merging.core.deltas import Delta, Scale
 from merging.errors import MergingError, UnsupportedError
 from merging.strategies.base import Options, Strategy, scales
 

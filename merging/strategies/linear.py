@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.deltas import Delta, LowRank, Scale
+from merging.core.deltas import Delta, LowRank, Scale
 from merging.errors import UnsupportedError
 from merging.strategies.base import Options, Strategy, additive, scales, summed_bias
 

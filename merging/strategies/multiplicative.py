@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.deltas import Delta, Scale
+from merging.core.deltas import Delta, Scale
 from merging.errors import UnsupportedError
 from merging.strategies.base import Options, Strategy, scales
 

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from merging.deltas import Delta, LowRank
+from merging.core.deltas import Delta, LowRank
 from merging.strategies import sparsify
 from merging.strategies.base import Options, Spectrum, Strategy, additive, dense_spectrum, summed_bias
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.deltas import AdditiveDelta
+from merging.core.deltas import AdditiveDelta
 
 
 def task_stack(deltas: Sequence[AdditiveDelta]) -> torch.Tensor:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from merging.deltas import Delta, LowRank, Target
+from merging.core.deltas import Delta, LowRank, Target
 from merging.errors import UnsupportedError
 from merging.strategies.base import additive
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merging.deltas import Delta, LowRank
+from merging.core.deltas import Delta, LowRank
 from merging.strategies.base import (
     Options,
     Spectrum,

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from merging import linalg
-from merging.deltas import Delta, LowRank
+from merging.core import linalg
+from merging.core.deltas import Delta, LowRank
 from merging.errors import UnsupportedError
 from merging.strategies.base import Options, Strategy
 from merging.strategies.spectral import numerical_rank, result, task_factors

@@ -1,0 +1,1 @@
+"""Base models with and without weights: layout, loading, diffusers pipelines, tied weights."""

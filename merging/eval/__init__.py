@@ -1,0 +1,1 @@
+"""The judge, verify, held-out losses, compare and tune."""

@@ -1,0 +1,1 @@
+"""Bake into full models, publish to the Hub, plots."""

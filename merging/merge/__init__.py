@@ -1,0 +1,1 @@
+"""The merge pipeline: align inputs, run a strategy module by module, recipe, serving layout."""

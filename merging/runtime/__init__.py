@@ -1,0 +1,1 @@
+"""Adapters on a live torch model: stacked layers, folding, grouped candidates."""

@@ -1,0 +1,1 @@
+"""Bytes on disk: atomic outputs, safetensors and GGUF reading and streaming writes."""
