@@ -15,6 +15,7 @@ from merging.errors import MergingError
 from merging.export import hub as publish_lib
 from merging.formats import sources
 from merging.merge import pipeline as merge_lib
+from merging.merge import result as result_lib
 from merging.merge import serving
 from merging.strategies import Options
 from merging.strategies.base import INNER
@@ -156,10 +157,10 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
                 result = replace(result, adapters=named)
 
             def recipe() -> dict:  # after the weights: the inputs' sha256 run on a thread meanwhile
-                return merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
+                return result_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
 
             sources_ = [ad.source for ad, _ in pairs]
-            merge_lib.write_result(
+            result_lib.write_result(
                 result, out, recipe, force=overwrite, fmt=fmt, base=base_dir, inputs=sources_
             )
         doc = summary(result, out, time.perf_counter() - started)
@@ -180,7 +181,7 @@ def _beside(recipe: Path, spec: str) -> str:
     return f"{name}={recipe.parent / path}"
 
 
-def _for_serving(result: merge_lib.MergeResult, uniform: bool, engine: str | None) -> merge_lib.MergeResult:
+def _for_serving(result: result_lib.MergeResult, uniform: bool, engine: str | None) -> result_lib.MergeResult:
     """The LoRA part padded to one rank (the engine's smallest accepted rank with ``engine``)."""
     if not uniform and engine is None:
         return result
@@ -203,7 +204,7 @@ SUMMARY_COLS = (Col("adapter"), Col("modules", True), Col("max rank", True), Col
                 Col("bytes", True), Col("max ΔW err", True))  # fmt: skip
 
 
-def summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> dict[str, Any]:
+def summary(result: result_lib.MergeResult, out: Path, seconds: float) -> dict[str, Any]:
     """What a merge wrote (the ``--json`` document, schema merging.merge/1)."""
     files = [Path(out)] if Path(out).is_file() else sorted(Path(out).rglob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
@@ -241,7 +242,7 @@ def _summary(doc: dict[str, Any]) -> None:
     say(f"wrote {doc['output']} in {doc['seconds']:.2f} s")
 
 
-def budget_line(result: merge_lib.MergeResult) -> str:
+def budget_line(result: result_lib.MergeResult) -> str:
     """What the global budget gave each module: the parameters used and the ranks, module by module."""
     lora = [r for r in result.modules if "lora" in r.kind or r.rank == 0 and r.error is not None]
     used = sum(r.numel for r in lora)
