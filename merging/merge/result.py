@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +11,9 @@ from merging.base import pipelines as sdbase
 from merging.base.layout import BaseLayout
 from merging.core.adapter import Adapter
 from merging.errors import UnsupportedError
+from merging.formats import stack_folder
 from merging.formats.base import Provenance
 from merging.formats.peft import RECIPE_FILE, owned, recipe_text
-from merging.formats.sources import STACK_FILE
 from merging.merge.recipe import Recipe, Versions, inputs_of
 from merging.storage.files import atomic_folder, refuse_overlap, write_text
 from merging.strategies import Options
@@ -99,7 +98,6 @@ def write_result(
     with atomic_folder(Path(out), force=force, owns=owned) as tmp:
         for ad in result.adapters:
             writer.write(ad, tmp / ad.name)
-        stack = {"stack": [ad.name for ad in result.adapters]}
-        write_text(tmp / STACK_FILE, json.dumps(stack, indent=2) + "\n")
+        stack_folder.write(tmp, [ad.name for ad in result.adapters])
         write_text(tmp / RECIPE_FILE, recipe_text(recipe_data))
     return Path(out)
