@@ -18,7 +18,8 @@ import torch
 from merging.core.adapter import Pair, content_digest, weighted
 from merging.eval.packing import Packed, pack, packed_losses
 from merging.eval.results import Skill, Skills
-from merging.runtime.stacked import evaluated, stacked
+from merging.runtime.fold import evaluated
+from merging.runtime.stacked import stacked
 
 Progress = Callable[[int, int, str], None]
 Batches = dict[str, dict[str, torch.Tensor]]

@@ -27,8 +27,9 @@ from merging.errors import UnsupportedError
 from merging.eval import judge
 from merging.eval.results import Report, Row
 from merging.merge.recipe import Recipe
+from merging.runtime.fold import effective_weight, evaluated
 from merging.runtime.grouped import grouped
-from merging.runtime.stacked import effective_weight, evaluated, stacked
+from merging.runtime.stacked import stacked
 
 EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 PROMPTS = [
