@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from merging import strategies
-from merging.base import pipelines as sdbase
+from merging.base.weights import weights as base_weights
 from merging.errors import MergingError
 from merging.export import hub as publish_lib
 from merging.formats import sources
@@ -140,7 +140,7 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
     fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed", "inner", "alpha")
     fields += ("common_fraction", "budget")
     options = Options(**{k: spec[k] for k in fields if k in spec})
-    base = sdbase.weights(Path(spec["base"])) if spec.get("base") else None
+    base = base_weights(Path(spec["base"])) if spec.get("base") else None
     started = time.perf_counter()
     overwrite = force or bool(spec.get("force"))
     with telling_replaced(err_console if as_json else console):

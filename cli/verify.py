@@ -9,7 +9,8 @@ import click
 
 from merging import strategies
 from merging.base import pipelines as sdbase
-from merging.base.layout import BaseLayout, load_base
+from merging.base.layout import BaseLayout
+from merging.base.load import load_base
 from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.eval.results import Report, judge_note

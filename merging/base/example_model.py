@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from merging.base.layout import convert_gguf_model
+from merging.base.load import convert_gguf_model
 from merging.errors import FormatError, SourceError
 from merging.storage.files import cache_dir, sha256_file
 

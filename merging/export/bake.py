@@ -28,7 +28,7 @@ from merging.core.deltas import LowRank
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
 from merging.runtime.fold import effective_bias, effective_weight
-from merging.storage.atomic import start_writeback
+from merging.storage.durable import start_writeback
 from merging.storage.files import atomic_folder, checkpoint, refuse_overlap
 from merging.storage.safetensors_io import DTYPES  # safetensors dtype names → torch dtypes
 from merging.storage.tensorfiles import LazyWeights, safetensors_header

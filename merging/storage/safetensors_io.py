@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from merging.errors import FormatError
-from merging.storage.atomic import checkpoint, start_writeback
+from merging.storage.atomic import checkpoint
+from merging.storage.durable import start_writeback
 from merging.storage.tensorfiles import load_tensors, safetensors_header
 from merging.storage.threads import serial
 
