@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from merging.storage.files import collect_replaced
+from merging.storage.atomic import collect_replaced
 
 console = Console()
 err_console = Console(stderr=True)

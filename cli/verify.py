@@ -17,7 +17,8 @@ from merging.eval.results import Report, judge_note
 from merging.eval.verify import PROMPTS, Candidate, base_weights, claims_exact, verify
 from merging.formats import sources
 from merging.merge import pipeline as merge_lib
-from merging.storage.files import atomic_file, write_text
+from merging.storage.atomic import atomic_file
+from merging.storage.files import write_text
 from merging.strategies import Options
 
 from . import tables

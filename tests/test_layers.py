@@ -118,3 +118,12 @@ def test_no_file_over_400_lines():
     stale = sorted(f for f in KNOWN_LONG if lengths.get(f, 0) <= MAX_LINES)
     assert long == [], "split these files"
     assert stale == [], "these are short now (or gone): remove them from KNOWN_LONG"
+
+
+def test_one_progress_type():
+    """The progress callback is declared once (core/progress.py) and imported everywhere else."""
+    starts = ("Progress =", "Progress: TypeAlias", "class Progress")
+    files = (ROOT / "merging").rglob("*.py")
+    declared = sorted(str(f.relative_to(ROOT)) for f in files if any(
+        line.startswith(starts) for line in f.read_text().splitlines()))  # fmt: skip
+    assert declared == ["merging/core/progress.py"]

@@ -23,6 +23,7 @@ from merging import formats, strategies
 from merging.core import dora
 from merging.core.adapter import Adapter, Pair, content_digest, layer_kind, stacks, weighted
 from merging.core.deltas import AdditiveDelta, Scale, sum_error, sum_factors
+from merging.core.progress import Progress
 from merging.errors import UnsupportedError
 from merging.eval import judge
 from merging.eval.results import Report, Row
@@ -42,7 +43,6 @@ PROMPTS = [
     "List three colours of the rainbow:",
     "The quick brown fox",
 ]
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True, eq=False)

@@ -46,6 +46,7 @@ from merging.core.deltas import (
 )
 from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale, summed
+from merging.core.progress import Progress
 from merging.errors import MergingError, ShapeMismatch, UnsupportedError
 from merging.formats.base import Provenance
 from merging.formats.peft import RECIPE_FILE, owned, recipe_text
@@ -53,11 +54,11 @@ from merging.formats.sources import STACK_FILE
 from merging.merge import budget
 from merging.merge.aux_parts import merge_aux, merge_ties
 from merging.merge.recipe import Recipe, Versions, inputs_of
-from merging.storage.files import atomic_folder, refuse_overlap, write_text
+from merging.storage.atomic import atomic_folder
+from merging.storage.files import refuse_overlap, write_text
 from merging.storage.threads import serial
 from merging.strategies import Options, Strategy
 
-Progress = Callable[[int, int, str], None]
 BaseWeights = Callable[[str], torch.Tensor]  # module path → its base weight (stored layout)
 
 
