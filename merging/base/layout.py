@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from merging.base import pipelines as sdbase
+from merging.base import pipelines
 from merging.core.adapter import base_shapes, layer_kind
 from merging.core.deltas import Layer
 from merging.errors import FormatError, UnsupportedError
@@ -160,10 +160,10 @@ class BaseLayout:
         The module tree is built from the configs on the meta device (names and shapes, no memory), with
         the head of the adapters' PEFT ``task_type``.
         """
-        if sdbase.is_pipeline(Path(folder)):
-            return cls.from_components(sdbase.pipeline_skeletons(Path(folder)))
-        if sdbase.is_component(Path(folder)) or sdbase.is_text_encoder(Path(folder)):
-            return cls.from_model(sdbase.skeleton(Path(folder)))
+        if pipelines.is_pipeline(Path(folder)):
+            return cls.from_components(pipelines.pipeline_skeletons(Path(folder)))
+        if pipelines.is_component(Path(folder)) or pipelines.is_text_encoder(Path(folder)):
+            return cls.from_model(pipelines.skeleton(Path(folder)))
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}
         model = skeleton(Path(folder), task_type)

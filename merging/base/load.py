@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from merging.base import pipelines as sdbase
+from merging.base import pipelines
 from merging.base.layout import auto_classes, build_first
 from merging.errors import DeviceError, FormatError, SourceError
 from merging.storage.files import cache_dir, sha256_file
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
@@ -55,14 +55,14 @@ def load_base(
     """
     from transformers import AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise SourceError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise SourceError(f"`dtype` must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     dev = resolve_device(device) if device_map is None else None
     path = Path(spec)
     if path.suffix == ".gguf" and path.is_file():
         path = _gguf_folder(path)
     where = str(path) if path.exists() else str(spec)
-    if path.is_dir() and (sdbase.is_pipeline(path) or sdbase.is_component(path)):
+    if path.is_dir() and (pipelines.is_pipeline(path) or pipelines.is_component(path)):
         raise SourceError(
             f"{spec}: a diffusers folder; verify takes the pipeline folder (model_index.json), bake loads "
             "transformers bases only (convert and merge take either as --base)"
@@ -74,7 +74,8 @@ def load_base(
     try:
         with torch.random.fork_rng(devices=[]):  # a head the base lacks (a fresh classifier): same every run
             torch.manual_seed(0)
-            model = build_first(classes, lambda cls: cls.from_pretrained(where, dtype=DTYPES[dtype], **extra))
+            torch_dtype = DTYPE_CHOICES[dtype]
+            model = build_first(classes, lambda cls: cls.from_pretrained(where, dtype=torch_dtype, **extra))
     except (OSError, ValueError, KeyError) as e:  # missing, no weights, unknown model_type: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(f"{spec}: cannot load the base model ({first})") from None

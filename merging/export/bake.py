@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from merging.base.layout import skeleton
-from merging.base.tied_weights import resolve_ties, untie_files
+from merging.base.tied_weights import tied_writes, untie_files
 from merging.core import dora
 from merging.core.adapter import Pair, Stack, Stacks, base_shapes, stacks
 from merging.core.alora import refuse_gated
@@ -70,13 +70,13 @@ def bake(
         raise FormatError(f"module {outside[0]} is not in the base model")
     for mod in _tied_twins(plan, weights):  # PEFT saves a tied embedding's base weight twice
         del plan.aux[mod]
-    ties = resolve_ties(base, model, plan, set(weights.where))
-    aux = dict(plan.aux) | ties.aux
-    modules = [m for m in sorted(set(plan.modules) | set(ties.aux) | set(ties.apart)) if m not in ties.shared]
+    tied = tied_writes(base, model, plan, set(weights.where))
+    aux = dict(plan.aux) | tied.aux
+    modules = [m for m in sorted(set(plan.modules) | set(tied.aux) | set(tied.apart)) if m not in tied.shared]
     jobs = {f"{m}.weight": m for m in modules}
     jobs |= {f"{m}.bias": m for m in modules if f"{m}.bias" in weights}
     missing = sorted(
-        m for n, m in jobs.items() if n.endswith(".weight") and n not in weights and m not in ties.apart
+        m for n, m in jobs.items() if n.endswith(".weight") and n not in weights and m not in tied.apart
     )
     if missing:
         raise UnsupportedError(
@@ -107,14 +107,14 @@ def bake(
             if f.is_file() and f.suffix != ".safetensors":
                 shutil.copyfile(f, tmp / f.name)
                 checkpoint(f"copy {f.name}")
-        extra = {f"{m}.weight": (f"{src}.weight", transform) for m, src in ties.apart.items()}
+        extra = {f"{m}.weight": (f"{src}.weight", transform) for m, src in tied.apart.items()}
         for i, shard in enumerate(shards):
             mine = {n: transform for n in jobs if weights.where.get(n) == shard}
             added = {n: e for n, e in extra.items() if weights.where.get(e[0]) == shard}
             stream_shard(shard, tmp / shard.name, mine, added)
             if progress:
                 progress(i + 1, len(shards), shard.name)
-        if ties.apart:
+        if tied.apart:
             untie_files(tmp, {n: weights.where[src].name for n, (src, _) in extra.items()})
     return Path(out)
 

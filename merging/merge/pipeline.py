@@ -41,7 +41,7 @@ from merging.core.deltas import (
     Delta,
     LowRank,
     Scale,
-    stack_factors,
+    stacked_factors,
     sum_error,
 )
 from merging.core.lazy import LazyDeltas
@@ -52,7 +52,7 @@ from merging.formats.base import Provenance
 from merging.formats.peft import RECIPE_FILE, owned, recipe_text
 from merging.formats.sources import STACK_FILE
 from merging.merge import budget
-from merging.merge.aux_parts import merge_aux, merge_ties
+from merging.merge.aux_parts import merge_aux, merge_tied
 from merging.merge.recipe import Recipe, Versions, inputs_of
 from merging.storage.atomic import atomic_folder
 from merging.storage.files import refuse_overlap, write_text
@@ -188,7 +188,7 @@ def merge(
     modules = align(adapters)
     plan = replace(plan, ranks=_budget_ranks(plan, modules))
     gate = common_invocation(adapters)
-    tied = merge_ties(adapters)
+    tied = merge_tied(adapters)
     extra = merge_aux(adapters, aux, base_weights, set(modules))
     base = next((a.base_model for a in adapters if a.base_model), None)
     rev = next((a.revision for a in adapters if a.revision), None)
@@ -330,7 +330,7 @@ def _budget_ranks(plan: _Plan, modules: Sequence[str]) -> dict[str, int] | None:
             stack = dora.contributions(stack, _base_matrix(stack, mod, plan.base_weights), mod)
         _, add_part = _compose(stack)
         if add_part:
-            spectra[mod] = budget.spectrum(*stack_factors(add_part))
+            spectra[mod] = budget.spectrum(*stacked_factors(add_part))
     return budget.allocate(spectra, plan.options.budget)
 
 
