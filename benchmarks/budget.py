@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.run import OUT, machine
 from merging.core import linalg
 from merging.core.adapter import weighted
-from merging.core.deltas import stack_factors
+from merging.core.deltas import stacked_factors
 from merging.formats import sources
 from merging.merge import pipeline as merge_lib
 from merging.merge.result import MergeResult
@@ -44,7 +44,7 @@ def run() -> dict:
     pairs = weighted([ad for spec in SKILLS for ad in sources.load(ROOT / "examples/adapters" / spec)])
     norms = {}
     for mod in sorted({m for ad, _ in pairs for m in ad.deltas}):
-        b, a = stack_factors([(ad.deltas[mod], w) for ad, w in pairs if mod in ad.deltas])
+        b, a = stacked_factors([(ad.deltas[mod], w) for ad, w in pairs if mod in ad.deltas])
         norms[mod] = math.sqrt(max(float(linalg.gram_norm_sq(b, a)), 0.0))
     rows = []
     for r in RANKS:

@@ -19,7 +19,7 @@ import transformers
 from click.testing import CliRunner
 from merging_cli.main import cli
 
-from merging.base.layout import load_base
+from merging.base.load import load_base
 from merging.core.adapter import base_shapes, weighted
 from merging.eval import judge
 from merging.formats import peft as fp

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from merging import strategies
-from merging.base.layout import load_base
+from merging.base.load import load_base
 from merging.errors import MergingError
 from merging.eval import compare as report_lib
 from merging.eval import tune as tune_lib

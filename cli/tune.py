@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from merging.base.layout import load_base
+from merging.base.load import load_base
 from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.eval import compare as report_lib

@@ -9,7 +9,8 @@ import click
 
 from merging import strategies
 from merging.base import pipelines as sdbase
-from merging.base.layout import BaseLayout, load_base
+from merging.base.layout import BaseLayout
+from merging.base.load import load_base
 from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.eval.results import Report, judge_note
@@ -17,7 +18,8 @@ from merging.eval.verify import PROMPTS, Candidate, base_weights, claims_exact, 
 from merging.formats import sources
 from merging.merge import pipeline as merge_lib
 from merging.merge import result as result_lib
-from merging.storage.files import atomic_file, write_text
+from merging.storage.atomic import atomic_file
+from merging.storage.files import write_text
 from merging.strategies import Options
 
 from . import tables

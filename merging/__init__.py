@@ -27,8 +27,7 @@ from merging.errors import (
     SourceError,
     UnsupportedError,
 )
-
-__version__ = "0.1.0"
+from merging.version import __version__
 
 _LAZY = {  # public name → the module defining it
     **dict.fromkeys(["load", "load_inputs", "merge", "convert", "example_base", "strategy_names", "is_ranked",

@@ -12,7 +12,8 @@ from merging.formats import kohya
 from merging.formats import peft as peft_format
 from merging.merge.pipeline import merge
 from merging.merge.result import write_result
-from merging.runtime.stacked import merge_into, stacked
+from merging.runtime.fold import merge_into
+from merging.runtime.stacked import stacked
 from tests.helpers import rel_err
 
 peft = pytest.importorskip("peft")

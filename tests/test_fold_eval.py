@@ -14,7 +14,8 @@ from merging.eval import judge, packing, skills
 from merging.eval.verify import Candidate, module_errors, verify
 from merging.formats import peft as fp
 from merging.merge.pipeline import merge
-from merging.runtime.stacked import FOLDED, evaluated, merge_into, stacked
+from merging.runtime.fold import FOLDED, evaluated, merge_into
+from merging.runtime.stacked import stacked
 from merging.strategies import Options
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close, state_hash

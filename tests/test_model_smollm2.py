@@ -136,7 +136,8 @@ def test_gguf_adapter_matches_llama_cpp_layout_and_peft(example_base, smol, tmp_
     from peft import PeftModel
 
     from merging.base.example_model import example_gguf
-    from merging.base.layout import BaseLayout, load_base
+    from merging.base.layout import BaseLayout
+    from merging.base.load import load_base
     from merging.formats import gguf as fg
 
     base_file = example_gguf()

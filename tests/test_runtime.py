@@ -6,7 +6,8 @@ import pytest
 
 from merging.core.adapter import base_shapes, weighted
 from merging.formats import peft as fp
-from merging.runtime.stacked import merge_into, stacked
+from merging.runtime.fold import merge_into
+from merging.runtime.stacked import stacked
 from tests.fixtures import example_input, run
 from tests.helpers import assert_close, state_hash
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from merging_cli.main import cli
 from safetensors.torch import load_file, save_file
 
-from merging.base import pipelines as sdbase
 from merging.base.layout import BaseLayout
+from merging.base.weights import weights as base_weights
 from merging.core.adapter import weighted
 from merging.formats import kohya
 from merging.merge.pipeline import merge
@@ -55,7 +55,7 @@ def test_cli_merge_and_convert_with_a_pipeline_folder_as_base(tmp_path, base_noi
     sp.text_encoder(2, 16, projection=True).save_pretrained(str(tmp_path / "te2"))
     te2 = BaseLayout.from_folder(tmp_path / "te2").modules  # SDXL's: not the CLIPTextModel AutoModel builds
     assert "text_projection" in te2 and "text_model.encoder.layers.0.mlp.fc1" in te2
-    fc1 = sdbase.weights(pipe).module_weight("text_encoder.encoder.layers.0.mlp.fc1")  # saved as text_model.*
+    fc1 = base_weights(pipe).module_weight("text_encoder.encoder.layers.0.mlp.fc1")  # saved as text_model.*
     assert torch.equal(fc1, sp.text_encoder().encoder.layers[0].mlp.fc1.weight)
     run = CliRunner(env={"COLUMNS": "200"})
     out = tmp_path / "merged.safetensors"

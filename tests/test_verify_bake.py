@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from merging_cli.main import cli
 
-from merging.base.layout import resolve_device
+from merging.base.load import resolve_device
 from merging.core.adapter import base_shapes, weighted
 from merging.errors import DeviceError
 from merging.eval.results import Report

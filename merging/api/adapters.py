@@ -11,7 +11,9 @@ from merging import formats, strategies
 from merging.base import pipelines
 from merging.base.example_model import example_base_model
 from merging.base.layout import BaseLayout
+from merging.base.weights import weights as base_weights_of
 from merging.core.adapter import Adapter, Pair
+from merging.core.progress import Progress
 from merging.errors import MergingError
 from merging.export.hub import hub_id as _hub_id
 from merging.formats import sources
@@ -23,7 +25,6 @@ from merging.storage.files import refuse_overlap
 from merging.strategies import Options as Options
 from merging.strategies.base import INNER as INNER  # the public API names them
 
-Progress = Callable[[int, int, str], None]  # progress(done, total, item)
 BaseWeights = Callable[[str], Any]  # module path → its base weight (a tensor, stored layout)
 OPTION_FIELDS = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed", "inner", "alpha",
                  "common_fraction", "budget")  # fmt: skip
@@ -134,7 +135,7 @@ def merge(
             raise MergingError(f"`weights`: {len(weights)} weights for {len(pairs)} input adapters")
         pairs = [(ad, float(w)) for (ad, _), w in zip(pairs, weights, strict=True)]
     opts = Options(rank=rank, **options)
-    base_weights = pipelines.weights(Path(base)).module_weight if isinstance(base, str | Path) else base
+    base_weights = base_weights_of(Path(base)).module_weight if isinstance(base, str | Path) else base
     return pipeline.merge(pairs, strategy, opts, aux=aux, base_weights=base_weights, progress=progress,
                           stream=stream, layer_weights=layer_weights, spectra=spectra)  # fmt: skip
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from merging.core.progress import Progress
 from merging.export import bake as bake_lib
 from merging.export import hub
 from merging.formats import sources
-
-Progress = Callable[[int, int, str], None]  # progress(done, total, item)
 
 
 def bake(

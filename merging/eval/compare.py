@@ -11,7 +11,7 @@ import html
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 
 from merging import strategies
 from merging.core.adapter import Adapter
+from merging.core.progress import Progress
 from merging.errors import MergingError, UnsupportedError
 from merging.eval import skills as skills_lib
 from merging.eval.results import Comparison, Skill, Skills, Skipped, VariantResult, judge_note
@@ -29,7 +30,8 @@ from merging.merge import pipeline as merge_lib
 from merging.merge.recipe import Versions, inputs_of
 from merging.merge.result import MergeResult
 from merging.merge.spectra import Spectra
-from merging.storage.files import atomic_folder, write_text
+from merging.storage.atomic import atomic_folder
+from merging.storage.files import write_text
 from merging.strategies import Options
 
 RETENTION_NOTE = (
@@ -37,7 +39,6 @@ RETENTION_NOTE = (
     "The references and the exact rows run stacked; the approximate rows run folded into the weights "
     "(equal up to float32 rounding)."
 )
-Progress = Callable[[int, int, str], None]
 Pairs = list[tuple[str, str]]
 
 

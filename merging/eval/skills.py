@@ -11,16 +11,17 @@ checked against the model's own loss on the base, skill by skill). Candidates wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from merging.core.adapter import Pair, content_digest, weighted
+from merging.core.progress import Progress
 from merging.eval.packing import Packed, pack, packed_losses
 from merging.eval.results import Skill, Skills
-from merging.runtime.stacked import evaluated, stacked
+from merging.runtime.fold import evaluated
+from merging.runtime.stacked import stacked
 
-Progress = Callable[[int, int, str], None]
 Batches = dict[str, dict[str, torch.Tensor]]
 
 

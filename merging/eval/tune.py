@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from merging.core.adapter import Adapter, Pair, layer_of, weighted
+from merging.core.progress import Progress
 from merging.errors import MergingError
 from merging.eval.packing import Packed, pack, packed_losses
 from merging.runtime.stacked import stacked
@@ -29,7 +30,6 @@ Pairs = list[tuple[str, str]]
 Evals = Mapping[str, Pairs]
 Granularity = Literal["adapter", "layer"]
 Objective = Literal["worst", "mean"] | float  # a float λ: λ·worst + (1 − λ)·mean
-Progress = Callable[[int, int, str], None]
 TEMPERATURE = 0.05  # softmin temperature of the worst-skill objective's gradient
 
 

@@ -23,12 +23,14 @@ from merging import formats, strategies
 from merging.core import dora
 from merging.core.adapter import Adapter, Pair, content_digest, layer_kind, stacks, weighted
 from merging.core.deltas import AdditiveDelta, Scale, sum_error, sum_factors
+from merging.core.progress import Progress
 from merging.errors import UnsupportedError
 from merging.eval import judge
 from merging.eval.results import Report, Row
 from merging.merge.recipe import Recipe
+from merging.runtime.fold import effective_weight, evaluated
 from merging.runtime.grouped import grouped
-from merging.runtime.stacked import effective_weight, evaluated, stacked
+from merging.runtime.stacked import stacked
 
 EXACT_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 PROMPTS = [
@@ -41,7 +43,6 @@ PROMPTS = [
     "List three colours of the rainbow:",
     "The quick brown fox",
 ]
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,32 +9,28 @@ largest tensor, not a shard. Config, tokenizer and the shard index are copied un
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 import shutil
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from merging.base.layout import skeleton
-from merging.base.tied_weights import resolve_ties, untie_files
+from merging.base.tied_weights import tied_writes, untie_files
 from merging.core import dora
 from merging.core.adapter import Pair, Stack, Stacks, base_shapes, stacks
 from merging.core.alora import refuse_gated
 from merging.core.deltas import LowRank
+from merging.core.progress import Progress
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
-from merging.runtime.stacked import effective_bias, effective_weight
-from merging.storage.atomic import start_writeback
-from merging.storage.files import atomic_folder, checkpoint, refuse_overlap
-from merging.storage.safetensors_io import DTYPES  # safetensors dtype names → torch dtypes
-from merging.storage.tensorfiles import LazyWeights, safetensors_header
+from merging.runtime.fold import effective_bias, effective_weight
+from merging.storage.atomic import atomic_folder, checkpoint
+from merging.storage.files import refuse_overlap
+from merging.storage.safetensors_io import stream_shard
+from merging.storage.tensorfiles import LazyWeights
 from merging.storage.threads import serial
-
-Progress = Callable[[int, int, str], None]
 
 
 def bake(
@@ -74,13 +70,13 @@ def bake(
         raise FormatError(f"module {outside[0]} is not in the base model")
     for mod in _tied_twins(plan, weights):  # PEFT saves a tied embedding's base weight twice
         del plan.aux[mod]
-    ties = resolve_ties(base, model, plan, set(weights.where))
-    aux = dict(plan.aux) | ties.aux
-    modules = [m for m in sorted(set(plan.modules) | set(ties.aux) | set(ties.apart)) if m not in ties.shared]
+    tied = tied_writes(base, model, plan, set(weights.where))
+    aux = dict(plan.aux) | tied.aux
+    modules = [m for m in sorted(set(plan.modules) | set(tied.aux) | set(tied.apart)) if m not in tied.shared]
     jobs = {f"{m}.weight": m for m in modules}
     jobs |= {f"{m}.bias": m for m in modules if f"{m}.bias" in weights}
     missing = sorted(
-        m for n, m in jobs.items() if n.endswith(".weight") and n not in weights and m not in ties.apart
+        m for n, m in jobs.items() if n.endswith(".weight") and n not in weights and m not in tied.apart
     )
     if missing:
         raise UnsupportedError(
@@ -111,14 +107,14 @@ def bake(
             if f.is_file() and f.suffix != ".safetensors":
                 shutil.copyfile(f, tmp / f.name)
                 checkpoint(f"copy {f.name}")
-        extra = {f"{m}.weight": (f"{src}.weight", transform) for m, src in ties.apart.items()}
+        extra = {f"{m}.weight": (f"{src}.weight", transform) for m, src in tied.apart.items()}
         for i, shard in enumerate(shards):
             mine = {n: transform for n in jobs if weights.where.get(n) == shard}
             added = {n: e for n, e in extra.items() if weights.where.get(e[0]) == shard}
             stream_shard(shard, tmp / shard.name, mine, added)
             if progress:
                 progress(i + 1, len(shards), shard.name)
-        if ties.apart:
+        if tied.apart:
             untie_files(tmp, {n: weights.where[src].name for n, (src, _) in extra.items()})
     return Path(out)
 
@@ -149,112 +145,6 @@ def owned(folder: Path) -> set[str]:
     (a stale shard beside a new index would load); the user's other files are kept."""
     names = [p.name for p in Path(folder).iterdir()]
     return {n for n in names if any(fnmatch.fnmatch(n, pat) for pat in WEIGHT_FILES)}
-
-
-CHUNK = 64 << 20
-
-
-def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = None) -> None:
-    """Copy a safetensors file tensor by tensor, replacing the named tensors by transform(name, tensor).
-
-    Shapes and dtypes do not change, so every offset stays. Untouched tensors are copied in the kernel; each
-    transformed one is read into one buffer that every tensor of the shard reuses (sized for the largest),
-    folded there in place and written from it, so memory stays at one tensor however large the shard, and
-    no tensor costs fresh pages of its own. ``extra`` maps a new tensor's name to (source tensor name, fn):
-    fn(new name, a copy of the source as stored) is appended after the others (its shape and dtype are the
-    source's).
-    """
-    header = safetensors_header(src)
-    extra = extra or {}
-    tensors = {n: meta for n, meta in header.items() if n != "__metadata__"}
-    offset = max((meta["data_offsets"][1] for meta in tensors.values()), default=0)
-    added = {}
-    for name, (source, _) in extra.items():
-        meta = header[source]
-        size = meta["data_offsets"][1] - meta["data_offsets"][0]
-        added[name] = meta | {"data_offsets": [offset, offset + size]}
-        offset += size
-    sources = {name: [new for new, (source, _) in extra.items() if source == name] for name in tensors}
-    folded = [meta["data_offsets"] for name, meta in tensors.items() if name in transforms or sources[name]]
-    buf = torch.empty(max((e - b for b, e in folded), default=0), dtype=torch.uint8)  # (bytes,) reused
-    made: dict[str, torch.Tensor] = {}
-    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
-        (n,) = struct.unpack("<Q", _pread(fin, 8, 0))
-        if added:
-            text = json.dumps(header | added, separators=(",", ":")).encode()
-            text += b" " * (-len(text) % 8)
-            _write_all(fout, struct.pack("<Q", len(text)) + text)
-        else:
-            _write_all(fout, struct.pack("<Q", n) + _pread(fin, n, 8))
-        data_start = 8 + n
-        for (begin, end), name in sorted((meta["data_offsets"], name) for name, meta in tensors.items()):
-            if name in transforms or sources[name]:
-                meta = header[name]
-                raw = buf[: end - begin]
-                _pread_into(fin, raw, data_start + begin)
-                t = raw.view(DTYPES[meta["dtype"]]).reshape(meta["shape"]) if end > begin else torch.empty(0)
-                for new in sources[name]:
-                    made[new] = extra[new][1](new, t.clone()).contiguous()
-                _write(fout, transforms[name](name, t).contiguous() if name in transforms else t)
-            else:
-                _copy(fin, fout, data_start + begin, end - begin)
-            checkpoint(f"tensor {name}")
-        for name in added:
-            _write(fout, made[name])
-            checkpoint(f"tensor {name}")
-
-
-def _pread(f, size: int, offset: int) -> bytes:
-    """``size`` bytes of ``f`` at ``offset`` (a short read is a truncated file)."""
-    data = os.pread(f.fileno(), size, offset)
-    if len(data) < size:
-        raise FormatError(f"{f.name}: truncated safetensors file")
-    return data
-
-
-def _pread_into(f, raw: torch.Tensor, offset: int) -> None:
-    """Fill the byte tensor ``raw`` from ``f`` at ``offset`` (a short read is a truncated file)."""
-    view, done = memoryview(raw.numpy()), 0
-    while done < len(view):
-        got = os.preadv(f.fileno(), [view[done:]], offset + done)
-        if got == 0:
-            raise FormatError(f"{f.name}: truncated safetensors file")
-        done += got
-
-
-def _write_all(f, data) -> None:
-    """Write every byte of ``data`` (an unbuffered file may take fewer per call)."""
-    view, done = memoryview(data).cast("B"), 0
-    while done < len(view):
-        done += f.write(view[done:])
-
-
-def _write(f, t: torch.Tensor) -> None:
-    """Append a tensor's bytes (no copy) and start their writeback to disk."""
-    if t.numel():
-        _write_all(f, t.reshape(-1).view(torch.uint8).numpy())
-        start_writeback(f.fileno())
-
-
-def _copy(fin, fout, offset: int, size: int) -> None:
-    """Append ``size`` bytes of ``fin`` from ``offset``: in the kernel (copy_file_range) where it can."""
-    done = 0
-    try:
-        while done < size:
-            n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, offset + done)
-            if n == 0:
-                raise FormatError(f"{fin.name}: truncated safetensors file")
-            done += n
-    except (OSError, AttributeError):  # no copy_file_range here (or across these filesystems): read + write
-        fout.seek(0, os.SEEK_END)
-        while done < size:
-            block = os.pread(fin.fileno(), min(CHUNK, size - done), offset + done)
-            if not block:
-                raise FormatError(f"{fin.name}: truncated safetensors file") from None
-            _write_all(fout, block)
-            done += len(block)
-    fout.seek(0, os.SEEK_END)
-    start_writeback(fout.fileno())
 
 
 def _tied_twins(plan: Stacks, weights: LazyWeights) -> list[str]:

@@ -39,7 +39,8 @@ from merging.formats.base import (
     recipe_of,
     refuse_gated,
 )
-from merging.storage.files import atomic_file, checkpoint, reading
+from merging.storage.atomic import atomic_file, checkpoint
+from merging.storage.files import reading
 
 if TYPE_CHECKING:
     from merging.base.layout import BaseLayout

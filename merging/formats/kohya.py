@@ -49,7 +49,8 @@ from merging.formats.base import (
     refuse_gated,
 )
 from merging.formats.kohya_names import from_kohya, is_kohya_name, module_of, to_kohya
-from merging.storage.files import atomic_file, reading, save_safetensors
+from merging.storage.atomic import atomic_file
+from merging.storage.files import reading, save_safetensors
 from merging.storage.tensorfiles import list_tensors, load_tensors, safetensors_metadata
 
 if TYPE_CHECKING:

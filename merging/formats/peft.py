@@ -49,7 +49,8 @@ from merging.formats.base import (
 )
 from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft_config import CONFIG
-from merging.storage.files import atomic_folder, hash_ahead, reading, write_text
+from merging.storage.atomic import atomic_folder
+from merging.storage.files import hash_ahead, reading, write_text
 from merging.storage.safetensors_io import SafetensorsWriter, finite, header_room, open_tensors
 
 if TYPE_CHECKING:

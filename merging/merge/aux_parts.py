@@ -13,22 +13,22 @@ from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 BaseWeights = Callable[[str], torch.Tensor]  # module path → its base weight (stored layout)
 
 
-def merge_ties(adapters: Sequence[Adapter]) -> dict[str, str]:
+def merge_tied(adapters: Sequence[Adapter]) -> dict[str, str]:
     """Union of the inputs' tied modules; tied in one input and adapted alone in another is an error."""
-    ties: dict[str, str] = {}
+    tied: dict[str, str] = {}
     for ad in adapters:
         for mod, src in ad.tied.items():
-            if ties.setdefault(mod, src) != src:
+            if tied.setdefault(mod, src) != src:
                 raise IncompatibleAdapters(
-                    f"{mod} is tied to {ties[mod]} in one input and to {src} in {ad.where}"
+                    f"{mod} is tied to {tied[mod]} in one input and to {src} in {ad.where}"
                 )
     for ad in adapters:
-        for mod in ties:
+        for mod in tied:
             if mod in ad.deltas:
                 raise IncompatibleAdapters(
-                    f"{mod} is tied to {ties[mod]} in one input but has its own delta in {ad.where}"
+                    f"{mod} is tied to {tied[mod]} in one input but has its own delta in {ad.where}"
                 )
-    return ties
+    return tied
 
 
 def merge_aux(

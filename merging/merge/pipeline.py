@@ -12,7 +12,7 @@ adapter on top: exactly the stacked outputs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -20,19 +20,18 @@ from typing import Any
 from merging import strategies
 from merging.core import dora
 from merging.core.adapter import Adapter, Pair, align, common_invocation
-from merging.core.deltas import AdditiveDelta, Delta, LowRank, stack_factors, sum_error
+from merging.core.deltas import AdditiveDelta, Delta, LowRank, stacked_factors, sum_error
 from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale, summed
+from merging.core.progress import Progress
 from merging.errors import MergingError, UnsupportedError
 from merging.merge import budget
-from merging.merge.aux_parts import merge_aux, merge_ties
+from merging.merge.aux_parts import merge_aux, merge_tied
 from merging.merge.result import MergeResult, ModuleReport
 from merging.merge.spectra import Spectra
 from merging.merge.stack import BaseWeights, base_matrix, module_stack, plain_lora, split
 from merging.storage.threads import serial
 from merging.strategies import Options, Strategy
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def merge(
     modules = align(adapters)
     plan = replace(plan, ranks=_budget_ranks(plan, modules))
     gate = common_invocation(adapters)
-    tied = merge_ties(adapters)
+    tied = merge_tied(adapters)
     extra = merge_aux(adapters, aux, base_weights, set(modules))
     base = next((a.base_model for a in adapters if a.base_model), None)
     rev = next((a.revision for a in adapters if a.revision), None)
@@ -227,7 +226,7 @@ def _budget_ranks(plan: _Plan, modules: Sequence[str]) -> dict[str, int] | None:
             continue
         add_part = split(stack, mod, plan.base_weights).adds
         if add_part:
-            spectra[mod] = budget.spectrum(*stack_factors(add_part))
+            spectra[mod] = budget.spectrum(*stacked_factors(add_part))
     return budget.allocate(spectra, plan.options.budget)
 
 

@@ -84,7 +84,7 @@ class Versions:
         import safetensors
         import torch
 
-        from merging import __version__
+        from merging.version import __version__
 
         return cls(__version__, torch.__version__.split("+")[0], safetensors.__version__)
 

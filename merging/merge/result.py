@@ -17,7 +17,8 @@ from merging.formats.base import Provenance
 from merging.formats.peft import RECIPE_FILE, owned, recipe_text
 from merging.merge import serving
 from merging.merge.recipe import Recipe, Versions, inputs_of
-from merging.storage.files import atomic_folder, refuse_overlap, write_text
+from merging.storage.atomic import atomic_folder
+from merging.storage.files import refuse_overlap, write_text
 from merging.strategies import Options
 
 

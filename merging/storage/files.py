@@ -1,6 +1,6 @@
 """Files: safe parsing of untrusted input, the cache root, hashes, outputs vs inputs, chunked writes.
 
-The atomic writers live in merging.atomic and are re-exported here, where callers have always found them.
+The atomic writers are ``storage.atomic``.
 """
 
 from __future__ import annotations
@@ -16,15 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from merging.errors import FormatError, MergingError
-from merging.storage.atomic import (  # noqa: F401
-    WRITE_ERRORS,
-    Replacement,
-    atomic_file,
-    atomic_folder,
-    checkpoint,
-    clean_stale,
-    collect_replaced,
-)
+from merging.storage.atomic import checkpoint
 
 
 @contextmanager

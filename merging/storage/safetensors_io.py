@@ -3,8 +3,9 @@
 ``SafetensorsReader.get`` reads one tensor with ``pread`` into fresh memory (no mmap: pages touched
 through a mapping would count in the process's RSS until it is unmapped). ``SafetensorsWriter`` reserves
 the header's room, appends each tensor's bytes as it comes and writes the header last, padded with
-spaces (the format allows it), so a merge never holds its whole output. ``finite`` is the fast NaN/Inf
-check both use: a sum is finite only if every entry is.
+spaces (the format allows it), so a merge never holds its whole output. ``stream_shard`` copies a file
+with some tensors replaced (bake), the untouched bytes in the kernel. ``finite`` is the fast NaN/Inf
+check: a sum is finite only if every entry is. One ``pread_into`` reads for all of them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from merging.errors import FormatError
-from merging.storage.atomic import checkpoint, start_writeback
+from merging.storage.atomic import checkpoint
+from merging.storage.durable import start_writeback
 from merging.storage.tensorfiles import load_tensors, safetensors_header
 from merging.storage.threads import serial
 
@@ -65,14 +67,8 @@ class SafetensorsReader:
         begin, end = meta["data_offsets"]
         dtype, shape = DTYPES[meta["dtype"]], tuple(meta["shape"])
         raw = torch.empty(end - begin, dtype=torch.uint8)  # (bytes,)
-        if end > begin:
-            view, done = memoryview(raw.numpy()), 0
-            with open(self.path, "rb", buffering=0) as f:
-                while done < len(view):
-                    n = os.preadv(f.fileno(), [view[done:]], self.start + begin + done)
-                    if n == 0:
-                        raise FormatError(f"{self.path}: tensor {key!r} is cut short (truncated file)")
-                    done += n
+        with open(self.path, "rb", buffering=0) as f:
+            pread_into(f, raw, self.start + begin, f"tensor {key!r} is cut short (truncated file)")
         n = 1
         for s in shape:
             n *= s
@@ -164,3 +160,109 @@ def open_tensors(path: Path) -> SafetensorsReader | LoadedTensors:
 def header_room(names: list[str]) -> int:
     """Room for a header naming these tensors (dtype, a 4-D shape and two offsets of 16 digits each)."""
     return 256 + sum(len(json.dumps(n)) + 110 for n in names)
+
+
+CHUNK = 64 << 20
+
+
+def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = None) -> None:
+    """Copy a safetensors file tensor by tensor, replacing the named tensors by transform(name, tensor).
+
+    Shapes and dtypes do not change, so every offset stays. Untouched tensors are copied in the kernel; each
+    transformed one is read into one buffer that every tensor of the shard reuses (sized for the largest),
+    folded there in place and written from it, so memory stays at one tensor however large the shard, and
+    no tensor costs fresh pages of its own. ``extra`` maps a new tensor's name to (source tensor name, fn):
+    fn(new name, a copy of the source as stored) is appended after the others (its shape and dtype are the
+    source's).
+    """
+    header = safetensors_header(src)
+    extra = extra or {}
+    tensors = {n: meta for n, meta in header.items() if n != "__metadata__"}
+    offset = max((meta["data_offsets"][1] for meta in tensors.values()), default=0)
+    added = {}
+    for name, (source, _) in extra.items():
+        meta = header[source]
+        size = meta["data_offsets"][1] - meta["data_offsets"][0]
+        added[name] = meta | {"data_offsets": [offset, offset + size]}
+        offset += size
+    sources = {name: [new for new, (source, _) in extra.items() if source == name] for name in tensors}
+    folded = [meta["data_offsets"] for name, meta in tensors.items() if name in transforms or sources[name]]
+    buf = torch.empty(max((e - b for b, e in folded), default=0), dtype=torch.uint8)  # (bytes,) reused
+    made: dict[str, torch.Tensor] = {}
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        (n,) = struct.unpack("<Q", _pread(fin, 8, 0))
+        if added:
+            text = json.dumps(header | added, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)
+            write_all(fout, struct.pack("<Q", len(text)) + text)
+        else:
+            write_all(fout, struct.pack("<Q", n) + _pread(fin, n, 8))
+        data_start = 8 + n
+        for (begin, end), name in sorted((meta["data_offsets"], name) for name, meta in tensors.items()):
+            if name in transforms or sources[name]:
+                meta = header[name]
+                raw = buf[: end - begin]
+                pread_into(fin, raw, data_start + begin)
+                t = raw.view(DTYPES[meta["dtype"]]).reshape(meta["shape"]) if end > begin else torch.empty(0)
+                for new in sources[name]:
+                    made[new] = extra[new][1](new, t.clone()).contiguous()
+                _write(fout, transforms[name](name, t).contiguous() if name in transforms else t)
+            else:
+                copy_range(fin, fout, data_start + begin, end - begin)
+            checkpoint(f"tensor {name}")
+        for name in added:
+            _write(fout, made[name])
+            checkpoint(f"tensor {name}")
+
+
+def _pread(f, size: int, offset: int) -> bytes:
+    """``size`` bytes of ``f`` at ``offset`` (a short read is a truncated file)."""
+    data = os.pread(f.fileno(), size, offset)
+    if len(data) < size:
+        raise FormatError(f"{f.name}: truncated safetensors file")
+    return data
+
+
+def pread_into(f, raw: torch.Tensor, offset: int, short: str = "truncated safetensors file") -> None:
+    """Fill the byte tensor ``raw`` from ``f`` at ``offset``; a short read raises FormatError(short)."""
+    view, done = memoryview(raw.numpy()), 0
+    while done < len(view):
+        got = os.preadv(f.fileno(), [view[done:]], offset + done)
+        if got == 0:
+            raise FormatError(f"{f.name}: {short}")
+        done += got
+
+
+def write_all(f, data) -> None:
+    """Write every byte of ``data`` (an unbuffered file may take fewer per call)."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        done += f.write(view[done:])
+
+
+def _write(f, t: torch.Tensor) -> None:
+    """Append a tensor's bytes (no copy) and start their writeback to disk."""
+    if t.numel():
+        write_all(f, t.reshape(-1).view(torch.uint8).numpy())
+        start_writeback(f.fileno())
+
+
+def copy_range(fin, fout, offset: int, size: int) -> None:
+    """Append ``size`` bytes of ``fin`` from ``offset``: in the kernel (copy_file_range) where it can."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, offset + done)
+            if n == 0:
+                raise FormatError(f"{fin.name}: truncated safetensors file")
+            done += n
+    except (OSError, AttributeError):  # no copy_file_range here (or across these filesystems): read + write
+        fout.seek(0, os.SEEK_END)
+        while done < size:
+            block = os.pread(fin.fileno(), min(CHUNK, size - done), offset + done)
+            if not block:
+                raise FormatError(f"{fin.name}: truncated safetensors file") from None
+            write_all(fout, block)
+            done += len(block)
+    fout.seek(0, os.SEEK_END)
+    start_writeback(fout.fileno())

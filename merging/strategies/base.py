@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from merging.core import linalg
-from merging.core.deltas import AdditiveDelta, Delta, LowRank, Scale, Target, stack_factors
+from merging.core.deltas import AdditiveDelta, Delta, LowRank, Scale, Target
 from merging.errors import MergingError, UnsupportedError
 
 INNER = ("linear", "ties", "dare_ties")  # the merges knots and core run in their shared basis
@@ -158,13 +158,6 @@ def scales(deltas: Sequence[Delta], strategy: str, module: str) -> list[Scale]:
     if len({d.l.numel() for d in deltas}) > 1:
         raise UnsupportedError(f"module {module}: IA³ vectors have different lengths")
     return list(deltas)
-
-
-def stacked_factors(
-    deltas: Sequence[AdditiveDelta], weights: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ w_i ΔW_i as one pair of stacked factors (B (out, R), A (R, in_flat)), scales folded into B."""
-    return stack_factors(list(zip(deltas, weights, strict=True)))
 
 
 def summed_bias(deltas: Sequence[AdditiveDelta], weights: Sequence[float]) -> torch.Tensor | None:

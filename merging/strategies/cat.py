@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merging.core.deltas import Delta, LowRank
-from merging.strategies.base import Options, Strategy, additive, stacked_factors, summed_bias
+from merging.core.deltas import Delta, LowRank, stacked_factors
+from merging.strategies.base import Options, Strategy, additive, summed_bias
 
 
 def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, module: str) -> LowRank:
@@ -22,7 +22,7 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
         A LowRank of rank Σ r_i whose product is exactly Σ w_i ΔW_i.
     """
     ds = additive(deltas, "cat", module)
-    b, a = stacked_factors(ds, weights)  # (out, R), (R, in_flat)
+    b, a = stacked_factors(list(zip(ds, weights, strict=True)))  # (out, R), (R, in_flat)
     return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 

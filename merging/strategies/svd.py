@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merging.core.deltas import Delta, LowRank
+from merging.core.deltas import Delta, LowRank, stacked_factors
 from merging.strategies.base import (
     Options,
     Spectrum,
     Strategy,
     additive,
     factored_spectrum,
-    stacked_factors,
     summed_bias,
 )  # fmt: skip
 
@@ -25,7 +24,7 @@ from merging.strategies.base import (
 def spectrum(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, module: str) -> Spectrum:
     """The SVD of the weighted sum computed from the stacked factors (every triplet: at most Σ r_i)."""
     ds = additive(deltas, "svd", module)
-    b, a = stacked_factors(ds, weights)  # (out, R), (R, in_flat)
+    b, a = stacked_factors(list(zip(ds, weights, strict=True)))  # (out, R), (R, in_flat)
     return factored_spectrum(b, a, ds[0].target, max(d.rank for d in ds), summed_bias(ds, weights))
 
 
