@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from merging.core.adapter import base_shapes
+from merging.core.adapter import Adapter, base_shapes
 from merging.core.deltas import AdditiveDelta, LowRank, ModuleReplacement, Scale, Target, TokenRows
 from merging.errors import FormatError, MergingError, NonFiniteError, ShapeMismatch
 from merging.formats import peft as fp
@@ -178,8 +178,8 @@ def test_mixed_ranks_written_by_us_reload_in_peft(fx, tmp_path):
         out, inf = shapes[mod][1]
         r = 3 + 4 * i
         b, a = 0.1 * torch.randn(out, r, generator=g), 0.1 * torch.randn(r, inf, generator=g)
-        deltas[mod] = LowRank(b, a, 0.7 + i, fp.Target("linear", (out, inf)))
-    ad = fp.Adapter("mixed", deltas)
+        deltas[mod] = LowRank(b, a, 0.7 + i, Target("linear", (out, inf)))
+    ad = Adapter("mixed", deltas)
     fp.write(ad, tmp_path / "mixed")
     model = PeftModel.from_pretrained(fx.load_base("llama"), str(tmp_path / "mixed")).merge_and_unload()
     after = model.state_dict()
@@ -290,7 +290,7 @@ def test_ia3_feedforward_matching_is_peft_s(ff):
     from peft import IA3Config
     from peft.tuners.ia3 import IA3Model
 
-    from merging.formats.peft_config import is_feedforward
+    from merging.formats.peft.config import is_feedforward
 
     config = IA3Config(target_modules=ff or ["x"], feedforward_modules=ff)
     keys = ["gpt_neox.layers.0.mlp.dense_4h_to_h", "gpt_neox.layers.0.mlp.dense_h_to_4h",

@@ -9,7 +9,7 @@ import pytest
 
 from merging.errors import UnsupportedError
 from merging.formats import peft as peft_format
-from merging.formats.peft_fields import INERT, MODELLED, REFUSED
+from merging.formats.peft.fields import INERT, MODELLED, REFUSED
 
 peft = pytest.importorskip("peft")
 
