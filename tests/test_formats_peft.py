@@ -325,3 +325,41 @@ def test_one_hub_id_at_two_revisions_is_two_bases():
     assert align([a, c]) == ["m"]
     with pytest.raises(MergingError, match="different revisions"):
         align([a, b])
+
+
+def test_writer_checks_each_tensor_against_what_peft_builds(tmp_path):
+    """Before any file is written: with the base, a LoRA of unknown layer kind takes the module's (a conv's
+    kernel), and a delta or IA³ vector that does not fit the module is refused in one line naming both."""
+    from merging.base.layout import BaseLayout
+
+    layout = BaseLayout({"conv": ("conv2d", (4, 2, 3, 3)), "lin": ("linear", (4, 5))})
+    unknown = LowRank(torch.ones(4, 1), torch.ones(1, 18), 1.0, Target("unknown", (4, 18)))
+    out = fp.write(
+        Adapter("mine", {"conv": unknown}), tmp_path / "o", base=layout
+    )  # the base gives the kernel
+    saved = fp.read(out).deltas["conv"]
+    assert saved.target == Target("conv2d", (4, 2, 3, 3)) and torch.equal(saved.a, unknown.a)
+    wrong = LowRank(torch.ones(4, 1), torch.ones(1, 6), 1.0, Target("linear", (4, 6)))
+    with pytest.raises(ShapeMismatch, match=r"module lin: .*\(4, 6\).*\(4, 5\); PEFT would not load it"):
+        fp.write(Adapter("mine", {"lin": wrong}), tmp_path / "w", base=layout)
+    ia3 = Scale(torch.ones(3), "out", "linear")
+    with pytest.raises(ShapeMismatch, match=r"module lin: an IA³ vector of 3 values, .* 4 \(output side\)"):
+        fp.write(Adapter("mine", {"lin": ia3}), tmp_path / "w", base=layout)
+    assert not (tmp_path / "w").exists()
+
+
+def test_conv_layouts_are_peft_s():
+    """Conv3d LoRA factors and IA³ vectors in the shapes PEFT's layers hold (Conv3d: (1, n, 1, 1, 1))."""
+    from merging.formats.peft.write import _ia3_tensors, _lora_tensors
+
+    d = LowRank(torch.ones(10, 2), torch.ones(2, 5 * 27), 1.0, Target("conv3d", (10, 5, 3, 3, 3)))
+    shapes = {k.rsplit(".", 2)[-2]: tuple(v.shape) for k, v in _lora_tensors("m", d).items()}
+    assert shapes == {"lora_A": (2, 5, 3, 3, 3), "lora_B": (10, 2, 1, 1, 1)}
+    for side in ("in", "out"):
+        (v,) = _ia3_tensors("m", Scale(torch.ones(10), side, "conv3d")).values()
+        assert tuple(v.shape) == (1, 10, 1, 1, 1)
+    grouped = _lora_tensors("m", LowRank(torch.ones(8, 2), torch.ones(2, 4 * 9), 1.0,
+                                         Target("conv2d", (8, 4, 3, 3))), groups=2)  # fmt: skip
+    a = grouped["base_model.model.m.lora_A.weight"]
+    assert tuple(a.shape) == (4, 8, 3, 3)  # groups·r rows over all input channels, PEFT's lora_A
+    assert a[:2, 4:].abs().sum() == 0 and a[2:, :4].abs().sum() == 0  # group j's rows read group j only

@@ -13,7 +13,10 @@ from merging.formats.peft.fields import INERT, MODELLED, REFUSED
 
 peft = pytest.importorskip("peft")
 
-CONFIGS = {"LORA": "LoraConfig", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig", "IA3": "IA3Config"}
+CONFIGS = {
+    "LORA": "LoraConfig", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig", "IA3": "IA3Config",
+    "ADALORA": "AdaLoraConfig",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))

@@ -12,7 +12,7 @@ from merging.formats.peft.config import CONFIG, PREFIX, RECIPE_FILE, WEIGHTS, WE
 from merging.formats.peft.read import PARTS, detect, read
 from merging.formats.peft.write import OWNED, owned, recipe_text, write
 
-FORMAT = Format("peft", detect, read, write, uses_base=False)
+FORMAT = Format("peft", detect, read, write, uses_base=True)  # write: what PEFT builds (grouped convs)
 
 __all__ = [
     "CONFIG", "FORMAT", "OWNED", "PARTS", "PREFIX", "RECIPE_FILE", "WEIGHTS", "WEIGHTS_BIN",

@@ -24,7 +24,7 @@ WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
 RECIPE_FILE = "merge_recipe.json"
 PREFIX = "base_model.model."
-SUPPORTED = ("LORA", "LOHA", "LOKR", "IA3")
+SUPPORTED = ("LORA", "LOHA", "LOKR", "IA3", "ADALORA")
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

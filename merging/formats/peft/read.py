@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from merging.core.adapter import Adapter
-from merging.core.deltas import Delta, Hadamard, Kronecker, LowRank, Scale, Target
+from merging.core.deltas import CONV_DIMS, Delta, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.core.lazy import LazyDeltas
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
 from merging.errors import FormatError, NonFiniteError, UnsupportedError
@@ -33,6 +33,7 @@ from merging.formats import lycoris
 from merging.formats.base import READ_DEFAULTS, ReadOptions, naming
 from merging.formats.peft import config as pc
 from merging.formats.peft.config import CONFIG, PREFIX, WEIGHTS, WEIGHTS_BIN
+from merging.formats.peft.fields import TRAINING_ONLY
 from merging.storage.files import hash_ahead, reading
 from merging.storage.safetensors_io import finite, open_tensors
 
@@ -49,11 +50,19 @@ PARTS = (
     ".lora_A.weight",
     ".lora_B.weight",
     ".lora_B.bias",
+    ".lora_A",  # AdaLoRA: parameters, not layers
+    ".lora_B",
+    ".lora_E",
+    ".lora_velora_embed",
+    ".lora_diag",
     ".base_layer.weight",
     ".base_layer.bias",
     *(f".{name}" for name in lycoris.LOHA + lycoris.LOKR),
     ".ia3_l",
 )
+
+
+CONV_KINDS = {n: kind for kind, n in CONV_DIMS.items()}  # weight dims → conv layer kind
 
 
 def detect(path: Path) -> bool:
@@ -71,6 +80,8 @@ def _weights_file(folder: Path) -> Path:
 def _split(key: str, file: Path) -> tuple[str, str]:
     """'base_model.model.x.y.lora_A.weight' → ('x.y', 'lora_A.weight')."""
     name = key.removeprefix(PREFIX)
+    if (i := name.find(".lora_monteclora_sampler.")) >= 0:
+        return name[:i], name[i + 1 :]
     for part in PARTS:
         if name.endswith(part):
             return name[: -len(part)], part[1:]
@@ -137,6 +148,11 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
                 aux[module] = TokenRows(pc.token_indices(config, module), rows)
             if not keys:
                 continue
+            if ".base_layer." in f"{module}.":
+                raise UnsupportedError(
+                    f"PEFT's LoRA on nn.MultiheadAttention {module.split('.base_layer')[0]} (in_proj_weight "
+                    "and out_proj adapted as one layer) is not supported"
+                )
             if set(keys) <= {"weight", "bias"}:
                 if any(module == m or module.endswith("." + m) for m in mts):
                     aux[module] = ModuleReplacement(tensors(module, keys))
@@ -151,7 +167,7 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
         with reading(folder), naming(file, f"module {module}"):
             return _DELTA_READERS[peft_type](tensors(module, adapted[module]), config, module)
 
-    kind = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3"}[peft_type]
+    kind = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3", "ADALORA": "lora"}[peft_type]
     if any(any(p.startswith("lora_magnitude") for p in keys) for keys in adapted.values()):
         kind = "dora"
     deltas: Mapping[str, Delta] = LazyDeltas(sorted(adapted), build, kind)
@@ -173,6 +189,9 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
 
 
 def _read_lora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module: str) -> LowRank:
+    for field, prefix in TRAINING_ONLY.items():  # VeLoRA/MonteCLoRA state: their eval forward is a plain LoRA
+        if config.get(field):
+            parts = {k: v for k, v in parts.items() if not k.startswith(prefix)}
     allowed = {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B"}
     allowed |= {"lora_magnitude_vector", "lora_magnitude_vector.weight"}
     if unknown := set(parts) - allowed:
@@ -182,13 +201,17 @@ def _read_lora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
         b, a = ea.T.contiguous(), eb.T.contiguous()
         target = Target("embedding", (ea.shape[1], eb.shape[0]))
     else:
-        la, lb = parts["lora_A.weight"], parts["lora_B.weight"]
+        la, lb = _block_diagonal(parts["lora_A.weight"], parts["lora_B.weight"], config, module)
+        if la.dim() > 2 and lb.shape[1] != la.shape[0] and la.shape[0] % lb.shape[1] == 0:
+            raise UnsupportedError(
+                f"LoRA on a grouped conv (groups={la.shape[0] // lb.shape[1]}): PEFT runs lora_A over all "
+                f"{la.shape[1]} input channels beside the grouped layer, which is no change of its weights "
+                "(PEFT cannot merge it either)"
+            )
         r = la.shape[0]
         b, a = lb.reshape(lb.shape[0], -1), la.reshape(r, -1)
-        if la.dim() == 4:
-            target = Target("conv2d", (lb.shape[0], *la.shape[1:]))
-        elif la.dim() == 3:
-            target = Target("conv1d", (lb.shape[0], *la.shape[1:]))
+        if la.dim() > 2:  # Conv1d/2d/3d: A (r, in, k...), B (out, r, 1...)
+            target = Target(CONV_KINDS[la.dim()], (lb.shape[0], *la.shape[1:]))
         elif config.get("fan_in_fan_out"):
             target = Target("gpt2_conv1d", (la.shape[1], lb.shape[0]))
         else:
@@ -208,6 +231,37 @@ def _read_lora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
     return delta
 
 
+def _block_diagonal(
+    la: torch.Tensor, lb: torch.Tensor, config: Mapping[str, Any], module: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BD-LoRA's factors as the matrices its forward multiplies: PEFT stores a block-diagonal factor as its
+    nblocks diagonal blocks stacked, (rows, cols / nblocks), and runs ``block_diag(*chunk(w, nblocks))``."""
+    bd = config.get("use_bdlora")
+    if not bd:
+        return la, lb
+    n = int(bd.get("nblocks", 1))
+    if any(p in module for p in bd.get("target_modules_bd_a") or []):
+        la = torch.block_diag(*la.chunk(n, dim=0))  # (r, in)
+    elif any(p in module for p in bd.get("target_modules_bd_b") or []):
+        lb = torch.block_diag(*lb.chunk(n, dim=0))  # (out, r)
+    return la, lb
+
+
+def _read_adalora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module: str) -> LowRank:
+    """AdaLoRA: ΔW = B·diag(E)·A · lora_alpha / (ranknum + 1e-5), ranknum = init_r (PEFT keeps it after
+    pruning by rank_pattern); A (r, in·k...) is flat for a conv, so its layer kind comes from the base."""
+    if unknown := set(parts) - {"lora_A", "lora_B", "lora_E"}:
+        raise FormatError(f"unknown AdaLoRA tensors {sorted(unknown)}")
+    a, e, b = parts["lora_A"], parts["lora_E"], parts["lora_B"]  # (r, in_flat), (r, 1), (out, r)
+    init_r, alpha = float(config.get("init_r", 12)), float(config.get("lora_alpha", 8))
+    scaling = alpha if alpha > 0 else (init_r if not config.get("rank_pattern") else float(a.shape[0]))
+    if config.get("fan_in_fan_out"):
+        target = Target("gpt2_conv1d", (a.shape[1], b.shape[0]))
+    else:
+        target = Target("unknown", (b.shape[0], a.shape[1]))
+    return LowRank(b, a * e.to(a.dtype), scaling / (init_r + 1e-5), target)  # diag(E) folded into A's rows
+
+
 def _read_loha(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module: str) -> Hadamard:
     return lycoris.loha_delta(parts, pc.lycoris_scale(config, module))
 
@@ -221,8 +275,10 @@ def _read_ia3(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module:
         raise FormatError(f"unknown IA³ tensors {sorted(set(parts) - {'ia3_l'})}")
     l = parts["ia3_l"]
     side = "in" if pc.is_feedforward(config, module) else "out"
-    layer = "conv2d" if l.dim() == 4 else ("gpt2_conv1d" if config.get("fan_in_fan_out") else "linear")
+    layer = CONV_KINDS.get(l.dim()) or ("gpt2_conv1d" if config.get("fan_in_fan_out") else "linear")
     return Scale(l.flatten(), side, layer)
 
 
-_DELTA_READERS = {"LORA": _read_lora, "LOHA": _read_loha, "LOKR": _read_lokr, "IA3": _read_ia3}
+_DELTA_READERS = {
+    "LORA": _read_lora, "LOHA": _read_loha, "LOKR": _read_lokr, "IA3": _read_ia3, "ADALORA": _read_adalora,
+}  # fmt: skip

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from merging.core.adapter import Adapter
-from merging.core.deltas import Delta, Hadamard, Kronecker, LowRank, Scale
+from merging.core.deltas import CONV_DIMS, Delta, Hadamard, Kronecker, LowRank, Scale
 from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale, to_peft
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
@@ -22,40 +21,43 @@ from merging.formats.base import WRITE_DEFAULTS, Provenance, WriteOptions, namin
 from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft import config as pc
 from merging.formats.peft.config import CONFIG, PREFIX, RECIPE_FILE, WEIGHTS, WEIGHTS_BIN
+from merging.formats.peft.shapes import as_built, grouped_a
 from merging.storage.files import atomic_folder, write_text
 from merging.storage.safetensors_io import SafetensorsWriter, header_room
 
 if TYPE_CHECKING:
     from merging.base.layout import BaseLayout
 
-log = logging.getLogger(__name__)
 
-
-def _lora_tensors(mod: str, d: LowRank) -> dict[str, torch.Tensor]:
+def _lora_tensors(mod: str, d: LowRank, groups: int = 1) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors as PEFT's layer for the module holds them (a grouped conv: see ``grouped_a``)."""
     p, t = PREFIX + mod, d.target
     if t.layer == "embedding":
         out = {f"{p}.lora_embedding_A": d.b.T.contiguous(), f"{p}.lora_embedding_B": d.a.T.contiguous()}
     else:
         r = d.b.shape[1]
-        kernel = t.shape[2:] if t.layer in ("conv1d", "conv2d") else ()
+        kernel = t.shape[2:] if t.layer in CONV_DIMS else ()
         in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
-        if t.layer == "unknown":  # only the matrix form is known (a LoHa/LoKr read without its base)
-            log.warning("module %s: layer kind unknown, written as a linear LoRA (pass --base for conv)", mod)
+        a = d.a.reshape(r, in_ch, *kernel)  # (r, in/groups, k...)
+        if groups > 1:
+            if d.magnitude is not None:
+                raise UnsupportedError(f"DoRA on a grouped conv (groups={groups}) is not modelled")
+            a = grouped_a(a, groups)  # (groups·r, in, k...)
         out = {
-            f"{p}.lora_A.weight": d.a.reshape(r, in_ch, *kernel).contiguous(),
+            f"{p}.lora_A.weight": a.contiguous(),
             f"{p}.lora_B.weight": d.b.reshape(d.b.shape[0], r, *(1 for _ in kernel)).contiguous(),
         }
     if d.bias is not None:
         out[f"{p}.lora_B.bias"] = d.bias.contiguous()
     if d.magnitude is not None:
-        shape = (1, -1, *(1 for _ in t.shape[2:])) if t.layer in ("conv1d", "conv2d") else (-1,)
+        shape = (1, -1, *(1 for _ in t.shape[2:])) if t.layer in CONV_DIMS else (-1,)
         out[f"{p}.lora_magnitude_vector"] = d.magnitude.reshape(shape).contiguous()
     return out
 
 
 def _ia3_tensors(mod: str, d: Scale) -> dict[str, torch.Tensor]:
-    if d.layer == "conv2d":
-        shape = (1, -1, 1, 1)
+    if d.layer in CONV_DIMS:  # PEFT's IA³ conv vector: (1, n, 1...) on either side
+        shape = (1, -1, *(1,) * (CONV_DIMS[d.layer] - 2))
     else:
         shape = (1, -1) if d.side == "in" else (-1, 1)
     return {f"{PREFIX}{mod}.ia3_l": d.l.reshape(shape).contiguous()}
@@ -124,7 +126,7 @@ def write(
     with atomic_folder(Path(path), force=force, owns=owned) as tmp:
         sink = SafetensorsWriter(tmp / WEIGHTS, header_room(_names(adapter)))
         try:
-            config = _write_deltas(adapter, kind, sink)
+            config = _write_deltas(adapter, kind, sink, base)
             config |= _write_aux(adapter, config, sink)
             sink.close({"format": "pt"})
         except BaseException:
@@ -146,16 +148,22 @@ def write(
     return Path(path)
 
 
-def _write_deltas(adapter: Adapter, kind: type, sink: SafetensorsWriter) -> dict[str, Any]:
+def _write_deltas(
+    adapter: Adapter, kind: type, sink: SafetensorsWriter, base: BaseLayout | None
+) -> dict[str, Any]:
     """Append every module's tensors to ``sink`` (one pass over the deltas) and return the config."""
     if kind is LowRank:
         seen: dict[str, pc.LoraInfo] = {}
         for mod, d in adapter.deltas.items():
             if not isinstance(d, LowRank):
                 raise UnsupportedError(f"{adapter.where}: module {mod} is not a LoRA; merge first")
-            for name, t in _lora_tensors(mod, d).items():
+            with naming(adapter.where, f"module {mod}"):
+                d = as_built(mod, d, base)
+            groups = base.groups.get(mod, 1) if base is not None else 1
+            for name, t in _lora_tensors(mod, d, groups).items():
                 sink.add(name, t)
-            seen[mod] = pc.LoraInfo.of(d)
+            info = pc.LoraInfo.of(d)
+            seen[mod] = info._replace(rank=info.rank * groups)  # PEFT's grouped lora_A has groups·r rows
         for mod, src in adapter.tied.items():
             d = adapter.deltas[src]
             sink.add(f"{PREFIX}{mod}.lora_A.weight", d.a.contiguous())
@@ -163,6 +171,8 @@ def _write_deltas(adapter: Adapter, kind: type, sink: SafetensorsWriter) -> dict
         return pc.lora_config(seen) | {"ensure_weight_tying": bool(adapter.tied)}
     if kind is Scale:
         for mod, d in adapter.deltas.items():
+            with naming(adapter.where, f"module {mod}"):
+                d = as_built(mod, d, base)
             for name, t in _ia3_tensors(mod, d).items():
                 sink.add(name, t)
         return {
@@ -172,6 +182,9 @@ def _write_deltas(adapter: Adapter, kind: type, sink: SafetensorsWriter) -> dict
         }  # fmt: skip
     parts = lycoris.loha_parts if kind is Hadamard else lycoris.lokr_parts
     for mod, d in adapter.deltas.items():
+        if base is not None:  # stored as read, LoHa/LoKr factors need no layer kind; with a base, checked
+            with naming(adapter.where, f"module {mod}"):
+                as_built(mod, d, base)
         for k, v in parts(d).items():
             sink.add(f"{PREFIX}{mod}.{k}", v.contiguous())
     return pc.lycoris_config(adapter, "LOHA" if kind is Hadamard else "LOKR")
