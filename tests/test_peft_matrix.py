@@ -1,0 +1,51 @@
+"""PEFT's custom-model matrix (tests/peft_matrix.py) through inspect, cat (one and two adapters) and linear,
+every output reloaded by PEFT: no output PEFT cannot load, no wrong number, no crash, and every refusal one
+line from the list below, each naming why. A row per layer kind and adapter type runs in ``make test``; the
+whole matrix is marked ``slow`` (``pytest -m slow tests/test_peft_matrix.py``; ``python -m
+tests.peft_matrix`` prints every row's outcome and the totals).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests import peft_matrix as pm
+
+pytestmark = pytest.mark.model  # a few seconds of PEFT model building per row
+
+# Refusals the matrix may give, each for a reason outside this tool (pattern → why it is right).
+EXPECTED_REFUSALS = {
+    r"peft refuses": "PEFT itself cannot build the row or stack the pair",
+    r"replaced by several inputs": "two adapters save the same module whole; PEFT refuses to stack them too",
+    r"linear works on LoRA factors": "linear averages LoRA factors; LoHa/LoKr/DoRA go through cat or svd",
+    r"(KaSA|VeLoRA|MonteCLoRA|block-diagonal)": "see merging/formats/peft/fields.py",
+    r"grouped": "LoRA on a grouped conv runs a dense conv beside the layer, not a weight change",
+    r"MultiheadAttention": "PEFT's LoRA on nn.MultiheadAttention",
+}
+
+# The rows in `make test`: one per layer kind and adapter type; the rest run under the slow marker.
+QUICK = {
+    "mlp lora", "mlp dora", "emb+conv1D lora", "conv1D dora", "mlp ia3 ff", "conv1D ia3", "mlp loha",
+    "mlp lokr", "mlp adalora", "conv2d lora", "conv2d loha", "conv2d lokr", "conv2d dora", "conv3d lora",
+    "conv3d ia3 ff", "conv1d loha", "conv1d lokr effective", "conv2d_groups loha", "conv2d_groups lokr",
+    "conv2d_groups lora", "conv2d adalora", "mlp kasa", "mlp velora", "mlp monteclora", "mlp bdlora",
+    "mha lora", "conv1d loha effective",
+}  # fmt: skip
+
+PARAMS = [pytest.param(row, id=row[0], marks=() if row[0] in QUICK else pytest.mark.slow) for row in pm.ROWS]
+
+
+@pytest.mark.parametrize("row", PARAMS)
+def test_matrix_row(tmp_path, row):
+    res = pm.outcome(row, tmp_path)
+    for step, got in res.steps.items():
+        kind = got.split(":")[0]
+        assert kind in ("exact", "refused", "peft refuses"), f"{step}: {got}"
+        if kind != "exact":
+            assert any(re.search(p, got) for p in EXPECTED_REFUSALS), f"{step}: unexpected refusal {got}"
+
+
+def test_quick_rows_exist():
+    assert QUICK <= set(pm.ROW_NAMES)
