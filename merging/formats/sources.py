@@ -57,7 +57,7 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None, lazy: bo
         layout = BaseLayout.of(base) if base is not None and fmt.uses_base else None
         return [fmt.read(p, base=layout, allow_nonfinite=allow_nonfinite, options=how)]
     if p.is_dir() and any((p / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise SourceError(f"{p}: adapter weights but no adapter_config.json; a PEFT folder needs both")
+        raise SourceError(f"{p}: not an adapter: its weights but no adapter_config.json (PEFT needs both)")
     raise SourceError(f"{p}: not an adapter (no adapter_config.json, {STACK_FILE}, .safetensors or .gguf)")
 
 
