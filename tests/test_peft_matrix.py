@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from tests import peft_matrix as pm
 
@@ -49,3 +50,28 @@ def test_matrix_row(tmp_path, row):
 
 def test_quick_rows_exist():
     assert QUICK <= set(pm.ROW_NAMES)
+
+
+@pytest.mark.parametrize("name", ["conv3d lora", "conv3d ia3 ff", "conv1d lora bias", "conv2d_1x1 loha"])
+def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
+    """verify's own runtime (stacked layers) on Conv1d/2d/3d gives PEFT's stacked forward of the pair."""
+    import peft  # noqa: F401 - the reference below
+
+    from merging.base.layout import BaseLayout
+    from merging.core.adapter import weighted
+    from merging.formats import peft as peft_format
+    from merging.runtime.stacked import stacked
+    from tests.helpers import peft_stacked, rel_err
+
+    row = next(r for r in pm.ROWS if r[0] == name)
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    model, x = row[1], pm.inputs(row[1])
+    layout = BaseLayout.from_model(pm.build(model))
+    pairs = weighted([peft_format.read(f).refine_targets(layout.modules) for f in folders])
+    with torch.no_grad():
+        bare = pm.build(model)(x)
+        ref = peft_stacked(pm.build(model), folders)(x)
+        with stacked(pm.build(model), pairs) as ours:
+            got = ours(x)
+    assert rel_err(ref, bare) > 1e-4
+    assert rel_err(got - bare, ref - bare) < 1e-6  # float64
