@@ -363,3 +363,29 @@ def test_conv_layouts_are_peft_s():
     a = grouped["base_model.model.m.lora_A.weight"]
     assert tuple(a.shape) == (4, 8, 3, 3)  # groups·r rows over all input channels, PEFT's lora_A
     assert a[:2, 4:].abs().sum() == 0 and a[2:, :4].abs().sum() == 0  # group j's rows read group j only
+
+
+def test_issue_36_messages_are_one_line_saying_what_works(fx, tmp_path):
+    from merging_cli.inspect import config_text
+
+    from merging.base.layout import BaseLayout
+    from merging.formats.sources import load_inputs
+
+    (tmp_path / "a").mkdir()  # adapter weights without their config
+    shutil.copy(fx.adapter("llama", "lora") / fp.WEIGHTS, tmp_path / "a")
+    with pytest.raises(MergingError, match="not an adapter: its weights but no adapter_config.json") as e:
+        load_inputs([str(tmp_path / "a")])
+    (tmp_path / "b").mkdir()  # a model_type transformers does not know
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(
+        MergingError, match=r"not a transformers model folder .* --base model.safetensors"
+    ) as f:
+        BaseLayout.from_folder(tmp_path / "b")
+    assert "\n" not in str(e.value) + str(f.value)
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(40) for p in ("q_proj", "v_proj")]
+    assert config_text(modules) == "80 entries (q_proj, v_proj)"
+    assert (
+        config_text(dict.fromkeys(modules[:60], 4) | {modules[-1]: 16})
+        == "61 modules (q_proj, v_proj), values 4–16"
+    )
+    assert config_text(modules, full=True).count("q_proj") == 40 and config_text(["q_proj"]) == "q_proj"
