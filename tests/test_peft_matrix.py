@@ -75,3 +75,21 @@ def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
             got = ours(x)
     assert rel_err(ref, bare) > 1e-4
     assert rel_err(got - bare, ref - bare) < 1e-6  # float64
+
+
+def test_verify_merges_with_the_strategy_options(fx):
+    """`verify -s core --inner linear --alpha 1` merges with those options and judges the result exact."""
+    import json
+
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    ads = [str(fx.adapter("llama", n)) for n in ("lora", "lora_b")]
+    args = ["verify", "--base", str(fx.base("llama")), *ads, "-s", "core", "--json"]
+    r = CliRunner().invoke(cli, [*args, "--inner", "linear", "--alpha", "1"])
+    assert r.exit_code == 0, r.output
+    (row,) = [row for row in json.loads(r.output)["rows"] if row["strategy"] == "core"]
+    assert row["exact"] is True and row["passed"] is True and row["effect_rel_error"] < 1e-5
+    r = CliRunner().invoke(cli, args)  # the default inner merge (ties) promises nothing
+    (row,) = [row for row in json.loads(r.output)["rows"] if row["strategy"] == "core"]
+    assert row["exact"] is False and row["effect_rel_error"] > 1e-3
