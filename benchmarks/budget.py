@@ -22,6 +22,7 @@ from merging.core.adapter import weighted
 from merging.core.deltas import stack_factors
 from merging.formats import sources
 from merging.merge import pipeline as merge_lib
+from merging.merge.result import MergeResult
 from merging.strategies import Options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,13 +30,13 @@ SKILLS = ["add", "sort", "reverse", "translate"]
 RANKS = [1, 2, 4, 8, 16, 32]
 
 
-def whole_error(result: merge_lib.MergeResult, norms: dict[str, float]) -> float:
+def whole_error(result: MergeResult, norms: dict[str, float]) -> float:
     """‖ΔW_merged − ΣΔW‖ / ‖ΣΔW‖ over every module at once, from the per-module relative errors."""
     num = sum((r.error if r.error is not None else 0.0) ** 2 * norms[r.module] ** 2 for r in result.modules)
     return math.sqrt(num / sum(n**2 for n in norms.values()))
 
 
-def lora_params(result: merge_lib.MergeResult) -> int:
+def lora_params(result: MergeResult) -> int:
     return sum(a.numel for a in result.adapters if a.name == "lora")
 
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from merging.export.bake import bake
-from merging.formats import sources
+import merging
 
 from .common import FloatList, complete_path, console, err_console, progress_bar, telling_replaced
 from .tables import emit_json, say
@@ -27,14 +26,10 @@ def bake_cmd(inputs, base, out, weights, force, as_json) -> None:
 
     Example: merging bake --base BASE merged/ -o baked-model/
     """
-    pairs = sources.load_inputs(inputs, base=base, weights=weights)
     with telling_replaced(err_console if as_json else console):
         with progress_bar("baking") as update:
-            bake(base, pairs, out, force=force, progress=update)
-    files = sorted(p for p in Path(out).iterdir() if p.is_file())
-    doc = {"output": str(out), "base": str(base), "inputs": [{"source": str(ad.source), "weight": w}
-           for ad, w in pairs], "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip
+            doc = merging.bake(inputs, base, out, weights=weights, force=force, progress=update)
     if as_json:
         return emit_json("merging.bake/1", doc)
     size = sum(doc["files"].values())
-    say(f"wrote {out}: {len(files)} files, {size:,} bytes ({size / 2**20:.1f} MiB)")
+    say(f"wrote {out}: {len(doc['files'])} files, {size:,} bytes ({size / 2**20:.1f} MiB)")

@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from merging.storage.files import collect_replaced
+import merging
 
 console = Console()
 err_console = Console(stderr=True)
@@ -31,11 +31,10 @@ def complete_path(ctx: click.Context, param: click.Parameter, incomplete: str) -
 
 def complete_strategy(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """Strategy names; after a comma, the next one of a comma-separated list (``cat,sv`` → ``cat,svd``)."""
-    from merging import strategies
-
     done, _, last = incomplete.rpartition(",")
     head = f"{done}," if done else ""
-    names = [*strategies.names(), "all"] if param.name == "names" and not done else strategies.names()
+    names = merging.strategy_names()
+    names = [*names, "all"] if param.name == "names" and not done else names
     return [CompletionItem(head + n) for n in names if n.startswith(last)]
 
 
@@ -56,7 +55,7 @@ class FloatList(click.ParamType):
 @contextmanager
 def telling_replaced(out: Console = console) -> Iterator[None]:
     """Run writes; then say, for each existing output they replaced, which old files went and which stayed."""
-    with collect_replaced() as changes:
+    with merging.replaced_outputs() as changes:
         yield
     for c in changes:
         if Path(c.out).is_file():

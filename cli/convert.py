@@ -6,12 +6,7 @@ from pathlib import Path
 
 import click
 
-from merging import formats
-from merging.base.layout import BaseLayout
-from merging.errors import MergingError
-from merging.formats import sources
-from merging.merge import serving
-from merging.storage.files import refuse_overlap
+import merging
 
 from .common import complete_path, console, err_console, telling_replaced
 from .tables import emit_json, say
@@ -39,25 +34,11 @@ def convert_cmd(source, out, fmt, base, outtype, prefix, force, uniform_rank, se
 
     Example: merging convert adapter/ -o adapter.gguf --to gguf --base BASE
     """
-    layout = BaseLayout.from_folder(base) if base is not None else None
-    adapters = sources.load_spec(source, base=layout)
-    if len(adapters) != 1:
-        raise MergingError(f"{source}: holds {len(adapters)} adapters; convert them one at a time")
-    ad = adapters[0]
-    refuse_overlap(out, [ad.source, base])
-    if layout is not None:
-        ad = ad.refine_targets(layout.modules)
-    if fmt == "gguf" and layout is None:
+    if fmt == "gguf" and base is None:
         raise click.UsageError("--to gguf needs --base (the architecture, block and head counts)")
-    if uniform_rank or serve:
-        rank = serving.vllm_rank(serving.of([ad]).max_rank) if serve == "vllm" else None
-        ad = serving.uniform(ad, rank)
-    options = formats.WriteOptions(prefix=prefix, out_type=outtype)
     with telling_replaced(err_console if as_json else console):
-        formats.get(fmt).write(ad, out, base=layout, force=force, options=options)
-    written = [Path(out)] if Path(out).is_file() else sorted(p for p in Path(out).rglob("*") if p.is_file())
-    doc = {"source": source, "output": str(out), "format": fmt, "modules": len(ad.deltas), "params": ad.numel,
-           "bytes": sum(p.stat().st_size for p in written), "serving": serving.of([ad]).lines()}  # fmt: skip
+        doc = merging.convert(source, out, fmt, base=base, outtype=outtype, prefix=prefix, force=force,
+                              uniform_rank=uniform_rank, serve=serve)  # fmt: skip
     if as_json:
         return emit_json("merging.convert/1", doc)
     say(f"wrote {out} ({fmt}, {doc['modules']} modules, {doc['params']:,} parameters, "

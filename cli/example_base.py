@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from merging.base.example_model import example_base_model
+import merging
 
 
 @click.command("example-base")
@@ -15,5 +15,5 @@ def example_base_cmd() -> None:
     Example: merging example-base
     """
     err = Console(stderr=True)
-    folder = example_base_model(progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    folder = merging.example_base(progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
     click.echo(str(folder))

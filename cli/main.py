@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import click
 
-from merging import __version__
-from merging.errors import MergingError
+from merging import MergingError, __version__
 
 from .common import console, err_console
 

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-from merging import strategies
-from merging.base import pipelines as sdbase
-from merging.errors import MergingError
-from merging.export import hub as publish_lib
-from merging.formats import sources
-from merging.merge import pipeline as merge_lib
-from merging.merge import serving
-from merging.strategies import Options
-from merging.strategies.base import INNER
+import merging
+from merging import MergingError
 
 from .common import (
     FloatList,
@@ -69,7 +61,7 @@ def _read_recipe(path: Path) -> dict:
 @click.argument("inputs", nargs=-1, shell_complete=complete_path)
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--strategy", "-s", shell_complete=complete_strategy,
-              help=f"One of: {', '.join(strategies.names())}.")  # fmt: skip
+              help=f"One of: {', '.join(merging.strategy_names())}.")  # fmt: skip
 @click.option("--weights", "-w", type=FloatList(), help="One weight per input, comma-separated (default 1).")
 @click.option("--rank", type=int, help="svd/TIES/DARE rank budget (default: the largest input rank).")
 @click.option(
@@ -83,7 +75,9 @@ def _read_recipe(path: Path) -> dict:
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), help="TIES sign election.")
 @click.option("--seed", type=int, help="DARE seed (default 0): same seed, same file.")
 @click.option("--signed", is_flag=True, default=None, help="geometric: accept non-positive IA³ entries.")
-@click.option("--inner", type=click.Choice(INNER), help="knots/core: the merge in the shared basis (ties).")
+@click.option(
+    "--inner", type=click.Choice(merging.INNER), help="knots/core: the merge in the shared basis (ties)."
+)
 @click.option("--alpha", type=float, help="knots/core/tsv/iso_c/iso_cts: global scale (default 1).")
 @click.option("--common-fraction", type=float, help="iso_cts: share of the rank kept common (default 0.8).")
 @click.option("--aux", type=click.Choice(["error", "sum"]), help="Overlapping modules_to_save / token rows.")
@@ -125,8 +119,8 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
     if out is None:
         raise click.UsageError("give -o/--output (or output in --recipe)")
     if not spec.get("strategy"):
-        raise click.UsageError(f"give --strategy, one of: {', '.join(strategies.names())}")
-    if base_model and publish_lib.hub_id(base_model) is None:
+        raise click.UsageError(f"give --strategy, one of: {', '.join(merging.strategy_names())}")
+    if base_model and merging.hub_id(base_model) is None:
         raise click.UsageError(f"--base-model {base_model!r}: give the base's Hub id, user/name")
     base_dir = Path(spec["base"]) if spec.get("base") else None
     fmt = spec.get("fmt") or spec.get("format") or "peft"
@@ -134,35 +128,25 @@ def merge_cmd(inputs, out, recipe, force, allow_nonfinite, push_to_hub, base_mod
         raise click.UsageError("--format gguf needs --base (the architecture, block and head counts)")
     serving_ = bool(spec.get("uniform_rank")) or spec.get("serve") is not None
     stream = fmt == "peft" and not serving_  # one module in memory at a time, read, merged and written
-    pairs = sources.load_inputs(
+    pairs = merging.load_inputs(
         inputs, base=base_dir, weights=spec.get("weights"), allow_nonfinite=allow_nonfinite, lazy=stream
     )
     fields = ("rank", "energy", "clamp", "density", "majority_sign", "seed", "signed", "inner", "alpha")
     fields += ("common_fraction", "budget")
-    options = Options(**{k: spec[k] for k in fields if k in spec})
-    base = sdbase.weights(Path(spec["base"])) if spec.get("base") else None
+    options = {k: spec[k] for k in fields if k in spec}
     started = time.perf_counter()
     overwrite = force or bool(spec.get("force"))
     with telling_replaced(err_console if as_json else console):
         with progress_bar("merging") as update:
-            result = merge_lib.merge(
-                pairs, spec["strategy"], options, aux=spec.get("aux", "error"),
-                base_weights=base.module_weight if base else None, progress=update, stream=stream,
-                layer_weights=spec.get("layer_weights"),
+            result = merging.merge(
+                pairs, strategy=spec["strategy"], aux=spec.get("aux", "error"), base=base_dir,
+                progress=update, stream=stream, layer_weights=spec.get("layer_weights"), **options,
             )  # fmt: skip
-            result = _for_serving(result, bool(spec.get("uniform_rank")), spec.get("serve"))
-            if base_model:
-                named = [replace(a, base_model=base_model) for a in result.adapters]
-                result = replace(result, adapters=named)
-
-            def recipe() -> dict:  # after the weights: the inputs' sha256 run on a thread meanwhile
-                return merge_lib.recipe(result, [ad for ad, _ in pairs]).to_dict()
-
-            sources_ = [ad.source for ad, _ in pairs]
-            merge_lib.write_result(
-                result, out, recipe, force=overwrite, fmt=fmt, base=base_dir, inputs=sources_
-            )
-        doc = summary(result, out, time.perf_counter() - started)
+            result = result.save(
+                out, fmt, serve=spec.get("serve"), uniform_rank=bool(spec.get("uniform_rank")),
+                base_model=base_model, base=base_dir, force=overwrite,
+            )  # fmt: skip
+        doc = merging.merge_summary(result, out, time.perf_counter() - started)
         emit_json("merging.merge/1", doc) if as_json else _summary(doc)
     if push_to_hub:
         from .publish import run_publish
@@ -180,49 +164,8 @@ def _beside(recipe: Path, spec: str) -> str:
     return f"{name}={recipe.parent / path}"
 
 
-def _for_serving(result: merge_lib.MergeResult, uniform: bool, engine: str | None) -> merge_lib.MergeResult:
-    """The LoRA part padded to one rank (the engine's smallest accepted rank with ``engine``)."""
-    if not uniform and engine is None:
-        return result
-    out = []
-    for ad in result.adapters:
-        if ad.name != "lora":
-            out.append(ad)
-            continue
-        rank = None
-        if engine == "vllm":
-            top = serving.of([ad]).max_rank
-            rank = serving.vllm_rank(top)
-            if rank is None:
-                raise MergingError(f"rank {top} exceeds vLLM's largest max_lora_rank; use svd --rank 512")
-        out.append(serving.uniform(ad, rank))
-    return replace(result, adapters=out)
-
-
 SUMMARY_COLS = (Col("adapter"), Col("modules", True), Col("max rank", True), Col("params", True),
                 Col("bytes", True), Col("max ΔW err", True))  # fmt: skip
-
-
-def summary(result: merge_lib.MergeResult, out: Path, seconds: float) -> dict[str, Any]:
-    """What a merge wrote (the ``--json`` document, schema merging.merge/1)."""
-    files = [Path(out)] if Path(out).is_file() else sorted(Path(out).rglob("*.safetensors"))
-    size = sum(f.stat().st_size for f in files)
-    adapters = []
-    for ad in result.adapters:
-        reps = [r for r in result.modules if r.module in ad.deltas]
-        lora = ad.name == "lora"
-        numel = sum(r.numel for r in reps) if len(result.adapters) == 1 else ad.numel  # a report: both parts
-        errs = [r.error for r in reps if r.error is not None and lora]
-        adapters.append({
-            "name": ad.name, "modules": len(ad.deltas), "max_rank": max((r.rank for r in reps), default=0)
-            if lora else None, "params": numel, "bytes": size if len(result.adapters) == 1 else None,
-            "weight_error_max": max(errs) if errs else None,
-        })  # fmt: skip
-    lora_ranks = {r.module: (r.rank, r.scale) for r in result.modules if r.scale is not None}  # streamed
-    serves = serving.of(result.adapters, lora_ranks).lines()
-    return {"output": str(out), "strategy": result.strategy, "exact": result.exact, "seconds": seconds,
-            "bytes": size, "adapters": adapters, "serving": serves,
-            "budget": None if result.options.budget is None else budget_line(result)}  # fmt: skip
 
 
 def summary_rows(doc: dict[str, Any]) -> list[list[str]]:
@@ -239,11 +182,3 @@ def _summary(doc: dict[str, Any]) -> None:
     if doc["budget"]:
         say(doc["budget"])
     say(f"wrote {doc['output']} in {doc['seconds']:.2f} s")
-
-
-def budget_line(result: merge_lib.MergeResult) -> str:
-    """What the global budget gave each module: the parameters used and the ranks, module by module."""
-    lora = [r for r in result.modules if "lora" in r.kind or r.rank == 0 and r.error is not None]
-    used = sum(r.numel for r in lora)
-    ranks = ", ".join(f"{r.module} {r.rank}" for r in lora)
-    return f"budget {result.options.budget:,} parameters, {used:,} used; rank per module: {ranks}"

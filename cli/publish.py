@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from merging.export import hub as publish_lib
+import merging
 
 from .common import console
 from .tables import Col, Grid, show
@@ -17,7 +17,7 @@ def run_publish(folder: Path, repo: str, *, private=False, revision=None, messag
                 dry_run=False, base_model=None, out=console) -> None:  # fmt: skip
     """Shared by `publish` and `merge --push-to-hub`."""
     if dry_run:
-        plan = publish_lib.plan(folder, repo, verification, base_model)
+        plan = merging.publish_plan(folder, repo, verification=verification, base_model=base_model)
         click.echo(f"--- README.md ({len(plan.card.encode()):,} bytes) ---")
         click.echo(plan.card, nl=not plan.card.endswith("\n"))  # the exact bytes that would be uploaded
         click.echo("--- end of README.md ---")
@@ -30,8 +30,8 @@ def run_publish(folder: Path, repo: str, *, private=False, revision=None, messag
         from huggingface_hub.utils import enable_progress_bars
 
         enable_progress_bars()
-    url = publish_lib.publish(folder, repo, private=private, revision=revision, message=message,
-                              verification=verification, base_model=base_model)  # fmt: skip
+    url = merging.publish(folder, repo, private=private, revision=revision, message=message,
+                          verification=verification, base_model=base_model)  # fmt: skip
     out.print(f"published {folder} to {repo}: {url}", highlight=False, soft_wrap=True)
 
 

@@ -16,6 +16,7 @@ from merging.eval import tune as tune_lib
 from merging.eval.verify import base_weights
 from merging.formats import sources
 from merging.merge import pipeline as merge_lib
+from merging.merge import result as result_lib
 from merging.storage.files import refuse_overlap, write_text
 from merging.strategies import Options
 
@@ -125,8 +126,8 @@ def tune_cmd(
                              layer_weights=layer_w)  # fmt: skip
     measured = tune_lib.held_out(model, tokenizer, pairs, weighted(result.adapters), split.report)
     with telling_replaced():
-        recipe_data = merge_lib.recipe(result, adapters).to_dict()
-        merge_lib.write_result(result, out, recipe_data, force=force)
+        recipe_data = result_lib.recipe(result, adapters).to_dict()
+        result_lib.write_result(result, out, recipe_data, force=force)
         write_text(Path(out) / RECIPE_TOML, recipe_toml(inputs, base, strategy, found, options))
         record = _record(found, measured, split)
         write_text(Path(out) / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -16,6 +16,7 @@ from merging.eval.results import Report, judge_note
 from merging.eval.verify import PROMPTS, Candidate, base_weights, claims_exact, verify
 from merging.formats import sources
 from merging.merge import pipeline as merge_lib
+from merging.merge import result as result_lib
 from merging.storage.files import atomic_file, write_text
 from merging.strategies import Options
 from merging.strategies.base import INNER
@@ -100,7 +101,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     recipe_weights = None
     for folder in merged_dirs:
         merged = [ad.refine_targets(layout.modules) for ad in sources.load(folder, base=layout)]
-        recipe = merge_lib.read_recipe(folder)
+        recipe = result_lib.read_recipe(folder)
         recipe_weights = recipe_weights or (recipe.weights if recipe else None) or None
         exact = claims_exact(recipe, adapters, merged)
         strategy = recipe.strategy if recipe else None

@@ -22,7 +22,8 @@ from merging.base.layout import BaseLayout
 from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.formats import peft as peft_format
-from merging.merge.pipeline import merge, write_result
+from merging.merge.pipeline import merge
+from merging.merge.result import write_result
 from tests.helpers import peft_stacked, rel_err
 from tests.tiny_models import randomise
 

@@ -10,7 +10,8 @@ from merging.core.alora import invocation_mask
 from merging.errors import IncompatibleAdapters, UnsupportedError
 from merging.formats import kohya
 from merging.formats import peft as peft_format
-from merging.merge.pipeline import merge, write_result
+from merging.merge.pipeline import merge
+from merging.merge.result import write_result
 from merging.runtime.stacked import merge_into, stacked
 from tests.helpers import rel_err
 

@@ -12,6 +12,7 @@ from merging.core.deltas import LowRank, Target
 from merging.errors import MergingError, UnsupportedError
 from merging.merge import budget
 from merging.merge import pipeline as merge_lib
+from merging.merge.result import MergeResult
 from merging.strategies import Options
 
 
@@ -60,7 +61,7 @@ def _adapters() -> list[Adapter]:
     return out
 
 
-def _total_error(result: merge_lib.MergeResult, pairs) -> float:
+def _total_error(result: MergeResult, pairs) -> float:
     """‖ΔW_merged − Σ w ΔW‖ / ‖Σ w ΔW‖ over all modules at once, from dense matrices (small here)."""
     num = den = 0.0
     for mod in {m for ad, _ in pairs for m in ad.deltas}:
@@ -85,9 +86,9 @@ def test_budgeted_svd_beats_uniform_rank_at_equal_parameters():
             assert r.error == pytest.approx(alone, abs=1e-4)
 
 
-def _only(result: merge_lib.MergeResult, mod: str) -> merge_lib.MergeResult:
+def _only(result: MergeResult, mod: str) -> MergeResult:
     ad = result.adapters[0]
-    return merge_lib.MergeResult([ad.with_deltas({m: d for m, d in ad.deltas.items() if m == mod})], [],
+    return MergeResult([ad.with_deltas({m: d for m, d in ad.deltas.items() if m == mod})], [],
                                  result.strategy, None, None, result.options)  # fmt: skip
 
 

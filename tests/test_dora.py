@@ -9,7 +9,8 @@ from merging.core.adapter import weighted
 from merging.errors import UnsupportedError
 from merging.export.bake import bake
 from merging.formats import peft as peft_format
-from merging.merge.pipeline import merge, write_result
+from merging.merge.pipeline import merge
+from merging.merge.result import write_result
 from merging.runtime.stacked import stacked
 from tests.helpers import peft_stacked, rel_err
 

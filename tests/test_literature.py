@@ -21,7 +21,8 @@ from merging.core.deltas import Hadamard, Kronecker, LowRank, Scale, Target
 from merging.errors import MergingError, UnsupportedError
 from merging.formats import peft as fp
 from merging.formats import sources
-from merging.merge.pipeline import merge, read_recipe
+from merging.merge.pipeline import merge
+from merging.merge.result import read_recipe
 from merging.strategies import Options
 from tests.helpers import assert_close, forbid_dense
 
@@ -351,7 +352,7 @@ def test_cli_and_recipe_write_a_lora_peft_loads(fx, tmp_path, name="iso_cts"):
 def test_a_written_core_linear_folder_is_judged_exact(fx, tmp_path):
     """verify reads the recipe's options: `core --inner linear --alpha 1` is exact, `--inner ties` is not."""
     from merging.eval.verify import claims_exact
-    from merging.merge.pipeline import recipe, write_result
+    from merging.merge.result import recipe, write_result
 
     ads = _read(fx, ["lora", "lora_b"])
     for inner, exact in (("linear", True), ("ties", False)):

@@ -9,7 +9,8 @@ from merging.core.adapter import weighted
 from merging.core.replacements import BaseTensors
 from merging.errors import IncompatibleAdapters
 from merging.formats import peft as peft_format
-from merging.merge.pipeline import merge, write_result
+from merging.merge.pipeline import merge
+from merging.merge.result import write_result
 from merging.runtime.stacked import stacked
 from tests.helpers import peft_stacked, rel_err
 

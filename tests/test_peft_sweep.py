@@ -12,7 +12,8 @@ import torch
 from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.formats import peft as peft_format
-from merging.merge.pipeline import merge, write_result
+from merging.merge.pipeline import merge
+from merging.merge.result import write_result
 from tests import tiny_models as tm
 from tests.helpers import peft_stacked, rel_err
 

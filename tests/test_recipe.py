@@ -11,8 +11,9 @@ from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.eval.results import Report, Row
 from merging.formats import sources
-from merging.merge.pipeline import merge, recipe, write_result
+from merging.merge.pipeline import merge
 from merging.merge.recipe import RECIPE_FILE, Recipe
+from merging.merge.result import recipe, write_result
 from merging.strategies import Options
 
 

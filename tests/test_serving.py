@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from merging.core.adapter import weighted
 from merging.formats import peft as peft_format
 from merging.merge import serving
-from merging.merge.pipeline import merge, write_result
+from merging.merge.pipeline import merge
+from merging.merge.result import write_result
 
 peft = pytest.importorskip("peft")
 

@@ -354,7 +354,7 @@ def test_spectral_strategies_are_the_ranked_ones_that_truncate():
 @pytest.mark.parametrize("strategy", SPECTRAL)
 def test_merges_sharing_spectra_equal_merges_alone(fx, strategy):
     """compare's rank variants share each module's SVD (merge.Spectra): bit for bit what each makes alone."""
-    from merging.merge.pipeline import Spectra
+    from merging.merge.spectra import Spectra
 
     pairs = weighted(_read(fx, COMBOS["lora+loha+lokr"]), [1.0, -0.5, 2.0])
     shared = Spectra(keep=6)

@@ -27,6 +27,8 @@ from merging.eval.results import Comparison, Skill, Skills, Skipped, VariantResu
 from merging.eval.verify import Candidate, base_weights, verify
 from merging.merge import pipeline as merge_lib
 from merging.merge.recipe import Versions, inputs_of
+from merging.merge.result import MergeResult
+from merging.merge.spectra import Spectra
 from merging.storage.files import atomic_folder, write_text
 from merging.strategies import Options
 
@@ -60,7 +62,7 @@ class Extra:
     """A merge made outside the comparison (a tuned merge) shown as one more row, verified like the rest."""
 
     label: str
-    result: merge_lib.MergeResult
+    result: MergeResult
     seconds: float
 
 
@@ -218,13 +220,13 @@ def compare(
     )
 
 
-def _shared_spectra(chosen: Sequence[Variant]) -> dict[Variant, merge_lib.Spectra]:
+def _shared_spectra(chosen: Sequence[Variant]) -> dict[Variant, Spectra]:
     """One ``Spectra`` per strategy run at several ranks (svd, TIES, DARE...): each module's SVD once."""
     ranks: dict[str, list[int]] = {}
     for var in chosen:
         if var.rank is not None and var.budget is None and strategies.get(var.strategy).spectrum:
             ranks.setdefault(var.strategy, []).append(var.rank)
-    spectra = {name: merge_lib.Spectra(keep=max(rs)) for name, rs in ranks.items() if len(rs) > 1}
+    spectra = {name: Spectra(keep=max(rs)) for name, rs in ranks.items() if len(rs) > 1}
     return {v: spectra[v.strategy] for v in chosen if v.budget is None and v.strategy in spectra}
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from merging.errors import MergingError, SourceError
 from merging.eval.results import Report
-from merging.formats import peft, sources
-from merging.formats.sources import STACK_FILE
+from merging.formats import peft, sources, stack_folder
 from merging.merge import serving
 from merging.merge.recipe import HubSource, Input, Recipe
 
@@ -79,7 +78,8 @@ def _recipe_lines(recipe: Recipe) -> list[str]:
     if recipe.additive_strategy and recipe.ia3_strategy:
         lines += [
             f"Additive deltas: `{recipe.additive_strategy}`; IA³ vectors: `{recipe.ia3_strategy}`.",
-            "Load the `ia3` adapter first and the `lora` adapter on top of it (see `merging_stack.json`).",
+            "Load the `ia3` adapter first and the `lora` adapter on top of it "
+            f"(see `{stack_folder.STACK_FILE}`).",
             "",
         ]
     return lines
@@ -179,12 +179,12 @@ def _remote_files(api, repo: str, revision: str | None) -> tuple[list[str], set[
     except hf_errors.RevisionNotFoundError:
         return [], set()
     owned = set(peft.OWNED)
-    if STACK_FILE in files:
+    if stack_folder.STACK_FILE in files:
         try:
-            path = api.hf_hub_download(repo, STACK_FILE, revision=revision)
-            owned |= {n for n in json.loads(Path(path).read_text())["stack"] if isinstance(n, str)}
-        except (OSError, ValueError, KeyError, TypeError, hf_errors.HfHubHTTPError):
-            pass
+            path = api.hf_hub_download(repo, stack_folder.STACK_FILE, revision=revision)
+        except (OSError, ValueError, hf_errors.HfHubHTTPError):
+            return files, owned
+        owned |= set(stack_folder.members(Path(path)))
     return files, owned
 
 

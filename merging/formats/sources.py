@@ -13,11 +13,10 @@ from merging import formats
 from merging.base.layout import TASK_CLASSES, BaseLayout
 from merging.core.adapter import Adapter, Pair, weighted
 from merging.errors import FormatError, IncompatibleAdapters, SourceError, UnsupportedError
+from merging.formats import stack_folder
 from merging.formats.base import ReadOptions
 from merging.storage.files import sha256_file
 from merging.storage.tensorfiles import tensor_files
-
-STACK_FILE = "merging_stack.json"
 
 
 def load(path: str | Path, *, allow_nonfinite: bool = False, base=None, lazy: bool = False) -> list[Adapter]:
@@ -46,11 +45,8 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None, lazy: bo
             hub = {"repo": ref.repo, "revision": sha, "subfolder": ref.subfolder, "license": lic}
             return [replace(a, revision=sha, config=dict(a.config) | {"hub": hub}) for a in found]
         raise SourceError(f"{p}: no such file or folder")
-    if (p / STACK_FILE).is_file():
-        try:
-            names = json.loads((p / STACK_FILE).read_text())["stack"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{p / STACK_FILE}: not a valid stack manifest ({e})") from e
+    if stack_folder.is_stack(p):
+        names = stack_folder.read(p)
         return [formats.get("peft").read(p / n, allow_nonfinite=allow_nonfinite, options=how) for n in names]
     fmt = formats.detect(p)
     if fmt is not None:
@@ -58,7 +54,8 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None, lazy: bo
         return [fmt.read(p, base=layout, allow_nonfinite=allow_nonfinite, options=how)]
     if p.is_dir() and any((p / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         raise SourceError(f"{p}: not an adapter: its weights but no adapter_config.json (PEFT needs both)")
-    raise SourceError(f"{p}: not an adapter (no adapter_config.json, {STACK_FILE}, .safetensors or .gguf)")
+    manifest = stack_folder.STACK_FILE
+    raise SourceError(f"{p}: not an adapter (no adapter_config.json, {manifest}, .safetensors or .gguf)")
 
 
 def describe(adapter: Adapter) -> dict[str, Any]:
@@ -97,7 +94,7 @@ HUB_ID = re.compile(
     r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[^:@\s]+))?(?::(?P<sub>[\w.\-/]+))?$"
 )
 ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.gguf",
-                    "*.safetensors", "merging_stack.json", "merge_recipe.json", "README.md"]  # fmt: skip
+                    "*.safetensors", stack_folder.STACK_FILE, "merge_recipe.json", "README.md"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -230,10 +227,6 @@ def task_type(specs: Sequence[str]) -> str | None:
 def _configs(folder: Path) -> list[Path]:
     """The adapter_config.json files of a PEFT folder or of a merged stack's members (a bad manifest is
     left for ``load`` to report)."""
-    manifest = folder / STACK_FILE
-    try:
-        names = json.loads(manifest.read_text())["stack"] if manifest.is_file() else []
-    except (ValueError, KeyError, TypeError):
-        names = []
+    names = stack_folder.members(folder / stack_folder.STACK_FILE)
     return [f / "adapter_config.json" for f in [folder / n for n in names] or [folder]
             if (f / "adapter_config.json").is_file()]  # fmt: skip

@@ -17,7 +17,7 @@ from merging.core.adapter import Adapter
 from merging.core.deltas import LowRank
 from merging.core.lazy import LazyDeltas
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
-from merging.errors import UnsupportedError
+from merging.errors import MergingError, UnsupportedError
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's accepted max_lora_rank values
 
@@ -105,3 +105,17 @@ def uniform(adapter: Adapter, rank: int | None = None) -> Adapter:
         bias = None if d.bias is None else d.scale * d.bias
         out[mod] = LowRank(b, a, 1.0, d.target, bias=bias)
     return adapter.with_deltas(out)
+
+
+def for_engine(adapter: Adapter, engine: str | None = None) -> Adapter:
+    """A LoRA adapter in uniform form, padded to the engine's smallest accepted rank with ``engine``
+    ("vllm"), else to its own largest rank."""
+    if engine is None:
+        return uniform(adapter)
+    if engine != "vllm":
+        raise UnsupportedError(f"`serve`: {engine!r} is not a known engine; known: vllm")
+    top = of([adapter]).max_rank
+    rank = vllm_rank(top)
+    if rank is None:
+        raise MergingError(f"rank {top} exceeds vLLM's largest max_lora_rank; use svd --rank 512")
+    return uniform(adapter, rank)

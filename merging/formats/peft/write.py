@@ -16,7 +16,7 @@ from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale, to_peft
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
 from merging.errors import UnsupportedError
-from merging.formats import lycoris
+from merging.formats import lycoris, stack_folder
 from merging.formats.base import WRITE_DEFAULTS, Provenance, WriteOptions, naming, recipe_of
 from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft import config as pc
@@ -216,19 +216,14 @@ def _names(adapter: Adapter) -> list[str]:
     return names
 
 
-OWNED = (CONFIG, WEIGHTS, WEIGHTS_BIN, RECIPE_FILE, "merging_stack.json", "verify_report.json")
+OWNED = (CONFIG, WEIGHTS, WEIGHTS_BIN, RECIPE_FILE, stack_folder.STACK_FILE, "verify_report.json")
 
 
 def owned(folder: Path) -> set[str]:
     """What replacing an adapter folder replaces: the adapter's files, its recipe, a stack manifest and the
     adapters it names, and a verify report (it verified the replaced adapter); nothing else is touched."""
-    names = set(OWNED)
-    try:
-        stack = json.loads((Path(folder) / "merging_stack.json").read_text())["stack"]
-        names |= {n for n in stack if isinstance(n, str) and "/" not in n}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return names
+    stack = stack_folder.members(Path(folder) / stack_folder.STACK_FILE)
+    return set(OWNED) | {n for n in stack if "/" not in n}
 
 
 def recipe_text(provenance: Mapping[str, Any]) -> str:

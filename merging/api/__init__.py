@@ -1,0 +1,1 @@
+"""The public API's implementation, one module per room; ``import merging`` exposes it lazily."""
