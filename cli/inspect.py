@@ -12,6 +12,19 @@ from .common import complete_path
 from .tables import Col, Grid, count, emit_json, num, ranges, say, show, span
 
 
+def config_text(value: Any, full: bool = False, width: int = 120) -> str:
+    """A config value on one line; a long list or pattern dict (a merged folder names every module) as its
+    count, kinds (the modules' last names) and value range, unless ``full`` (--modules; --json has it all)."""
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    if full or len(text) <= width or not isinstance(value, list | dict):
+        return text
+    names = sorted({str(k).rsplit(".", 1)[-1] for k in value})
+    kinds = ", ".join(names[:6]) + (f", +{len(names) - 6} more" if len(names) > 6 else "")
+    nums = [v for v in value.values() if isinstance(v, int | float)] if isinstance(value, dict) else []
+    span = f", values {min(nums):g}–{max(nums):g}" if nums and len(nums) == len(value) else ""
+    return f"{len(value)} {'modules' if isinstance(value, dict) else 'entries'} ({kinds}){span}"
+
+
 def stem(patterns: list[str]) -> str:
     """The start the layered kinds share up to their index (``model.layers.*.``), said once in the title."""
     layered = [p.split(".") for p in patterns if "*" in p.split(".")]
@@ -78,7 +91,7 @@ def _show_adapter(spec: str, doc: dict[str, Any], glob: str | None) -> None:
         f"{doc['bytes'] / 2**20:.2f} MiB on disk")  # fmt: skip
     for key, value in config.items():
         if value is not None:
-            say(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+            say(f"{key}: {config_text(value, full=glob is not None)}")
     for line in doc["serving"]:
         say(line)
     if glob is None:

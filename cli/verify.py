@@ -21,6 +21,7 @@ from merging.merge import result as result_lib
 from merging.storage.atomic import atomic_file
 from merging.storage.files import write_text
 from merging.strategies import Options
+from merging.strategies.base import INNER
 
 from . import tables
 from .common import FloatList, complete_path, complete_strategy, progress_bar
@@ -44,6 +45,13 @@ def show(report: Report) -> None:
     say(judge_note(report.reference_reason, report.reference_checks, report.rows))
 
 
+def _options(rank, energy, density, seed, inner, alpha, common_fraction) -> Options:
+    """The options verify's --strategy merges with (the literature methods' defaults unless given)."""
+    given = {"inner": inner, "alpha": alpha, "common_fraction": common_fraction}
+    extra = {k: v for k, v in given.items() if v is not None}
+    return Options(rank=rank, energy=energy, density=density, seed=seed, **extra)
+
+
 @click.command("verify")
 @click.argument("inputs", nargs=-1, required=True, shell_complete=complete_path)
 @click.option("--base", required=True, shell_complete=complete_path,
@@ -57,6 +65,9 @@ def show(report: Report) -> None:
 @click.option("--energy", type=float)
 @click.option("--density", type=float, default=0.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--inner", type=click.Choice(INNER), help="knots/core: the merge in the shared basis (ties).")
+@click.option("--alpha", type=float, help="knots/core/tsv/iso_c/iso_cts: global scale (default 1).")
+@click.option("--common-fraction", type=float, help="iso_cts: share of the rank kept common (default 0.8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option(
     "--device-map", help="'auto' spreads a base larger than one device over GPUs and CPU (accelerate)."
@@ -70,8 +81,9 @@ def show(report: Report) -> None:
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema merging.verify/1).")
 @click.option("--save", type=click.Path(path_type=Path), help="Also write the JSON report to this file.")
-def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy, density, seed, device,
-               device_map, dtype, prompts, max_new_tokens, as_json, save) -> None:  # fmt: skip
+def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy, density, seed, inner, alpha,
+               common_fraction, device, device_map, dtype, prompts, max_new_tokens, as_json,
+               save) -> None:  # fmt: skip
     """Check merged adapters reproduce the inputs stacked active; exit 1 when an exact one fails.
 
     Example: merging verify --base BASE a/ b/ -s cat -s svd --rank 4
@@ -81,7 +93,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     if sdbase.is_pipeline(Path(base)):  # Stable Diffusion: the denoiser and text encoders
         from . import verify_sd
 
-        options = Options(rank=rank, energy=energy, density=density, seed=seed)
+        options = _options(rank, energy, density, seed, inner, alpha, common_fraction)
         return verify_sd.run(inputs, Path(base), merged_dirs, strategy_names, weights, options, as_json)
     task = sources.task_type([*inputs, *map(str, merged_dirs)])
     model, tokenizer = load_base(base, device, dtype, device_map=device_map, task_type=task)
@@ -99,7 +111,7 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
     if recipe_weights and len(recipe_weights) != len(adapters):
         recipe_weights = None  # the recipe merged other inputs: compare against these, weight 1 each
     pairs = weighted(adapters, weights or recipe_weights)
-    options = Options(rank=rank, energy=energy, density=density, seed=seed)
+    options = _options(rank, energy, density, seed, inner, alpha, common_fraction)
     for name in strategy_names:
         result = merge_lib.merge(pairs, name, options, base_weights=base_weights(model))
         label = f"{name} r={rank}" if strategies.get(name).ranked and rank is not None else name

@@ -104,3 +104,33 @@ def test_weighted_dora_is_refused(tmp_path):
     f = _adapter(tmp_path / "d", 1, ATTN, True)
     with pytest.raises(UnsupportedError, match="weight 0.5"):
         merge(weighted([peft_format.read(f)], [0.5]), "cat", base_weights=_weights().__getitem__)
+
+
+@pytest.mark.parametrize(("model", "as_file"), [("conv2d", True), ("emb_conv1d", False), ("mlp", True)])
+def test_dora_on_a_base_given_as_its_weights(tmp_path, model, as_file):
+    """`merging merge --base model.safetensors` (or a folder of safetensors without config.json): a custom
+    model's DoRA pair, Conv2d, GPT-2 Conv1D (fan_in_fan_out) and Embedding included, cat = PEFT's stack."""
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+    from safetensors.torch import save_file
+
+    from tests import peft_matrix as pm
+
+    targets = {"conv2d": ["body", "lin0"], "emb_conv1d": ["emb", "body"], "mlp": ["lin0", "lin1"]}[model]
+    row = (f"{model} dora", model, "lora", {"target_modules": targets, "use_dora": True})
+    a, b = pm.make_adapter(row, tmp_path / "a", 1), pm.make_adapter(row, tmp_path / "b", 2)
+    (tmp_path / "base").mkdir()
+    state = {k: v.contiguous() for k, v in pm.build(model).state_dict().items()}
+    save_file(state, str(tmp_path / "base" / "model.safetensors"))
+    base = tmp_path / "base" / "model.safetensors" if as_file else tmp_path / "base"
+    r = CliRunner().invoke(
+        cli, ["merge", str(a), str(b), "-s", "cat", "--base", str(base), "-o", str(tmp_path / "m")]
+    )
+    assert r.exit_code == 0, r.output
+    x = pm.inputs(model)
+    with torch.no_grad():
+        bare = pm.build(model)(x)
+        ref = peft_stacked(pm.build(model), [a, b])(x)
+        got = peft.PeftModel.from_pretrained(pm.build(model), tmp_path / "m")(x)
+    assert rel_err(ref, bare) > 1e-3
+    assert rel_err(got - bare, ref - bare) < 1e-6

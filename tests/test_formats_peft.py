@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from merging.core.adapter import base_shapes
+from merging.core.adapter import Adapter, base_shapes
 from merging.core.deltas import AdditiveDelta, LowRank, ModuleReplacement, Scale, Target, TokenRows
 from merging.errors import FormatError, MergingError, NonFiniteError, ShapeMismatch
 from merging.formats import peft as fp
@@ -178,8 +178,8 @@ def test_mixed_ranks_written_by_us_reload_in_peft(fx, tmp_path):
         out, inf = shapes[mod][1]
         r = 3 + 4 * i
         b, a = 0.1 * torch.randn(out, r, generator=g), 0.1 * torch.randn(r, inf, generator=g)
-        deltas[mod] = LowRank(b, a, 0.7 + i, fp.Target("linear", (out, inf)))
-    ad = fp.Adapter("mixed", deltas)
+        deltas[mod] = LowRank(b, a, 0.7 + i, Target("linear", (out, inf)))
+    ad = Adapter("mixed", deltas)
     fp.write(ad, tmp_path / "mixed")
     model = PeftModel.from_pretrained(fx.load_base("llama"), str(tmp_path / "mixed")).merge_and_unload()
     after = model.state_dict()
@@ -290,7 +290,7 @@ def test_ia3_feedforward_matching_is_peft_s(ff):
     from peft import IA3Config
     from peft.tuners.ia3 import IA3Model
 
-    from merging.formats.peft_config import is_feedforward
+    from merging.formats.peft.config import is_feedforward
 
     config = IA3Config(target_modules=ff or ["x"], feedforward_modules=ff)
     keys = ["gpt_neox.layers.0.mlp.dense_4h_to_h", "gpt_neox.layers.0.mlp.dense_h_to_4h",
@@ -325,3 +325,67 @@ def test_one_hub_id_at_two_revisions_is_two_bases():
     assert align([a, c]) == ["m"]
     with pytest.raises(MergingError, match="different revisions"):
         align([a, b])
+
+
+def test_writer_checks_each_tensor_against_what_peft_builds(tmp_path):
+    """Before any file is written: with the base, a LoRA of unknown layer kind takes the module's (a conv's
+    kernel), and a delta or IA³ vector that does not fit the module is refused in one line naming both."""
+    from merging.base.layout import BaseLayout
+
+    layout = BaseLayout({"conv": ("conv2d", (4, 2, 3, 3)), "lin": ("linear", (4, 5))})
+    unknown = LowRank(torch.ones(4, 1), torch.ones(1, 18), 1.0, Target("unknown", (4, 18)))
+    out = fp.write(
+        Adapter("mine", {"conv": unknown}), tmp_path / "o", base=layout
+    )  # the base gives the kernel
+    saved = fp.read(out).deltas["conv"]
+    assert saved.target == Target("conv2d", (4, 2, 3, 3)) and torch.equal(saved.a, unknown.a)
+    wrong = LowRank(torch.ones(4, 1), torch.ones(1, 6), 1.0, Target("linear", (4, 6)))
+    with pytest.raises(ShapeMismatch, match=r"module lin: .*\(4, 6\).*\(4, 5\); PEFT would not load it"):
+        fp.write(Adapter("mine", {"lin": wrong}), tmp_path / "w", base=layout)
+    ia3 = Scale(torch.ones(3), "out", "linear")
+    with pytest.raises(ShapeMismatch, match=r"module lin: an IA³ vector of 3 values, .* 4 \(output side\)"):
+        fp.write(Adapter("mine", {"lin": ia3}), tmp_path / "w", base=layout)
+    assert not (tmp_path / "w").exists()
+
+
+def test_conv_layouts_are_peft_s():
+    """Conv3d LoRA factors and IA³ vectors in the shapes PEFT's layers hold (Conv3d: (1, n, 1, 1, 1))."""
+    from merging.formats.peft.write import _ia3_tensors, _lora_tensors
+
+    d = LowRank(torch.ones(10, 2), torch.ones(2, 5 * 27), 1.0, Target("conv3d", (10, 5, 3, 3, 3)))
+    shapes = {k.rsplit(".", 2)[-2]: tuple(v.shape) for k, v in _lora_tensors("m", d).items()}
+    assert shapes == {"lora_A": (2, 5, 3, 3, 3), "lora_B": (10, 2, 1, 1, 1)}
+    for side in ("in", "out"):
+        (v,) = _ia3_tensors("m", Scale(torch.ones(10), side, "conv3d")).values()
+        assert tuple(v.shape) == (1, 10, 1, 1, 1)
+    grouped = _lora_tensors("m", LowRank(torch.ones(8, 2), torch.ones(2, 4 * 9), 1.0,
+                                         Target("conv2d", (8, 4, 3, 3))), groups=2)  # fmt: skip
+    a = grouped["base_model.model.m.lora_A.weight"]
+    assert tuple(a.shape) == (4, 8, 3, 3)  # groups·r rows over all input channels, PEFT's lora_A
+    assert a[:2, 4:].abs().sum() == 0 and a[2:, :4].abs().sum() == 0  # group j's rows read group j only
+
+
+def test_issue_36_messages_are_one_line_saying_what_works(fx, tmp_path):
+    from merging_cli.inspect import config_text
+
+    from merging.base.layout import BaseLayout
+    from merging.formats.sources import load_inputs
+
+    (tmp_path / "a").mkdir()  # adapter weights without their config
+    shutil.copy(fx.adapter("llama", "lora") / fp.WEIGHTS, tmp_path / "a")
+    with pytest.raises(MergingError, match="not an adapter: its weights but no adapter_config.json") as e:
+        load_inputs([str(tmp_path / "a")])
+    (tmp_path / "b").mkdir()  # a model_type transformers does not know
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(
+        MergingError, match=r"not a transformers model folder .* --base model.safetensors"
+    ) as f:
+        BaseLayout.from_folder(tmp_path / "b")
+    assert "\n" not in str(e.value) + str(f.value)
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(40) for p in ("q_proj", "v_proj")]
+    assert config_text(modules) == "80 entries (q_proj, v_proj)"
+    assert (
+        config_text(dict.fromkeys(modules[:60], 4) | {modules[-1]: 16})
+        == "61 modules (q_proj, v_proj), values 4–16"
+    )
+    assert config_text(modules, full=True).count("q_proj") == 40 and config_text(["q_proj"]) == "q_proj"

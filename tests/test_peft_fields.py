@@ -9,11 +9,14 @@ import pytest
 
 from merging.errors import UnsupportedError
 from merging.formats import peft as peft_format
-from merging.formats.peft_fields import INERT, MODELLED, REFUSED
+from merging.formats.peft.fields import INERT, MODELLED, REFUSED
 
 peft = pytest.importorskip("peft")
 
-CONFIGS = {"LORA": "LoraConfig", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig", "IA3": "IA3Config"}
+CONFIGS = {
+    "LORA": "LoraConfig", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig", "IA3": "IA3Config",
+    "ADALORA": "AdaLoraConfig",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))

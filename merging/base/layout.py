@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from merging.base import pipelines
-from merging.core.adapter import base_shapes, layer_kind
+from merging.core.adapter import base_shapes, conv_groups, layer_kind
 from merging.core.deltas import Layer
 from merging.errors import FormatError, UnsupportedError
 
@@ -26,7 +26,11 @@ def _config(folder: Path):
     try:
         return AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as e:
-        raise FormatError(f"{folder}: not a transformers model folder ({e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(
+            f"{folder}: not a transformers model folder ({first}); a custom model's weights work as "
+            "--base model.safetensors"
+        ) from None
 
 
 # PEFT's task_type → the transformers auto class that loads the head its adapters were trained with
@@ -148,6 +152,7 @@ class BaseLayout:
     biased: frozenset[str] | None = None
     components: tuple[str, ...] = ()  # a diffusers pipeline's: unet, transformer, text_encoder, ...
     saved: Mapping[str, str] = field(default_factory=dict)  # module path → as SD checkpoints name it
+    groups: Mapping[str, int] = field(default_factory=dict)  # grouped convolutions: module path → groups
 
     def has_bias(self, module: str) -> bool | None:
         """Whether the module has a bias (None when the layout does not know)."""
@@ -160,6 +165,11 @@ class BaseLayout:
         The module tree is built from the configs on the meta device (names and shapes, no memory), with
         the head of the adapters' PEFT ``task_type``.
         """
+        from merging.base import state_dict
+
+        if state_dict.is_state_dict(Path(folder)):  # weights only: shapes from the headers, no config
+            modules, biased = state_dict.state_dict_modules(Path(folder))
+            return cls(modules, {}, biased)
         if pipelines.is_pipeline(Path(folder)):
             return cls.from_components(pipelines.pipeline_skeletons(Path(folder)))
         if pipelines.is_component(Path(folder)) or pipelines.is_text_encoder(Path(folder)):
@@ -167,14 +177,16 @@ class BaseLayout:
         cfg = Path(folder) / "config.json"
         config = json.loads(cfg.read_text()) if cfg.is_file() else {}
         model = skeleton(Path(folder), task_type)
-        return cls(base_shapes(model), config, biased_modules(model), saved=LazyPaths(model))
+        groups = conv_groups(model)
+        return cls(base_shapes(model), config, biased_modules(model), saved=LazyPaths(model), groups=groups)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> BaseLayout:
         """From a loaded torch / transformers model."""
         config = getattr(model, "config", None)
         as_dict = dict(config) if isinstance(config, Mapping) else getattr(config, "to_dict", dict)()
-        return cls(base_shapes(model), as_dict, biased_modules(model), saved=saved_paths(model))
+        shapes, groups = base_shapes(model), conv_groups(model)
+        return cls(shapes, as_dict, biased_modules(model), saved=saved_paths(model), groups=groups)
 
     @classmethod
     def from_components(cls, components: Mapping[str, torch.nn.Module]) -> BaseLayout:
@@ -184,7 +196,8 @@ class BaseLayout:
         biased = frozenset(f"{c}.{m}" for c, lay in layouts.items() for m in lay.biased or ())
         saved = {f"{c}.{m}": f"{c}.{s}" for c, lay in layouts.items() for m, s in lay.saved.items()}
         configs = {c: dict(lay.config) for c, lay in layouts.items()}
-        return cls(modules, configs, biased, tuple(layouts), saved)
+        groups = {f"{c}.{m}": g for c, lay in layouts.items() for m, g in lay.groups.items()}
+        return cls(modules, configs, biased, tuple(layouts), saved, groups)
 
     @classmethod
     def of(cls, base: BaseLayout | str | Path | torch.nn.Module, task_type: str | None = None) -> BaseLayout:

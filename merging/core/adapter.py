@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from merging.core.deltas import (
+    CONV_DIMS,
     AdditiveDelta,
     Delta,
     Dense,
@@ -102,8 +103,8 @@ class Adapter:
 
         def refine(mod: str, d: Delta) -> Delta:
             layer, shape = shapes[mod]
-            if isinstance(d, (Scale, AddedScale)):
-                return replace(d, layer=layer)
+            if isinstance(d, (Scale, AddedScale)):  # a weights-only base does not know a 2-D layer's kind
+                return replace(d, layer=layer) if layer != "unknown" else d
             try:
                 return replace(d, target=d.target.refine(layer, shape))
             except ShapeMismatch as e:
@@ -129,6 +130,8 @@ def layer_kind(module: torch.nn.Module) -> Layer | None:
         return "linear"
     if isinstance(module, torch.nn.Conv2d):
         return "conv2d"
+    if isinstance(module, torch.nn.Conv3d):
+        return "conv3d"
     if isinstance(module, torch.nn.Conv1d):
         return "conv1d"
     if isinstance(module, torch.nn.Embedding):
@@ -146,6 +149,11 @@ def base_shapes(model: torch.nn.Module) -> dict[str, tuple[Layer, tuple[int, ...
         if kind is not None:
             out[name] = (kind, tuple(mod.weight.shape))
     return out
+
+
+def conv_groups(model: torch.nn.Module) -> dict[str, int]:
+    """Module path → groups for every grouped convolution of a model (PEFT's LoRA on it has its own shape)."""
+    return {n: m.groups for n, m in model.named_modules() if layer_kind(m) in CONV_DIMS and m.groups > 1}
 
 
 def base_identity(name: str) -> str:

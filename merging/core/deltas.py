@@ -20,7 +20,8 @@ from merging.core import linalg
 from merging.core.replacements import Auxiliary, BaseTensors, ModuleReplacement, TokenRows  # noqa: F401 (re-exported)
 from merging.errors import ShapeMismatch, UnsupportedError
 
-Layer = Literal["linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d", "unknown"]
+Layer = Literal["linear", "conv1d", "conv2d", "conv3d", "embedding", "gpt2_conv1d", "unknown"]
+CONV_DIMS: dict[str, int] = {"conv1d": 3, "conv2d": 4, "conv3d": 5}  # conv layer kind → weight dims
 Side = Literal["in", "out"]
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Target:
     def __post_init__(self) -> None:
         if self.layer in ("linear", "embedding", "gpt2_conv1d", "unknown") and len(self.shape) != 2:
             raise ShapeMismatch(f"a {self.layer} weight is 2-D, got shape {self.shape}")
-        if self.layer == "conv1d" and len(self.shape) != 3 or self.layer == "conv2d" and len(self.shape) != 4:
+        if self.layer in CONV_DIMS and len(self.shape) != CONV_DIMS[self.layer]:
             raise ShapeMismatch(f"a {self.layer} weight has shape (out, in, k...), got {self.shape}")
 
     @property
@@ -61,11 +62,22 @@ class Target:
 
     def refine(self, layer: Layer, shape: tuple[int, ...]) -> Target:
         """This target with the base's real layer kind and stored shape (checked to agree)."""
+        if layer == "unknown":  # a base known by its weights only: a 2-D weight of unknown kind
+            return self._refine_2d(tuple(shape))
         new = Target(layer, tuple(shape))
-        if self.layer != "unknown" and self.layer != layer:
+        convs = self.layer in CONV_DIMS and layer in CONV_DIMS  # LoHa/LoKr keep a Conv1d's kernel as (k, 1)
+        if self.layer != "unknown" and self.layer != layer and not convs:
             raise ShapeMismatch(f"delta is for a {self.layer} layer, the base module is {layer}")
         if new.matrix_shape != self.matrix_shape:
             raise ShapeMismatch(f"delta has shape {self.matrix_shape}, the base weight {new.matrix_shape}")
+        return new
+
+    def _refine_2d(self, shape: tuple[int, ...]) -> Target:
+        """Against a 2-D base weight of unknown kind (Linear, Embedding or GPT-2 Conv1D): the delta keeps its
+        kind (one of unknown kind becomes a Linear: LoHa/LoKr/AdaLoRA adapt no other 2-D layer)."""
+        new = Target("linear" if self.layer == "unknown" else self.layer, self.shape)
+        if new.layer in CONV_DIMS or new.shape != shape:
+            raise ShapeMismatch(f"delta is for a {self.layer} weight {self.shape}, the base weight {shape}")
         return new
 
 class AdditiveDelta:

@@ -53,8 +53,8 @@ def check(module: str, stack: Sequence[tuple[Delta, float]]) -> None:
     for i, (d, wt) in enumerate(stack):
         if not is_dora(d):
             continue
-        if d.target.layer not in ("linear", "embedding"):
-            raise UnsupportedError(f"module {module}: DoRA on a {d.target.layer} layer is not supported")
+        if d.target.layer == "unknown":
+            raise UnsupportedError(f"module {module}: DoRA on a layer of unknown kind; pass --base")
         if wt != 1.0:
             raise UnsupportedError(f"module {module}: a DoRA input has no stacked meaning at weight {wt:g}")
         if any(getattr(e, "bias", None) is not None for e, _ in stack):

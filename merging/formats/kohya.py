@@ -240,8 +240,8 @@ def _lora_parts(d: LowRank, alpha: float | None) -> dict[str, torch.Tensor]:
         )
     kernel = t.shape[2:] if t.layer in ("conv1d", "conv2d") else ()
     in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
-    if t.layer == "embedding":
-        raise UnsupportedError("kohya files have no embedding LoRA; keep this adapter in PEFT format")
+    if t.layer in ("embedding", "conv3d"):
+        raise UnsupportedError(f"kohya files have no {t.layer} LoRA; keep this adapter in PEFT format")
     parts = {
         "lora_down.weight": d.a.reshape(r, in_ch, *kernel),  # (r, in, k...)
         "lora_up.weight": up.reshape(d.b.shape[0], r, *(1 for _ in kernel)),  # (out, r, 1...)

@@ -76,7 +76,10 @@ def module_of(name: str, mapping: Mapping[str, str], file: object) -> str:
     """The module path a lora_name names, or a one-line FormatError."""
     mod = mapping.get(name)
     if mod is None:
-        raise FormatError(f"{file}: {name} matches no module of the base model")
+        hint = ""
+        if name.startswith(("lora_te", "lora_unet")):  # an SD name: its component may be missing from --base
+            hint = "; a file that adapts the text encoder and the UNet needs the pipeline folder as --base"
+        raise FormatError(f"{file}: {name} matches no module of the base model{hint}")
     if mod == AMBIGUOUS:
         paths = ", ".join(sorted(m for m in set(mapping.values()) if m and m.replace(".", "_") in name))
         raise FormatError(f"{file}: {name} names several modules of the base model ({paths})")

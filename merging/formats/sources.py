@@ -52,6 +52,8 @@ def load(path: str | Path, *, allow_nonfinite: bool = False, base=None, lazy: bo
     if fmt is not None:
         layout = BaseLayout.of(base) if base is not None and fmt.uses_base else None
         return [fmt.read(p, base=layout, allow_nonfinite=allow_nonfinite, options=how)]
+    if p.is_dir() and any((p / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise SourceError(f"{p}: not an adapter: its weights but no adapter_config.json (PEFT needs both)")
     manifest = stack_folder.STACK_FILE
     raise SourceError(f"{p}: not an adapter (no adapter_config.json, {manifest}, .safetensors or .gguf)")
 

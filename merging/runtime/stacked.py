@@ -21,7 +21,15 @@ from torch import nn
 from merging.core import dora
 from merging.core.adapter import Pair, Stacks, common_invocation, layer_kind, stacks
 from merging.core.alora import Gate
-from merging.core.deltas import Delta, Dense, Layer, ModuleReplacement, Scale, Target
+from merging.core.deltas import (
+    CONV_DIMS,
+    Delta,
+    Dense,
+    Layer,
+    ModuleReplacement,
+    Scale,
+    Target,
+)
 from merging.core.lycoris_ia3 import AddedScale
 from merging.core.replacements import Auxiliary, BaseTensors, TokenRows
 from merging.errors import ShapeMismatch, UnsupportedError
@@ -72,7 +80,7 @@ class StackedLayer(nn.Module):
         self.kind = kind
         self.ops = ops
         self.gate = gate
-        if kind in ("conv1d", "conv2d") and base.groups != 1:
+        if kind in CONV_DIMS and base.groups != 1:
             raise UnsupportedError(f"grouped convolutions (groups={base.groups}) are not supported")
 
     @property
@@ -110,10 +118,8 @@ class StackedLayer(nn.Module):
 
     def _channel(self, l: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """l shaped to broadcast over the channel dimension of t."""
-        if self.kind == "conv2d":
-            return l.view(1, -1, 1, 1)
-        if self.kind == "conv1d":
-            return l.view(1, -1, 1)
+        if self.kind in CONV_DIMS:
+            return l.view(1, -1, *(1,) * (CONV_DIMS[self.kind] - 2))
         return l
 
     def _delta(self, op: _Op, x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +127,8 @@ class StackedLayer(nn.Module):
         if self.kind == "embedding":  # a scaled embedding (Gemma) scales the adapter's rows too, as PEFT does
             y = F.embedding(x, op.d) if op.d is not None else F.embedding(x, op.b) @ op.a
             return op.scale * y * embed_scale(base, y.dtype)
-        if self.kind in ("conv1d", "conv2d"):
-            conv = F.conv2d if self.kind == "conv2d" else F.conv1d
+        if self.kind in CONV_DIMS:
+            conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
             w_shape = base.weight.shape
             if op.d is not None:
                 y = op.scale * conv(x, op.d.reshape(w_shape), None, base.stride, base.padding, base.dilation)
@@ -260,7 +266,7 @@ def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape
     for d, _ in stack:
         if isinstance(d, (Scale, AddedScale)):
             numel = d.l.numel() if isinstance(d, Scale) else d.w.numel()
-            n = out if d.side == "out" else (shape[1] if kind in ("conv1d", "conv2d") else inf)
+            n = out if d.side == "out" else (shape[1] if kind in CONV_DIMS else inf)
             if numel != n:
                 raise ShapeMismatch(f"module {mod}: IA³ vector of length {numel}, the layer needs {n}")
         elif d.target.matrix_shape != (out, inf):

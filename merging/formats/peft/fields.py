@@ -35,7 +35,14 @@ MODELLED = {
         "decompose_both", "decompose_factor",
     },
     "IA3": {"feedforward_modules", "fan_in_fan_out", "modules_to_save"},
+    # AdaLoRA: ΔW = B·diag(E)·A · lora_alpha / init_r (its ranknum); rank_pattern's masks pruned the tensors
+    "ADALORA": {"lora_alpha", "init_r", "rank_pattern", "fan_in_fan_out", "modules_to_save"},
 }  # fmt: skip
+
+# LoRA variants whose inference forward is a plain LoRA: their config and extra tensors only steer training.
+# VeLoRA compresses lora_A's input in the backward pass (lora_velora_embed); MonteCLoRA perturbs lora_A while
+# training (lora_monteclora_sampler.*); PEFT's eval forward and merge of both are B·A·scaling.
+TRAINING_ONLY = {"velora_config": "lora_velora_embed", "monteclora_config": "lora_monteclora_sampler."}
 
 INERT = {
     "LORA": _COMMON_INERT | _LAYERS | {
@@ -46,24 +53,38 @@ INERT = {
     "LOKR": _COMMON_INERT | _LAYERS | _LYCORIS | {"rank_dropout_scale"},
     "IA3": _COMMON_INERT | {"init_ia3_weights"},
 }  # fmt: skip
+INERT["LORA"] |= set(TRAINING_ONLY)
+# AdaLoRA's rank allocation steers training only; r is unused (init_r is its rank) and alpha_pattern ignored
+INERT["ADALORA"] = INERT["LORA"] | {
+    "r", "init_lora_weights", "alpha_pattern", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+    "orth_reg_weight", "total_step",
+}  # fmt: skip
 
 # Fields that change what the tensors mean in ways we do not model: refused unless at their default.
 REFUSED = {
     "LORA": {
         "megatron_config": (None, "Megatron parallel layers"),
         "use_qalora": (False, "QA-LoRA pools the input before lora_A"),
-        "velora_config": (None, "VeLoRA changes the forward"),
-        "monteclora_config": (None, "MonteCLoRA samples the update"),
         "layer_replication": (None, "layer replication changes the model's layers"),
-        "use_bdlora": (None, "block-diagonal LoRA factors"),
         "arrow_config": (None, "Arrow routes between adapters"),
-        "kasa_config": (None, "KaSA changes the forward"),
+        "kasa_config": (None, "KaSA cuts the base weight's r smallest singular values: it changes the base"),
         "target_parameters": (None, "LoRA on parameters (MoE experts) is not supported yet"),
     },
     "LOHA": {},
     "LOKR": {},
     "IA3": {},
 }
+MODELLED["LORA"] |= {"use_bdlora"}  # block-diagonal factors, read as the full matrices PEFT's forward uses
+# AdaLoRA is a LoraConfig: the LoRA fields its layers do not read are refused unless at their defaults
+REFUSED["ADALORA"] = {
+    **REFUSED["LORA"],
+    "target_parameters": (None, "AdaLoRA on parameters is not supported"),
+    **{f: (d, "not an AdaLoRA setting") for f, d in (
+        ("use_dora", False), ("use_rslora", False), ("lora_bias", False), ("bias", "none"),
+        ("trainable_token_indices", None), ("ensure_weight_tying", False), ("alora_invocation_tokens", None),
+        ("use_bdlora", None),
+    )},
+}  # fmt: skip
 
 # init_lora_weights that rewrite the base weights: such an adapter needs that modified base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "orthogonal")

@@ -17,10 +17,14 @@ from merging.core.deltas import Delta, Hadamard, Kronecker, LowRank
 from merging.core.replacements import BaseTensors
 from merging.errors import FormatError, UnsupportedError
 from merging.formats.lycoris import factorization
-from merging.formats.peft_fields import check_fields
+from merging.formats.peft.fields import check_fields
 
 CONFIG = "adapter_config.json"
-SUPPORTED = ("LORA", "LOHA", "LOKR", "IA3")
+WEIGHTS = "adapter_model.safetensors"
+WEIGHTS_BIN = "adapter_model.bin"
+RECIPE_FILE = "merge_recipe.json"
+PREFIX = "base_model.model."
+SUPPORTED = ("LORA", "LOHA", "LOKR", "IA3", "ADALORA")
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

@@ -1,0 +1,84 @@
+"""What PEFT builds for a module of the base, checked before a delta is written for it.
+
+PEFT creates each adapter layer from the base module (its kind, in/out channels, kernel, groups) and loads the
+saved tensors into it, refusing any other shape. So a writer that knows the base checks every delta against
+that module and refuses in one line what PEFT would not load. Without the base it can check only what the
+delta itself knows: a LoHa/LoKr/AdaLoRA factor of a conv is flat, (r, in·k...), so a LoRA of unknown layer
+kind is written as a Linear's, with a warning (the kohya writer refuses it instead: its users adapt convs).
+
+| base module | LoRA tensors PEFT builds | IA³ vector |
+|---|---|---|
+| Linear (out, in) | A (r, in), B (out, r) | (out, 1) / (1, in) |
+| Conv1D (in, out), GPT-2 | A (r, in), B (out, r) | (out, 1) / (1, in) |
+| ConvNd (out, in/g, k...) | A (r, in, k...), B (out, r/g, 1...), r a multiple of g | (1, out or in, 1...) |
+| Embedding (num, dim) | lora_embedding_A (r, num), _B (dim, r) | |
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from merging.core.deltas import CONV_DIMS, Delta, Scale
+from merging.errors import ShapeMismatch
+
+if TYPE_CHECKING:
+    from merging.base.layout import BaseLayout
+
+log = logging.getLogger(__name__)
+
+
+def as_built(mod: str, d: Delta, base: BaseLayout | None) -> Delta:
+    """The delta with the base module's layer kind and stored shape, or a one-line refusal naming both.
+
+    Args:
+        mod: the module path (messages name it through the caller's ``naming``).
+        d: its delta (a LoRA/LoHa/LoKr target of unknown kind takes the base module's).
+        base: the base layout; None (or a module it does not hold) checks only what the delta knows.
+    """
+    if base is None or mod not in base.modules:
+        if getattr(getattr(d, "target", None), "layer", None) == "unknown":  # LLM LoHa/LoKr: linear, mostly
+            log.warning("module %s: layer kind unknown, written as a linear LoRA (--base: conv)", mod)
+        return d
+    layer, shape = base.modules[mod]
+    if isinstance(d, Scale):
+        layer = d.layer if layer == "unknown" else layer  # a weights-only base: the vector knows its layer
+        n, want = d.l.numel(), _ia3_size(layer, shape, d.side, base.groups.get(mod, 1))
+        if n != want:
+            raise ShapeMismatch(
+                f"an IA³ vector of {n} values, but PEFT's IA³ on this {layer} {shape} scales "
+                f"{want} ({'input' if d.side == 'in' else 'output'} side)"
+            )
+        return replace(d, layer=layer)
+    target = getattr(d, "target", None)
+    if target is None:
+        return d
+    try:
+        return replace(d, target=target.refine(layer, shape))
+    except ShapeMismatch as e:
+        raise ShapeMismatch(f"{e}; PEFT would not load it") from None
+
+
+def _ia3_size(layer: str, shape: tuple[int, ...], side: str, groups: int) -> int:
+    """The length of PEFT's IA³ vector on a module: its output or (feedforward) input channels."""
+    if layer == "gpt2_conv1d":
+        return shape[1] if side == "out" else shape[0]
+    if side == "out":
+        return shape[0]
+    return shape[1] * groups if layer in CONV_DIMS else shape[1]
+
+
+def grouped_a(a: torch.Tensor, groups: int) -> torch.Tensor:
+    """A LoRA's A of a grouped conv's delta, (r, in/g, k...), as PEFT's ungrouped lora_A (g·r, in, k...).
+
+    Group j's rank rows read only group j's input channels; PEFT's grouped lora_B (out, r, 1...) then sends
+    them to group j's outputs: together exactly B·A on every group, as the grouped base weight holds it.
+    """
+    r, c = a.shape[:2]
+    out = a.new_zeros(groups * r, groups * c, *a.shape[2:])  # (g·r, in, k...)
+    for j in range(groups):
+        out[j * r : (j + 1) * r, j * c : (j + 1) * c] = a
+    return out

@@ -1,0 +1,95 @@
+"""PEFT's custom-model matrix (tests/peft_matrix.py) through inspect, cat (one and two adapters) and linear,
+every output reloaded by PEFT: no output PEFT cannot load, no wrong number, no crash, and every refusal one
+line from the list below, each naming why. A row per layer kind and adapter type runs in ``make test``; the
+whole matrix is marked ``slow`` (``pytest -m slow tests/test_peft_matrix.py``; ``python -m
+tests.peft_matrix`` prints every row's outcome and the totals).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests import peft_matrix as pm
+
+pytestmark = pytest.mark.model  # a few seconds of PEFT model building per row
+
+# Refusals the matrix may give, each for a reason outside this tool (pattern → why it is right).
+EXPECTED_REFUSALS = {
+    r"peft refuses": "PEFT itself cannot build the row or stack the pair",
+    r"replaced by several inputs": "two adapters save the same module whole; PEFT refuses to stack them too",
+    r"linear works on LoRA factors": "linear averages LoRA factors; LoHa/LoKr/DoRA go through cat or svd",
+    r"(KaSA|VeLoRA|MonteCLoRA|block-diagonal)": "see merging/formats/peft/fields.py",
+    r"grouped": "LoRA on a grouped conv runs a dense conv beside the layer, not a weight change",
+    r"MultiheadAttention": "PEFT's LoRA on nn.MultiheadAttention",
+}
+
+# The rows in `make test`: one per layer kind and adapter type; the rest run under the slow marker.
+QUICK = {
+    "mlp lora", "mlp dora", "emb+conv1D lora", "conv1D dora", "mlp ia3 ff", "conv1D ia3", "mlp loha",
+    "mlp lokr", "mlp adalora", "conv2d lora", "conv2d loha", "conv2d lokr", "conv2d dora", "conv3d lora",
+    "conv3d ia3 ff", "conv1d loha", "conv1d lokr effective", "conv2d_groups loha", "conv2d_groups lokr",
+    "conv2d_groups lora", "conv2d adalora", "mlp kasa", "mlp velora", "mlp monteclora", "mlp bdlora",
+    "mha lora", "conv1d loha effective",
+}  # fmt: skip
+
+PARAMS = [pytest.param(row, id=row[0], marks=() if row[0] in QUICK else pytest.mark.slow) for row in pm.ROWS]
+
+
+@pytest.mark.parametrize("row", PARAMS)
+def test_matrix_row(tmp_path, row):
+    res = pm.outcome(row, tmp_path)
+    for step, got in res.steps.items():
+        kind = got.split(":")[0]
+        assert kind in ("exact", "refused", "peft refuses"), f"{step}: {got}"
+        if kind != "exact":
+            assert any(re.search(p, got) for p in EXPECTED_REFUSALS), f"{step}: unexpected refusal {got}"
+
+
+def test_quick_rows_exist():
+    assert QUICK <= set(pm.ROW_NAMES)
+
+
+@pytest.mark.parametrize("name", ["conv3d lora", "conv3d ia3 ff", "conv1d lora bias", "conv2d_1x1 loha"])
+def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
+    """verify's own runtime (stacked layers) on Conv1d/2d/3d gives PEFT's stacked forward of the pair."""
+    import peft  # noqa: F401 - the reference below
+
+    from merging.base.layout import BaseLayout
+    from merging.core.adapter import weighted
+    from merging.formats import peft as peft_format
+    from merging.runtime.stacked import stacked
+    from tests.helpers import peft_stacked, rel_err
+
+    row = next(r for r in pm.ROWS if r[0] == name)
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    model, x = row[1], pm.inputs(row[1])
+    layout = BaseLayout.from_model(pm.build(model))
+    pairs = weighted([peft_format.read(f).refine_targets(layout.modules) for f in folders])
+    with torch.no_grad():
+        bare = pm.build(model)(x)
+        ref = peft_stacked(pm.build(model), folders)(x)
+        with stacked(pm.build(model), pairs) as ours:
+            got = ours(x)
+    assert rel_err(ref, bare) > 1e-4
+    assert rel_err(got - bare, ref - bare) < 1e-6  # float64
+
+
+def test_verify_merges_with_the_strategy_options(fx):
+    """`verify -s core --inner linear --alpha 1` merges with those options and judges the result exact."""
+    import json
+
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    ads = [str(fx.adapter("llama", n)) for n in ("lora", "lora_b")]
+    args = ["verify", "--base", str(fx.base("llama")), *ads, "-s", "core", "--json"]
+    r = CliRunner().invoke(cli, [*args, "--inner", "linear", "--alpha", "1"])
+    assert r.exit_code == 0, r.output
+    (row,) = [row for row in json.loads(r.output)["rows"] if row["strategy"] == "core"]
+    assert row["exact"] is True and row["passed"] is True and row["effect_rel_error"] < 1e-5
+    r = CliRunner().invoke(cli, args)  # the default inner merge (ties) promises nothing
+    (row,) = [row for row in json.loads(r.output)["rows"] if row["strategy"] == "core"]
+    assert row["exact"] is False and row["effect_rel_error"] > 1e-3
