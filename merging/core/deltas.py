@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from merging.core import linalg
+from merging.core.experts import ParamSite
 from merging.core.replacements import Auxiliary, BaseTensors, ModuleReplacement, TokenRows  # noqa: F401 (re-exported)
 from merging.errors import ShapeMismatch, UnsupportedError
 
@@ -29,10 +30,12 @@ class Target:
 
     ``layer="unknown"`` with a 2-D shape means only the matrix form (out, in_flat) is known (for
     example a LoHa read from a file without its base); ``refine`` fills in the stored shape.
+    ``site``: the delta acts on one expert of a parameter (PEFT ``target_parameters``), not a module.
     """
 
     layer: Layer
     shape: tuple[int, ...]
+    site: ParamSite | None = None
 
     def __post_init__(self) -> None:
         if self.layer in ("linear", "embedding", "gpt2_conv1d", "unknown") and len(self.shape) != 2:
@@ -61,7 +64,7 @@ class Target:
 
     def refine(self, layer: Layer, shape: tuple[int, ...]) -> Target:
         """This target with the base's real layer kind and stored shape (checked to agree)."""
-        new = Target(layer, tuple(shape))
+        new = Target(layer, tuple(shape), self.site)
         if self.layer != "unknown" and self.layer != layer:
             raise ShapeMismatch(f"delta is for a {self.layer} layer, the base module is {layer}")
         if new.matrix_shape != self.matrix_shape:

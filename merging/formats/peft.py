@@ -35,7 +35,7 @@ from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale, to_peft
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
 from merging.errors import FormatError, NonFiniteError, UnsupportedError
-from merging.formats import lycoris
+from merging.formats import lycoris, peft_params
 from merging.formats import peft_config as pc
 from merging.formats.base import (
     READ_DEFAULTS,
@@ -144,6 +144,8 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
         return out
 
     peft_type = config["peft_type"]
+    consumed, param_deltas = peft_params.read_params(groups, config, file, lambda m: tensors(m, groups[m]))
+    groups = {m: keys for m, keys in groups.items() if m not in consumed}  # target_parameters: per expert
     mts = config.get("modules_to_save") or []
     adapted: dict[str, dict[str, str]] = {}
     aux: dict = {}
@@ -171,13 +173,15 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
             adapted[module] = keys
 
     def build(module: str) -> Delta:
+        if module in param_deltas:
+            return param_deltas[module]
         with reading(folder), naming(file, f"module {module}"):
             return _DELTA_READERS[peft_type](tensors(module, adapted[module]), config, module)
 
     kind = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3"}[peft_type]
     if any(any(p.startswith("lora_magnitude") for p in keys) for keys in adapted.values()):
         kind = "dora"
-    deltas: Mapping[str, Delta] = LazyDeltas(sorted(adapted), build, kind)
+    deltas: Mapping[str, Delta] = LazyDeltas(sorted([*adapted, *param_deltas]), build, kind)
     if not lazy or config.get("ensure_weight_tying"):  # finding ties compares tensors
         deltas = dict(deltas.items())
     tied = pc.find_ties(deltas) if config.get("ensure_weight_tying") else {}
@@ -373,9 +377,13 @@ def _write_deltas(adapter: Adapter, kind: type, sink: SafetensorsWriter) -> dict
     """Append every module's tensors to ``sink`` (one pass over the deltas) and return the config."""
     if kind is LowRank:
         seen: dict[str, pc.LoraInfo] = {}
+        params = peft_params.ParamWriter()  # target_parameters: experts gathered per parameter
         for mod, d in adapter.deltas.items():
             if not isinstance(d, LowRank):
                 raise UnsupportedError(f"{adapter.where}: module {mod} is not a LoRA; merge first")
+            if d.target.site is not None:
+                params.add(mod, d)
+                continue
             for name, t in _lora_tensors(mod, d).items():
                 sink.add(name, t)
             seen[mod] = pc.LoraInfo.of(d)
@@ -383,7 +391,10 @@ def _write_deltas(adapter: Adapter, kind: type, sink: SafetensorsWriter) -> dict
             d = adapter.deltas[src]
             sink.add(f"{PREFIX}{mod}.lora_A.weight", d.a.contiguous())
             sink.add(f"{PREFIX}{mod}.lora_B.weight", d.b.contiguous())
-        return pc.lora_config(seen) | {"ensure_weight_tying": bool(adapter.tied)}
+        for name, t in params.tensors(PREFIX):
+            sink.add(name, t)
+        config = params.config(pc.lora_config(seen | params.infos()))
+        return config | {"ensure_weight_tying": bool(adapter.tied)}
     if kind is Scale:
         for mod, d in adapter.deltas.items():
             for name, t in _ia3_tensors(mod, d).items():

@@ -27,7 +27,7 @@ MODELLED = {
     "LORA": {
         "r", "lora_alpha", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "rank_pattern",
         "alpha_pattern", "trainable_token_indices", "use_dora", "lora_bias", "ensure_weight_tying",
-        "alora_invocation_tokens", "init_lora_weights",
+        "alora_invocation_tokens", "init_lora_weights", "target_parameters",
     },
     "LOHA": {"r", "alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "use_effective_conv2d"},
     "LOKR": {
@@ -58,7 +58,6 @@ REFUSED = {
         "use_bdlora": (None, "block-diagonal LoRA factors"),
         "arrow_config": (None, "Arrow routes between adapters"),
         "kasa_config": (None, "KaSA changes the forward"),
-        "target_parameters": (None, "LoRA on parameters (MoE experts) is not supported yet"),
     },
     "LOHA": {},
     "LOKR": {},

@@ -32,9 +32,11 @@ from merging.core.deltas import (
     Scale,
     Target,
 )
+from merging.core.experts import is_param_key
 from merging.core.lycoris_ia3 import AddedScale
 from merging.core.replacements import Auxiliary, BaseTensors, TokenRows
 from merging.errors import ShapeMismatch, UnsupportedError
+from merging.runtime import params
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,8 +251,9 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
     hook = None if gate is None else model.register_forward_pre_hook(gate, with_kwargs=True)
     aux = active_aux(model, plan)
     try:
-        layers = {m: stacked_layer(model, m, plan, aux, gate) for m in sorted(set(plan.modules) | set(aux))}
-        with swapped(model, layers):
+        mods = [m for m in sorted(set(plan.modules) | set(aux)) if not is_param_key(m)]  # experts: params
+        layers = {m: stacked_layer(model, m, plan, aux, gate) for m in mods}
+        with swapped(model, layers), params.activated(model, plan):
             yield model
     finally:
         if hook is not None:
@@ -368,7 +371,10 @@ def _fold(model: nn.Module, plan: Stacks, saved: dict[str, torch.Tensor]) -> Non
     """merge_into's loop: each module's stack folded in place, its tensors saved into ``saved`` first."""
     seen: set[int] = set()
     with torch.no_grad():
+        params.fold(model, plan, saved)  # deltas on parameters (MoE experts)
         for mod in plan.modules:
+            if is_param_key(mod):
+                continue
             m = model.get_submodule(mod)
             kind = layer_kind(m)
             if id(m.weight) in seen:  # a tied weight already got this delta
