@@ -197,3 +197,46 @@ def test_differing_target_parameters_are_refused_as_peft_refuses(moe, tmp_path):
             run()
         msg = str(e.value)
         assert "\n" not in msg and str(a) in msg and str(other) in msg
+
+
+def test_bake_folds_experts_as_peft_stacks_them(moe, tmp_path):
+    """Mixtral and Qwen3-MoE checkpoints store one tensor per expert (transformers converts them): the
+    baked folder loads in transformers with PEFT's stacked outputs, and untouched tensors stay equal."""
+    from safetensors.torch import load_file
+
+    from merging.export.bake import bake
+
+    _, base, a, b = moe
+    y0, y_peft = peft_reference(base, [a, b])
+    out = bake(base, weighted([sources.load(f)[0] for f in (a, b)]), tmp_path / "baked")
+    assert rel_err(logits(load_base(out)) - y0, y_peft - y0) <= TOL
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    k, q = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(before[k], after[k]) and not torch.equal(before[q], after[q])
+
+
+def test_verify_judges_a_moe_merge_with_peft(moe, tmp_path):
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    _, base, a, b = moe
+    args = ["verify", str(a), str(b), "--base", str(base), "-s", "cat", "-s", "svd", "--rank", "5",
+            "--device", "cpu", "--json"]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert len(doc["rows"]) == 2
+    for row in doc["rows"]:
+        assert row["passed"] and row["reference"] == "peft" and row["loaded_by"] == "peft", row
+        assert row["effect_rel_error"] <= TOL
+
+
+def test_inspect_shows_experts_as_a_range(moe):
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    _, _, a, _ = moe
+    res = CliRunner().invoke(cli, ["inspect", str(a)])
+    assert res.exit_code == 0, res.output
+    assert "0–1 × experts 0–3" in res.output

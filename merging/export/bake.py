@@ -25,8 +25,10 @@ from merging.core import dora
 from merging.core.adapter import Pair, Stack, Stacks, base_shapes, stacks
 from merging.core.alora import refuse_gated
 from merging.core.deltas import LowRank
+from merging.core.experts import is_param_key
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
+from merging.export.bake_params import bake_loaded
 from merging.runtime.stacked import effective_bias, effective_weight
 from merging.storage.atomic import start_writeback
 from merging.storage.files import atomic_folder, checkpoint, refuse_overlap
@@ -62,6 +64,9 @@ def bake(
     """
     base = Path(base)
     refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
+    if any(is_param_key(m) for ad, _ in pairs for m in ad.deltas):  # MoE experts: through transformers
+        return bake_loaded(base, pairs, out, task_type=task_type(pairs), force=force, progress=progress,
+                           owns=owned)  # fmt: skip
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
         raise FormatError(f"{base}: no safetensors shards to bake into")
