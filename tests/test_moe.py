@@ -240,3 +240,40 @@ def test_inspect_shows_experts_as_a_range(moe):
     res = CliRunner().invoke(cli, ["inspect", str(a)])
     assert res.exit_code == 0, res.output
     assert "0–1 × experts 0–3" in res.output
+
+
+ADDITIVE = ["cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots", "core",
+            "tsv", "iso_c", "iso_cts"]  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ADDITIVE)
+def test_every_additive_strategy_merges_expert_by_expert(strategy, tmp_path_factory):
+    """Each strategy runs per expert and its output loads in PEFT on the experts it names; the exact ones
+    (cat, core with its linear inner merge) give PEFT's stacked outputs."""
+    import peft
+
+    root = tmp_path_factory.mktemp("strategies")
+    base = save_moe_base("mixtral", root / "base")
+    a = make_moe_adapter(base, root / "a", 1, BOTH, r=2)
+    b = make_moe_adapter(base, root / "b", 2, BOTH, r=2)  # equal ranks: linear needs them
+    ads = [sources.load(f)[0] for f in (a, b)]
+    result = merge(weighted(ads), strategy, Options(rank=4, inner="linear"))
+    merged = result.adapters[0]
+    assert sum(":" in k for k in merged.deltas) == 16  # every expert of both parameters in both layers
+    out = fp.write(merged, root / "out")
+    y = logits(peft.PeftModel.from_pretrained(load_base(base), str(out)))
+    model = load_base(base)
+    with stacked(model, weighted([merged])):
+        assert rel_err(logits(model), y) <= 1e-5  # what we merged is what PEFT loads
+    if strategy in ("cat", "core"):
+        y0, y_peft = peft_reference(base, [a, b])
+        assert rel_err(y - y0, y_peft - y0) <= TOL
+
+
+def test_other_formats_refuse_expert_deltas_in_one_line(moe, tmp_path):
+    from merging.formats import kohya
+
+    _, _, a, _ = moe
+    with pytest.raises(UnsupportedError) as e:
+        kohya.write(sources.load(a)[0], tmp_path / "x.safetensors")
+    assert "\n" not in str(e.value) and "target_parameters" in str(e.value) and "peft" in str(e.value)
