@@ -26,7 +26,7 @@ WRITTEN = ("*.safetensors", "*.safetensors.index.json", "config.json", "generati
 
 def bake_loaded(
     base: Path, pairs: Sequence[Pair], out: Path, *, task_type: str | None, force: bool = False,
-    progress: Progress | None = None, owns=(),
+    progress: Progress | None = None, owns=(), prepare: Callable[[torch.nn.Module], None] | None = None,
 ) -> Path:  # fmt: skip
     """Write ``base`` with the adapters folded in, through transformers (load, fold, save_pretrained).
 
@@ -36,6 +36,7 @@ def bake_loaded(
         out: the output folder (atomic; an existing one needs ``force``).
         task_type: the adapters' PEFT task type (picks the head class).
         owns: what replacing ``out`` replaces besides what is written (bake's weight files).
+        prepare: called on the loaded float base before folding (a QLoRA bake puts dequant(W₄) there).
 
     Returns:
         ``out``.
@@ -52,6 +53,8 @@ def bake_loaded(
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FormatError(f"{base}: cannot load the base model to bake into ({first})") from None
     with torch.no_grad():
+        if prepare is not None:
+            prepare(model)
         merge_into(model, pairs)
     with atomic_folder(Path(out), force=force, owns=owns) as tmp:
         model.save_pretrained(tmp)
