@@ -92,3 +92,27 @@ def test_dequantized_bake_loads_with_peft_nf4_outputs(qlora, tmp_path):
     y_orig = logits(transformers.AutoModelForCausalLM.from_pretrained(
         bake(base, weighted(sources.load(a)), tmp_path / "orig")).eval())  # fmt: skip
     assert rel_err(y_orig - y0, y_ref - y0) > 1e-2  # into the float weights: not what the adapter saw
+
+
+def test_cli_bake_and_verify_take_base_quant(qlora, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    base, a = qlora
+    res = CliRunner().invoke(cli, ["bake", str(a), "--base", str(base), "--base-quant", "nf4", "-o",
+                                   str(tmp_path / "baked"), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["into"] == "dequantized"
+    assert [b["into"] for b in doc["bakes"]] == ["original", "dequantized", "requantized"]
+    assert doc["bakes"][1]["effect_rel_error"] <= 1e-5
+    res = CliRunner().invoke(cli, ["verify", str(a), "--base", str(base), "--base-quant", "nf4", "-s", "cat",
+                                   "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.output)["rows"]
+    assert row["passed"] and row["reference"] == "peft" and row["loaded_by"] == "peft"
+    res = CliRunner().invoke(cli, ["bake", str(a), "--base", str(base), "--into", "dequantized", "-o",
+                                   str(tmp_path / "x")])  # fmt: skip
+    assert res.exit_code == 2 and "--base-quant" in res.output

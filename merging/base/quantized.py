@@ -65,6 +65,18 @@ def load_quantized(folder: str | Path, quant: str, task_type: str | None = None)
     return model.eval()
 
 
+def load_quantized_base(spec: str | Path, quant: str, task_type: str | None = None):
+    """(the base in ``quant``, its tokenizer or None): ``layout.load_base`` for a QLoRA-trained base."""
+    from transformers import AutoTokenizer
+
+    model = load_quantized(spec, quant, task_type)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(spec))
+    except (OSError, ValueError, TypeError, RuntimeError):
+        tokenizer = None  # verify then runs on seeded token ids
+    return model, tokenizer
+
+
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The bitsandbytes layers of a model by path (Linear4bit, Linear8bitLt)."""
     return {n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
