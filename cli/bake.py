@@ -10,6 +10,7 @@ import click
 from merging.base.quantized import QUANTS
 from merging.export import qlora
 from merging.export.bake import bake
+from merging.export.gguf_bake import OUTTYPES, bake_gguf
 from merging.formats import sources
 
 from .common import FloatList, complete_path, console, err_console, progress_bar, telling_replaced
@@ -28,14 +29,21 @@ from .tables import Col, Grid, emit_json, say, show
 @click.option("--base-quant", type=click.Choice(QUANTS),
               help="The adapters were trained on the base in this bitsandbytes quantisation (QLoRA): measure "
                    "the bakes against PEFT on that base first.")  # fmt: skip
+@click.option("--outtype", type=click.Choice(OUTTYPES), default="same", show_default=True,
+              help="A .gguf base: the type of the adapted tensors (same: each keeps its own quantisation).")
 @click.option("--into", type=click.Choice(["original", "dequantized"]), default=None,
               help="With --base-quant: fold into the original float weights or into dequant(W) (default).")
-def bake_cmd(inputs, base, out, weights, force, as_json, base_quant, into) -> None:
-    """Write the base model with the adapters folded in, streaming one shard at a time.
+def bake_cmd(inputs, base, out, weights, force, as_json, base_quant, outtype, into) -> None:
+    """Write the base model with the adapters folded in, streaming one shard (or GGUF tensor) at a time.
 
-    Example: merging bake --base BASE merged/ -o baked-model/
+    Example: merging bake --base BASE merged/ -o baked-model/   (or --base model.gguf -o out.gguf)
     """
-    pairs = sources.load_inputs(inputs, base=base, weights=weights)
+    gguf_base = Path(base).suffix == ".gguf"
+    if not gguf_base and outtype != "same":
+        raise click.UsageError("--outtype is for a .gguf base (a model folder keeps its dtypes)")
+    if gguf_base and base_quant:
+        raise click.UsageError("--base-quant is for a transformers base; a .gguf base keeps its own types")
+    pairs = sources.load_inputs(inputs, base=None if gguf_base else base, weights=weights)
     if into == "dequantized" and not base_quant:
         raise click.UsageError("--into dequantized needs --base-quant (the quantisation the adapters saw)")
     into, table = into or ("dequantized" if base_quant else "original"), None
@@ -50,8 +58,11 @@ def bake_cmd(inputs, base, out, weights, force, as_json, base_quant, into) -> No
                         f"{r.top1_agreement:.0%}", f"{r.kl:.1e}"] for r in table]), err_console)  # fmt: skip
     with telling_replaced(err_console if as_json else console):
         with progress_bar("baking") as update:
-            bake(base, pairs, out, force=force, progress=update, base_quant=base_quant, into=into)
-    files = sorted(p for p in Path(out).iterdir() if p.is_file())
+            if gguf_base:
+                bake_gguf(base, pairs, out, outtype=outtype, force=force, progress=update)
+            else:
+                bake(base, pairs, out, force=force, progress=update, base_quant=base_quant, into=into)
+    files = [Path(out)] if gguf_base else sorted(p for p in Path(out).iterdir() if p.is_file())
     doc = {"output": str(out), "base": str(base), "inputs": [{"source": str(ad.source), "weight": w}
            for ad, w in pairs], "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip
     if table is not None:
