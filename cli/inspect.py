@@ -39,7 +39,10 @@ def kind_rows(ks: list[dict[str, Any]], prefix: str = "") -> list[list[str]]:
     """The summary table's cells: the kind without ``prefix``, layers as ranges, spans, compact counts."""
     rows = []
     for k in ks:
-        layers = _layers(k["layers"], k["modules"])
+        experts = k.get("experts") or []
+        layers = _layers(k["layers"], k["modules"] // max(1, len(experts)))
+        if experts:
+            layers += f" × experts {ranges(experts)}"
         spans = [span(k["rank"], str), span(k["scale"]), span(k["norm"])]
         rows.append([k["kind"].removeprefix(prefix), layers, k["delta"], *spans, count(k["params"])])
     return rows

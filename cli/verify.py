@@ -11,6 +11,7 @@ from merging import strategies
 from merging.base import pipelines as sdbase
 from merging.base.layout import BaseLayout
 from merging.base.load import load_base
+from merging.base.quantized import QUANTS, load_quantized_base
 from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.eval.results import Report, judge_note
@@ -81,9 +82,11 @@ def _options(rank, energy, density, seed, inner, alpha, common_fraction) -> Opti
 @click.option("--max-new-tokens", type=int, default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema merging.verify/1).")
 @click.option("--save", type=click.Path(path_type=Path), help="Also write the JSON report to this file.")
+@click.option("--base-quant", type=click.Choice(QUANTS),
+              help="Load the base through bitsandbytes as QLoRA adapters were trained (float32 compute).")
 def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy, density, seed, inner, alpha,
                common_fraction, device, device_map, dtype, prompts, max_new_tokens, as_json,
-               save) -> None:  # fmt: skip
+               save, base_quant) -> None:  # fmt: skip
     """Check merged adapters reproduce the inputs stacked active; exit 1 when an exact one fails.
 
     Example: merging verify --base BASE a/ b/ -s cat -s svd --rank 4
@@ -96,8 +99,11 @@ def verify_cmd(inputs, base, merged_dirs, strategy_names, weights, rank, energy,
         options = _options(rank, energy, density, seed, inner, alpha, common_fraction)
         return verify_sd.run(inputs, Path(base), merged_dirs, strategy_names, weights, options, as_json)
     task = sources.task_type([*inputs, *map(str, merged_dirs)])
-    model, tokenizer = load_base(base, device, dtype, device_map=device_map, task_type=task)
-    layout = BaseLayout.from_model(model)
+    if base_quant:
+        model, tokenizer = load_quantized_base(base, base_quant, task)
+    else:
+        model, tokenizer = load_base(base, device, dtype, device_map=device_map, task_type=task)
+    layout = BaseLayout.from_folder(base, task) if base_quant else BaseLayout.from_model(model)
     adapters = [ad for ad, _ in sources.load_inputs(inputs, base=layout)]
     candidates = []
     recipe_weights = None

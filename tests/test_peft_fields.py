@@ -49,7 +49,6 @@ def _rewrite(folder, **changes):
     [
         ("use_qalora", True),
         ("layer_replication", [[0, 2]]),
-        ("target_parameters", ["mlp.experts.gate_up_proj"]),
         ("init_lora_weights", "pissa_niter_4"),
         ("init_lora_weights", "olora"),
         ("a_field_from_the_future", 3),

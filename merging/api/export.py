@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +16,57 @@ from merging.formats import sources
 def bake(
     inputs: Sequence[str | Path], base: str | Path, out: str | Path, *,
     weights: Sequence[float] | None = None, force: bool = False, progress: Progress | None = None,
+    base_quant: str | None = None, into: str | None = None, outtype: str = "same",
+    measured: Callable[[list], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Write the base model with the adapters folded in, one shard at a time (``merging bake``).
+    """Write the base model with the adapters folded in, a shard (or GGUF tensor) at a time (merging bake).
 
     Args:
         inputs: the adapters in stacking order (as ``merging.load_inputs`` takes them).
-        base: the base model folder.
-        out: the output folder.
+        base: the base model folder, or a ``.gguf`` model (baked at its own quantisation).
+        out: the output folder (a ``.gguf`` file for a GGUF base).
         weights: one per adapter (default 1 each).
-        force: replace an existing output folder.
+        force: replace an existing output.
         progress: called as progress(done, total, item).
+        base_quant: the adapters were trained on the base in nf4/fp4/int8 (QLoRA): the three bakes are
+            measured against PEFT on that base first (``export.qlora``), then ``into`` is written.
+        into: with ``base_quant``, "original" (the float weights) or "dequantized" (default).
+        outtype: a GGUF base: the adapted tensors' type ("same" keeps each tensor's own).
+        measured: called with the QLoRA table before the bake is written (to show it early).
 
     Returns:
-        What was written (the ``--json`` document, schema merging.bake/1): output, base, inputs, files.
+        What was written (the ``--json`` document, schema merging.bake/1): output, base, inputs, files (and
+        base_quant, into, bakes with ``base_quant``).
     """
-    pairs = sources.load_inputs([str(s) for s in inputs], base=base, weights=weights)
-    bake_lib.bake(base, pairs, out, force=force, progress=progress)
-    files = sorted(p for p in Path(out).iterdir() if p.is_file())
-    return {"output": str(out), "base": str(base), "inputs": [{"source": str(ad.source), "weight": w}
-            for ad, w in pairs], "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip
+    from merging.errors import MergingError
+
+    gguf_base = Path(base).suffix == ".gguf"
+    if not gguf_base and outtype != "same":
+        raise MergingError("--outtype is for a .gguf base (a model folder keeps its dtypes)")
+    if gguf_base and base_quant:
+        raise MergingError("--base-quant is for a transformers base; a .gguf base keeps its own types")
+    if into == "dequantized" and not base_quant:
+        raise MergingError("--into dequantized needs --base-quant (the quantisation the adapters saw)")
+    pairs = sources.load_inputs([str(s) for s in inputs], base=None if gguf_base else base, weights=weights)
+    into, table = into or ("dequantized" if base_quant else "original"), None
+    if base_quant:
+        from merging.export import qlora
+
+        table = qlora.bake_table(base, pairs, base_quant)
+        if measured is not None:
+            measured(table)
+    if gguf_base:
+        from merging.export.gguf_bake import bake_gguf
+
+        bake_gguf(Path(base), pairs, out, outtype=outtype, force=force, progress=progress)
+    else:
+        bake_lib.bake(base, pairs, out, force=force, progress=progress, base_quant=base_quant, into=into)
+    files = [Path(out)] if gguf_base else sorted(p for p in Path(out).iterdir() if p.is_file())
+    doc = {"output": str(out), "base": str(base), "inputs": [{"source": str(ad.source), "weight": w}
+           for ad, w in pairs], "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip
+    if table is not None:
+        doc |= {"base_quant": base_quant, "into": into, "bakes": [asdict(r) for r in table]}
+    return doc
 
 
 def publish(

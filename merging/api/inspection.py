@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ class Kind:
     scale: list[float]
     norm: list[float]
     params: int
+    experts: list[int] = field(default_factory=list)  # MoE experts (``module:param.e``), like layers
 
 
 def inspect(spec: str | Path, modules: str | None = None) -> dict[str, Any]:
@@ -81,9 +82,18 @@ def natural(name: str) -> tuple:
 
 
 def kind_of(module: str) -> tuple[str, int | None]:
-    """(the name with each index as ``*``, the layer index when there is exactly one)."""
-    idx = INDEX.findall(module)
-    return INDEX.sub("*", module), int(idx[0]) if len(idx) == 1 else None
+    """(the name with each index as ``*``, the layer index when there is exactly one).
+
+    An expert of a parameter (``module:param.e``) has its layer index in the module part."""
+    name, sep, param = module.partition(":")
+    idx = INDEX.findall(name)
+    return INDEX.sub("*", name) + sep + INDEX.sub("*", param), int(idx[0]) if len(idx) == 1 else None
+
+
+def expert_of(module: str) -> int | None:
+    """The expert index of ``module:param.e``, else None."""
+    tail = module.partition(":")[2].rpartition(".")[2]
+    return int(tail) if tail.isdigit() else None
 
 
 def module_list(ad: Adapter) -> list[Module]:
@@ -121,8 +131,10 @@ def kinds(mods: list[Module]) -> list[Kind]:
             return [min(vs), max(vs)] if vs else []
 
         layers = sorted({layer for _, layer in items if layer is not None})
+        experts = sorted({e for m in ms if (e := expert_of(m.module)) is not None})
         out.append(Kind(pattern, delta, layers, len(ms), lo_hi([m.rank for m in ms]),
-                        lo_hi([m.scale for m in ms]), lo_hi([m.norm for m in ms]), sum(m.params for m in ms)))
+                        lo_hi([m.scale for m in ms]), lo_hi([m.norm for m in ms]), sum(m.params for m in ms),
+                        experts))
     return out
 
 

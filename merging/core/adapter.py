@@ -23,6 +23,7 @@ from merging.core.deltas import (
     Scale,
     TokenRows,
 )
+from merging.core.experts import check_same_parameters, is_param_key
 from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale
 from merging.core.replacements import Auxiliary, BaseTensors
@@ -98,10 +99,12 @@ class Adapter:
         Returns:
             A new Adapter; a module missing from ``shapes`` or with a different shape raises ShapeMismatch.
         """
-        if missing := [m for m in self.deltas if m not in shapes]:
+        if missing := [m for m in self.deltas if m not in shapes and not is_param_key(m)]:
             raise ShapeMismatch(f"{self.where}: module {missing[0]} is not in the base model")
 
         def refine(mod: str, d: Delta) -> Delta:
+            if mod not in shapes:  # an expert of a parameter: checked against the live parameter
+                return d
             layer, shape = shapes[mod]
             if isinstance(d, (Scale, AddedScale)):  # a weights-only base does not know a 2-D layer's kind
                 return replace(d, layer=layer) if layer != "unknown" else d
@@ -170,6 +173,7 @@ def align(adapters: Sequence[Adapter]) -> list[str]:
         IncompatibleAdapters: they name different base models.
         ShapeMismatch: a shared module has different base weight shapes (naming the module and both shapes).
     """
+    check_same_parameters(adapters)
     bases = {base_identity(a.base_model) for a in adapters if a.base_model}
     if len(bases) > 1:
         names = ", ".join(f"{a.where} ({a.base_model})" for a in adapters if a.base_model)
@@ -236,6 +240,7 @@ def stacks(pairs: Sequence[Pair], *, expand_tie: Callable[[str], bool] | None = 
     Returns:
         Stacks; two inputs replacing one module (other than disjoint token rows) raise IncompatibleAdapters.
     """
+    check_same_parameters([ad for ad, _ in pairs])
     deltas: dict[str, Stack] = {}
     aux_items: dict[str, list[tuple[Adapter, Auxiliary]]] = {}
     for ad, w in pairs:

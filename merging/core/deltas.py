@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from merging.core import linalg
+from merging.core.experts import ParamSite
 from merging.core.replacements import Auxiliary, BaseTensors, ModuleReplacement, TokenRows  # noqa: F401 (re-exported)
 from merging.errors import ShapeMismatch, UnsupportedError
 
@@ -30,10 +31,12 @@ class Target:
 
     ``layer="unknown"`` with a 2-D shape means only the matrix form (out, in_flat) is known (for
     example a LoHa read from a file without its base); ``refine`` fills in the stored shape.
+    ``site``: the delta acts on one expert of a parameter (PEFT ``target_parameters``), not a module.
     """
 
     layer: Layer
     shape: tuple[int, ...]
+    site: ParamSite | None = None
 
     def __post_init__(self) -> None:
         if self.layer in ("linear", "embedding", "gpt2_conv1d", "unknown") and len(self.shape) != 2:
@@ -64,7 +67,7 @@ class Target:
         """This target with the base's real layer kind and stored shape (checked to agree)."""
         if layer == "unknown":  # a base known by its weights only: a 2-D weight of unknown kind
             return self._refine_2d(tuple(shape))
-        new = Target(layer, tuple(shape))
+        new = Target(layer, tuple(shape), self.site)
         convs = self.layer in CONV_DIMS and layer in CONV_DIMS  # LoHa/LoKr keep a Conv1d's kernel as (k, 1)
         if self.layer != "unknown" and self.layer != layer and not convs:
             raise ShapeMismatch(f"delta is for a {self.layer} layer, the base module is {layer}")
@@ -75,7 +78,7 @@ class Target:
     def _refine_2d(self, shape: tuple[int, ...]) -> Target:
         """Against a 2-D base weight of unknown kind (Linear, Embedding or GPT-2 Conv1D): the delta keeps its
         kind (one of unknown kind becomes a Linear: LoHa/LoKr/AdaLoRA adapt no other 2-D layer)."""
-        new = Target("linear" if self.layer == "unknown" else self.layer, self.shape)
+        new = Target("linear" if self.layer == "unknown" else self.layer, self.shape, self.site)
         if new.layer in CONV_DIMS or new.shape != shape:
             raise ShapeMismatch(f"delta is for a {self.layer} weight {self.shape}, the base weight {shape}")
         return new

@@ -28,7 +28,8 @@ from merging.errors import UnsupportedError
 from merging.eval import judge
 from merging.eval.results import Report, Row
 from merging.merge.recipe import Recipe
-from merging.runtime.fold import effective_weight, evaluated
+from merging.runtime.effective import effective_weight
+from merging.runtime.fold import evaluated
 from merging.runtime.grouped import grouped
 from merging.runtime.stacked import stacked
 

@@ -22,10 +22,13 @@ from merging.core import dora
 from merging.core.adapter import Pair, Stack, Stacks, base_shapes, stacks
 from merging.core.alora import refuse_gated
 from merging.core.deltas import LowRank
+from merging.core.experts import is_param_key
 from merging.core.progress import Progress
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
 from merging.errors import FormatError, IncompatibleAdapters, UnsupportedError
-from merging.runtime.fold import effective_bias, effective_weight
+from merging.export import qlora
+from merging.export.bake_params import bake_loaded
+from merging.runtime.effective import effective_bias, effective_weight
 from merging.storage.atomic import atomic_folder, checkpoint
 from merging.storage.files import refuse_overlap
 from merging.storage.safetensors_io import stream_shard
@@ -40,6 +43,8 @@ def bake(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    base_quant: str | None = None,
+    into: str = "original",
 ) -> Path:
     """Write ``base`` with the adapters folded in (stacked semantics, innermost first) to ``out``.
 
@@ -52,12 +57,18 @@ def bake(
         pairs: (Adapter, weight) in stacking order.
         out: the output folder (atomic; an existing one needs ``force``).
         progress: called as progress(done, total, shard name).
+        base_quant: the adapters were trained on the base in nf4/fp4/int8 (QLoRA); with ``into``
+            "dequantized" they are folded into dequant(W₄) in the base's float dtype (``export.qlora``).
 
     Returns:
         ``out``.
     """
     base = Path(base)
     refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
+    prepare = None if base_quant is None else qlora.prepare_for(base, base_quant, into, task_type(pairs))
+    if prepare is not None or any(is_param_key(m) for ad, _ in pairs for m in ad.deltas):  # via transformers
+        return bake_loaded(base, pairs, out, task_type=task_type(pairs), force=force, progress=progress,
+                           owns=owned, prepare=prepare)  # fmt: skip
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
         raise FormatError(f"{base}: no safetensors shards to bake into")

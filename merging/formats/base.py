@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from merging.core.adapter import Adapter
+from merging.core.experts import is_param_key
 from merging.errors import FormatError, MergingError, UnsupportedError
 
 if TYPE_CHECKING:  # formats only read a BaseLayout's fields; basemodel is not imported at run time
@@ -77,9 +78,15 @@ class Format:
 
 
 def refuse_gated(adapter: Adapter, fmt: str) -> None:
-    """aLoRA gating (invocation tokens) lives in PEFT's config only: other formats would drop it."""
+    """aLoRA gating (invocation tokens) and LoRA on parameters (MoE experts, ``target_parameters``) live in
+    PEFT's format only: other formats would drop them or name modules that do not exist."""
     if adapter.invocation is not None:
         raise UnsupportedError(f"{adapter.where}: an aLoRA (alora_invocation_tokens) has no {fmt} form")
+    if experts := [m for m in adapter.deltas if is_param_key(m)]:
+        raise UnsupportedError(
+            f"{adapter.where}: {experts[0]} is an expert of a parameter (PEFT target_parameters), which has "
+            f"no {fmt} form; write --format peft"
+        )
 
 
 @contextmanager

@@ -14,60 +14,11 @@ from merging.base.tied_weights import differing
 from merging.core import dora
 from merging.core.adapter import Pair, Stacks, layer_kind, stacks
 from merging.core.alora import refuse_gated
-from merging.core.deltas import AdditiveDelta, Delta, Layer, LowRank, Scale, Target
-from merging.core.lycoris_ia3 import AddedScale
+from merging.core.experts import is_param_key
 from merging.errors import UnsupportedError
+from merging.runtime import params
+from merging.runtime.effective import effective_weight
 from merging.runtime.stacked import stacked, with_auxiliary
-
-
-def effective_weight(
-    stack: Sequence[tuple[Delta, float]],
-    w: torch.Tensor,
-    b: torch.Tensor | None,
-    kind: Layer,
-    *,
-    inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight and bias a stack of deltas amounts to (stored layout), in float32.
-
-    Args:
-        stack: (delta, weight) pairs, innermost first.
-        w: the base weight as stored.
-        b: the base bias or None.
-        kind: the layer kind (sets the stored layout).
-        inplace: a float32 ``w`` may be modified in place (the caller owns it; saves a copy).
-    """
-    target = Target(kind, tuple(w.shape))
-    stack = [(d.resolve(w, kind) if isinstance(d, AddedScale) else d, wt) for d, wt in stack]  # from W itself
-    w0 = target.to_matrix(w.float()).clone() if any(dora.is_dora(d) for d, _ in stack) else None
-    m = target.to_matrix(w) if inplace and w.dtype == torch.float32 else target.to_matrix(w.float()).clone()
-    for d, wt in stack:
-        if dora.is_dora(d):
-            if wt != 1.0:
-                raise UnsupportedError(f"a DoRA input has no stacked meaning at weight {wt:g}")
-            m = dora.fold(m, d, w0)
-        elif isinstance(d, Scale):
-            m = Scale((d.l.double() ** wt).float(), d.side, d.layer).fold(m)
-        elif isinstance(d, LowRank):
-            m.addmm_(d.b.float() * (wt * d.scale), d.a.float())  # in place, no (out, in) temporary
-        elif isinstance(d, AdditiveDelta):
-            m.add_(d.dense(), alpha=wt)  # in place: one (out, in) temporary, not two
-        else:
-            raise UnsupportedError(f"cannot fold {type(d).__name__} into a weight")
-    return target.to_stored(m), effective_bias(stack, b)
-
-
-def effective_bias(stack: Sequence[tuple[Delta, float]], b: torch.Tensor | None) -> torch.Tensor | None:
-    """The bias a stack of deltas amounts to (float32): IA³ output scalings and LoRA/dense bias deltas."""
-    bias = None if b is None else b.float().clone()
-    for d, wt in stack:
-        if isinstance(d, Scale):
-            if d.side == "out" and bias is not None:
-                bias = bias * (d.l.double() ** wt).float()
-        elif getattr(d, "bias", None) is not None:
-            extra = wt * d.scale * d.bias.float()
-            bias = extra if bias is None else bias + extra
-    return bias
 
 
 class Undo:
@@ -109,7 +60,10 @@ def _fold(model: nn.Module, plan: Stacks, saved: dict[str, torch.Tensor]) -> Non
     """merge_into's loop: each module's stack folded in place, its tensors saved into ``saved`` first."""
     seen: set[int] = set()
     with torch.no_grad():
+        params.fold(model, plan, saved)  # deltas on parameters (MoE experts)
         for mod in plan.modules:
+            if is_param_key(mod):
+                continue
             m = model.get_submodule(mod)
             kind = layer_kind(m)
             if id(m.weight) in seen:  # a tied weight already got this delta

@@ -30,9 +30,11 @@ from merging.core.deltas import (
     Scale,
     Target,
 )
+from merging.core.experts import is_param_key
 from merging.core.lycoris_ia3 import AddedScale
 from merging.core.replacements import Auxiliary, BaseTensors, TokenRows
 from merging.errors import ShapeMismatch, UnsupportedError
+from merging.runtime import params
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,8 +197,9 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
     hook = None if gate is None else model.register_forward_pre_hook(gate, with_kwargs=True)
     aux = active_aux(model, plan)
     try:
-        layers = {m: stacked_layer(model, m, plan, aux, gate) for m in sorted(set(plan.modules) | set(aux))}
-        with swapped(model, layers):
+        mods = [m for m in sorted(set(plan.modules) | set(aux)) if not is_param_key(m)]  # experts: params
+        layers = {m: stacked_layer(model, m, plan, aux, gate) for m in mods}
+        with swapped(model, layers), params.activated(model, plan):
             yield model
     finally:
         if hook is not None:

@@ -27,7 +27,7 @@ MODELLED = {
     "LORA": {
         "r", "lora_alpha", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save", "rank_pattern",
         "alpha_pattern", "trainable_token_indices", "use_dora", "lora_bias", "ensure_weight_tying",
-        "alora_invocation_tokens", "init_lora_weights",
+        "alora_invocation_tokens", "init_lora_weights", "target_parameters",
     },
     "LOHA": {"r", "alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "use_effective_conv2d"},
     "LOKR": {
@@ -68,7 +68,6 @@ REFUSED = {
         "layer_replication": (None, "layer replication changes the model's layers"),
         "arrow_config": (None, "Arrow routes between adapters"),
         "kasa_config": (None, "KaSA cuts the base weight's r smallest singular values: it changes the base"),
-        "target_parameters": (None, "LoRA on parameters (MoE experts) is not supported yet"),
     },
     "LOHA": {},
     "LOKR": {},

@@ -32,6 +32,7 @@ from merging.errors import FormatError, NonFiniteError, UnsupportedError
 from merging.formats import lycoris
 from merging.formats.base import READ_DEFAULTS, ReadOptions, naming
 from merging.formats.peft import config as pc
+from merging.formats.peft import params as peft_params
 from merging.formats.peft.config import CONFIG, PREFIX, WEIGHTS, WEIGHTS_BIN
 from merging.formats.peft.fields import TRAINING_ONLY
 from merging.storage.files import hash_ahead, reading
@@ -132,6 +133,8 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
         return out
 
     peft_type = config["peft_type"]
+    consumed, param_deltas = peft_params.read_params(groups, config, file, lambda m: tensors(m, groups[m]))
+    groups = {m: keys for m, keys in groups.items() if m not in consumed}  # target_parameters: per expert
     mts = config.get("modules_to_save") or []
     adapted: dict[str, dict[str, str]] = {}
     aux: dict = {}
@@ -164,13 +167,15 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
             adapted[module] = keys
 
     def build(module: str) -> Delta:
+        if module in param_deltas:
+            return param_deltas[module]
         with reading(folder), naming(file, f"module {module}"):
             return _DELTA_READERS[peft_type](tensors(module, adapted[module]), config, module)
 
     kind = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3", "ADALORA": "lora"}[peft_type]
     if any(any(p.startswith("lora_magnitude") for p in keys) for keys in adapted.values()):
         kind = "dora"
-    deltas: Mapping[str, Delta] = LazyDeltas(sorted(adapted), build, kind)
+    deltas: Mapping[str, Delta] = LazyDeltas(sorted([*adapted, *param_deltas]), build, kind)
     if not lazy or config.get("ensure_weight_tying"):  # finding ties compares tensors
         deltas = dict(deltas.items())
     tied = pc.find_ties(deltas) if config.get("ensure_weight_tying") else {}

@@ -20,6 +20,7 @@ from merging.formats import lycoris, stack_folder
 from merging.formats.base import WRITE_DEFAULTS, Provenance, WriteOptions, naming, recipe_of
 from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft import config as pc
+from merging.formats.peft import params as peft_params
 from merging.formats.peft.config import CONFIG, PREFIX, RECIPE_FILE, WEIGHTS, WEIGHTS_BIN
 from merging.formats.peft.shapes import as_built, grouped_a
 from merging.storage.atomic import atomic_folder
@@ -155,9 +156,13 @@ def _write_deltas(
     """Append every module's tensors to ``sink`` (one pass over the deltas) and return the config."""
     if kind is LowRank:
         seen: dict[str, pc.LoraInfo] = {}
+        params = peft_params.ParamWriter()  # target_parameters: experts gathered per parameter
         for mod, d in adapter.deltas.items():
             if not isinstance(d, LowRank):
                 raise UnsupportedError(f"{adapter.where}: module {mod} is not a LoRA; merge first")
+            if d.target.site is not None:
+                params.add(mod, d)
+                continue
             with naming(adapter.where, f"module {mod}"):
                 d = as_built(mod, d, base)
             groups = base.groups.get(mod, 1) if base is not None else 1
@@ -169,7 +174,10 @@ def _write_deltas(
             d = adapter.deltas[src]
             sink.add(f"{PREFIX}{mod}.lora_A.weight", d.a.contiguous())
             sink.add(f"{PREFIX}{mod}.lora_B.weight", d.b.contiguous())
-        return pc.lora_config(seen) | {"ensure_weight_tying": bool(adapter.tied)}
+        for name, t in params.tensors(PREFIX):
+            sink.add(name, t)
+        config = params.config(pc.lora_config(seen | params.infos()))
+        return config | {"ensure_weight_tying": bool(adapter.tied)}
     if kind is Scale:
         for mod, d in adapter.deltas.items():
             with naming(adapter.where, f"module {mod}"):

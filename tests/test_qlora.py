@@ -1,0 +1,118 @@
+"""QLoRA bases: the base loaded through bitsandbytes (CPU), PEFT stacking the adapter on it as the judge.
+
+bitsandbytes' 4-bit CPU path needs in_features ≥ its block of 64, so the tiny Llama here is 64 wide.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from merging.core.adapter import weighted
+from merging.formats import sources
+from tests.helpers import peft_stacked, rel_err
+from tests.tiny_models import randomise
+
+pytest.importorskip("bitsandbytes")
+
+WIDE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+IDS = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def qlora(tmp_path_factory) -> tuple[Path, Path]:
+    """(a tiny float Llama base folder, a LoRA made by PEFT on it)."""
+    import peft
+    import transformers
+
+    root = tmp_path_factory.mktemp("qlora")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**WIDE)).eval().save_pretrained(root / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+    model = peft.get_peft_model(model, cfg)
+    randomise(model, 5)
+    model.save_pretrained(root / "a")
+    return root / "base", root / "a"
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model(input_ids=IDS).logits.float()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_requantising_gives_the_bytes_transformers_stores(qlora, quant):
+    """Our quantiser settings are the loader's: quantising the float weight gives its stored 4-bit bytes."""
+    import bitsandbytes.functional as F
+    import transformers
+
+    from merging.base import quantized
+
+    base, _ = qlora
+    qmodel = quantized.load_quantized(base, quant)
+    w = transformers.AutoModelForCausalLM.from_pretrained(base).model.layers[1].mlp.down_proj.weight.detach()
+    layer = qmodel.model.layers[1].mlp.down_proj
+    q, _ = F.quantize_4bit(w, blocksize=quantized.BLOCKSIZE, quant_type=quant)
+    assert torch.equal(q, layer.weight.data)
+    assert torch.equal(quantized.roundtrip(w, quant), quantized.dequantize(layer))
+    x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(0))
+    assert rel_err(layer(x), x @ quantized.dequantize(layer).T) <= 1e-6  # float32 compute, not bf16
+
+
+def test_bake_table_dequantized_is_what_peft_runs_on_nf4(qlora):
+    from merging.export.qlora import bake_table
+
+    base, a = qlora
+    rows = {r.into: r for r in bake_table(base, weighted(sources.load(a)), "nf4", ids=IDS)}
+    assert list(rows) == ["original", "dequantized", "requantized"]
+    assert rows["dequantized"].effect_rel_error <= 1e-5  # float noise: the weights the adapter saw
+    assert rows["dequantized"].top1_agreement == 1.0
+    assert rows["original"].effect_rel_error > 1e3 * rows["dequantized"].effect_rel_error
+    assert rows["requantized"].effect_rel_error > 1e3 * rows["dequantized"].effect_rel_error
+
+
+def test_dequantized_bake_loads_with_peft_nf4_outputs(qlora, tmp_path):
+    import transformers
+
+    from merging.base import quantized
+    from merging.export.bake import bake
+
+    base, a = qlora
+    qmodel = quantized.load_quantized(base, "nf4")
+    y0 = logits(qmodel)
+    y_ref = logits(peft_stacked(qmodel, [str(a)]))
+    out = bake(base, weighted(sources.load(a)), tmp_path / "baked", base_quant="nf4", into="dequantized")
+    y = logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval())
+    assert rel_err(y - y0, y_ref - y0) <= 1e-4
+    y_orig = logits(transformers.AutoModelForCausalLM.from_pretrained(
+        bake(base, weighted(sources.load(a)), tmp_path / "orig")).eval())  # fmt: skip
+    assert rel_err(y_orig - y0, y_ref - y0) > 1e-2  # into the float weights: not what the adapter saw
+
+
+def test_cli_bake_and_verify_take_base_quant(qlora, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    base, a = qlora
+    res = CliRunner().invoke(cli, ["bake", str(a), "--base", str(base), "--base-quant", "nf4", "-o",
+                                   str(tmp_path / "baked"), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["into"] == "dequantized"
+    assert [b["into"] for b in doc["bakes"]] == ["original", "dequantized", "requantized"]
+    assert doc["bakes"][1]["effect_rel_error"] <= 1e-5
+    res = CliRunner().invoke(cli, ["verify", str(a), "--base", str(base), "--base-quant", "nf4", "-s", "cat",
+                                   "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.output)["rows"]
+    assert row["passed"] and row["reference"] == "peft" and row["loaded_by"] == "peft"
+    res = CliRunner().invoke(cli, ["bake", str(a), "--base", str(base), "--into", "dequantized", "-o",
+                                   str(tmp_path / "x")])  # fmt: skip
+    assert res.exit_code == 2 and "--base-quant" in res.output
