@@ -31,7 +31,7 @@ def bake(
         What was written (the ``--json`` document, schema merging.bake/1): output, base, inputs, files.
     """
     pairs = sources.load_inputs([str(s) for s in inputs], base=base, weights=weights)
-    bake_lib.bake(base, pairs, out, force=force, progress=progress)
+    bake_lib.bake(Path(base), pairs, Path(out), force=force, progress=progress)
     files = sorted(p for p in Path(out).iterdir() if p.is_file())
     return {"output": str(out), "base": str(base), "inputs": [{"source": str(ad.source), "weight": w}
             for ad, w in pairs], "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip
