@@ -36,13 +36,16 @@ train-examples: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check merging cli tests examples benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 quick: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not model"
 
+# ruff everywhere; mypy on the public API (merging/__init__.py and what it exports: [tool.mypy] files)
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check merging cli tests examples benchmarks
+	$(PY) -m mypy
 
 # Timing and memory against PEFT, and svd's global budget against uniform rank (not part of `make test`);
 # writes reports/benchmarks/.

@@ -36,7 +36,9 @@ OUTTYPES = ("same", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"
 def bake_cmd(inputs, base, out, weights, force, as_json, base_quant, outtype, into) -> None:
     """Write the base model with the adapters folded in, streaming one shard (or GGUF tensor) at a time.
 
-    Example: merging bake --base BASE merged/ -o baked-model/   (or --base model.gguf -o out.gguf)
+    A .gguf base is baked at its own quantisation (--outtype), written as one .gguf file.
+
+    Example: merging bake --base BASE merged/ -o baked-model/
     """
     def measured(table) -> None:
         if not as_json:

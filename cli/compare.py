@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from merging import strategies
-from merging.base.load import load_base
-from merging.errors import MergingError
-from merging.eval import compare as report_lib
-from merging.eval import tune as tune_lib
-from merging.eval.results import Comparison
-from merging.formats import sources
-from merging.merge import pipeline as merge_lib
-from merging.storage.files import refuse_overlap
-from merging.strategies import Options
-from merging.strategies.base import INNER
+import merging
 
 from . import tables
 from .common import (
@@ -45,12 +33,12 @@ def _ints(value: str | None) -> list[int]:
               help="Base model: a folder, a .gguf file, or a Hub id in the cache.")  # fmt: skip
 @click.option("--strategies", "-s", "names", default="cat,svd,ties", show_default=True,
               shell_complete=complete_strategy,
-              help=f"Comma-separated from: {', '.join(strategies.names())}; or 'all'.")  # fmt: skip
+              help=f"Comma-separated from: {', '.join(merging.strategy_names())}; or 'all'.")  # fmt: skip
 @click.option("--ranks", default="", help="Ranks for the rank-based strategies, e.g. 4,8,16.")
 @click.option("--weights", "-w", type=FloatList(), help="Input weights (default 1).")
 @click.option("--density", type=float, default=0.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--inner", type=click.Choice(INNER), default="ties", show_default=True,
+@click.option("--inner", type=click.Choice(merging.INNER), default="ties", show_default=True,
               help="knots/core: the merge in the shared basis.")  # fmt: skip
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Literature methods' global scale.")
 @click.option("--common-fraction", type=float, default=0.8, show_default=True, help="iso_cts common share.")
@@ -86,50 +74,22 @@ def compare_cmd(
 
     Example: merging compare a/ b/ --base BASE -s cat,svd --ranks 4 -o r/
     """
-    model, tokenizer = load_base(base, device, dtype, task_type=sources.task_type(inputs))
-    if tokenizer is None:
-        raise MergingError(f"{base}: compare needs a tokenizer beside the model")
-    pairs = sources.load_inputs(inputs, base=model, weights=weights)
-    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
-    label = next((a.base_model for a, _ in pairs if a.base_model), None) or str(base)
-    eval_sets = {}
+    eval_files = {}
     for spec in evals:
         name, sep, path = spec.partition("=")
         if not sep:
             raise click.BadParameter(f"--eval {spec!r}: expected NAME=FILE")
-        eval_sets[name] = report_lib.read_eval(Path(path))
-    chosen = strategies.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
-    variants = report_lib.variants(chosen, _ints(ranks))
-    variants += [report_lib.Variant("svd", budget=b) for b in _budgets(budgets, pairs)]
-    extra, notes, search = [], (), None
-    if tune_steps is not None:
-        if not eval_sets:
-            raise click.UsageError("--tune needs --eval sets to tune on")
-        split = tune_lib.split_evals(eval_sets, seed=seed)
-        with progress_bar("tuning") as update:
-            row, search = tuned_row(model, tokenizer, pairs, split.tune, tune_steps, seed, update)
-        extra, eval_sets = [row], split.report
-        n_tune, n_report = sum(map(len, split.tune.values())), sum(map(len, split.report.values()))
-        notes = (
-            f"Every row's retention is measured on the reporting split ({n_report} examples); the tuned "
-            f"row's weights were learnt on the other {n_tune} (seed {seed}), never on these.",
-        )
-    with progress_bar("comparing") as update:
-        opts = Options(density=density, seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction)
-        report = report_lib.compare(
-            model,
-            tokenizer,
-            pairs,
-            variants,
-            evals=eval_sets,
-            options=opts,
-            base_name=label,
-            progress=update,
-            extra=extra,
-        )
-    report = replace(report, notes=notes, search=search)
+        eval_files[name] = Path(path)
+    if tune_steps is not None and not eval_files:
+        raise click.UsageError("--tune needs --eval sets to tune on")
+    chosen = "all" if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
     with telling_replaced(err_console if as_json else tables.console):
-        report = report_lib.write_report(report, out, force=force)
+        report = merging.compare(
+            inputs, base, out, strategies=chosen, ranks=_ints(ranks), weights=weights, density=density,
+            seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction, evals=eval_files,
+            budgets=_budgets(budgets), tune_steps=tune_steps, device=device, dtype=dtype, force=force,
+            stages=progress_bar,
+        )  # fmt: skip
         if as_json:
             return emit_json("merging.compare/1", {"output": str(out), **report.to_dict()})
         show(report)
@@ -141,14 +101,14 @@ COMPARE_COLS = (Col("strategy"), Col("result"), Col("exact"), Col("rel err", Tru
                 Col("params", True))  # fmt: skip
 
 
-def rows(report: Comparison) -> list[list[str]]:
+def rows(report) -> list[list[str]]:
     """The fidelity table's cells in the terminal (report.md keeps its own, fuller, figures)."""
     return [[v.label, r.verdict, "yes" if r.exact else "no", sci(r.effect_rel_error), sci(r.kl),
              pct(r.top1_agreement), pct(r.greedy_agreement), sci(r.weight_error_max), str(v.max_rank),
              count(v.params)] for v in report.variants for r in [v.row]]  # fmt: skip
 
 
-def skill_rows(report: Comparison) -> list[list[str]]:
+def skill_rows(report) -> list[list[str]]:
     """Skill retention: the stacked inputs, then one row per variant; one column per skill."""
     names, stack = report.skills.names, report.skills.stacked
     out = [["stacked inputs", *(signed_pct(stack[s].retention) for s in names)]] if names else []
@@ -156,40 +116,19 @@ def skill_rows(report: Comparison) -> list[list[str]]:
                   for v in report.variants if names]  # fmt: skip
 
 
-def _budgets(value: str, pairs) -> list[int]:
-    """--budget entries as parameter counts: an integer, or rN for what uniform svd rank N keeps here."""
-    out = []
-    for item in (v.strip() for v in value.split(",") if v.strip()):
-        if item.startswith("r") and item[1:].isdigit():
-            result = merge_lib.merge(pairs, "svd", Options(rank=int(item[1:])))
-            out.append(sum(a.numel for a in result.adapters if a.name == "lora"))
-        elif item.isdigit():
-            out.append(int(item))
-        else:
+def _budgets(value: str) -> list[str]:
+    """--budget entries: each a parameter count or rN (uniform svd rank N's size on these inputs)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    for item in items:
+        if not (item.isdigit() or item.startswith("r") and item[1:].isdigit()):
             raise click.BadParameter(f"--budget {item!r}: a parameter count or rN")
-    return out
+    return items
 
 
-def tuned_row(model, tokenizer, pairs, evals, steps: int, seed: int, progress) -> tuple:
-    """The tuned merge as a report row, and its search record (weights learnt on ``evals``)."""
-    started = time.perf_counter()
-    found = tune_lib.tune(model, tokenizer, pairs, evals, settings=tune_lib.Settings(steps=steps, seed=seed),
-                          progress=progress)  # fmt: skip
-    merged_pairs, layer_w = tune_lib.merge_inputs([ad for ad, _ in pairs], found.weights)
-    result = merge_lib.merge(merged_pairs, "cat", layer_weights=layer_w)
-    label = "tuned cat"
-    search = {
-        "label": label, "weights": {ad.name: w for ad, w in merged_pairs},
-        "trace": [{"step": s.step, "objective": s.objective, "on": s.on} for s in found.steps],
-        "tuning_objective": {"start": found.start.objective, "end": found.end.objective},
-    }  # fmt: skip
-    return report_lib.Extra(label, result, time.perf_counter() - started), search
-
-
-def show(report: Comparison) -> None:
+def show(report) -> None:
     """The comparison tables in the terminal."""
     tables.show(Grid(report.title, COMPARE_COLS, rows(report)))
-    say(report_lib.judged(report))
+    say(merging.compare_judged(report))
     if report.skills.names:
         cols = (Col("strategy"), *(Col(s, True) for s in report.skills.names))
         tables.show(Grid("skill retention (100% = as the adapter alone)", cols, skill_rows(report)))

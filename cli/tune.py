@@ -2,48 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import click
 
-from merging.base.load import load_base
-from merging.core.adapter import weighted
-from merging.errors import MergingError
-from merging.eval import compare as report_lib
-from merging.eval import tune as tune_lib
-from merging.eval.verify import base_weights
-from merging.formats import sources
-from merging.merge import pipeline as merge_lib
-from merging.merge import result as result_lib
-from merging.storage.files import refuse_overlap, write_text
-from merging.strategies import Options
+import merging
 
 from .common import progress_bar, telling_replaced
 from .tables import Col, Grid, say, show, signed_pct
 
-RECIPE_TOML = "tune_recipe.toml"
-RECORD = "tune.json"
 
-
-def eval_sets(specs: tuple[str, ...]) -> dict[str, report_lib.Pairs]:
-    """``NAME=FILE.jsonl`` eval options as skill name → (prompt, answer) pairs."""
+def eval_files(specs: tuple[str, ...]) -> dict[str, Path]:
+    """``NAME=FILE.jsonl`` eval options as skill name → file."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             raise click.BadParameter(f"--eval {spec!r}: expected NAME=FILE")
-        out[name] = report_lib.read_eval(Path(path))
+        out[name] = Path(path)
     return out
-
-
-def absolute(spec: str) -> str:
-    """An input spec (``path`` or ``name=path``) with a local path made absolute (Hub ids as given)."""
-    name, sep, path = spec.partition("=")
-    if not sep or Path(spec).exists():
-        return str(Path(spec).resolve()) if Path(spec).exists() else spec
-    return f"{name}={Path(path).resolve()}" if Path(path).exists() else spec
 
 
 @click.command("tune")
@@ -108,87 +86,21 @@ def tune_cmd(
     Example: merging tune a/ b/ --base B --eval a=a.jsonl --eval b=b.jsonl -o t/
     """
     started = time.perf_counter()
-    inputs = [absolute(s) for s in inputs]
-    model, tokenizer = load_base(base, device, "float32", task_type=sources.task_type(inputs))
-    if tokenizer is None:
-        raise MergingError(f"{base}: tune needs a tokenizer beside the model")
-    pairs = sources.load_inputs(inputs, base=model)
-    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
-    split = tune_lib.split_evals(eval_sets(evals), seed=seed, fraction=tune_fraction)
-    settings = tune_lib.Settings(granularity, tune_lib.check_objective(objective), steps, lr, batch, seed)
-    options = Options(rank=rank, budget=budget, seed=seed)
-    with progress_bar("tuning") as update:
-        found = tune_lib.tune(model, tokenizer, pairs, split.tune, settings=settings, strategy=strategy,
-                              options=options, progress=update)  # fmt: skip
-    adapters = [ad for ad, _ in pairs]
-    merged_pairs, layer_w = tune_lib.merge_inputs(adapters, found.weights)
-    result = merge_lib.merge(merged_pairs, strategy, options, base_weights=base_weights(model),
-                             layer_weights=layer_w)  # fmt: skip
-    measured = tune_lib.held_out(model, tokenizer, pairs, weighted(result.adapters), split.report)
+    files = eval_files(evals)
     with telling_replaced():
-        recipe_data = result_lib.recipe(result, adapters).to_dict()
-        result_lib.write_result(result, out, recipe_data, force=force)
-        write_text(Path(out) / RECIPE_TOML, recipe_toml(inputs, base, strategy, found, options))
-        record = _record(found, measured, split)
-        write_text(Path(out) / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        plots = _plots(record, Path(out))
-    _show({ad.name: w for ad, w in merged_pairs}, found, measured)
+        with progress_bar("tuning") as update:
+            tuned = merging.tune(
+                inputs, base, files, out, granularity=granularity, objective=objective, strategy=strategy,
+                rank=rank, budget=budget, steps=steps, lr=lr, batch=batch, seed=seed,
+                tune_fraction=tune_fraction, device=device, force=force, progress=update,
+            )  # fmt: skip
+    _show(tuned.weights, tuned.found, tuned.measured)
     seconds = time.perf_counter() - started
-    say(f"wrote {out} ({RECIPE_TOML}, {RECORD}, {len(plots)} plots) in {seconds:.0f} s")
+    written = f"{merging.TUNE_RECIPE}, {merging.TUNE_RECORD}, {len(tuned.plots)} plots"
+    say(f"wrote {out} ({written}) in {seconds:.0f} s")
 
 
-def recipe_toml(inputs, base: str, strategy: str, found: tune_lib.TuneResult, options: Options) -> str:
-    """A `merging merge --recipe` file that remakes the tuned merge (inputs and base as absolute paths)."""
-    q = json.dumps  # a JSON string is a TOML basic string
-    lines = ["# Made by `merging tune`; `merging merge --recipe THIS -o OUT` remakes the tuned merge.",
-             f"inputs = [{', '.join(q(s) for s in inputs)}]", f"strategy = {q(strategy)}",
-             f"weights = [{', '.join(repr(w) for w in found.weights.inputs)}]"]  # fmt: skip
-    if Path(base).is_dir():
-        lines.append(f"base = {q(str(Path(base).resolve()))}")
-    for key in ("rank", "budget"):
-        if getattr(options, key) is not None:
-            lines.append(f"{key} = {getattr(options, key)}")
-    if found.weights.layers:
-        lines.append("\n[layer_weights]")
-        lines += [f"{q(k)} = [{', '.join(repr(w) for w in v)}]" for k, v in found.weights.layers.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _record(found: tune_lib.TuneResult, measured: dict, split: tune_lib.Split) -> dict:
-    return {
-        "strategy": found.strategy, "granularity": found.granularity,
-        "weights": list(found.weights.inputs),
-        "layer_weights": {k: list(v) for k, v in found.weights.layers.items()},
-        "trace": [{"step": s.step, "objective": s.objective, "on": s.on, "retention": s.retention}
-                  for s in found.steps],
-        "tuning_objective": {"start": found.start.objective, "end": found.end.objective,
-                             "chosen": found.chosen.objective},
-        "split": {n: {"tune": len(split.tune[n]), "report": len(split.report[n])} for n in split.tune},
-        "reporting_split": measured,
-    }  # fmt: skip
-
-
-def _plots(record: dict, folder: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    from merging.export.plots import draw_before_after, draw_search
-
-    out = []
-    trace = [(s["step"], s["objective"], s["on"]) for s in record["trace"]]
-    if draw_search(plt, trace, folder / "tune_search.png"):
-        out.append("tune_search.png")
-    before, after = record["reporting_split"]["before"], record["reporting_split"]["after"]
-    if draw_before_after(plt, before, after, folder / "tune_retention.png"):
-        out.append("tune_retention.png")
-    return out
-
-
-def _show(weights: dict[str, float], found: tune_lib.TuneResult, measured: dict) -> None:
+def _show(weights: dict[str, float], found, measured: dict) -> None:
     cols = (Col("skill"), Col("weight", True), Col("before (stacked)", True), Col("after (tuned)", True))
     rows = [[n, f"{weights[n]:g}" if n in weights else "", signed_pct(measured["before"][n]),
              signed_pct(measured["after"][n])] for n in measured["before"]]  # fmt: skip

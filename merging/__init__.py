@@ -34,6 +34,13 @@ _LAZY = {  # public name → the module defining it
                      "is_pipeline", "task_type", "hub_id", "replaced_outputs", "Options", "INNER"],
                     "merging.api.adapters"),  # fmt: skip
     "inspect": "merging.api.inspection",
+    "tune": "merging.api.tuning",
+    "Tuned": "merging.api.tuning",
+    "TUNE_RECIPE": "merging.api.tuning",
+    "TUNE_RECORD": "merging.api.tuning",
+    "compare": "merging.api.comparison",
+    "compare_judged": "merging.api.comparison",
+    **dict.fromkeys(["verify", "verify_pipeline", "judged_by"], "merging.api.verification"),
     **dict.fromkeys(["bake", "publish", "publish_plan"], "merging.api.export"),
     "MergeResult": "merging.merge.result",
     "merge_summary": "merging.api.adapters",
@@ -60,10 +67,19 @@ if TYPE_CHECKING:  # what the type checker sees of the lazy names
     from merging.api.adapters import replaced_outputs as replaced_outputs
     from merging.api.adapters import strategy_names as strategy_names
     from merging.api.adapters import task_type as task_type
+    from merging.api.comparison import compare as compare
+    from merging.api.comparison import compare_judged as compare_judged
     from merging.api.export import bake as bake
     from merging.api.export import publish as publish
     from merging.api.export import publish_plan as publish_plan
     from merging.api.inspection import inspect as inspect
+    from merging.api.tuning import TUNE_RECIPE as TUNE_RECIPE
+    from merging.api.tuning import TUNE_RECORD as TUNE_RECORD
+    from merging.api.tuning import Tuned as Tuned
+    from merging.api.tuning import tune as tune
+    from merging.api.verification import judged_by as judged_by
+    from merging.api.verification import verify as verify
+    from merging.api.verification import verify_pipeline as verify_pipeline
     from merging.core.adapter import Adapter as Adapter
     from merging.merge.result import MergeResult as MergeResult
 

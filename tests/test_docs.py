@@ -26,6 +26,35 @@ def commands(markdown: str) -> list[str]:
     return [ln.strip() for b in blocks for ln in b.splitlines() if ln.strip().startswith("merging ")]
 
 
+def python_blocks(markdown: str) -> list[str]:
+    """The ```python blocks, in order."""
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def run_blocks(blocks: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Run docs/api.md's blocks in order in one namespace, from a folder with the examples, as a notebook."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    namespace: dict = {}
+    for i, block in enumerate(blocks, 1):
+        exec(compile(block, f"docs/api.md, python block {i}", "exec"), namespace)
+    return namespace
+
+
+def test_api_md_runs_up_to_the_base_model(tmp_path, monkeypatch):
+    """The load, merge, save and inspect blocks (no base model needed) run and check what they print."""
+    blocks = python_blocks((ROOT / "docs" / "api.md").read_text())
+    first_base = next(i for i, b in enumerate(blocks) if "example_base()" in b)
+    ns = run_blocks(blocks[:first_base], tmp_path, monkeypatch)
+    assert ns["cat"].exact and (tmp_path / "out" / "api-svd" / "merge_recipe.json").is_file()
+
+
+@pytest.mark.model
+def test_every_block_of_api_md_runs(example_base, tmp_path, monkeypatch):
+    ns = run_blocks(python_blocks((ROOT / "docs" / "api.md").read_text()), tmp_path, monkeypatch)
+    assert not ns["report"].failed and (tmp_path / "out" / "api-compare" / "report.json").is_file()
+
+
 def test_every_command_has_help_ending_with_an_example():
     for name in cli.commands:
         result = CliRunner().invoke(cli, [name, "--help"])

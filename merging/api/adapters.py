@@ -162,7 +162,7 @@ def convert(
     if len(adapters) != 1:
         raise MergingError(f"{source}: holds {len(adapters)} adapters; convert them one at a time")
     ad = adapters[0]
-    refuse_overlap(out, [ad.source, base])
+    refuse_overlap(Path(out), [ad.source, base])
     if layout is not None:
         ad = ad.refine_targets(layout.modules)
     if to == "gguf" and layout is None:
@@ -170,7 +170,7 @@ def convert(
     if uniform_rank or serve:
         ad = serving.for_engine(ad, serve)
     options = formats.WriteOptions(prefix=prefix, out_type=outtype)
-    formats.get(to).write(ad, out, base=layout, force=force, options=options)
+    formats.get(to).write(ad, Path(out), base=layout, force=force, options=options)
     written = [Path(out)] if Path(out).is_file() else sorted(p for p in Path(out).rglob("*") if p.is_file())
     return {"source": source, "output": str(out), "format": to, "modules": len(ad.deltas), "params": ad.numel,
             "bytes": sum(p.stat().st_size for p in written), "serving": serving.of([ad]).lines()}  # fmt: skip

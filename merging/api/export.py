@@ -52,18 +52,20 @@ def bake(
     if base_quant:
         from merging.export import qlora
 
-        table = qlora.bake_table(base, pairs, base_quant)
+        table = qlora.bake_table(Path(base), pairs, base_quant)
         if measured is not None:
             measured(table)
     if gguf_base:
         from merging.export.gguf_bake import bake_gguf
 
-        bake_gguf(Path(base), pairs, out, outtype=outtype, force=force, progress=progress)
+        bake_gguf(Path(base), pairs, Path(out), outtype=outtype, force=force, progress=progress)
     else:
-        bake_lib.bake(base, pairs, out, force=force, progress=progress, base_quant=base_quant, into=into)
+        bake_lib.bake(Path(base), pairs, Path(out), force=force, progress=progress, base_quant=base_quant,
+                      into=into)
     files = [Path(out)] if gguf_base else sorted(p for p in Path(out).iterdir() if p.is_file())
-    doc = {"output": str(out), "base": str(base), "inputs": [{"source": str(ad.source), "weight": w}
-           for ad, w in pairs], "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip
+    inputs_ = [{"source": str(ad.source), "weight": w} for ad, w in pairs]
+    sizes = {p.name: p.stat().st_size for p in files}
+    doc: dict[str, Any] = {"output": str(out), "base": str(base), "inputs": inputs_, "files": sizes}
     if table is not None:
         doc |= {"base_quant": base_quant, "into": into, "bakes": [asdict(r) for r in table]}
     return doc

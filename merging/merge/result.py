@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -122,9 +122,9 @@ def write_result(
     written (the inputs' hashes finish meanwhile); ``inputs`` are then the paths no output may overlap.
     """
     writer = formats.get(fmt)
-    if not callable(recipe_data):
+    if isinstance(recipe_data, Mapping):
         inputs = [*inputs, *(i.get("path") for i in recipe_data.get("inputs", ()) if isinstance(i, dict))]
-    elif writer.name != "peft" or len(result.adapters) != 1:
+    elif callable(recipe_data) and (writer.name != "peft" or len(result.adapters) != 1):
         recipe_data = recipe_data()
     refuse_overlap(out, [*inputs, base if isinstance(base, str | Path) else None])
     if len(result.adapters) == 1:
@@ -138,7 +138,7 @@ def write_result(
         for ad in result.adapters:
             writer.write(ad, tmp / ad.name)
         stack_folder.write(tmp, [ad.name for ad in result.adapters])
-        write_text(tmp / RECIPE_FILE, recipe_text(recipe_data))
+        write_text(tmp / RECIPE_FILE, recipe_text(recipe_data if isinstance(recipe_data, Mapping) else {}))
     return Path(out)
 
 
