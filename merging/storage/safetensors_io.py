@@ -21,6 +21,7 @@ import torch
 from merging.errors import FormatError
 from merging.storage.atomic import checkpoint
 from merging.storage.durable import start_writeback
+from merging.storage.files import StreamHash, hashing
 from merging.storage.tensorfiles import load_tensors, safetensors_header
 from merging.storage.threads import serial
 
@@ -50,7 +51,10 @@ class SafetensorsReader:
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict] = header
         with open(self.path, "rb") as f:
-            self.start = 8 + struct.unpack("<Q", f.read(8))[0]
+            size = f.read(8)
+            self.start = 8 + struct.unpack("<Q", size)[0]
+            self._head = size + f.read(self.start - 8)  # fed to the file's sha256 with the tensors
+        self._hash: StreamHash | None = None
         for key, meta in header.items():
             if meta["dtype"] not in DTYPES:
                 raise FormatError(f"{self.path}: tensor {key!r} has an unknown dtype {meta['dtype']!r}")
@@ -69,12 +73,23 @@ class SafetensorsReader:
         raw = torch.empty(end - begin, dtype=torch.uint8)  # (bytes,)
         with open(self.path, "rb", buffering=0) as f:
             pread_into(f, raw, self.start + begin, f"tensor {key!r} is cut short (truncated file)")
+        self._feed(self.start + begin, raw)
         n = 1
         for s in shape:
             n *= s
         if n * dtype.itemsize != end - begin:
             raise FormatError(f"{self.path}: tensor {key!r}: {end - begin} bytes for shape {list(shape)}")
         return raw.view(dtype).reshape(shape)
+
+    def _feed(self, offset: int, raw: torch.Tensor) -> None:
+        """Give the bytes just read to the sha256 that wants them (``files.hash_ahead``); read once."""
+        if self._hash is None:
+            self._hash = hashing(self.path)
+            if self._hash is None:
+                return
+            self._hash.feed(0, self._head)
+        if raw.numel():
+            self._hash.feed(offset, raw.numpy())
 
 
 class SafetensorsWriter:
