@@ -1,19 +1,24 @@
-"""Every input byte read once: the recipe's sha256 comes from the bytes the merge's reader reads."""
+"""Every input byte read once: the recipe's sha256 comes from the bytes the merge's reader reads; cat's A
+blocks go from the inputs to the output in the kernel."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from merging_cli.main import cli
+from safetensors.torch import load_file, save_file
 
 from merging.formats import peft as fp
-from merging.storage import files
+from merging.storage import files, origins
 from merging.storage.files import StreamHash
+from merging.storage.safetensors_io import SafetensorsReader
 
 
 def _file(tmp_path: Path, size: int = 100_003) -> tuple[Path, bytes]:
@@ -67,3 +72,39 @@ def test_merge_hashes_its_inputs_from_the_bytes_it_reads(fx, tmp_path):
         assert entry["sha256"][fp.WEIGHTS] == hashlib.sha256(weights.read_bytes()).hexdigest()
         fed = files.hashing(weights)
         assert fed is not None and fed.read_again == 0  # the merge's reads fed the hash: one pass
+
+
+def test_cat_copies_the_a_blocks_in_the_kernel(fx, tmp_path, monkeypatch):
+    inputs = [fx.adapter("llama", n) for n in ("lora", "lora_b")]
+    calls = []
+    real = os.copy_file_range
+
+    def counting(*args):
+        calls.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    r = CliRunner().invoke(cli, ["merge", *map(str, inputs), "-s", "cat", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    got = load_file(str(tmp_path / "out" / fp.WEIGHTS))
+    ins = [load_file(str(p / fp.WEIGHTS)) for p in inputs]
+    a_keys = [k for k in got if k.endswith("lora_A.weight")]
+    assert a_keys and calls  # the A blocks went through copy_file_range
+    for k in a_keys:
+        assert torch.equal(got[k], torch.cat([t[k] for t in ins if k in t]))  # the inputs' A, end to end
+    assert sum(calls) >= sum(got[k].nbytes for k in a_keys)
+
+
+def test_a_record_changed_in_place_or_on_disk_is_not_used(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.arange(12.0).reshape(3, 4), "b": torch.ones(2, 4)}, str(path))
+    reader = SafetensorsReader(path)
+    a, b = reader.get("a"), reader.get("b")
+    assert origins.origin(a) is not None and origins.origin(a.reshape(4, 3)) is not None
+    both = origins.concatenated(torch.cat([a, b]), [a, b])
+    assert [r.size for r in origins.origin(both)] == [48, 32]
+    a.add_(1)  # changed in memory: its bytes are no longer the file's
+    assert origins.origin(a) is None and origins.origin(both) is not None  # cat made its own copy
+    c = reader.get("b")
+    os.utime(path, ns=(1, 1))  # the file changed since it was read
+    assert origins.origin(c) is None and origins.origin(both) is None
