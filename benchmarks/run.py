@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import real_sizes
+from benchmarks import busy, real_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("svd", "cat", "inference", "bake", "scaling", "real")
+SECTIONS = ("svd", "cat", "inference", "bake", "scaling", "real", "busy")
 OUT = ROOT / "reports" / "benchmarks"
 LLAMA = dict(
     hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16, vocab_size=1024
@@ -138,7 +138,7 @@ job, args = sys.argv[1], sys.argv[2:]
 if job.startswith("ours"):  # imports are a fixed start-up cost, reported apart from the work
     from click.testing import CliRunner
     from merging_cli.main import cli
-    import transformers, merging.basemodel, merging.merge, merging.bake  # noqa: F401  (as the PEFT jobs import theirs)
+    import transformers, merging.base.layout, merging.merge.pipeline, merging.export.bake  # noqa: F401  (as the PEFT jobs import theirs)
     if job == "ours_bake":  # transformers imports lazily: load what `import peft` loads before its clock
         import transformers.modeling_utils  # noqa: F401
 if job.startswith("peft"):
@@ -202,7 +202,7 @@ def child(job: str, *args) -> dict:
 
 def baseline_rss() -> int:
     """Peak RSS (VmHWM) of a child that imports what the jobs import and does nothing."""
-    code = "import torch, transformers, peft, merging, cli.main\n"
+    code = "import torch, transformers, peft, merging, merging_cli.main\n"
     code += (
         "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])"
     )
@@ -375,6 +375,8 @@ def render(data: dict) -> str:
     lines += ["", "![scaling](scaling.png)", ""]
     if "real" in data:
         lines += real_sizes.render(data["real"])
+    if "busy" in data:
+        lines += busy.render(data["busy"])
     return "\n".join(lines)
 
 
@@ -439,6 +441,9 @@ def main() -> None:
             print("6. real sizes ...", flush=True)
             cases = [("llama3-8b", 16)] if args.quick else [(s, r) for s in real_sizes.SHAPES for r in (16, 64)]
             data["real"] = real_sizes.bench(tmp, cases)
+        if "busy" in only:
+            print("7. busy machine ...", flush=True)
+            data["busy"] = busy.measure(full=not args.quick)
     (OUT / "benchmarks.json").write_text(json.dumps(data, indent=2) + "\n")
     plot(data)
     (OUT / "benchmarks.md").write_text(render(data))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import click
 
+import merging
 from merging import MergingError, __version__
 
 from .common import console, err_console
@@ -47,9 +48,11 @@ class MergingGroup(click.Group):
 @click.group(cls=MergingGroup)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("--no-color", is_flag=True, help="No colours (as the NO_COLOR environment variable).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch's CPU threads (default: the CPUs this process may use).")  # fmt: skip
 @click.version_option(__version__, prog_name="merging")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, no_color: bool) -> None:
+def cli(ctx: click.Context, debug: bool, no_color: bool, threads: int | None) -> None:
     """Adapter arithmetic and merging workbench for LoRA, LoHa, LoKr and IA³.
 
     Shell completion: eval "$(_MERGING_COMPLETE=bash_source merging)" (zsh_source, fish_source).
@@ -63,6 +66,11 @@ def cli(ctx: click.Context, debug: bool, no_color: bool) -> None:
     if not debug:  # torch's, transformers' and PEFT's warnings are for developers; ours are one line each
         warnings.simplefilter("ignore")
     _quiet_transformers()
+    if threads is not None:  # the console script has set the environment (cli/entry.py); this is for callers
+        import torch
+
+        torch.set_num_threads(threads)
+    logging.getLogger("merging").debug("threads: %s", merging.describe_threads(os.environ))
 
 
 def _quiet_transformers() -> None:
@@ -93,7 +101,7 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Run the commands (the console script is cli/entry.py, which settles threads first)."""
     cli(prog_name="merging")
 
 

@@ -34,6 +34,7 @@ _LAZY = {  # public name → the module defining it
                      "is_pipeline", "task_type", "hub_id", "replaced_outputs", "Options", "INNER"],
                     "merging.api.adapters"),  # fmt: skip
     "inspect": "merging.api.inspection",
+    **dict.fromkeys(["settle_threads", "describe_threads"], "merging.api.threads"),
     "tune": "merging.api.tuning",
     "Tuned": "merging.api.tuning",
     "TUNE_RECIPE": "merging.api.tuning",
@@ -73,6 +74,8 @@ if TYPE_CHECKING:  # what the type checker sees of the lazy names
     from merging.api.export import publish as publish
     from merging.api.export import publish_plan as publish_plan
     from merging.api.inspection import inspect as inspect
+    from merging.api.threads import describe_threads as describe_threads
+    from merging.api.threads import settle_threads as settle_threads
     from merging.api.tuning import TUNE_RECIPE as TUNE_RECIPE
     from merging.api.tuning import TUNE_RECORD as TUNE_RECORD
     from merging.api.tuning import Tuned as Tuned

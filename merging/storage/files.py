@@ -11,7 +11,6 @@ import re
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,26 +40,82 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (taken from ``hash_ahead`` when it started on this file)."""
-    key = _stat_key(path)
+    """Hex sha256 of a file: from the bytes a reader already fed it (``hash_ahead``), the rest read now."""
     with _HASH_LOCK:
-        pending = _HASHES.get(key)
+        pending = _HASHES.get(_stat_key(path))
     if pending is not None:
-        return pending.result()
+        return pending.hexdigest()
     return _sha256(path, chunk)
 
 
-def hash_ahead(path: Path) -> None:
-    """Start hashing a file on a worker thread (hashlib and reads release the GIL); ``sha256_file`` waits for
-    it. The result is keyed by path, size, mtime and inode, so a file changed since is hashed again."""
-    global _HASHER
+def hash_ahead(path: Path) -> StreamHash:
+    """Say that ``path``'s sha256 will be asked for: the reader of its bytes feeds them to the returned
+    hash as it reads (``hashing(path)``), so the file is read once; ``sha256_file`` reads only what no reader
+    did. Keyed by path, size, mtime and inode, so a file changed since is hashed afresh."""
     key = _stat_key(path)
     with _HASH_LOCK:
-        if key in _HASHES:
-            return
-        if _HASHER is None:
-            _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merging-sha256")
-        _HASHES[key] = _HASHER.submit(_sha256, Path(path))
+        return _HASHES.setdefault(key, StreamHash(Path(path), key[1]))
+
+
+def hashing(path: Path) -> StreamHash | None:
+    """The hash that wants ``path``'s bytes (``hash_ahead``), if any."""
+    with _HASH_LOCK:
+        return _HASHES.get(_stat_key(path)) if _HASHES else None
+
+
+class StreamHash:
+    """sha256 of a file fed by whoever reads it, in any order: bytes at the next offset are hashed at once,
+    bytes ahead of it kept (up to ``AHEAD`` bytes; past that, read again at the end), bytes behind ignored."""
+
+    AHEAD = 64 << 20
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+        self._h, self._next, self._ahead, self._kept = hashlib.sha256(), 0, {}, 0
+        self._lock, self._digest = threading.Lock(), None
+        self.read_again = 0  # bytes hexdigest had to read itself (no reader fed them)
+
+    def feed(self, offset: int, data) -> None:
+        """Bytes of the file read at ``offset`` (bytes, bytearray or a memoryview; copied if kept)."""
+        view = memoryview(data).cast("B")
+        with self._lock:
+            if self._digest is not None or offset + len(view) <= self._next:
+                return
+            if offset > self._next:
+                if self._kept + len(view) <= self.AHEAD and offset not in self._ahead:
+                    self._ahead[offset] = bytes(view)
+                    self._kept += len(view)
+                return
+            self._take(view[self._next - offset :])
+
+    def _take(self, view: memoryview) -> None:
+        self._h.update(view)
+        self._next += len(view)
+        while self._ahead:
+            first = min(self._ahead)
+            if first > self._next:
+                return
+            block = self._ahead.pop(first)
+            self._kept -= len(block)
+            if first + len(block) > self._next:
+                self._h.update(memoryview(block)[self._next - first :])
+                self._next = first + len(block)
+
+    def hexdigest(self, chunk: int = 1 << 20) -> str:
+        """The digest, reading whatever no reader fed (``read_again`` counts those bytes)."""
+        with self._lock:
+            if self._digest is None:
+                with open(self.path, "rb", buffering=0) as f:
+                    while self._next < self.size:
+                        ahead = [o for o in self._ahead if o > self._next]
+                        stop = min([self.size, self._next + chunk, *ahead])
+                        block = os.pread(f.fileno(), stop - self._next, self._next)
+                        if not block:
+                            break
+                        self.read_again += len(block)
+                        self._take(memoryview(block))
+                self._digest = self._h.hexdigest()
+            return self._digest
 
 
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -79,15 +134,14 @@ def _stat_key(path: Path) -> tuple:
 
 
 def _forget_hashes() -> None:
-    """A forked child has no worker thread: start afresh (pending results would never come)."""
-    global _HASH_LOCK, _HASHER
-    _HASH_LOCK, _HASHER = threading.Lock(), None
+    """A forked child starts afresh (it did not see its parent's reads)."""
+    global _HASH_LOCK
+    _HASH_LOCK = threading.Lock()
     _HASHES.clear()
 
 
 _HASH_LOCK = threading.Lock()
-_HASHES: dict[tuple, Future] = {}
-_HASHER: ThreadPoolExecutor | None = None
+_HASHES: dict[tuple, StreamHash] = {}
 os.register_at_fork(after_in_child=_forget_hashes)
 
 

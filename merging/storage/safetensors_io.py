@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from merging.errors import FormatError
+from merging.storage import origins
 from merging.storage.atomic import checkpoint
 from merging.storage.durable import start_writeback
+from merging.storage.files import StreamHash, hashing
 from merging.storage.tensorfiles import load_tensors, safetensors_header
 from merging.storage.threads import serial
 
@@ -50,7 +52,11 @@ class SafetensorsReader:
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict] = header
         with open(self.path, "rb") as f:
-            self.start = 8 + struct.unpack("<Q", f.read(8))[0]
+            size = f.read(8)
+            self.start = 8 + struct.unpack("<Q", size)[0]
+            self._head = size + f.read(self.start - 8)  # fed to the file's sha256 with the tensors
+        self._hash: StreamHash | None = None
+        self._stamp = origins.stamp(self.path)
         for key, meta in header.items():
             if meta["dtype"] not in DTYPES:
                 raise FormatError(f"{self.path}: tensor {key!r} has an unknown dtype {meta['dtype']!r}")
@@ -69,12 +75,26 @@ class SafetensorsReader:
         raw = torch.empty(end - begin, dtype=torch.uint8)  # (bytes,)
         with open(self.path, "rb", buffering=0) as f:
             pread_into(f, raw, self.start + begin, f"tensor {key!r} is cut short (truncated file)")
+        self._feed(self.start + begin, raw)
         n = 1
         for s in shape:
             n *= s
         if n * dtype.itemsize != end - begin:
             raise FormatError(f"{self.path}: tensor {key!r}: {end - begin} bytes for shape {list(shape)}")
-        return raw.view(dtype).reshape(shape)
+        t = raw.view(dtype).reshape(shape)
+        if end > begin:
+            origins.remember(t, [origins.Range(self.path, self.start + begin, end - begin, self._stamp)])
+        return t
+
+    def _feed(self, offset: int, raw: torch.Tensor) -> None:
+        """Give the bytes just read to the sha256 that wants them (``files.hash_ahead``); read once."""
+        if self._hash is None:
+            self._hash = hashing(self.path)
+            if self._hash is None:
+                return
+            self._hash.feed(0, self._head)
+        if raw.numel():
+            self._hash.feed(offset, raw.numpy())
 
 
 class SafetensorsWriter:
@@ -89,7 +109,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.room = max(64, -(-header_room // 8) * 8)
         self.entries: dict[str, dict] = {}
-        self.size = self._unsynced = 0
+        self.size = self._unsynced = self.copied = 0  # copied: bytes moved by copy_file_range
         checkpoint(f"open {self.path.name}")
         self.file = open(self.path, "wb")  # noqa: SIM115  (closed in close())
         self.file.seek(8 + self.room)
@@ -100,7 +120,12 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name!r} written twice")
         t = tensor.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        self.file.write(memoryview(raw.numpy()))
+        ranges = origins.origin(tensor)
+        if ranges is not None:  # its bytes are in the inputs: moved in the kernel, not through memory
+            self._copy(ranges)
+            self.copied += raw.numel()
+        else:
+            self.file.write(memoryview(raw.numpy()))
         self._unsynced += raw.numel()
         if self._unsynced > WRITEBACK:  # start the disk writes while the next modules are merged
             self.file.flush()
@@ -122,6 +147,24 @@ class SafetensorsWriter:
         self.file.write(struct.pack("<Q", self.room) + text + b" " * (self.room - len(text)))
         self.file.close()
         checkpoint(f"wrote {self.path.name}")
+
+    def _copy(self, ranges: Sequence[origins.Range]) -> None:
+        """Append the ranges' bytes at the data's end (copy_file_range; pread + pwrite where it cannot)."""
+        self.file.flush()
+        at = 8 + self.room + self.size
+        for r in ranges:
+            with open(r.path, "rb", buffering=0) as src:
+                done, fin, fout = 0, src.fileno(), self.file.fileno()
+                while done < r.size:
+                    try:
+                        n = os.copy_file_range(fin, fout, r.size - done, r.offset + done, at)
+                    except OSError:  # across filesystems, or not supported here
+                        block = os.pread(fin, min(CHUNK, r.size - done), r.offset + done)
+                        n = os.pwrite(fout, block, at) if block else 0
+                    if n == 0:
+                        raise FormatError(f"{r.path}: changed while it was copied (truncated)")
+                    done, at = done + n, at + n
+        self.file.seek(at)
 
     def abort(self) -> None:
         self.file.close()
