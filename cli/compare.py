@@ -12,8 +12,10 @@ from merging import strategies
 from merging.base.layout import load_base
 from merging.errors import MergingError
 from merging.eval import compare as report_lib
+from merging.eval import data as eval_data
 from merging.eval import tune as tune_lib
 from merging.eval.results import Comparison
+from merging.export import report as report_out
 from merging.formats import sources
 from merging.merge import pipeline as merge_lib
 from merging.storage.files import refuse_overlap
@@ -97,7 +99,7 @@ def compare_cmd(
         name, sep, path = spec.partition("=")
         if not sep:
             raise click.BadParameter(f"--eval {spec!r}: expected NAME=FILE")
-        eval_sets[name] = report_lib.read_eval(Path(path))
+        eval_sets[name] = eval_data.read_eval(Path(path))
     chosen = strategies.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
     variants = report_lib.variants(chosen, _ints(ranks))
     variants += [report_lib.Variant("svd", budget=b) for b in _budgets(budgets, pairs)]
@@ -129,7 +131,7 @@ def compare_cmd(
         )
     report = replace(report, notes=notes, search=search)
     with telling_replaced(err_console if as_json else tables.console):
-        report = report_lib.write_report(report, out, force=force)
+        report = report_out.write_report(report, out, force=force)
         if as_json:
             return emit_json("merging.compare/1", {"output": str(out), **report.to_dict()})
         show(report)
@@ -189,7 +191,7 @@ def tuned_row(model, tokenizer, pairs, evals, steps: int, seed: int, progress) -
 def show(report: Comparison) -> None:
     """The comparison tables in the terminal."""
     tables.show(Grid(report.title, COMPARE_COLS, rows(report)))
-    say(report_lib.judged(report))
+    say(report_out.judged(report))
     if report.skills.names:
         cols = (Col("strategy"), *(Col(s, True) for s in report.skills.names))
         tables.show(Grid("skill retention (100% = as the adapter alone)", cols, skill_rows(report)))

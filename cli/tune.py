@@ -11,7 +11,7 @@ import click
 from merging.base.layout import load_base
 from merging.core.adapter import weighted
 from merging.errors import MergingError
-from merging.eval import compare as report_lib
+from merging.eval import data as eval_data
 from merging.eval import tune as tune_lib
 from merging.eval.verify import base_weights
 from merging.formats import sources
@@ -26,14 +26,14 @@ RECIPE_TOML = "tune_recipe.toml"
 RECORD = "tune.json"
 
 
-def eval_sets(specs: tuple[str, ...]) -> dict[str, report_lib.Pairs]:
+def eval_sets(specs: tuple[str, ...]) -> dict[str, eval_data.Examples]:
     """``NAME=FILE.jsonl`` eval options as skill name → (prompt, answer) pairs."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             raise click.BadParameter(f"--eval {spec!r}: expected NAME=FILE")
-        out[name] = report_lib.read_eval(Path(path))
+        out[name] = eval_data.read_eval(Path(path))
     return out
 
 

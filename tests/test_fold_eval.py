@@ -10,7 +10,7 @@ import torch
 
 from merging.core.adapter import base_shapes, content_digest, weighted
 from merging.errors import UnsupportedError
-from merging.eval import judge, packing, skills
+from merging.eval import data, judge, skills
 from merging.eval.verify import Candidate, module_errors, verify
 from merging.formats import peft as fp
 from merging.merge.pipeline import merge
@@ -165,21 +165,21 @@ def test_answer_losses_equal_the_models_own_and_a_soft_capped_head_keeps_its_own
 
     batches = _labelled(4) | {"t": _labelled(5)["s"]}
     model = fx.load_base("llama")
-    own = skills.losses(model, batches)
-    packed = packing.pack(batches, row=20)  # 6 texts of 9 or 6 tokens: several share a row
+    own = data.losses(model, batches)
+    packed = data.pack(batches, row=20)  # 6 texts of 9 or 6 tokens: several share a row
     assert packed.input_ids.shape[0] < 6
-    got = skills.answer_losses(model, packed)
+    got = data.answer_losses(model, packed)
     assert got == pytest.approx(own, rel=1e-6)
     assert abs(own["s"] - own["t"]) > 1e-3  # two skills told apart
-    assert skills.head_only_agrees(model, packed, own)
+    assert data.packed_agrees(model, packed, own)
     # positions that do not restart per text: one sequence per row, so each text sees the ones before it
     along = torch.arange(packed.input_ids.shape[1]).expand_as(packed.input_ids)
-    run_on = packing.Packed(packed.input_ids, along, packed.target, packed.group, packed.names)
-    assert not skills.head_only_agrees(model, run_on, own)
+    run_on = data.Packed(packed.input_ids, along, packed.target, packed.group, packed.names)
+    assert not data.packed_agrees(model, run_on, own)
     torch.manual_seed(0)
     cfg = Gemma2Config(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, head_dim=32, final_logit_softcapping=0.5,
     )  # fmt: skip
     capped = Gemma2ForCausalLM(cfg).eval()
-    assert not skills.head_only_agrees(capped, packed, skills.losses(capped, batches))
+    assert not data.packed_agrees(capped, packed, data.losses(capped, batches))

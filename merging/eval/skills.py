@@ -4,8 +4,8 @@ The references (base, alone, stacked) and the candidates that claim exactness ru
 ``runtime.stacked`` with the model's own loss, as before. A candidate that claims no exactness runs folded
 into the float32 weights (``runtime.evaluated``: ``merge_into``, undone bit for bit), equal to stacking up
 to rounding at the cost of one plain forward: every skill's texts packed into one batch with no padding
-and the output layer applied at the answer positions only (``answer_losses``, ``merging.packing``; first
-checked against the model's own loss on the base, skill by skill). Candidates with identical adapters
+and the output layer applied at the answer positions only (``data.answer_losses``; first checked against
+the model's own loss on the base, skill by skill: ``data.packed_agrees``). Candidates with identical adapters
 (``content_digest``; cat and multiplicative here) are measured once. Texts are tokenised once.
 """
 
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
 from merging.core.adapter import Pair, content_digest, weighted
-from merging.eval.packing import Packed, pack, packed_losses
+from merging.eval.data import Batches, alone_losses, answer_losses, losses, pack, packed_agrees, retention
 from merging.eval.results import Skill, Skills
 from merging.runtime.stacked import evaluated, stacked
 
 Progress = Callable[[int, int, str], None]
-Batches = dict[str, dict[str, torch.Tensor]]
 
 
 def held_out(
@@ -49,12 +46,9 @@ def held_out(
 
     base = losses(model, batches)
     packed = pack(batches)
-    fast = head_only_agrees(model, packed, base)
+    fast = packed_agrees(model, packed, base)
     tick("base")
-    alone = {}
-    for skill, batch in batches.items():
-        with stacked(model, [(a, w) for a, w in inputs if a.name == skill]):
-            alone[skill] = losses(model, {skill: batch})[skill]
+    alone = alone_losses(model, inputs, batches, lambda skill: losses(model, {skill: batches[skill]})[skill])
     tick("each input alone")
 
     def measure(pairs: Sequence[Pair], exact: bool) -> dict[str, Skill]:
@@ -73,33 +67,3 @@ def held_out(
         merged[cand.name] = seen[digest or cand.name]
         tick(cand.name)
     return Skills(base, alone, stacked_skills), merged
-
-
-@torch.no_grad()
-def losses(model, batches: Batches) -> dict[str, float]:
-    """Mean cross-entropy per answer token of each skill's batch (the model's own loss)."""
-    return {skill: float(model(**batch).loss) for skill, batch in batches.items()}
-
-
-@torch.no_grad()
-def answer_losses(model, packed: Packed) -> dict[str, float]:
-    """The same losses from one forward of every skill's texts packed (``merging.packing``): no pad tokens,
-    and the output layer only at the answer positions (the prompts' logits, most of them, are never made)."""
-    return {skill: float(v) for skill, v in packed_losses(model, packed).items()}
-
-
-def head_only_agrees(model, packed: Packed, own: dict[str, float], rtol: float = 1e-5) -> bool:
-    """Whether ``answer_losses`` reproduces the model's own loss on every skill (one whose head does more
-    than its output layer, e.g. logit soft-capping, or that does not read packed sequences, does not: it
-    keeps its own loss)."""
-    try:
-        got = answer_losses(model, packed)
-    except (AttributeError, TypeError, NotImplementedError, RuntimeError, ValueError):
-        return False
-    return all(abs(got[s] - own[s]) <= rtol * abs(own[s]) for s in own)
-
-
-def retention(base: float, alone: float, loss: float) -> float | None:
-    """(L_base − L) / (L_base − L_alone): the share of the adapter's own improvement that survives."""
-    gain = base - alone
-    return None if gain <= 0 else (base - loss) / gain
