@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -73,12 +74,40 @@ def absolute(spec: str) -> str:
     "-s",
     default="cat",
     show_default=True,
-    help="cat (exact, tuned by gradient); svd or ties with --rank/--budget (gradient-free).",
+    help="cat (exact, tuned by gradient); any other strategy (iso_c, iso_cts, tsv, ties, svd --rank/--budget"
+    "...) gradient-free with scipy.optimize, its knobs too.",
 )
 @click.option("--rank", type=int, help="svd/ties: rank per module.")
 @click.option("--budget", type=int, help="svd: one global parameter budget.")
+@click.option("--density", type=float, help="TIES/DARE: where the density search starts (default 0.5).")
+@click.option("--alpha", type=float, help="iso_c/iso_cts/tsv/knots/core: global scale (default 1).")
+@click.option("--common-fraction", type=float, help="iso_cts: where the common share starts (default 0.8).")
+@click.option(
+    "--knobs",
+    help="Knobs tuned with the weights, comma-separated (density, common_fraction, "
+    "alpha); default: density for TIES/DARE, common_fraction for iso_cts; '' for none.",
+)
+@click.option(
+    "--evaluations", type=int, default=40, show_default=True, help="Gradient-free: merges measured at most."
+)
+@click.option(
+    "--patience",
+    type=int,
+    default=15,
+    show_default=True,
+    help="Gradient-free: stop after this many evaluations without improvement (0: never).",
+)
+@click.option(
+    "--regularisation",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="--granularity layer: penalty on the per-layer weights' mean squared distance from the "
+    "per-input solution.",
+)
 @click.option("--steps", type=int, default=6, show_default=True)
-@click.option("--lr", type=float, default=0.3, show_default=True, help="Adam's step (the ES's first σ).")
+@click.option("--lr", type=float, default=0.3, show_default=True,
+              help="Adam's step (the gradient-free search's first step).")  # fmt: skip
 @click.option(
     "--batch",
     type=int,
@@ -98,8 +127,8 @@ def absolute(spec: str) -> str:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def tune_cmd(
-    inputs, base, evals, granularity, objective, strategy, rank, budget, steps, lr, batch, seed,
-    tune_fraction, device, out, force,
+    inputs, base, evals, granularity, objective, strategy, rank, budget, density, alpha, common_fraction,
+    knobs, evaluations, patience, regularisation, steps, lr, batch, seed, tune_fraction, device, out, force,
 ) -> None:  # fmt: skip
     """Learn the merge weights that keep every skill (by default the worst one's retention) and write the
     merge, with tune_recipe.toml (`merging merge --recipe` remakes it byte for byte) and tune.json.
@@ -114,16 +143,23 @@ def tune_cmd(
     pairs = sources.load_inputs(inputs, base=model)
     refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
     split = tune_lib.split_evals(eval_sets(evals), seed=seed, fraction=tune_fraction)
-    settings = tune_lib.Settings(granularity, tune_lib.check_objective(objective), steps, lr, batch, seed)
-    options = Options(rank=rank, budget=budget, seed=seed)
+    asked = None if knobs is None else tuple(k.strip() for k in knobs.split(",") if k.strip())
+    settings = tune_lib.Settings(granularity, tune_lib.check_objective(objective), steps, lr, batch, seed,
+                                 evaluations, patience, knobs=asked,
+                                 regularisation=regularisation)  # fmt: skip
+    given = {"density": density, "alpha": alpha, "common_fraction": common_fraction}
+    options = Options(
+        rank=rank, budget=budget, seed=seed, **{k: v for k, v in given.items() if v is not None}
+    )
     with progress_bar("tuning") as update:
         found = tune_lib.tune(model, tokenizer, pairs, split.tune, settings=settings, strategy=strategy,
                               options=options, progress=update)  # fmt: skip
     adapters = [ad for ad, _ in pairs]
+    options = replace(options, **found.knobs)
     merged_pairs, layer_w = tune_lib.merge_inputs(adapters, found.weights)
     result = merge_lib.merge(merged_pairs, strategy, options, base_weights=base_weights(model),
                              layer_weights=layer_w)  # fmt: skip
-    measured = tune_lib.held_out(model, tokenizer, pairs, weighted(result.adapters), split.report)
+    measured = tune_lib.held_out(model, tokenizer, pairs, weighted(result.adapters), split.report, seed=seed)
     with telling_replaced():
         recipe_data = merge_lib.recipe(result, adapters).to_dict()
         merge_lib.write_result(result, out, recipe_data, force=force)
@@ -144,9 +180,10 @@ def recipe_toml(inputs, base: str, strategy: str, found: tune_lib.TuneResult, op
              f"weights = [{', '.join(repr(w) for w in found.weights.inputs)}]"]  # fmt: skip
     if Path(base).is_dir():
         lines.append(f"base = {q(str(Path(base).resolve()))}")
-    for key in ("rank", "budget"):
-        if getattr(options, key) is not None:
-            lines.append(f"{key} = {getattr(options, key)}")
+    for key in ("rank", "budget", "density", "alpha", "common_fraction"):  # given, or tuned
+        value = getattr(options, key)
+        if value is not None and (key in found.knobs or value != getattr(Options(), key)):
+            lines.append(f"{key} = {value!r}")
     if found.weights.layers:
         lines.append("\n[layer_weights]")
         lines += [f"{q(k)} = [{', '.join(repr(w) for w in v)}]" for k, v in found.weights.layers.items()]
@@ -155,7 +192,7 @@ def recipe_toml(inputs, base: str, strategy: str, found: tune_lib.TuneResult, op
 
 def _record(found: tune_lib.TuneResult, measured: dict, split: tune_lib.Split) -> dict:
     return {
-        "strategy": found.strategy, "granularity": found.granularity,
+        "strategy": found.strategy, "granularity": found.granularity, "knobs": found.knobs,
         "weights": list(found.weights.inputs),
         "layer_weights": {k: list(v) for k, v in found.weights.layers.items()},
         "trace": [{"step": s.step, "objective": s.objective, "on": s.on, "retention": s.retention}
@@ -182,7 +219,9 @@ def _plots(record: dict, folder: Path) -> list[str]:
     if draw_search(plt, trace, folder / "tune_search.png"):
         out.append("tune_search.png")
     before, after = record["reporting_split"]["before"], record["reporting_split"]["after"]
-    if draw_before_after(plt, before, after, folder / "tune_retention.png"):
+    if draw_before_after(
+        plt, before, after, folder / "tune_retention.png", record["reporting_split"].get("intervals")
+    ):
         out.append("tune_retention.png")
     return out
 

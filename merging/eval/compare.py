@@ -15,7 +15,7 @@ from merging.core.adapter import Adapter
 from merging.errors import MergingError, UnsupportedError
 from merging.eval import skills as skills_lib
 from merging.eval.data import EvalSets, answer_batch
-from merging.eval.results import Comparison, Skill, Skills, Skipped, VariantResult
+from merging.eval.results import Comparison, Skills, Skipped, VariantResult
 from merging.eval.verify import Candidate, base_weights, verify
 from merging.merge import pipeline as merge_lib
 from merging.merge.recipe import Versions, inputs_of
@@ -140,7 +140,7 @@ def compare(
         progress=_after(progress, len(chosen), total, "verified"),
     )  # fmt: skip
     ticks = _after(progress, len(chosen) + len(candidates) + 2, total, "held-out loss")
-    skills, merged_skills = _skills(model, tokenizer, inputs, candidates, evals, ticks)
+    measured_skills = _skills(model, tokenizer, inputs, candidates, evals, ticks, base_opts.seed)
     return Comparison(
         title=f"{len(inputs)} adapters on {base_name}",
         base=base_name,
@@ -151,14 +151,15 @@ def compare(
         inputs=inputs_of(ads, ws),
         options=base_opts,
         variants=tuple(
-            variant(row=row, skills=merged_skills.get(cand.name, {}))
+            variant(row=row, skills=measured_skills.merged.get(cand.name, {}))
             for cand, variant, row in zip(candidates, measured, report.rows, strict=True)
         ),
         not_applicable=tuple(skipped),
-        skills=skills,
+        skills=measured_skills.skills,
         versions=Versions.current(),
         reference_reason=report.reference_reason,
         reference_checks=report.reference_checks,
+        leads=measured_skills.leads,
     )
 
 
@@ -184,12 +185,10 @@ def _after(progress: Progress | None, start: int, total: int, what: str) -> Prog
     return lambda done, _total, item: progress(start + done, total, f"{what}: {item}")
 
 
-def _skills(
-    model, tokenizer, inputs, candidates, evals, progress: Progress | None = None
-) -> tuple[Skills, dict[str, dict[str, Skill]]]:
+def _skills(model, tokenizer, inputs, candidates, evals, progress: Progress | None = None, seed: int = 0):
     """Held-out losses: base, each adapter alone, all stacked; and each merged candidate's, by name."""
     if not evals:
-        return Skills(), {}
+        return skills_lib.Measured(Skills(), {}, {})
     device = next(model.parameters()).device
     batches = {s: answer_batch(tokenizer, p, device) for s, p in evals.items()}  # tokenised once
-    return skills_lib.held_out(model, batches, inputs, candidates, progress)
+    return skills_lib.held_out(model, batches, inputs, candidates, progress, seed)

@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from merging.runtime.stacked import stacked
 Examples = list[tuple[str, str]]  # one skill's held-out (prompt, answer) examples
 EvalSets = Mapping[str, Examples]  # skill name (an input's name) → its examples
 Batches = dict[str, dict[str, torch.Tensor]]  # skill → its ``answer_batch``
+T = TypeVar("T")
 ROW = 128  # tokens per packed row: attention costs rows·ROW², the linear layers only the tokens
 AGREEMENT_FAILURES = (AttributeError, TypeError, NotImplementedError, RuntimeError, ValueError)
 
@@ -80,8 +82,8 @@ def retention(base: float, alone: float, loss: float) -> float | None:
 
 
 def alone_losses(
-    model, inputs: Sequence[Pair], skills: Iterable[str], loss_of: Callable[[str], float]
-) -> dict[str, float]:
+    model, inputs: Sequence[Pair], skills: Iterable[str], loss_of: Callable[[str], T]
+) -> dict[str, T]:
     """Each skill's loss (``loss_of(skill)``) with only its own input stacked: the adapter alone."""
     out = {}
     for skill in skills:
@@ -94,6 +96,19 @@ def alone_losses(
 def losses(model, batches: Batches) -> dict[str, float]:
     """Mean cross-entropy per answer token of each skill's batch (the model's own loss)."""
     return {skill: float(model(**batch).loss) for skill, batch in batches.items()}
+
+
+@torch.no_grad()
+def losses_by_example(model, batches: Batches) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """``losses`` and, from the same forward, each example's answer cross-entropy sum (n,) per skill."""
+    means, sums = {}, {}
+    for skill, batch in batches.items():
+        out = model(**batch)
+        means[skill] = float(out.loss)
+        labels = batch["labels"][:, 1:]  # (n, t - 1)
+        ce = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels, reduction="none")  # -100: 0
+        sums[skill] = ce.sum(1)
+    return means, sums
 
 
 @torch.no_grad()
@@ -126,6 +141,7 @@ class Packed:
     target: torch.Tensor  # (rows, L) the next token each position predicts, -100 where none is scored
     group: torch.Tensor  # (rows, L) the skill index of each scored position, -1 elsewhere
     names: tuple[str, ...]  # skill index → name
+    example: torch.Tensor | None = None  # (rows, L) each scored position's example (its row in its skill)
 
 
 def pack(batches: Mapping[str, Mapping[str, torch.Tensor]], pad_id: int = 0, row: int = ROW) -> Packed:
@@ -140,10 +156,11 @@ def pack(batches: Mapping[str, Mapping[str, torch.Tensor]], pad_id: int = 0, row
         The packed rows, on the batches' device.
     """
     names = tuple(batches)
-    texts = []  # (skill index, ids (n,), labels (n,))
+    texts = []  # (skill index, ids (n,), labels (n,), example index)
     for i, batch in enumerate(batches.values()):
         rows = zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True)
-        texts += [(i, ids[: int(mask.sum())], labels[: int(mask.sum())]) for ids, mask, labels in rows]
+        texts += [(i, ids[: int(mask.sum())], labels[: int(mask.sum())], j)
+                  for j, (ids, mask, labels) in enumerate(rows)]  # fmt: skip
     bins: list[list[int]] = []  # first fit, longest first
     room: list[int] = []
     for t in sorted(range(len(texts)), key=lambda t: -len(texts[t][1])):
@@ -161,30 +178,51 @@ def pack(batches: Mapping[str, Mapping[str, torch.Tensor]], pad_id: int = 0, row
     pos = torch.zeros_like(ids)
     target = torch.full_like(ids, -100)
     group = torch.full_like(ids, -1)
+    example = torch.full_like(ids, -1)
     for r, members in enumerate(bins):
         at = 0
         for t in sorted(members):  # in the order given, for a reproducible layout
-            skill, x, y = texts[t]
+            skill, x, y, j = texts[t]
             n = len(x)
             ids[r, at : at + n] = x
             pos[r, at : at + n] = torch.arange(n, device=device)
             target[r, at : at + n - 1] = y[1:]  # position p predicts token p + 1, as the model's loss shifts
             group[r, at : at + n - 1] = torch.where(y[1:] != -100, skill, -1)
+            example[r, at : at + n - 1] = torch.where(y[1:] != -100, j, -1)
             at += n
         pos[r, at:] = torch.arange(width - at, device=device)  # the tail: a text of its own, never scored
-    return Packed(ids, pos, target, group, names)
+    return Packed(ids, pos, target, group, names, example)
 
 
 def packed_losses(model, packed: Packed) -> dict[str, torch.Tensor]:
     """Mean answer-token cross-entropy per skill from one forward of the packed rows (0-d tensors; NaN for
     a skill with no scored token). Differentiable: ``merging tune`` steps through it."""
+    ce, keep = _packed_ce(model, packed)
+    group = packed.group[keep]
+    return {name: ce[group == i].mean() for i, name in enumerate(packed.names)}
+
+
+def _packed_ce(model, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k,) the cross-entropy at every scored position, and (rows, L) where those positions are."""
     body, head = model.get_decoder(), model.get_output_embeddings()
     out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)  # no 2-D mask
     hidden = out.last_hidden_state  # (rows, L, d)
     keep = packed.target != -100
-    ce = F.cross_entropy(head(hidden[keep]).float(), packed.target[keep], reduction="none")
-    group = packed.group[keep]
-    return {name: ce[group == i].mean() for i, name in enumerate(packed.names)}
+    return F.cross_entropy(head(hidden[keep]).float(), packed.target[keep], reduction="none"), keep
+
+
+@torch.no_grad()
+def answer_losses_by_example(model, packed: Packed) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """``answer_losses`` and, from the same forward, each example's answer cross-entropy sum per skill."""
+    ce, keep = _packed_ce(model, packed)
+    group, example = packed.group[keep], packed.example[keep]
+    means, sums = {}, {}
+    for i, name in enumerate(packed.names):
+        mine = group == i
+        means[name] = float(ce[mine].mean())
+        n = int(example[mine].max()) + 1 if bool(mine.any()) else 0
+        sums[name] = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add_(0, example[mine], ce[mine])
+    return means, sums
 
 
 # --------------------------------------------------------------------- several skills in one batch
@@ -240,11 +278,30 @@ def skill_losses(model, batch: SkillBatch) -> torch.Tensor:
         got = packed_losses(model, batch.packed)
         nan = torch.tensor(float("nan"), device=batch.skill.device)
         return torch.stack([got.get(n, nan) for n in batch.names])
+    return _per_skill(*_padded_ce(model, batch)[:2], len(batch.names))
+
+
+def _padded_ce(model, batch: SkillBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k,) the cross-entropy at every answer position of the padded batch, and each one's skill and row."""
     where = batch.labels != -100
     ce = F.cross_entropy(_logits_at(model, batch, where), batch.labels[where], reduction="none")
     skill = batch.skill[:, None].expand_as(batch.labels)[where]
+    row = torch.arange(len(batch.labels), device=ce.device)[:, None].expand_as(batch.labels)[where]
+    return ce, skill, row
+
+
+def _per_skill(ce: torch.Tensor, skill: torch.Tensor, n: int) -> torch.Tensor:
     out = []
-    for i in range(len(batch.names)):
+    for i in range(n):
         mine = skill == i
         out.append(ce[mine].mean() if bool(mine.any()) else ce.new_tensor(float("nan")))
     return torch.stack(out)
+
+
+@torch.no_grad()
+def skill_losses_by_example(model, batch: SkillBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``skill_losses`` of the padded batch and, from the same forward, each row's answer cross-entropy sum
+    (n,) (its skill: ``batch.skill``)."""
+    ce, skill, row = _padded_ce(model, batch)
+    sums = torch.zeros(len(batch.labels), dtype=ce.dtype, device=ce.device).index_add_(0, row, ce)
+    return _per_skill(ce, skill, len(batch.names)), sums

@@ -1,21 +1,21 @@
 """Learn merge weights on held-out data: the weights that maximise the worst (or mean) skill's retention.
 
-The merge tuned is a weighted ``cat`` (exact for any weights: what is tuned is what is written), so the
-weights are torch tensors through the stacked runtime and a few Adam steps on the tuning split's answer
-loss find them. Strategies that are not differentiable in the weights (svd, ties, ...) are searched
-gradient-free by a seeded (1+λ) evolution strategy, each candidate merged and measured. Each eval file is
-split (seeded) into a tuning part and a reporting part; only the reporting part should be quoted.
-Weights are one per input (``granularity="adapter"``) or one per input per layer (``"layer"``).
+Any registered strategy can be tuned (``merging.eval.search``): ``cat`` by Adam through the exact weighted
+cat, the others gradient-free with ``scipy.optimize``, their own knobs too. Each eval file is split
+(seeded) into a tuning part and a reporting part; only the reporting part should be quoted. Weights are
+one per input (``granularity="adapter"``) or one per input per layer (``"layer"``): per-layer weights
+start from the per-input solution (searched first) and are regularised toward it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
 
+from merging import strategies
 from merging.core.adapter import Pair
 from merging.errors import MergingError
 from merging.eval.data import (
@@ -26,11 +26,14 @@ from merging.eval.data import (
     retention,
     skill_batch,
     skill_losses,
+    skill_losses_by_example,
 )
+from merging.eval.intervals import Interval, retention_interval
 from merging.eval.objective import Split, Step, check_objective, split_evals
 from merging.eval.per_layer import Weights, layers, merge_inputs, to_weights
-from merging.eval.search import Granularity, Problem, Settings, evolution, gradient
+from merging.eval.search import Found, Granularity, Problem, Settings, free_search, gradient
 from merging.runtime.stacked import stacked
+from merging.strategies import Options
 
 __all__ = ["Settings", "Split", "TuneResult", "Weights", "check_objective", "held_out", "merge_inputs",
            "split_evals", "tune"]  # fmt: skip
@@ -51,6 +54,7 @@ class TuneResult:
     end: Step
     strategy: str
     granularity: Granularity
+    knobs: dict[str, float] = field(default_factory=dict)  # the strategy's knobs chosen (Options fields)
 
     @property
     def chosen(self) -> Step:
@@ -80,12 +84,14 @@ def tune(
         inputs: (adapter, weight) pairs in stacking order; the weights are where the search starts.
         evals: skill name (an input's name) → (prompt, answer) pairs to tune on.
         settings: granularity, objective, steps, learning rate, minibatch, seed.
-        strategy: ``cat`` is tuned by gradient (exact for any weights); any other strategy by a seeded ES.
-        options: the strategy's options (gradient-free search).
+        strategy: any registered strategy: ``cat`` is tuned by gradient (exact for any weights), any other
+            gradient-free (``scipy.optimize``), with its knobs (``settings.knobs``).
+        options: the strategy's options; its tuned knobs start from these.
         progress: called as progress(step, steps, message).
 
     Returns:
-        The chosen weights (rounded to 4 decimals), the trace, and the tuning objective at start and end.
+        The chosen weights (rounded to 4 decimals) and knobs, the trace, and the tuning objective at start
+        and end.
     """
     s = settings or Settings()
     adapters = [a for a, _ in inputs]
@@ -97,46 +103,79 @@ def tune(
         base = skill_losses(model, replace(full, packed=None))
         own = dict(zip(names, base.tolist(), strict=True))
         packs = full.packed is not None and packed_agrees(model, full.packed, own)
-        alone = _alone(model, tokenizer, inputs, evals, names)
+        alone = _alone(model, tokenizer, inputs, evals, names)[0]
     if not bool((base - alone > 0).any()):
         raise MergingError("no eval set improves with its adapter alone: nothing to tune for")
-    groups = layers(adapters) if s.granularity == "layer" else []
-    prob = Problem(model, tokenizer, adapters, evals, groups, base, base - alone, names, s, packs)
+    prob = Problem(model, tokenizer, adapters, evals, [], base, base - alone, names, s, packs)
     start = torch.tensor([float(w) for _, w in inputs])
-    w0 = start.expand((len(groups), len(adapters)) if groups else (len(adapters),)).clone()
-    search = gradient if strategy == "cat" else partial(evolution, strategy=strategy, options=options)
-    steps, w_end, first, last = search(prob, w0, progress)
-    chosen = w_end if last.objective > first.objective else w0
-    return TuneResult(to_weights(chosen, groups), tuple(steps), first, last, strategy, s.granularity)
+    coarse = _search(strategy, options)(prob, start, progress)
+    won = coarse.last.objective > coarse.first.objective
+    w, knobs, last = (coarse.weights, coarse.knobs, coarse.last) if won else (start, {}, coarse.first)
+    steps, groups = coarse.steps, []
+    if s.granularity == "layer":  # per layer, from the per-input solution and regularised toward it
+        groups = layers(adapters)
+        anchor = w.expand(len(groups), len(adapters)).clone()
+        fine_prob = replace(prob, groups=groups, anchor=anchor, settings=replace(s, knobs=()))
+        fine = _search(strategy, replace(options or Options(), **knobs))(fine_prob, anchor, progress)
+        steps = [*steps, *(replace(t, step=t.step + len(steps)) for t in fine.steps)]
+        if fine.last.objective - float(fine_prob.penalty(fine.weights)) > fine.first.objective:
+            w, last = fine.weights, fine.last
+        else:
+            w = anchor
+    return TuneResult(to_weights(w, groups), tuple(steps), coarse.first, last, strategy, s.granularity, knobs)
+
+
+def _search(strategy: str, options) -> Callable[..., Found]:
+    """Adam for ``cat`` (exact for any weights), ``scipy.optimize`` for any other strategy."""
+    strategies.get(strategy)  # an unknown name fails here, listing the valid ones
+    return gradient if strategy == "cat" else partial(free_search, strategy=strategy, options=options)
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _alone(model, tokenizer, inputs: Sequence[Pair], evals: EvalSets, names: tuple[str, ...]) -> torch.Tensor:
-    """(skills,) each skill's loss with its adapter alone, on its own examples."""
+def _alone(
+    model, tokenizer, inputs: Sequence[Pair], evals: EvalSets, names: tuple[str, ...]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(skills,) each skill's loss with its adapter alone, on its own examples; and each example's sum."""
 
-    def loss_of(n: str) -> float:
-        return float(
-            skill_losses(model, skill_batch(tokenizer, {n: evals[n]}, _device(model), names))[names.index(n)]
+    def loss_of(n: str) -> tuple[float, torch.Tensor]:
+        means, sums = skill_losses_by_example(
+            model, skill_batch(tokenizer, {n: evals[n]}, _device(model), names)
         )
+        return float(means[names.index(n)]), sums
 
     got = alone_losses(model, inputs, names, loss_of)
-    return torch.tensor([got[n] for n in names])
+    return torch.tensor([got[n][0] for n in names]), {n: got[n][1] for n in names}
 
 
-def held_out(model, tokenizer, inputs: Sequence[Pair], tuned: Sequence[Pair], evals: EvalSets) -> dict:
+def held_out(
+    model, tokenizer, inputs: Sequence[Pair], tuned: Sequence[Pair], evals: EvalSets, seed: int = 0
+) -> dict:
     """Retention per skill on ``evals`` (the reporting split) of the inputs stacked as given ("before")
-    and of the tuned merge ("after"), with the base and alone losses they are measured against."""
+    and of the tuned merge ("after"), with the base and alone losses they are measured against, and each
+    retention's 95% bootstrap interval over the examples ("intervals": before/after → skill → [low, high])."""
     names = tuple(evals)
     full = skill_batch(tokenizer, evals, _device(model), names)
+    rows = {n: full.skill == i for i, n in enumerate(names)}
     with torch.no_grad():
-        base = skill_losses(model, full).tolist()
-        alone = _alone(model, tokenizer, inputs, evals, names).tolist()
+        base, base_sums = skill_losses_by_example(model, full)
+        base = base.tolist()
+        alone, alone_sums = _alone(model, tokenizer, inputs, evals, names)
+        alone = alone.tolist()
         out = {"base": dict(zip(names, base, strict=True)), "alone": dict(zip(names, alone, strict=True))}
+        out["intervals"] = {}
         for key, pairs in (("before", inputs), ("after", tuned)):
             with stacked(model, list(pairs)):
-                losses = skill_losses(model, full).tolist()
-            out[key] = {n: retention(b, a, v) for n, b, a, v in zip(names, base, alone, losses, strict=True)}
+                losses, sums = skill_losses_by_example(model, full)
+            out[key] = {
+                n: retention(b, a, v) for n, b, a, v in zip(names, base, alone, losses.tolist(), strict=True)
+            }
+            out["intervals"][key] = {n: _listed(retention_interval(
+                base_sums[rows[n]], alone_sums[n], sums[rows[n]], seed=seed)) for n in names}  # fmt: skip
     return out
+
+
+def _listed(found: Interval | None) -> list[float] | None:
+    return None if found is None else [found.low, found.high]

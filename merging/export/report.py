@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from merging.eval.results import Comparison, judge_note
+from merging.eval.results import Comparison, Skill, judge_note
 from merging.export.plots import draw_all
 from merging.storage.files import atomic_folder, write_text
 
@@ -19,6 +19,11 @@ RETENTION_NOTE = (
     "Share of each adapter's own held-out loss gain that survives: (L_base − L) / (L_base − L_alone). "
     "The references and the exact rows run stacked; the approximate rows run folded into the weights "
     "(equal up to float32 rounding)."
+)
+LEAD_NOTE = (
+    "In brackets: 95% bootstrap intervals over the examples (2,000 seeded resamples, BCa). * marks each "
+    "skill's best row, ** when its lead is significant: the paired interval of its retention minus the "
+    "runner-up's (the same resampled examples for both) lies above 0."
 )
 
 # what replacing a report folder replaces: its pages and every plot it can draw; other files are kept
@@ -74,6 +79,22 @@ def table_rows(report: Comparison) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def retention_cell(skill: Skill, mark: str = "") -> str:
+    """A retention with its 95% interval when it has one, e.g. ``41% [30%, 52%]``; ``mark`` after it."""
+    cell = _fmt(skill.retention, ".0%")
+    if skill.interval is not None:
+        cell += f" [{_fmt(skill.interval.low, '.0%')}, {_fmt(skill.interval.high, '.0%')}]"
+    return cell + mark
+
+
+def best_mark(report: Comparison, label: str, skill: str) -> str:
+    """ " *" on the best row of a skill, " **" when its lead over the runner-up is significant."""
+    found = report.leads.get(skill)
+    if found is None or found.best != label:
+        return ""
+    return " **" if found.significant else " *"
+
+
 def skill_rows(report: Comparison) -> tuple[list[str], list[list[str]]]:
     """Skill retention: one row per variant (plus stacked), one column per skill."""
     skills = report.skills.names
@@ -81,9 +102,21 @@ def skill_rows(report: Comparison) -> tuple[list[str], list[list[str]]]:
     rows = []
     if skills:
         stack = report.skills.stacked
-        rows.append(["stacked inputs", *(_fmt(stack[s].retention, ".0%") for s in skills)])
+        rows.append(["stacked inputs", *(retention_cell(stack[s]) for s in skills)])
         for v in report.variants:
-            rows.append([v.label, *(_fmt(v.skills[s].retention, ".0%") for s in skills)])
+            rows.append(
+                [v.label, *(retention_cell(v.skills[s], best_mark(report, v.label, s)) for s in skills)]
+            )
+    return head, rows
+
+
+def lead_rows(report: Comparison) -> tuple[list[str], list[list[str]]]:
+    """Per skill: the best row, the runner-up, and the paired 95% interval of their retentions' difference."""
+    head = ["skill", "best", "runner-up", "lead (95% interval)", "significant"]
+    rows = []
+    for skill, x in report.leads.items():
+        diff = "–" if x.difference is None else f"[{x.difference.low:+.0%}, {x.difference.high:+.0%}]"
+        rows.append([skill, x.best, x.runner_up or "–", diff, "yes" if x.significant else "no"])
     return head, rows
 
 
@@ -113,6 +146,8 @@ def render_markdown(report: Comparison) -> str:
         losses = "; ".join(f"{s}: base {base[s]:.3f}, alone {alone[s]:.3f}" for s in base)
         parts += ["", "## Skill retention", "", RETENTION_NOTE, "", _md_table(head, rows), ""]
         parts += [f"Held-out answer loss: {losses}."]
+        if report.leads:
+            parts += ["", LEAD_NOTE, "", _md_table(*lead_rows(report))]
         parts += [f"\n{note}" for note in report.notes]
     if report.plots:
         parts += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report.plots]
@@ -160,6 +195,7 @@ def render_html(report: Comparison, folder: Path) -> str:
         f"<p>{html.escape(judged(report))}</p>"
         + (f"<p>Not applicable:</p><ul>{na}</ul>" if na else "")
         + (f"<h2>Skill retention</h2>{table(head, rows)}" if rows else "")
+        + (f"<p>{html.escape(LEAD_NOTE)}</p>{table(*lead_rows(report))}" if report.leads else "")
         + "".join(f"<p>{html.escape(n)}</p>" for n in report.notes)
         + "<h2>Plots</h2>"
         + "".join(imgs)
