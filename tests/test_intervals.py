@@ -45,3 +45,37 @@ def test_a_lead_is_significant_only_when_the_paired_difference_excludes_zero():
     assert intervals.lead(base, alone, {"one": merged}).runner_up is None
     assert intervals.retention_interval(base, base, merged) is None  # no gain alone: no retention
     assert intervals.retention_interval(base[:1], alone[:1], merged[:1]) is None  # one example: no interval
+
+
+def test_the_report_shows_intervals_and_marks_the_best_row(tmp_path):
+    """Intervals and leads survive report.json, and the tables show them (the committed example has none,
+    so its rows render as before)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from merging.eval.results import Comparison
+    from merging.export import report as report_out
+
+    path = Path(__file__).resolve().parents[1] / "reports" / "example" / "report.json"
+    plain = Comparison.from_dict(json.loads(path.read_text()))
+    v = plain.variants[1]
+    skills = {s: dataclasses.replace(k, interval=intervals.Interval(k.retention - 0.1, k.retention + 0.2))
+              for s, k in v.skills.items()}  # fmt: skip
+    leads = {"add": intervals.Lead(v.label, "cat", intervals.Interval(0.05, 0.3)),
+             "sort": intervals.Lead("cat", v.label, intervals.Interval(-0.1, 0.3))}  # fmt: skip
+    rows = (*plain.variants[:1], dataclasses.replace(v, skills=skills), *plain.variants[2:])
+    report = dataclasses.replace(plain, variants=rows, leads=leads)
+    assert Comparison.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+    _, cells = report_out.skill_rows(report)
+    add = report.skills.names.index("add") + 1
+    r = v.skills["add"].retention
+    assert cells[2][add] == f"{r:.0%} [{r - 0.1:.0%}, {r + 0.2:.0%}] **"  # best, and significantly
+    assert cells[1][report.skills.names.index("sort") + 1].endswith("% *")  # cat: best, not significantly
+    assert report_out.skill_rows(plain)[1][2][add] == f"{r:.0%}"  # no interval: as before
+    assert report_out.lead_rows(report)[1] == [["add", v.label, "cat", "[+5%, +30%]", "yes"],
+                                               ["sort", "cat", v.label, "[-10%, +30%]", "no"]]  # fmt: skip
+    written = report_out.write_report(report, tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| skill | best | runner-up | lead (95% interval) | significant |" in md
+    assert written.leads == leads
