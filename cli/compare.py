@@ -111,9 +111,18 @@ def rows(report) -> list[list[str]]:
 def skill_rows(report) -> list[list[str]]:
     """Skill retention: the stacked inputs, then one row per variant; one column per skill."""
     names, stack = report.skills.names, report.skills.stacked
-    out = [["stacked inputs", *(signed_pct(stack[s].retention) for s in names)]] if names else []
-    return out + [[v.label, *(signed_pct(v.skills[s].retention) for s in names)]
+    out = [["stacked inputs", *(_with_interval(stack[s]) for s in names)]] if names else []
+    mark = merging.compare_best_mark
+    return out + [[v.label, *(_with_interval(v.skills[s]) + mark(report, v.label, s) for s in names)]
                   for v in report.variants if names]  # fmt: skip
+
+
+def _with_interval(skill) -> str:
+    """A signed retention and its 95% interval when it has one."""
+    if skill.interval is None:
+        return signed_pct(skill.retention)
+    low, high = signed_pct(skill.interval.low), signed_pct(skill.interval.high)
+    return f"{signed_pct(skill.retention)} [{low}, {high}]"
 
 
 def _budgets(value: str) -> list[str]:

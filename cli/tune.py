@@ -52,12 +52,40 @@ def eval_files(specs: tuple[str, ...]) -> dict[str, Path]:
     "-s",
     default="cat",
     show_default=True,
-    help="cat (exact, tuned by gradient); svd or ties with --rank/--budget (gradient-free).",
+    help="cat (exact, tuned by gradient); any other strategy (iso_c, iso_cts, tsv, ties, svd --rank/--budget"
+    "...) gradient-free with scipy.optimize, its knobs too.",
 )
 @click.option("--rank", type=int, help="svd/ties: rank per module.")
 @click.option("--budget", type=int, help="svd: one global parameter budget.")
+@click.option("--density", type=float, help="TIES/DARE: where the density search starts (default 0.5).")
+@click.option("--alpha", type=float, help="iso_c/iso_cts/tsv/knots/core: global scale (default 1).")
+@click.option("--common-fraction", type=float, help="iso_cts: where the common share starts (default 0.8).")
+@click.option(
+    "--knobs",
+    help="Knobs tuned with the weights, comma-separated (density, common_fraction, "
+    "alpha); default: density for TIES/DARE, common_fraction for iso_cts; '' for none.",
+)
+@click.option(
+    "--evaluations", type=int, default=40, show_default=True, help="Gradient-free: merges measured at most."
+)
+@click.option(
+    "--patience",
+    type=int,
+    default=15,
+    show_default=True,
+    help="Gradient-free: stop after this many evaluations without improvement (0: never).",
+)
+@click.option(
+    "--regularisation",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="--granularity layer: penalty on the per-layer weights' mean squared distance from the "
+    "per-input solution.",
+)
 @click.option("--steps", type=int, default=6, show_default=True)
-@click.option("--lr", type=float, default=0.3, show_default=True, help="Adam's step (the ES's first σ).")
+@click.option("--lr", type=float, default=0.3, show_default=True,
+              help="Adam's step (the gradient-free search's first step).")  # fmt: skip
 @click.option(
     "--batch",
     type=int,
@@ -77,8 +105,8 @@ def eval_files(specs: tuple[str, ...]) -> dict[str, Path]:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def tune_cmd(
-    inputs, base, evals, granularity, objective, strategy, rank, budget, steps, lr, batch, seed,
-    tune_fraction, device, out, force,
+    inputs, base, evals, granularity, objective, strategy, rank, budget, density, alpha, common_fraction,
+    knobs, evaluations, patience, regularisation, steps, lr, batch, seed, tune_fraction, device, out, force,
 ) -> None:  # fmt: skip
     """Learn the merge weights that keep every skill (by default the worst one's retention) and write the
     merge, with tune_recipe.toml (`merging merge --recipe` remakes it byte for byte) and tune.json.
@@ -92,7 +120,10 @@ def tune_cmd(
             tuned = merging.tune(
                 inputs, base, files, out, granularity=granularity, objective=objective, strategy=strategy,
                 rank=rank, budget=budget, steps=steps, lr=lr, batch=batch, seed=seed,
-                tune_fraction=tune_fraction, device=device, force=force, progress=update,
+                tune_fraction=tune_fraction, device=device, force=force, progress=update, density=density,
+                alpha=alpha, common_fraction=common_fraction, evaluations=evaluations, patience=patience,
+                regularisation=regularisation,
+                knobs=None if knobs is None else [k.strip() for k in knobs.split(",") if k.strip()],
             )  # fmt: skip
     _show(tuned.weights, tuned.found, tuned.measured)
     seconds = time.perf_counter() - started

@@ -90,7 +90,7 @@ SKILLS = {
 @torch.no_grad()
 def eval_loss(model, tok, pairs) -> float:
     """Mean per-token loss on the answers."""
-    from merging.eval.compare import answer_loss
+    from merging.eval.data import answer_loss
 
     model.eval()
     return answer_loss(model, tok, pairs)
@@ -100,7 +100,7 @@ def train(skill: str, base_dir: Path, batch: int = 12) -> None:
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from merging.eval.compare import answer_batch
+    from merging.eval.data import answer_batch
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_dir)

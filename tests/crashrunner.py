@@ -28,8 +28,8 @@ torch.set_num_threads(1)
 from merging_cli.main import cli  # noqa: E402
 
 from merging.errors import MergingError  # noqa: E402
-from merging.eval import compare as report_lib  # noqa: E402
 from merging.eval.results import Comparison  # noqa: E402
+from merging.export import report as report_out  # noqa: E402
 from merging.storage import atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def _call(job: dict) -> int:
         else:
             if not job.get("plots", True):  # matplotlib takes seconds here; the report is written without it
                 sys.modules["matplotlib"] = None
-            report_lib.write_report(REPORTS[job["report"]], Path(job["out"]), force=True)
+            report_out.write_report(REPORTS[job["report"]], Path(job["out"]), force=True)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except MergingError as e:  # as the command line shows it

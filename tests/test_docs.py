@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 from merging_cli.main import cli
 
-from merging.eval import compare as report_lib
 from merging.eval.results import Comparison
+from merging.export import report as report_out
 from merging.formats import sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,12 +88,12 @@ def test_guide_tables_are_the_committed_report():
     report = Comparison.from_dict(data)
     assert report.to_dict() == data  # the typed report reads and writes report.json unchanged
     guide = (ROOT / "docs" / "guide.md").read_text()
-    head, rows = report_lib.table_rows(report)
+    head, rows = report_out.table_rows(report)
     quoted = [ln for ln in guide.splitlines() if ln.startswith("| ") and ln.count("|") == len(head) + 1]
     expected = {"| " + " | ".join(r) + " |" for r in rows}
     fidelity = [q for q in quoted if q.split("|")[1].strip() in {r[0] for r in rows}]
     assert len(fidelity) >= 5 and set(fidelity) <= expected
-    shead, srows = report_lib.skill_rows(report)
+    shead, srows = report_out.skill_rows(report)
     skills = {"| " + " | ".join(r) + " |" for r in srows}
     names = {r[0] for r in srows}
     quoted_skills = [

@@ -10,7 +10,7 @@ import torch
 
 from merging.core.adapter import base_shapes, content_digest, weighted
 from merging.errors import UnsupportedError
-from merging.eval import judge, packing, skills
+from merging.eval import data, judge, skills
 from merging.eval.verify import Candidate, module_errors, verify
 from merging.formats import peft as fp
 from merging.merge.pipeline import merge
@@ -113,12 +113,16 @@ def test_held_out_losses_folded_equal_stacked(fx):
     before = state_hash(model)
     as_folded = Candidate("svd", res.adapters, "svd", exact=False)
     as_stacked = Candidate("svd stacked", res.adapters, "svd", exact=True)
-    refs, merged = skills.held_out(model, batches, pairs, [as_folded, as_stacked])
+    measured = skills.held_out(model, batches, pairs, [as_folded, as_stacked])
+    refs, merged = measured.skills, measured.merged
     assert state_hash(model) == before
     for s in batches:
         got, want = merged["svd"][s], merged["svd stacked"][s]
         assert got.loss == pytest.approx(want.loss, rel=1e-5)
         assert abs(want.loss - refs.base[s]) > 1e-3  # the merge moved the loss: the check can fail
+        if want.retention is not None:  # the interval from the packed per-example sums, as from the padded
+            assert got.interval.low == pytest.approx(want.interval.low, rel=1e-3, abs=1e-4)
+            assert got.interval.low <= got.retention <= got.interval.high
 
 
 def test_module_errors_reuse_the_reference_side_unchanged(fx):
@@ -166,21 +170,28 @@ def test_answer_losses_equal_the_models_own_and_a_soft_capped_head_keeps_its_own
 
     batches = _labelled(4) | {"t": _labelled(5)["s"]}
     model = fx.load_base("llama")
-    own = skills.losses(model, batches)
-    packed = packing.pack(batches, row=20)  # 6 texts of 9 or 6 tokens: several share a row
+    own = data.losses(model, batches)
+    packed = data.pack(batches, row=20)  # 6 texts of 9 or 6 tokens: several share a row
     assert packed.input_ids.shape[0] < 6
-    got = skills.answer_losses(model, packed)
+    got = data.answer_losses(model, packed)
     assert got == pytest.approx(own, rel=1e-6)
+    means, sums = data.losses_by_example(model, batches)
+    packed_means, packed_sums = data.answer_losses_by_example(model, packed)
+    assert (means, packed_means) == (own, got)  # the same figures, with each example's sum besides
+    for skill, batch in batches.items():  # each example's answer-token sum, the same from both layouts
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        assert float(sums[skill].sum()) / tokens == pytest.approx(own[skill], rel=1e-5)
+        assert packed_sums[skill] == pytest.approx(sums[skill], rel=1e-5)
     assert abs(own["s"] - own["t"]) > 1e-3  # two skills told apart
-    assert skills.head_only_agrees(model, packed, own)
+    assert data.packed_agrees(model, packed, own)
     # positions that do not restart per text: one sequence per row, so each text sees the ones before it
     along = torch.arange(packed.input_ids.shape[1]).expand_as(packed.input_ids)
-    run_on = packing.Packed(packed.input_ids, along, packed.target, packed.group, packed.names)
-    assert not skills.head_only_agrees(model, run_on, own)
+    run_on = data.Packed(packed.input_ids, along, packed.target, packed.group, packed.names)
+    assert not data.packed_agrees(model, run_on, own)
     torch.manual_seed(0)
     cfg = Gemma2Config(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, head_dim=32, final_logit_softcapping=0.5,
     )  # fmt: skip
     capped = Gemma2ForCausalLM(cfg).eval()
-    assert not skills.head_only_agrees(capped, packed, skills.losses(capped, batches))
+    assert not data.packed_agrees(capped, packed, data.losses(capped, batches))

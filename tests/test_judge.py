@@ -24,14 +24,14 @@ def _read(fx, kind, names):
 
 def test_plan_names_who_stacks(fx):
     lora, loha, lokr, ia3, ia3_b = _read(fx, "llama", ["lora", "loha", "lokr", "ia3", "ia3_b"])
-    mixed = judge.plan(weighted([lora, loha, lokr]))
+    mixed = judge.who_stacks(weighted([lora, loha, lokr]))
     assert (mixed.reference, mixed.mode) == (judge.PEFT, "mixed")
     assert mixed.folders == tuple(fx.adapter("llama", n) for n in ("lora", "loha", "lokr"))
-    assert judge.plan(weighted([ia3, ia3_b])).mode == "multi"
-    both = judge.plan(weighted([ia3, lora]))
+    assert judge.who_stacks(weighted([ia3, ia3_b])).mode == "multi"
+    both = judge.who_stacks(weighted([ia3, lora]))
     assert both.reference == judge.RUNTIME and "IA³" in both.reason
-    assert judge.plan([(lora, 0.5)]).reference == judge.RUNTIME
-    assert "not a PEFT folder" in judge.plan(weighted([replace(lora, source=None)])).reason
+    assert judge.who_stacks([(lora, 0.5)]).reference == judge.RUNTIME
+    assert "not a PEFT folder" in judge.who_stacks(weighted([replace(lora, source=None)])).reason
     labels = [label for label, _ in judge.parts(weighted([ia3, lora, loha]))]
     assert labels == ["ia3 inputs", "additive inputs"]
 
@@ -41,9 +41,9 @@ def test_peft_reference_equals_runtime_and_leaves_the_model(fx, names):
     model, x = fx.load_base("llama"), example_input("llama")
     before = state_hash(model)
     pairs = weighted(_read(fx, "llama", names))
-    with judge.reference(model, pairs) as the_plan:
+    with judge.reference(model, pairs) as stacker:
         y_peft = run(model, "llama", x)
-    assert the_plan.reference == judge.PEFT
+    assert stacker.reference == judge.PEFT
     assert state_hash(model) == before
     with stacked(model, pairs):
         y_ours = run(model, "llama", x)

@@ -52,7 +52,7 @@ def _peft_stacked(family: str, folders) -> tuple[torch.Tensor, torch.Tensor]:
     model, x = build(family), inputs(family)
     y_base = output(model, x)
     mode = "multi" if len(folders) == 1 else "mixed"
-    with judge.peft_stacked(model, judge.Plan(judge.PEFT, mode, tuple(folders))):
+    with judge.peft_stacked(model, judge.Stacker(judge.PEFT, mode, tuple(folders))):
         return y_base, output(model, x)
 
 

@@ -51,6 +51,14 @@ def test_report_structure_exactness_and_skills(example_report):
     for v in data["variants"]:
         assert set(v["skills"]) == set(SKILLS)
         assert all(isinstance(v["skills"][s]["retention"], float) for s in SKILLS)
+        for s in SKILLS:  # every retention with its 95% interval around it
+            got = v["skills"][s]
+            assert got["interval"]["low"] <= got["retention"] <= got["interval"]["high"]
+    assert set(data["leads"]) == set(SKILLS)
+    for s, lead in data["leads"].items():  # the best row per skill, and whether its lead is significant
+        best = max(data["variants"], key=lambda v: v["skills"][s]["retention"])
+        assert best["skills"][s]["retention"] == by[lead["best"]]["skills"][s]["retention"]
+        assert lead["significant"] == (lead["difference"]["low"] > 0)
     for s in SKILLS:  # each bundled adapter really learnt its skill
         assert data["skills"]["alone"][s] < 0.6 * data["skills"]["base"][s], s
         assert by["cat"]["skills"][s]["loss"] == pytest.approx(data["skills"]["stacked"][s]["loss"], rel=1e-3)
@@ -64,6 +72,7 @@ def test_report_structure_exactness_and_skills(example_report):
     for p in data["plots"]:
         assert f"]({p})" in md and (out / p).stat().st_size > 5000
     assert "PASS" in output and "skill retention" in output
+    assert "95% bootstrap intervals" in md and "| skill | best | runner-up |" in md
 
 
 @pytest.mark.model

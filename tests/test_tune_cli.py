@@ -73,3 +73,31 @@ def test_compare_gains_tuned_and_budget_rows(example_base, tmp_path):
     assert "reporting split (4 examples)" in data["notes"][0]
     assert {"tune_search.png", "tune_retention.png"} <= set(data["plots"])
     assert "reporting split" in (out / "report.md").read_text()
+
+
+@pytest.mark.model
+def test_tuning_iso_cts_with_its_knob_is_remade_by_its_recipe(example_base, tmp_path):
+    """A gradient-free tune of iso_cts (weights and common fraction) writes a recipe that remakes it."""
+    skills = ["add", "sort"]
+    out = tmp_path / "tuned"
+    args = ["tune", *(f"{s}={ROOT / 'examples/adapters' / s}" for s in skills), "--base", str(example_base)]
+    args += _small_evals(tmp_path, skills) + ["-s", "iso_cts", "--evaluations", "6", "--lr", "0.5"]
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(cli, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "tune.json").read_text())
+    assert record["strategy"] == "iso_cts" and set(record["knobs"]) <= {"common_fraction"}
+    assert (
+        len(record["trace"]) <= 6
+        and record["tuning_objective"]["chosen"] >= record["tuning_objective"]["start"]
+    )
+    assert set(record["reporting_split"]["intervals"]["after"]) == set(skills)
+    recipe = (out / "tune_recipe.toml").read_text()
+    if record["knobs"]:
+        assert f"common_fraction = {record['knobs']['common_fraction']!r}" in recipe
+    again = tmp_path / "again"
+    result = runner.invoke(cli, ["merge", "--recipe", str(out / "tune_recipe.toml"), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    made, remade = _files(out), _files(again)
+    assert remade == {k: v for k, v in made.items() if k in remade}
+    assert "adapter_model.safetensors" in remade

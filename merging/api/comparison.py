@@ -15,8 +15,10 @@ from merging.core.adapter import Pair
 from merging.core.progress import Progress
 from merging.errors import MergingError
 from merging.eval import compare as report_lib
+from merging.eval import data as eval_data
 from merging.eval import tune as tune_lib
 from merging.eval.results import Comparison
+from merging.export import report as report_out
 from merging.formats import sources
 from merging.merge import pipeline
 from merging.storage.files import refuse_overlap
@@ -65,7 +67,7 @@ def compare(
     pairs = sources.load_inputs([str(s) for s in inputs], base=model, weights=weights)
     refuse_overlap(Path(out), [base, *(ad.source for ad, _ in pairs)])
     label = next((a.base_model for a, _ in pairs if a.base_model), None) or str(base)
-    eval_sets = {name: report_lib.read_eval(Path(path)) for name, path in (evals or {}).items()}
+    eval_sets = {name: eval_data.read_eval(Path(path)) for name, path in (evals or {}).items()}
     chosen = registry.names() if strategies == "all" else list(strategies)
     variants = report_lib.variants(chosen, list(ranks))
     variants += [report_lib.Variant("svd", budget=b) for b in budget_sizes(budgets, pairs)]
@@ -90,7 +92,7 @@ def compare(
         report = report_lib.compare(model, tokenizer, pairs, variants, evals=eval_sets, options=opts,
                                     base_name=label, progress=update, extra=extra)  # fmt: skip
     report = replace(report, notes=notes, search=search)
-    return report_lib.write_report(report, Path(out), force=force)
+    return report_out.write_report(report, Path(out), force=force)
 
 
 def budget_sizes(budgets: Sequence[int | str], pairs: Sequence[Pair]) -> list[int]:
@@ -127,4 +129,9 @@ def _tuned_row(model: Any, tokenizer: Any, pairs: Sequence[Pair], evals: dict, s
 
 def compare_judged(report: Comparison) -> str:
     """One paragraph naming who stacked the inputs and who loaded each variant's merge."""
-    return report_lib.judged(report)
+    return report_out.judged(report)
+
+
+def compare_best_mark(report: Comparison, label: str, skill: str) -> str:
+    """"*" on the row that keeps ``skill`` best, "**" when its lead over the runner-up is significant."""
+    return report_out.best_mark(report, label, skill)

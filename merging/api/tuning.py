@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from merging.base.load import load_base
 from merging.core.adapter import weighted
 from merging.core.progress import Progress
 from merging.errors import MergingError
-from merging.eval import compare as report_lib
+from merging.eval import data as eval_data
 from merging.eval import tune as tune_lib
 from merging.eval.verify import base_weights
 from merging.formats import sources
@@ -41,6 +41,9 @@ def tune(
     granularity: str = "adapter", objective: str = "worst", strategy: str = "cat", rank: int | None = None,
     budget: int | None = None, steps: int = 6, lr: float = 0.3, batch: int = 4, seed: int = 0,
     tune_fraction: float = 0.5, device: str = "auto", force: bool = False, progress: Progress | None = None,
+    density: float | None = None, alpha: float | None = None, common_fraction: float | None = None,
+    knobs: Sequence[str] | None = None, evaluations: int = 40, patience: int = 15,
+    regularisation: float = 3.0,
 ) -> Tuned:  # fmt: skip
     """Learn the merge weights that keep every skill and write the merge with tune_recipe.toml
     (``merging merge --recipe`` remakes it byte for byte) and tune.json (``merging tune``).
@@ -52,8 +55,14 @@ def tune(
         out: the output folder.
         granularity: "adapter" (one weight per input) or "layer" (one per input per layer).
         objective: "worst" (the worst skill's retention), "mean", or λ in [0, 1]: λ·worst + (1 − λ)·mean.
-        strategy: cat (exact, tuned by gradient); svd or ties with ``rank``/``budget`` (gradient-free).
-        steps, lr, batch, seed: the search (Adam's step or the ES's first σ; examples per skill per step).
+        strategy: cat (exact, tuned by gradient); any other strategy gradient-free (scipy.optimize), with
+            ``rank``/``budget`` and its own knobs (``density``, ``alpha``, ``common_fraction``: the start).
+        steps, lr, batch, seed: the search (Adam's step or the free search's first step; examples per skill
+            per step).
+        knobs: the strategy's knobs tuned with the weights (default: density for TIES/DARE, common_fraction
+            for iso_cts; () for none).
+        evaluations, patience: gradient-free: merges measured at most; stop after this many without gain.
+        regularisation: per-layer weights: penalty on their mean squared distance from the per-input ones.
         tune_fraction: the share of each eval file tuned on; the rest is the reporting part.
         device: where the base is loaded.
         force: replace an existing output folder.
@@ -65,18 +74,23 @@ def tune(
         raise MergingError(f"{base}: tune needs a tokenizer beside the model")
     pairs = sources.load_inputs(specs, base=model)
     refuse_overlap(Path(out), [base, *(ad.source for ad, _ in pairs)])
-    eval_sets = {name: report_lib.read_eval(Path(path)) for name, path in evals.items()}
+    eval_sets = {name: eval_data.read_eval(Path(path)) for name, path in evals.items()}
     split = tune_lib.split_evals(eval_sets, seed=seed, fraction=tune_fraction)
     how = tune_lib.check_objective(objective)
-    settings = tune_lib.Settings(granularity, how, steps, lr, batch, seed)  # type: ignore[arg-type]
-    options = Options(rank=rank, budget=budget, seed=seed)
+    settings = tune_lib.Settings(granularity, how, steps, lr, batch, seed,  # type: ignore[arg-type]
+                                 evaluations, patience, knobs=None if knobs is None else tuple(knobs),
+                                 regularisation=regularisation)  # fmt: skip
+    given = {"density": density, "alpha": alpha, "common_fraction": common_fraction}
+    set_ = {k: v for k, v in given.items() if v is not None}
+    options = Options(rank=rank, budget=budget, seed=seed, **set_)  # type: ignore[arg-type]
     found = tune_lib.tune(model, tokenizer, pairs, split.tune, settings=settings, strategy=strategy,
                           options=options, progress=progress)  # fmt: skip
     adapters = [ad for ad, _ in pairs]
+    options = replace(options, **found.knobs)  # type: ignore[arg-type]
     merged_pairs, layer_w = tune_lib.merge_inputs(adapters, found.weights)
     result = pipeline.merge(merged_pairs, strategy, options, base_weights=base_weights(model),
                             layer_weights=layer_w)  # fmt: skip
-    measured = tune_lib.held_out(model, tokenizer, pairs, weighted(result.adapters), split.report)
+    measured = tune_lib.held_out(model, tokenizer, pairs, weighted(result.adapters), split.report, seed=seed)
     write_result(result, Path(out), recipe(result, adapters).to_dict(), force=force)
     write_text(Path(out) / TUNE_RECIPE, recipe_toml(specs, base, strategy, found, options))
     record = _record(found, measured, split)
@@ -102,9 +116,10 @@ def recipe_toml(inputs: Sequence[str], base: str | Path, strategy: str, found: t
              f"weights = [{', '.join(repr(w) for w in found.weights.inputs)}]"]  # fmt: skip
     if Path(base).is_dir():
         lines.append(f"base = {q(str(Path(base).resolve()))}")
-    for key in ("rank", "budget"):
-        if getattr(options, key) is not None:
-            lines.append(f"{key} = {getattr(options, key)}")
+    for key in ("rank", "budget", "density", "alpha", "common_fraction"):  # given, or tuned
+        value = getattr(options, key)
+        if value is not None and (key in found.knobs or value != getattr(Options(), key)):
+            lines.append(f"{key} = {value!r}")
     if found.weights.layers:
         lines.append("\n[layer_weights]")
         lines += [f"{q(k)} = [{', '.join(repr(w) for w in v)}]" for k, v in found.weights.layers.items()]
@@ -113,7 +128,7 @@ def recipe_toml(inputs: Sequence[str], base: str | Path, strategy: str, found: t
 
 def _record(found: tune_lib.TuneResult, measured: dict, split: tune_lib.Split) -> dict:
     return {
-        "strategy": found.strategy, "granularity": found.granularity,
+        "strategy": found.strategy, "granularity": found.granularity, "knobs": found.knobs,
         "weights": list(found.weights.inputs),
         "layer_weights": {k: list(v) for k, v in found.weights.layers.items()},
         "trace": [{"step": s.step, "objective": s.objective, "on": s.on, "retention": s.retention}
@@ -140,6 +155,7 @@ def _plots(record: dict, folder: Path) -> list[str]:
     if draw_search(plt, trace, folder / "tune_search.png"):
         out.append("tune_search.png")
     before, after = record["reporting_split"]["before"], record["reporting_split"]["after"]
-    if draw_before_after(plt, before, after, folder / "tune_retention.png"):
+    intervals = record["reporting_split"].get("intervals")
+    if draw_before_after(plt, before, after, folder / "tune_retention.png", intervals):
         out.append("tune_retention.png")
     return out

@@ -29,7 +29,7 @@ ADDITIVE_TYPES = {"LORA", "LOHA", "LOKR"}
 
 
 @dataclass(frozen=True)
-class Plan:
+class Stacker:
     """Who stacks a set of adapters: PEFT ("mixed" or "multi" loading of these folders) or our runtime."""
 
     reference: str  # PEFT or RUNTIME
@@ -47,25 +47,25 @@ def peft_type(adapter: Adapter) -> str | None:
     return cfg.get("peft_type")
 
 
-def plan(pairs: Sequence[Pair]) -> Plan:
+def who_stacks(pairs: Sequence[Pair]) -> Stacker:
     """How these (adapter, weight) pairs can be stacked by PEFT itself, or why they cannot."""
     if not pairs:
-        return Plan(RUNTIME, reason="no adapters")
+        return Stacker(RUNTIME, reason="no adapters")
     types = [peft_type(ad) for ad, _ in pairs]
     if None in types:
         what = next(ad.where for (ad, _), t in zip(pairs, types, strict=True) if t is None)
-        return Plan(RUNTIME, reason=f"{what} is not a PEFT folder")
+        return Stacker(RUNTIME, reason=f"{what} is not a PEFT folder")
     if any(w != 1.0 for _, w in pairs):
-        return Plan(RUNTIME, reason="PEFT stacks adapters at weight 1 only")
+        return Stacker(RUNTIME, reason="PEFT stacks adapters at weight 1 only")
     folders = tuple(Path(ad.source) for ad, _ in pairs)
     if len(set(folders)) != len(folders):
-        return Plan(RUNTIME, reason="an adapter is stacked twice")
+        return Stacker(RUNTIME, reason="an adapter is stacked twice")
     kinds = set(types)
     if len(kinds) == 1:
-        return Plan(PEFT, "multi", folders)
+        return Stacker(PEFT, "multi", folders)
     if kinds <= ADDITIVE_TYPES:
-        return Plan(PEFT, "mixed", folders)
-    return Plan(RUNTIME, reason="PEFT cannot stack IA³ with additive adapters")
+        return Stacker(PEFT, "mixed", folders)
+    return Stacker(RUNTIME, reason="PEFT cannot stack IA³ with additive adapters")
 
 
 def parts(pairs: Sequence[Pair]) -> list[tuple[str, list[Pair]]]:
@@ -73,7 +73,7 @@ def parts(pairs: Sequence[Pair]) -> list[tuple[str, list[Pair]]]:
     ia3 = [p for p in pairs if peft_type(p[0]) == "IA3"]
     add = [p for p in pairs if peft_type(p[0]) in ADDITIVE_TYPES]
     return [(name, sub) for name, sub in (("ia3 inputs", ia3), ("additive inputs", add))
-            if sub and plan(sub).reference == PEFT]  # fmt: skip
+            if sub and who_stacks(sub).reference == PEFT]  # fmt: skip
 
 
 PEFT_REFUSALS = (ValueError, TypeError, KeyError, RuntimeError, AttributeError)
@@ -90,20 +90,20 @@ def _require_peft():
 
 
 @contextmanager
-def peft_stacked(model: nn.Module, the_plan: Plan) -> Iterator[nn.Module]:
-    """The plan's PEFT folders loaded by PEFT onto ``model``, all active at once; unloaded on exit.
+def peft_stacked(model: nn.Module, stacker: Stacker) -> Iterator[nn.Module]:
+    """The PEFT folders loaded by PEFT onto ``model``, all active at once; unloaded on exit.
 
     Yields:
         ``model`` itself, with PEFT's layers injected (call it as usual; ``generate`` works).
     """
     peft = _require_peft()
-    names = [f"input{i}" for i in range(len(the_plan.folders))]
-    cls = peft.PeftMixedModel if the_plan.mode == "mixed" else peft.PeftModel
-    wrapped = cls.from_pretrained(model, str(the_plan.folders[0]), adapter_name=names[0])
+    names = [f"input{i}" for i in range(len(stacker.folders))]
+    cls = peft.PeftMixedModel if stacker.mode == "mixed" else peft.PeftModel
+    wrapped = cls.from_pretrained(model, str(stacker.folders[0]), adapter_name=names[0])
     try:
-        for name, folder in zip(names[1:], the_plan.folders[1:], strict=True):
+        for name, folder in zip(names[1:], stacker.folders[1:], strict=True):
             wrapped.load_adapter(str(folder), adapter_name=name)
-        if the_plan.mode == "mixed":
+        if stacker.mode == "mixed":
             wrapped.set_adapter(names)
         else:
             wrapped.base_model.set_adapter(names)
@@ -134,24 +134,24 @@ def _unload(wrapped, model: nn.Module) -> None:
 
 
 @contextmanager
-def reference(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[Plan]:
+def reference(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[Stacker]:
     """The inputs stacked active by their own runtime (PEFT) where it can, else by ``merging.runtime``.
 
     Yields:
-        The plan followed (``plan.reference`` names who stacked them); the model runs stacked meanwhile.
+        Who stacked them (``.reference``: PEFT or our runtime); the model runs stacked meanwhile.
     """
     from merging.runtime.stacked import stacked
 
-    the_plan = plan(pairs)
+    stacker = who_stacks(pairs)
     with ExitStack() as stack:
-        if the_plan.reference == PEFT:
+        if stacker.reference == PEFT:
             try:
-                stack.enter_context(peft_stacked(model, the_plan))
+                stack.enter_context(peft_stacked(model, stacker))
             except PEFT_REFUSALS as e:  # e.g. modules_to_save active in two adapters at once
-                the_plan = Plan(RUNTIME, reason=f"PEFT refused to stack them ({_first_line(e)})")
-        if the_plan.reference == RUNTIME:
+                stacker = Stacker(RUNTIME, reason=f"PEFT refused to stack them ({_first_line(e)})")
+        if stacker.reference == RUNTIME:
             stack.enter_context(stacked(model, pairs))
-        yield the_plan
+        yield stacker
 
 
 def _first_line(e: BaseException) -> str:

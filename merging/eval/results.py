@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from merging.errors import MergingError
+from merging.eval.intervals import Interval, Lead
 from merging.merge.recipe import Input, Versions, malformed, options_from_dict
 from merging.strategies import Options
 
@@ -120,11 +121,13 @@ class Skill:
 
     loss: float
     retention: float | None
+    interval: Interval | None = None  # the retention's 95% bootstrap interval over the examples
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Skill:
         with malformed("skill"):
-            return cls(d["loss"], d["retention"])
+            got = d.get("interval")
+            return cls(d["loss"], d["retention"], None if got is None else Interval(got["low"], got["high"]))
 
 
 def _skills_from(d: dict[str, Any]) -> dict[str, Skill]:
@@ -132,7 +135,9 @@ def _skills_from(d: dict[str, Any]) -> dict[str, Skill]:
 
 
 def _skills_to(skills: dict[str, Skill]) -> dict[str, dict[str, Any]]:
-    return {name: asdict(s) for name, s in skills.items()}
+    """Each skill as JSON; a retention without an interval (no bootstrap ran) is written as before."""
+    return {name: {k: v for k, v in asdict(s).items() if k != "interval" or v is not None}
+            for name, s in skills.items()}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,9 @@ class Comparison:
     reference_checks: dict[str, float] = field(default_factory=dict)  # ours vs PEFT on the parts it stacks
     notes: tuple[str, ...] = ()  # said under the skill table (which split the retentions are measured on)
     search: dict[str, Any] | None = None  # the tuned row's search: label, trace, weights (``merging tune``)
+    leads: dict[str, Lead] = field(
+        default_factory=dict
+    )  # skill → the best row, and whether it leads significantly
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``report.json``."""
@@ -251,6 +259,8 @@ class Comparison:
         }
         out |= {"notes": list(self.notes)} if self.notes else {}
         out |= {"search": self.search} if self.search is not None else {}
+        out |= {"leads": {s: asdict(x) | {"significant": x.significant} for s, x in self.leads.items()}
+                } if self.leads else {}  # fmt: skip
         return out if self.plots is None else out | {"plots": list(self.plots)}
 
     @classmethod
@@ -263,5 +273,10 @@ class Comparison:
                 tuple(Skipped(**s) for s in d["not_applicable"]), Skills.from_dict(d["skills"]),
                 Versions.from_dict(d["versions"]), None if d.get("plots") is None else tuple(d["plots"]),
                 d.get("reference_reason"), dict(d.get("reference_checks") or {}), tuple(d.get("notes", ())),
-                d.get("search"),
+                d.get("search"), {s: _lead_from(x) for s, x in (d.get("leads") or {}).items()},
             )  # fmt: skip
+
+
+def _lead_from(d: dict[str, Any]) -> Lead:
+    diff = d["difference"]
+    return Lead(d["best"], d["runner_up"], None if diff is None else Interval(diff["low"], diff["high"]))

@@ -4,30 +4,55 @@ The references (base, alone, stacked) and the candidates that claim exactness ru
 ``runtime.stacked`` with the model's own loss, as before. A candidate that claims no exactness runs folded
 into the float32 weights (``runtime.evaluated``: ``merge_into``, undone bit for bit), equal to stacking up
 to rounding at the cost of one plain forward: every skill's texts packed into one batch with no padding
-and the output layer applied at the answer positions only (``answer_losses``, ``merging.packing``; first
-checked against the model's own loss on the base, skill by skill). Candidates with identical adapters
-(``content_digest``; cat and multiplicative here) are measured once. Texts are tokenised once.
+and the output layer applied at the answer positions only (``data.answer_losses``; first checked against
+the model's own loss on the base, skill by skill: ``data.packed_agrees``). Candidates with identical
+adapters (``content_digest``; cat and multiplicative here) are measured once. Texts are tokenised once.
+Every retention gets a 95% bootstrap interval over the examples, and each skill its best candidate with
+whether its lead is significant (``merging.eval.intervals``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from merging.core.adapter import Pair, content_digest, weighted
 from merging.core.progress import Progress
-from merging.eval.packing import Packed, pack, packed_losses
+from merging.eval.data import (
+    Batches,
+    alone_losses,
+    answer_losses_by_example,
+    losses_by_example,
+    pack,
+    packed_agrees,
+    retention,
+)
+from merging.eval.intervals import Lead, lead, retention_interval
 from merging.eval.results import Skill, Skills
 from merging.runtime.fold import evaluated
 from merging.runtime.stacked import stacked
 
-Batches = dict[str, dict[str, torch.Tensor]]
+
+@dataclass(frozen=True)
+class Measured:
+    """``held_out``'s figures: the references, each candidate's skills (with intervals), and per skill which
+    candidate keeps it best and whether its lead over the runner-up is significant."""
+
+    skills: Skills
+    merged: dict[str, dict[str, Skill]]
+    leads: dict[str, Lead]
 
 
 def held_out(
-    model, batches: Batches, inputs: Sequence[Pair], candidates: Sequence, progress: Progress | None = None
-) -> tuple[Skills, dict[str, dict[str, Skill]]]:
+    model,
+    batches: Batches,
+    inputs: Sequence[Pair],
+    candidates: Sequence,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> Measured:
     """Held-out losses per skill (an input's name → its tokenised batch with answer labels).
 
     Args:
@@ -36,9 +61,11 @@ def held_out(
         inputs: the (adapter, weight) pairs in stacking order; an input's name keys its skill.
         candidates: the merged results (``verify.Candidate``: name, adapters, exact).
         progress: called after the base, the inputs alone, the stack and each candidate.
+        seed: seeds the bootstrap of the intervals.
 
     Returns:
-        The reference losses, and each candidate's losses and retentions by candidate name.
+        The reference losses, each candidate's losses and retentions (95% intervals) by candidate name, and
+        the best candidate per skill.
     """
     steps, done = 3 + len(candidates), 0
 
@@ -48,59 +75,39 @@ def held_out(
         if progress:
             progress(done, steps, item)
 
-    base = losses(model, batches)
+    base, base_sums = losses_by_example(model, batches)
     packed = pack(batches)
-    fast = head_only_agrees(model, packed, base)
+    fast = packed_agrees(model, packed, base)
     tick("base")
-    alone = {}
-    for skill, batch in batches.items():
-        with stacked(model, [(a, w) for a, w in inputs if a.name == skill]):
-            alone[skill] = losses(model, {skill: batch})[skill]
+    got_alone = alone_losses(model, inputs, batches, lambda s: losses_by_example(model, {s: batches[s]}))
+    alone = {s: means[s] for s, (means, _) in got_alone.items()}
+    alone_sums = {s: sums[s] for s, (_, sums) in got_alone.items()}
     tick("each input alone")
+    sums_of: dict[str, dict[str, np.ndarray]] = {}  # candidate → skill → per-example loss sums
 
-    def measure(pairs: Sequence[Pair], exact: bool) -> dict[str, Skill]:
+    def measure(pairs: Sequence[Pair], exact: bool) -> tuple[dict[str, Skill], dict[str, np.ndarray]]:
         with stacked(model, pairs) if exact else evaluated(model, pairs):
-            got = losses(model, batches) if exact or not fast else answer_losses(model, packed)
-        return {s: Skill(v, retention(base[s], alone[s], v)) for s, v in got.items()}
+            got, sums = (
+                losses_by_example(model, batches)
+                if exact or not fast
+                else answer_losses_by_example(model, packed)
+            )
+        sums = {s: v.double().cpu().numpy() for s, v in sums.items()}
+        return {s: Skill(v, retention(base[s], alone[s], v), retention_interval(
+            base_sums[s], alone_sums[s], sums[s], seed=seed)) for s, v in got.items()}, sums  # fmt: skip
 
-    stacked_skills = measure(list(inputs), True)
+    base_sums = {s: v.double().cpu().numpy() for s, v in base_sums.items()}
+    alone_sums = {s: v.double().cpu().numpy() for s, v in alone_sums.items()}
+    stacked_skills, _ = measure(list(inputs), True)
     tick("stacked inputs")
     merged: dict[str, dict[str, Skill]] = {}
-    seen: dict[str, dict[str, Skill]] = {}  # content digest → the losses of those very adapters
+    seen: dict[str, tuple] = {}  # content digest → the losses of those very adapters
     for cand in candidates:
         digest = content_digest(cand.adapters)
         if digest not in seen:
             seen[digest or cand.name] = measure(weighted(cand.adapters), cand.exact)
-        merged[cand.name] = seen[digest or cand.name]
+        merged[cand.name], sums_of[cand.name] = seen[digest or cand.name]
         tick(cand.name)
-    return Skills(base, alone, stacked_skills), merged
-
-
-@torch.no_grad()
-def losses(model, batches: Batches) -> dict[str, float]:
-    """Mean cross-entropy per answer token of each skill's batch (the model's own loss)."""
-    return {skill: float(model(**batch).loss) for skill, batch in batches.items()}
-
-
-@torch.no_grad()
-def answer_losses(model, packed: Packed) -> dict[str, float]:
-    """The same losses from one forward of every skill's texts packed (``merging.packing``): no pad tokens,
-    and the output layer only at the answer positions (the prompts' logits, most of them, are never made)."""
-    return {skill: float(v) for skill, v in packed_losses(model, packed).items()}
-
-
-def head_only_agrees(model, packed: Packed, own: dict[str, float], rtol: float = 1e-5) -> bool:
-    """Whether ``answer_losses`` reproduces the model's own loss on every skill (one whose head does more
-    than its output layer, e.g. logit soft-capping, or that does not read packed sequences, does not: it
-    keeps its own loss)."""
-    try:
-        got = answer_losses(model, packed)
-    except (AttributeError, TypeError, NotImplementedError, RuntimeError, ValueError):
-        return False
-    return all(abs(got[s] - own[s]) <= rtol * abs(own[s]) for s in own)
-
-
-def retention(base: float, alone: float, loss: float) -> float | None:
-    """(L_base − L) / (L_base − L_alone): the share of the adapter's own improvement that survives."""
-    gain = base - alone
-    return None if gain <= 0 else (base - loss) / gain
+    leads = {s: found for s in base if (found := lead(base_sums[s], alone_sums[s],
+             {c: sums[s] for c, sums in sums_of.items()}, seed=seed))}  # fmt: skip
+    return Measured(Skills(base, alone, stacked_skills), merged, leads)

@@ -242,10 +242,10 @@ def verify(
 
     y_base = _outputs(model, batch)
     tick("base")
-    with judge.reference(model, pairs) as the_plan:
+    with judge.reference(model, pairs) as stacker:
         y_stack = _outputs(model, batch)
         g_stack = _greedy(model, batch, max_new_tokens, pad_id) if is_lm and max_new_tokens else None
-    checks = {} if the_plan.reference == judge.PEFT else reference_checks(model, batch, pairs, y_base)
+    checks = {} if stacker.reference == judge.PEFT else reference_checks(model, batch, pairs, y_base)
     tick("stacked")
     rows, reference = [], {}  # the stacked inputs' side of module_errors, shared by the candidates
     folds = (lambda cand: not cand.exact) if fold_approximate else (lambda cand: False)
@@ -289,7 +289,7 @@ def verify(
                 weight_error_mean=sum(errs.values()) / max(len(errs), 1),
                 passed=figures["effect_rel_error"] <= tol if cand.exact else None,
                 module_errors=errs,
-                reference=the_plan.reference,
+                reference=stacker.reference,
                 loaded_by=loaded_by,
             )
             rows.append(row)
@@ -297,7 +297,7 @@ def verify(
                 seen.setdefault(digest, row)
             tick(cand.name)
     dt = str(dtype).removeprefix("torch.")
-    return Report(base_name, str(device), dt, list(prompts), tol, rows, the_plan.reason, checks)
+    return Report(base_name, str(device), dt, list(prompts), tol, rows, stacker.reason, checks)
 
 
 GROUP = 8  # approximate candidates run at once by ``_grouped_outputs``
@@ -360,9 +360,9 @@ def reference_checks(model, batch, pairs: Sequence[Pair], y_base: torch.Tensor) 
     for label, part in judge.parts(pairs):
         with stacked(model, part):
             y_ours = _outputs(model, batch)
-        with judge.reference(model, part) as the_plan:
+        with judge.reference(model, part) as stacker:
             y_peft = _outputs(model, batch)
-        if the_plan.reference == judge.PEFT:  # a part PEFT refused to stack cannot check anything
+        if stacker.reference == judge.PEFT:  # a part PEFT refused to stack cannot check anything
             out[label] = _compare(y_base, y_peft, y_ours, False)["effect_rel_error"]
     return out
 

@@ -105,11 +105,13 @@ def _skills(ax, report: Comparison) -> bool:
     if not skills:
         return False
     labels = ["stacked"] + [v.label for v in report.variants]
-    values = [[report.skills.stacked[s].retention or 0.0 for s in skills]]
-    values += [[v.skills[s].retention or 0.0 for s in skills] for v in report.variants]
+    rows = [report.skills.stacked, *(v.skills for v in report.variants)]
     width = 0.8 / len(skills)
     for j, s in enumerate(skills):
-        ax.bar([i + j * width for i in range(len(labels))], [row[j] for row in values], width, label=s)
+        values = [row[s].retention or 0.0 for row in rows]
+        err = _errors([row[s] for row in rows])
+        ax.bar([i + j * width for i in range(len(labels))], values, width, label=s, yerr=err, capsize=1.5,
+               error_kw={"linewidth": 0.6})  # fmt: skip
     ax.set_xticks(
         [i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=60, ha="right", fontsize=7
     )
@@ -119,6 +121,15 @@ def _skills(ax, report: Comparison) -> bool:
     ax.set_title("Skill retention per strategy")
     ax.legend(fontsize=7)
     return True
+
+
+def _errors(skills) -> list[list[float]] | None:
+    """Matplotlib's asymmetric error bars (2, n) from the skills' 95% intervals; None when none has one."""
+    if all(k.interval is None for k in skills):
+        return None
+    low = [0.0 if k.interval is None else max(0.0, (k.retention or 0.0) - k.interval.low) for k in skills]
+    high = [0.0 if k.interval is None else max(0.0, k.interval.high - (k.retention or 0.0)) for k in skills]
+    return [low, high]
 
 
 def _search(ax, report: Comparison) -> bool:
@@ -135,7 +146,10 @@ def _before_after(ax, report: Comparison) -> bool:
     if tuned is None:
         return False
     before = {s: k.retention for s, k in report.skills.stacked.items()}
-    return _draw_before_after(ax, before, {s: k.retention for s, k in tuned.skills.items()})
+    intervals = {key: {s: None if k.interval is None else [k.interval.low, k.interval.high]
+                       for s, k in got.items()}
+                 for key, got in (("before", report.skills.stacked), ("after", tuned.skills))}  # fmt: skip
+    return _draw_before_after(ax, before, {s: k.retention for s, k in tuned.skills.items()}, intervals)
 
 
 def draw_search(plt, trace: list[tuple[int, float, str]], path: Path) -> bool:
@@ -166,10 +180,13 @@ def _draw_search(ax, trace: list[tuple[int, float, str]]) -> bool:
 Retentions = dict[str, float | None]
 
 
-def draw_before_after(plt, before: Retentions, after: Retentions, path: Path) -> bool:
-    """Retention per skill on the reporting split: the inputs stacked as given, and the tuned merge."""
+def draw_before_after(
+    plt, before: Retentions, after: Retentions, path: Path, intervals: dict | None = None
+) -> bool:
+    """Retention per skill on the reporting split: the inputs stacked as given, and the tuned merge (with
+    the 95% intervals, ``intervals``: before/after → skill → [low, high], where given)."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    drawn = _draw_before_after(ax, before, after)
+    drawn = _draw_before_after(ax, before, after, intervals)
     if drawn:
         fig.tight_layout()
         fig.savefig(path)
@@ -177,13 +194,23 @@ def draw_before_after(plt, before: Retentions, after: Retentions, path: Path) ->
     return drawn
 
 
-def _draw_before_after(ax, before: Retentions, after: Retentions) -> bool:
+def _draw_before_after(ax, before: Retentions, after: Retentions, intervals: dict | None = None) -> bool:
     names = [n for n in before if before[n] is not None and after.get(n) is not None]
     if not names:
         return False
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [before[n] for n in names], width=0.4, label="stacked as given")
-    ax.bar([i + 0.2 for i in x], [after[n] for n in names], width=0.4, label="tuned merge")
+
+    def err(key: str, values: Retentions):
+        got = (intervals or {}).get(key) or {}
+        if not any(got.get(n) for n in names):
+            return None
+        return [[max(0.0, values[n] - got[n][0]) if got.get(n) else 0.0 for n in names],
+                [max(0.0, got[n][1] - values[n]) if got.get(n) else 0.0 for n in names]]  # fmt: skip
+
+    ax.bar([i - 0.2 for i in x], [before[n] for n in names], width=0.4, label="stacked as given",
+           yerr=err("before", before), capsize=2)  # fmt: skip
+    ax.bar([i + 0.2 for i in x], [after[n] for n in names], width=0.4, label="tuned merge",
+           yerr=err("after", after), capsize=2)  # fmt: skip
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(list(x), names)
