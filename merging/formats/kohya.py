@@ -36,7 +36,7 @@ from merging.core.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scal
 from merging.core.linalg import tucker_factors
 from merging.core.lycoris_ia3 import AddedScale, from_peft
 from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.formats import lycoris
+from merging.formats import bfl_names, diffusers_lora, lycoris
 from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
@@ -82,6 +82,8 @@ def detect(path: Path) -> bool:
 def _check_holds_adapter(file: Path) -> None:
     """NotAnAdapter unless some key ends in a family's marker part (a model file has none), headers only."""
     parts: dict[str, set[str]] = defaultdict(set)
+    if diffusers_lora.holds(t.name for t in list_tensors(file)):
+        return
     for t in list_tensors(file):
         name, _, part = t.name.partition(".")
         parts[name].add(part)
@@ -121,27 +123,43 @@ def read(
 
 def _read(file: Path, base: BaseLayout | None, allow_nonfinite: bool) -> Adapter:
     tensors = load_tensors(file)
+    for key, t in tensors.items():
+        if not allow_nonfinite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
+            )
+    meta = safetensors_metadata(file)
+    if diffusers_lora.holds(tensors):
+        deltas = diffusers_lora.read(tensors, base, file, meta)
+    else:
+        deltas = _read_kohya(file, tensors, base)
+    base = meta.get("ss_base_model_version") or meta.get("ss_sd_model_name")
+    return Adapter(
+        file.stem, deltas, base_model=base, source=file, config={"format": "kohya", "metadata": meta}
+    )
+
+
+def _read_kohya(file: Path, tensors: dict[str, torch.Tensor], base: BaseLayout | None) -> dict[str, Delta]:
+    """module → delta for ``<lora_name>.<part>`` keys; a BFL-named Flux module split onto the base's."""
     mapping = from_kohya(base.modules, base.components, base.saved) if base is not None else {}
+    fused = bfl_names.table(base.modules) if base is not None else {}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
         m = PART.match(key)
         if not m:
             raise FormatError(f"{file}: unknown key {key!r} (expected <lora_name>.<part>)")
-        if not allow_nonfinite and t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(
-                f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
-            )
         groups[m["name"]][m["part"]] = t
     deltas: dict[str, Delta] = {}
     for name, parts in sorted(groups.items()):
-        module = module_of(name, mapping, file) if base is not None else name
         with naming(file, name):
-            deltas[module] = _READERS[_family(parts, file, name)](parts)
-    meta = safetensors_metadata(file)
-    base = meta.get("ss_base_model_version") or meta.get("ss_sd_model_name")
-    return Adapter(
-        file.stem, deltas, base_model=base, source=file, config={"format": "kohya", "metadata": meta}
-    )
+            d = _READERS[_family(parts, file, name)](parts)
+            got = bfl_names.split(d, fused[name], name) if name in fused else None
+        if got is None:
+            got = {module_of(name, mapping, file) if base is not None else name: d}
+        if twice := set(got) & set(deltas):
+            raise FormatError(f"{file}: {name} adapts {min(twice)}, which another key of the file adapts too")
+        deltas |= got
+    return deltas
 
 
 def _alpha(parts: dict[str, torch.Tensor], r: int) -> float:
@@ -286,6 +304,19 @@ def _refined(adapter: Adapter, base: BaseLayout) -> Adapter:
     return adapter.with_deltas(dict(adapter.deltas) | dict(known.refine_targets(base.modules).deltas))
 
 
+def _bfl_fused(deltas: dict[str, Delta], fused: dict, base: BaseLayout) -> dict[str, Delta]:
+    """A Flux transformer's deltas under BFL's lora_names (fused modules: A stacked, B block-diagonal)."""
+    out = {m: d for m, d in deltas.items() if not m.startswith("transformer.")}
+    for name, pieces in fused.items():
+        mine = {p.module: deltas[p.module] for p in pieces if p.module in deltas}
+        if mine:
+            out[name] = bfl_names.fuse(mine, pieces, base.modules[pieces[0].module][1][1], name)
+    covered = {p.module for pieces in fused.values() for p in pieces}
+    if left := sorted(m for m in deltas if m.startswith("transformer.") and m not in covered):
+        raise UnsupportedError(f"module {left[0]} has no BFL (kohya Flux) name; write it in diffusers names")
+    return out
+
+
 def write(
     adapter: Adapter, path: Path, *, provenance: Provenance = None,
     base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
@@ -310,8 +341,11 @@ def write(
     names = {} if base is None else to_kohya(base.modules, base.components, base.saved)
     if base is not None and not names:  # one model: its checkpoints' paths under options.prefix
         names = {m: f"{options.prefix}_{s.replace('.', '_')}" for m, s in base.saved.items()}
-    alpha = file_alpha(adapter.deltas.values())
-    for mod, d in adapter.expanded().items():
+    expanded = adapter.expanded()
+    if base is not None and (fused := bfl_names.table(base.modules)):
+        expanded = _bfl_fused(expanded, fused, base)
+    alpha = file_alpha(expanded.values())
+    for mod, d in expanded.items():
         with naming(adapter.where, f"module {mod}"):
             name = _kohya_name(mod, options.prefix, names)
             for part, t in _parts(mod, d, base, alpha).items():

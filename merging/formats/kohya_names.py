@@ -8,7 +8,7 @@ pipeline base names its modules ``<component>.<path>``; each component has its p
 | unet | lora_unet |
 | transformer (DiT, Flux, SD3) | lora_transformer |
 | text_encoder | lora_te (SD1.5), lora_te1 (SDXL: when text_encoder_2 exists) |
-| text_encoder_2, text_encoder_3 | lora_te2, lora_te3 |
+| text_encoder_2, text_encoder_3 | lora_te2, lora_te3 (a T5 encoder is lora_te3: Flux's text_encoder_2) |
 
 A base without components (one model: a transformers model or one diffusers component) maps every known
 prefix onto its module paths. Two paths that flatten to one lora_name make it ambiguous: refused by name.
@@ -35,20 +35,26 @@ def is_kohya_name(module: str) -> bool:
     return "." not in module and module.startswith(PREFIXES)
 
 
-def component_prefixes(components: Iterable[str]) -> dict[str, str]:
+def t5_components(modules: Iterable[str]) -> set[str]:
+    """The pipeline components that are T5 encoders (sd-scripts names T5 lora_te3 in Flux and SD3 alike)."""
+    return {m.partition(".")[0] for m in modules if ".encoder.block." in m and ".SelfAttention." in m}
+
+
+def component_prefixes(components: Iterable[str], t5: Iterable[str] = ()) -> dict[str, str]:
     """component → kohya prefix for a pipeline's components (unet, text_encoder, ...)."""
     comps = set(components)
     if unknown := comps - set(COMPONENTS):
         raise FormatError(f"pipeline components {sorted(unknown)} have no kohya prefix")
     prefixes = {c: COMPONENTS[c] for c in comps}
     if "text_encoder" in prefixes and "text_encoder_2" in comps:
-        prefixes["text_encoder"] = "lora_te1"  # SDXL
-    return prefixes
+        prefixes["text_encoder"] = "lora_te1"  # SDXL, Flux, SD3
+    return prefixes | {c: "lora_te3" for c in set(t5) & comps}
 
 
 def to_kohya(modules: Iterable[str], components: Iterable[str], saved: Mapping[str, str]) -> dict[str, str]:
     """module path → lora_name for a pipeline base (modules ``<component>.<path>``); {} without one."""
-    prefixes = component_prefixes(components)
+    modules = list(modules)
+    prefixes = component_prefixes(components, t5_components(modules))
     out = {}
     for m in modules if prefixes else ():
         comp, _, rest = saved.get(m, m).partition(".")
