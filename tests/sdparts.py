@@ -189,11 +189,11 @@ def dit_noise(model: torch.nn.Module) -> torch.Tensor:
                  timestep=torch.tensor([10, 500])).sample  # fmt: skip
 
 
-def pipeline_folder(folder, models):
+def pipeline_folder(folder, models, cls: str = "StableDiffusionPipeline"):
     """A diffusers pipeline folder holding the given components (as save_pretrained writes them)."""
     import json
 
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    index = {"_class_name": cls, "_diffusers_version": "0.42.1"}
     for name, model in models.items():
         model.save_pretrained(str(folder / name))
         lib = "diffusers" if "diffusers" in type(model).__module__ else "transformers"

@@ -239,3 +239,43 @@ def test_loha_on_fused_linear1_splits_exactly(tmp_path, layout):
     ad = kohya.read(tmp_path / "loha.safetensors", base=layout)
     torch.testing.assert_close(ad.deltas[f"{SINGLE}.proj_mlp"].dense(), full[48:])
     torch.testing.assert_close(ad.deltas[f"{SINGLE}.attn.to_v"].dense(), full[32:48])
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    return CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(tmp_path_factory):
+    return sp.pipeline_folder(tmp_path_factory.mktemp("flux") / "pipe", sp.flux_parts(), "FluxPipeline")
+
+
+def test_verify_on_a_flux_pipeline_with_diffusers_stacking_the_inputs(tmp_path, flux_pipe):
+    """verify --base <Flux pipeline>: noise prediction fed by the adapted CLIP and T5; diffusers stacks the
+    two diffusers-named inputs (T5 through PEFT, as under diffusers); cat passes, a wrong merge fails."""
+    mods = [f"{DOUBLE}.attn.to_q", f"{SINGLE}.proj_mlp", "transformer.x_embedder", f"{CLIP}.self_attn.v_proj",
+            f"{T5}.SelfAttention.q"]  # fmt: skip
+    files = [diffusers_file(tmp_path / f"{i}.safetensors", mods[i - 1 :], seed=i) for i in (1, 2)]
+    result = _cli("verify", *files, "--base", flux_pipe, "-s", "cat", "-s", "svd", "--rank", "2")
+    assert result.exit_code == 0, result.output
+    assert "diffusers (set_adapters)" in result.output and "diffusers (diffusers-named file)" in result.output
+    assert result.output.count("PASS") == 1 and "info" in result.output
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({k: 2 * v if "lora_B" in k else v for k, v in load_file(str(files[0])).items()}, str(wrong))
+    layout = BaseLayout.from_folder(flux_pipe)
+    merged = merge(weighted([kohya.read(f, base=layout) for f in (wrong, files[1])]), "cat")
+    out = kohya.write(merged.adapters[0], tmp_path / "merged.safetensors", base=layout,
+                      provenance={"strategy": "cat"})  # fmt: skip
+    result = _cli("verify", *files, "--base", flux_pipe, "--merged", out)
+    assert result.exit_code == 1 and "FAIL" in result.output, result.output
+
+
+def test_verify_on_flux_with_a_bfl_file_diffusers_cannot_load_names_the_reason(tmp_path, flux_pipe):
+    table = FUSED | WRONG_IN_DIFFUSERS
+    files = [bfl_file(tmp_path / f"{i}.safetensors", table, seed=i) for i in (1, 2)]
+    result = _cli("verify", *files, "--base", flux_pipe, "-s", "cat")
+    assert result.exit_code == 0 and "PASS" in result.output, result.output
+    assert "merging.runtime (ΔW added; diffusers cannot load these files: AssertionError" in result.output

@@ -8,8 +8,8 @@
 | ``<component>.<path>.alpha`` (optional) | () | diffusers' network alpha: scale α / r (1 without it) |
 | ``<text encoder>.<path>.lora_linear_layer.down/up.weight`` | | A / B in diffusers' older names |
 
-Text encoders are written in the older names: diffusers 0.42 converts a text encoder's PEFT-named keys only
-when some attention projection is among them (an MLP-only file fails to load).
+CLIP text encoders are written in the older names: diffusers 0.42 converts a text encoder's PEFT-named keys
+only when some attention projection is among them (an MLP-only file fails to load).
 
 Module paths are the pipeline's, with text encoders named as their checkpoints name them
 (``text_encoder.text_model.encoder...``); both spellings are read. A file carrying PEFT configs in its
@@ -27,6 +27,7 @@ import torch
 
 from merging.core.deltas import Delta, LowRank, Target
 from merging.errors import FormatError, UnsupportedError
+from merging.formats.kohya_names import t5_components
 from merging.storage.files import atomic_file, save_safetensors
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ def read(tensors: Mapping[str, torch.Tensor], base: BaseLayout | None, file: Pat
 
 def write(deltas: Mapping[str, Delta], path: Path, base: BaseLayout, *, force: bool = False) -> Path:
     """LoRA deltas as a diffusers-named file (scale folded into B), loadable by ``load_lora_weights``."""
+    t5 = t5_components(base.modules)
+    clips = tuple(f"{c}." for c in base.components if c.startswith("text_encoder") and c not in t5)
     tensors = {}
     for mod, d in sorted(deltas.items()):
         if not isinstance(d, LowRank) or d.magnitude is not None or d.bias is not None:
@@ -86,9 +89,9 @@ def write(deltas: Mapping[str, Delta], path: Path, base: BaseLayout, *, force: b
         if d.target.layer != "linear":
             raise UnsupportedError(f"{mod}: a {d.target.layer} LoRA: write it in kohya names")
         name = base.saved.get(mod, mod)
-        down, up = ("lora_A", "lora_B") if mod.startswith(("unet.", "transformer.")) else LEGACY
-        tensors[f"{name}.{down}.weight"] = d.a.contiguous()
-        tensors[f"{name}.{up}.weight"] = (d.scale * d.b.float()).to(d.b.dtype).contiguous()
+        down, up = LEGACY if mod.startswith(clips) else ("lora_A", "lora_B")
+        tensors[f"{name}.{down}.weight"] = d.a.clone()  # a fused module's parts share A: one copy each
+        tensors[f"{name}.{up}.weight"] = (d.scale * d.b.float()).to(d.b.dtype)
     with atomic_file(Path(path), force=force) as tmp:
         save_safetensors(tensors, tmp, metadata={"format": "pt"})
     return Path(path)
