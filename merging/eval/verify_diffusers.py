@@ -114,7 +114,7 @@ def _diffusers(parts: nn.ModuleDict, files: Mapping[str, Path], weights: Sequenc
     loader = StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in parts else StableDiffusionLoraLoaderMixin
     loaded: dict[str, list[str]] = {}
     for name, file in files.items():
-        sd, alphas = loader.lora_state_dict(str(file))
+        sd, alphas = loader.lora_state_dict(str(file), unet_config=parts["unet"].config)  # SGM names mapped
         loader.load_lora_into_unet(sd, alphas, parts["unet"], adapter_name=name)
         loaded.setdefault("unet", []).append(name)
         for te in TEXT:

@@ -36,7 +36,7 @@ from merging.core.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scal
 from merging.core.linalg import tucker_factors
 from merging.core.lycoris_ia3 import AddedScale, from_peft
 from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.formats import bfl_names, diffusers_lora, lycoris
+from merging.formats import bfl_names, diffusers_lora, lycoris, sgm_names
 from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
@@ -134,9 +134,10 @@ def _read(file: Path, base: BaseLayout | None, allow_nonfinite: bool) -> Adapter
     else:
         deltas = _read_kohya(file, tensors, base)
     base = meta.get("ss_base_model_version") or meta.get("ss_sd_model_name")
-    return Adapter(
-        file.stem, deltas, base_model=base, source=file, config={"format": "kohya", "metadata": meta}
-    )
+    config = {"format": "kohya", "metadata": meta}
+    if any(sgm_names.is_sgm_name(k.partition(".")[0]) for k in tensors):
+        config["unet_names"] = "sgm"  # written back the same way
+    return Adapter(file.stem, deltas, base_model=base, source=file, config=config)
 
 
 def _read_kohya(file: Path, tensors: dict[str, torch.Tensor], base: BaseLayout | None) -> dict[str, Delta]:
@@ -330,7 +331,8 @@ def write(
         base: the base model: a pipeline's components give the prefixes (else ``options.prefix``), its
             layers the kernels of conv LoRA factors and whether a PEFT IA³ scales a bias.
         force: replace an existing output file.
-        options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...).
+        options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...); ``unet_names``
+            ``sgm`` for a UNet in Stability's names (also when the adapter was read from such a file).
     """
     if adapter.aux:
         raise UnsupportedError(f"{adapter.where}: modules_to_save / trainable tokens have no kohya form")
@@ -338,7 +340,8 @@ def write(
     tensors = {}
     if base is not None:
         adapter = _refined(adapter, base)
-    names = {} if base is None else to_kohya(base.modules, base.components, base.saved)
+    sgm = "sgm" in (options.unet_names, adapter.config.get("unet_names"))
+    names = {} if base is None else to_kohya(base.modules, base.components, base.saved, sgm=sgm)
     if base is not None and not names:  # one model: its checkpoints' paths under options.prefix
         names = {m: f"{options.prefix}_{s.replace('.', '_')}" for m, s in base.saved.items()}
     expanded = adapter.expanded()
