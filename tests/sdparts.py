@@ -271,3 +271,38 @@ def diffusers_flux_load(parts: dict, files: dict[str, Path], weights: list[float
 
     for comp, ns in names.items():
         set_weights_and_activate_adapters(parts[comp], ns, [by_name[n] for n in ns])
+
+
+# ------------------------------------------------------------------------------------------ SD3
+
+SD3 = {  # two joint blocks (the last context_pre_only), SD3.5's dual attention in the first
+    "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": 16, "caption_projection_dim": 16,
+    "pooled_projection_dim": 16, "out_channels": 4, "dual_attention_layers": (0,),
+}  # fmt: skip
+
+
+def sd3(seed: int = 0) -> torch.nn.Module:
+    """A tiny SD3Transformer2DModel with seeded weights."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**SD3).eval()
+
+
+def clip_projected(seed: int, hidden: int = 8) -> torch.nn.Module:
+    """A tiny CLIPTextModelWithProjection (SD3's CLIP-L and CLIP-G) projecting to its own width."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=20, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=hidden,
+    )  # fmt: skip
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def sd3_parts() -> dict[str, torch.nn.Module]:
+    """A tiny SD3 pipeline's parts: transformer, CLIP-L, CLIP-G (8 wide each: pooled 16), T5 (16 wide)."""
+    return {"transformer": sd3(), "text_encoder": clip_projected(1), "text_encoder_2": clip_projected(2),
+            "text_encoder_3": t5()}  # fmt: skip

@@ -88,7 +88,7 @@ def table(modules: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple
         for bfl, parts in names.items():
             mods = [f"{path}.{p}" for p in parts]
             if all(m in modules for m in mods):
-                out[f"lora_unet_{kind}_{i}_{bfl}"] = _stacked(mods, modules)
+                out[f"lora_unet_{kind}_{i}_{bfl}"] = stacked_pieces(mods, modules)
     for bfl, part in TOP.items():
         mod = f"transformer.{part}"
         if mod in modules:
@@ -98,7 +98,8 @@ def table(modules: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple
     return out
 
 
-def _stacked(mods: list[str], modules: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[Piece, ...]:
+def stacked_pieces(mods: list[str], modules: Mapping[str, tuple[str, tuple[int, ...]]]) -> tuple[Piece, ...]:
+    """Modules fused in this order: each takes the next block of the fused weight's rows."""
     pieces, start = [], 0
     for m in mods:
         n = modules[m][1][0]

@@ -36,7 +36,7 @@ from merging.core.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scal
 from merging.core.linalg import tucker_factors
 from merging.core.lycoris_ia3 import AddedScale, from_peft
 from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.formats import bfl_names, diffusers_lora, lycoris, sgm_names
+from merging.formats import bfl_names, diffusers_lora, lycoris, mmdit_names, sgm_names
 from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
@@ -137,13 +137,15 @@ def _read(file: Path, base: BaseLayout | None, allow_nonfinite: bool) -> Adapter
     config = {"format": "kohya", "metadata": meta}
     if any(sgm_names.is_sgm_name(k.partition(".")[0]) for k in tensors):
         config["unet_names"] = "sgm"  # written back the same way
+    if any(k.startswith("lora_transformer_") for k in tensors):
+        config["transformer_names"] = "diffusers"  # LyCORIS on a diffusers DiT: not sd-scripts' fused names
     return Adapter(file.stem, deltas, base_model=base, source=file, config=config)
 
 
 def _read_kohya(file: Path, tensors: dict[str, torch.Tensor], base: BaseLayout | None) -> dict[str, Delta]:
     """module → delta for ``<lora_name>.<part>`` keys; a BFL-named Flux module split onto the base's."""
     mapping = from_kohya(base.modules, base.components, base.saved) if base is not None else {}
-    fused = bfl_names.table(base.modules) if base is not None else {}
+    fused = _fused_names(base)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
         m = PART.match(key)
@@ -305,8 +307,13 @@ def _refined(adapter: Adapter, base: BaseLayout) -> Adapter:
     return adapter.with_deltas(dict(adapter.deltas) | dict(known.refine_targets(base.modules).deltas))
 
 
+def _fused_names(base: BaseLayout | None) -> dict:
+    """sd-scripts' lora_names of a DiT with fused modules (Flux in BFL's names, SD3 in MMDiT's), or {}."""
+    return {} if base is None else bfl_names.table(base.modules) or mmdit_names.table(base.modules)
+
+
 def _bfl_fused(deltas: dict[str, Delta], fused: dict, base: BaseLayout) -> dict[str, Delta]:
-    """A Flux transformer's deltas under BFL's lora_names (fused modules: A stacked, B block-diagonal)."""
+    """A Flux/SD3 transformer's deltas under sd-scripts' lora_names (fused: A stacked, B block-diagonal)."""
     out = {m: d for m, d in deltas.items() if not m.startswith("transformer.")}
     for name, pieces in fused.items():
         mine = {p.module: deltas[p.module] for p in pieces if p.module in deltas}
@@ -314,7 +321,7 @@ def _bfl_fused(deltas: dict[str, Delta], fused: dict, base: BaseLayout) -> dict[
             out[name] = bfl_names.fuse(mine, pieces, base.modules[pieces[0].module][1][1], name)
     covered = {p.module for pieces in fused.values() for p in pieces}
     if left := sorted(m for m in deltas if m.startswith("transformer.") and m not in covered):
-        raise UnsupportedError(f"module {left[0]} has no BFL (kohya Flux) name; write it in diffusers names")
+        raise UnsupportedError(f"module {left[0]} has no sd-scripts name; write it in diffusers names")
     return out
 
 
@@ -329,7 +336,9 @@ def write(
         path: the output file (written to a temporary folder and renamed into place).
         provenance: the recipe, kept as JSON in the metadata key ``merging.recipe``.
         base: the base model: a pipeline's components give the prefixes (else ``options.prefix``), its
-            layers the kernels of conv LoRA factors and whether a PEFT IA³ scales a bias.
+            layers the kernels of conv LoRA factors and whether a PEFT IA³ scales a bias. A Flux or SD3
+            transformer is written in sd-scripts' names (BFL / MMDiT: fused modules stacked), unless the
+            adapter was read in LyCORIS's ``lora_transformer_`` names.
         force: replace an existing output file.
         options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...); ``unet_names``
             ``sgm`` for a UNet in Stability's names (also when the adapter was read from such a file).
@@ -345,7 +354,7 @@ def write(
     if base is not None and not names:  # one model: its checkpoints' paths under options.prefix
         names = {m: f"{options.prefix}_{s.replace('.', '_')}" for m, s in base.saved.items()}
     expanded = adapter.expanded()
-    if base is not None and (fused := bfl_names.table(base.modules)):
+    if adapter.config.get("transformer_names") != "diffusers" and (fused := _fused_names(base)):
         expanded = _bfl_fused(expanded, fused, base)
     alpha = file_alpha(expanded.values())
     for mod, d in expanded.items():
