@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from merging.base import pipelines as sdbase
 from merging.export.bake import bake
+from merging.export.bake_pipeline import bake_pipeline
 from merging.formats import sources
 
 from .common import FloatList, complete_path, console, err_console, progress_bar, telling_replaced
@@ -30,7 +32,10 @@ def bake_cmd(inputs, base, out, weights, force, as_json) -> None:
     pairs = sources.load_inputs(inputs, base=base, weights=weights)
     with telling_replaced(err_console if as_json else console):
         with progress_bar("baking") as update:
-            bake(base, pairs, out, force=force, progress=update)
+            if sdbase.is_pipeline(base):  # a diffusers pipeline: its denoiser and text encoders
+                bake_pipeline(base, pairs, out, force=force, progress=update)
+            else:
+                bake(base, pairs, out, force=force, progress=update)
     files = sorted(p for p in Path(out).iterdir() if p.is_file())
     doc = {"output": str(out), "base": str(base), "inputs": [{"source": str(ad.source), "weight": w}
            for ad, w in pairs], "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip

@@ -279,3 +279,34 @@ def test_verify_on_flux_with_a_bfl_file_diffusers_cannot_load_names_the_reason(t
     result = _cli("verify", *files, "--base", flux_pipe, "-s", "cat")
     assert result.exit_code == 0 and "PASS" in result.output, result.output
     assert "merging.runtime (ΔW added; diffusers cannot load these files: AssertionError" in result.output
+
+
+def test_bake_a_flux_pipeline_loads_with_from_pretrained_and_equals_diffusers_fusing_the_loras(tmp_path, flux_pipe):  # noqa: E501
+    """bake --base <pipeline>: the transformer and CLIP get the two inputs folded in, T5 (untouched) and
+    model_index.json are hard-linked; each baked component loads with from_pretrained and the noise equals
+    diffusers' fuse_lora of the same files (the transformer; CLIP keeps PEFT's layers, which have no fuse)."""
+    import os
+
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    mods = [f"{DOUBLE}.attn.to_q", f"{SINGLE}.proj_mlp", "transformer.norm_out.linear",
+            f"{CLIP}.self_attn.v_proj"]  # fmt: skip
+    files = [diffusers_file(tmp_path / f"{i}.safetensors", mods[i - 1 :], seed=i) for i in (1, 2)]
+    out = tmp_path / "baked"
+    result = _cli("bake", *files, "--base", flux_pipe, "-o", out)
+    assert result.exit_code == 0, result.output
+    t5 = "text_encoder_2/model.safetensors"
+    assert os.path.samefile(out / t5, flux_pipe / t5)
+    assert os.path.samefile(out / "model_index.json", flux_pipe / "model_index.json")
+    classes = {"transformer": FluxTransformer2DModel, "text_encoder": CLIPTextModel,
+               "text_encoder_2": T5EncoderModel}  # fmt: skip
+    baked = {c: cls.from_pretrained(str(out / c)).eval() for c, cls in classes.items()}
+    ref = sp.flux_parts()
+    sp.diffusers_flux_load(ref, {"a": files[0], "b": files[1]})
+    for m in ref.values():
+        if hasattr(m, "fuse_lora"):
+            m.fuse_lora()
+    assert sp.effect_error(sp.flux_noise(baked), sp.flux_noise(ref), sp.flux_noise(sp.flux_parts())) <= TOL
+    again = _cli("bake", *files, "--base", flux_pipe, "-o", out)
+    assert again.exit_code == 2 and "--force" in again.output
