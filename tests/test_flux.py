@@ -263,6 +263,8 @@ def test_verify_on_a_flux_pipeline_with_diffusers_stacking_the_inputs(tmp_path, 
     assert result.exit_code == 0, result.output
     assert "diffusers (set_adapters)" in result.output and "diffusers (diffusers-named file)" in result.output
     assert result.output.count("PASS") == 1 and "info" in result.output
+    shown = _cli("inspect", files[0], "--modules")  # without a base: diffusers' names kept as module paths
+    assert shown.exit_code == 0 and "transformer.x_embedder" in shown.output, shown.output
     wrong = tmp_path / "wrong.safetensors"
     save_file({k: 2 * v if "lora_B" in k else v for k, v in load_file(str(files[0])).items()}, str(wrong))
     layout = BaseLayout.from_folder(flux_pipe)
@@ -274,11 +276,18 @@ def test_verify_on_a_flux_pipeline_with_diffusers_stacking_the_inputs(tmp_path, 
 
 
 def test_verify_on_flux_with_a_bfl_file_diffusers_cannot_load_names_the_reason(tmp_path, flux_pipe):
+    """diffusers fails on linear1 (the reason is the row's reference) or silently drops img_in (found by
+    comparing the modules it injected with the modules we read): ΔW added is the reference then."""
     table = FUSED | WRONG_IN_DIFFUSERS
     files = [bfl_file(tmp_path / f"{i}.safetensors", table, seed=i) for i in (1, 2)]
     result = _cli("verify", *files, "--base", flux_pipe, "-s", "cat")
     assert result.exit_code == 0 and "PASS" in result.output, result.output
     assert "merging.runtime (ΔW added; diffusers cannot load these files: AssertionError" in result.output
+    top = FUSED | {"lora_unet_img_in": ["transformer.x_embedder"]}
+    files = [bfl_file(tmp_path / f"t{i}.safetensors", top, seed=i) for i in (1, 2)]
+    result = _cli("verify", *files, "--base", flux_pipe, "-s", "cat")
+    assert result.exit_code == 0 and "PASS" in result.output, result.output
+    assert "diffusers drops 1 modules of t1.safetensors, e.g. transformer.x_embedder" in result.output
 
 
 def test_bake_a_flux_pipeline_loads_with_from_pretrained_and_equals_diffusers_fusing_the_loras(tmp_path, flux_pipe):  # noqa: E501

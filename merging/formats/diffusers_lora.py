@@ -48,15 +48,13 @@ def holds(keys: object) -> bool:
 
 
 def read(tensors: Mapping[str, torch.Tensor], base: BaseLayout | None, file: Path, meta: Mapping) -> dict:
-    """module path → LowRank for a diffusers-named file, mapped onto the base's modules."""
-    if base is None:
-        raise FormatError(f"{file}: diffusers-named LoRA keys need the pipeline they adapt: pass --base")
+    """module path → LowRank for a diffusers-named file, mapped onto the base's modules (as named without)."""
     if "lora_adapter_metadata" in meta:
         raise UnsupportedError(
             f"{file}: lora_adapter_metadata (PEFT configs diffusers applies) is not read yet; "
             "drop it from the file if it only restates rank and alpha"
         )
-    back = {s: m for m, s in base.saved.items()}
+    back = {} if base is None else {s: m for m, s in base.saved.items()}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
         part = next((p for p in PARTS if key.endswith(f".{p}")), None)
@@ -65,7 +63,7 @@ def read(tensors: Mapping[str, torch.Tensor], base: BaseLayout | None, file: Pat
         groups[key[: -len(part) - 1]][PARTS[part]] = t
     deltas: dict[str, Delta] = {}
     for path, parts in sorted(groups.items()):
-        module = path if path in base.modules else back.get(path)
+        module = path if base is None or path in base.modules else back.get(path)
         if module is None:
             raise FormatError(f"{file}: {path} matches no module of the base model")
         if not {"A", "B"} <= set(parts):
