@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from merging import strategies
+from merging.base import pipelines as sdbase
 from merging.base.layout import load_base
 from merging.errors import MergingError
 from merging.eval import compare as report_lib
@@ -20,7 +21,7 @@ from merging.storage.files import refuse_overlap
 from merging.strategies import Options
 from merging.strategies.base import INNER
 
-from . import tables
+from . import compare_sd, tables
 from .common import (
     FloatList,
     complete_path,
@@ -86,6 +87,10 @@ def compare_cmd(
 
     Example: merging compare a/ b/ --base BASE -s cat,svd --ranks 4 -o r/
     """
+    if sdbase.is_pipeline(Path(base)):  # a diffusers pipeline: noise prediction and text encoders
+        chosen = strategies.names() if names == "all" else [n.strip() for n in names.split(",") if n.strip()]
+        opts = Options(density=density, seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction)
+        return compare_sd.run(inputs, Path(base), chosen, _ints(ranks), weights, opts, out, force, as_json)
     model, tokenizer = load_base(base, device, dtype, task_type=sources.task_type(inputs))
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")

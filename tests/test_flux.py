@@ -319,3 +319,23 @@ def test_bake_a_flux_pipeline_loads_with_from_pretrained_and_equals_diffusers_fu
     assert sp.effect_error(sp.flux_noise(baked), sp.flux_noise(ref), sp.flux_noise(sp.flux_parts())) <= TOL
     again = _cli("bake", *files, "--base", flux_pipe, "-o", out)
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_compare_on_a_flux_pipeline_writes_a_report_with_fidelity_per_component(tmp_path, flux_pipe):
+    """compare --base <pipeline>: cat exact (cosine 1) on the transformer and both text encoders, svd at
+    rank 1 < the sum's rank measurably off; report.json/.md and the error-vs-rank plot."""
+    import json
+
+    mods = [f"{DOUBLE}.attn.to_q", f"{SINGLE}.proj_mlp", f"{CLIP}.self_attn.v_proj", f"{T5}.SelfAttention.q"]
+    files = [diffusers_file(tmp_path / f"{i}.safetensors", mods[i - 1 :], seed=i) for i in (1, 2)]
+    out = tmp_path / "report"
+    result = _cli("compare", *files, "--base", flux_pipe, "-s", "cat,svd", "--ranks", "1,6", "-o", out)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert set(rows) == {"cat", "svd r=1", "svd r=6"} and doc["reference"] == "diffusers (set_adapters)"
+    assert set(rows["cat"]["errors"]) == {"transformer", "text_encoder", "text_encoder_2"}
+    assert rows["cat"]["effect_rel_error"] <= TOL and min(rows["cat"]["cosines"].values()) > 1 - 1e-8
+    assert rows["svd r=6"]["effect_rel_error"] <= TOL  # rank 6 = the sum's rank on every module
+    assert rows["svd r=1"]["effect_rel_error"] > 1e-2
+    assert (out / "report.md").is_file() and (out / "error_vs_rank.png").is_file()

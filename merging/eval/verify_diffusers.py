@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,6 +90,7 @@ class Row:
     reference: str
     loader: str
     exact: bool
+    cosines: Mapping[str, float] = field(default_factory=dict)  # component: cos(y − y_base, y_ref − y_base)
 
     @property
     def error(self) -> float:
@@ -135,6 +136,14 @@ def _errors(got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], ba
     return out
 
 
+def _cosines(got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], base) -> dict[str, float]:
+    out = {}
+    for k in ref:
+        a, b = (got[k] - base[k]).double().flatten(), (ref[k] - base[k]).double().flatten()
+        out[k] = float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else float("nan")
+    return out
+
+
 def verify_sd(
     folder: Path, inputs: Sequence[Pair], candidates: Sequence[tuple[str, list[Adapter], bool]],
     input_files: Sequence[Path] | None = None,
@@ -172,7 +181,7 @@ def verify_sd(
         else:
             with stacked(parts, weighted(merged)):
                 got, loader = outputs(parts), "merging.runtime"
-        rows.append(Row(name, _errors(got, ref, base), reference, loader, exact))
+        rows.append(Row(name, _errors(got, ref, base), reference, loader, exact, _cosines(got, ref, base)))
     return rows, reference
 
 
