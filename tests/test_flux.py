@@ -239,6 +239,10 @@ def test_loha_on_fused_linear1_splits_exactly(tmp_path, layout):
     ad = kohya.read(tmp_path / "loha.safetensors", base=layout)
     torch.testing.assert_close(ad.deltas[f"{SINGLE}.proj_mlp"].dense(), full[48:])
     torch.testing.assert_close(ad.deltas[f"{SINGLE}.attn.to_v"].dense(), full[32:48])
+    out = kohya.write(ad.refine_targets(layout.modules), tmp_path / "back.safetensors", base=layout)
+    b = load_file(str(out))  # fused back as one LoRA (each part's exact Khatri-Rao form): the same ΔW
+    back = float(b[f"{name}.alpha"]) / b[f"{name}.lora_down.weight"].shape[0]
+    torch.testing.assert_close(back * b[f"{name}.lora_up.weight"] @ b[f"{name}.lora_down.weight"], full)
 
 
 def _cli(*args):
