@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from merging_cli.main import cli
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from merging.base.layout import BaseLayout
 from merging.core.adapter import weighted
@@ -131,3 +131,45 @@ def test_an_up_block_without_attention_keeps_ldm_slot_1_for_its_upsampler():
     assert list(sgm_to_diffusers({key: 0}, sp.unet(config=sp.SDXL_UNET).config)) == [
         "lora_unet_output_blocks_0_attentions_1_conv.lora_down.weight"  # up_blocks.0.attentions.1: none
     ]
+
+
+def test_every_unet_parameter_has_an_sgm_name_that_diffusers_single_file_loader_reads_back(tmp_path):
+    """Judged by diffusers' LDM converter (from_single_file): the whole UNet renamed by sgm_names loads back
+    to the same weights, so the mapping is the checkpoints' (norms, samplers, label_emb, out included)."""
+    from diffusers import UNet2DConditionModel
+
+    from merging.formats.sgm_names import to_sgm
+
+    u = _unet()
+    u.save_pretrained(str(tmp_path / "unet"))
+    names = to_sgm([n for n, _ in u.named_modules()])
+    sd = {f"model.diffusion_model.{names[k.rpartition('.')[0]]}.{k.rpartition('.')[2]}": v
+          for k, v in u.state_dict().items()}  # fmt: skip
+    save_file(sd, str(tmp_path / "one.safetensors"))
+    one, cfg = str(tmp_path / "one.safetensors"), str(tmp_path / "unet")
+    back = UNet2DConditionModel.from_single_file(one, config=cfg, local_files_only=True).state_dict()
+    assert back.keys() == u.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in u.state_dict().items())
+
+
+def test_single_file_bake_loads_with_from_single_file_like_lycoris_runs_the_input(tmp_path):
+    """bake_single_file: the UNet with a LyCORIS LoCon folded in, in LDM names, read by from_single_file."""
+    from diffusers import UNet2DConditionModel
+
+    from merging.errors import UnsupportedError
+    from merging.export.bake_pipeline import bake_single_file
+
+    pipe = sp.pipeline_folder(tmp_path / "pipe", _parts(), "StableDiffusionXLPipeline")
+    layout = BaseLayout.from_folder(pipe)
+    m = {"unet": _unet()}
+    f = sp.lycoris_file(tmp_path / "a.safetensors", m, "locon", seed=1)
+    ref, base = _noise(m["unet"]), _noise(_unet())
+    pairs = weighted([kohya.read(f, base=layout).refine_targets(layout.modules)])
+    out = bake_single_file(pipe, pairs, tmp_path / "baked.safetensors")
+    got = UNet2DConditionModel.from_single_file(str(out), config=str(pipe / "unet"), local_files_only=True)
+    assert sp.effect_error(_noise(got.eval()), ref, base) <= TOL
+    te, _ = _lycoris(tmp_path, 2)  # adapts the text encoders too: one line, nothing written
+    te_pairs = weighted([kohya.read(te, base=layout).refine_targets(layout.modules)])
+    with pytest.raises(UnsupportedError, match="a single file holds the UNet only; bake the folder") as e:
+        bake_single_file(pipe, te_pairs, tmp_path / "x.safetensors")
+    assert "\n" not in str(e.value) and not (tmp_path / "x.safetensors").exists()

@@ -24,8 +24,9 @@ from merging.core.adapter import Pair, stacks
 from merging.core.alora import refuse_gated
 from merging.errors import FormatError, UnsupportedError
 from merging.export.bake import Progress, stream_shard
+from merging.formats.sgm_names import to_sgm
 from merging.runtime.stacked import effective_bias, effective_weight
-from merging.storage.files import atomic_folder, checkpoint, refuse_overlap
+from merging.storage.files import atomic_file, atomic_folder, checkpoint, refuse_overlap, save_safetensors
 from merging.storage.tensorfiles import LazyWeights
 
 
@@ -66,8 +67,8 @@ def bake_pipeline(
     return Path(out)
 
 
-def _bake_component(src: Path, dst: Path, comp: str, deltas: dict, layout: BaseLayout) -> None:
-    """One component folder with its modules' deltas folded into the stored weights."""
+def _folding(src: Path, comp: str, deltas: dict, layout: BaseLayout):
+    """A component's lazy weights, the stored tensors the deltas change (→ module), and the fold."""
     weights = LazyWeights(src)
     jobs: dict[str, str] = {}  # tensor name in the component's files → module
     for mod in (m for m in deltas if m.partition(".")[0] == comp):
@@ -89,6 +90,12 @@ def _bake_component(src: Path, dst: Path, comp: str, deltas: dict, layout: BaseL
         new, _ = effective_weight(stack, t, None, layout.modules[mod][0], inplace=True)
         return new.to(t.dtype)
 
+    return weights, jobs, transform
+
+
+def _bake_component(src: Path, dst: Path, comp: str, deltas: dict, layout: BaseLayout) -> None:
+    """One component folder with its modules' deltas folded into the stored weights."""
+    weights, jobs, transform = _folding(src, comp, deltas, layout)
     dst.mkdir()
     for f in sorted(src.iterdir()):
         if f.is_file() and f.suffix == ".safetensors":
@@ -98,6 +105,37 @@ def _bake_component(src: Path, dst: Path, comp: str, deltas: dict, layout: BaseL
         else:
             _link_tree(f, dst / f.name)
         checkpoint(f"bake {comp}/{f.name}")
+
+
+def bake_single_file(base: Path, pairs: Sequence[Pair], out: Path, *, force: bool = False) -> Path:
+    """The pipeline's UNet with the adapters folded in, as one file in Stability's (LDM/SGM) names
+    (``model.diffusion_model.*``), which ``UNet2DConditionModel.from_single_file`` reads.
+
+    Only the UNet is written: adapters that change a text encoder are refused (bake the folder instead).
+    The UNet is held in memory once (its tensors are renamed, not streamed).
+    """
+    base = Path(base)
+    if not sdbase.is_pipeline(base) or not (base / "unet").is_dir():
+        raise FormatError(f"{base}: a single-file bake needs a UNet pipeline folder (with unet/)")
+    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
+    plan = stacks(pairs)
+    if plan.aux:
+        raise UnsupportedError(f"module {min(plan.aux)}: replaced modules are not baked into a pipeline")
+    if other := sorted(m for m in plan.deltas if not m.startswith("unet.")):
+        raise UnsupportedError(f"module {other[0]}: a single file holds the UNet only; bake the folder")
+    layout = BaseLayout.from_folder(base)
+    weights, jobs, transform = _folding(base / "unet", "unet", plan.deltas, layout)
+    names = to_sgm(sorted({n.rpartition(".")[0] for n in weights.where}))
+    tensors = {}
+    for name in sorted(weights.where):
+        mod, _, param = name.rpartition(".")
+        if mod not in names:
+            raise UnsupportedError(f"{base}/unet: {name} has no Stability (SGM) name; bake the folder")
+        t = weights.get(name)
+        tensors[f"model.diffusion_model.{names[mod]}.{param}"] = transform(name, t) if name in jobs else t
+    with atomic_file(Path(out), force=force) as tmp:
+        save_safetensors(tensors, tmp, metadata={"format": "pt"})
+    return Path(out)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
