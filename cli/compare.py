@@ -8,7 +8,7 @@ import click
 
 import merging
 
-from . import tables
+from . import compare_sd, tables
 from .common import (
     FloatList,
     complete_path,
@@ -74,6 +74,13 @@ def compare_cmd(
 
     Example: merging compare a/ b/ --base BASE -s cat,svd --ranks 4 -o r/
     """
+    if merging.is_pipeline(base):  # a diffusers pipeline: noise prediction and text encoders
+        chosen = [n.strip() for n in names.split(",") if n.strip()]
+        chosen = merging.strategy_names() if names == "all" else chosen
+        doc = merging.compare_pipeline(inputs, base, chosen, _ints(ranks), out, weights=weights,
+                                       density=density, seed=seed, inner=inner, alpha=alpha,
+                                       common_fraction=common_fraction, force=force)  # fmt: skip
+        return compare_sd.show_report(doc, Path(base), out, as_json)
     eval_files = {}
     for spec in evals:
         name, sep, path = spec.partition("=")

@@ -41,6 +41,7 @@ _LAZY = {  # public name → the module defining it
     "TUNE_RECORD": "merging.api.tuning",
     "compare": "merging.api.comparison",
     "compare_judged": "merging.api.comparison",
+    "compare_pipeline": "merging.api.comparison",
     "compare_best_mark": "merging.api.comparison",
     **dict.fromkeys(["verify", "verify_pipeline", "judged_by"], "merging.api.verification"),
     **dict.fromkeys(["bake", "publish", "publish_plan"], "merging.api.export"),
@@ -72,6 +73,7 @@ if TYPE_CHECKING:  # what the type checker sees of the lazy names
     from merging.api.comparison import compare as compare
     from merging.api.comparison import compare_best_mark as compare_best_mark
     from merging.api.comparison import compare_judged as compare_judged
+    from merging.api.comparison import compare_pipeline as compare_pipeline
     from merging.api.export import bake as bake
     from merging.api.export import publish as publish
     from merging.api.export import publish_plan as publish_plan

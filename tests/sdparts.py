@@ -189,14 +189,120 @@ def dit_noise(model: torch.nn.Module) -> torch.Tensor:
                  timestep=torch.tensor([10, 500])).sample  # fmt: skip
 
 
-def pipeline_folder(folder, models):
+def pipeline_folder(folder, models, cls: str = "StableDiffusionPipeline"):
     """A diffusers pipeline folder holding the given components (as save_pretrained writes them)."""
     import json
 
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    index = {"_class_name": cls, "_diffusers_version": "0.42.1"}
     for name, model in models.items():
         model.save_pretrained(str(folder / name))
         lib = "diffusers" if "diffusers" in type(model).__module__ else "transformers"
         index[name] = [lib, type(model).__name__]
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+# ------------------------------------------------------------------------------------------ Flux
+
+FLUX = {  # two heads of 8: width 16; one joint (double) and one single block; MLP 4×: proj_mlp (64, 16)
+    "patch_size": 1, "in_channels": 8, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": 16, "pooled_projection_dim": 32, "guidance_embeds": True,
+    "axes_dims_rope": (2, 2, 4),
+}  # fmt: skip
+
+
+def flux(seed: int = 0) -> torch.nn.Module:
+    """A tiny FluxTransformer2DModel (T5 states of 16, CLIP pooled 32) with seeded weights."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**FLUX).eval()
+
+
+def t5(seed: int = 3, d_model: int = 16) -> torch.nn.Module:
+    """A tiny T5EncoderModel (Flux's and SD3's text_encoder_2/3) with seeded weights."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=1000, d_model=d_model, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    return T5EncoderModel(cfg).eval()
+
+
+def flux_parts() -> dict[str, torch.nn.Module]:
+    """A tiny Flux pipeline's adaptable parts: transformer, CLIP-L (text_encoder), T5 (text_encoder_2)."""
+    return {"transformer": flux(), "text_encoder": text_encoder(1), "text_encoder_2": t5()}
+
+
+@torch.no_grad()
+def flux_noise(parts: dict) -> torch.Tensor:
+    """Flux's prediction on seeded packed latents, with the states of the (adapted) text encoders.
+
+    T5's last hidden state is the text stream, CLIP's pooled output the pooled projection (as FluxPipeline).
+    """
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (2, 5), generator=g)
+    states = parts["text_encoder_2"](ids).last_hidden_state  # (2, 5, 16)
+    pooled = parts["text_encoder"](ids).pooler_output  # (2, 32)
+    x = torch.randn(2, 16, 8, generator=g)  # (batch, 4×4 patches, in_channels)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"),
+                          -1).reshape(16, 3)  # fmt: skip
+    return parts["transformer"](hidden_states=x, encoder_hidden_states=states, pooled_projections=pooled,
+                                timestep=torch.tensor([0.1, 0.7]), img_ids=img_ids, txt_ids=torch.zeros(5, 3),
+                                guidance=torch.tensor([3.5, 3.5])).sample  # fmt: skip
+
+
+def diffusers_flux_load(parts: dict, files: dict[str, Path], weights: list[float] | None = None) -> None:
+    """Load LoRA files into Flux parts as FluxPipeline.load_lora_weights does; activate them all."""
+    from diffusers.loaders import FluxLoraLoaderMixin as Loader
+
+    names: dict[str, list[str]] = {}
+    for name, file in files.items():
+        sd, alphas = Loader.lora_state_dict(str(file), return_alphas=True)
+        if any(k.startswith("transformer.") for k in sd):
+            Loader.load_lora_into_transformer(sd, alphas, parts["transformer"], adapter_name=name)
+            names.setdefault("transformer", []).append(name)
+        if any(k.startswith("text_encoder.") for k in sd):
+            Loader.load_lora_into_text_encoder(sd, alphas, parts["text_encoder"], prefix="text_encoder",
+                                               adapter_name=name)  # fmt: skip
+            names.setdefault("text_encoder", []).append(name)
+    by_name = dict(zip(files, weights or [1.0] * len(files), strict=True))
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+    for comp, ns in names.items():
+        set_weights_and_activate_adapters(parts[comp], ns, [by_name[n] for n in ns])
+
+
+# ------------------------------------------------------------------------------------------ SD3
+
+SD3 = {  # two joint blocks (the last context_pre_only), SD3.5's dual attention in the first
+    "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": 16, "caption_projection_dim": 16,
+    "pooled_projection_dim": 16, "out_channels": 4, "dual_attention_layers": (0,),
+}  # fmt: skip
+
+
+def sd3(seed: int = 0) -> torch.nn.Module:
+    """A tiny SD3Transformer2DModel with seeded weights."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**SD3).eval()
+
+
+def clip_projected(seed: int, hidden: int = 8) -> torch.nn.Module:
+    """A tiny CLIPTextModelWithProjection (SD3's CLIP-L and CLIP-G) projecting to its own width."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=20, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1, projection_dim=hidden,
+    )  # fmt: skip
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def sd3_parts() -> dict[str, torch.nn.Module]:
+    """A tiny SD3 pipeline's parts: transformer, CLIP-L, CLIP-G (8 wide each: pooled 16), T5 (16 wide)."""
+    return {"transformer": sd3(), "text_encoder": clip_projected(1), "text_encoder_2": clip_projected(2),
+            "text_encoder_3": t5()}  # fmt: skip

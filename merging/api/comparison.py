@@ -135,3 +135,34 @@ def compare_judged(report: Comparison) -> str:
 def compare_best_mark(report: Comparison, label: str, skill: str) -> str:
     """"*" on the row that keeps ``skill`` best, "**" when its lead over the runner-up is significant."""
     return report_out.best_mark(report, label, skill)
+
+
+def compare_pipeline(
+    inputs: Sequence[str | Path], base: str | Path, chosen: Sequence[str], ranks: Sequence[int],
+    out: str | Path, *, weights: Sequence[float] | None = None, density: float = 0.5, seed: int = 0,
+    inner: str = "ties", alpha: float | None = None, common_fraction: float | None = None,
+    force: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """``compare`` on a diffusers pipeline folder: each strategy's noise-prediction and text-encoder fidelity
+    (effect-relative error, cosine) against diffusers stacking the inputs; writes the report folder.
+
+    Returns:
+        The report document (its ``schema`` field names it).
+    """
+    from merging.base.layout import BaseLayout
+    from merging.core.adapter import weighted
+    from merging.eval.compare_pipeline import compare_pipeline as measure
+    from merging.eval.compare_pipeline import write_report
+
+    given = {"alpha": alpha, "common_fraction": common_fraction}
+    set_ = {k: v for k, v in given.items() if v is not None}
+    options = Options(density=density, seed=seed, inner=inner, **set_)  # type: ignore[arg-type]
+    layout = BaseLayout.from_folder(Path(base))
+    specs = [str(s) for s in inputs]
+    adapters = [ad.refine_targets(layout.modules) for ad, _ in sources.load_inputs(specs, base=layout)]
+    pairs = weighted(adapters, weights)
+    refuse_overlap(Path(out), [Path(base), *(ad.source for ad, _ in pairs)])
+    files = [Path(s) for s in specs] if all(Path(s).is_file() for s in specs) else None
+    doc = measure(Path(base), pairs, report_lib.variants(list(chosen), list(ranks)), options, files)
+    write_report(doc, Path(out), force=force)
+    return doc

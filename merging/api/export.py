@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from merging.base.pipelines import is_pipeline
 from merging.core.progress import Progress
 from merging.export import bake as bake_lib
 from merging.export import hub
@@ -55,7 +56,11 @@ def bake(
         table = qlora.bake_table(Path(base), pairs, base_quant)
         if measured is not None:
             measured(table)
-    if gguf_base:
+    if is_pipeline(Path(base)):  # a diffusers pipeline: its denoiser and text encoders, a pipeline folder
+        from merging.export.bake_pipeline import bake_pipeline
+
+        bake_pipeline(Path(base), pairs, Path(out), force=force, progress=progress)
+    elif gguf_base:
         from merging.export.gguf_bake import bake_gguf
 
         bake_gguf(Path(base), pairs, Path(out), outtype=outtype, force=force, progress=progress)

@@ -1,18 +1,20 @@
-"""verify on a diffusers pipeline: merged adapters against the inputs stacked, on the UNet and text encoders.
+"""verify on a diffusers pipeline: merged adapters against the inputs stacked, on denoiser and text encoders.
 
 Outputs: the UNet's noise prediction on seeded latents, timesteps and encoder states (SDXL's added time and
-text embeddings seeded too), and each text encoder's last hidden state on seeded token ids. The reference
-is diffusers itself stacking the input files (``load_lora_into_*`` + ``set_adapters``) when every input is
-a kohya LoRA/LoCon file diffusers loads; otherwise ``merging.runtime`` with LyCORIS's semantics (tested
-against LyCORIS in tests/test_sd.py). A merged LoRA is loaded by diffusers from the kohya file written for
-it; other merged kinds run in ``merging.runtime``. Every row names its reference and loader.
+text embeddings seeded too) or a DiT's (Flux, SD3: ``verify_dit``, fed by the adapted text encoders), and each
+text encoder's last hidden state on seeded token ids. The reference is diffusers itself stacking the input
+files (``load_lora_into_*`` + ``set_adapters``) when every input is a LoRA file diffusers loads whole;
+otherwise ``merging.runtime`` (ΔW added; LyCORIS's semantics, tested against LyCORIS in tests/test_sd.py),
+and the row says why (diffusers 0.42 drops parts of kohya Flux files: tests/test_flux.py). A merged LoRA is
+loaded by diffusers from the file written for it (kohya names on a UNet, diffusers names on a DiT); other
+merged kinds run in ``merging.runtime``. Every row names its reference and loader.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,22 +23,23 @@ from torch import nn
 from merging.base import pipelines as sdbase
 from merging.core.adapter import Adapter, Pair, weighted
 from merging.core.deltas import LowRank
-from merging.errors import SourceError, UnsupportedError
+from merging.errors import SourceError
+from merging.eval import verify_dit
 from merging.runtime.stacked import stacked
 
 TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def load_parts(folder: Path) -> nn.ModuleDict:
-    """The pipeline's UNet and text encoders with their weights, in eval mode, float32 on CPU."""
+    """The pipeline's denoiser and text encoders with their weights, in eval mode, float32 on CPU."""
     folder = Path(folder)
     if not sdbase.is_pipeline(folder):
         raise SourceError(f"{folder}: verify on diffusers needs a pipeline folder (with model_index.json)")
     parts = nn.ModuleDict()
     for c in sdbase.components(folder):
-        if c == "transformer":
-            raise UnsupportedError(f"{folder}: verify runs UNet pipelines; a DiT transformer is not run yet")
         parts[c] = _load(folder / c)
+        if c == "transformer":
+            verify_dit.kind(parts[c])
     return parts.eval()
 
 
@@ -61,6 +64,9 @@ def outputs(parts: nn.ModuleDict, seed: int = 0) -> dict[str, torch.Tensor]:
             ids = torch.randint(3, m.config.vocab_size, (2, 7), generator=g)
             out[name] = m(ids).last_hidden_state
             continue
+        if name == "transformer":
+            out[name] = verify_dit.noise(parts, g)
+            continue
         c = m.config
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         latents = torch.randn(2, c.in_channels, min(size, 16), min(size, 16), generator=g)
@@ -84,6 +90,7 @@ class Row:
     reference: str
     loader: str
     exact: bool
+    cosines: Mapping[str, float] = field(default_factory=dict)  # component: cos(y − y_base, y_ref − y_base)
 
     @property
     def error(self) -> float:
@@ -108,7 +115,7 @@ def _diffusers(parts: nn.ModuleDict, files: Mapping[str, Path], weights: Sequenc
     loader = StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in parts else StableDiffusionLoraLoaderMixin
     loaded: dict[str, list[str]] = {}
     for name, file in files.items():
-        sd, alphas = loader.lora_state_dict(str(file))
+        sd, alphas = loader.lora_state_dict(str(file), unet_config=parts["unet"].config)  # SGM names mapped
         loader.load_lora_into_unet(sd, alphas, parts["unet"], adapter_name=name)
         loaded.setdefault("unet", []).append(name)
         for te in TEXT:
@@ -129,6 +136,14 @@ def _errors(got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], ba
     return out
 
 
+def _cosines(got: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], base) -> dict[str, float]:
+    out = {}
+    for k in ref:
+        a, b = (got[k] - base[k]).double().flatten(), (ref[k] - base[k]).double().flatten()
+        out[k] = float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else float("nan")
+    return out
+
+
 def verify_sd(
     folder: Path, inputs: Sequence[Pair], candidates: Sequence[tuple[str, list[Adapter], bool]],
     input_files: Sequence[Path] | None = None,
@@ -145,29 +160,58 @@ def verify_sd(
         The rows and the reference's name.
     """
     from merging.base.layout import BaseLayout
-    from merging.formats import kohya
 
     parts = load_parts(folder)
     layout = BaseLayout.from_components(dict(parts))
     base = outputs(parts)
     adapters, weights = [a for a, _ in inputs], [w for _, w in inputs]
+    ref, why = None, "not every input is a LoRA file"
     if input_files is not None and lora_only(adapters):
-        ref_parts = load_parts(folder)
-        _diffusers(ref_parts, {f"in{i}": Path(f) for i, f in enumerate(input_files)}, weights)
-        reference, ref = "diffusers (set_adapters)", outputs(ref_parts)
+        files = {f"in{i}": Path(f) for i, f in enumerate(input_files)}
+        ref, why = _by_diffusers(folder, files, weights, adapters)
+    if ref is not None:
+        reference = "diffusers (set_adapters)"
     else:
         with stacked(parts, inputs):
-            reference, ref = "merging.runtime (LyCORIS semantics)", outputs(parts)
+            reference, ref = f"merging.runtime (ΔW added; {why})", outputs(parts)
     rows = []
     for name, merged, exact in candidates:
         if len(merged) == 1 and lora_only(merged):
-            with tempfile.TemporaryDirectory() as tmp:
-                file = kohya.write(merged[0], Path(tmp) / "merged.safetensors", base=layout)
-                got_parts = load_parts(folder)
-                _diffusers(got_parts, {"merged": file}, [1.0])
-                got, loader = outputs(got_parts), "diffusers (kohya file)"
+            got, loader = _merged_by_diffusers(folder, merged[0], layout)
         else:
             with stacked(parts, weighted(merged)):
                 got, loader = outputs(parts), "merging.runtime"
-        rows.append(Row(name, _errors(got, ref, base), reference, loader, exact))
+        rows.append(Row(name, _errors(got, ref, base), reference, loader, exact, _cosines(got, ref, base)))
     return rows, reference
+
+
+def _by_diffusers(folder: Path, files: Mapping[str, Path], weights, adapters) -> tuple[dict | None, str]:
+    """diffusers stacking the files, or None and why not (it failed, or it left out modules we read)."""
+    ref_parts = load_parts(folder)
+    if "transformer" not in ref_parts:
+        _diffusers(ref_parts, files, weights)
+        return outputs(ref_parts), ""
+    try:
+        verify_dit.load(ref_parts, files, weights)
+    except (ValueError, AssertionError, KeyError, IndexError, RuntimeError) as e:
+        said = f" ({str(e).strip().splitlines()[0][:80]})" if str(e).strip() else ""
+        return None, f"diffusers cannot load these files: {type(e).__name__}{said}"
+    for (name, file), ad in zip(files.items(), adapters, strict=True):
+        if missing := sorted(set(ad.deltas) - verify_dit.injected(ref_parts, name)):
+            return None, f"diffusers drops {len(missing)} modules of {file.name}, e.g. {missing[0]}"
+    return outputs(ref_parts), ""
+
+
+def _merged_by_diffusers(folder: Path, merged: Adapter, layout) -> tuple[dict, str]:
+    """A merged LoRA loaded by diffusers: kohya names on a UNet pipeline, diffusers names on a DiT."""
+    from merging.formats import diffusers_lora, kohya
+
+    with tempfile.TemporaryDirectory() as tmp:
+        got_parts = load_parts(folder)
+        if "transformer" in got_parts:
+            file = diffusers_lora.write(merged.deltas, Path(tmp) / "merged.safetensors", layout)
+            verify_dit.load(got_parts, {"merged": file}, [1.0])
+            return outputs(got_parts), "diffusers (diffusers-named file)"
+        file = kohya.write(merged, Path(tmp) / "merged.safetensors", base=layout)
+        _diffusers(got_parts, {"merged": file}, [1.0])
+        return outputs(got_parts), "diffusers (kohya file)"

@@ -30,6 +30,7 @@ class WriteOptions:
 
     prefix: str = "lora_unet"  # kohya: the lora_name prefix of module paths (lora_unet, lora_te, lycoris...)
     out_type: str = "f32"  # gguf: tensor type, f32, f16 or bf16
+    unet_names: str = "diffusers"  # kohya: "sgm" names a UNet in Stability's names (sd-scripts' SDXL files)
 
 
 # the recipe kept with a written adapter, or a function giving it (called once the weights are written)

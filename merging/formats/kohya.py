@@ -36,7 +36,7 @@ from merging.core.deltas import Delta, Dense, Hadamard, Kronecker, LowRank, Scal
 from merging.core.linalg import tucker_factors
 from merging.core.lycoris_ia3 import AddedScale, from_peft
 from merging.errors import FormatError, NonFiniteError, NotAnAdapter, UnsupportedError
-from merging.formats import lycoris
+from merging.formats import bfl_names, diffusers_lora, lycoris, mmdit_names, sgm_names
 from merging.formats.base import (
     READ_DEFAULTS,
     WRITE_DEFAULTS,
@@ -83,6 +83,8 @@ def detect(path: Path) -> bool:
 def _check_holds_adapter(file: Path) -> None:
     """NotAnAdapter unless some key ends in a family's marker part (a model file has none), headers only."""
     parts: dict[str, set[str]] = defaultdict(set)
+    if diffusers_lora.holds(t.name for t in list_tensors(file)):
+        return
     for t in list_tensors(file):
         name, _, part = t.name.partition(".")
         parts[name].add(part)
@@ -122,27 +124,46 @@ def read(
 
 def _read(file: Path, base: BaseLayout | None, allow_nonfinite: bool) -> Adapter:
     tensors = load_tensors(file)
+    for key, t in tensors.items():
+        if not allow_nonfinite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
+            )
+    meta = safetensors_metadata(file)
+    if diffusers_lora.holds(tensors):
+        deltas = diffusers_lora.read(tensors, base, file, meta)
+    else:
+        deltas = _read_kohya(file, tensors, base)
+    base = meta.get("ss_base_model_version") or meta.get("ss_sd_model_name")
+    config = {"format": "kohya", "metadata": meta}
+    if any(sgm_names.is_sgm_name(k.partition(".")[0]) for k in tensors):
+        config["unet_names"] = "sgm"  # written back the same way
+    if any(k.startswith("lora_transformer_") for k in tensors):
+        config["transformer_names"] = "diffusers"  # LyCORIS on a diffusers DiT: not sd-scripts' fused names
+    return Adapter(file.stem, deltas, base_model=base, source=file, config=config)
+
+
+def _read_kohya(file: Path, tensors: dict[str, torch.Tensor], base: BaseLayout | None) -> dict[str, Delta]:
+    """module → delta for ``<lora_name>.<part>`` keys; a BFL-named Flux module split onto the base's."""
     mapping = from_kohya(base.modules, base.components, base.saved) if base is not None else {}
+    fused = _fused_names(base)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
         m = PART.match(key)
         if not m:
             raise FormatError(f"{file}: unknown key {key!r} (expected <lora_name>.<part>)")
-        if not allow_nonfinite and t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(
-                f"{file}: tensor {key!r} holds NaN or Inf (pass `allow_nonfinite` to accept)"
-            )
         groups[m["name"]][m["part"]] = t
     deltas: dict[str, Delta] = {}
     for name, parts in sorted(groups.items()):
-        module = module_of(name, mapping, file) if base is not None else name
         with naming(file, name):
-            deltas[module] = _READERS[_family(parts, file, name)](parts)
-    meta = safetensors_metadata(file)
-    base = meta.get("ss_base_model_version") or meta.get("ss_sd_model_name")
-    return Adapter(
-        file.stem, deltas, base_model=base, source=file, config={"format": "kohya", "metadata": meta}
-    )
+            d = _READERS[_family(parts, file, name)](parts)
+            got = bfl_names.split(d, fused[name], name) if name in fused else None
+        if got is None:
+            got = {module_of(name, mapping, file) if base is not None else name: d}
+        if twice := set(got) & set(deltas):
+            raise FormatError(f"{file}: {name} adapts {min(twice)}, which another key of the file adapts too")
+        deltas |= got
+    return deltas
 
 
 def _alpha(parts: dict[str, torch.Tensor], r: int) -> float:
@@ -287,6 +308,24 @@ def _refined(adapter: Adapter, base: BaseLayout) -> Adapter:
     return adapter.with_deltas(dict(adapter.deltas) | dict(known.refine_targets(base.modules).deltas))
 
 
+def _fused_names(base: BaseLayout | None) -> dict:
+    """sd-scripts' lora_names of a DiT with fused modules (Flux in BFL's names, SD3 in MMDiT's), or {}."""
+    return {} if base is None else bfl_names.table(base.modules) or mmdit_names.table(base.modules)
+
+
+def _bfl_fused(deltas: dict[str, Delta], fused: dict, base: BaseLayout) -> dict[str, Delta]:
+    """A Flux/SD3 transformer's deltas under sd-scripts' lora_names (fused: A stacked, B block-diagonal)."""
+    out = {m: d for m, d in deltas.items() if not m.startswith("transformer.")}
+    for name, pieces in fused.items():
+        mine = {p.module: deltas[p.module] for p in pieces if p.module in deltas}
+        if mine:
+            out[name] = bfl_names.fuse(mine, pieces, base.modules[pieces[0].module][1][1], name)
+    covered = {p.module for pieces in fused.values() for p in pieces}
+    if left := sorted(m for m in deltas if m.startswith("transformer.") and m not in covered):
+        raise UnsupportedError(f"module {left[0]} has no sd-scripts name; write it in diffusers names")
+    return out
+
+
 def write(
     adapter: Adapter, path: Path, *, provenance: Provenance = None,
     base: BaseLayout | None = None, force: bool = False, options: WriteOptions = WRITE_DEFAULTS,
@@ -298,9 +337,12 @@ def write(
         path: the output file (written to a temporary folder and renamed into place).
         provenance: the recipe, kept as JSON in the metadata key ``merging.recipe``.
         base: the base model: a pipeline's components give the prefixes (else ``options.prefix``), its
-            layers the kernels of conv LoRA factors and whether a PEFT IA³ scales a bias.
+            layers the kernels of conv LoRA factors and whether a PEFT IA³ scales a bias. A Flux or SD3
+            transformer is written in sd-scripts' names (BFL / MMDiT: fused modules stacked), unless the
+            adapter was read in LyCORIS's ``lora_transformer_`` names.
         force: replace an existing output file.
-        options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...).
+        options: ``prefix``, the lora_name prefix (``lora_unet``, ``lora_te``, ``lycoris``...); ``unet_names``
+            ``sgm`` for a UNet in Stability's names (also when the adapter was read from such a file).
     """
     if adapter.aux:
         raise UnsupportedError(f"{adapter.where}: modules_to_save / trainable tokens have no kohya form")
@@ -308,11 +350,15 @@ def write(
     tensors = {}
     if base is not None:
         adapter = _refined(adapter, base)
-    names = {} if base is None else to_kohya(base.modules, base.components, base.saved)
+    sgm = "sgm" in (options.unet_names, adapter.config.get("unet_names"))
+    names = {} if base is None else to_kohya(base.modules, base.components, base.saved, sgm=sgm)
     if base is not None and not names:  # one model: its checkpoints' paths under options.prefix
         names = {m: f"{options.prefix}_{s.replace('.', '_')}" for m, s in base.saved.items()}
-    alpha = file_alpha(adapter.deltas.values())
-    for mod, d in adapter.expanded().items():
+    expanded = adapter.expanded()
+    if adapter.config.get("transformer_names") != "diffusers" and (fused := _fused_names(base)):
+        expanded = _bfl_fused(expanded, fused, base)
+    alpha = file_alpha(expanded.values())
+    for mod, d in expanded.items():
         with naming(adapter.where, f"module {mod}"):
             name = _kohya_name(mod, options.prefix, names)
             for part, t in _parts(mod, d, base, alpha).items():

@@ -8,12 +8,14 @@ pipeline base names its modules ``<component>.<path>``; each component has its p
 | unet | lora_unet |
 | transformer (DiT, Flux, SD3) | lora_transformer |
 | text_encoder | lora_te (SD1.5), lora_te1 (SDXL: when text_encoder_2 exists) |
-| text_encoder_2, text_encoder_3 | lora_te2, lora_te3 |
+| text_encoder_2, text_encoder_3 | lora_te2, lora_te3 (a T5 encoder is lora_te3: Flux's text_encoder_2) |
 
 A base without components (one model: a transformers model or one diffusers component) maps every known
 prefix onto its module paths. Two paths that flatten to one lora_name make it ambiguous: refused by name.
-Where SD checkpoints name a module otherwise (transformers 5's CLIPTextModel lost ``text_model.``, which
-every SD checkpoint and kohya file has), names are written as the checkpoints name it and read either way.
+SDXL files in Stability's (SGM) UNet names (``lora_unet_input_blocks_4_1_proj_in``: ``sgm_names``) are
+read on any UNet base, and written on request. Where SD checkpoints name a module otherwise (transformers
+5's CLIPTextModel lost ``text_model.``, which every SD checkpoint and kohya file has), names are written as
+the checkpoints name it and read either way.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from merging.errors import FormatError
+from merging.formats.sgm_names import to_sgm
 
 PREFIXES = ("lora_unet", "lora_transformer", "lora_te1", "lora_te2", "lora_te3", "lora_te", "lycoris", "lora")
 COMPONENTS = {
@@ -35,25 +38,44 @@ def is_kohya_name(module: str) -> bool:
     return "." not in module and module.startswith(PREFIXES)
 
 
-def component_prefixes(components: Iterable[str]) -> dict[str, str]:
+def t5_components(modules: Iterable[str]) -> set[str]:
+    """The pipeline components that are T5 encoders (sd-scripts names T5 lora_te3 in Flux and SD3 alike)."""
+    return {m.partition(".")[0] for m in modules if ".encoder.block." in m and ".SelfAttention." in m}
+
+
+def component_prefixes(components: Iterable[str], t5: Iterable[str] = ()) -> dict[str, str]:
     """component → kohya prefix for a pipeline's components (unet, text_encoder, ...)."""
     comps = set(components)
     if unknown := comps - set(COMPONENTS):
         raise FormatError(f"pipeline components {sorted(unknown)} have no kohya prefix")
     prefixes = {c: COMPONENTS[c] for c in comps}
     if "text_encoder" in prefixes and "text_encoder_2" in comps:
-        prefixes["text_encoder"] = "lora_te1"  # SDXL
-    return prefixes
+        prefixes["text_encoder"] = "lora_te1"  # SDXL, Flux, SD3
+    return prefixes | {c: "lora_te3" for c in set(t5) & comps}
 
 
-def to_kohya(modules: Iterable[str], components: Iterable[str], saved: Mapping[str, str]) -> dict[str, str]:
-    """module path → lora_name for a pipeline base (modules ``<component>.<path>``); {} without one."""
-    prefixes = component_prefixes(components)
+def to_kohya(
+    modules: Iterable[str], components: Iterable[str], saved: Mapping[str, str], sgm: bool = False
+) -> dict[str, str]:
+    """module path → lora_name for a pipeline base (modules ``<component>.<path>``); {} without one.
+
+    ``sgm``: the UNet's modules in Stability's names (sd-scripts' SDXL files), where ``sgm_names`` has one.
+    """
+    modules = list(modules)
+    prefixes = component_prefixes(components, t5_components(modules))
     out = {}
     for m in modules if prefixes else ():
         comp, _, rest = saved.get(m, m).partition(".")
         out[m] = f"{prefixes[comp]}_{rest.replace('.', '_')}"
+    if sgm and "unet" in prefixes:
+        out |= {f"unet.{p}": f"lora_unet_{s.replace('.', '_')}" for p, s in _sgm(modules, "unet.").items()}
     return out
+
+
+def _sgm(modules: Iterable[str], prefix: str) -> dict[str, str]:
+    """UNet module path (without ``prefix``) → its SGM path, for the modules under ``prefix``."""
+    paths = [m.removeprefix(prefix) for m in modules if m.startswith(prefix)]
+    return to_sgm(paths) if any(p.startswith("down_blocks.") for p in paths) else {}
 
 
 def from_kohya(
@@ -66,6 +88,8 @@ def from_kohya(
     if not comps:
         paths = [(m, m) for m in mods] + [(s, m) for m, s in saved.items()]
         pairs = [(f"{p}_{path.replace('.', '_')}", m) for path, m in paths for p in PREFIXES]
+    unet = "unet." if "unet" in comps else ""  # SDXL files in Stability's names, read on any UNet
+    pairs += [(f"lora_unet_{s.replace('.', '_')}", unet + p) for p, s in _sgm(mods, unet).items()]
     out: dict[str, str] = {}
     for name, m in pairs:
         out[name] = AMBIGUOUS if out.get(name, m) != m else m

@@ -1,0 +1,152 @@
+"""Fold adapters into a diffusers pipeline folder: the UNet/transformer and text encoders they adapt.
+
+Modules are named ``<component>.<path>`` (as every pipeline-based reader names them). Each adapted
+component's safetensors files are streamed tensor by tensor (``bake.stream_shard``: headers, shapes and
+dtypes unchanged, untouched tensors copied as bytes) with the stacked deltas folded into the weights they
+adapt, under the names its checkpoints use (``text_model.*`` for CLIP, or without it as transformers 5
+saves). Every other file of the pipeline — model_index.json, the scheduler, tokenizers, the VAE, the
+components no adapter touches — is hard-linked (copied byte for byte across file systems). The output folder
+is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from merging.base import pipelines as sdbase
+from merging.base.layout import BaseLayout
+from merging.core.adapter import Pair, stacks
+from merging.core.alora import refuse_gated
+from merging.errors import FormatError, UnsupportedError
+from merging.export.bake import Progress, stream_shard
+from merging.formats.sgm_names import to_sgm
+from merging.runtime.effective import effective_bias, effective_weight
+from merging.storage.atomic import atomic_file, atomic_folder, checkpoint
+from merging.storage.files import refuse_overlap, save_safetensors
+from merging.storage.tensorfiles import LazyWeights
+
+
+def bake_pipeline(
+    base: Path, pairs: Sequence[Pair], out: Path, *, force: bool = False, progress: Progress | None = None
+) -> Path:
+    """Write the pipeline folder ``base`` with the adapters folded in (stacked, innermost first) to ``out``.
+
+    Args:
+        base: a diffusers pipeline folder (model_index.json) with safetensors components.
+        pairs: (Adapter, weight) in stacking order, read with the pipeline as base.
+        out: the output folder (atomic; an existing one needs ``force``).
+        progress: called as progress(done, total, component).
+
+    Returns:
+        ``out``.
+    """
+    base = Path(base)
+    if not sdbase.is_pipeline(base):
+        raise FormatError(f"{base}: not a diffusers pipeline folder (no model_index.json)")
+    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
+    refuse_gated(pairs)
+    plan = stacks(pairs)
+    if plan.aux:
+        raise UnsupportedError(f"module {min(plan.aux)}: replaced modules are not baked into a pipeline")
+    layout = BaseLayout.from_folder(base)
+    if outside := [m for m in plan.deltas if m not in layout.modules]:
+        raise FormatError(f"module {outside[0]} is not in the pipeline {base}")
+    adapted = sorted({m.partition(".")[0] for m in plan.deltas})
+    with atomic_folder(Path(out), force=force) as tmp:
+        for entry in sorted(base.iterdir()):
+            if entry.name not in adapted:
+                _link_tree(entry, tmp / entry.name)
+        for i, comp in enumerate(adapted):
+            _bake_component(base / comp, tmp / comp, comp, plan.deltas, layout)
+            if progress:
+                progress(i + 1, len(adapted), comp)
+    return Path(out)
+
+
+def _folding(src: Path, comp: str, deltas: dict, layout: BaseLayout):
+    """A component's lazy weights, the stored tensors the deltas change (→ module), and the fold."""
+    weights = LazyWeights(src)
+    jobs: dict[str, str] = {}  # tensor name in the component's files → module
+    for mod in (m for m in deltas if m.partition(".")[0] == comp):
+        names = (layout.saved.get(mod, mod).partition(".")[2], mod.partition(".")[2])  # checkpoints', live
+        stored = next((n for n in names if f"{n}.weight" in weights), None)
+        if stored is None:
+            raise UnsupportedError(f"{src}: no stored weight {names[0]}.weight for {mod}; cannot bake it")
+        jobs[f"{stored}.weight"] = mod
+        if f"{stored}.bias" in weights:
+            jobs[f"{stored}.bias"] = mod
+
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        mod = jobs[name]
+        stack = deltas[mod]
+        if name.endswith(".bias"):
+            return effective_bias(stack, t).to(t.dtype)
+        if any(getattr(d, "bias", None) is not None for d, _ in stack) and f"{name[:-7]}.bias" not in weights:
+            raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
+        new, _ = effective_weight(stack, t, None, layout.modules[mod][0], inplace=True)
+        return new.to(t.dtype)
+
+    return weights, jobs, transform
+
+
+def _bake_component(src: Path, dst: Path, comp: str, deltas: dict, layout: BaseLayout) -> None:
+    """One component folder with its modules' deltas folded into the stored weights."""
+    weights, jobs, transform = _folding(src, comp, deltas, layout)
+    dst.mkdir()
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix == ".safetensors":
+            stream_shard(f, dst / f.name, {n: transform for n in jobs if weights.where.get(n) == f})
+        elif f.is_file():
+            shutil.copyfile(f, dst / f.name)
+        else:
+            _link_tree(f, dst / f.name)
+        checkpoint(f"bake {comp}/{f.name}")
+
+
+def bake_single_file(base: Path, pairs: Sequence[Pair], out: Path, *, force: bool = False) -> Path:
+    """The pipeline's UNet with the adapters folded in, as one file in Stability's (LDM/SGM) names
+    (``model.diffusion_model.*``), which ``UNet2DConditionModel.from_single_file`` reads.
+
+    Only the UNet is written: adapters that change a text encoder are refused (bake the folder instead).
+    The UNet is held in memory once (its tensors are renamed, not streamed).
+    """
+    base = Path(base)
+    if not sdbase.is_pipeline(base) or not (base / "unet").is_dir():
+        raise FormatError(f"{base}: a single-file bake needs a UNet pipeline folder (with unet/)")
+    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
+    plan = stacks(pairs)
+    if plan.aux:
+        raise UnsupportedError(f"module {min(plan.aux)}: replaced modules are not baked into a pipeline")
+    if other := sorted(m for m in plan.deltas if not m.startswith("unet.")):
+        raise UnsupportedError(f"module {other[0]}: a single file holds the UNet only; bake the folder")
+    layout = BaseLayout.from_folder(base)
+    weights, jobs, transform = _folding(base / "unet", "unet", plan.deltas, layout)
+    names = to_sgm(sorted({n.rpartition(".")[0] for n in weights.where}))
+    tensors = {}
+    for name in sorted(weights.where):
+        mod, _, param = name.rpartition(".")
+        if mod not in names:
+            raise UnsupportedError(f"{base}/unet: {name} has no Stability (SGM) name; bake the folder")
+        t = weights.get(name)
+        tensors[f"model.diffusion_model.{names[mod]}.{param}"] = transform(name, t) if name in jobs else t
+    with atomic_file(Path(out), force=force) as tmp:
+        save_safetensors(tensors, tmp, metadata={"format": "pt"})
+    return Path(out)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """A file or folder hard-linked into place (copied byte for byte where linking is impossible)."""
+    if src.is_dir():
+        dst.mkdir()
+        for f in sorted(src.iterdir()):
+            _link_tree(f, dst / f.name)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
