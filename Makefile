@@ -40,7 +40,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 quick: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not model"
+	$(PY) -m pytest -q -m "not model and not system and not slow"
 
 # ruff everywhere; mypy on the public API (merging/__init__.py and what it exports: [tool.mypy] files)
 lint: $(VENV)/.installed-test

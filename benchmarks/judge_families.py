@@ -42,7 +42,7 @@ def row(family: str, d: Path) -> str:
     a, b = _inputs(family, d)
     m, x = build(family), inputs(family)
     y0 = output(m, x)
-    with judge.peft_stacked(m, judge.Plan(judge.PEFT, "mixed", (a, b))):
+    with judge.peft_stacked(m, judge.Stacker(judge.PEFT, "mixed", (a, b))):
         yp = output(m, x)
     with stacked(m, weighted([fp.read(f).refine_targets(base_shapes(m)) for f in (a, b)])):
         yo = output(m, x)

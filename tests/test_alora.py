@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
@@ -16,7 +17,6 @@ from merging.runtime.fold import merge_into
 from merging.runtime.stacked import stacked
 from tests.helpers import rel_err
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.model
 INV = [5, 6]
 IDS = torch.tensor([[1, 2, 3, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2], [5, 6, 1, 5, 6, 2, 3, 4]])

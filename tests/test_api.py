@@ -27,6 +27,7 @@ def _invoke(*args):
     return result
 
 
+@pytest.mark.system
 def test_import_merging_loads_no_torch_until_a_function_is_used():
     code = ("import sys, merging; assert 'torch' not in sys.modules, 'torch on import'; "
             "merging.MergingError; merging.__version__; assert 'torch' not in sys.modules; "

@@ -129,6 +129,7 @@ def test_every_writer_gives_its_files_the_umasks_mode(fx, tmp_path, mask):
         assert p.stat().st_mode & 0o7777 == want, f"{p}: {oct(p.stat().st_mode & 0o7777)}, not {oct(want)}"
 
 
+@pytest.mark.system
 def test_files_and_folders_are_fsynced_before_the_swap_and_the_old_output_goes_last(fx, tmp_path):
     if not shutil.which("strace") or subprocess.run(["strace", "-o", os.devnull, "true"]).returncode:
         pytest.skip("strace is missing or not allowed here: the fsync order is not observable")
@@ -180,6 +181,7 @@ def test_stale_temp_entries_are_cleaned_and_a_live_ones_never(fx, tmp_path):
     assert atomic.clean_stale(out) == [aside.name] and _tree(out) == before and _leftovers(tmp_path) == []
 
 
+@pytest.mark.system
 def test_three_concurrent_merges_into_one_output_leave_one_complete_output(fx, tmp_path):
     a = [fx.adapter("llama", k) for k in ("lora", "lora_b", "lora_r8")]
     out = tmp_path / "out"
@@ -270,6 +272,7 @@ MOUNTED = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.system
 def test_a_full_disk_and_a_read_only_mount_keep_the_previous_output(fx, tmp_path):
     """ENOSPC at seeded fill levels and EROFS, in a private tmpfs mount (user + mount namespace)."""
     probe = shutil.which("unshare") and subprocess.run(["unshare", "-r", "-m", "true"], capture_output=True)

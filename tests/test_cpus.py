@@ -110,6 +110,7 @@ print(cpus.current_share().usable)
 """
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("given", [["--threads", "1"], []])
 def test_console_script_sets_threads_before_torch_starts(given: list[str]):
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}

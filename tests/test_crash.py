@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.system  # SIGKILLed child processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 23
 PER_WAY = 40  # kill points per writer and direction: all of them up to 40, else a seeded sample of 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
 
@@ -14,7 +15,6 @@ from merging.merge.result import write_result
 from merging.runtime.stacked import stacked
 from tests.helpers import peft_stacked, rel_err
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.model
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
 

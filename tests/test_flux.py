@@ -24,7 +24,6 @@ from merging.formats import diffusers_lora, kohya
 from merging.merge.pipeline import merge
 from tests import sdparts as sp
 
-pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 TOL = 1e-4

@@ -119,7 +119,7 @@ LYCORIS = [("lora", {}), ("loha", {}), ("lokr", {}), ("lokr", {"factor": 4, "ful
 )
 def test_files_written_by_lycoris_load_with_lycoris_delta(tmp_path, algo, kw):
     """LyCORIS's own network forward equals our runtime on the file LyCORIS saved."""
-    lycoris = pytest.importorskip("lycoris")
+    import lycoris
     lycoris.LycorisNetwork.apply_preset({"target_name": [".*q_proj", ".*v_proj", ".*up_proj", ".*down_proj"]})
     model = build_base("llama")
     net = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2, algo=algo, **kw)
@@ -191,7 +191,8 @@ def test_gguf_wrong_architecture_or_type(fx, tmp_path):
 
 def test_lokr_w2_b_with_kernel_axes_reads_as_lycoris_builds_it():
     """lokr_w2_b (r, d, kh, kw), as LyCORIS's weight_gen makes it: the kernel is kept (conv2d)."""
-    lycoris_lokr = pytest.importorskip("lycoris.functional.lokr")
+    import lycoris.functional.lokr as lycoris_lokr
+
     from merging.formats import lycoris
 
     g = torch.Generator().manual_seed(0)

@@ -151,6 +151,7 @@ main()
 """
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("fmt", ["peft", "kohya"])
 def test_full_disk_leaves_no_output_and_keeps_the_existing_one(fx, tmp_path, fmt):
     """A file-size limit (RLIMIT_FSIZE) makes the write fail midway: one line, exit 2, nothing half-done."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
@@ -17,8 +18,6 @@ from merging.core.adapter import weighted
 from merging.errors import UnsupportedError
 from merging.formats import sources
 from merging.storage.files import cache_dir
-
-gguf = pytest.importorskip("gguf")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "adapters"
 

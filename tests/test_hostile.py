@@ -260,6 +260,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.system
 def test_every_case_prints_one_stderr_line_in_a_real_process(fx, tmp_path):
     """As a user runs it, stderr as the terminal gets it: nothing from torch, transformers or PEFT leaks, and
     no message advises unpickling."""

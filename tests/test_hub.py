@@ -158,6 +158,7 @@ def test_publish_over_an_earlier_one_keeps_the_repos_other_files_in_one_commit(h
     assert files["adapter_model.safetensors"] == (new / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.system
 def test_a_publish_killed_mid_upload_leaves_the_previous_revision_whole(hub, tmp_path, fx):
     import signal
     import threading

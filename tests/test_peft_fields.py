@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import peft
 import pytest
 
 from merging.errors import UnsupportedError
 from merging.formats import peft as peft_format
 from merging.formats.peft.fields import INERT, MODELLED, REFUSED
-
-peft = pytest.importorskip("peft")
 
 CONFIGS = {
     "LORA": "LoraConfig", "LOHA": "LoHaConfig", "LOKR": "LoKrConfig", "IA3": "IA3Config",

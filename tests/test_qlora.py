@@ -15,8 +15,6 @@ from merging.formats import sources
 from tests.helpers import peft_stacked, rel_err
 from tests.tiny_models import randomise
 
-pytest.importorskip("bitsandbytes")
-
 WIDE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
 IDS = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))

@@ -22,8 +22,6 @@ from merging.merge.pipeline import merge
 from merging.runtime.stacked import stacked as stacked_runtime
 from tests import sdparts as sp
 
-pytest.importorskip("diffusers")
-pytest.importorskip("lycoris")
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_thread")]
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 TOL = 1e-5

@@ -21,8 +21,6 @@ from merging.formats import kohya
 from merging.merge.pipeline import merge
 from tests import sdparts as sp
 
-pytest.importorskip("diffusers")
-pytest.importorskip("lycoris")
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_thread")]
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 TOL = 1e-5

@@ -23,8 +23,6 @@ from merging.formats.kohya_names import to_kohya
 from merging.merge.pipeline import merge
 from tests import sdparts as sp
 
-pytest.importorskip("diffusers")
-pytest.importorskip("lycoris")
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 TOL = 1e-5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
+import peft
 import torch
 from click.testing import CliRunner
 from merging_cli.main import cli
@@ -15,8 +15,6 @@ from merging.formats import peft as peft_format
 from merging.merge import serving
 from merging.merge.pipeline import merge
 from merging.merge.result import write_result
-
-peft = pytest.importorskip("peft")
 
 
 def _llama_cpp_deltas(folder) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ from merging.eval.results import Comparison
 from tests.ttyrun import ANSI, piped, tty_runs
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread (the children too, ttyrun)
+# small tensors: one thread (the children too, ttyrun); every test runs pty children: a system test
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.system]
 ADD, SORT, SENTIMENT = (str(ROOT / "examples" / "adapters" / n) for n in ("add", "sort", "sentiment"))
 
 

@@ -83,15 +83,15 @@ def bake_table(
     from merging.eval import judge
     from merging.runtime.fold import merge_into
 
-    plan = judge.plan(pairs)
-    if plan.reference != judge.PEFT:
-        raise UnsupportedError(f"the QLoRA bake table needs PEFT to stack the inputs: {plan.reason}")
+    stacker = judge.who_stacks(pairs)
+    if stacker.reference != judge.PEFT:
+        raise UnsupportedError(f"the QLoRA bake table needs PEFT to stack the inputs: {stacker.reason}")
     qmodel = quantized.load_quantized(base, quant, task_type)
     if ids is None:
         vocab = qmodel.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(0))
     y_qbase = _logits(qmodel, ids)
-    with judge.peft_stacked(qmodel, plan):
+    with judge.peft_stacked(qmodel, stacker):
         y_ref = _logits(qmodel, ids)
     deq = {name: quantized.dequantize(m) for name, m in quantized.quantized_modules(qmodel).items()}
     del qmodel
