@@ -1,4 +1,4 @@
-"""Per family of tests/tiny_models.py, each figure effect-relative against PEFT's own stacked forward.
+"""Per family of tests/support/tiny_models.py, each figure effect-relative against PEFT's own stacked forward.
 
     PYTHONPATH=. python benchmarks/judge_families.py llama gemma qwen2 bert modernbert t5 mixtral
 
@@ -24,8 +24,8 @@ from merging.core.adapter import base_shapes, weighted
 from merging.eval import judge
 from merging.formats import peft as fp
 from merging.runtime.stacked import stacked
+from tests.support.tiny_models import FAMILIES, build, inputs, output, save_base
 from tests.test_judge_families import _inputs, _wrong
-from tests.tiny_models import FAMILIES, build, inputs, output, save_base
 
 
 def err(y: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> float:

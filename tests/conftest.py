@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from tests.fixtures import Fixtures, build_fixtures
+from tests.support.fixtures import Fixtures, build_fixtures
 
 torch.set_num_threads(2)
 transformers.logging.set_verbosity_error()
@@ -38,7 +38,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def base_noise() -> torch.Tensor:
-    """The tiny SD UNet's noise prediction without adapters (tests/sdparts.py)."""
-    from tests import sdparts
+    """The tiny SD UNet's noise prediction without adapters (tests/support/sdparts.py)."""
+    from tests.support import sdparts
 
     return sdparts.noise(sdparts.unet())

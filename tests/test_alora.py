@@ -15,7 +15,7 @@ from merging.merge.pipeline import merge
 from merging.merge.result import write_result
 from merging.runtime.fold import merge_into
 from merging.runtime.stacked import stacked
-from tests.helpers import rel_err
+from tests.support.helpers import rel_err
 
 pytestmark = pytest.mark.model
 INV = [5, 6]

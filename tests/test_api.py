@@ -15,8 +15,8 @@ from merging_cli.main import cli
 
 import merging
 from merging.formats import stack_folder
-from tests.fixtures import example_input, run
-from tests.helpers import assert_close
+from tests.support.fixtures import example_input, run
+from tests.support.helpers import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 

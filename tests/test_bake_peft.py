@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from merging_cli.main import cli
 from safetensors.torch import load_file
 
-from tests.helpers import assert_close
+from tests.support.helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from merging_cli.main import cli
 
 from merging.formats import sources
-from tests.fixtures import example_input, run
-from tests.helpers import assert_close
+from tests.support.fixtures import example_input, run
+from tests.support.helpers import assert_close
 
 
 def _invoke(*args):

@@ -2,8 +2,8 @@
 file-size limit; the previous output must stay byte-identical or the new one be complete, and the next
 run must leave no temporary entry behind.
 
-Each job runs in a child forked from tests/crashrunner.py (imports paid once), which kills the child when
-it reaches its N-th checkpoint (MERGING_TEST_PAUSE_AT): inside a file being written, between files,
+Each job runs in a child forked from tests/support/crashrunner.py (imports paid once), which kills the
+child when it reaches its N-th checkpoint (MERGING_TEST_PAUSE_AT): inside a file being written, between files,
 between the fsyncs, the links that keep the user's files and the swap. Two outputs A and B alternate so
 that every kill replaces one complete output by another.
 """
@@ -31,13 +31,13 @@ FSIZE_TRIES = 3
 
 
 class Runner:
-    """The fork server (tests/crashrunner.py) in a subprocess that sees this checkout."""
+    """The fork server (tests/support/crashrunner.py) in a subprocess that sees this checkout."""
 
     def __init__(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", OMP_NUM_THREADS="1")
         env.pop("MERGING_TEST_PAUSE_AT", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.crashrunner"], cwd=ROOT, env=env, text=True,
+            [sys.executable, "-m", "tests.support.crashrunner"], cwd=ROOT, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )  # fmt: skip
 

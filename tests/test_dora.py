@@ -13,7 +13,7 @@ from merging.formats import peft as peft_format
 from merging.merge.pipeline import merge
 from merging.merge.result import write_result
 from merging.runtime.stacked import stacked
-from tests.helpers import peft_stacked, rel_err
+from tests.support.helpers import peft_stacked, rel_err
 
 pytestmark = pytest.mark.model
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -114,7 +114,7 @@ def test_dora_on_a_base_given_as_its_weights(tmp_path, model, as_file):
     from merging_cli.main import cli
     from safetensors.torch import save_file
 
-    from tests import peft_matrix as pm
+    from tests.support import peft_matrix as pm
 
     targets = {"conv2d": ["body", "lin0"], "emb_conv1d": ["emb", "body"], "mlp": ["lin0", "lin1"]}[model]
     row = (f"{model} dora", model, "lora", {"target_modules": targets, "use_dora": True})

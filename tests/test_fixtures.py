@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.fixtures import ADAPTERS, example_input, run
+from tests.support.fixtures import ADAPTERS, example_input, run
 
 
 @pytest.mark.parametrize(("kind", "name"), ADAPTERS, ids=[f"{k}-{n}" for k, n in ADAPTERS])

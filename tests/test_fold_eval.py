@@ -8,22 +8,16 @@ import dataclasses
 import pytest
 import torch
 
-from merging.core.adapter import base_shapes, content_digest, weighted
+from merging.core.adapter import content_digest, weighted
 from merging.errors import UnsupportedError
 from merging.eval import data, judge, skills
 from merging.eval.verify import Candidate, module_errors, verify
-from merging.formats import peft as fp
 from merging.merge.pipeline import merge
 from merging.runtime.fold import FOLDED, evaluated, merge_into
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
-from tests.fixtures import example_input, run
-from tests.helpers import assert_close, state_hash
-
-
-def _read(fx, kind, names):
-    shapes = base_shapes(fx.load_base(kind))
-    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
+from tests.support.fixtures import example_input, run
+from tests.support.helpers import assert_close, read_adapters, state_hash
 
 
 def _params(model):
@@ -39,7 +33,7 @@ def _params(model):
     ],
 )
 def test_evaluated_folds_like_stacked_and_restores_every_bit(fx, kind, names):
-    pairs = weighted(_read(fx, kind, names))
+    pairs = weighted(read_adapters(fx, kind, names))
     model, x = fx.load_base(kind), example_input(kind)
     before, y_base = _params(model), run(model, kind, x)
     with stacked(model, pairs):
@@ -55,7 +49,7 @@ def test_evaluated_folds_like_stacked_and_restores_every_bit(fx, kind, names):
 
 
 def test_evaluated_stacks_below_float32(fx):
-    pairs = weighted(_read(fx, "llama", ["lora", "ia3"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "ia3"]))
     model = fx.load_base("llama").to(torch.bfloat16)
     before, x = state_hash(model), example_input("llama")
     with stacked(model, pairs):
@@ -68,7 +62,8 @@ def test_evaluated_stacks_below_float32(fx):
 
 def test_merge_into_refused_half_way_leaves_the_model_as_it_was(fx):
     # lora_b's o_proj folds first, then q_proj meets a DoRA at weight 2 (no stacked meaning): refused
-    pairs = [(a, w) for a, w in zip(_read(fx, "llama", ["lora_b", "lora_dora"]), [1.0, 2.0], strict=True)]
+    read = read_adapters(fx, "llama", ["lora_b", "lora_dora"])
+    pairs = [(a, w) for a, w in zip(read, [1.0, 2.0], strict=True)]
     model = fx.load_base("llama")
     before = state_hash(model)
     with pytest.raises(UnsupportedError, match="DoRA"):
@@ -77,7 +72,7 @@ def test_merge_into_refused_half_way_leaves_the_model_as_it_was(fx):
 
 
 def test_verify_folds_approximate_candidates_only(fx):
-    pairs = weighted(_read(fx, "llama", ["lora", "loha", "lokr"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "loha", "lokr"]))
     cands = []
     for name, rank in (("cat", None), ("svd", 2)):
         res = merge(pairs, name, Options(rank=rank))
@@ -100,7 +95,7 @@ def test_verify_folds_approximate_candidates_only(fx):
 
 
 def test_held_out_losses_folded_equal_stacked(fx):
-    ads = _read(fx, "llama", ["lora", "ia3", "loha"])
+    ads = read_adapters(fx, "llama", ["lora", "ia3", "loha"])
     pairs = weighted(ads)
     res = merge(pairs, "svd", Options(rank=2))
     g = torch.Generator().manual_seed(3)
@@ -126,7 +121,7 @@ def test_held_out_losses_folded_equal_stacked(fx):
 
 
 def test_module_errors_reuse_the_reference_side_unchanged(fx):
-    pairs = weighted(_read(fx, "llama", ["lora", "ia3", "loha"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "ia3", "loha"]))
     model = fx.load_base("llama")
     cache: dict = {}
     for rank in (1, 2):
@@ -137,7 +132,7 @@ def test_module_errors_reuse_the_reference_side_unchanged(fx):
 
 
 def test_identical_candidates_are_measured_once_and_digests_see_one_changed_value(fx):
-    pairs = weighted(_read(fx, "llama", ["lora", "loha"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "loha"]))
     res = merge(pairs, "cat")
     twin = merge(pairs, "cat").adapters  # merged again: other tensors, same values
     assert content_digest(res.adapters) == content_digest(twin)

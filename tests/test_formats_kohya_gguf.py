@@ -11,8 +11,8 @@ from merging.formats import WriteOptions, kohya
 from merging.formats import gguf as fg
 from merging.formats import peft as fp
 from merging.runtime.stacked import stacked
-from tests.fixtures import build_base, example_input, run
-from tests.helpers import assert_close
+from tests.support.fixtures import build_base, example_input, run
+from tests.support.helpers import assert_close
 
 KOHYA_CASES = [
     ("llama", "lora"), ("llama", "lora_rslora"), ("llama", "lora_patterns"), ("llama", "lora_dora"),

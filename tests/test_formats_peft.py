@@ -12,8 +12,8 @@ from merging.core.adapter import Adapter, base_shapes
 from merging.core.deltas import AdditiveDelta, LowRank, ModuleReplacement, Scale, Target, TokenRows
 from merging.errors import FormatError, MergingError, NonFiniteError, ShapeMismatch
 from merging.formats import peft as fp
-from tests.fixtures import ADAPTERS, example_input, run
-from tests.helpers import assert_close, rewrite_tensors
+from tests.support.fixtures import ADAPTERS, example_input, run
+from tests.support.helpers import assert_close, rewrite_tensors
 
 IDS = [f"{k}-{n}" for k, n in ADAPTERS]
 

@@ -8,23 +8,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from merging.core.adapter import Adapter, base_shapes, weighted
+from merging.core.adapter import Adapter, weighted
 from merging.core.deltas import LowRank, Target
 from merging.errors import UnsupportedError
 from merging.eval import judge
 from merging.eval.verify import GROUPED, Candidate, _greedy, _grouped_outputs, _outputs, verify
-from merging.formats import peft as fp
 from merging.merge.pipeline import merge
 from merging.runtime.grouped import grouped
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
-from tests.fixtures import example_input, run
-from tests.helpers import assert_close, state_hash
-
-
-def _read(fx, kind, names):
-    shapes = base_shapes(fx.load_base(kind))
-    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
+from tests.support.fixtures import example_input, run
+from tests.support.helpers import assert_close, read_adapters, state_hash
 
 
 @pytest.mark.parametrize(
@@ -36,7 +30,7 @@ def _read(fx, kind, names):
 )
 def test_each_group_sees_its_own_stack(fx, kind, groups):
     model = fx.load_base(kind)
-    stacks = [weighted(_read(fx, kind, names)) for names in groups]
+    stacks = [weighted(read_adapters(fx, kind, names)) for names in groups]
     x = example_input(kind)
     before, y_base = state_hash(model), run(model, kind, x)
     expected = []
@@ -56,14 +50,14 @@ def test_each_group_sees_its_own_stack(fx, kind, groups):
 
 def test_a_batch_that_does_not_split_is_refused(fx):
     model = fx.load_base("llama")
-    pairs = weighted(_read(fx, "llama", ["lora"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora"]))
     with grouped(model, [pairs, pairs]), pytest.raises(UnsupportedError, match="equal groups"):
         run(model, "llama", example_input("llama", batch=3))
 
 
 def test_greedy_of_a_group_equals_greedy_alone(fx):
     model = fx.load_base("llama")
-    pairs = weighted(_read(fx, "llama", ["lora", "loha", "lokr"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "loha", "lokr"]))
     cands = [merge(pairs, "svd", Options(rank=r)).adapters for r in (1, 2, 4)]
     ids = torch.randint(3, 120, (2, 7), generator=torch.Generator().manual_seed(5))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -75,7 +69,7 @@ def test_greedy_of_a_group_equals_greedy_alone(fx):
 
 
 def test_verify_groups_approximate_candidates(fx):
-    pairs = weighted(_read(fx, "llama", ["lora", "loha", "lokr"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "loha", "lokr"]))
     cands = [Candidate("cat", merge(pairs, "cat").adapters, "cat", True)]
     cands += [Candidate(f"svd{r}", merge(pairs, "svd", Options(rank=r)).adapters, "svd") for r in (1, 3)]
     model = fx.load_base("llama")

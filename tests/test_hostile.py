@@ -24,7 +24,7 @@ from merging.errors import (
     SourceError,
 )
 from merging.formats import sources
-from tests.helpers import rewrite_tensors
+from tests.support.helpers import rewrite_tensors
 
 QKEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 

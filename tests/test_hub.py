@@ -1,4 +1,4 @@
-"""The Hub both ways, with the real huggingface_hub client against a loopback server (tests/hubserver.py).
+"""The Hub both ways, the real huggingface_hub client against a loopback server (tests/support/hubserver.py).
 
 The CLI runs in a subprocess with HF_ENDPOINT, HF_HUB_CACHE and HF_TOKEN set, as a user would run it.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from merging.merge.recipe import Recipe
-from tests.hubserver import HubServer
+from tests.support.hubserver import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

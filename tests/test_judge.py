@@ -6,24 +6,18 @@ from dataclasses import replace
 
 import pytest
 
-from merging.core.adapter import base_shapes, weighted
+from merging.core.adapter import weighted
 from merging.eval import judge
 from merging.eval.verify import Candidate, verify
 from merging.formats import peft as fp
 from merging.merge.pipeline import merge
 from merging.runtime.stacked import stacked
-from tests.fixtures import example_input, run
-from tests.helpers import assert_close, state_hash
-
-
-def _read(fx, kind, names):
-    shapes = base_shapes(fx.load_base(kind))
-    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
-
+from tests.support.fixtures import example_input, run
+from tests.support.helpers import assert_close, read_adapters, state_hash
 
 
 def test_plan_names_who_stacks(fx):
-    lora, loha, lokr, ia3, ia3_b = _read(fx, "llama", ["lora", "loha", "lokr", "ia3", "ia3_b"])
+    lora, loha, lokr, ia3, ia3_b = read_adapters(fx, "llama", ["lora", "loha", "lokr", "ia3", "ia3_b"])
     mixed = judge.who_stacks(weighted([lora, loha, lokr]))
     assert (mixed.reference, mixed.mode) == (judge.PEFT, "mixed")
     assert mixed.folders == tuple(fx.adapter("llama", n) for n in ("lora", "loha", "lokr"))
@@ -40,7 +34,7 @@ def test_plan_names_who_stacks(fx):
 def test_peft_reference_equals_runtime_and_leaves_the_model(fx, names):
     model, x = fx.load_base("llama"), example_input("llama")
     before = state_hash(model)
-    pairs = weighted(_read(fx, "llama", names))
+    pairs = weighted(read_adapters(fx, "llama", names))
     with judge.reference(model, pairs) as stacker:
         y_peft = run(model, "llama", x)
     assert stacker.reference == judge.PEFT
@@ -53,7 +47,7 @@ def test_peft_reference_equals_runtime_and_leaves_the_model(fx, names):
 
 def test_verify_stacks_the_inputs_and_loads_the_merge_with_peft(fx):
     model = fx.load_base("llama")
-    pairs = weighted(_read(fx, "llama", ["lora", "loha", "lokr"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "loha", "lokr"]))
     result = merge(pairs, "cat")
     report = verify(model, None, pairs, [Candidate("cat", result.adapters, "cat", result.exact)])
     (row,) = report.rows
@@ -67,7 +61,7 @@ def test_a_reader_bug_cannot_certify_itself(fx, monkeypatch):
     model = fx.load_base("llama")
     true_read = fp.read
     monkeypatch.setattr(fp, "read", lambda *a, **k: _halved(true_read(*a, **k)))
-    pairs = weighted(_read(fx, "llama", ["lora", "lora_b"]))
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "lora_b"]))
     result = merge(pairs, "cat")
     cand = Candidate("cat", result.adapters, "cat", result.exact)
     with stacked(model, pairs):  # the old reference, fed by the same reader, agrees with the wrong merge
@@ -85,7 +79,7 @@ def _halved(adapter):
 
 def test_runtime_reference_is_checked_against_peft(fx):
     model = fx.load_base("llama")
-    pairs = weighted(_read(fx, "llama", ["ia3", "lora", "loha"]))
+    pairs = weighted(read_adapters(fx, "llama", ["ia3", "lora", "loha"]))
     result = merge(pairs, "cat")
     report = verify(model, None, pairs, [Candidate("cat", result.adapters, "cat", result.exact)])
     assert "IA³" in report.reference_reason

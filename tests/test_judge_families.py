@@ -1,4 +1,4 @@
-"""verify and bake judged by PEFT itself on tiny models of every family PEFT serves (tests/tiny_models.py).
+"""verify and bake judged by PEFT on tiny models of every family it serves (tests/support/tiny_models.py).
 
 Every reference here is PEFT's own forward: the ORIGINAL input folders loaded by PEFT (PeftMixedModel or
 set_adapter([...])) onto a fresh base; merged folders are loaded by ``PeftModel.from_pretrained``.
@@ -22,8 +22,8 @@ from merging.eval.verify import Candidate, verify
 from merging.formats import peft as fp
 from merging.merge.pipeline import merge
 from merging.runtime.stacked import stacked
-from tests.helpers import rewrite_tensors
-from tests.tiny_models import FAMILIES, build, inputs, make_adapter, output, save_base
+from tests.support.helpers import rewrite_tensors
+from tests.support.tiny_models import FAMILIES, build, inputs, make_adapter, output, save_base
 
 pytestmark = pytest.mark.model
 JUDGED = ["llama", "gemma", "qwen2", "bert", "modernbert", "t5", "mixtral"]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from merging.core import linalg
 from merging.core.deltas import Hadamard, Kronecker, LowRank, Target
-from tests.helpers import assert_close
+from tests.support.helpers import assert_close
 
 dims = st.integers(1, 9)
 seeds = st.integers(0, 2**31 - 1)

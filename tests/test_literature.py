@@ -24,7 +24,7 @@ from merging.formats import sources
 from merging.merge.pipeline import merge
 from merging.merge.result import read_recipe
 from merging.strategies import Options
-from tests.helpers import assert_close, forbid_dense
+from tests.support.helpers import assert_close, forbid_dense
 
 NAMES = ["knots", "core", "tsv", "iso_c", "iso_cts"]
 TOL = 1e-6  # the bound: float32 output of a float64 computation

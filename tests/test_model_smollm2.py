@@ -12,7 +12,7 @@ from merging_cli.main import cli
 from merging.core.adapter import base_shapes, weighted
 from merging.formats import sources
 from merging.runtime.stacked import stacked
-from tests.fixtures import _randomise
+from tests.support.fixtures import _randomise
 
 pytestmark = pytest.mark.model
 

@@ -20,8 +20,8 @@ from merging.merge.pipeline import merge
 from merging.runtime.fold import merge_into
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
-from tests.helpers import peft_stacked, rel_err
-from tests.tiny_models import randomise
+from tests.support.helpers import peft_stacked, rel_err
+from tests.support.tiny_models import randomise
 
 SMALL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "max_position_embeddings": 64, "num_key_value_heads": 2}  # fmt: skip

@@ -13,7 +13,7 @@ from merging.formats import peft as peft_format
 from merging.merge.pipeline import merge
 from merging.merge.result import write_result
 from merging.runtime.stacked import stacked
-from tests.helpers import peft_stacked, rel_err
+from tests.support.helpers import peft_stacked, rel_err
 
 pytestmark = pytest.mark.model
 

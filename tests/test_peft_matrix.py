@@ -1,8 +1,8 @@
-"""PEFT's custom-model matrix (tests/peft_matrix.py) through inspect, cat (one and two adapters) and linear,
+"""PEFT's custom-model matrix (tests/support/peft_matrix.py) through inspect, cat (one, two adapters), linear,
 every output reloaded by PEFT: no output PEFT cannot load, no wrong number, no crash, and every refusal one
 line from the list below, each naming why. A row per layer kind and adapter type runs in ``make test``; the
 whole matrix is marked ``slow`` (``pytest -m slow tests/test_peft_matrix.py``; ``python -m
-tests.peft_matrix`` prints every row's outcome and the totals).
+tests.support.peft_matrix`` prints every row's outcome and the totals).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from tests import peft_matrix as pm
+from tests.support import peft_matrix as pm
 
 pytestmark = pytest.mark.model  # a few seconds of PEFT model building per row
 
@@ -61,7 +61,7 @@ def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
     from merging.core.adapter import weighted
     from merging.formats import peft as peft_format
     from merging.runtime.stacked import stacked
-    from tests.helpers import peft_stacked, rel_err
+    from tests.support.helpers import peft_stacked, rel_err
 
     row = next(r for r in pm.ROWS if r[0] == name)
     folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]

@@ -15,8 +15,8 @@ from merging.errors import MergingError
 from merging.formats import peft as peft_format
 from merging.merge.pipeline import merge
 from merging.merge.result import write_result
-from tests import tiny_models as tm
-from tests.helpers import peft_stacked, rel_err
+from tests.support import tiny_models as tm
+from tests.support.helpers import peft_stacked, rel_err
 
 pytestmark = pytest.mark.model
 

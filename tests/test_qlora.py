@@ -12,8 +12,8 @@ import torch
 
 from merging.core.adapter import weighted
 from merging.formats import sources
-from tests.helpers import peft_stacked, rel_err
-from tests.tiny_models import randomise
+from tests.support.helpers import peft_stacked, rel_err
+from tests.support.tiny_models import randomise
 
 WIDE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from merging.core.adapter import base_shapes, weighted
-from merging.formats import peft as fp
+from merging.core.adapter import weighted
 from merging.runtime.fold import merge_into
 from merging.runtime.stacked import stacked
-from tests.fixtures import example_input, run
-from tests.helpers import assert_close, state_hash
-
-
-def _read(fx, kind, names):
-    shapes = base_shapes(fx.load_base(kind))
-    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
+from tests.support.fixtures import example_input, run
+from tests.support.helpers import assert_close, read_adapters, state_hash
 
 
 def _peft_mixed(fx, kind, names):
@@ -58,7 +52,7 @@ def test_stacked_equals_peft_mixed_model(fx, kind, names):
     expected = run(_peft_mixed(fx, kind, names), kind, x)
     model = fx.load_base(kind)
     before = state_hash(model)
-    with stacked(model, weighted(_read(fx, kind, names))):
+    with stacked(model, weighted(read_adapters(fx, kind, names))):
         ours = run(model, kind, x)
     assert (ours - expected).abs().max() <= 1e-5
     assert state_hash(model) == before
@@ -72,7 +66,7 @@ def test_stacked_ia3_equals_peft_multi_adapter(fx, kind, names):
     x = example_input(kind)
     expected = run(_peft_ia3(fx, kind, names), kind, x)
     model = fx.load_base(kind)
-    with stacked(model, weighted(_read(fx, kind, names))):
+    with stacked(model, weighted(read_adapters(fx, kind, names))):
         ours = run(model, kind, x)
     assert (ours - expected).abs().max() <= 1e-5
 
@@ -85,7 +79,7 @@ def test_stacked_auxiliary_and_tied_equal_peft(fx, name):
     x = example_input(kind)
     expected = run(PeftModel.from_pretrained(fx.load_base(kind), str(fx.adapter(kind, name))).eval(), kind, x)
     model = fx.load_base(kind)
-    with stacked(model, weighted(_read(fx, kind, [name]))):
+    with stacked(model, weighted(read_adapters(fx, kind, [name]))):
         ours = run(model, kind, x)
     assert (ours - expected).abs().max() <= 1e-5
 
@@ -94,7 +88,7 @@ def test_two_adapters_replacing_one_module_is_an_error(fx):
     from merging.errors import IncompatibleAdapters
 
     model = fx.load_base("llama")
-    ad = _read(fx, "llama", ["lora_mts"])[0]
+    ad = read_adapters(fx, "llama", ["lora_mts"])[0]
     with pytest.raises(IncompatibleAdapters, match="lm_head"), stacked(model, [(ad, 1.0), (ad, 1.0)]):
         pass
 
@@ -103,7 +97,7 @@ def test_two_adapters_replacing_one_module_is_an_error(fx):
     ("kind", "names"), [("llama", ["lora", "ia3", "loha", "ia3_b"]), ("conv", ["lora_bias", "ia3"])]
 )
 def test_merge_into_equals_stacked_and_undoes_exactly(fx, kind, names):
-    ads = _read(fx, kind, names)
+    ads = read_adapters(fx, kind, names)
     x = example_input(kind)
     model = fx.load_base(kind)
     before = state_hash(model)
@@ -117,7 +111,7 @@ def test_merge_into_equals_stacked_and_undoes_exactly(fx, kind, names):
 
 def test_weighted_stack(fx):
     """Weights scale additive deltas and raise IA³ vectors to a power."""
-    ads = _read(fx, "llama", ["lora", "ia3"])
+    ads = read_adapters(fx, "llama", ["lora", "ia3"])
     x = example_input("llama")
     model = fx.load_base("llama")
     with stacked(model, [(ads[0], 0.0), (ads[1], 0.0)]):

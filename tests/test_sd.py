@@ -20,7 +20,7 @@ from merging.errors import UnsupportedError
 from merging.formats import kohya
 from merging.merge.pipeline import merge
 from merging.runtime.stacked import stacked as stacked_runtime
-from tests import sdparts as sp
+from tests.support import sdparts as sp
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_thread")]
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)

@@ -23,7 +23,7 @@ from merging.core.adapter import weighted
 from merging.eval import verify_dit
 from merging.formats import diffusers_lora, kohya
 from merging.merge.pipeline import merge
-from tests import sdparts as sp
+from tests.support import sdparts as sp
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 logging.getLogger("diffusers").setLevel(logging.ERROR)

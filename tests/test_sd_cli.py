@@ -19,7 +19,7 @@ from merging.base.weights import weights as base_weights
 from merging.core.adapter import weighted
 from merging.formats import kohya
 from merging.merge.pipeline import merge
-from tests import sdparts as sp
+from tests.support import sdparts as sp
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_thread")]
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)

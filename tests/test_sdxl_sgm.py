@@ -21,7 +21,7 @@ from merging.core.adapter import weighted
 from merging.formats import WriteOptions, kohya
 from merging.formats.kohya_names import to_kohya
 from merging.merge.pipeline import merge
-from tests import sdparts as sp
+from tests.support import sdparts as sp
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)

@@ -12,7 +12,7 @@ from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.formats import peft as fp
 from merging.merge.pipeline import merge, weight_space_error
 from merging.strategies import Options, sparsify
-from tests.helpers import assert_close, forbid_dense
+from tests.support.helpers import assert_close, forbid_dense
 
 COMBOS = {
     "lora+loha+lokr": ["lora", "loha", "lokr"],
@@ -286,7 +286,7 @@ def test_auxiliary_modules(fx):
 def test_parity_with_peft_add_weighted_adapter(fx, tmp_path, combination):
     from peft import PeftModel
 
-    from tests.fixtures import example_input, run
+    from tests.support.fixtures import example_input, run
 
     names, ws = ["lora", "lora_b"], [1.0, -0.6]
     model = PeftModel.from_pretrained(

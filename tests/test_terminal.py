@@ -21,7 +21,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from merging.eval.results import Comparison
-from tests.ttyrun import ANSI, piped, tty_runs
+from tests.support.ttyrun import ANSI, piped, tty_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 # small tensors: one thread (the children too, ttyrun); every test runs pty children: a system test

@@ -13,7 +13,7 @@ from merging.errors import MergingError
 from merging.eval import objective, per_layer, search, tune
 from merging.merge import pipeline as merge_lib
 from merging.runtime.stacked import stacked
-from tests.tiny_models import build
+from tests.support.tiny_models import build
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 

@@ -18,8 +18,8 @@ from merging.eval.results import Report
 from merging.export.bake import bake
 from merging.formats import sources
 from merging.runtime.stacked import stacked
-from tests.fixtures import example_input, run
-from tests.helpers import assert_close
+from tests.support.fixtures import example_input, run
+from tests.support.helpers import assert_close
 
 
 def _invoke(*args):

@@ -23,7 +23,7 @@ from merging.core.deltas import (
     Scale,
     TokenRows,
 )
-from merging.core.experts import check_same_parameters, is_param_key
+from merging.core.experts import is_param_key
 from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale
 from merging.core.replacements import Auxiliary, BaseTensors
@@ -317,3 +317,25 @@ def content_digest(adapters: Sequence[Adapter]) -> str | None:
                 else:
                     h.update(f"\0{f.name} {v!r}".encode())
     return h.hexdigest()
+
+
+def targeted(adapter: Adapter) -> frozenset[str] | None:
+    """The adapter's ``target_parameters`` (PEFT config), None when it targets none."""
+    cfg = adapter.config if isinstance(adapter.config, Mapping) else {}
+    found = cfg.get("target_parameters")
+    return frozenset(found) if found else None
+
+
+def check_same_parameters(adapters: Sequence[Adapter]) -> None:
+    """PEFT stacks adapters on parameters only when they target the same ones: else refuse, naming both."""
+    seen: tuple[Adapter, frozenset[str]] | None = None
+    for ad in adapters:
+        mine = targeted(ad)
+        if mine is None:
+            continue
+        if seen is not None and seen[1] != mine:
+            raise IncompatibleAdapters(
+                f"{seen[0].where} targets parameters {sorted(seen[1])} and {ad.where} targets "
+                f"{sorted(mine)}: PEFT stacks adapters on parameters only when they target the same ones"
+            )
+        seen = seen or (ad, mine)

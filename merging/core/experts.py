@@ -14,16 +14,12 @@ and the nesting: several parameters of one module are nested wrappers, the first
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from merging.errors import IncompatibleAdapters, ShapeMismatch
-
-if TYPE_CHECKING:
-    from merging.core.adapter import Adapter
+from merging.errors import ShapeMismatch
 
 SEP = ":"  # module:param — a module path never holds one
 
@@ -97,25 +93,3 @@ def param_shapes(model: torch.nn.Module, keys: Sequence[str]) -> dict[str, tuple
             if expert is None or expert < p.shape[0]:
                 out[k] = stored_kind(mod, p)
     return out
-
-
-def targeted(adapter: Adapter) -> frozenset[str] | None:
-    """The adapter's ``target_parameters`` (PEFT config), None when it targets none."""
-    cfg = adapter.config if isinstance(adapter.config, Mapping) else {}
-    found = cfg.get("target_parameters")
-    return frozenset(found) if found else None
-
-
-def check_same_parameters(adapters: Sequence[Adapter]) -> None:
-    """PEFT stacks adapters on parameters only when they target the same ones: else refuse, naming both."""
-    seen: tuple[Adapter, frozenset[str]] | None = None
-    for ad in adapters:
-        mine = targeted(ad)
-        if mine is None:
-            continue
-        if seen is not None and seen[1] != mine:
-            raise IncompatibleAdapters(
-                f"{seen[0].where} targets parameters {sorted(seen[1])} and {ad.where} targets "
-                f"{sorted(mine)}: PEFT stacks adapters on parameters only when they target the same ones"
-            )
-        seen = seen or (ad, mine)

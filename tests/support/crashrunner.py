@@ -32,7 +32,7 @@ from merging.eval.results import Comparison  # noqa: E402
 from merging.export import report as report_out  # noqa: E402
 from merging.storage import atomic  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = Comparison.from_dict(json.loads((ROOT / "reports" / "example" / "report.json").read_text()))
 REPORTS = {"A": EXAMPLE, "B": replace(EXAMPLE, title=f"{EXAMPLE.title} (again)")}
 

@@ -79,3 +79,12 @@ def forbid_dense(monkeypatch, max_svd: int) -> None:
         return real_svd(x, *a, **k)
 
     monkeypatch.setattr(torch.linalg, "svd", small_svd)
+
+
+def read_adapters(fx, kind: str, names: list[str]) -> list:
+    """The fixture adapters ``names`` of base ``kind``, read with the PEFT reader and refined on the base."""
+    from merging.core.adapter import base_shapes
+    from merging.formats import peft as fp
+
+    shapes = base_shapes(fx.load_base(kind))
+    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]

@@ -22,7 +22,7 @@ import sys
 import termios
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MARK = "\x1e run done "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 
@@ -38,7 +38,7 @@ def tty_runs(runs: list[tuple[int, list[str]]], cwd: Path | None = None, raw: bo
              **env: str) -> list[str]:  # fmt: skip
     """The terminal text of each (columns, args) run, in one child process on a pty (raw: with ANSI codes)."""
     master, slave = pty.openpty()
-    child = subprocess.Popen([sys.executable, "-m", "tests.ttyrun", json.dumps(runs)], stdin=slave,
+    child = subprocess.Popen([sys.executable, "-m", "tests.support.ttyrun", json.dumps(runs)], stdin=slave,
                              stdout=slave, stderr=subprocess.DEVNULL, cwd=cwd, env=_env(**env))  # fmt: skip
     os.close(slave)
     data = b""
@@ -63,7 +63,7 @@ def tty_runs(runs: list[tuple[int, list[str]]], cwd: Path | None = None, raw: bo
 
 def piped(runs: list[list[str]], cwd: Path | None = None, **env: str) -> list[str]:
     """The text each run writes when stdout is a pipe, as ``merging ... | grep`` reads it (one child)."""
-    child = subprocess.run([sys.executable, "-m", "tests.ttyrun", json.dumps([[0, r] for r in runs])],
+    child = subprocess.run([sys.executable, "-m", "tests.support.ttyrun", json.dumps([[0, r] for r in runs])],
                            capture_output=True, text=True, cwd=cwd, env=_env(**env), check=True)  # fmt: skip
     return child.stdout.split(MARK)[: len(runs)]
 

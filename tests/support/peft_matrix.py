@@ -24,8 +24,8 @@ from merging.errors import MergingError
 from merging.formats import peft as peft_format
 from merging.merge.pipeline import merge
 from merging.merge.result import write_result
-from tests.helpers import peft_stacked, rel_err
-from tests.tiny_models import randomise
+from tests.support.helpers import peft_stacked, rel_err
+from tests.support.tiny_models import randomise
 
 # ---------------------------------------------------------------- the models (one adapted part each)
 
@@ -298,7 +298,7 @@ def outcome(row: Row, tmp: Path) -> Outcome:
 
 
 def main() -> None:
-    """Print each row's outcome and the totals (python -m tests.peft_matrix)."""
+    """Print each row's outcome and the totals (python -m tests.support.peft_matrix)."""
     import tempfile
     from collections import Counter
 
