@@ -108,3 +108,29 @@ def test_a_record_changed_in_place_or_on_disk_is_not_used(tmp_path):
     c = reader.get("b")
     os.utime(path, ns=(1, 1))  # the file changed since it was read
     assert origins.origin(c) is None and origins.origin(both) is None
+
+
+def test_a_file_in_any_tensor_order_is_read_front_to_back(fx, tmp_path, monkeypatch):
+    """Tensors stored in reverse name order (as writers that do not sort leave them): the merge still reads
+    each file front to back, so the hash keeps nothing ahead and reads nothing again."""
+    from merging.storage.safetensors_io import SafetensorsWriter, header_room
+
+    monkeypatch.setattr(StreamHash, "AHEAD", 1)  # nothing may be kept ahead of the hash
+    inputs = []
+    for name in ("lora", "lora_b"):
+        src = fx.adapter("llama", name)
+        shutil.copytree(src, tmp_path / name)
+        tensors = load_file(src / fp.WEIGHTS)
+        names = sorted(tensors, reverse=True)
+        sink = SafetensorsWriter(tmp_path / name / fp.WEIGHTS, header_room(names))
+        for key in names:
+            sink.add(key, tensors[key])
+        sink.close({"format": "pt"})
+        inputs.append(tmp_path / name)
+    r = CliRunner().invoke(cli, ["merge", *map(str, inputs), "-s", "svd", "--rank", "4", "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    for folder in inputs:
+        weights = folder / fp.WEIGHTS
+        fed = files.hashing(weights)
+        assert fed is not None and fed.read_again == 0
+        assert fed.hexdigest() == hashlib.sha256(weights.read_bytes()).hexdigest()

@@ -11,6 +11,7 @@ adapter on top: exactly the stacked outputs.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -21,7 +22,7 @@ from merging import strategies
 from merging.core import dora
 from merging.core.adapter import Adapter, Pair, align, common_invocation
 from merging.core.deltas import AdditiveDelta, Delta, LowRank, stacked_factors, sum_error
-from merging.core.lazy import LazyDeltas
+from merging.core.lazy import LazyDeltas, is_lazy
 from merging.core.lycoris_ia3 import AddedScale, summed
 from merging.core.progress import Progress
 from merging.errors import MergingError, UnsupportedError
@@ -93,7 +94,7 @@ def merge(
     if spectra is not None and add_strategy.spectrum is not None:
         spectra.check(add_strategy.name, options, weights, adapters, layer_w)
         plan = replace(plan, spectra=spectra)
-    modules = align(adapters)
+    modules = read_order(adapters, align(adapters))
     plan = replace(plan, ranks=_budget_ranks(plan, modules))
     gate = common_invocation(adapters)
     tied = merge_tied(adapters)
@@ -148,6 +149,38 @@ def merge(
         out, reports, chosen.name, add_strategy.name if lora else None, ia3_strategy.name if ia3 else None,
         options, weights, _recorded(layer_w), tuple(adapters),
     )  # fmt: skip
+
+
+def read_order(adapters: Sequence[Adapter], modules: Sequence[str]) -> list[str]:
+    """The modules in an order every streamed input holds them in (each file read front to back and hashed as
+    it is read); where the inputs disagree, the first input's order wins, and modules no file orders go by name.
+    """
+    orders = [list(ad.deltas) for ad in adapters if is_lazy(ad.deltas)]
+    rank: dict[str, int] = {}
+    for order in orders:
+        for m in order:
+            rank.setdefault(m, len(rank))
+    key = {m: (rank.get(m, len(rank)), m) for m in modules}
+    after: dict[str, set[str]] = {m: set() for m in modules}  # module → the modules a file holds right after it
+    for order in orders:
+        kept = [m for m in order if m in key]
+        for a, b in zip(kept, kept[1:]):
+            after[a].add(b)
+    waiting = {m: 0 for m in modules}
+    for m in modules:
+        for b in after[m]:
+            waiting[b] += 1
+    ready = [key[m] for m in modules if waiting[m] == 0]
+    heapq.heapify(ready)
+    out: list[str] = []
+    while ready:
+        m = heapq.heappop(ready)[1]
+        out.append(m)
+        for b in after[m]:
+            waiting[b] -= 1
+            if waiting[b] == 0:
+                heapq.heappush(ready, key[b])
+    return out if len(out) == len(modules) else sorted(modules, key=key.__getitem__)  # disagreeing orders
 
 
 def _recorded(layer_w: dict[str, list[float]]) -> dict[str, tuple[float, ...]] | None:

@@ -67,6 +67,10 @@ class SafetensorsReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.entries[key]["shape"])
 
+    def offset(self, key: str) -> int:
+        """Where the tensor's bytes start in the file (reading in this order reads the file front to back)."""
+        return self.start + self.entries[key]["data_offsets"][0]
+
     def get(self, key: str) -> torch.Tensor:
         """One tensor, read from the file now (a KeyError names a missing key)."""
         meta = self.entries[key]

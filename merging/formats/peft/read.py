@@ -124,7 +124,8 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
 
     def tensors(module: str, parts: Mapping[str, str]) -> dict[str, torch.Tensor]:
         out = {}
-        for part, key in parts.items():
+        where = getattr(source, "offset", None)  # in file order: the file is read front to back
+        for part, key in sorted(parts.items(), key=lambda pk: where(pk[1]) if where else 0):
             out[part] = t = source.get(key)
             if not allow_nonfinite and not finite(t):
                 raise NonFiniteError(
@@ -175,7 +176,7 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
     kind = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3", "ADALORA": "lora"}[peft_type]
     if any(any(p.startswith("lora_magnitude") for p in keys) for keys in adapted.values()):
         kind = "dora"
-    deltas: Mapping[str, Delta] = LazyDeltas(sorted([*adapted, *param_deltas]), build, kind)
+    deltas: Mapping[str, Delta] = LazyDeltas(_file_order(source, adapted, param_deltas), build, kind)
     if not lazy or config.get("ensure_weight_tying"):  # finding ties compares tensors
         deltas = dict(deltas.items())
     tied = pc.find_ties(deltas) if config.get("ensure_weight_tying") else {}
@@ -287,3 +288,11 @@ def _read_ia3(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module:
 _DELTA_READERS = {
     "LORA": _read_lora, "LOHA": _read_loha, "LOKR": _read_lokr, "IA3": _read_ia3, "ADALORA": _read_adalora,
 }  # fmt: skip
+
+
+def _file_order(source, adapted: Mapping[str, Mapping[str, str]], params: Mapping[str, Delta]) -> list[str]:
+    """Module paths in the order their tensors lie in the file (by name where the file does not say), so a
+    streaming merge reads each file front to back and its sha256 is fed as it goes (read once)."""
+    where = getattr(source, "offset", None)
+    first = {m: min(where(k) for k in keys.values()) if where and keys else 0 for m, keys in adapted.items()}
+    return sorted([*adapted, *params], key=lambda m: (first.get(m, 0), m))
