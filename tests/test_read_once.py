@@ -127,7 +127,8 @@ def test_a_file_in_any_tensor_order_is_read_front_to_back(fx, tmp_path, monkeypa
             sink.add(key, tensors[key])
         sink.close({"format": "pt"})
         inputs.append(tmp_path / name)
-    r = CliRunner().invoke(cli, ["merge", *map(str, inputs), "-s", "svd", "--rank", "4", "-o", str(tmp_path / "o")])
+    args = ["merge", *map(str, inputs), "-s", "svd", "--rank", "4", "-o", str(tmp_path / "o")]
+    r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     for folder in inputs:
         weights = folder / fp.WEIGHTS

@@ -152,19 +152,18 @@ def merge(
 
 
 def read_order(adapters: Sequence[Adapter], modules: Sequence[str]) -> list[str]:
-    """The modules in an order every streamed input holds them in (each file read front to back and hashed as
-    it is read); where the inputs disagree, the first input's order wins, and modules no file orders go by name.
-    """
+    """The modules in an order every streamed input holds them in (each file read front to back, hashed as it
+    is read); where the inputs disagree the first input's order wins; modules no file orders go by name."""
     orders = [list(ad.deltas) for ad in adapters if is_lazy(ad.deltas)]
     rank: dict[str, int] = {}
     for order in orders:
         for m in order:
             rank.setdefault(m, len(rank))
     key = {m: (rank.get(m, len(rank)), m) for m in modules}
-    after: dict[str, set[str]] = {m: set() for m in modules}  # module → the modules a file holds right after it
+    after: dict[str, set[str]] = {m: set() for m in modules}  # module → those a file holds next
     for order in orders:
         kept = [m for m in order if m in key]
-        for a, b in zip(kept, kept[1:]):
+        for a, b in zip(kept, kept[1:], strict=False):
             after[a].add(b)
     waiting = {m: 0 for m in modules}
     for m in modules:
