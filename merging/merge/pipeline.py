@@ -152,34 +152,32 @@ def merge(
 
 
 def read_order(adapters: Sequence[Adapter], modules: Sequence[str]) -> list[str]:
-    """The modules in an order every streamed input holds them in (each file read front to back, hashed as it
-    is read); where the inputs disagree the first input's order wins; modules no file orders go by name."""
-    orders = [list(ad.deltas) for ad in adapters if is_lazy(ad.deltas)]
-    rank: dict[str, int] = {}
-    for order in orders:
-        for m in order:
-            rank.setdefault(m, len(rank))
-    key = {m: (rank.get(m, len(rank)), m) for m in modules}
+    """The modules in an order every streamed input holds them in, by name where the files leave a choice
+    (each file is read front to back, hashed as it is read; PEFT's files, sorted by name, give name order).
+    Where the inputs disagree, the first input's order wins and the rest go by name."""
+    orders = [[m for m in ad.deltas if m in modules] for ad in adapters if is_lazy(ad.deltas)]
     after: dict[str, set[str]] = {m: set() for m in modules}  # module → those a file holds next
     for order in orders:
-        kept = [m for m in order if m in key]
-        for a, b in zip(kept, kept[1:], strict=False):
+        for a, b in zip(order, order[1:], strict=False):
             after[a].add(b)
-    waiting = {m: 0 for m in modules}
+    waiting = dict.fromkeys(modules, 0)
     for m in modules:
         for b in after[m]:
             waiting[b] += 1
-    ready = [key[m] for m in modules if waiting[m] == 0]
+    ready = [m for m in modules if waiting[m] == 0]
     heapq.heapify(ready)
     out: list[str] = []
     while ready:
-        m = heapq.heappop(ready)[1]
+        m = heapq.heappop(ready)
         out.append(m)
         for b in after[m]:
             waiting[b] -= 1
             if waiting[b] == 0:
-                heapq.heappush(ready, key[b])
-    return out if len(out) == len(modules) else sorted(modules, key=key.__getitem__)  # disagreeing orders
+                heapq.heappush(ready, b)
+    if len(out) == len(modules):
+        return out
+    rank = {m: i for i, m in enumerate(orders[0])}  # the orders disagree: the first input's, then names
+    return sorted(modules, key=lambda m: (rank.get(m, len(rank)), m))
 
 
 def _recorded(layer_w: dict[str, list[float]]) -> dict[str, tuple[float, ...]] | None:
