@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +34,31 @@ class LlamaCpp:
 
     def run(self, name: str, *args: str) -> tuple[subprocess.CompletedProcess, float]:
         """Run one tool to completion (it must succeed): the finished process and its peak RSS in bytes."""
-        proc = subprocess.Popen([self.tool(name), *args], env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        out = proc.stdout.read() if proc.stdout else ""
-        _, status, usage = os.wait4(proc.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        proc.returncode = code
-        if code != 0:
-            raise RuntimeError(f"{name} {' '.join(args)} exited {code}: {out[-2000:]}")
-        return subprocess.CompletedProcess([name, *args], code, out), float(usage.ru_maxrss * 1024)
+        out, _, peak = measured([self.tool(name), *args], self.env, join=True)
+        return subprocess.CompletedProcess([name, *args], 0, out), peak
+
+
+TIME = "/usr/bin/time"
+
+
+def measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+             join: bool = False) -> tuple[str, float, float]:  # fmt: skip
+    """Run a command to success: its stdout (with stderr: ``join``), wall seconds, its own peak RSS (bytes).
+
+    The peak comes from GNU time when it is installed: a child forked from this (large) Python process
+    inherits its RSS high-water mark across exec, so its own ``wait4`` figure would be at least ours.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+        wrap = [TIME, "-f", "%M", "-o", rss.name] if Path(TIME).is_file() else []
+        t = time.perf_counter()
+        run = subprocess.run([*wrap, *cmd], env=env, cwd=cwd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+        if run.returncode != 0:
+            tail = (run.stdout + run.stderr)[-2000:]
+            raise RuntimeError(f"{' '.join(cmd)} exited {run.returncode}: {tail}")
+        text = Path(rss.name).read_text().split()
+        peak = float(int(text[-1]) * 1024) if wrap and text else float("nan")
+    return (run.stdout + run.stderr if join else run.stdout), seconds, peak
 
 
 def find() -> LlamaCpp | None:
