@@ -173,3 +173,15 @@ def test_compare_judges_every_row_against_peft_on_the_quantised_base(qlora, tmp_
     want = rel_err((y_svd - y0)[keep], (y_ref - y0)[keep])
     assert want > 1e-2  # rank 1 of a rank-4 adapter: visibly approximate
     assert abs(rows["svd r=1"]["effect_rel_error"] - want) <= 1e-3 * want
+
+
+def test_compare_refuses_held_out_losses_on_a_quantised_base_in_one_line(qlora, tmp_path):
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    base, a = qlora
+    data = Path(__file__).resolve().parent.parent / "examples" / "data" / "add.jsonl"
+    res = CliRunner().invoke(cli, ["compare", f"add={a}", "--base", str(base), "--base-quant", "nf4",
+                                   "--eval", f"add={data}", "-o", str(tmp_path / "r")])  # fmt: skip
+    assert res.exit_code == 2 and "bitsandbytes" in res.output and res.output.strip().count("\n") == 0
+    assert not (tmp_path / "r").exists()
