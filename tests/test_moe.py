@@ -278,3 +278,57 @@ def test_other_formats_refuse_expert_deltas_in_one_line(moe, tmp_path):
     with pytest.raises(UnsupportedError) as e:
         kohya.write(sources.load(a)[0], tmp_path / "x.safetensors")
     assert "\n" not in str(e.value) and "target_parameters" in str(e.value) and "peft" in str(e.value)
+
+
+def test_bake_equals_peft_merge_and_unload(moe, tmp_path):
+    """The baked folder holds what PEFT's own ``merge_and_unload`` gives, tensor for tensor (the experts
+    now folded one at a time)."""
+    from merging.export.bake import bake
+
+    _, base, a, b = moe
+    peft_model = peft_stacked(load_base(base), [str(a), str(b)])
+    want = peft_model.merge_and_unload().state_dict()
+    out = bake(base, weighted([sources.load(f)[0] for f in (a, b)]), tmp_path / "baked")
+    got = load_base(out).state_dict()
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        assert rel_err(got[k], w) <= 1e-6, k
+
+
+def _hwm_growth(run) -> int:
+    """Bytes the process's peak RSS rose above its RSS while ``run()`` ran (VmHWM reset first)."""
+
+    def status(key: str) -> int:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+    start = status("VmRSS:")
+    run()
+    return status("VmHWM:") - start
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_experts_fold_one_at_a_time(tmp_path):
+    """The bake's fold holds one expert's ΔW, not a whole parameter's: 64 experts of (512, 128) float32
+    (16 MiB per parameter, 0.25 MiB per expert) fold with a peak well under one parameter's ΔW."""
+    import transformers
+
+    from merging.core.adapter import stacks
+    from merging.runtime import params
+
+    cfg = SMALL | {"hidden_size": 128, "intermediate_size": 256, "num_local_experts": 64,
+                   "num_hidden_layers": 1}  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg))
+    model.eval().save_pretrained(tmp_path / "base")
+    a = make_moe_adapter(tmp_path / "base", tmp_path / "a", 1, ["mlp.experts.gate_up_proj"], modules=(), r=8)
+    model = load_base(tmp_path / "base")
+    p = model.model.layers[0].mlp.experts.gate_up_proj
+    assert tuple(p.shape) == (64, 512, 128)
+    plan = stacks(weighted(sources.load(a)))
+    growth = _hwm_growth(lambda: params.fold(model, plan, None))
+    whole = p.numel() * 4  # one parameter's ΔW in float32
+    assert growth < whole / 4, f"{growth / 2**20:.1f} MiB for a parameter of {whole / 2**20:.0f} MiB"
+    peft_model = peft_stacked(load_base(tmp_path / "base"), [str(a)]).merge_and_unload()
+    assert rel_err(p, peft_model.model.layers[0].mlp.experts.gate_up_proj) <= 1e-6

@@ -114,3 +114,74 @@ def test_cli_bake_and_verify_take_base_quant(qlora, tmp_path):
     res = CliRunner().invoke(cli, ["bake", str(a), "--base", str(base), "--into", "dequantized", "-o",
                                    str(tmp_path / "x")])  # fmt: skip
     assert res.exit_code == 2 and "--base-quant" in res.output
+
+
+def _char_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer of the tiny model's 128 ids, saved beside it (compare needs one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]  # 94 printable characters, then ids for the specials
+    vocab = {c: i for i, c in enumerate(chars)} | {"<unk>": 94, "<pad>": 95}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = {"unk_token": "<unk>", "pad_token": "<pad>", "eos_token": "<pad>"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+    fast.save_pretrained(folder)
+
+
+def test_compare_judges_every_row_against_peft_on_the_quantised_base(qlora, tmp_path):
+    """`compare --base-quant nf4`: the reference is PEFT stacking on the nf4 base; an approximate row's
+    figure is what PEFT itself gives loading that merge on the nf4 base."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    import merging
+    from merging.base import quantized
+
+    base, a = qlora
+    folder = tmp_path / "base"
+    shutil.copytree(base, folder)
+    _char_tokenizer(folder)
+    res = CliRunner().invoke(cli, ["compare", str(a), "--base", str(folder), "--base-quant", "nf4",
+                                   "-s", "cat,svd", "--ranks", "1", "-o", str(tmp_path / "r"),
+                                   "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    rows = {v["label"]: v for v in doc["variants"]}
+    assert rows["cat"]["passed"] and rows["cat"]["reference"] == "peft" and rows["cat"]["loaded_by"] == "peft"
+    assert rows["cat"]["effect_rel_error"] <= 1e-4
+    assert "nf4" in doc["base"]
+    # the svd r=1 row, measured by PEFT alone on the nf4 base with the report's prompts
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    batch = tok(list(doc["prompts"]), return_tensors="pt", padding=True)
+    qmodel = quantized.load_quantized(folder, "nf4")
+    with torch.no_grad():
+        y0 = qmodel(**batch).logits.float()
+        y_ref = peft_stacked(qmodel, [str(a)])(**batch).logits.float()
+    merging.merge([merging.load(a)], strategy="svd", rank=1).save(tmp_path / "svd")
+    qmodel = quantized.load_quantized(folder, "nf4")
+    with torch.no_grad():
+        y_svd = PeftModel.from_pretrained(qmodel, str(tmp_path / "svd"))(**batch).logits.float()
+    keep = batch["attention_mask"].bool()  # the report measures the prompts' tokens, not the padding
+    want = rel_err((y_svd - y0)[keep], (y_ref - y0)[keep])
+    assert want > 1e-2  # rank 1 of a rank-4 adapter: visibly approximate
+    assert abs(rows["svd r=1"]["effect_rel_error"] - want) <= 1e-3 * want
+
+
+def test_compare_refuses_held_out_losses_on_a_quantised_base_in_one_line(qlora, tmp_path):
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    base, a = qlora
+    data = Path(__file__).resolve().parent.parent / "examples" / "data" / "add.jsonl"
+    res = CliRunner().invoke(cli, ["compare", f"add={a}", "--base", str(base), "--base-quant", "nf4",
+                                   "--eval", f"add={data}", "-o", str(tmp_path / "r")])  # fmt: skip
+    assert res.exit_code == 2 and "bitsandbytes" in res.output and res.output.strip().count("\n") == 0
+    assert not (tmp_path / "r").exists()

@@ -37,7 +37,7 @@ def compare(
     weights: Sequence[float] | None = None, density: float = 0.5, seed: int = 0, inner: str = "ties",
     alpha: float = 1.0, common_fraction: float = 0.8, evals: Mapping[str, str | Path] | None = None,
     budgets: Sequence[int | str] = (), tune_steps: int | None = None, device: str = "auto",
-    dtype: str = "float32", force: bool = False, stages: Stages = _no_stages,
+    dtype: str = "float32", force: bool = False, stages: Stages = _no_stages, base_quant: str | None = None,
 ) -> Comparison:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots to ``out``.
 
@@ -57,16 +57,31 @@ def compare(
         device, dtype: where and how the base is loaded.
         force: replace an existing report folder.
         stages: gives a progress callback for each stage ("tuning", "comparing") as a context manager.
+        base_quant: load the base through bitsandbytes in nf4/fp4/int8, as QLoRA adapters were trained:
+            every row is then judged against PEFT stacking the inputs on that quantised base.
 
     Returns:
         The Comparison as written (with its plots).
     """
-    model, tokenizer = load_base(base, device, dtype, task_type=sources.task_type([str(s) for s in inputs]))
+    task = sources.task_type([str(s) for s in inputs])
+    if base_quant and (evals or tune_steps is not None):
+        raise MergingError("--eval/--tune run the adapters through our runtime, which does not wrap "
+                           "bitsandbytes layers: compare on the quantised base without them")  # fmt: skip
+    if base_quant:
+        from merging.base.layout import BaseLayout
+        from merging.base.quantized import load_quantized_base
+
+        model, tokenizer = load_quantized_base(base, base_quant, task)
+        layout: Any = BaseLayout.from_folder(base, task)  # the module kinds and shapes of the float base
+    else:
+        model, tokenizer = load_base(base, device, dtype, task_type=task)
+        layout = model
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")
-    pairs = sources.load_inputs([str(s) for s in inputs], base=model, weights=weights)
+    pairs = sources.load_inputs([str(s) for s in inputs], base=layout, weights=weights)
     refuse_overlap(Path(out), [base, *(ad.source for ad, _ in pairs)])
     label = next((a.base_model for a, _ in pairs if a.base_model), None) or str(base)
+    label += f" ({base_quant}, bitsandbytes)" if base_quant else ""
     eval_sets = {name: eval_data.read_eval(Path(path)) for name, path in (evals or {}).items()}
     chosen = registry.names() if strategies == "all" else list(strategies)
     variants = report_lib.variants(chosen, list(ranks))
@@ -90,7 +105,8 @@ def compare(
         opts = Options(density=density, seed=seed, inner=inner, alpha=alpha,  # type: ignore[arg-type]
                        common_fraction=common_fraction)  # (Options checks inner)
         report = report_lib.compare(model, tokenizer, pairs, variants, evals=eval_sets, options=opts,
-                                    base_name=label, progress=update, extra=extra)  # fmt: skip
+                                    base_name=label, progress=update, extra=extra,
+                                    fold_approximate=not base_quant)  # fmt: skip
     report = replace(report, notes=notes, search=search)
     return report_out.write_report(report, Path(out), force=force)
 

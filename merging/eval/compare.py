@@ -72,6 +72,7 @@ def compare(
     base_name: str = "",
     progress: Progress | None = None,
     extra: Sequence[Extra] = (),
+    fold_approximate: bool = True,
 ) -> Comparison:
     """Merge with every variant, verify each against the stacked inputs, and measure skill retention.
 
@@ -82,6 +83,8 @@ def compare(
         evals: skill name (an input's name) → held-out (prompt, answer) examples.
         options: options shared by all variants (rank is set per variant).
         extra: merges made elsewhere (``merging tune``'s), verified and measured as rows after the variants.
+        fold_approximate: run approximate rows through our runtime (``verify``'s option); False loads every
+            row as users load it (PEFT), as on a bitsandbytes base, whose layers our runtime does not wrap.
 
     Returns:
         The report: every figure, the inputs, the options and the versions.
@@ -137,7 +140,7 @@ def compare(
                                 max_rank=max_rank, parts=parts))  # fmt: skip
     total = _steps(len(chosen), len(candidates), evals)
     report = verify(
-        model, tokenizer, inputs, candidates, base_name=base_name, fold_approximate=True,
+        model, tokenizer, inputs, candidates, base_name=base_name, fold_approximate=fold_approximate,
         progress=_after(progress, len(chosen), total, "verified"),
     )  # fmt: skip
     ticks = _after(progress, len(chosen) + len(candidates) + 2, total, "held-out loss")

@@ -3,20 +3,24 @@
 transformers 5 runs the experts as 3-D parameters but saves Mixtral's and Qwen3-MoE's checkpoints one
 tensor per expert and projection (``experts.3.gate_proj.weight``, gate and up split apart), through its
 conversion mapping. So this bake loads the base with transformers, folds every delta into the live
-parameters (``runtime.merge_into``, as PEFT's ``merge_and_unload`` does) and lets ``save_pretrained``
-write the checkpoint layout back: exact, at the cost of holding the model once (the module-only bake
-streams tensor by tensor instead).
+parameters (as PEFT's ``merge_and_unload`` does) and lets ``save_pretrained`` write the checkpoint layout
+back: exact, at the cost of holding the model once (the module-only bake streams tensor by tensor
+instead). The experts are folded one at a time, in place, with no undo copy: beyond the model, the fold
+holds one expert's ΔW in float32, not a whole 3-D parameter's.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from merging.core.adapter import Pair
+from merging.core.adapter import Pair, stacks
+from merging.core.alora import refuse_gated
+from merging.core.experts import is_param_key
 from merging.core.progress import Progress
 from merging.errors import FormatError
 from merging.storage.atomic import atomic_folder, checkpoint
@@ -42,6 +46,7 @@ def bake_loaded(
         ``out``.
     """
     from merging.base.layout import auto_classes, build_first
+    from merging.runtime import params
     from merging.runtime.fold import merge_into
 
     def load(cls):
@@ -55,7 +60,9 @@ def bake_loaded(
     with torch.no_grad():
         if prepare is not None:
             prepare(model)
-        merge_into(model, pairs)
+        refuse_gated(pairs)
+        params.fold(model, stacks(pairs), None)  # the experts, one by one, no undo kept
+        merge_into(model, _modules_only(pairs))  # then the modules (attention...), apart from the experts
     with atomic_folder(Path(out), force=force, owns=owns) as tmp:
         model.save_pretrained(tmp)
         written = {p.name for p in tmp.iterdir()}
@@ -67,3 +74,11 @@ def bake_loaded(
         if progress:
             progress(1, 1, "model")
     return Path(out)
+
+
+def _modules_only(pairs: Sequence[Pair]) -> list[Pair]:
+    """The pairs without their deltas on parameters (folded apart, expert by expert)."""
+    out = []
+    for ad, w in pairs:
+        out.append((replace(ad, deltas={k: d for k, d in ad.deltas.items() if not is_param_key(k)}), w))
+    return out

@@ -101,11 +101,17 @@ def activated(model: nn.Module, plan: Stacks) -> Iterator[nn.Module]:
             parametrize.remove_parametrizations(mod, param, leave_parametrized=False)
 
 
-def fold(model: nn.Module, plan: Stacks, saved: dict[str, torch.Tensor]) -> None:
-    """Add the plan's parameter deltas into the parameters in place; each one saved into ``saved`` first."""
+def fold(model: nn.Module, plan: Stacks, saved: dict[str, torch.Tensor] | None) -> None:
+    """Add the plan's parameter deltas into the parameters in place, expert by expert (one expert's ΔW in
+    float32 at a time, never the whole parameter's); each parameter saved into ``saved`` first (None: a
+    bake, which keeps no undo)."""
     with torch.no_grad():
         for (module, param), keys in sorted(param_groups(plan).items()):
-            delta = full_delta(model, plan, module, param, keys)
-            _, p = _param(model, module, param)
-            saved.setdefault(f"{module}.{param}", p.detach().clone())
-            p.copy_((p.float() + delta).to(p.dtype))
+            mod, p = _param(model, module, param)
+            if saved is not None:
+                saved.setdefault(f"{module}.{param}", p.detach().clone())
+            for k in keys:
+                expert = experts.split(k)[2]
+                delta = _expert_delta(k, plan.deltas[k], mod, p)
+                w = p if expert is None else p[expert]  # a view: written in place
+                w.copy_((w.float() + delta).to(p.dtype))
