@@ -118,8 +118,12 @@ def merge(
                     progress(len(built), len(modules), mod)
             return merged
 
-        ties = {m: s for m, s in tied.items() if s in modules}
-        deltas = LazyDeltas(modules, build, "lora")
+        kept = [m for m in modules if plan.ranks is None or plan.ranks.get(m, 1) > 0]
+        for mod in (m for m in modules if m not in kept):  # the budget left it out: no PEFT layer of rank 0
+            built.add(mod)
+            reports.append(_merge_module(plan, mod)[2])
+        ties = {m: s for m, s in tied.items() if s in kept}
+        deltas = LazyDeltas(kept, build, "lora")
         out = [Adapter("lora", deltas, base, rev, aux=extra, tied=ties, config=config)]
         return MergeResult(out, reports, *names, options, weights, _recorded(layer_w), tuple(adapters))
     lora: dict[str, Delta] = {}
