@@ -31,7 +31,7 @@ from merging.merge.result import MergeResult, ModuleReport
 from merging.merge.spectra import Spectra
 from merging.merge.stack import BaseWeights, base_matrix, module_stack, plain_lora, split
 from merging.storage.threads import serial
-from merging.strategies import Options, Strategy
+from merging.strategies import Options, Strategy, linear
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,8 @@ def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, Mo
             )
         merged = summed([d for d, _ in stack], [w for _, w in stack], mod)
         return merged, None, ModuleReport(mod, "ia3", 0, merged.numel, None)
+    if plan.additive.name == "linear" and any(dora.is_dora(d) for d, _ in stack):
+        raise linear.refuse_dora(mod)  # its factors are averaged, a DoRA's magnitude cannot be
     parts = split(stack, mod, plan.base_weights, compose_dora=plan.additive.name == "cat")
     scale_part, add_part, composed = parts.scales, parts.adds, parts.composed
     rank, numel, err, kinds, exact = 0, 0, None, [], True
