@@ -26,7 +26,7 @@ from merging.core.deltas import (
 from merging.core.experts import is_param_key
 from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale
-from merging.core.replacements import Auxiliary, BaseTensors
+from merging.core.replacements import Auxiliary, BaseTensors, ModuleReplacement
 from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch
 
 KIND_NAMES = {
@@ -101,6 +101,14 @@ class Adapter:
         """
         if missing := [m for m in self.deltas if m not in shapes and not is_param_key(m)]:
             raise ShapeMismatch(f"{self.where}: module {missing[0]} is not in the base model")
+        for mod, aux in self.aux.items():
+            got = tuple(aux.tensors["weight"].shape) if "weight" in getattr(aux, "tensors", {}) else None
+            if isinstance(aux, ModuleReplacement) and mod in shapes and got not in (None, shapes[mod][1]):
+                raise ShapeMismatch(
+                    f"{self.where}: module {mod} is saved whole with a {got} weight, the base's is "
+                    f"{shapes[mod][1]}: load the base with the head the adapter was trained with "
+                    "(a classifier's num_labels, a resized vocabulary)"
+                )
 
         def refine(mod: str, d: Delta) -> Delta:
             if mod not in shapes:  # an expert of a parameter: checked against the live parameter
