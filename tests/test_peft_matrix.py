@@ -93,3 +93,28 @@ def test_verify_merges_with_the_strategy_options(fx):
     r = CliRunner().invoke(cli, args)  # the default inner merge (ties) promises nothing
     (row,) = [row for row in json.loads(r.output)["rows"] if row["strategy"] == "core"]
     assert row["exact"] is False and row["effect_rel_error"] > 1e-3
+
+
+@pytest.mark.parametrize("name", ["conv2d lokr", "conv2d_groups lokr", "conv1d loha effective"])
+def test_a_conv_known_only_from_loha_lokr_factors_needs_the_base(tmp_path, name):
+    """A LoKr/Tucker-LoHa kernel shows a conv but not its groups (nor a Conv1d from a (k, 1) Conv2d): written
+    without the base, or with a state dict that does not record groups, it is refused in one line asking for
+    the base, where a conv-shaped LoRA might not load (grouped: it does not); with the model, exact."""
+    from safetensors.torch import save_file
+
+    from merging.core.adapter import weighted
+    from merging.errors import MergingError
+    from merging.formats import peft as peft_format
+    from merging.merge.pipeline import merge
+    from merging.merge.result import write_result
+
+    row = next(r for r in pm.ROWS if r[0] == name)
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    result = merge(weighted([peft_format.read(f) for f in folders]), "cat")
+    with pytest.raises(MergingError, match=r"do not say the conv's groups .*: pass --base$") as e:
+        write_result(result, tmp_path / "out", {})
+    save_file(dict(pm.build(row[1]).state_dict()), tmp_path / "model.safetensors")
+    with pytest.raises(MergingError, match=r"groups a state dict does not record") as f:
+        write_result(result, tmp_path / "out", {}, base=tmp_path / "model.safetensors")
+    assert "\n" not in str(e.value) + str(f.value) and not (tmp_path / "out").exists()
+    assert pm.outcome(row, tmp_path / "row").steps["cat 2"] == "exact"  # the model as base: PEFT's forward

@@ -32,17 +32,25 @@ class Target:
     ``layer="unknown"`` with a 2-D shape means only the matrix form (out, in_flat) is known (for
     example a LoHa read from a file without its base); ``refine`` fills in the stored shape.
     ``site``: the delta acts on one expert of a parameter (PEFT ``target_parameters``), not a module.
+    ``from_factors``: a conv kind and kernel read from LoHa/LoKr factors alone, not from the base: the
+    conv's groups (its in channels per group) and a Conv1d kept as a (k, 1) kernel are not known.
     """
 
     layer: Layer
     shape: tuple[int, ...]
     site: ParamSite | None = None
+    from_factors: bool = False
 
     def __post_init__(self) -> None:
         if self.layer in ("linear", "embedding", "gpt2_conv1d", "unknown") and len(self.shape) != 2:
             raise ShapeMismatch(f"a {self.layer} weight is 2-D, got shape {self.shape}")
         if self.layer in CONV_DIMS and len(self.shape) != CONV_DIMS[self.layer]:
             raise ShapeMismatch(f"a {self.layer} weight has shape (out, in, k...), got {self.shape}")
+
+    @property
+    def guessed(self) -> bool:
+        """Its layer kind (or a conv's groups) comes from LoHa/LoKr/AdaLoRA factors alone, not the base."""
+        return self.layer == "unknown" or self.from_factors
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -67,7 +75,8 @@ class Target:
         """This target with the base's real layer kind and stored shape (checked to agree)."""
         if layer == "unknown":  # a base known by its weights only: a 2-D weight of unknown kind
             return self._refine_2d(tuple(shape))
-        new = Target(layer, tuple(shape), self.site)
+        groups = self.guessed and layer in CONV_DIMS  # kept: a weights-only base does not know them either
+        new = Target(layer, tuple(shape), self.site, from_factors=groups)
         convs = self.layer in CONV_DIMS and layer in CONV_DIMS  # LoHa/LoKr keep a Conv1d's kernel as (k, 1)
         if self.layer != "unknown" and self.layer != layer and not convs:
             raise ShapeMismatch(f"delta is for a {self.layer} layer, the base module is {layer}")
