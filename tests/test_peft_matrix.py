@@ -23,7 +23,6 @@ EXPECTED_REFUSALS = {
     r"linear averages LoRA factors.* is (LoHa|LoKr|DoRA), .*use cat \(exact\)": "PEFT has no linear for them",
     r"(KaSA|VeLoRA|MonteCLoRA|block-diagonal)": "see merging/formats/peft/fields.py",
     r"grouped": "LoRA on a grouped conv runs a dense conv beside the layer, not a weight change",
-    r"MultiheadAttention": "PEFT's LoRA on nn.MultiheadAttention",
 }
 
 # The rows in `make test`: one per layer kind and adapter type; the rest run under the slow marker.
@@ -118,3 +117,35 @@ def test_a_conv_known_only_from_loha_lokr_factors_needs_the_base(tmp_path, name)
         write_result(result, tmp_path / "out", {}, base=tmp_path / "model.safetensors")
     assert "\n" not in str(e.value) + str(f.value) and not (tmp_path / "out").exists()
     assert pm.outcome(row, tmp_path / "row").steps["cat 2"] == "exact"  # the model as base: PEFT's forward
+
+
+def test_multihead_attention_halves_of_unequal_rank_load_in_peft_as_merged(tmp_path):
+    """PEFT's LoRA on nn.MultiheadAttention adapts in_proj_weight and out_proj with one r and lora_alpha: an
+    svd merge whose energy keeps different ranks in the two halves is written at the larger, zero-padded,
+    and PEFT's layers then hold exactly the merged deltas (and its forward the merged weights')."""
+    import peft
+
+    from merging.base.layout import BaseLayout
+    from merging.core.adapter import weighted
+    from merging.formats import peft as peft_format
+    from merging.merge.pipeline import merge
+    from merging.merge.result import write_result
+    from merging.strategies import Options
+
+    row = next(r for r in pm.ROWS if r[0] == "mha lora")
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    layout = BaseLayout.from_model(pm.build("mha"))
+    ads = [peft_format.read(f).refine_targets(layout.modules) for f in folders]
+    for budget in (200, 300, 400, 500):  # a rank of in_proj costs 40 parameters, of out_proj 20
+        result = merge(weighted(ads), "svd", Options(budget=budget))
+        ranks = {r.module: r.rank for r in result.modules}
+        if 0 < ranks["body"] != ranks["body.base_layer.out_proj"] > 0:
+            break  # the case under test
+    assert 0 < ranks["body"] != ranks["body.base_layer.out_proj"] > 0
+    merged = result.adapters[0].deltas
+    out = write_result(result, tmp_path / "out", {}, base=layout)
+    loaded = peft.PeftModel.from_pretrained(pm.build("mha"), out)
+    attention = loaded.base_model.model.body
+    for mod, layer in (("body", attention), ("body.base_layer.out_proj", attention.base_layer.out_proj)):
+        got = layer.get_delta_weight("default").double()
+        assert torch.allclose(got, merged[mod].dense().double(), atol=1e-6), mod

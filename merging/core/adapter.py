@@ -152,6 +152,9 @@ def layer_kind(module: torch.nn.Module) -> Layer | None:
     return None
 
 
+MHA_OUT = ".base_layer.out_proj"  # PEFT's path of an nn.MultiheadAttention's out_proj LoRA, after its own
+
+
 def base_shapes(model: torch.nn.Module) -> dict[str, tuple[Layer, tuple[int, ...]]]:
     """Module path → (layer kind, stored weight shape) for every adaptable module of a model."""
     out = {}
@@ -159,6 +162,10 @@ def base_shapes(model: torch.nn.Module) -> dict[str, tuple[Layer, tuple[int, ...
         kind = layer_kind(mod)
         if kind is not None:
             out[name] = (kind, tuple(mod.weight.shape))
+        elif isinstance(mod, torch.nn.MultiheadAttention) and mod.in_proj_weight is not None:
+            # PEFT's LoRA on it: in_proj_weight (3E, E) at its path, out_proj at PEFT's path for it
+            out[name] = ("linear", tuple(mod.in_proj_weight.shape))
+            out[name + MHA_OUT] = ("linear", tuple(mod.out_proj.weight.shape))
     return out
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from merging.core.adapter import Adapter
+from merging.core.adapter import MHA_OUT, Adapter
 from merging.core.deltas import CONV_DIMS, Delta, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.core.lazy import LazyDeltas
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
@@ -151,10 +151,10 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
                 aux[module] = TokenRows(pc.token_indices(config, module), rows)
             if not keys:
                 continue
-            if ".base_layer." in f"{module}.":
+            if ".base_layer." in f"{module}." and not module.endswith(MHA_OUT):
                 raise UnsupportedError(
-                    f"PEFT's LoRA on nn.MultiheadAttention {module.split('.base_layer')[0]} (in_proj_weight "
-                    "and out_proj adapted as one layer) is not supported"
+                    f"LoRA tensors under {module.split('.base_layer')[0]}'s base_layer: PEFT saves them "
+                    "there only for an nn.MultiheadAttention's out_proj"
                 )
             if set(keys) <= {"weight", "bias"}:
                 if any(module == m or module.endswith("." + m) for m in mts):
@@ -222,6 +222,7 @@ def _read_lora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
         else:
             target = Target("linear", (lb.shape[0], la.shape[1]))
     r = a.shape[0]
+    module = module.removesuffix(MHA_OUT)  # an nn.MultiheadAttention's out_proj LoRA has its r and alpha
     alpha = float(pc.pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     mag = parts.get("lora_magnitude_vector", parts.get("lora_magnitude_vector.weight"))
