@@ -7,6 +7,7 @@ tests.support.peft_matrix`` prints every row's outcome and the totals).
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -22,7 +23,7 @@ EXPECTED_REFUSALS = {
     r"replaced by several inputs": "two adapters save the same module whole; PEFT refuses to stack them too",
     r"linear averages LoRA factors.* is (LoHa|LoKr|DoRA), .*use cat \(exact\)": "PEFT has no linear for them",
     r"(KaSA|VeLoRA|MonteCLoRA|block-diagonal)": "see merging/formats/peft/fields.py",
-    r"grouped": "LoRA on a grouped conv runs a dense conv beside the layer, not a weight change",
+    r"DoRA on a conv of \d+ groups": "not modelled yet: DoRA normalises a weight beside a grouped layer",
 }
 
 # The rows in `make test`: one per layer kind and adapter type; the rest run under the slow marker.
@@ -78,8 +79,6 @@ def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
 
 def test_verify_merges_with_the_strategy_options(fx):
     """`verify -s core --inner linear --alpha 1` merges with those options and judges the result exact."""
-    import json
-
     from click.testing import CliRunner
     from merging_cli.main import cli
 
@@ -149,3 +148,32 @@ def test_multihead_attention_halves_of_unequal_rank_load_in_peft_as_merged(tmp_p
     for mod, layer in (("body", attention), ("body.base_layer.out_proj", attention.base_layer.out_proj)):
         got = layer.get_delta_weight("default").double()
         assert torch.allclose(got, merged[mod].dense().double(), atol=1e-6), mod
+
+
+@pytest.mark.parametrize("strategy", ["cat", "svd"])
+def test_lora_beside_a_grouped_conv_is_written_as_peft_builds_it(tmp_path, strategy):
+    """PEFT's LoRA on a grouped conv reads all input channels (lora_A) and writes each group's outputs from
+    its own rank block (grouped lora_B): a full conv's delta beside the layer. cat keeps the blocks (rank
+    Σ r); svd mixes them, and each group then reads all of A (rank groups·k): both load in PEFT and give its
+    stacked forward of the pair (svd at full rank), without the base too."""
+    import peft
+
+    from merging.core.adapter import weighted
+    from merging.formats import peft as peft_format
+    from merging.merge.pipeline import merge
+    from merging.merge.result import write_result
+    from merging.strategies import Options
+    from tests.support.helpers import peft_stacked, rel_err
+
+    row = next(r for r in pm.ROWS if r[0] == "conv2d_groups lora")  # groups 4, r 4
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    opts = Options(rank=8) if strategy == "svd" else Options()
+    result = merge(weighted([peft_format.read(f) for f in folders]), strategy, opts)
+    out = write_result(result, tmp_path / "out", {})  # the groups are in the factors: no base needed
+    with torch.no_grad():
+        x, bare = pm.inputs("conv2d_groups"), pm.build("conv2d_groups")(pm.inputs("conv2d_groups"))
+        ref = peft_stacked(pm.build("conv2d_groups"), folders)(x)
+        got = peft.PeftModel.from_pretrained(pm.build("conv2d_groups"), out)(x)
+    assert rel_err(got - bare, ref - bare) < 1e-6
+    rank = json.loads((out / "adapter_config.json").read_text())["r"]
+    assert rank == (8 if strategy == "cat" else 4 * 8)

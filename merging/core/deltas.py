@@ -32,6 +32,8 @@ class Target:
     ``layer="unknown"`` with a 2-D shape means only the matrix form (out, in_flat) is known (for
     example a LoHa read from a file without its base); ``refine`` fills in the stored shape.
     ``site``: the delta acts on one expert of a parameter (PEFT ``target_parameters``), not a module.
+    ``beside``: g > 1 for PEFT's LoRA on a conv of g groups: lora_A reads all input channels, so the delta is
+    a full conv's (out, in, k...) run beside the grouped layer, not a change of its (out, in/g, k...) weight.
     ``from_factors``: a conv kind and kernel read from LoHa/LoKr factors alone, not from the base: the
     conv's groups (its in channels per group) and a Conv1d kept as a (k, 1) kernel are not known.
     """
@@ -40,6 +42,7 @@ class Target:
     shape: tuple[int, ...]
     site: ParamSite | None = None
     from_factors: bool = False
+    beside: int = 1  # g > 1: a full conv (out, in, k...) run beside a conv of g groups (PEFT's LoRA on it)
 
     def __post_init__(self) -> None:
         if self.layer in ("linear", "embedding", "gpt2_conv1d", "unknown") and len(self.shape) != 2:
@@ -75,6 +78,14 @@ class Target:
         """This target with the base's real layer kind and stored shape (checked to agree)."""
         if layer == "unknown":  # a base known by its weights only: a 2-D weight of unknown kind
             return self._refine_2d(tuple(shape))
+        if self.beside > 1:  # full in channels beside the grouped weight: it keeps its shape
+            full = (shape[0], shape[1] * self.beside, *shape[2:])
+            if layer != self.layer or self.shape not in (tuple(full), tuple(shape)):
+                raise ShapeMismatch(
+                    f"a LoRA beside a {self.layer} of {self.beside} groups, {self.shape}; the base is "
+                    f"{layer} {shape}"
+                )
+            return self
         groups = self.guessed and layer in CONV_DIMS  # kept: a weights-only base does not know them either
         new = Target(layer, tuple(shape), self.site, from_factors=groups)
         convs = self.layer in CONV_DIMS and layer in CONV_DIMS  # LoHa/LoKr keep a Conv1d's kernel as (k, 1)

@@ -33,6 +33,7 @@ from merging.formats import lycoris
 from merging.formats.base import READ_DEFAULTS, ReadOptions, naming
 from merging.formats.peft import config as pc
 from merging.formats.peft import params as peft_params
+from merging.formats.peft import shapes
 from merging.formats.peft.config import CONFIG, PREFIX, WEIGHTS, WEIGHTS_BIN
 from merging.formats.peft.fields import TRAINING_ONLY
 from merging.storage.files import hash_ahead, reading
@@ -207,16 +208,13 @@ def _read_lora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
         target = Target("embedding", (ea.shape[1], eb.shape[0]))
     else:
         la, lb = _block_diagonal(parts["lora_A.weight"], parts["lora_B.weight"], config, module)
-        if la.dim() > 2 and lb.shape[1] != la.shape[0] and la.shape[0] % lb.shape[1] == 0:
-            raise UnsupportedError(
-                f"LoRA on a grouped conv (groups={la.shape[0] // lb.shape[1]}): PEFT runs lora_A over all "
-                f"{la.shape[1]} input channels beside the grouped layer, which is no change of its weights "
-                "(PEFT cannot merge it either)"
-            )
+        groups = la.shape[0] // lb.shape[1] if la.dim() > 2 else 1
+        if groups > 1 and ("lora_magnitude_vector" in parts or "lora_magnitude_vector.weight" in parts):
+            raise UnsupportedError(f"DoRA on a conv of {groups} groups (lora_A beside it) is not modelled")
         r = la.shape[0]
-        b, a = lb.reshape(lb.shape[0], -1), la.reshape(r, -1)
-        if la.dim() > 2:  # Conv1d/2d/3d: A (r, in, k...), B (out, r, 1...)
-            target = Target(CONV_KINDS[la.dim()], (lb.shape[0], *la.shape[1:]))
+        b, a = shapes.beside_b(lb, groups), la.reshape(r, -1)  # (out, r), (r, in·k...)
+        if la.dim() > 2:  # Conv1d/2d/3d: A (r, in, k...), B (out, r/groups, 1...)
+            target = Target(CONV_KINDS[la.dim()], (lb.shape[0], *la.shape[1:]), beside=groups)
         elif config.get("fan_in_fan_out"):
             target = Target("gpt2_conv1d", (la.shape[1], lb.shape[0]))
         else:

@@ -96,3 +96,37 @@ def grouped_a(a: torch.Tensor, groups: int) -> torch.Tensor:
     for j in range(groups):
         out[j * r : (j + 1) * r, j * c : (j + 1) * c] = a
     return out
+
+
+def beside_b(lb: torch.Tensor, groups: int) -> torch.Tensor:
+    """PEFT's grouped lora_B (out, r/g, 1...) of a LoRA on a conv of g groups as the (out, r) matrix it
+    applies: group j's outputs read lora_A's channels j·r/g … (j+1)·r/g, zero elsewhere."""
+    out, per = lb.shape[0], lb.shape[1]
+    b = lb.new_zeros(out, per * groups)
+    rows = out // groups
+    for j in range(groups):
+        block = lb[j * rows : (j + 1) * rows].reshape(rows, per)
+        b[j * rows : (j + 1) * rows, j * per : (j + 1) * per] = block
+    return b
+
+
+def beside_factors(b: torch.Tensor, a: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full-conv delta B·A (B (out, R), A (R, in, k...)) as PEFT's LoRA on a conv of g groups: lora_A
+    (g·n, in, k...) and grouped lora_B (out, n, 1...), group j's outputs reading A's rows of block j.
+
+    Columns of B each within one group's rows (a read grouped LoRA, a cat of them) go to that group's block
+    (n = the most any group has); otherwise every group reads all of A (n = R), exact either way."""
+    out, rank = b.shape
+    rows = out // groups
+    nonzero = torch.stack([b[j * rows : (j + 1) * rows].abs().sum(0) > 0 for j in range(groups)])  # (g, R)
+    if bool((nonzero.sum(0) <= 1).all()):
+        cols = [nonzero[j].nonzero().flatten() for j in range(groups)]
+    else:
+        cols = [torch.arange(rank) for _ in range(groups)]
+    n = max(1, *(len(c) for c in cols))
+    new_a = a.new_zeros(groups * n, *a.shape[1:])
+    new_b = b.new_zeros(out, n)
+    for j, c in enumerate(cols):
+        new_a[j * n : j * n + len(c)] = a[c]
+        new_b[j * rows : (j + 1) * rows, : len(c)] = b[j * rows : (j + 1) * rows][:, c]
+    return new_b, new_a

@@ -22,7 +22,7 @@ from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft import config as pc
 from merging.formats.peft import params as peft_params
 from merging.formats.peft.config import CONFIG, PREFIX, RECIPE_FILE, WEIGHTS, WEIGHTS_BIN
-from merging.formats.peft.shapes import as_built, grouped_a
+from merging.formats.peft.shapes import as_built, beside_factors, grouped_a
 from merging.storage.atomic import atomic_folder
 from merging.storage.files import write_text
 from merging.storage.safetensors_io import SafetensorsWriter, header_room
@@ -40,14 +40,17 @@ def _lora_tensors(mod: str, d: LowRank, groups: int = 1) -> dict[str, torch.Tens
         r = d.b.shape[1]
         kernel = t.shape[2:] if t.layer in CONV_DIMS else ()
         in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
-        a = d.a.reshape(r, in_ch, *kernel)  # (r, in/groups, k...)
-        if groups > 1:
-            if d.magnitude is not None:
-                raise UnsupportedError(f"DoRA on a grouped conv (groups={groups}) is not modelled")
+        a = d.a.reshape(r, in_ch, *kernel)  # (r, in/groups, k...); beside a grouped conv: (r, in, k...)
+        b = d.b
+        if groups > 1 and d.magnitude is not None:
+            raise UnsupportedError(f"DoRA on a grouped conv (groups={groups}) is not modelled")
+        if t.beside > 1:
+            b, a = beside_factors(b, a, t.beside)  # (out, n), (groups·n, in, k...)
+        elif groups > 1:
             a = grouped_a(a, groups)  # (groups·r, in, k...)
         out = {
             f"{p}.lora_A.weight": a.contiguous(),
-            f"{p}.lora_B.weight": d.b.reshape(d.b.shape[0], r, *(1 for _ in kernel)).contiguous(),
+            f"{p}.lora_B.weight": b.reshape(b.shape[0], b.shape[1], *(1 for _ in kernel)).contiguous(),
         }
     if d.bias is not None:
         out[f"{p}.lora_B.bias"] = d.bias.contiguous()
@@ -190,11 +193,14 @@ def _write_deltas(
             with naming(adapter.where, f"module {mod}"):
                 d = as_built(mod, _attention_part(adapter, mod, d), base)
             groups = base.groups.get(mod, 1) if base is not None else 1
-            for name, t in _lora_tensors(mod, d, groups).items():
+            tensors = _lora_tensors(mod, d, groups)
+            for name, t in tensors.items():
                 sink.add(name, t)
             info = pc.LoraInfo.of(d)
+            if groups > 1 or d.target.beside > 1:  # PEFT's grouped lora_A has groups·n rows; the same scale
+                info = info._replace(rank=tensors[f"{PREFIX}{mod}.lora_A.weight"].shape[0])
             if not mod.endswith(MHA_OUT):  # PEFT builds it from its attention module's r and lora_alpha
-                seen[mod] = info._replace(rank=info.rank * groups)  # PEFT's grouped lora_A has groups·r rows
+                seen[mod] = info
         for mod, src in adapter.tied.items():
             d = adapter.deltas[src]
             sink.add(f"{PREFIX}{mod}.lora_A.weight", d.a.contiguous())
