@@ -212,7 +212,8 @@ def _read_lora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
         if groups > 1 and ("lora_magnitude_vector" in parts or "lora_magnitude_vector.weight" in parts):
             raise UnsupportedError(f"DoRA on a conv of {groups} groups (lora_A beside it) is not modelled")
         r = la.shape[0]
-        b, a = shapes.beside_b(lb, groups), la.reshape(r, -1)  # (out, r), (r, in·k...)
+        b = shapes.beside_b(lb, groups) if groups > 1 else lb.reshape(lb.shape[0], -1)  # (out, r)
+        a = la.reshape(r, -1)  # (r, in·k...)
         if la.dim() > 2:  # Conv1d/2d/3d: A (r, in, k...), B (out, r/groups, 1...)
             target = Target(CONV_KINDS[la.dim()], (lb.shape[0], *la.shape[1:]), beside=groups)
         elif config.get("fan_in_fan_out"):
