@@ -111,3 +111,33 @@ def test_a_budget_smaller_than_any_rank_leaves_modules_out():
     assert [r.module for r in kept] == ["m.layers.0.q"] or [r.module for r in kept] == ["m.layers.1.q"]
     assert set(result.adapters[0].deltas) == {kept[0].module}
     assert not result.exact and all(r.error == 1.0 for r in result.modules if r.rank == 0)
+
+
+def test_a_module_the_budget_leaves_out_is_not_written_and_peft_loads_the_truncated_sum(fx, tmp_path):
+    """A streamed svd --budget merge written as PEFT: a module at rank 0 is left out of the folder (PEFT
+    has no LoRA layer of rank 0) and every kept module is the rank-k truncation of Σ ΔW, as PEFT gives it."""
+    import peft
+
+    from merging.merge.result import write_result
+    from tests.support.helpers import read_adapters
+
+    pairs = weighted(read_adapters(fx, "llama", ["lora", "lora_b"]))
+    result = merge_lib.merge(pairs, "svd", Options(budget=600), stream=True)
+    out = write_result(result, tmp_path / "out", {})
+    ranks = {r.module: r.rank for r in result.modules}
+    assert 0 in ranks.values() and any(ranks.values())
+    first = fx.adapter("llama", "lora")
+    inputs = peft.PeftModel.from_pretrained(fx.load_base("llama"), first, adapter_name="a")
+    inputs.load_adapter(str(fx.adapter("llama", "lora_b")), adapter_name="b")
+    merged = peft.PeftModel.from_pretrained(fx.load_base("llama"), out)
+    layers = dict(merged.base_model.model.named_modules())
+    for mod, k in ranks.items():
+        layer = dict(inputs.base_model.model.named_modules())[mod]
+        total = sum(layer.get_delta_weight(n).double() for n in ("a", "b") if n in layer.lora_A)
+        u, s, vh = torch.linalg.svd(total)
+        if k == 0:
+            assert not hasattr(layers[mod], "lora_A"), mod  # left out, not a rank-0 layer
+            continue
+        ref = u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+        got = layers[mod].get_delta_weight("default").double()
+        assert torch.allclose(got, ref, atol=1e-5 * float(s[0])), mod

@@ -389,3 +389,30 @@ def test_issue_36_messages_are_one_line_saying_what_works(fx, tmp_path):
         == "61 modules (q_proj, v_proj), values 4–16"
     )
     assert config_text(modules, full=True).count("q_proj") == 40 and config_text(["q_proj"]) == "q_proj"
+
+
+def test_a_saved_head_of_another_size_than_the_base_is_one_line(tmp_path):
+    """A SEQ_CLS adapter trained with num_labels=5 saves its classifier whole; on a base with 3 labels PEFT
+    cannot load it, and verify/merge say so in one line naming the head (not a shape error of our runtime)."""
+    import peft
+    import transformers
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    from tests.support import tiny_models as tm
+
+    base = tm.save_base("bert", tmp_path / "base")  # num_labels=3
+    cfg = tm.config("bert")
+    cfg.num_labels = 5
+    head5 = transformers.BertForSequenceClassification(cfg).eval()
+    wrapped = peft.get_peft_model(head5, tm.peft_config("bert"))
+    tm.randomise(wrapped, 1)
+    wrapped.save_pretrained(tmp_path / "a")
+    with pytest.raises(RuntimeError, match=r"size mismatch for base_model.model.classifier\."):
+        peft.PeftModel.from_pretrained(transformers.AutoModelForSequenceClassification.from_pretrained(base),
+                                       tmp_path / "a")  # fmt: skip
+    for args in (["verify", "-s", "cat"], ["merge", "-s", "cat", "-o", str(tmp_path / "m")]):
+        r = CliRunner().invoke(cli, [*args, "--base", str(base), str(tmp_path / "a")])
+        assert r.exit_code == 2, r.output
+        assert "module classifier is saved whole with a (5, 32) weight, the base's is (3, 32)" in r.output
+        assert "num_labels" in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -7,6 +7,7 @@ tests.support.peft_matrix`` prints every row's outcome and the totals).
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -20,10 +21,9 @@ pytestmark = pytest.mark.model  # a few seconds of PEFT model building per row
 EXPECTED_REFUSALS = {
     r"peft refuses": "PEFT itself cannot build the row or stack the pair",
     r"replaced by several inputs": "two adapters save the same module whole; PEFT refuses to stack them too",
-    r"linear works on LoRA factors": "linear averages LoRA factors; LoHa/LoKr/DoRA go through cat or svd",
+    r"linear averages LoRA factors.* is (LoHa|LoKr|DoRA), .*use cat \(exact\)": "PEFT has no linear for them",
     r"(KaSA|VeLoRA|MonteCLoRA|block-diagonal)": "see merging/formats/peft/fields.py",
-    r"grouped": "LoRA on a grouped conv runs a dense conv beside the layer, not a weight change",
-    r"MultiheadAttention": "PEFT's LoRA on nn.MultiheadAttention",
+    r"DoRA on a conv of \d+ groups": "not modelled yet: DoRA normalises a weight beside a grouped layer",
 }
 
 # The rows in `make test`: one per layer kind and adapter type; the rest run under the slow marker.
@@ -79,8 +79,6 @@ def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
 
 def test_verify_merges_with_the_strategy_options(fx):
     """`verify -s core --inner linear --alpha 1` merges with those options and judges the result exact."""
-    import json
-
     from click.testing import CliRunner
     from merging_cli.main import cli
 
@@ -93,3 +91,89 @@ def test_verify_merges_with_the_strategy_options(fx):
     r = CliRunner().invoke(cli, args)  # the default inner merge (ties) promises nothing
     (row,) = [row for row in json.loads(r.output)["rows"] if row["strategy"] == "core"]
     assert row["exact"] is False and row["effect_rel_error"] > 1e-3
+
+
+@pytest.mark.parametrize("name", ["conv2d lokr", "conv2d_groups lokr", "conv1d loha effective"])
+def test_a_conv_known_only_from_loha_lokr_factors_needs_the_base(tmp_path, name):
+    """A LoKr/Tucker-LoHa kernel shows a conv but not its groups (nor a Conv1d from a (k, 1) Conv2d): written
+    without the base, or with a state dict that does not record groups, it is refused in one line asking for
+    the base, where a conv-shaped LoRA might not load (grouped: it does not); with the model, exact."""
+    from safetensors.torch import save_file
+
+    from merging.core.adapter import weighted
+    from merging.errors import MergingError
+    from merging.formats import peft as peft_format
+    from merging.merge.pipeline import merge
+    from merging.merge.result import write_result
+
+    row = next(r for r in pm.ROWS if r[0] == name)
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    result = merge(weighted([peft_format.read(f) for f in folders]), "cat")
+    with pytest.raises(MergingError, match=r"do not say the conv's groups .*: pass --base$") as e:
+        write_result(result, tmp_path / "out", {})
+    save_file(dict(pm.build(row[1]).state_dict()), tmp_path / "model.safetensors")
+    with pytest.raises(MergingError, match=r"groups a state dict does not record") as f:
+        write_result(result, tmp_path / "out", {}, base=tmp_path / "model.safetensors")
+    assert "\n" not in str(e.value) + str(f.value) and not (tmp_path / "out").exists()
+    assert pm.outcome(row, tmp_path / "row").steps["cat 2"] == "exact"  # the model as base: PEFT's forward
+
+
+def test_multihead_attention_halves_of_unequal_rank_load_in_peft_as_merged(tmp_path):
+    """PEFT's LoRA on nn.MultiheadAttention adapts in_proj_weight and out_proj with one r and lora_alpha: an
+    svd merge whose energy keeps different ranks in the two halves is written at the larger, zero-padded,
+    and PEFT's layers then hold exactly the merged deltas (and its forward the merged weights')."""
+    import peft
+
+    from merging.base.layout import BaseLayout
+    from merging.core.adapter import weighted
+    from merging.formats import peft as peft_format
+    from merging.merge.pipeline import merge
+    from merging.merge.result import write_result
+    from merging.strategies import Options
+
+    row = next(r for r in pm.ROWS if r[0] == "mha lora")
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    layout = BaseLayout.from_model(pm.build("mha"))
+    ads = [peft_format.read(f).refine_targets(layout.modules) for f in folders]
+    for budget in (200, 300, 400, 500):  # a rank of in_proj costs 40 parameters, of out_proj 20
+        result = merge(weighted(ads), "svd", Options(budget=budget))
+        ranks = {r.module: r.rank for r in result.modules}
+        if 0 < ranks["body"] != ranks["body.base_layer.out_proj"] > 0:
+            break  # the case under test
+    assert 0 < ranks["body"] != ranks["body.base_layer.out_proj"] > 0
+    merged = result.adapters[0].deltas
+    out = write_result(result, tmp_path / "out", {}, base=layout)
+    loaded = peft.PeftModel.from_pretrained(pm.build("mha"), out)
+    attention = loaded.base_model.model.body
+    for mod, layer in (("body", attention), ("body.base_layer.out_proj", attention.base_layer.out_proj)):
+        got = layer.get_delta_weight("default").double()
+        assert torch.allclose(got, merged[mod].dense().double(), atol=1e-6), mod
+
+
+@pytest.mark.parametrize("strategy", ["cat", "svd"])
+def test_lora_beside_a_grouped_conv_is_written_as_peft_builds_it(tmp_path, strategy):
+    """PEFT's LoRA on a grouped conv reads all input channels (lora_A) and writes each group's outputs from
+    its own rank block (grouped lora_B): a full conv's delta beside the layer. cat keeps the blocks (rank
+    Σ r); svd mixes them, and each group then reads all of A (rank groups·k): both load in PEFT and give its
+    stacked forward of the pair (svd at full rank), without the base too."""
+    import peft
+
+    from merging.core.adapter import weighted
+    from merging.formats import peft as peft_format
+    from merging.merge.pipeline import merge
+    from merging.merge.result import write_result
+    from merging.strategies import Options
+    from tests.support.helpers import peft_stacked, rel_err
+
+    row = next(r for r in pm.ROWS if r[0] == "conv2d_groups lora")  # groups 4, r 4
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    opts = Options(rank=8) if strategy == "svd" else Options()
+    result = merge(weighted([peft_format.read(f) for f in folders]), strategy, opts)
+    out = write_result(result, tmp_path / "out", {})  # the groups are in the factors: no base needed
+    with torch.no_grad():
+        x, bare = pm.inputs("conv2d_groups"), pm.build("conv2d_groups")(pm.inputs("conv2d_groups"))
+        ref = peft_stacked(pm.build("conv2d_groups"), folders)(x)
+        got = peft.PeftModel.from_pretrained(pm.build("conv2d_groups"), out)(x)
+    assert rel_err(got - bare, ref - bare) < 1e-6
+    rank = json.loads((out / "adapter_config.json").read_text())["r"]
+    assert rank == (8 if strategy == "cat" else 4 * 8)

@@ -247,11 +247,23 @@ def test_options_are_validated():
         Options(rank=4, energy=0.9)
 
 
-def test_linear_refuses_unequal_ranks_and_loha(fx):
+def test_linear_refuses_unequal_ranks_loha_lokr_and_dora_naming_why(fx):
+    """PEFT's linear is add_weighted_adapter's: equal LoRA ranks; LoHa/LoKr models have no such method, and on
+    DoRA it keeps a freshly initialised magnitude; each refusal is one line naming the kind, cat and svd."""
+    import peft
+
     with pytest.raises(UnsupportedError, match="equal ranks"):
         merge(weighted(_read(fx, ["lora", "lora_r8"])), "linear")
-    with pytest.raises(UnsupportedError, match="LoRA factors"):
-        merge(weighted(_read(fx, ["lora", "loha"])), "linear")
+    for kind, name in (("loha", "LoHa"), ("lokr", "LoKr")):
+        with pytest.raises(UnsupportedError, match=rf"is {name}, .*use cat \(exact\) or svd"):
+            merge(weighted(_read(fx, ["lora", kind])), "linear")
+        assert not hasattr(peft.PeftModel.from_pretrained(fx.load_base("llama"), fx.adapter("llama", kind)),
+                           "add_weighted_adapter")  # fmt: skip
+    base = fx.load_base("llama")
+    weights = {n: m.weight.detach() for n, m in base.named_modules() if hasattr(m, "weight")}
+    with pytest.raises(UnsupportedError, match=r"is DoRA, whose magnitude .*\(exact\) or svd$") as e:
+        merge(weighted(_read(fx, ["lora_dora", "lora"])), "linear", base_weights=weights.__getitem__)
+    assert "\n" not in str(e.value)
 
 
 def test_dora_needs_base_weights(fx):

@@ -153,6 +153,7 @@ class BaseLayout:
     components: tuple[str, ...] = ()  # a diffusers pipeline's: unet, transformer, text_encoder, ...
     saved: Mapping[str, str] = field(default_factory=dict)  # module path → as SD checkpoints name it
     groups: Mapping[str, int] = field(default_factory=dict)  # grouped convolutions: module path → groups
+    knows_groups: bool = True  # False for weights alone (a state dict): a conv's groups are not recorded
 
     def has_bias(self, module: str) -> bool | None:
         """Whether the module has a bias (None when the layout does not know)."""
@@ -169,7 +170,7 @@ class BaseLayout:
 
         if state_dict.is_state_dict(Path(folder)):  # weights only: shapes from the headers, no config
             modules, biased = state_dict.state_dict_modules(Path(folder))
-            return cls(modules, {}, biased)
+            return cls(modules, {}, biased, knows_groups=False)
         if pipelines.is_pipeline(Path(folder)):
             return cls.from_components(pipelines.pipeline_skeletons(Path(folder)))
         if pipelines.is_component(Path(folder)) or pipelines.is_text_encoder(Path(folder)):

@@ -26,7 +26,7 @@ from merging.core.deltas import (
 from merging.core.experts import is_param_key
 from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale
-from merging.core.replacements import Auxiliary, BaseTensors
+from merging.core.replacements import Auxiliary, BaseTensors, ModuleReplacement
 from merging.errors import IncompatibleAdapters, MergingError, ShapeMismatch
 
 KIND_NAMES = {
@@ -101,6 +101,14 @@ class Adapter:
         """
         if missing := [m for m in self.deltas if m not in shapes and not is_param_key(m)]:
             raise ShapeMismatch(f"{self.where}: module {missing[0]} is not in the base model")
+        for mod, aux in self.aux.items():
+            got = tuple(aux.tensors["weight"].shape) if "weight" in getattr(aux, "tensors", {}) else None
+            if isinstance(aux, ModuleReplacement) and mod in shapes and got not in (None, shapes[mod][1]):
+                raise ShapeMismatch(
+                    f"{self.where}: module {mod} is saved whole with a {got} weight, the base's is "
+                    f"{shapes[mod][1]}: load the base with the head the adapter was trained with "
+                    "(a classifier's num_labels, a resized vocabulary)"
+                )
 
         def refine(mod: str, d: Delta) -> Delta:
             if mod not in shapes:  # an expert of a parameter: checked against the live parameter
@@ -144,6 +152,9 @@ def layer_kind(module: torch.nn.Module) -> Layer | None:
     return None
 
 
+MHA_OUT = ".base_layer.out_proj"  # PEFT's path of an nn.MultiheadAttention's out_proj LoRA, after its own
+
+
 def base_shapes(model: torch.nn.Module) -> dict[str, tuple[Layer, tuple[int, ...]]]:
     """Module path → (layer kind, stored weight shape) for every adaptable module of a model."""
     out = {}
@@ -151,6 +162,10 @@ def base_shapes(model: torch.nn.Module) -> dict[str, tuple[Layer, tuple[int, ...
         kind = layer_kind(mod)
         if kind is not None:
             out[name] = (kind, tuple(mod.weight.shape))
+        elif isinstance(mod, torch.nn.MultiheadAttention) and mod.in_proj_weight is not None:
+            # PEFT's LoRA on it: in_proj_weight (3E, E) at its path, out_proj at PEFT's path for it
+            out[name] = ("linear", tuple(mod.in_proj_weight.shape))
+            out[name + MHA_OUT] = ("linear", tuple(mod.out_proj.weight.shape))
     return out
 
 

@@ -11,77 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from merging.core import linalg
-from merging.core.experts import ParamSite
 from merging.core.replacements import Auxiliary, BaseTensors, ModuleReplacement, TokenRows  # noqa: F401 (re-exported)
+from merging.core.target import CONV_DIMS, Layer, Side, Target  # noqa: F401 (re-exported)
 from merging.errors import ShapeMismatch, UnsupportedError
 
-Layer = Literal["linear", "conv1d", "conv2d", "conv3d", "embedding", "gpt2_conv1d", "unknown"]
-CONV_DIMS: dict[str, int] = {"conv1d": 3, "conv2d": 4, "conv3d": 5}  # conv layer kind → weight dims
-Side = Literal["in", "out"]
-
-@dataclass(frozen=True)
-class Target:
-    """The base weight a delta applies to: its layer kind and its shape as stored.
-
-    ``layer="unknown"`` with a 2-D shape means only the matrix form (out, in_flat) is known (for
-    example a LoHa read from a file without its base); ``refine`` fills in the stored shape.
-    ``site``: the delta acts on one expert of a parameter (PEFT ``target_parameters``), not a module.
-    """
-
-    layer: Layer
-    shape: tuple[int, ...]
-    site: ParamSite | None = None
-
-    def __post_init__(self) -> None:
-        if self.layer in ("linear", "embedding", "gpt2_conv1d", "unknown") and len(self.shape) != 2:
-            raise ShapeMismatch(f"a {self.layer} weight is 2-D, got shape {self.shape}")
-        if self.layer in CONV_DIMS and len(self.shape) != CONV_DIMS[self.layer]:
-            raise ShapeMismatch(f"a {self.layer} weight has shape (out, in, k...), got {self.shape}")
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        """(out, in_flat) of the algebra's matrix form."""
-        if self.layer == "gpt2_conv1d":
-            return self.shape[1], self.shape[0]
-        return self.shape[0], math.prod(self.shape[1:])
-
-    def to_stored(self, m: torch.Tensor) -> torch.Tensor:
-        """Matrix form (out, in_flat) → the base weight's stored layout."""
-        if self.layer == "gpt2_conv1d":
-            return m.T.contiguous()
-        return m.reshape(self.shape)
-
-    def to_matrix(self, w: torch.Tensor) -> torch.Tensor:
-        """Stored layout → matrix form (out, in_flat)."""
-        if self.layer == "gpt2_conv1d":
-            return w.T
-        return w.reshape(self.matrix_shape)
-
-    def refine(self, layer: Layer, shape: tuple[int, ...]) -> Target:
-        """This target with the base's real layer kind and stored shape (checked to agree)."""
-        if layer == "unknown":  # a base known by its weights only: a 2-D weight of unknown kind
-            return self._refine_2d(tuple(shape))
-        new = Target(layer, tuple(shape), self.site)
-        convs = self.layer in CONV_DIMS and layer in CONV_DIMS  # LoHa/LoKr keep a Conv1d's kernel as (k, 1)
-        if self.layer != "unknown" and self.layer != layer and not convs:
-            raise ShapeMismatch(f"delta is for a {self.layer} layer, the base module is {layer}")
-        if new.matrix_shape != self.matrix_shape:
-            raise ShapeMismatch(f"delta has shape {self.matrix_shape}, the base weight {new.matrix_shape}")
-        return new
-
-    def _refine_2d(self, shape: tuple[int, ...]) -> Target:
-        """Against a 2-D base weight of unknown kind (Linear, Embedding or GPT-2 Conv1D): the delta keeps its
-        kind (one of unknown kind becomes a Linear: LoHa/LoKr/AdaLoRA adapt no other 2-D layer)."""
-        new = Target("linear" if self.layer == "unknown" else self.layer, self.shape, self.site)
-        if new.layer in CONV_DIMS or new.shape != shape:
-            raise ShapeMismatch(f"delta is for a {self.layer} weight {self.shape}, the base weight {shape}")
-        return new
 
 class AdditiveDelta:
     """Shared behaviour of the additive deltas: ΔW in matrix form, exact factors, norms."""

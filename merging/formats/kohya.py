@@ -263,6 +263,8 @@ def _lora_parts(d: LowRank, alpha: float | None) -> dict[str, torch.Tensor]:
     in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
     if t.layer in ("embedding", "conv3d"):
         raise UnsupportedError(f"kohya files have no {t.layer} LoRA; keep this adapter in PEFT format")
+    if t.beside > 1:
+        raise UnsupportedError(f"kohya has no LoRA beside a conv of {t.beside} groups; keep it as PEFT")
     parts = {
         "lora_down.weight": d.a.reshape(r, in_ch, *kernel),  # (r, in, k...)
         "lora_up.weight": up.reshape(d.b.shape[0], r, *(1 for _ in kernel)),  # (out, r, 1...)

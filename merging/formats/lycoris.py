@@ -34,7 +34,7 @@ def loha_delta(parts: dict[str, torch.Tensor], scale: float) -> Hadamard:
         raise FormatError(f"unknown LoHa tensors {sorted(unknown)}")
     w1a, w1b, t1 = parts["hada_w1_a"], parts["hada_w1_b"], parts.get("hada_t1")
     if t1 is not None:  # Tucker conv: w1a (r, out), w1b (r, in), t1 (r, r, kh, kw)
-        target = Target("conv2d", (w1a.shape[1], w1b.shape[1], *t1.shape[2:]))
+        target = Target("conv2d", (w1a.shape[1], w1b.shape[1], *t1.shape[2:]), from_factors=True)
     else:
         target = Target("unknown", (w1a.shape[0], w1b.shape[1]))
     return Hadamard(
@@ -67,7 +67,7 @@ def lokr_delta(parts: dict[str, torch.Tensor], scale: float) -> Kronecker:
     layer = KERNEL_LAYERS.get(len(kernel))
     if layer is None:
         raise FormatError(f"lokr_w2 has an unsupported kernel shape {kernel}")
-    target = Target(layer, (a * b, c * d, *kernel))
+    target = Target(layer, (a * b, c * d, *kernel), from_factors=layer != "unknown")
     return Kronecker(
         scale, target,
         w1=w1, w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),

@@ -32,7 +32,7 @@ from merging.merge.result import MergeResult, ModuleReport
 from merging.merge.spectra import Spectra
 from merging.merge.stack import BaseWeights, base_matrix, module_stack, plain_lora, split
 from merging.storage.threads import serial
-from merging.strategies import Options, Strategy
+from merging.strategies import Options, Strategy, linear
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,12 @@ def merge(
                     progress(len(built), len(modules), mod)
             return merged
 
-        ties = {m: s for m, s in tied.items() if s in modules}
-        deltas = LazyDeltas(modules, build, "lora")
+        kept = [m for m in modules if plan.ranks is None or plan.ranks.get(m, 1) > 0]
+        for mod in (m for m in modules if m not in kept):  # the budget left it out: no PEFT layer of rank 0
+            built.add(mod)
+            reports.append(_merge_module(plan, mod)[2])
+        ties = {m: s for m, s in tied.items() if s in kept}
+        deltas = LazyDeltas(kept, build, "lora")
         out = [Adapter("lora", deltas, base, rev, aux=extra, tied=ties, config=config)]
         return MergeResult(out, reports, *names, options, weights, _recorded(layer_w), tuple(adapters))
     lora: dict[str, Delta] = {}
@@ -200,6 +204,8 @@ def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, Mo
             )
         merged = summed([d for d, _ in stack], [w for _, w in stack], mod)
         return merged, None, ModuleReport(mod, "ia3", 0, merged.numel, None)
+    if plan.additive.name == "linear" and any(dora.is_dora(d) for d, _ in stack):
+        raise linear.refuse_dora(mod)  # its factors are averaged, a DoRA's magnitude cannot be
     parts = split(stack, mod, plan.base_weights, compose_dora=plan.additive.name == "cat")
     scale_part, add_part, composed = parts.scales, parts.adds, parts.composed
     rank, numel, err, kinds, exact = 0, 0, None, [], True

@@ -101,11 +101,13 @@ def _same_target(stack: list[tuple[Delta, float]], mod: str) -> list[tuple[Delta
     if not known:
         return stack
     layer, shape = known.pop()
+    guessed = all(d.target.guessed for d, _ in stack if isinstance(d, AdditiveDelta))  # no LoRA says it
+
+    def refined(d: Delta) -> Delta:
+        return replace(d, target=replace(d.target.refine(layer, shape), from_factors=guessed))
+
     try:
-        return [
-            (replace(d, target=d.target.refine(layer, shape)) if isinstance(d, AdditiveDelta) else d, w)
-            for d, w in stack
-        ]
+        return [(refined(d) if isinstance(d, AdditiveDelta) else d, w) for d, w in stack]
     except ShapeMismatch as e:
         raise ShapeMismatch(f"module {mod}: {e}") from None
 

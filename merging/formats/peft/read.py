@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from merging.core.adapter import Adapter
+from merging.core.adapter import MHA_OUT, Adapter
 from merging.core.deltas import CONV_DIMS, Delta, Hadamard, Kronecker, LowRank, Scale, Target
 from merging.core.lazy import LazyDeltas
 from merging.core.replacements import BaseTensors, ModuleReplacement, TokenRows
@@ -33,6 +33,7 @@ from merging.formats import lycoris
 from merging.formats.base import READ_DEFAULTS, ReadOptions, naming
 from merging.formats.peft import config as pc
 from merging.formats.peft import params as peft_params
+from merging.formats.peft import shapes
 from merging.formats.peft.config import CONFIG, PREFIX, WEIGHTS, WEIGHTS_BIN
 from merging.formats.peft.fields import TRAINING_ONLY
 from merging.storage.files import hash_ahead, reading
@@ -152,10 +153,10 @@ def _read(folder: Path, allow_nonfinite: bool, lazy: bool) -> Adapter:
                 aux[module] = TokenRows(pc.token_indices(config, module), rows)
             if not keys:
                 continue
-            if ".base_layer." in f"{module}.":
+            if ".base_layer." in f"{module}." and not module.endswith(MHA_OUT):
                 raise UnsupportedError(
-                    f"PEFT's LoRA on nn.MultiheadAttention {module.split('.base_layer')[0]} (in_proj_weight "
-                    "and out_proj adapted as one layer) is not supported"
+                    f"LoRA tensors under {module.split('.base_layer')[0]}'s base_layer: PEFT saves them "
+                    "there only for an nn.MultiheadAttention's out_proj"
                 )
             if set(keys) <= {"weight", "bias"}:
                 if any(module == m or module.endswith("." + m) for m in mts):
@@ -208,21 +209,20 @@ def _read_lora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
         target = Target("embedding", (ea.shape[1], eb.shape[0]))
     else:
         la, lb = _block_diagonal(parts["lora_A.weight"], parts["lora_B.weight"], config, module)
-        if la.dim() > 2 and lb.shape[1] != la.shape[0] and la.shape[0] % lb.shape[1] == 0:
-            raise UnsupportedError(
-                f"LoRA on a grouped conv (groups={la.shape[0] // lb.shape[1]}): PEFT runs lora_A over all "
-                f"{la.shape[1]} input channels beside the grouped layer, which is no change of its weights "
-                "(PEFT cannot merge it either)"
-            )
+        groups = la.shape[0] // lb.shape[1] if la.dim() > 2 else 1
+        if groups > 1 and ("lora_magnitude_vector" in parts or "lora_magnitude_vector.weight" in parts):
+            raise UnsupportedError(f"DoRA on a conv of {groups} groups (lora_A beside it) is not modelled")
         r = la.shape[0]
-        b, a = lb.reshape(lb.shape[0], -1), la.reshape(r, -1)
-        if la.dim() > 2:  # Conv1d/2d/3d: A (r, in, k...), B (out, r, 1...)
-            target = Target(CONV_KINDS[la.dim()], (lb.shape[0], *la.shape[1:]))
+        b = shapes.beside_b(lb, groups) if groups > 1 else lb.reshape(lb.shape[0], -1)  # (out, r)
+        a = la.reshape(r, -1)  # (r, in·k...)
+        if la.dim() > 2:  # Conv1d/2d/3d: A (r, in, k...), B (out, r/groups, 1...)
+            target = Target(CONV_KINDS[la.dim()], (lb.shape[0], *la.shape[1:]), beside=groups)
         elif config.get("fan_in_fan_out"):
             target = Target("gpt2_conv1d", (la.shape[1], lb.shape[0]))
         else:
             target = Target("linear", (lb.shape[0], la.shape[1]))
     r = a.shape[0]
+    module = module.removesuffix(MHA_OUT)  # an nn.MultiheadAttention's out_proj LoRA has its r and alpha
     alpha = float(pc.pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     mag = parts.get("lora_magnitude_vector", parts.get("lora_magnitude_vector.weight"))

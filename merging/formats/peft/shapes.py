@@ -2,9 +2,11 @@
 
 PEFT creates each adapter layer from the base module (its kind, in/out channels, kernel, groups) and loads the
 saved tensors into it, refusing any other shape. So a writer that knows the base checks every delta against
-that module and refuses in one line what PEFT would not load. Without the base it can check only what the
-delta itself knows: a LoHa/LoKr/AdaLoRA factor of a conv is flat, (r, in·k...), so a LoRA of unknown layer
-kind is written as a Linear's, with a warning (the kohya writer refuses it instead: its users adapt convs).
+that module and refuses in one line what PEFT would not load. Without the base it writes only what the
+delta itself knows: a LoHa/LoKr conv kernel does not say the conv's groups (nor a Conv1d from a (k, 1)
+Conv2d), so a LoRA whose conv comes from such factors alone is refused in one line asking for the base; a
+flat LoHa/LoKr/AdaLoRA factor, (r, in·k...), cannot say whether it is a conv at all, so it is written as a
+Linear's with a warning (an LLM's, mostly; the kohya writer refuses it instead: its users adapt convs).
 
 | base module | LoRA tensors PEFT builds | IA³ vector |
 |---|---|---|
@@ -23,12 +25,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from merging.core.deltas import CONV_DIMS, Delta, Scale
-from merging.errors import ShapeMismatch
+from merging.errors import ShapeMismatch, UnsupportedError
 
 if TYPE_CHECKING:
     from merging.base.layout import BaseLayout
 
 log = logging.getLogger(__name__)
+
 
 
 def as_built(mod: str, d: Delta, base: BaseLayout | None) -> Delta:
@@ -40,10 +43,22 @@ def as_built(mod: str, d: Delta, base: BaseLayout | None) -> Delta:
         base: the base layout; None (or a module it does not hold) checks only what the delta knows.
     """
     if base is None or mod not in base.modules:
-        if getattr(getattr(d, "target", None), "layer", None) == "unknown":  # LLM LoHa/LoKr: linear, mostly
+        target = getattr(d, "target", None)
+        if target is not None and target.layer == "unknown":  # LLM LoHa/LoKr: linear, mostly
             log.warning("module %s: layer kind unknown, written as a linear LoRA (--base: conv)", mod)
+        elif target is not None and target.from_factors:
+            raise UnsupportedError(
+                f"a LoHa/LoKr on a {target.layer} {target.shape}: its factors do not say the conv's groups "
+                "(nor a Conv1d from a (k, 1) Conv2d), and PEFT builds the LoRA from them: pass --base"
+            )
         return d
     layer, shape = base.modules[mod]
+    target = getattr(d, "target", None)
+    if not base.knows_groups and layer in CONV_DIMS and target is not None and target.from_factors:
+        raise UnsupportedError(
+            f"a LoHa/LoKr/AdaLoRA on a {layer} {shape} whose groups a state dict does not record, and PEFT "
+            "builds the LoRA from them: pass the model folder as --base (Python: BaseLayout.from_model)"
+        )
     if isinstance(d, Scale):
         layer = d.layer if layer == "unknown" else layer  # a weights-only base: the vector knows its layer
         n, want = d.l.numel(), _ia3_size(layer, shape, d.side, base.groups.get(mod, 1))
@@ -53,7 +68,6 @@ def as_built(mod: str, d: Delta, base: BaseLayout | None) -> Delta:
                 f"{want} ({'input' if d.side == 'in' else 'output'} side)"
             )
         return replace(d, layer=layer)
-    target = getattr(d, "target", None)
     if target is None:
         return d
     try:
@@ -82,3 +96,37 @@ def grouped_a(a: torch.Tensor, groups: int) -> torch.Tensor:
     for j in range(groups):
         out[j * r : (j + 1) * r, j * c : (j + 1) * c] = a
     return out
+
+
+def beside_b(lb: torch.Tensor, groups: int) -> torch.Tensor:
+    """PEFT's grouped lora_B (out, r/g, 1...) of a LoRA on a conv of g groups as the (out, r) matrix it
+    applies: group j's outputs read lora_A's channels j·r/g … (j+1)·r/g, zero elsewhere."""
+    out, per = lb.shape[0], lb.shape[1]
+    b = lb.new_zeros(out, per * groups)
+    rows = out // groups
+    for j in range(groups):
+        block = lb[j * rows : (j + 1) * rows].reshape(rows, per)
+        b[j * rows : (j + 1) * rows, j * per : (j + 1) * per] = block
+    return b
+
+
+def beside_factors(b: torch.Tensor, a: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full-conv delta B·A (B (out, R), A (R, in, k...)) as PEFT's LoRA on a conv of g groups: lora_A
+    (g·n, in, k...) and grouped lora_B (out, n, 1...), group j's outputs reading A's rows of block j.
+
+    Columns of B each within one group's rows (a read grouped LoRA, a cat of them) go to that group's block
+    (n = the most any group has); otherwise every group reads all of A (n = R), exact either way."""
+    out, rank = b.shape
+    rows = out // groups
+    nonzero = torch.stack([b[j * rows : (j + 1) * rows].abs().sum(0) > 0 for j in range(groups)])  # (g, R)
+    if bool((nonzero.sum(0) <= 1).all()):
+        cols = [nonzero[j].nonzero().flatten() for j in range(groups)]
+    else:
+        cols = [torch.arange(rank) for _ in range(groups)]
+    n = max(1, *(len(c) for c in cols))
+    new_a = a.new_zeros(groups * n, *a.shape[1:])
+    new_b = b.new_zeros(out, n)
+    for j, c in enumerate(cols):
+        new_a[j * n : j * n + len(c)] = a[c]
+        new_b[j * rows : (j + 1) * rows, : len(c)] = b[j * rows : (j + 1) * rows][:, c]
+    return new_b, new_a

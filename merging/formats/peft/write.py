@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from merging.core.adapter import Adapter
+from merging.core.adapter import MHA_OUT, Adapter
 from merging.core.deltas import CONV_DIMS, Delta, Hadamard, Kronecker, LowRank, Scale
 from merging.core.lazy import LazyDeltas
 from merging.core.lycoris_ia3 import AddedScale, to_peft
@@ -22,7 +22,7 @@ from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft import config as pc
 from merging.formats.peft import params as peft_params
 from merging.formats.peft.config import CONFIG, PREFIX, RECIPE_FILE, WEIGHTS, WEIGHTS_BIN
-from merging.formats.peft.shapes import as_built, grouped_a
+from merging.formats.peft.shapes import as_built, beside_factors, grouped_a
 from merging.storage.atomic import atomic_folder
 from merging.storage.files import write_text
 from merging.storage.safetensors_io import SafetensorsWriter, header_room
@@ -40,14 +40,17 @@ def _lora_tensors(mod: str, d: LowRank, groups: int = 1) -> dict[str, torch.Tens
         r = d.b.shape[1]
         kernel = t.shape[2:] if t.layer in CONV_DIMS else ()
         in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
-        a = d.a.reshape(r, in_ch, *kernel)  # (r, in/groups, k...)
-        if groups > 1:
-            if d.magnitude is not None:
-                raise UnsupportedError(f"DoRA on a grouped conv (groups={groups}) is not modelled")
+        a = d.a.reshape(r, in_ch, *kernel)  # (r, in/groups, k...); beside a grouped conv: (r, in, k...)
+        b = d.b
+        if groups > 1 and d.magnitude is not None:
+            raise UnsupportedError(f"DoRA on a grouped conv (groups={groups}) is not modelled")
+        if t.beside > 1:
+            b, a = beside_factors(b, a, t.beside)  # (out, n), (groups·n, in, k...)
+        elif groups > 1:
             a = grouped_a(a, groups)  # (groups·r, in, k...)
         out = {
             f"{p}.lora_A.weight": a.contiguous(),
-            f"{p}.lora_B.weight": d.b.reshape(d.b.shape[0], r, *(1 for _ in kernel)).contiguous(),
+            f"{p}.lora_B.weight": b.reshape(b.shape[0], b.shape[1], *(1 for _ in kernel)).contiguous(),
         }
     if d.bias is not None:
         out[f"{p}.lora_B.bias"] = d.bias.contiguous()
@@ -55,6 +58,30 @@ def _lora_tensors(mod: str, d: LowRank, groups: int = 1) -> dict[str, torch.Tens
         shape = (1, -1, *(1 for _ in t.shape[2:])) if t.layer in CONV_DIMS else (-1,)
         out[f"{p}.lora_magnitude_vector"] = d.magnitude.reshape(shape).contiguous()
     return out
+
+
+def _attention_part(adapter: Adapter, mod: str, d: LowRank) -> LowRank:
+    """One half of PEFT's LoRA on an nn.MultiheadAttention (in_proj_weight at its path, out_proj at
+    ``MHA_OUT`` after it): PEFT builds both with the attention module's r and lora_alpha, so both are
+    written at the larger rank, zero-padded, their scale in B (lora_alpha = r)."""
+    owner = mod.removesuffix(MHA_OUT)
+    other = owner if owner != mod else mod + MHA_OUT
+    if other not in adapter.deltas:
+        if owner != mod:
+            raise UnsupportedError(
+                f"an nn.MultiheadAttention out_proj LoRA without one on {owner}'s in_proj: PEFT adapts both "
+                "as one layer (merge with the inputs that adapt it)"
+            )
+        return d
+    partner = adapter.deltas[other]
+    if not isinstance(partner, LowRank) or d.magnitude is not None or partner.magnitude is not None:
+        raise UnsupportedError(f"{owner}: PEFT's LoRA on nn.MultiheadAttention is a plain LoRA (no DoRA)")
+    r = max(d.rank, partner.rank)
+    b = torch.zeros(d.b.shape[0], r, dtype=d.b.dtype)  # (out, r)
+    a = torch.zeros(r, d.a.shape[1], dtype=d.a.dtype)  # (r, in)
+    b[:, : d.rank] = d.b * d.scale
+    a[: d.rank] = d.a
+    return LowRank(b, a, 1.0, d.target, bias=None if d.bias is None else d.bias * d.scale)
 
 
 def _ia3_tensors(mod: str, d: Scale) -> dict[str, torch.Tensor]:
@@ -164,12 +191,16 @@ def _write_deltas(
                 params.add(mod, d)
                 continue
             with naming(adapter.where, f"module {mod}"):
-                d = as_built(mod, d, base)
+                d = as_built(mod, _attention_part(adapter, mod, d), base)
             groups = base.groups.get(mod, 1) if base is not None else 1
-            for name, t in _lora_tensors(mod, d, groups).items():
+            tensors = _lora_tensors(mod, d, groups)
+            for name, t in tensors.items():
                 sink.add(name, t)
             info = pc.LoraInfo.of(d)
-            seen[mod] = info._replace(rank=info.rank * groups)  # PEFT's grouped lora_A has groups·r rows
+            if groups > 1 or d.target.beside > 1:  # PEFT's grouped lora_A has groups·n rows; the same scale
+                info = info._replace(rank=tensors[f"{PREFIX}{mod}.lora_A.weight"].shape[0])
+            if not mod.endswith(MHA_OUT):  # PEFT builds it from its attention module's r and lora_alpha
+                seen[mod] = info
         for mod, src in adapter.tied.items():
             d = adapter.deltas[src]
             sink.add(f"{PREFIX}{mod}.lora_A.weight", d.a.contiguous())
