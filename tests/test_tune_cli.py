@@ -101,3 +101,25 @@ def test_tuning_iso_cts_with_its_knob_is_remade_by_its_recipe(example_base, tmp_
     made, remade = _files(out), _files(again)
     assert remade == {k: v for k, v in made.items() if k in remade}
     assert "adapter_model.safetensors" in remade
+
+
+@pytest.mark.model
+def test_a_tuned_dare_merge_records_its_seed_and_is_remade_byte_for_byte(example_base, tmp_path):
+    """DARE's drop masks follow --seed: the tune recipe records it, remakes the file exactly, and another
+    seed on the same recipe draws other masks."""
+    skills = ["add", "sort"]
+    out = tmp_path / "tuned"
+    args = ["tune", *(f"{s}={ROOT / 'examples/adapters' / s}" for s in skills), "--base", str(example_base)]
+    args += _small_evals(tmp_path, skills) + ["-s", "dare_ties", "--seed", "7", "--evaluations", "2"]
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(cli, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "seed = 7" in (out / "tune_recipe.toml").read_text().splitlines()
+    assert json.loads((out / "merge_recipe.json").read_text())["options"]["seed"] == 7
+    remade = {}
+    for name, extra in (("again", []), ("other", ["--seed", "8"])):
+        recipe = ["merge", "--recipe", str(out / "tune_recipe.toml"), *extra, "-o", str(tmp_path / name)]
+        result = runner.invoke(cli, recipe)
+        assert result.exit_code == 0, result.output
+        remade[name] = (tmp_path / name / "adapter_model.safetensors").read_bytes()
+    assert remade["again"] == (out / "adapter_model.safetensors").read_bytes() != remade["other"]
