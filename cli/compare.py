@@ -159,3 +159,5 @@ def show(report) -> None:
         tables.show(Grid("skill retention (100% = as the adapter alone)", cols, skill_rows(report)))
     for s in report.not_applicable:
         say(f"not applicable: {s.label}: {s.reason}")
+    for note in report.notes:  # the reporting split, each tuned row's weights and cost
+        say(note)
