@@ -65,6 +65,8 @@ def compare(
     Returns:
         The Comparison as written (with its plots).
     """
+    for name in tune_strategies if tune_steps is not None else ():
+        registry.get(name)  # an unknown name fails before the model loads, listing the valid ones
     model, tokenizer = load_base(base, device, dtype, task_type=sources.task_type([str(s) for s in inputs]))
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")
