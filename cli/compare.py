@@ -56,8 +56,17 @@ def _ints(value: str | None) -> list[int]:
     "tune_steps",
     type=int,
     default=None,
-    help="Add a row for the merge `merging tune` learns in this many steps (needs --eval); every "
-    "row's retention is then measured on the evals' reporting split.",
+    help="Add a row for the merge `merging tune` learns with each --tune-strategy (needs --eval), within "
+    "this budget: Adam steps for cat, merges measured for the others; every row's retention is then "
+    "measured on the evals' reporting split.",
+)
+@click.option(
+    "--tune-strategy",
+    "tune_strategies",
+    default="cat",
+    show_default=True,
+    shell_complete=complete_strategy,
+    help="The strategies --tune tunes, comma-separated (a 'tuned NAME' row each), e.g. cat,iso_c.",
 )
 @click.option("--device", default="auto", show_default=True)
 @click.option(
@@ -70,7 +79,7 @@ def _ints(value: str | None) -> list[int]:
               help="Load the base through bitsandbytes as QLoRA adapters were trained (float32 compute).")
 def compare_cmd(
     inputs, base, names, ranks, weights, density, seed, inner, alpha, common_fraction, evals, budgets,
-    tune_steps, device, dtype, out, force, as_json, base_quant,
+    tune_steps, tune_strategies, device, dtype, out, force, as_json, base_quant,
 ) -> None:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
 
@@ -97,7 +106,8 @@ def compare_cmd(
             inputs, base, out, strategies=chosen, ranks=_ints(ranks), weights=weights, density=density,
             seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction, evals=eval_files,
             budgets=_budgets(budgets), tune_steps=tune_steps, device=device, dtype=dtype, force=force,
-            stages=progress_bar, base_quant=base_quant,
+            tune_strategies=[n.strip() for n in tune_strategies.split(",") if n.strip()], stages=progress_bar,
+            base_quant=base_quant,
         )  # fmt: skip
         if as_json:
             return emit_json("merging.compare/1", {"output": str(out), **report.to_dict()})
@@ -152,3 +162,5 @@ def show(report) -> None:
         tables.show(Grid("skill retention (100% = as the adapter alone)", cols, skill_rows(report)))
     for s in report.not_applicable:
         say(f"not applicable: {s.label}: {s.reason}")
+    for note in report.notes:  # the reporting split, each tuned row's weights and cost
+        say(note)

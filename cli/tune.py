@@ -93,7 +93,8 @@ def eval_files(specs: tuple[str, ...]) -> dict[str, Path]:
     show_default=True,
     help="Examples per skill in each gradient step (0: the whole tuning part).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split and the search.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the split, the search and DARE's masks.")  # fmt: skip
 @click.option(
     "--tune-fraction",
     type=float,

@@ -51,3 +51,27 @@ def test_row_verdict_and_report_json_round_trip():
     assert Report.from_json(report.to_json()) == report
     with pytest.raises(MergingError, match="verification row: malformed"):
         Report.from_dict(report.to_dict() | {"rows": [{"name": "x"}]})
+
+
+def test_a_dare_merge_with_a_seed_is_remade_from_its_recipe_byte_for_byte(fx, tmp_path):
+    """The recipe records DARE's seed; a TOML recipe with the recorded options remakes the file exactly,
+    and another seed draws other masks."""
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    a, b = fx.adapter("llama", "lora"), fx.adapter("llama", "lora_r8")
+    runner = CliRunner()
+
+    def merged(out, *args) -> bytes:
+        result = runner.invoke(cli, ["merge", *args, "-o", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        return (tmp_path / out / "adapter_model.safetensors").read_bytes()
+
+    made = merged("flags", str(a), str(b), "-s", "dare_ties", "--seed", "7", "--density", "0.4")
+    options = Recipe.read(tmp_path / "flags").options
+    assert (options.seed, options.density) == (7, 0.4)
+    toml = tmp_path / "r.toml"
+    toml.write_text(f'inputs = ["{a}", "{b}"]\nstrategy = "dare_ties"\n'
+                    f"seed = {options.seed}\ndensity = {options.density}\n")  # fmt: skip
+    assert merged("recipe", "--recipe", str(toml)) == made
+    assert merged("other", "--recipe", str(toml), "--seed", "8") != made

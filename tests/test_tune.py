@@ -137,6 +137,9 @@ def test_gradient_free_search_for_svd(setting):
     assert found.trace == sorted(found.trace)  # the best so far never gets worse
     assert len(found.steps) == 8 and found.knobs == {}
     assert found.chosen.objective >= found.start.objective
+    together = tune.tune(model, tok, weighted(ads), evals, strategy="svd", options=merge_lib.Options(rank=2),
+                         settings=dataclasses.replace(settings, group=3))  # the first simplex in one forward
+    assert together.weights == found.weights and together.evaluations == found.evaluations
 
 
 @pytest.mark.parametrize("strategy, knob", [("ties", "density"), ("iso_cts", "common_fraction")])
@@ -192,3 +195,29 @@ def test_per_layer_weights_stay_within_the_per_input_interval_on_the_reporting_h
     assert runs["free"][0].end.objective > runs["per input"][0].end.objective  # fits the tuning half better
     assert any(runs["free"][1]["after"][s] < lows[s] for s in lows)  # ... and loses a skill on the other
     assert all(runs["kept"][1]["after"][s] >= lows[s] for s in lows)
+
+
+def test_candidates_measured_together_are_each_the_models_own_loss_with_its_dense_delta(setting):
+    """Three weightings of the inputs measured in one grouped forward (each on its own copy of the texts,
+    packed or padded) give, per skill, transformers' own loss on a model whose weights hold W + ΣwΔW."""
+    from merging.eval.batched import candidate_losses
+    from merging.eval.data import answer_batch, plain_head, skill_batch
+
+    model, tok, ads, evals = setting
+    weightings = [(1.0, 1.0), (0.4, 1.3), (1.2, -0.5)]
+    names = tuple(evals)
+    for packed in (False, plain_head(model)):
+        batch = skill_batch(tok, evals, "cpu", names, packed=packed)
+        got, trusted = candidate_losses(model, batch, [weighted(ads, list(w)) for w in weightings])
+        assert trusted and got.shape == (3, 2)
+        for row, ws in zip(got, weightings, strict=True):
+            saved = {}
+            with torch.no_grad():
+                for mod in ads[0].deltas:
+                    p = model.get_submodule(mod).weight
+                    saved[mod] = p.detach().clone()
+                    p += sum(w * ad.deltas[mod].b @ ad.deltas[mod].a for ad, w in zip(ads, ws, strict=True))
+                own = [float(model(**answer_batch(tok, evals[n])).loss) for n in names]
+                for mod, w0 in saved.items():
+                    model.get_submodule(mod).weight.copy_(w0)
+            assert row.tolist() == pytest.approx(own, rel=1e-5)

@@ -57,7 +57,7 @@ def test_compare_gains_tuned_and_budget_rows(example_base, tmp_path):
     out = tmp_path / "report"
     args = ["compare", *(f"{s}={ROOT / 'examples/adapters' / s}" for s in skills)]
     args += ["--base", str(example_base), *_small_evals(tmp_path, skills), "-s", "svd", "--ranks", "4"]
-    args += ["--budget", "r4", "--tune", "1"]
+    args += ["--budget", "r4", "--tune", "1", "--tune-strategy", "cat,iso_c"]
     result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*args, "-o", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "report.json").read_text())
@@ -67,10 +67,15 @@ def test_compare_gains_tuned_and_budget_rows(example_base, tmp_path):
     assert int(budget_label.split("=")[1].replace(",", "")) == uniform["params"]  # r4: uniform rank 4's size
     assert by[budget_label]["params"] <= uniform["params"]
     assert by[budget_label]["weight_error_max"] != uniform["weight_error_max"]  # a different allocation
-    tuned = by["tuned cat"]
-    assert set(tuned["skills"]) == set(skills) and tuned["passed"] is None
-    assert data["search"]["label"] == "tuned cat" and len(data["search"]["trace"]) == 2
+    for label in ("tuned cat", "tuned iso_c"):
+        assert set(by[label]["skills"]) == set(skills) and by[label]["passed"] is None
+    runs = {r["label"]: r for r in data["search"]["runs"]}
+    assert len(runs["tuned cat"]["trace"]) == 2 and runs["tuned cat"]["evaluations"] == 3  # 1 step + 2
+    assert len(runs["tuned iso_c"]["trace"]) == 1 and runs["tuned iso_c"]["evaluations"] == 1
+    best = max(runs.values(), key=lambda r: r["tuning_objective"]["chosen"])
+    assert data["search"]["label"] == best["label"] and best["seconds_per_evaluation"] > 0
     assert "reporting split (4 examples)" in data["notes"][0]
+    assert [n.split(":")[0] for n in data["notes"][1:]] == ["tuned cat", "tuned iso_c"]
     assert {"tune_search.png", "tune_retention.png"} <= set(data["plots"])
     assert "reporting split" in (out / "report.md").read_text()
 
@@ -101,3 +106,28 @@ def test_tuning_iso_cts_with_its_knob_is_remade_by_its_recipe(example_base, tmp_
     made, remade = _files(out), _files(again)
     assert remade == {k: v for k, v in made.items() if k in remade}
     assert "adapter_model.safetensors" in remade
+    from peft import PeftConfig, PeftType
+
+    assert PeftConfig.from_pretrained(str(out)).peft_type == PeftType.LORA  # an ordinary PEFT LoRA folder
+
+
+@pytest.mark.model
+def test_a_tuned_dare_merge_records_its_seed_and_is_remade_byte_for_byte(example_base, tmp_path):
+    """DARE's drop masks follow --seed: the tune recipe records it, remakes the file exactly, and another
+    seed on the same recipe draws other masks."""
+    skills = ["add", "sort"]
+    out = tmp_path / "tuned"
+    args = ["tune", *(f"{s}={ROOT / 'examples/adapters' / s}" for s in skills), "--base", str(example_base)]
+    args += _small_evals(tmp_path, skills) + ["-s", "dare_ties", "--seed", "7", "--evaluations", "2"]
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(cli, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "seed = 7" in (out / "tune_recipe.toml").read_text().splitlines()
+    assert json.loads((out / "merge_recipe.json").read_text())["options"]["seed"] == 7
+    remade = {}
+    for name, extra in (("again", []), ("other", ["--seed", "8"])):
+        recipe = ["merge", "--recipe", str(out / "tune_recipe.toml"), *extra, "-o", str(tmp_path / name)]
+        result = runner.invoke(cli, recipe)
+        assert result.exit_code == 0, result.output
+        remade[name] = (tmp_path / name / "adapter_model.safetensors").read_bytes()
+    assert remade["again"] == (out / "adapter_model.safetensors").read_bytes() != remade["other"]

@@ -18,6 +18,7 @@ from merging.eval import compare as report_lib
 from merging.eval import data as eval_data
 from merging.eval import tune as tune_lib
 from merging.eval.results import Comparison
+from merging.eval.verify import base_weights
 from merging.export import report as report_out
 from merging.formats import sources
 from merging.merge import pipeline
@@ -36,8 +37,9 @@ def compare(
     strategies: Sequence[str] | str = ("cat", "svd", "ties"), ranks: Sequence[int] = (),
     weights: Sequence[float] | None = None, density: float = 0.5, seed: int = 0, inner: str = "ties",
     alpha: float = 1.0, common_fraction: float = 0.8, evals: Mapping[str, str | Path] | None = None,
-    budgets: Sequence[int | str] = (), tune_steps: int | None = None, device: str = "auto",
-    dtype: str = "float32", force: bool = False, stages: Stages = _no_stages, base_quant: str | None = None,
+    budgets: Sequence[int | str] = (), tune_steps: int | None = None,
+    tune_strategies: Sequence[str] = ("cat",), device: str = "auto", dtype: str = "float32",
+    force: bool = False, stages: Stages = _no_stages, base_quant: str | None = None,
 ) -> Comparison:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots to ``out``.
 
@@ -52,8 +54,10 @@ def compare(
         evals: input name → a JSONL file of held-out (prompt, answer) texts: skill retention per variant.
         budgets: svd under one global parameter budget: parameter counts, or "rN" for the size uniform
             rank N takes on these inputs.
-        tune_steps: add a row for the merge ``tune`` learns in this many steps (needs ``evals``); every
-            row's retention is then measured on the evals' reporting split.
+        tune_steps: add a row for the merge ``tune`` learns with each of ``tune_strategies`` (needs
+            ``evals``), this many Adam steps for cat, merges measured for the others (gradient-free);
+            every row's retention is then measured on the evals' reporting split.
+        tune_strategies: the strategies tuned (a "tuned NAME" row each), with the shared options.
         device, dtype: where and how the base is loaded.
         force: replace an existing report folder.
         stages: gives a progress callback for each stage ("tuning", "comparing") as a context manager.
@@ -63,6 +67,8 @@ def compare(
     Returns:
         The Comparison as written (with its plots).
     """
+    for name in tune_strategies if tune_steps is not None else ():
+        registry.get(name)  # an unknown name fails before the model loads, listing the valid ones
     task = sources.task_type([str(s) for s in inputs])
     if base_quant and (evals or tune_steps is not None):
         raise MergingError("--eval/--tune run the adapters through our runtime, which does not wrap "
@@ -89,21 +95,25 @@ def compare(
     extra: list[report_lib.Extra] = []
     notes: tuple[str, ...] = ()
     search = None
+    opts = Options(density=density, seed=seed, inner=inner, alpha=alpha,  # type: ignore[arg-type]
+                   common_fraction=common_fraction)  # (Options checks inner)
     if tune_steps is not None:
         if not eval_sets:
             raise MergingError("`tune_steps` needs `evals` to tune on")
         split = tune_lib.split_evals(eval_sets, seed=seed)
-        with stages("tuning") as update:
-            row, search = _tuned_row(model, tokenizer, pairs, split.tune, tune_steps, seed, update)
-        extra, eval_sets = [row], split.report
+        runs = []
+        for name in dict.fromkeys(tune_strategies):
+            with stages(f"tuning {name}") as update:
+                runs.append(_tuned_row(model, tokenizer, pairs, split.tune, name, tune_steps, opts, update))
+        extra, eval_sets = [row for row, _ in runs], split.report
+        search = tuning_record([record for _, record in runs])
         n_tune, n_report = sum(map(len, split.tune.values())), sum(map(len, split.report.values()))
         notes = (
             f"Every row's retention is measured on the reporting split ({n_report} examples); the tuned "
-            f"row's weights were learnt on the other {n_tune} (seed {seed}), never on these.",
+            f"rows' weights were learnt on the other {n_tune} (seed {seed}), never on these.",
+            *(tuning_note(record) for _, record in runs),
         )
     with stages("comparing") as update:
-        opts = Options(density=density, seed=seed, inner=inner, alpha=alpha,  # type: ignore[arg-type]
-                       common_fraction=common_fraction)  # (Options checks inner)
         report = report_lib.compare(model, tokenizer, pairs, variants, evals=eval_sets, options=opts,
                                     base_name=label, progress=update, extra=extra,
                                     fold_approximate=not base_quant)  # fmt: skip
@@ -126,21 +136,46 @@ def budget_sizes(budgets: Sequence[int | str], pairs: Sequence[Pair]) -> list[in
     return out
 
 
-def _tuned_row(model: Any, tokenizer: Any, pairs: Sequence[Pair], evals: dict, steps: int, seed: int,
-               progress: Progress | None) -> tuple[report_lib.Extra, dict[str, Any]]:  # fmt: skip
-    """The tuned merge as a report row, and its search record (weights learnt on ``evals``)."""
+def _tuned_row(model: Any, tokenizer: Any, pairs: Sequence[Pair], evals: dict, strategy: str, budget: int,
+               options: Options, progress: Progress | None) -> tuple[report_lib.Extra, dict]:  # fmt: skip
+    """The merge ``strategy`` tuned within ``budget`` (Adam steps for cat, merges measured for the others) as
+    a report row, and its search record (weights learnt on ``evals``)."""
     started = time.perf_counter()
-    found = tune_lib.tune(model, tokenizer, pairs, evals, settings=tune_lib.Settings(steps=steps, seed=seed),
-                          progress=progress)  # fmt: skip
+    settings = tune_lib.Settings(steps=budget, evaluations=max(budget, 1), seed=options.seed)
+    found = tune_lib.tune(model, tokenizer, pairs, evals, settings=settings, strategy=strategy,
+                          options=options, progress=progress)  # fmt: skip
+    searched = time.perf_counter() - started
     merged_pairs, layer_w = tune_lib.merge_inputs([ad for ad, _ in pairs], found.weights)
-    result = pipeline.merge(merged_pairs, "cat", layer_weights=layer_w)
-    label = "tuned cat"
+    chosen = replace(options, **found.knobs)  # type: ignore[arg-type]
+    result = pipeline.merge(merged_pairs, strategy, chosen, base_weights=base_weights(model),
+                            layer_weights=layer_w)  # fmt: skip
+    label = f"tuned {strategy}"
     search = {
-        "label": label, "weights": {ad.name: w for ad, w in merged_pairs},
+        "label": label, "strategy": strategy, "weights": {ad.name: w for ad, w in merged_pairs},
+        "knobs": found.knobs, "evaluations": found.evaluations, "seconds": round(searched, 2),
+        "seconds_per_evaluation": round(searched / max(found.evaluations, 1), 2),
         "trace": [{"step": s.step, "objective": s.objective, "on": s.on} for s in found.steps],
-        "tuning_objective": {"start": found.start.objective, "end": found.end.objective},
+        "tuning_objective": {"start": found.start.objective, "end": found.end.objective,
+                             "chosen": found.chosen.objective},
     }  # fmt: skip
     return report_lib.Extra(label, result, time.perf_counter() - started), search
+
+
+def tuning_record(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The report's search record: the run that ends highest on the tuning split (never chosen on the
+    reporting split), with every run under "runs"."""
+    best = max(runs, key=lambda r: r["tuning_objective"]["chosen"])
+    return best | {"runs": list(runs)} if len(runs) > 1 else best
+
+
+def tuning_note(record: dict[str, Any]) -> str:
+    """One line on a tuned row: its weights and knobs, the objective on the tuning split, the cost."""
+    weights = ", ".join(f"{k} {v:g}" for k, v in record["weights"].items())
+    knobs = "".join(f", {k} {v:g}" for k, v in record["knobs"].items())
+    t = record["tuning_objective"]
+    return (f"{record['label']}: weights {weights}{knobs}; tuning objective {t['start']:.3f} → "
+            f"{t['chosen']:.3f} in {record['evaluations']} evaluations, "
+            f"{record['seconds_per_evaluation']:.1f} s each.")  # fmt: skip
 
 
 def compare_judged(report: Comparison) -> str:

@@ -58,7 +58,7 @@ def tune(
         strategy: cat (exact, tuned by gradient); any other strategy gradient-free (scipy.optimize), with
             ``rank``/``budget`` and its own knobs (``density``, ``alpha``, ``common_fraction``: the start).
         steps, lr, batch, seed: the search (Adam's step or the free search's first step; examples per skill
-            per step).
+            per step); the seed also seeds the split and DARE's drop masks, and the recipe records it.
         knobs: the strategy's knobs tuned with the weights (default: density for TIES/DARE, common_fraction
             for iso_cts; () for none).
         evaluations, patience: gradient-free: merges measured at most; stop after this many without gain.
@@ -116,7 +116,7 @@ def recipe_toml(inputs: Sequence[str], base: str | Path, strategy: str, found: t
              f"weights = [{', '.join(repr(w) for w in found.weights.inputs)}]"]  # fmt: skip
     if Path(base).is_dir():
         lines.append(f"base = {q(str(Path(base).resolve()))}")
-    for key in ("rank", "budget", "density", "alpha", "common_fraction"):  # given, or tuned
+    for key in ("rank", "budget", "density", "alpha", "common_fraction", "seed"):  # given, or tuned
         value = getattr(options, key)
         if value is not None and (key in found.knobs or value != getattr(Options(), key)):
             lines.append(f"{key} = {value!r}")

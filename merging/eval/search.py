@@ -6,9 +6,12 @@ the answer loss. Every other strategy is searched gradient-free (``free_search``
 decimals, merged with the strategy and measured on the whole tuning split, so what is measured is what is
 written. Gradients through those merges exist in form only: the SVD's backward divides by σ_i² − σ_j²,
 which Iso-C makes zero by construction (it flattens the spectrum), and TIES/DARE's top-k and sign election
-are piecewise constant; so they are not used. The search stops after ``evaluations`` merges, or after
-``patience`` evaluations without improvement. Per-layer weights are regularised toward the per-input
-solution (``anchor``): the objective minus ``regularisation`` · mean((W − anchor)²).
+are piecewise constant; so they are not used. Points known at once (Nelder-Mead's first simplex) are
+measured ``group`` per forward, each on its own copy of the texts (``eval.batched``); on 2 CPU cores a
+forward over the example's tuning texts is compute-bound, so this is no faster there (``group`` 1, the
+default, folds each merge into the weights: one plain forward). The search stops after ``evaluations``
+merges, or after ``patience`` evaluations without improvement. Per-layer weights are regularised toward
+the per-input solution (``anchor``): the objective minus ``regularisation`` · mean((W − anchor)²).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Literal
 
 import torch
 
-from merging.core.adapter import Adapter, weighted
+from merging.core.adapter import Adapter, Pair, weighted
 from merging.core.progress import Progress
 from merging.errors import MergingError
+from merging.eval.batched import candidate_losses
 from merging.eval.data import EvalSets, Examples, SkillBatch, skill_batch, skill_losses
 from merging.eval.objective import Objective, Step, check_objective, score, smooth
 from merging.eval.per_layer import merge_inputs, pairs_for, to_weights
@@ -64,14 +68,16 @@ class Settings:
     method: str = "nelder-mead"  # gradient-free search: scipy.optimize.minimize's method
     knobs: tuple[str, ...] | None = None  # the strategy's knobs tuned too (None: DEFAULT_KNOBS)
     regularisation: float = 3.0  # per-layer weights: the penalty on mean((W − per-input solution)²)
+    group: int = 1  # gradient-free search: candidates measured per forward where several are known at once
+
 
     def __post_init__(self) -> None:
         if self.granularity not in ("adapter", "layer"):
             raise MergingError(f"`granularity` must be adapter or layer, got {self.granularity!r}")
         if self.steps < 0 or self.batch < 0 or not self.lr > 0:
             raise MergingError("`steps` and `batch` must be ≥ 0 and `lr` > 0")
-        if self.evaluations < 1 or self.patience < 0 or self.regularisation < 0:
-            raise MergingError("`evaluations` must be ≥ 1, `patience` and `regularisation` ≥ 0")
+        if self.evaluations < 1 or self.group < 1 or self.patience < 0 or self.regularisation < 0:
+            raise MergingError("`evaluations` and `group` must be ≥ 1, `patience` and `regularisation` ≥ 0")
         if self.method not in METHODS:
             raise MergingError(f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}")
         for k in self.knobs or ():
@@ -182,7 +188,7 @@ def gradient(prob: Problem, w0: torch.Tensor, progress: Progress | None) -> Foun
             _, last = prob.step(s.steps, skill_losses(model, full), "tune")
     if progress:
         progress(s.steps + 1, s.steps + 1, f"objective {first.objective:.3f} → {last.objective:.3f}")
-    return Found([first, *steps], w_end, {}, first, last)
+    return Found([first, *steps], w_end, {}, first, last, s.steps + 2)
 
 
 class _Stop(Exception):
@@ -198,6 +204,7 @@ class Found:
     knobs: dict[str, float]
     first: Step
     last: Step
+    evaluations: int  # passes over the tuning texts: merges measured (free search), or Adam steps + 2
 
 
 def free_search(
@@ -221,33 +228,45 @@ def free_search(
     seen: dict[tuple[float, ...], tuple[Step, float]] = {}
     steps: list[Step] = []
     best: list = [None, -float("inf"), None]  # step, penalised value, rounded point
-    since = 0
+    since, trusted = 0, True  # evaluations without gain; whether grouped forwards agreed with one alone
 
-    def measure(key: tuple[float, ...]) -> tuple[Step, float]:
+    def merged(key: tuple[float, ...]) -> list[Pair]:
         w = torch.tensor(key[:n_w], dtype=torch.float32).reshape(w0.shape)
         pairs, layer_w = merge_inputs(prob.adapters, to_weights(w, prob.groups))
         knobs = dict(zip(names, key[n_w:], strict=True))
         result = merge_lib.merge(
             pairs, strategy, replace(opts, **knobs), base_weights=bw, layer_weights=layer_w
         )
-        with torch.no_grad(), stacked(model, weighted(result.adapters)):
-            step = prob.step(len(seen), skill_losses(model, full), "tune")[1]
-        return step, step.objective - float(prob.penalty(w))
+        return weighted(result.adapters)
+
+    def measure(keys: list[tuple[float, ...]]) -> None:
+        """Measure new points, ``s.group`` per forward (each merged, on its own copy of the texts)."""
+        nonlocal trusted
+        size, checked = (s.group if trusted else 1), False
+        for at in range(0, len(keys), size):
+            chunk = keys[at : at + size]
+            losses, ok = candidate_losses(model, full, [merged(k) for k in chunk], check=not checked)
+            trusted, checked = trusted and ok, True
+            for key, loss in zip(chunk, losses, strict=True):
+                step = prob.step(len(seen), loss, "tune")[1]
+                w = torch.tensor(key[:n_w]).reshape(w0.shape)
+                seen[key] = step, step.objective - float(prob.penalty(w))
+                if progress:
+                    top = max(v[0].objective for v in seen.values())
+                    progress(len(seen), s.evaluations, f"{len(seen)} merges: best objective {top:.3f}")
 
     def f(x) -> float:
         nonlocal since
-        if len(seen) >= s.evaluations or (s.patience and since >= s.patience):
+        if len(steps) >= s.evaluations or (s.patience and since >= s.patience):
             raise _Stop
         key = tuple(round(float(v), 4) for v in x)
         if key not in seen:
-            seen[key] = measure(key)
+            measure([key])
         step, value = seen[key]
         since += 1
         if value > best[1]:
             best[:], since = [step, value, key], 0
         steps.append(Step(len(steps), best[0].objective, best[0].retention))
-        if progress:
-            progress(len(seen), s.evaluations, f"{len(seen)} merges: objective {best[0].objective:.3f}")
         return -value
 
     x0 = np.array([*w0.flatten().tolist(), *(float(getattr(opts, k)) for k in names)])
@@ -258,6 +277,8 @@ def free_search(
     if s.method == "nelder-mead":
         simplex = np.vstack([x0, x0 + np.diag(steps_at)])
         simplex = np.clip(simplex, low, high)
+        # Nelder-Mead measures every vertex first: known at once, they are measured together
+        measure(list(dict.fromkeys(tuple(round(float(v), 4) for v in x) for x in simplex[: s.evaluations])))
         how = {"initial_simplex": simplex, "maxfev": 10 * s.evaluations, "xatol": 1e-4, "fatol": 1e-6}
     else:
         how = {"direc": np.diag(steps_at), "maxfev": 10 * s.evaluations, "xtol": 1e-4, "ftol": 1e-6}
@@ -269,4 +290,4 @@ def free_search(
     key = best[2]
     w_end = torch.tensor(key[:n_w], dtype=torch.float32).reshape(w0.shape)
     last = Step(len(steps), best[0].objective, best[0].retention)
-    return Found(steps, w_end, dict(zip(names, key[n_w:], strict=True)), first, last)
+    return Found(steps, w_end, dict(zip(names, key[n_w:], strict=True)), first, last, len(seen))

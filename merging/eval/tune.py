@@ -55,6 +55,7 @@ class TuneResult:
     strategy: str
     granularity: Granularity
     knobs: dict[str, float] = field(default_factory=dict)  # the strategy's knobs chosen (Options fields)
+    evaluations: int = 0  # passes over the tuning texts: merges measured, or Adam steps + 2 (cat)
 
     @property
     def chosen(self) -> Step:
@@ -111,18 +112,20 @@ def tune(
     coarse = _search(strategy, options)(prob, start, progress)
     won = coarse.last.objective > coarse.first.objective
     w, knobs, last = (coarse.weights, coarse.knobs, coarse.last) if won else (start, {}, coarse.first)
-    steps, groups = coarse.steps, []
+    steps, groups, evaluations = coarse.steps, [], coarse.evaluations
     if s.granularity == "layer":  # per layer, from the per-input solution and regularised toward it
         groups = layers(adapters)
         anchor = w.expand(len(groups), len(adapters)).clone()
         fine_prob = replace(prob, groups=groups, anchor=anchor, settings=replace(s, knobs=()))
         fine = _search(strategy, replace(options or Options(), **knobs))(fine_prob, anchor, progress)
         steps = [*steps, *(replace(t, step=t.step + len(steps)) for t in fine.steps)]
+        evaluations += fine.evaluations
         if fine.last.objective - float(fine_prob.penalty(fine.weights)) > fine.first.objective:
             w, last = fine.weights, fine.last
         else:
             w = anchor
-    return TuneResult(to_weights(w, groups), tuple(steps), coarse.first, last, strategy, s.granularity, knobs)
+    return TuneResult(to_weights(w, groups), tuple(steps), coarse.first, last, strategy, s.granularity, knobs,
+                      evaluations)  # fmt: skip
 
 
 def _search(strategy: str, options) -> Callable[..., Found]:
