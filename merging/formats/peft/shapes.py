@@ -34,18 +34,23 @@ log = logging.getLogger(__name__)
 
 
 
-def as_built(mod: str, d: Delta, base: BaseLayout | None) -> Delta:
+def as_built(mod: str, d: Delta, base: BaseLayout | None, unknown: list[str] | None = None) -> Delta:
     """The delta with the base module's layer kind and stored shape, or a one-line refusal naming both.
 
     Args:
         mod: the module path (messages name it through the caller's ``naming``).
         d: its delta (a LoRA/LoHa/LoKr target of unknown kind takes the base module's).
         base: the base layout; None (or a module it does not hold) checks only what the delta knows.
+        unknown: collects the modules written as a Linear's for want of their layer kind (the caller warns
+            once, ``warn_unknown``); None warns here, per module.
     """
     if base is None or mod not in base.modules:
         target = getattr(d, "target", None)
         if target is not None and target.layer == "unknown":  # LLM LoHa/LoKr: linear, mostly
-            log.warning("module %s: layer kind unknown, written as a linear LoRA (--base: conv)", mod)
+            if unknown is None:
+                warn_unknown([mod])
+            else:
+                unknown.append(mod)
         elif target is not None and target.from_factors:
             raise UnsupportedError(
                 f"a LoHa/LoKr on a {target.layer} {target.shape}: its factors do not say the conv's groups "
@@ -74,6 +79,14 @@ def as_built(mod: str, d: Delta, base: BaseLayout | None) -> Delta:
         return replace(d, target=target.refine(layer, shape))
     except ShapeMismatch as e:
         raise ShapeMismatch(f"{e}; PEFT would not load it") from None
+
+
+def warn_unknown(mods: list[str]) -> None:
+    """One warning for the modules whose layer kind no factor says, written as a Linear's LoRA."""
+    if mods:
+        more = f" and {len(mods) - 1} more" if len(mods) > 1 else ""
+        log.warning("module %s%s: layer kind unknown (a LoHa/LoKr factor does not say), written as a "
+                    "Linear's LoRA; if they are convs, pass --base", mods[0], more)  # fmt: skip
 
 
 def _ia3_size(layer: str, shape: tuple[int, ...], side: str, groups: int) -> int:

@@ -22,7 +22,7 @@ from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft import config as pc
 from merging.formats.peft import params as peft_params
 from merging.formats.peft.config import CONFIG, PREFIX, RECIPE_FILE, WEIGHTS, WEIGHTS_BIN
-from merging.formats.peft.shapes import as_built, beside_factors, grouped_a
+from merging.formats.peft.shapes import as_built, beside_factors, grouped_a, warn_unknown
 from merging.storage.atomic import atomic_folder
 from merging.storage.files import write_text
 from merging.storage.safetensors_io import SafetensorsWriter, header_room
@@ -184,6 +184,7 @@ def _write_deltas(
     if kind is LowRank:
         seen: dict[str, pc.LoraInfo] = {}
         params = peft_params.ParamWriter()  # target_parameters: experts gathered per parameter
+        unknown: list[str] = []
         for mod, d in adapter.deltas.items():
             if not isinstance(d, LowRank):
                 raise UnsupportedError(f"{adapter.where}: module {mod} is not a LoRA; merge first")
@@ -191,7 +192,7 @@ def _write_deltas(
                 params.add(mod, d)
                 continue
             with naming(adapter.where, f"module {mod}"):
-                d = as_built(mod, _attention_part(adapter, mod, d), base)
+                d = as_built(mod, _attention_part(adapter, mod, d), base, unknown)
             groups = base.groups.get(mod, 1) if base is not None else 1
             tensors = _lora_tensors(mod, d, groups)
             for name, t in tensors.items():
@@ -201,6 +202,7 @@ def _write_deltas(
                 info = info._replace(rank=tensors[f"{PREFIX}{mod}.lora_A.weight"].shape[0])
             if not mod.endswith(MHA_OUT):  # PEFT builds it from its attention module's r and lora_alpha
                 seen[mod] = info
+        warn_unknown(unknown)
         for mod, src in adapter.tied.items():
             d = adapter.deltas[src]
             sink.add(f"{PREFIX}{mod}.lora_A.weight", d.a.contiguous())
