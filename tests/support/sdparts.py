@@ -30,6 +30,18 @@ def unet(seed: int = 0, config: dict | None = None) -> torch.nn.Module:
     return UNet2DConditionModel(**(config or UNET)).eval()
 
 
+def vae(seed: int = 4) -> torch.nn.Module:
+    """A tiny AutoencoderKL (two blocks of 32 channels, latent 4) with seeded weights."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=16,
+    ).eval()  # fmt: skip
+
+
 def text_encoder(seed: int = 1, hidden: int = 32, projection: bool = False) -> torch.nn.Module:
     """A tiny CLIPTextModel (SDXL's second: CLIPTextModelWithProjection) with seeded weights."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
