@@ -145,7 +145,7 @@ def test_bfl_and_diffusers_named_loras_merged_with_cat_match_diffusers_stacking_
     keys = {k.split(".")[0] for k in load_file(str(out))}
     assert keys == set(FUSED) | {"lora_unet_double_blocks_0_img_mlp_2"}
     down = load_file(str(out))["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
-    assert down.shape == (4 + 3 + 4 + 4, 16)  # A stacked per target (q had both inputs): rank adds
+    assert down.shape == (4 + 3, 16)  # the bfl A that q, k, v share written once, the dif rows of q added
     for file in (out, diffusers_lora.write(merged.deltas, tmp_path / "merged_d.safetensors", layout)):
         got = sp.flux_parts()
         sp.diffusers_flux_load(got, {"merged": file})
@@ -184,21 +184,44 @@ def test_linear1_top_level_layers_and_t5_where_diffusers_is_wrong(tmp_path, layo
     assert _error(got, ref, flux_base) <= TOL
 
 
-def test_bfl_names_round_trip_exactly_with_rank_adding_on_fused_modules(tmp_path, layout):
-    """Read splits qkv into three LoRAs sharing A; write stacks A and makes B block-diagonal: same keys,
-    same ΔW per BFL module, rank ×3 on qkv and ×4 on linear1."""
+def _dw(t: dict, name: str) -> torch.Tensor:
+    """ΔW = α/r·up·down of a kohya lora_name in a file's tensors."""
+    down = t[f"{name}.lora_down.weight"]
+    return float(t[f"{name}.alpha"]) / down.shape[0] * t[f"{name}.lora_up.weight"] @ down
+
+
+@pytest.mark.parametrize("strategy", [None, "cat"])
+def test_bfl_names_round_trip_exactly_with_the_shared_a_written_once(tmp_path, layout, flux_base, strategy):
+    """Read splits qkv / linear1 into LoRAs sharing one A; written back (as read, or merged alone with cat)
+    the shared A is stacked once: the same keys, ranks and ΔW per BFL module, and diffusers loads the
+    written file (on the modules it reads right) to the same forward as the input."""
     table = FUSED | WRONG_IN_DIFFUSERS
     src = bfl_file(tmp_path / "a.safetensors", table, seed=3)
     ad = kohya.read(src, base=layout).refine_targets(layout.modules)
+    ad = _merged([src], layout, strategy) if strategy else ad
     out = kohya.write(ad, tmp_path / "b.safetensors", base=layout)
     a, b = load_file(str(src)), load_file(str(out))
     assert set(a) == set(b)
     for name in table:
-        dw = [float(t[f"{name}.alpha"]) / t[f"{name}.lora_down.weight"].shape[0]
-              * t[f"{name}.lora_up.weight"] @ t[f"{name}.lora_down.weight"] for t in (a, b)]  # fmt: skip
-        torch.testing.assert_close(dw[1], dw[0], rtol=1e-5, atol=1e-7)
-    assert b["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (16, 16)
-    assert b["lora_unet_double_blocks_0_img_mlp_0.lora_down.weight"].shape == (4, 16)
+        assert b[f"{name}.lora_down.weight"].shape == a[f"{name}.lora_down.weight"].shape, name  # rank 4
+        torch.testing.assert_close(_dw(b, name), _dw(a, name), rtol=1e-5, atol=1e-7)
+    read_right = [tmp_path / "a_ok.safetensors", tmp_path / "b_ok.safetensors"]
+    for f, t in zip(read_right, (a, b), strict=True):
+        save_file({k: v for k, v in t.items() if k.split(".")[0] in FUSED}, str(f))
+    assert _error(_only(read_right[1]), sp.flux_noise(_only(read_right[0])), flux_base) <= 1e-5
+
+
+def test_split_loras_with_different_a_fuse_block_diagonally(tmp_path, layout):
+    """q, k, v with their own A's (a diffusers-named file) written in BFL names: one qkv LoRA whose rank is
+    the sum (B block-diagonal), the same ΔW per row block."""
+    mods = [f"{DOUBLE}.attn.to_{x}" for x in "qkv"]
+    dif = diffusers_file(tmp_path / "d.safetensors", mods, seed=4)
+    out = kohya.write(kohya.read(dif, base=layout), tmp_path / "bfl.safetensors", base=layout)
+    t, d = load_file(str(out)), load_file(str(dif))
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert t[f"{name}.lora_down.weight"].shape == (3 * 3, 16)
+    want = torch.cat([d[f"{m}.lora_B.weight"] @ d[f"{m}.lora_A.weight"] for m in mods])
+    torch.testing.assert_close(_dw(t, name), want, rtol=1e-5, atol=1e-7)
 
 
 def _lokr_file(path, w1_rows):
