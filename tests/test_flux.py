@@ -353,7 +353,7 @@ def test_bake_a_flux_pipeline_loads_with_from_pretrained_and_equals_diffusers_fu
 
 def test_compare_on_a_flux_pipeline_writes_a_report_with_fidelity_per_component(tmp_path, flux_pipe):
     """compare --base <pipeline>: cat exact (cosine 1) on the transformer and both text encoders, svd at
-    rank 1 < the sum's rank measurably off; report.json/.md and the error-vs-rank plot."""
+    rank 1 < the sum's rank measurably off; report.json/.md and the LLM report's plots per component."""
     import json
 
     mods = [f"{DOUBLE}.attn.to_q", f"{SINGLE}.proj_mlp", f"{CLIP}.self_attn.v_proj", f"{T5}.SelfAttention.q"]
@@ -368,4 +368,9 @@ def test_compare_on_a_flux_pipeline_writes_a_report_with_fidelity_per_component(
     assert rows["cat"]["effect_rel_error"] <= TOL and min(rows["cat"]["cosines"].values()) > 1 - 1e-8
     assert rows["svd r=6"]["effect_rel_error"] <= TOL  # rank 6 = the sum's rank on every module
     assert rows["svd r=1"]["effect_rel_error"] > 1e-2
-    assert (out / "report.md").is_file() and (out / "error_vs_rank.png").is_file()
+    assert (out / "report.md").is_file()
+    comps = ("transformer", "text_encoder", "text_encoder_2")
+    kinds = ("fidelity_vs_rank", "size_vs_fidelity", "per_layer_error")
+    drawn = {f"{p}_{c}.png" for p in kinds for c in comps}
+    assert set(doc["plots"]) == drawn and all((out / p).is_file() for p in drawn)
+    assert rows["svd r=1"]["module_errors"][f"{DOUBLE}.attn.to_q"] > 1e-2  # rank 6 → 1 on to_q
