@@ -52,60 +52,20 @@ WRONG_IN_DIFFUSERS = {  # what diffusers 0.42 cannot load from a kohya Flux file
 }  # fmt: skip
 
 
-def _weights(parts: dict) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v for c, m in parts.items() for k, v in m.state_dict().items()}
-
-
-def _saved(name: str) -> str:  # transformers 5's CLIPTextModel lost text_model. (the checkpoints keep it)
-    return name.replace("text_encoder.text_model.", "text_encoder.")
-
-
 def bfl_file(path, table, seed, rank=4, alpha=2.0, scale=0.3):
     """A kohya Flux LoRA by hand in sd-scripts' layout: one LoRA per BFL module, fused rows, alpha ≠ rank."""
-    w = _weights(sp.flux_parts())
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, mods in table.items():
-        out = sum(w[_saved(m) + ".weight"].shape[0] for m in mods)
-        inp = w[_saved(mods[0]) + ".weight"].shape[1]
-        tensors[f"{name}.lora_down.weight"] = scale * torch.randn(rank, inp, generator=g)
-        tensors[f"{name}.lora_up.weight"] = scale * torch.randn(out, rank, generator=g)
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora_flux"})
-    return path
+    return sp.fused_file(path, sp.flux_parts(), table, seed, "networks.lora_flux", rank, alpha, scale)
 
 
 def diffusers_file(path, modules, seed, rank=3, scale=0.3):
     """A LoRA in diffusers' names (as save_lora_weights / ai-toolkit write it), no alpha (scale 1)."""
-    w = _weights(sp.flux_parts())
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for m in modules:
-        out, inp = w[_saved(m) + ".weight"].shape
-        tensors[f"{m}.lora_A.weight"] = scale * torch.randn(rank, inp, generator=g)
-        tensors[f"{m}.lora_B.weight"] = scale * torch.randn(out, rank, generator=g)
-    save_file(tensors, str(path))
-    return path
+    return sp.diffusers_named_file(path, sp.flux_parts(), modules, seed, rank, scale)
 
 
 def added_by_hand(files_tables) -> dict:
-    """Flux parts with each BFL file's ΔW = α/r·up·down added to its fused weight (the weight-space truth)."""
-    parts = sp.flux_parts()
-    w = {k: v for k, v in _weights(parts).items()}
-    with torch.no_grad():
-        for file, table in files_tables:
-            t = load_file(str(file))
-            for name, mods in table.items():
-                up, down = t[f"{name}.lora_up.weight"], t[f"{name}.lora_down.weight"]
-                delta = float(t[f"{name}.alpha"]) / down.shape[0] * up @ down  # (fused out, in)
-                if name.endswith("adaLN_modulation_1"):  # BFL (shift, scale); diffusers (scale, shift)
-                    delta = torch.cat(delta.chunk(2)[::-1])
-                rows = [w[_saved(m) + ".weight"].shape[0] for m in mods]
-                for m, d in zip(mods, delta.split(rows), strict=True):
-                    w[_saved(m) + ".weight"] += d
-        for c, m in parts.items():
-            m.load_state_dict({k.partition(".")[2]: v for k, v in w.items() if k.startswith(f"{c}.")})
-    return parts
+    """Flux parts with each BFL file's ΔW = α/r·up·down added to its fused weight (the weight-space truth);
+    BFL's final adaLN holds (shift, scale), diffusers' (scale, shift)."""
+    return sp.added_by_hand(sp.flux_parts(), files_tables, ("adaLN_modulation_1",))
 
 
 def _error(parts, ref, base) -> float:
@@ -184,12 +144,6 @@ def test_linear1_top_level_layers_and_t5_where_diffusers_is_wrong(tmp_path, layo
     assert _error(got, ref, flux_base) <= TOL
 
 
-def _dw(t: dict, name: str) -> torch.Tensor:
-    """ΔW = α/r·up·down of a kohya lora_name in a file's tensors."""
-    down = t[f"{name}.lora_down.weight"]
-    return float(t[f"{name}.alpha"]) / down.shape[0] * t[f"{name}.lora_up.weight"] @ down
-
-
 @pytest.mark.parametrize("strategy", [None, "cat"])
 def test_bfl_names_round_trip_exactly_with_the_shared_a_written_once(tmp_path, layout, flux_base, strategy):
     """Read splits qkv / linear1 into LoRAs sharing one A; written back (as read, or merged alone with cat)
@@ -204,7 +158,7 @@ def test_bfl_names_round_trip_exactly_with_the_shared_a_written_once(tmp_path, l
     assert set(a) == set(b)
     for name in table:
         assert b[f"{name}.lora_down.weight"].shape == a[f"{name}.lora_down.weight"].shape, name  # rank 4
-        torch.testing.assert_close(_dw(b, name), _dw(a, name), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(sp.kohya_dw(b, name), sp.kohya_dw(a, name), rtol=1e-5, atol=1e-7)
     read_right = [tmp_path / "a_ok.safetensors", tmp_path / "b_ok.safetensors"]
     for f, t in zip(read_right, (a, b), strict=True):
         save_file({k: v for k, v in t.items() if k.split(".")[0] in FUSED}, str(f))
@@ -221,7 +175,7 @@ def test_split_loras_with_different_a_fuse_block_diagonally(tmp_path, layout):
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     assert t[f"{name}.lora_down.weight"].shape == (3 * 3, 16)
     want = torch.cat([d[f"{m}.lora_B.weight"] @ d[f"{m}.lora_A.weight"] for m in mods])
-    torch.testing.assert_close(_dw(t, name), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sp.kohya_dw(t, name), want, rtol=1e-5, atol=1e-7)
 
 
 def _lokr_file(path, w1_rows):
