@@ -35,7 +35,8 @@ OUTTYPES = ("same", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"
               help="With --base-quant: fold into the original float weights or into dequant(W) (default).")
 @click.option("--single-file", is_flag=True,
               help="An SD1.5/SDXL pipeline base: write -o as one checkpoint file (UNet, VAE, text encoders "
-                   "in the original layout) that from_single_file, A1111 and ComfyUI read.")  # fmt: skip
+                   "in the original layout) that from_single_file, A1111 and ComfyUI read; SD3: the "
+                   "transformer in MMDiT names.")  # fmt: skip
 def bake_cmd(inputs, base, out, weights, force, as_json, base_quant, outtype, into, single_file) -> None:
     """Write the base model with the adapters folded in, streaming one shard (or GGUF tensor) at a time.
 

@@ -300,7 +300,7 @@ def test_bake_a_flux_pipeline_loads_with_from_pretrained_and_equals_diffusers_fu
     again = _cli("bake", *files, "--base", flux_pipe, "-o", out)
     assert again.exit_code == 2 and "--force" in again.output
     one = _cli("bake", *files, "--base", flux_pipe, "-o", tmp_path / "one.safetensors", "--single-file")
-    assert one.exit_code != 0 and "writes SD1.5/SDXL checkpoints" in one.output, one.output
+    assert one.exit_code != 0 and "writes SD1.5/SDXL/SD3 files" in one.output, one.output
     assert "bake a folder" in one.output
     assert not (tmp_path / "one.safetensors").exists()
 

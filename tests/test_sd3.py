@@ -113,3 +113,39 @@ def test_verify_on_an_sd3_pipeline(tmp_path):
                                                             "-s", "cat"])  # fmt: skip
     assert result.exit_code == 0 and "PASS" in result.output, result.output
     assert "diffusers (set_adapters)" in result.output
+
+
+def test_single_file_bake_of_sd3_loads_with_from_single_file_and_equals_diffusers_fusing_the_lora(tmp_path):
+    """bake --single-file on SD3: the transformer in MMDiT's checkpoint names (qkv fused, the last block's
+    context adaLN and the final layer's swapped back), which SD3Transformer2DModel.from_single_file reads
+    (config: the pipeline folder, offline) equal to diffusers' load_lora_into_transformer + fuse_lora; a
+    file that adapts a text encoder too is refused in one line."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders import SD3LoraLoaderMixin as Loader
+
+    pipe = sp.pipeline_folder(tmp_path / "pipe", sp.sd3_parts(), "StableDiffusion3Pipeline")
+    mods = [*DIF, f"{B0}.attn.to_k", f"{B1}.norm1_context.linear", "transformer.norm_out.linear",
+            "transformer.context_embedder"]  # fmt: skip
+    files = [diffusers_file(tmp_path / f"{i}.safetensors", mods[i - 1 :], seed=i) for i in (1, 2)]
+    out = tmp_path / "sd3.safetensors"
+    args = ["--base", str(pipe), "--single-file", "-o"]
+    result = CliRunner().invoke(cli, ["bake", *map(str, files), *args, str(out)])
+    assert result.exit_code == 0, result.output
+    got = SD3Transformer2DModel.from_single_file(str(out), config=str(pipe), subfolder="transformer",
+                                                 local_files_only=True).state_dict()  # fmt: skip
+    ref = sp.sd3()
+    for i, f in enumerate(files):
+        Loader.load_lora_into_transformer(Loader.lora_state_dict(str(f)), ref, adapter_name=f"a{i}")
+    ref.fuse_lora(adapter_names=["a0", "a1"])
+    ref.unload_lora()
+    want, was = ref.state_dict(), sp.sd3().state_dict()
+    assert got.keys() == want.keys()
+    err = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+    moved = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+    assert moved > 0 and err <= 1e-5 * moved, (err, moved)
+    q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    te = diffusers_file(tmp_path / "te.safetensors", [q], 3)
+    refused = CliRunner().invoke(cli, ["bake", str(te), *args, str(tmp_path / "x")])
+    assert refused.exit_code != 0, refused.output
+    assert f"module {q}: not in an SD3 single file; bake a folder" in refused.output
+    assert not (tmp_path / "x").exists()

@@ -35,7 +35,8 @@ def bake(
         outtype: a GGUF base: the adapted tensors' type ("same" keeps each tensor's own).
         measured: called with the QLoRA table before the bake is written (to show it early).
         single_file: an SD1.5/SDXL pipeline base: write ``out`` as one checkpoint file in the original
-            (LDM/SGM) layout, which ``from_single_file`` reads, instead of a pipeline folder.
+            (LDM/SGM) layout, which ``from_single_file`` reads, instead of a pipeline folder (SD3: the
+            transformer alone, in MMDiT's names).
 
     Returns:
         What was written (the ``--json`` document, schema merging.bake/1): output, base, inputs, files (and
@@ -51,7 +52,7 @@ def bake(
     if into == "dequantized" and not base_quant:
         raise MergingError("--into dequantized needs --base-quant (the quantisation the adapters saw)")
     if single_file and not is_pipeline(Path(base)):
-        raise MergingError(f"{base}: --single-file is for a diffusers pipeline base (SD1.5/SDXL)")
+        raise MergingError(f"{base}: --single-file is for a diffusers pipeline base (SD1.5/SDXL/SD3)")
     pairs = sources.load_inputs([str(s) for s in inputs], base=None if gguf_base else base, weights=weights)
     into, table = into or ("dequantized" if base_quant else "original"), None
     if base_quant:

@@ -24,7 +24,7 @@ from merging.core.adapter import Pair, stacks
 from merging.core.alora import refuse_gated
 from merging.errors import FormatError, UnsupportedError
 from merging.export.bake import Progress, stream_shard
-from merging.formats import ldm_checkpoint
+from merging.formats import ldm_checkpoint, mmdit_names
 from merging.runtime.effective import effective_bias, effective_weight
 from merging.storage.atomic import atomic_file, atomic_folder, checkpoint
 from merging.storage.files import refuse_overlap, save_safetensors
@@ -109,36 +109,39 @@ def _bake_component(src: Path, dst: Path, comp: str, deltas: dict, layout: BaseL
 
 
 def bake_single_file(base: Path, pairs: Sequence[Pair], out: Path, *, force: bool = False) -> Path:
-    """An SD1.5 or SDXL pipeline with the adapters folded in, as one checkpoint file in the original
-    layout (UNet, VAE and text encoders: ``ldm_checkpoint``), which ``from_single_file`` reads.
+    """A pipeline with the adapters folded in, as one checkpoint file in the original layout, which
+    ``from_single_file`` reads: SD1.5 / SDXL whole (UNet, VAE, text encoders: ``ldm_checkpoint``), SD3's
+    transformer alone in MMDiT's names (``mmdit_names.checkpoint_tensors``).
 
-    Flux and SD3 pipelines are refused (bake the folder). Each component is held in memory in turn, and
-    the whole file once, as safetensors writes it.
+    Flux is refused (diffusers 0.42's reader splits linear1 at the full model's width): bake the folder.
+    Each component is held in memory in turn, and the whole file once, as safetensors writes it.
     """
     base = Path(base)
     if not sdbase.is_pipeline(base):
         raise FormatError(f"{base}: a single-file bake needs a diffusers pipeline folder (model_index.json)")
-    if (base / "transformer").is_dir():
-        why = "diffusers 0.42 reads Flux's at the full model's widths only, SD3's is not written"
-        raise UnsupportedError(f"{base}: --single-file writes SD1.5/SDXL checkpoints ({why}); bake a folder")
-    if not (base / "unet").is_dir():
-        raise FormatError(f"{base}: a single-file bake needs a UNet pipeline folder (with unet/)")
     refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
     refuse_gated(pairs)
     plan = stacks(pairs)
     if plan.aux:
         raise UnsupportedError(f"module {min(plan.aux)}: replaced modules are not baked into a pipeline")
-    kind = "sdxl" if (base / "text_encoder_2").is_dir() else "sd"
-    comps = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if (base / c).is_dir()]
-    if other := sorted(m for m in plan.deltas if m.partition(".")[0] not in comps):
-        raise UnsupportedError(f"module {other[0]}: not in an {kind.upper()} checkpoint; bake the folder")
     layout = BaseLayout.from_folder(base)
+    dit = (base / "transformer").is_dir()
+    if dit and not mmdit_names.is_sd3(layout.modules):
+        why = "diffusers 0.42 reads Flux's at the full model's widths only"
+        raise UnsupportedError(f"{base}: --single-file writes SD1.5/SDXL/SD3 files ({why}); bake a folder")
+    kind = "sd3" if dit else "sdxl" if (base / "text_encoder_2").is_dir() else "sd"
+    comps = ["transformer"] if dit else [c for c in ldm_checkpoint.COMPONENTS if (base / c).is_dir()]
+    if other := sorted(m for m in plan.deltas if m.partition(".")[0] not in comps):
+        raise UnsupportedError(f"module {other[0]}: not in an {kind.upper()} single file; bake a folder")
     tensors: dict[str, torch.Tensor] = {}
     for comp in comps:
         weights, jobs, transform = _folding(base / comp, comp, plan.deltas, layout)
         own = {n: weights.get(n) for n in sorted(weights.where)}
         own |= {n: transform(n, own[n]) for n in jobs}
-        tensors |= ldm_checkpoint.component_tensors(kind, comp, own)
+        if kind == "sd3":
+            tensors |= mmdit_names.checkpoint_tensors(own, layout.modules)
+        else:
+            tensors |= ldm_checkpoint.component_tensors(kind, comp, own)
     with atomic_file(Path(out), force=force) as tmp:
         save_safetensors(tensors, tmp, metadata={"format": "pt"})
     return Path(out)

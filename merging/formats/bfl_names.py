@@ -114,13 +114,14 @@ def fused_rows(pieces: tuple[Piece, ...]) -> int:
     return sum(e - s for p in pieces for s, e in p.rows)
 
 
-def _index(rows: Rows) -> torch.Tensor:
+def row_index(rows: Rows) -> torch.Tensor:
+    """The fused weight's row numbers of row ranges, in order."""
     return torch.cat([torch.arange(s, e) for s, e in rows])
 
 
 def take_rows(d: Delta, rows: Rows, name: str) -> Delta:
     """The delta of the fused weight's ``rows`` (in order): exact, or a one-line refusal naming ``name``."""
-    idx = _index(rows)
+    idx = row_index(rows)
     target = Target("linear", (len(idx), d.target.matrix_shape[1]))
     if isinstance(d, LowRank):
         pick = {f: getattr(d, f)[idx] for f in ("bias", "magnitude") if getattr(d, f) is not None}
@@ -142,7 +143,7 @@ def _kron_rows(d: Kronecker, rows: Rows, target: Target, name: str) -> Kronecker
             f"a LoKr whose W2 has {b} rows does not split at the fused rows {list(rows)}; "
             "merge it into a LoRA first (merging convert, or merge -s cat) or keep it on the fused module"
         )
-    idx = _index(tuple((s // b, e // b) for s, e in rows))
+    idx = row_index(tuple((s // b, e // b) for s, e in rows))
     if d.w1 is not None:
         return replace(d, w1=d.w1[idx], target=target)
     return replace(d, w1a=d.w1a[idx], target=target)
@@ -177,7 +178,7 @@ def fuse(deltas: Mapping[str, Delta], pieces: tuple[Piece, ...], inputs: int, na
     b = torch.zeros(fused_rows(pieces), a.shape[0], dtype=torch.float32)  # (out_fused, r')
     for (p, lr), cols in zip(lows, where, strict=True):
         part = torch.zeros(lr.b.shape[0], a.shape[0]).index_add_(1, cols, lr.scale * lr.b.float())
-        b[_index(p.rows)] += part
+        b[row_index(p.rows)] += part
     return LowRank(b.to(dtype), a.to(dtype), 1.0, Target("linear", (b.shape[0], inputs)))
 
 

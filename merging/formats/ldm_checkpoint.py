@@ -33,6 +33,7 @@ import torch
 from merging.errors import UnsupportedError
 from merging.formats.sgm_names import to_sgm
 
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # what a checkpoint file holds, in order
 PREFIX = {
     ("sd", "unet"): "model.diffusion_model.", ("sd", "vae"): "first_stage_model.",
     ("sd", "text_encoder"): "cond_stage_model.transformer.",
