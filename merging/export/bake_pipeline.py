@@ -129,6 +129,8 @@ def bake_single_file(base: Path, pairs: Sequence[Pair], out: Path, *, force: boo
     if dit and not mmdit_names.is_sd3(layout.modules):
         why = "diffusers 0.42 reads Flux's at the full model's widths only"
         raise UnsupportedError(f"{base}: --single-file writes SD1.5/SDXL/SD3 files ({why}); bake a folder")
+    if not dit and not (base / "unet").is_dir():
+        raise FormatError(f"{base}: a single-file bake needs a UNet or SD3 transformer (unet/, transformer/)")
     kind = "sd3" if dit else "sdxl" if (base / "text_encoder_2").is_dir() else "sd"
     comps = ["transformer"] if dit else [c for c in ldm_checkpoint.COMPONENTS if (base / c).is_dir()]
     if other := sorted(m for m in plan.deltas if m.partition(".")[0] not in comps):
