@@ -33,7 +33,11 @@ OUTTYPES = ("same", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"
               help="A .gguf base: the type of the adapted tensors (same: each keeps its own quantisation).")
 @click.option("--into", type=click.Choice(["original", "dequantized"]), default=None,
               help="With --base-quant: fold into the original float weights or into dequant(W) (default).")
-def bake_cmd(inputs, base, out, weights, force, as_json, base_quant, outtype, into) -> None:
+@click.option("--single-file", is_flag=True,
+              help="An SD1.5/SDXL pipeline base: write -o as one checkpoint file (UNet, VAE, text encoders "
+                   "in the original layout) that from_single_file, A1111 and ComfyUI read; SD3: the "
+                   "transformer in MMDiT names.")  # fmt: skip
+def bake_cmd(inputs, base, out, weights, force, as_json, base_quant, outtype, into, single_file) -> None:
     """Write the base model with the adapters folded in, streaming one shard (or GGUF tensor) at a time.
 
     A .gguf base is baked at its own quantisation (--outtype), written as one .gguf file.
@@ -51,7 +55,8 @@ def bake_cmd(inputs, base, out, weights, force, as_json, base_quant, outtype, in
     with telling_replaced(err_console if as_json else console):
         with progress_bar("baking") as update:
             doc = merging.bake(inputs, base, out, weights=weights, force=force, progress=update,
-                               base_quant=base_quant, into=into, outtype=outtype, measured=measured)
+                               base_quant=base_quant, into=into, outtype=outtype, measured=measured,
+                               single_file=single_file)
     if as_json:
         return emit_json("merging.bake/1", doc)
     size = sum(doc["files"].values())

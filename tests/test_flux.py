@@ -52,60 +52,20 @@ WRONG_IN_DIFFUSERS = {  # what diffusers 0.42 cannot load from a kohya Flux file
 }  # fmt: skip
 
 
-def _weights(parts: dict) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v for c, m in parts.items() for k, v in m.state_dict().items()}
-
-
-def _saved(name: str) -> str:  # transformers 5's CLIPTextModel lost text_model. (the checkpoints keep it)
-    return name.replace("text_encoder.text_model.", "text_encoder.")
-
-
 def bfl_file(path, table, seed, rank=4, alpha=2.0, scale=0.3):
     """A kohya Flux LoRA by hand in sd-scripts' layout: one LoRA per BFL module, fused rows, alpha ≠ rank."""
-    w = _weights(sp.flux_parts())
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, mods in table.items():
-        out = sum(w[_saved(m) + ".weight"].shape[0] for m in mods)
-        inp = w[_saved(mods[0]) + ".weight"].shape[1]
-        tensors[f"{name}.lora_down.weight"] = scale * torch.randn(rank, inp, generator=g)
-        tensors[f"{name}.lora_up.weight"] = scale * torch.randn(out, rank, generator=g)
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora_flux"})
-    return path
+    return sp.fused_file(path, sp.flux_parts(), table, seed, "networks.lora_flux", rank, alpha, scale)
 
 
 def diffusers_file(path, modules, seed, rank=3, scale=0.3):
     """A LoRA in diffusers' names (as save_lora_weights / ai-toolkit write it), no alpha (scale 1)."""
-    w = _weights(sp.flux_parts())
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for m in modules:
-        out, inp = w[_saved(m) + ".weight"].shape
-        tensors[f"{m}.lora_A.weight"] = scale * torch.randn(rank, inp, generator=g)
-        tensors[f"{m}.lora_B.weight"] = scale * torch.randn(out, rank, generator=g)
-    save_file(tensors, str(path))
-    return path
+    return sp.diffusers_named_file(path, sp.flux_parts(), modules, seed, rank, scale)
 
 
 def added_by_hand(files_tables) -> dict:
-    """Flux parts with each BFL file's ΔW = α/r·up·down added to its fused weight (the weight-space truth)."""
-    parts = sp.flux_parts()
-    w = {k: v for k, v in _weights(parts).items()}
-    with torch.no_grad():
-        for file, table in files_tables:
-            t = load_file(str(file))
-            for name, mods in table.items():
-                up, down = t[f"{name}.lora_up.weight"], t[f"{name}.lora_down.weight"]
-                delta = float(t[f"{name}.alpha"]) / down.shape[0] * up @ down  # (fused out, in)
-                if name.endswith("adaLN_modulation_1"):  # BFL (shift, scale); diffusers (scale, shift)
-                    delta = torch.cat(delta.chunk(2)[::-1])
-                rows = [w[_saved(m) + ".weight"].shape[0] for m in mods]
-                for m, d in zip(mods, delta.split(rows), strict=True):
-                    w[_saved(m) + ".weight"] += d
-        for c, m in parts.items():
-            m.load_state_dict({k.partition(".")[2]: v for k, v in w.items() if k.startswith(f"{c}.")})
-    return parts
+    """Flux parts with each BFL file's ΔW = α/r·up·down added to its fused weight (the weight-space truth);
+    BFL's final adaLN holds (shift, scale), diffusers' (scale, shift)."""
+    return sp.added_by_hand(sp.flux_parts(), files_tables, ("adaLN_modulation_1",))
 
 
 def _error(parts, ref, base) -> float:
@@ -145,7 +105,7 @@ def test_bfl_and_diffusers_named_loras_merged_with_cat_match_diffusers_stacking_
     keys = {k.split(".")[0] for k in load_file(str(out))}
     assert keys == set(FUSED) | {"lora_unet_double_blocks_0_img_mlp_2"}
     down = load_file(str(out))["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
-    assert down.shape == (4 + 3 + 4 + 4, 16)  # A stacked per target (q had both inputs): rank adds
+    assert down.shape == (4 + 3, 16)  # the bfl A that q, k, v share written once, the dif rows of q added
     for file in (out, diffusers_lora.write(merged.deltas, tmp_path / "merged_d.safetensors", layout)):
         got = sp.flux_parts()
         sp.diffusers_flux_load(got, {"merged": file})
@@ -184,21 +144,38 @@ def test_linear1_top_level_layers_and_t5_where_diffusers_is_wrong(tmp_path, layo
     assert _error(got, ref, flux_base) <= TOL
 
 
-def test_bfl_names_round_trip_exactly_with_rank_adding_on_fused_modules(tmp_path, layout):
-    """Read splits qkv into three LoRAs sharing A; write stacks A and makes B block-diagonal: same keys,
-    same ΔW per BFL module, rank ×3 on qkv and ×4 on linear1."""
+@pytest.mark.parametrize("strategy", [None, "cat"])
+def test_bfl_names_round_trip_exactly_with_the_shared_a_written_once(tmp_path, layout, flux_base, strategy):
+    """Read splits qkv / linear1 into LoRAs sharing one A; written back (as read, or merged alone with cat)
+    the shared A is stacked once: the same keys, ranks and ΔW per BFL module, and diffusers loads the
+    written file (on the modules it reads right) to the same forward as the input."""
     table = FUSED | WRONG_IN_DIFFUSERS
     src = bfl_file(tmp_path / "a.safetensors", table, seed=3)
     ad = kohya.read(src, base=layout).refine_targets(layout.modules)
+    ad = _merged([src], layout, strategy) if strategy else ad
     out = kohya.write(ad, tmp_path / "b.safetensors", base=layout)
     a, b = load_file(str(src)), load_file(str(out))
     assert set(a) == set(b)
     for name in table:
-        dw = [float(t[f"{name}.alpha"]) / t[f"{name}.lora_down.weight"].shape[0]
-              * t[f"{name}.lora_up.weight"] @ t[f"{name}.lora_down.weight"] for t in (a, b)]  # fmt: skip
-        torch.testing.assert_close(dw[1], dw[0], rtol=1e-5, atol=1e-7)
-    assert b["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (16, 16)
-    assert b["lora_unet_double_blocks_0_img_mlp_0.lora_down.weight"].shape == (4, 16)
+        assert b[f"{name}.lora_down.weight"].shape == a[f"{name}.lora_down.weight"].shape, name  # rank 4
+        torch.testing.assert_close(sp.kohya_dw(b, name), sp.kohya_dw(a, name), rtol=1e-5, atol=1e-7)
+    read_right = [tmp_path / "a_ok.safetensors", tmp_path / "b_ok.safetensors"]
+    for f, t in zip(read_right, (a, b), strict=True):
+        save_file({k: v for k, v in t.items() if k.split(".")[0] in FUSED}, str(f))
+    assert _error(_only(read_right[1]), sp.flux_noise(_only(read_right[0])), flux_base) <= 1e-5
+
+
+def test_split_loras_with_different_a_fuse_block_diagonally(tmp_path, layout):
+    """q, k, v with their own A's (a diffusers-named file) written in BFL names: one qkv LoRA whose rank is
+    the sum (B block-diagonal), the same ΔW per row block."""
+    mods = [f"{DOUBLE}.attn.to_{x}" for x in "qkv"]
+    dif = diffusers_file(tmp_path / "d.safetensors", mods, seed=4)
+    out = kohya.write(kohya.read(dif, base=layout), tmp_path / "bfl.safetensors", base=layout)
+    t, d = load_file(str(out)), load_file(str(dif))
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert t[f"{name}.lora_down.weight"].shape == (3 * 3, 16)
+    want = torch.cat([d[f"{m}.lora_B.weight"] @ d[f"{m}.lora_A.weight"] for m in mods])
+    torch.testing.assert_close(sp.kohya_dw(t, name), want, rtol=1e-5, atol=1e-7)
 
 
 def _lokr_file(path, w1_rows):
@@ -322,11 +299,15 @@ def test_bake_a_flux_pipeline_loads_with_from_pretrained_and_equals_diffusers_fu
     assert sp.effect_error(sp.flux_noise(baked), sp.flux_noise(ref), sp.flux_noise(sp.flux_parts())) <= TOL
     again = _cli("bake", *files, "--base", flux_pipe, "-o", out)
     assert again.exit_code == 2 and "--force" in again.output
+    one = _cli("bake", *files, "--base", flux_pipe, "-o", tmp_path / "one.safetensors", "--single-file")
+    assert one.exit_code != 0 and "writes SD1.5/SDXL/SD3 files" in one.output, one.output
+    assert "bake a folder" in one.output
+    assert not (tmp_path / "one.safetensors").exists()
 
 
 def test_compare_on_a_flux_pipeline_writes_a_report_with_fidelity_per_component(tmp_path, flux_pipe):
     """compare --base <pipeline>: cat exact (cosine 1) on the transformer and both text encoders, svd at
-    rank 1 < the sum's rank measurably off; report.json/.md and the error-vs-rank plot."""
+    rank 1 < the sum's rank measurably off; report.json/.md and the LLM report's plots per component."""
     import json
 
     mods = [f"{DOUBLE}.attn.to_q", f"{SINGLE}.proj_mlp", f"{CLIP}.self_attn.v_proj", f"{T5}.SelfAttention.q"]
@@ -341,4 +322,9 @@ def test_compare_on_a_flux_pipeline_writes_a_report_with_fidelity_per_component(
     assert rows["cat"]["effect_rel_error"] <= TOL and min(rows["cat"]["cosines"].values()) > 1 - 1e-8
     assert rows["svd r=6"]["effect_rel_error"] <= TOL  # rank 6 = the sum's rank on every module
     assert rows["svd r=1"]["effect_rel_error"] > 1e-2
-    assert (out / "report.md").is_file() and (out / "error_vs_rank.png").is_file()
+    assert (out / "report.md").is_file()
+    comps = ("transformer", "text_encoder", "text_encoder_2")
+    kinds = ("fidelity_vs_rank", "size_vs_fidelity", "per_layer_error")
+    drawn = {f"{p}_{c}.png" for p in kinds for c in comps}
+    assert set(doc["plots"]) == drawn and all((out / p).is_file() for p in drawn)
+    assert rows["svd r=1"]["module_errors"][f"{DOUBLE}.attn.to_q"] > 1e-2  # rank 6 → 1 on to_q

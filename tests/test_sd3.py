@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from merging_cli.main import cli
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from merging.base.layout import BaseLayout
 from merging.core.adapter import weighted
@@ -44,51 +44,18 @@ MMDIT = {  # MMDiT name → the diffusers modules fused in it (rows in order); s
 SWAPPED = ("joint_blocks_1_context_block_adaLN_modulation_1", "final_layer_adaLN_modulation_1")
 
 
-def _weights(parts) -> dict[str, torch.Tensor]:
-    return {f"{c}.{k}": v for c, m in parts.items() for k, v in m.state_dict().items()}
-
-
 def mmdit_file(path, seed, rank=4, alpha=2.0, scale=0.3):
     """A kohya SD3 LoRA by hand in sd-scripts' layout: fused qkv, alpha ≠ rank."""
-    w = _weights(sp.sd3_parts())
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    for name, mods in MMDIT.items():
-        out, inp = sum(w[m + ".weight"].shape[0] for m in mods), w[mods[0] + ".weight"].shape[1]
-        t[f"{name}.lora_down.weight"] = scale * torch.randn(rank, inp, generator=g)
-        t[f"{name}.lora_up.weight"] = scale * torch.randn(out, rank, generator=g)
-        t[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(t, str(path), metadata={"ss_network_module": "networks.lora_sd3"})
-    return path
+    return sp.fused_file(path, sp.sd3_parts(), MMDIT, seed, "networks.lora_sd3", rank, alpha, scale)
 
 
 def diffusers_file(path, modules, seed, rank=3, scale=0.3):
-    w = _weights(sp.sd3_parts())
-    g = torch.Generator().manual_seed(seed)
-    t = {}
-    for m in modules:
-        out, inp = w[m + ".weight"].shape
-        t[f"{m}.lora_A.weight"] = scale * torch.randn(rank, inp, generator=g)
-        t[f"{m}.lora_B.weight"] = scale * torch.randn(out, rank, generator=g)
-    save_file(t, str(path))
-    return path
+    return sp.diffusers_named_file(path, sp.sd3_parts(), modules, seed, rank, scale)
 
 
 def added_by_hand(file) -> dict:
     """SD3 parts with the MMDiT file's ΔW added to each fused weight (swapped halves where MMDiT swaps)."""
-    parts = sp.sd3_parts()
-    w, t = _weights(parts), load_file(str(file))
-    with torch.no_grad():
-        for name, mods in MMDIT.items():
-            up, down = t[f"{name}.lora_up.weight"], t[f"{name}.lora_down.weight"]
-            delta = float(t[f"{name}.alpha"]) / down.shape[0] * up @ down
-            if name.endswith(SWAPPED):
-                delta = torch.cat(delta.chunk(2)[::-1])
-            for m, d in zip(mods, delta.split([w[m + ".weight"].shape[0] for m in mods]), strict=True):
-                w[m + ".weight"] += d
-        mine = {k.removeprefix("transformer."): v for k, v in w.items() if k.startswith("transformer.")}
-        parts["transformer"].load_state_dict(mine)
-    return parts
+    return sp.added_by_hand(sp.sd3_parts(), [(file, MMDIT)], SWAPPED)
 
 
 def _noise(parts) -> torch.Tensor:
@@ -131,9 +98,7 @@ def test_mmdit_names_round_trip_exactly(tmp_path):
     a, b = load_file(str(src)), load_file(str(out))
     assert set(a) == set(b)
     for name in MMDIT:
-        dw = [float(t[f"{name}.alpha"]) / t[f"{name}.lora_down.weight"].shape[0]
-              * t[f"{name}.lora_up.weight"] @ t[f"{name}.lora_down.weight"] for t in (a, b)]  # fmt: skip
-        torch.testing.assert_close(dw[1], dw[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(sp.kohya_dw(b, name), sp.kohya_dw(a, name), rtol=1e-5, atol=1e-7)
 
 
 def test_verify_on_an_sd3_pipeline(tmp_path):
@@ -148,3 +113,39 @@ def test_verify_on_an_sd3_pipeline(tmp_path):
                                                             "-s", "cat"])  # fmt: skip
     assert result.exit_code == 0 and "PASS" in result.output, result.output
     assert "diffusers (set_adapters)" in result.output
+
+
+def test_single_file_bake_of_sd3_loads_with_from_single_file_and_equals_diffusers_fusing_the_lora(tmp_path):
+    """bake --single-file on SD3: the transformer in MMDiT's checkpoint names (qkv fused, the last block's
+    context adaLN and the final layer's swapped back), which SD3Transformer2DModel.from_single_file reads
+    (config: the pipeline folder, offline) equal to diffusers' load_lora_into_transformer + fuse_lora; a
+    file that adapts a text encoder too is refused in one line."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders import SD3LoraLoaderMixin as Loader
+
+    pipe = sp.pipeline_folder(tmp_path / "pipe", sp.sd3_parts(), "StableDiffusion3Pipeline")
+    mods = [*DIF, f"{B0}.attn.to_k", f"{B1}.norm1_context.linear", "transformer.norm_out.linear",
+            "transformer.context_embedder"]  # fmt: skip
+    files = [diffusers_file(tmp_path / f"{i}.safetensors", mods[i - 1 :], seed=i) for i in (1, 2)]
+    out = tmp_path / "sd3.safetensors"
+    args = ["--base", str(pipe), "--single-file", "-o"]
+    result = CliRunner().invoke(cli, ["bake", *map(str, files), *args, str(out)])
+    assert result.exit_code == 0, result.output
+    got = SD3Transformer2DModel.from_single_file(str(out), config=str(pipe), subfolder="transformer",
+                                                 local_files_only=True).state_dict()  # fmt: skip
+    ref = sp.sd3()
+    for i, f in enumerate(files):
+        Loader.load_lora_into_transformer(Loader.lora_state_dict(str(f)), ref, adapter_name=f"a{i}")
+    ref.fuse_lora(adapter_names=["a0", "a1"])
+    ref.unload_lora()
+    want, was = ref.state_dict(), sp.sd3().state_dict()
+    assert got.keys() == want.keys()
+    err = sum(float((got[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+    moved = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+    assert moved > 0 and err <= 1e-5 * moved, (err, moved)
+    q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    te = diffusers_file(tmp_path / "te.safetensors", [q], 3)
+    refused = CliRunner().invoke(cli, ["bake", str(te), *args, str(tmp_path / "x")])
+    assert refused.exit_code != 0, refused.output
+    assert f"module {q}: not in an SD3 single file; bake a folder" in refused.output
+    assert not (tmp_path / "x").exists()

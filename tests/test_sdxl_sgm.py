@@ -150,24 +150,52 @@ def test_every_unet_parameter_has_an_sgm_name_that_diffusers_single_file_loader_
     assert all(torch.equal(back[k], v) for k, v in u.state_dict().items())
 
 
-def test_single_file_bake_loads_with_from_single_file_like_lycoris_runs_the_input(tmp_path):
-    """bake_single_file: the UNet with a LyCORIS LoCon folded in, in LDM names, read by from_single_file."""
-    from diffusers import UNet2DConditionModel
+def _loaded(pipe, parts: dict) -> dict:
+    """The pipeline folder's components, loaded afresh with from_pretrained."""
+    return {c: type(m).from_pretrained(str(pipe / c)).eval() for c, m in parts.items()}
 
-    from merging.errors import UnsupportedError
-    from merging.export.bake_pipeline import bake_single_file
 
-    pipe = sp.pipeline_folder(tmp_path / "pipe", _parts(), "StableDiffusionXLPipeline")
+def _fused(parts: dict, lora) -> dict:
+    """The components with ``lora`` loaded by diffusers' pipeline loader and fused into them."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    xl = "text_encoder_2" in parts
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    extra = {"tokenizer_2": None} if xl else {"safety_checker": None, "feature_extractor": None}
+    ref = cls(**parts, tokenizer=None, scheduler=None, **extra)
+    ref.load_lora_weights(str(lora))
+    ref.fuse_lora(components=[c for c in ("unet", "text_encoder", "text_encoder_2") if c in parts])
+    ref.unload_lora_weights()
+    return {c: getattr(ref, c) for c in parts}
+
+
+@pytest.mark.parametrize("xl", [True, False], ids=["sdxl", "sd15"])
+def test_single_file_bake_loads_with_from_single_file_and_equals_diffusers_fusing_the_lora(tmp_path, xl):
+    """bake --single-file: UNet, VAE and text encoders in the original (LDM/SGM, OpenCLIP) layout; the
+    pipeline's from_single_file (config: the base folder, offline) reads components equal to diffusers'
+    load_lora_weights + fuse_lora of the same file, the VAE unchanged."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = (_parts() if xl else {"unet": sp.unet(), "text_encoder": sp.text_encoder(1)}) | {"vae": sp.vae()}
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    pipe = sp.pipeline_folder(tmp_path / "pipe", parts, cls.__name__)
     layout = BaseLayout.from_folder(pipe)
-    m = {"unet": _unet()}
-    f = sp.lycoris_file(tmp_path / "a.safetensors", m, "locon", seed=1)
-    ref, base = _noise(m["unet"]), _noise(_unet())
-    pairs = weighted([kohya.read(f, base=layout).refine_targets(layout.modules)])
-    out = bake_single_file(pipe, pairs, tmp_path / "baked.safetensors")
-    got = UNet2DConditionModel.from_single_file(str(out), config=str(pipe / "unet"), local_files_only=True)
-    assert sp.effect_error(_noise(got.eval()), ref, base) <= TOL
-    te, _ = _lycoris(tmp_path, 2)  # adapts the text encoders too: one line, nothing written
-    te_pairs = weighted([kohya.read(te, base=layout).refine_targets(layout.modules)])
-    with pytest.raises(UnsupportedError, match="a single file holds the UNet only; bake the folder") as e:
-        bake_single_file(pipe, te_pairs, tmp_path / "x.safetensors")
-    assert "\n" not in str(e.value) and not (tmp_path / "x.safetensors").exists()
+    live = _loaded(pipe, parts)
+    te = [live[c] for c in live if c.startswith("text_encoder")]
+    m = {"unet": live["unet"], "text_encoder": te if xl else te[0]}
+    f = sp.lycoris_file(tmp_path / "a.safetensors", m, "locon", seed=1)  # adapts UNet and text encoders
+    ad = kohya.read(f, base=layout).refine_targets(layout.modules)
+    names = SGM if xl else WriteOptions()  # as sd-scripts names SDXL / SD1.5 files (diffusers maps both)
+    lora = kohya.write(ad, tmp_path / "lora.safetensors", base=layout, options=names)
+    out = tmp_path / "baked.safetensors"
+    result = CliRunner().invoke(cli, ["bake", str(f), "--base", str(pipe), "-o", str(out), "--single-file"])
+    assert result.exit_code == 0, result.output
+    skip = {"tokenizer": None, "scheduler": None} | ({"tokenizer_2": None} if xl else {})
+    got = cls.from_single_file(str(out), config=str(pipe), local_files_only=True, **skip)
+    ref = _fused(_loaded(pipe, parts), lora)
+    for c, model in ref.items():
+        want, have, was = model.state_dict(), getattr(got, c).state_dict(), parts[c].state_dict()
+        assert have.keys() == want.keys(), c
+        err = sum(float((have[k] - want[k]).norm() ** 2) for k in want) ** 0.5
+        moved = sum(float((want[k] - was[k]).norm() ** 2) for k in want) ** 0.5
+        assert (err == moved == 0) if c == "vae" else (moved > 0 and err <= 1e-5 * moved), (c, err, moved)

@@ -203,7 +203,7 @@ def compare_pipeline(
     from merging.base.layout import BaseLayout
     from merging.core.adapter import weighted
     from merging.eval.compare_pipeline import compare_pipeline as measure
-    from merging.eval.compare_pipeline import write_report
+    from merging.export.report_pipeline import write_report
 
     given = {"alpha": alpha, "common_fraction": common_fraction}
     set_ = {k: v for k, v in given.items() if v is not None}

@@ -18,7 +18,7 @@ def bake(
     inputs: Sequence[str | Path], base: str | Path, out: str | Path, *,
     weights: Sequence[float] | None = None, force: bool = False, progress: Progress | None = None,
     base_quant: str | None = None, into: str | None = None, outtype: str = "same",
-    measured: Callable[[list], None] | None = None,
+    measured: Callable[[list], None] | None = None, single_file: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Write the base model with the adapters folded in, a shard (or GGUF tensor) at a time (merging bake).
 
@@ -34,6 +34,9 @@ def bake(
         into: with ``base_quant``, "original" (the float weights) or "dequantized" (default).
         outtype: a GGUF base: the adapted tensors' type ("same" keeps each tensor's own).
         measured: called with the QLoRA table before the bake is written (to show it early).
+        single_file: an SD1.5/SDXL pipeline base: write ``out`` as one checkpoint file in the original
+            (LDM/SGM) layout, which ``from_single_file`` reads, instead of a pipeline folder (SD3: the
+            transformer alone, in MMDiT's names).
 
     Returns:
         What was written (the ``--json`` document, schema merging.bake/1): output, base, inputs, files (and
@@ -48,6 +51,8 @@ def bake(
         raise MergingError("--base-quant is for a transformers base; a .gguf base keeps its own types")
     if into == "dequantized" and not base_quant:
         raise MergingError("--into dequantized needs --base-quant (the quantisation the adapters saw)")
+    if single_file and not is_pipeline(Path(base)):
+        raise MergingError(f"{base}: --single-file is for a diffusers pipeline base (SD1.5/SDXL/SD3)")
     pairs = sources.load_inputs([str(s) for s in inputs], base=None if gguf_base else base, weights=weights)
     into, table = into or ("dequantized" if base_quant else "original"), None
     if base_quant:
@@ -56,7 +61,11 @@ def bake(
         table = qlora.bake_table(Path(base), pairs, base_quant)
         if measured is not None:
             measured(table)
-    if is_pipeline(Path(base)):  # a diffusers pipeline: its denoiser and text encoders, a pipeline folder
+    if single_file:
+        from merging.export.bake_pipeline import bake_single_file
+
+        bake_single_file(Path(base), pairs, Path(out), force=force)
+    elif is_pipeline(Path(base)):  # a diffusers pipeline: its denoiser and text encoders, a pipeline folder
         from merging.export.bake_pipeline import bake_pipeline
 
         bake_pipeline(Path(base), pairs, Path(out), force=force, progress=progress)
@@ -67,7 +76,7 @@ def bake(
     else:
         bake_lib.bake(Path(base), pairs, Path(out), force=force, progress=progress, base_quant=base_quant,
                       into=into)
-    files = [Path(out)] if gguf_base else sorted(p for p in Path(out).iterdir() if p.is_file())
+    files = [Path(out)] if gguf_base or single_file else sorted(p for p in Path(out).iterdir() if p.is_file())
     inputs_ = [{"source": str(ad.source), "weight": w} for ad, w in pairs]
     sizes = {p.name: p.stat().st_size for p in files}
     doc: dict[str, Any] = {"output": str(out), "base": str(base), "inputs": inputs_, "files": sizes}

@@ -24,7 +24,7 @@ from merging.core.adapter import Pair, stacks
 from merging.core.alora import refuse_gated
 from merging.errors import FormatError, UnsupportedError
 from merging.export.bake import Progress, stream_shard
-from merging.formats.sgm_names import to_sgm
+from merging.formats import ldm_checkpoint, mmdit_names
 from merging.runtime.effective import effective_bias, effective_weight
 from merging.storage.atomic import atomic_file, atomic_folder, checkpoint
 from merging.storage.files import refuse_overlap, save_safetensors
@@ -109,31 +109,41 @@ def _bake_component(src: Path, dst: Path, comp: str, deltas: dict, layout: BaseL
 
 
 def bake_single_file(base: Path, pairs: Sequence[Pair], out: Path, *, force: bool = False) -> Path:
-    """The pipeline's UNet with the adapters folded in, as one file in Stability's (LDM/SGM) names
-    (``model.diffusion_model.*``), which ``UNet2DConditionModel.from_single_file`` reads.
+    """A pipeline with the adapters folded in, as one checkpoint file in the original layout, which
+    ``from_single_file`` reads: SD1.5 / SDXL whole (UNet, VAE, text encoders: ``ldm_checkpoint``), SD3's
+    transformer alone in MMDiT's names (``mmdit_names.checkpoint_tensors``).
 
-    Only the UNet is written: adapters that change a text encoder are refused (bake the folder instead).
-    The UNet is held in memory once (its tensors are renamed, not streamed).
+    Flux is refused (diffusers 0.42's reader splits linear1 at the full model's width): bake the folder.
+    Each component is held in memory in turn, and the whole file once, as safetensors writes it.
     """
     base = Path(base)
-    if not sdbase.is_pipeline(base) or not (base / "unet").is_dir():
-        raise FormatError(f"{base}: a single-file bake needs a UNet pipeline folder (with unet/)")
+    if not sdbase.is_pipeline(base):
+        raise FormatError(f"{base}: a single-file bake needs a diffusers pipeline folder (model_index.json)")
     refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
+    refuse_gated(pairs)
     plan = stacks(pairs)
     if plan.aux:
         raise UnsupportedError(f"module {min(plan.aux)}: replaced modules are not baked into a pipeline")
-    if other := sorted(m for m in plan.deltas if not m.startswith("unet.")):
-        raise UnsupportedError(f"module {other[0]}: a single file holds the UNet only; bake the folder")
     layout = BaseLayout.from_folder(base)
-    weights, jobs, transform = _folding(base / "unet", "unet", plan.deltas, layout)
-    names = to_sgm(sorted({n.rpartition(".")[0] for n in weights.where}))
-    tensors = {}
-    for name in sorted(weights.where):
-        mod, _, param = name.rpartition(".")
-        if mod not in names:
-            raise UnsupportedError(f"{base}/unet: {name} has no Stability (SGM) name; bake the folder")
-        t = weights.get(name)
-        tensors[f"model.diffusion_model.{names[mod]}.{param}"] = transform(name, t) if name in jobs else t
+    dit = (base / "transformer").is_dir()
+    if dit and not mmdit_names.is_sd3(layout.modules):
+        why = "diffusers 0.42 reads Flux's at the full model's widths only"
+        raise UnsupportedError(f"{base}: --single-file writes SD1.5/SDXL/SD3 files ({why}); bake a folder")
+    if not dit and not (base / "unet").is_dir():
+        raise FormatError(f"{base}: a single-file bake needs a UNet or SD3 transformer (unet/, transformer/)")
+    kind = "sd3" if dit else "sdxl" if (base / "text_encoder_2").is_dir() else "sd"
+    comps = ["transformer"] if dit else [c for c in ldm_checkpoint.COMPONENTS if (base / c).is_dir()]
+    if other := sorted(m for m in plan.deltas if m.partition(".")[0] not in comps):
+        raise UnsupportedError(f"module {other[0]}: not in an {kind.upper()} single file; bake a folder")
+    tensors: dict[str, torch.Tensor] = {}
+    for comp in comps:
+        weights, jobs, transform = _folding(base / comp, comp, plan.deltas, layout)
+        own = {n: weights.get(n) for n in sorted(weights.where)}
+        own |= {n: transform(n, own[n]) for n in jobs}
+        if kind == "sd3":
+            tensors |= mmdit_names.checkpoint_tensors(own, layout.modules)
+        else:
+            tensors |= ldm_checkpoint.component_tensors(kind, comp, own)
     with atomic_file(Path(out), force=force) as tmp:
         save_safetensors(tensors, tmp, metadata={"format": "pt"})
     return Path(out)

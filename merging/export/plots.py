@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from merging.eval.results import Comparison
 
@@ -12,17 +14,22 @@ FLOOR = 1e-9  # errors are drawn no lower than this on log axes
 
 def draw_all(plt, report: Comparison, folder: Path) -> list[str]:
     """Draw every plot that has data into folder; return the file names."""
+    return draw(plt, folder, [
+        ("fidelity_vs_rank.png", lambda ax: _fidelity_vs_rank(ax, report)),
+        ("per_layer_error.png", lambda ax: _per_layer(ax, report)),
+        ("size_vs_fidelity.png", lambda ax: _size_vs_fidelity(ax, report)),
+        ("skill_retention.png", lambda ax: _skills(ax, report)),
+        ("tune_search.png", lambda ax: _search(ax, report)),
+        ("tune_retention.png", lambda ax: _before_after(ax, report)),
+    ])  # fmt: skip
+
+
+def draw(plt, folder: Path, plots: Sequence[tuple[str, Callable[[Any], bool]]]) -> list[str]:
+    """Each (file name, draw(ax) → whether it had data) drawn on its own figure; the names written."""
     out = []
-    for name, fn in (
-        ("fidelity_vs_rank.png", _fidelity_vs_rank),
-        ("per_layer_error.png", _per_layer),
-        ("size_vs_fidelity.png", _size_vs_fidelity),
-        ("skill_retention.png", _skills),
-        ("tune_search.png", _search),
-        ("tune_retention.png", _before_after),
-    ):
+    for name, fn in plots:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        if fn(ax, report):
+        if fn(ax):
             fig.tight_layout()
             fig.savefig(folder / name)
             out.append(name)
@@ -31,27 +38,41 @@ def draw_all(plt, report: Comparison, folder: Path) -> list[str]:
 
 
 def _fidelity_vs_rank(ax, report: Comparison) -> bool:
+    points = [(v.strategy, v.rank, v.label, v.row.effect_rel_error) for v in report.variants]
+    return fidelity_vs_rank(ax, points, report.tolerance)
+
+
+def fidelity_vs_rank(
+    ax, points: Sequence[tuple[str | None, int | None, str, float]], tolerance: float | None,
+    what: str = "effect-relative error vs stacked",
+) -> bool:  # fmt: skip
+    """Error against rank, a line per strategy (rank-free variants as dashed levels).
+
+    Args:
+        points: (strategy, rank or None, label, error) per variant.
+        tolerance: drawn as the exact strategies' bar (None: not drawn).
+        what: the y axis label.
+    """
     by: dict[str | None, list[tuple[int, float]]] = {}
     flat = []
-    for v in report.variants:
-        if v.rank is not None:
-            by.setdefault(v.strategy, []).append((v.rank, max(v.row.effect_rel_error, FLOOR)))
+    for strategy, rank, label, err in points:
+        if rank is not None:
+            by.setdefault(strategy, []).append((rank, max(err, FLOOR)))
         else:
-            flat.append(v)
+            flat.append((label, err))
     if not by:
         return False
-    for name, pts in sorted(by.items()):
+    for name, pts in sorted(by.items(), key=lambda kv: str(kv[0])):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    for v in flat:
-        ax.axhline(
-            max(v.row.effect_rel_error, FLOOR), linestyle="--", linewidth=1, label=f"{v.label} (any rank)"
-        )
-    ax.axhline(report.tolerance, color="black", linewidth=0.8, linestyle=":", label="exact tolerance")
+    for label, err in flat:
+        ax.axhline(max(err, FLOOR), linestyle="--", linewidth=1, label=f"{label} (any rank)")
+    if tolerance is not None:
+        ax.axhline(tolerance, color="black", linewidth=0.8, linestyle=":", label="exact tolerance")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("rank budget per module")
-    ax.set_ylabel("effect-relative error vs stacked")
+    ax.set_ylabel(what)
     ax.set_title("Fidelity against rank")
     ax.legend(fontsize=7, ncol=2)
     return True
@@ -63,18 +84,22 @@ def _layer(module: str) -> int | None:
 
 
 def _per_layer(ax, report: Comparison) -> bool:
+    # an exact variant's errors are rounding noise
+    return per_layer(ax, [(v.label, v.row.module_errors) for v in report.variants if not v.row.exact])
+
+
+def per_layer(ax, series: Sequence[tuple[str, Mapping[str, float]]]) -> bool:
+    """Mean per-module weight-space error by layer index (the first number in a module path), per label."""
     drawn = False
-    for v in report.variants:
-        if v.row.exact or not v.row.module_errors:  # an exact variant's errors are rounding noise
-            continue
+    for label, errors in series:
         layers: dict[int, list[float]] = {}
-        for mod, e in v.row.module_errors.items():
+        for mod, e in errors.items():
             if (i := _layer(mod)) is not None:
                 layers.setdefault(i, []).append(e)
         if not layers:
             continue
         xs = sorted(layers)
-        ax.plot(xs, [max(sum(layers[i]) / len(layers[i]), FLOOR) for i in xs], marker=".", label=v.label)
+        ax.plot(xs, [max(sum(layers[i]) / len(layers[i]), FLOOR) for i in xs], marker=".", label=label)
         drawn = True
     if drawn:
         ax.set_yscale("log")
@@ -86,16 +111,22 @@ def _per_layer(ax, report: Comparison) -> bool:
 
 
 def _size_vs_fidelity(ax, report: Comparison) -> bool:
-    if not report.variants:
+    return size_vs_fidelity(ax, [(v.label, v.params, v.row.effect_rel_error) for v in report.variants])
+
+
+def size_vs_fidelity(
+    ax, points: Sequence[tuple[str, int, float]], what: str = "effect-relative error vs stacked"
+) -> bool:
+    """Error against the merged adapter's parameter count, one labelled point per (label, params, error)."""
+    if not points:
         return False
-    for v in report.variants:
-        ax.scatter(v.params, max(v.row.effect_rel_error, FLOOR), s=18)
-        ax.annotate(v.label, (v.params, max(v.row.effect_rel_error, FLOOR)), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    for label, params, err in points:
+        ax.scatter(params, max(err, FLOOR), s=18)
+        ax.annotate(label, (params, max(err, FLOOR)), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("merged adapter parameters")
-    ax.set_ylabel("effect-relative error vs stacked")
+    ax.set_ylabel(what)
     ax.set_title("Size against fidelity")
     return True
 

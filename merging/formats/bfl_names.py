@@ -20,7 +20,8 @@ of the fused weight's rows; ``final_layer.adaLN_modulation.1`` stores (shift, sc
 
 Splitting a delta by rows is exact for LoRA (B's row blocks, A shared), LoHa (both B factors' rows) and a
 full diff; for LoKr only when every block is a whole number of W2's rows. Fusing back stacks the parts'
-exact low-rank forms: A stacked, B block-diagonal (rank adds).
+exact low-rank forms: A's rows stacked once each (the A a split fused LoRA shares is written once: rank r
+again), B block-diagonal over the rows the parts do not share (rank adds).
 """
 
 from __future__ import annotations
@@ -113,13 +114,14 @@ def fused_rows(pieces: tuple[Piece, ...]) -> int:
     return sum(e - s for p in pieces for s, e in p.rows)
 
 
-def _index(rows: Rows) -> torch.Tensor:
+def row_index(rows: Rows) -> torch.Tensor:
+    """The fused weight's row numbers of row ranges, in order."""
     return torch.cat([torch.arange(s, e) for s, e in rows])
 
 
 def take_rows(d: Delta, rows: Rows, name: str) -> Delta:
     """The delta of the fused weight's ``rows`` (in order): exact, or a one-line refusal naming ``name``."""
-    idx = _index(rows)
+    idx = row_index(rows)
     target = Target("linear", (len(idx), d.target.matrix_shape[1]))
     if isinstance(d, LowRank):
         pick = {f: getattr(d, f)[idx] for f in ("bias", "magnitude") if getattr(d, f) is not None}
@@ -141,7 +143,7 @@ def _kron_rows(d: Kronecker, rows: Rows, target: Target, name: str) -> Kronecker
             f"a LoKr whose W2 has {b} rows does not split at the fused rows {list(rows)}; "
             "merge it into a LoRA first (merging convert, or merge -s cat) or keep it on the fused module"
         )
-    idx = _index(tuple((s // b, e // b) for s, e in rows))
+    idx = row_index(tuple((s // b, e // b) for s, e in rows))
     if d.w1 is not None:
         return replace(d, w1=d.w1[idx], target=target)
     return replace(d, w1a=d.w1a[idx], target=target)
@@ -162,20 +164,36 @@ def fuse(deltas: Mapping[str, Delta], pieces: tuple[Piece, ...], inputs: int, na
     """The deltas of a BFL lora_name's modules as one delta on the fused weight (absent modules: zero).
 
     One module taking all rows in order keeps its delta as is; otherwise each part's exact low-rank form,
-    A stacked and B block-diagonal (rank adds), with each part's scale folded into its B.
+    with each part's scale folded into its B: A's rows stacked once each (a row the parts share, as the
+    split of one fused LoRA shares its whole A, is written once and its B columns add: rank r stays r) and
+    B block-diagonal over the rows the parts do not share (rank adds).
     """
     if len(pieces) == 1 and pieces[0].rows == ((0, fused_rows(pieces)),):
         return deltas[pieces[0].module]
     lows = [(p, deltas[p.module].low_rank()) for p in pieces if p.module in deltas]
     if any(lr.magnitude is not None or lr.bias is not None for _, lr in lows):
         raise UnsupportedError(f"{name}: DoRA or a bias delta on a fused BFL module has no kohya form")
-    r = sum(lr.b.shape[1] for _, lr in lows)
+    a, where = _distinct_rows([lr.a.float() for _, lr in lows])  # (r', in), each part's row → a's row
     dtype = lows[0][1].b.dtype
-    b = torch.zeros(fused_rows(pieces), r, dtype=torch.float32)  # (out_fused, Σr)
-    col = 0
-    for p, lr in lows:
-        rk = lr.b.shape[1]
-        b[_index(p.rows), col : col + rk] = lr.scale * lr.b.float()
-        col += rk
-    a = torch.cat([lr.a.float() for _, lr in lows])  # (Σr, in)
+    b = torch.zeros(fused_rows(pieces), a.shape[0], dtype=torch.float32)  # (out_fused, r')
+    for (p, lr), cols in zip(lows, where, strict=True):
+        part = torch.zeros(lr.b.shape[0], a.shape[0]).index_add_(1, cols, lr.scale * lr.b.float())
+        b[row_index(p.rows)] += part
     return LowRank(b.to(dtype), a.to(dtype), 1.0, Target("linear", (b.shape[0], inputs)))
+
+
+def _distinct_rows(mats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The distinct rows of the matrices stacked once (in first-seen order), and each row's index there."""
+    seen: dict[bytes, int] = {}
+    rows: list[torch.Tensor] = []
+    where = []
+    for m in mats:
+        idx = []
+        for row in m:
+            key = row.numpy().tobytes()  # equal values ⇔ equal bytes (float32; a −0 kept apart: still exact)
+            if key not in seen:
+                seen[key] = len(rows)
+                rows.append(row)
+            idx.append(seen[key])
+        where.append(torch.tensor(idx, dtype=torch.long))
+    return torch.stack(rows), where

@@ -316,7 +316,7 @@ def _fused_names(base: BaseLayout | None) -> dict:
 
 
 def _bfl_fused(deltas: dict[str, Delta], fused: dict, base: BaseLayout) -> dict[str, Delta]:
-    """A Flux/SD3 transformer's deltas under sd-scripts' lora_names (fused: A stacked, B block-diagonal)."""
+    """A Flux/SD3 transformer's deltas under sd-scripts' lora_names (fused: ``bfl_names.fuse``)."""
     out = {m: d for m, d in deltas.items() if not m.startswith("transformer.")}
     for name, pieces in fused.items():
         mine = {p.module: deltas[p.module] for p in pieces if p.module in deltas}

@@ -25,7 +25,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from merging.formats.bfl_names import Piece, stacked_pieces
+import torch
+
+from merging.errors import UnsupportedError
+from merging.formats.bfl_names import Piece, fused_rows, row_index, stacked_pieces
 
 BLOCK = {
     "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -80,4 +83,66 @@ def table(modules: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, tuple
             n = modules[mod][1][0]
             rows = _swap(n) if name.endswith("adaLN_modulation_1") else ((0, n),)
             out[f"lora_unet_{name}"] = (Piece(mod, rows),)
+    return out
+
+
+TOP_DOTTED = {
+    "x_embedder_proj": "x_embedder.proj", "context_embedder": "context_embedder",
+    "t_embedder_mlp_0": "t_embedder.mlp.0", "t_embedder_mlp_2": "t_embedder.mlp.2",
+    "y_embedder_mlp_0": "y_embedder.mlp.0", "y_embedder_mlp_2": "y_embedder.mlp.2",
+    "final_layer_linear": "final_layer.linear",
+    "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1",
+}  # fmt: skip
+QK_NORMS = {
+    "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+}  # fmt: skip
+CHECKPOINT = "model.diffusion_model."
+
+
+def _dotted(lora_name: str) -> str:
+    """An MMDiT lora_name as its checkpoint module path (``joint_blocks.0.x_block.attn.qkv``)."""
+    rest = lora_name.removeprefix("lora_unet_")
+    if rest in TOP_DOTTED:
+        return TOP_DOTTED[rest]
+    i, _, part = rest.removeprefix("joint_blocks_").partition("_")
+    part = part.replace("_block_", "_block.", 1).replace("attn_", "attn.").replace("attn2_", "attn2.")
+    return f"joint_blocks.{i}." + part.replace("mlp_", "mlp.").replace("modulation_1", "modulation.1")
+
+
+def checkpoint_tensors(
+    tensors: Mapping[str, torch.Tensor], modules: Mapping[str, tuple[str, tuple[int, ...]]]
+) -> dict[str, torch.Tensor]:
+    """An SD3Transformer2DModel's tensors (its own names) in the original MMDiT checkpoint's names
+    (``model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight``), the inverse of diffusers 0.42's
+    ``convert_sd3_transformer_checkpoint_to_diffusers``: fused modules stacked (rows in ``table``'s
+    order, swapped halves swapped back), qk norms as ln_q / ln_k, pos_embed.pos_embed as pos_embed.
+
+    Args:
+        tensors: the transformer's state dict, without a ``transformer.`` prefix.
+        modules: the pipeline layout's modules (``transformer.<path>``), which ``table`` reads.
+    """
+    out, used = {}, set()
+    for name, pieces in table(modules).items():
+        for param in ("weight", "bias"):
+            parts = [(p, f"{p.module.removeprefix('transformer.')}.{param}") for p in pieces]
+            if not all(n in tensors for _, n in parts):
+                continue
+            first = tensors[parts[0][1]]
+            fused = first.new_zeros((fused_rows(pieces), *first.shape[1:]))
+            for p, n in parts:
+                fused[row_index(p.rows)] = tensors[n]
+                used.add(n)
+            out[f"{CHECKPOINT}{_dotted(name)}.{param}"] = fused
+    for n, t in tensors.items():
+        m = re.match(r"^transformer_blocks\.(\d+)\.(attn2?\.norm_\w+)\.weight$", n)
+        if n in used:
+            continue
+        if n == "pos_embed.pos_embed":
+            out[f"{CHECKPOINT}pos_embed"] = t
+        elif m and m[2] in QK_NORMS:
+            out[f"{CHECKPOINT}joint_blocks.{m[1]}.{QK_NORMS[m[2]]}.weight"] = t
+        else:
+            raise UnsupportedError(f"transformer: {n} has no MMDiT checkpoint name; bake the folder")
     return out

@@ -30,6 +30,18 @@ def unet(seed: int = 0, config: dict | None = None) -> torch.nn.Module:
     return UNet2DConditionModel(**(config or UNET)).eval()
 
 
+def vae(seed: int = 4) -> torch.nn.Module:
+    """A tiny AutoencoderKL (two blocks of 32 channels, latent 4) with seeded weights."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, sample_size=16,
+    ).eval()  # fmt: skip
+
+
 def text_encoder(seed: int = 1, hidden: int = 32, projection: bool = False) -> torch.nn.Module:
     """A tiny CLIPTextModel (SDXL's second: CLIPTextModelWithProjection) with seeded weights."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -306,3 +318,79 @@ def sd3_parts() -> dict[str, torch.nn.Module]:
     """A tiny SD3 pipeline's parts: transformer, CLIP-L, CLIP-G (8 wide each: pooled 16), T5 (16 wide)."""
     return {"transformer": sd3(), "text_encoder": clip_projected(1), "text_encoder_2": clip_projected(2),
             "text_encoder_3": t5()}  # fmt: skip
+
+
+# ------------------------------------------------------------------------- DiT files made by hand
+
+Table = dict[str, list[str]]  # sd-scripts lora_name → the diffusers modules fused in it (rows in order)
+
+
+def weights(parts: dict) -> dict[str, torch.Tensor]:
+    """The parts' tensors as ``<component>.<name>``."""
+    return {f"{c}.{k}": v for c, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def weight_key(w: dict, module: str) -> str:
+    """A module's weight in ``weights``: transformers 5's CLIPTextModel lost ``text_model.`` (not
+    CLIPTextModelWithProjection, nor the checkpoints)."""
+    key = f"{module}.weight"
+    return key if key in w else key.replace("text_encoder.text_model.", "text_encoder.")
+
+
+def fused_file(path, parts: dict, table: Table, seed: int, network: str, rank=4, alpha=2.0, scale=0.3):
+    """A kohya DiT LoRA by hand in sd-scripts' layout: one LoRA per lora_name over its modules' fused rows,
+    alpha ≠ rank; ``network``: the ss_network_module recorded."""
+    from safetensors.torch import save_file
+
+    w = weights(parts)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, mods in table.items():
+        out, inp = sum(w[weight_key(w, m)].shape[0] for m in mods), w[weight_key(w, mods[0])].shape[1]
+        tensors[f"{name}.lora_down.weight"] = scale * torch.randn(rank, inp, generator=g)
+        tensors[f"{name}.lora_up.weight"] = scale * torch.randn(out, rank, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path), metadata={"ss_network_module": network})
+    return path
+
+
+def diffusers_named_file(path, parts: dict, modules, seed: int, rank=3, scale=0.3):
+    """A LoRA in diffusers' names (as save_lora_weights / ai-toolkit write it), no alpha (scale 1)."""
+    from safetensors.torch import save_file
+
+    w = weights(parts)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for m in modules:
+        out, inp = w[weight_key(w, m)].shape
+        tensors[f"{m}.lora_A.weight"] = scale * torch.randn(rank, inp, generator=g)
+        tensors[f"{m}.lora_B.weight"] = scale * torch.randn(out, rank, generator=g)
+    save_file(tensors, str(path))
+    return path
+
+
+def kohya_dw(t: dict, name: str) -> torch.Tensor:
+    """ΔW = α/r·up·down of a kohya lora_name in a file's tensors."""
+    down = t[f"{name}.lora_down.weight"]
+    return float(t[f"{name}.alpha"]) / down.shape[0] * t[f"{name}.lora_up.weight"] @ down
+
+
+def added_by_hand(parts: dict, files_tables, swapped: tuple[str, ...]) -> dict:
+    """The parts with each kohya file's ΔW = α/r·up·down added to its fused weights (the weight-space truth);
+    lora_names ending in ``swapped`` hold (shift, scale), diffusers (scale, shift): their halves swap."""
+    from safetensors.torch import load_file
+
+    w = weights(parts)
+    with torch.no_grad():
+        for file, table in files_tables:
+            t = load_file(str(file))
+            for name, mods in table.items():
+                delta = kohya_dw(t, name)  # (fused out, in)
+                if name.endswith(swapped):
+                    delta = torch.cat(delta.chunk(2)[::-1])
+                keys = [weight_key(w, m) for m in mods]
+                for k, d in zip(keys, delta.split([w[k].shape[0] for k in keys]), strict=True):
+                    w[k] += d
+        for c, m in parts.items():
+            m.load_state_dict({k.partition(".")[2]: v for k, v in w.items() if k.startswith(f"{c}.")})
+    return parts
