@@ -63,12 +63,17 @@ def _ints(value: str | None) -> list[int]:
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
 )
+@click.option(
+    "--loss-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+    help="Held-out losses in: auto = bfloat16 where the CPU/GPU has native bf16 units, else float32 "
+    "(recorded in report.json; verification stays in --dtype).",
+)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON (schema merging.compare/1).")
 def compare_cmd(
     inputs, base, names, ranks, weights, density, seed, inner, alpha, common_fraction, evals, budgets,
-    tune_steps, device, dtype, out, force, as_json,
+    tune_steps, device, dtype, loss_dtype, out, force, as_json,
 ) -> None:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
 
@@ -94,8 +99,8 @@ def compare_cmd(
         report = merging.compare(
             inputs, base, out, strategies=chosen, ranks=_ints(ranks), weights=weights, density=density,
             seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction, evals=eval_files,
-            budgets=_budgets(budgets), tune_steps=tune_steps, device=device, dtype=dtype, force=force,
-            stages=progress_bar,
+            budgets=_budgets(budgets), tune_steps=tune_steps, device=device, dtype=dtype,
+            loss_dtype=loss_dtype, force=force, stages=progress_bar,
         )  # fmt: skip
         if as_json:
             return emit_json("merging.compare/1", {"output": str(out), **report.to_dict()})

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from merging import strategies as registry
 from merging.base.load import load_base
 from merging.core.adapter import Pair
@@ -37,7 +39,7 @@ def compare(
     weights: Sequence[float] | None = None, density: float = 0.5, seed: int = 0, inner: str = "ties",
     alpha: float = 1.0, common_fraction: float = 0.8, evals: Mapping[str, str | Path] | None = None,
     budgets: Sequence[int | str] = (), tune_steps: int | None = None, device: str = "auto",
-    dtype: str = "float32", force: bool = False, stages: Stages = _no_stages,
+    dtype: str = "float32", loss_dtype: str = "auto", force: bool = False, stages: Stages = _no_stages,
 ) -> Comparison:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots to ``out``.
 
@@ -55,13 +57,22 @@ def compare(
         tune_steps: add a row for the merge ``tune`` learns in this many steps (needs ``evals``); every
             row's retention is then measured on the evals' reporting split.
         device, dtype: where and how the base is loaded.
+        loss_dtype: what the held-out losses are computed in: "float32", "bfloat16" (autocast, float32
+            accumulation; every row's losses alike), or "auto": bfloat16 where the device has native
+            bfloat16 units (AVX-512 BF16 / AMX, a CUDA GPU that supports it), else float32. Recorded in
+            report.json; verify's figures and PASS/FAIL stay in ``dtype``.
         force: replace an existing report folder.
         stages: gives a progress callback for each stage ("tuning", "comparing") as a context manager.
 
     Returns:
         The Comparison as written (with its plots).
     """
+    if loss_dtype not in eval_data.LOSS_DTYPES:
+        choices = ", ".join(eval_data.LOSS_DTYPES)
+        raise MergingError(f"`loss_dtype` must be one of {choices}, got {loss_dtype!r}")
     model, tokenizer = load_base(base, device, dtype, task_type=sources.task_type([str(s) for s in inputs]))
+    param = next(model.parameters())
+    lowered = eval_data.loss_dtype(loss_dtype, param.device, param.dtype)
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")
     pairs = sources.load_inputs([str(s) for s in inputs], base=model, weights=weights)
@@ -90,7 +101,11 @@ def compare(
         opts = Options(density=density, seed=seed, inner=inner, alpha=alpha,  # type: ignore[arg-type]
                        common_fraction=common_fraction)  # (Options checks inner)
         report = report_lib.compare(model, tokenizer, pairs, variants, evals=eval_sets, options=opts,
-                                    base_name=label, progress=update, extra=extra)  # fmt: skip
+                                    base_name=label, progress=update, extra=extra,
+                                    loss_dtype=lowered if eval_sets else torch.float32)  # fmt: skip
+    if eval_sets and lowered != param.dtype:
+        notes += (f"Held-out losses in {report.loss_dtype} (`--loss-dtype {loss_dtype}`): every row's alike, "
+                  f"the weights {report.dtype}; verification and PASS/FAIL in {report.dtype}.",)  # fmt: skip
     report = replace(report, notes=notes, search=search)
     return report_out.write_report(report, Path(out), force=force)
 
