@@ -14,7 +14,8 @@ With ``dtype`` bfloat16 every held-out loss (base, each input alone, the stack a
 or not) is one arithmetic: the adapters folded into the float32 weights (``runtime.evaluated``), the body
 under bfloat16 autocast with float32 accumulation, the output layer in float32 (``data._packed_ce``). All
 rows in one precision: bfloat16 lowers the base's losses by up to ~0.04 nats on the bundled example, and
-measuring only some rows so would favour them. The packing check stays float32 (the model's own loss).
+measuring only some rows so would favour them. The packing check stays float32 (the model's own loss, on
+``PROBE`` texts per skill: whether the model reads packed sequences does not depend on which texts).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from merging.eval.data import (
     Batches,
     alone_losses,
     answer_losses_by_example,
+    losses,
     losses_by_example,
     pack,
     packed_agrees,
@@ -40,6 +42,8 @@ from merging.eval.intervals import Lead, lead, retention_interval
 from merging.eval.results import Skill, Skills
 from merging.runtime.fold import evaluated
 from merging.runtime.stacked import stacked
+
+PROBE = 3  # texts per skill on which a lower ``dtype``'s run checks packing against the model's own loss
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,14 @@ def held_out(
         if progress:
             progress(done, steps, item)
 
-    base, base_sums = losses_by_example(model, batches)  # float32: the packing check's reference
-    packed = pack(batches)
-    fast = packed_agrees(model, packed, base)
     low = dtype != torch.float32
+    packed = pack(batches)
+    if low:  # the packing check in float32 on a few texts per skill (the base's losses come below)
+        probe = {s: {k: v[:PROBE] for k, v in b.items()} for s, b in batches.items()}
+        fast = packed_agrees(model, pack(probe), losses(model, probe))
+    else:
+        base, base_sums = losses_by_example(model, batches)
+        fast = packed_agrees(model, packed, base)
 
     def run(pairs: Sequence[Pair], exact: bool, skills: Batches = batches):
         """Means and per-example sums: float32 as before, or every row folded in ``dtype``."""
