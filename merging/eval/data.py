@@ -72,11 +72,13 @@ def loss_dtype(choice: str, device: torch.device | str, weights: torch.dtype = t
 
 
 def _lowered(model, dtype: torch.dtype) -> AbstractContextManager:
-    """Autocast to ``dtype`` where it is below the weights' own dtype (float32 accumulation), else nothing."""
+    """Autocast to ``dtype`` where it is below the weights' own dtype (float32 accumulation), else nothing.
+    Without autocast's cache: each weight is cast when its layer runs and freed after, instead of a
+    bfloat16 copy of the whole model held for the forward (each weight is read once per forward anyway)."""
     weight = next(model.parameters())
     if dtype == weight.dtype or dtype == torch.float32:
         return nullcontext()
-    return torch.autocast(weight.device.type, dtype=dtype)
+    return torch.autocast(weight.device.type, dtype=dtype, cache_enabled=False)
 
 
 def read_eval(path: Path) -> Examples:
