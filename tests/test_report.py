@@ -59,9 +59,11 @@ def test_report_structure_exactness_and_skills(example_report):
         best = max(data["variants"], key=lambda v: v["skills"][s]["retention"])
         assert best["skills"][s]["retention"] == by[lead["best"]]["skills"][s]["retention"]
         assert lead["significant"] == (lead["difference"]["low"] > 0)
+    # cat folds what the stack folds: equal up to rounding (in bf16, of the weights: 0.4% seen on add)
+    rtol = {"float32": 1e-3, "bfloat16": 1e-2}[data["loss_dtype"]]
     for s in SKILLS:  # each bundled adapter really learnt its skill
         assert data["skills"]["alone"][s] < 0.6 * data["skills"]["base"][s], s
-        assert by["cat"]["skills"][s]["loss"] == pytest.approx(data["skills"]["stacked"][s]["loss"], rel=1e-3)
+        assert by["cat"]["skills"][s]["loss"] == pytest.approx(data["skills"]["stacked"][s]["loss"], rel=rtol)
     assert {
         "fidelity_vs_rank.png",
         "per_layer_error.png",

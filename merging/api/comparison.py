@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from merging import strategies as registry
 from merging.base.load import load_base
 from merging.core.adapter import Pair
@@ -40,6 +42,7 @@ def compare(
     budgets: Sequence[int | str] = (), tune_steps: int | None = None,
     tune_strategies: Sequence[str] = ("cat",), device: str = "auto", dtype: str = "float32",
     force: bool = False, stages: Stages = _no_stages, base_quant: str | None = None,
+    loss_dtype: str = "float32",
 ) -> Comparison:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots to ``out``.
 
@@ -59,6 +62,10 @@ def compare(
             every row's retention is then measured on the evals' reporting split.
         tune_strategies: the strategies tuned (a "tuned NAME" row each), with the shared options.
         device, dtype: where and how the base is loaded.
+        loss_dtype: what the held-out losses are computed in: "float32", "bfloat16" (autocast, float32
+            accumulation; every row's losses alike), or "auto": bfloat16 where the device has native
+            bfloat16 units (AVX-512 BF16 / AMX, a CUDA GPU that supports it), else float32. Recorded in
+            report.json; verify's figures and PASS/FAIL stay in ``dtype``.
         force: replace an existing report folder.
         stages: gives a progress callback for each stage ("tuning", "comparing") as a context manager.
         base_quant: load the base through bitsandbytes in nf4/fp4/int8, as QLoRA adapters were trained:
@@ -67,6 +74,9 @@ def compare(
     Returns:
         The Comparison as written (with its plots).
     """
+    if loss_dtype not in eval_data.LOSS_DTYPES:
+        choices = ", ".join(eval_data.LOSS_DTYPES)
+        raise MergingError(f"`loss_dtype` must be one of {choices}, got {loss_dtype!r}")
     for name in tune_strategies if tune_steps is not None else ():
         registry.get(name)  # an unknown name fails before the model loads, listing the valid ones
     task = sources.task_type([str(s) for s in inputs])
@@ -82,6 +92,8 @@ def compare(
     else:
         model, tokenizer = load_base(base, device, dtype, task_type=task)
         layout = model
+    param = next(model.parameters())
+    lowered = eval_data.loss_dtype(loss_dtype, param.device, param.dtype)
     if tokenizer is None:
         raise MergingError(f"{base}: compare needs a tokenizer beside the model")
     pairs = sources.load_inputs([str(s) for s in inputs], base=layout, weights=weights)
@@ -116,7 +128,11 @@ def compare(
     with stages("comparing") as update:
         report = report_lib.compare(model, tokenizer, pairs, variants, evals=eval_sets, options=opts,
                                     base_name=label, progress=update, extra=extra,
-                                    fold_approximate=not base_quant)  # fmt: skip
+                                    fold_approximate=not base_quant,
+                                    loss_dtype=lowered if eval_sets else torch.float32)  # fmt: skip
+    if eval_sets and lowered != param.dtype:
+        notes += (f"Held-out losses in {report.loss_dtype} (`--loss-dtype {loss_dtype}`): every row's alike, "
+                  f"the weights {report.dtype}; verification and PASS/FAIL in {report.dtype}.",)  # fmt: skip
     report = replace(report, notes=notes, search=search)
     return report_out.write_report(report, Path(out), force=force)
 

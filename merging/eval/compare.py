@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 
+import torch
+
 from merging import strategies
 from merging.core.adapter import Adapter
 from merging.core.progress import Progress
@@ -73,6 +75,7 @@ def compare(
     progress: Progress | None = None,
     extra: Sequence[Extra] = (),
     fold_approximate: bool = True,
+    loss_dtype: torch.dtype = torch.float32,
 ) -> Comparison:
     """Merge with every variant, verify each against the stacked inputs, and measure skill retention.
 
@@ -85,6 +88,8 @@ def compare(
         extra: merges made elsewhere (``merging tune``'s), verified and measured as rows after the variants.
         fold_approximate: run approximate rows through our runtime (``verify``'s option); False loads every
             row as users load it (PEFT), as on a bitsandbytes base, whose layers our runtime does not wrap.
+        loss_dtype: what the held-out losses are computed in (``skills.held_out``); verify's figures and
+            the exact rows' PASS/FAIL stay in the model's own dtype.
 
     Returns:
         The report: every figure, the inputs, the options and the versions.
@@ -144,7 +149,7 @@ def compare(
         progress=_after(progress, len(chosen), total, "verified"),
     )  # fmt: skip
     ticks = _after(progress, len(chosen) + len(candidates) + 2, total, "held-out loss")
-    measured_skills = _skills(model, tokenizer, inputs, candidates, evals, ticks, base_opts.seed)
+    measured_skills = _skills(model, tokenizer, inputs, candidates, evals, ticks, base_opts.seed, loss_dtype)
     return Comparison(
         title=f"{len(inputs)} adapters on {base_name}",
         base=base_name,
@@ -164,6 +169,7 @@ def compare(
         reference_reason=report.reference_reason,
         reference_checks=report.reference_checks,
         leads=measured_skills.leads,
+        loss_dtype=str(loss_dtype).removeprefix("torch."),
     )
 
 
@@ -189,10 +195,11 @@ def _after(progress: Progress | None, start: int, total: int, what: str) -> Prog
     return lambda done, _total, item: progress(start + done, total, f"{what}: {item}")
 
 
-def _skills(model, tokenizer, inputs, candidates, evals, progress: Progress | None = None, seed: int = 0):
+def _skills(model, tokenizer, inputs, candidates, evals, progress: Progress | None = None, seed: int = 0,
+            dtype: torch.dtype = torch.float32):  # fmt: skip
     """Held-out losses: base, each adapter alone, all stacked; and each merged candidate's, by name."""
     if not evals:
         return skills_lib.Measured(Skills(), {}, {})
     device = next(model.parameters()).device
     batches = {s: answer_batch(tokenizer, p, device) for s, p in evals.items()}  # tokenised once
-    return skills_lib.held_out(model, batches, inputs, candidates, progress, seed)
+    return skills_lib.held_out(model, batches, inputs, candidates, progress, seed, dtype)

@@ -8,12 +8,19 @@ about ``ROW`` tokens (first fit, longest first), position ids restarting at ever
 reads as packed sequences (attention stays within each text). A model that does not read packed sequences
 this way gives other losses, so callers check ``packed_agrees`` against the model's own first.
 ``retention`` is the share of an adapter's own gain that survives a merge.
+
+The packed losses take a ``dtype``: float32 (the weights' own arithmetic), or bfloat16 on float32 weights:
+the body under ``torch.autocast`` (matrix products on bfloat16 copies of weights and inputs, accumulated in
+float32; norms, softmax and the residual stream stay float32), the output layer in float32. The weights
+themselves are never changed (``runtime.evaluated``'s bit-for-bit undo stands). ``loss_dtype`` resolves
+the user's choice ("auto": bfloat16 where the device multiplies it natively, ``native_bf16``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +38,47 @@ Batches = dict[str, dict[str, torch.Tensor]]  # skill → its ``answer_batch``
 T = TypeVar("T")
 ROW = 128  # tokens per packed row: attention costs rows·ROW², the linear layers only the tokens
 AGREEMENT_FAILURES = (AttributeError, TypeError, NotImplementedError, RuntimeError, ValueError)
+LOSS_DTYPES = ("auto", "float32", "bfloat16")  # the choices ``loss_dtype`` resolves
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bfloat16 matrix instructions
+
+
+def native_bf16(device: torch.device | str = "cpu", cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the device multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU whose
+    ``cpuinfo`` flags name AVX-512 BF16 or AMX-BF16 (False where the file cannot be read)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+                 for f in line.partition(":")[2].split()}  # fmt: skip
+    except OSError:
+        return False
+    return any(f in flags for f in BF16_FLAGS)
+
+
+def loss_dtype(choice: str, device: torch.device | str, weights: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype held-out losses are computed in: "float32", "bfloat16", or "auto" (bfloat16 where the
+    device has native bfloat16 units, else float32). Weights stored below float32 compute in their own dtype
+    whatever the choice (there is no float32 arithmetic to lower)."""
+    if choice not in LOSS_DTYPES:
+        raise MergingError(f"`loss_dtype` must be one of {', '.join(LOSS_DTYPES)}, got {choice!r}")
+    if weights != torch.float32:
+        return weights
+    if choice == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return torch.bfloat16 if choice == "bfloat16" else torch.float32
+
+
+def _lowered(model, dtype: torch.dtype) -> AbstractContextManager:
+    """Autocast to ``dtype`` where it is below the weights' own dtype (float32 accumulation), else nothing.
+    Without autocast's cache: each weight is cast when its layer runs and freed after, instead of a
+    bfloat16 copy of the whole model held for the forward (each weight is read once per forward anyway)."""
+    weight = next(model.parameters())
+    if dtype == weight.dtype or dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(weight.device.type, dtype=dtype, cache_enabled=False)
 
 
 def read_eval(path: Path) -> Examples:
@@ -99,11 +147,15 @@ def losses(model, batches: Batches) -> dict[str, float]:
 
 
 @torch.no_grad()
-def losses_by_example(model, batches: Batches) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """``losses`` and, from the same forward, each example's answer cross-entropy sum (n,) per skill."""
+def losses_by_example(
+    model, batches: Batches, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """``losses`` and, from the same forward, each example's answer cross-entropy sum (n,) per skill (the
+    model run in ``dtype``: autocast below its weights' dtype)."""
     means, sums = {}, {}
     for skill, batch in batches.items():
-        out = model(**batch)
+        with _lowered(model, dtype):
+            out = model(**batch)
         means[skill] = float(out.loss)
         labels = batch["labels"][:, 1:]  # (n, t - 1)
         ce = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels, reduction="none")  # -100: 0
@@ -112,10 +164,11 @@ def losses_by_example(model, batches: Batches) -> tuple[dict[str, float], dict[s
 
 
 @torch.no_grad()
-def answer_losses(model, packed: Packed) -> dict[str, float]:
+def answer_losses(model, packed: Packed, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """The same losses from one forward of every skill's texts packed: no pad tokens, and the output layer
-    only at the answer positions (the prompts' logits, most of them, are never made)."""
-    return {skill: float(v) for skill, v in packed_losses(model, packed).items()}
+    only at the answer positions (the prompts' logits, most of them, are never made); the body in
+    ``dtype``."""
+    return {skill: float(v) for skill, v in packed_losses(model, packed, dtype).items()}
 
 
 def packed_agrees(model, packed: Packed, own: Mapping[str, float], rtol: float = 1e-5) -> bool:
@@ -194,27 +247,39 @@ def pack(batches: Mapping[str, Mapping[str, torch.Tensor]], pad_id: int = 0, row
     return Packed(ids, pos, target, group, names, example)
 
 
-def packed_losses(model, packed: Packed) -> dict[str, torch.Tensor]:
+def packed_losses(
+    model, packed: Packed, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Mean answer-token cross-entropy per skill from one forward of the packed rows (0-d tensors; NaN for
-    a skill with no scored token). Differentiable: ``merging tune`` steps through it."""
-    ce, keep = _packed_ce(model, packed)
+    a skill with no scored token), the body computed in ``dtype``. Differentiable: ``merging tune`` steps
+    through it."""
+    ce, keep = _packed_ce(model, packed, dtype)
     group = packed.group[keep]
     return {name: ce[group == i].mean() for i, name in enumerate(packed.names)}
 
 
-def _packed_ce(model, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k,) the cross-entropy at every scored position, and (rows, L) where those positions are."""
+def _packed_ce(
+    model, packed: Packed, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k,) the cross-entropy at every scored position, and (rows, L) where those positions are; the body
+    in ``dtype`` (autocast below the weights' dtype: then the output layer runs in float32)."""
     body, head = model.get_decoder(), model.get_output_embeddings()
-    out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)  # no 2-D mask
+    lowered = _lowered(model, dtype)
+    with lowered:  # no 2-D mask: the position ids say where each text starts
+        out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
     hidden = out.last_hidden_state  # (rows, L, d)
     keep = packed.target != -100
-    return F.cross_entropy(head(hidden[keep]).float(), packed.target[keep], reduction="none"), keep
+    scored = hidden[keep] if isinstance(lowered, nullcontext) else hidden[keep].float()  # (k, d)
+    return F.cross_entropy(head(scored).float(), packed.target[keep], reduction="none"), keep
 
 
 @torch.no_grad()
-def answer_losses_by_example(model, packed: Packed) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """``answer_losses`` and, from the same forward, each example's answer cross-entropy sum per skill."""
-    ce, keep = _packed_ce(model, packed)
+def answer_losses_by_example(
+    model, packed: Packed, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """``answer_losses`` and, from the same forward, each example's answer cross-entropy sum per skill; the
+    body computed in ``dtype``."""
+    ce, keep = _packed_ce(model, packed, dtype)
     group, example = packed.group[keep], packed.example[keep]
     means, sums = {}, {}
     for i, name in enumerate(packed.names):
@@ -263,28 +328,37 @@ def plain_head(model) -> bool:
     return head is not None and body is not None and plain and not model._forward_pre_hooks
 
 
-def _logits_at(model, batch: SkillBatch, where: torch.Tensor) -> torch.Tensor:
+def _logits_at(
+    model, batch: SkillBatch, where: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The logits at the answer positions only (the head runs on those rows; the rest are not needed)."""
+    lowered = _lowered(model, dtype)
     if not plain_head(model):
-        return model(**batch.inputs).logits[:, :-1][where].float()
-    hidden = model.base_model(**batch.inputs).last_hidden_state[:, :-1]  # (n, t - 1, d)
-    return model.get_output_embeddings()(hidden[where]).float()
+        with lowered:
+            return model(**batch.inputs).logits[:, :-1][where].float()
+    with lowered:
+        hidden = model.base_model(**batch.inputs).last_hidden_state[:, :-1]  # (n, t - 1, d)
+    scored = hidden[where] if isinstance(lowered, nullcontext) else hidden[where].float()
+    return model.get_output_embeddings()(scored).float()
 
 
-def skill_losses(model, batch: SkillBatch) -> torch.Tensor:
+def skill_losses(model, batch: SkillBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(skills,) mean answer-token cross-entropy per skill (as ``losses`` computes it per batch); NaN for a
-    skill with no row in the batch. From the packed texts when the batch carries them. Differentiable."""
+    skill with no row in the batch. From the packed texts when the batch carries them; the body in
+    ``dtype``. Differentiable."""
     if batch.packed is not None and plain_head(model):  # (an aLoRA gate, stacked later, is a pre-hook)
-        got = packed_losses(model, batch.packed)
+        got = packed_losses(model, batch.packed, dtype)
         nan = torch.tensor(float("nan"), device=batch.skill.device)
         return torch.stack([got.get(n, nan) for n in batch.names])
-    return _per_skill(*_padded_ce(model, batch)[:2], len(batch.names))
+    return _per_skill(*_padded_ce(model, batch, dtype)[:2], len(batch.names))
 
 
-def _padded_ce(model, batch: SkillBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _padded_ce(
+    model, batch: SkillBatch, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k,) the cross-entropy at every answer position of the padded batch, and each one's skill and row."""
     where = batch.labels != -100
-    ce = F.cross_entropy(_logits_at(model, batch, where), batch.labels[where], reduction="none")
+    ce = F.cross_entropy(_logits_at(model, batch, where, dtype), batch.labels[where], reduction="none")
     skill = batch.skill[:, None].expand_as(batch.labels)[where]
     row = torch.arange(len(batch.labels), device=ce.device)[:, None].expand_as(batch.labels)[where]
     return ce, skill, row

@@ -238,6 +238,7 @@ class Comparison:
     leads: dict[str, Lead] = field(
         default_factory=dict
     )  # skill → the best row, and whether it leads significantly
+    loss_dtype: str | None = None  # what the held-out losses were computed in (None: a report from before)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``report.json``."""
@@ -257,6 +258,7 @@ class Comparison:
             "reference_reason": self.reference_reason,
             "reference_checks": dict(self.reference_checks),
         }
+        out |= {"loss_dtype": self.loss_dtype} if self.loss_dtype is not None else {}
         out |= {"notes": list(self.notes)} if self.notes else {}
         out |= {"search": self.search} if self.search is not None else {}
         out |= {"leads": {s: asdict(x) | {"significant": x.significant} for s, x in self.leads.items()}
@@ -274,6 +276,7 @@ class Comparison:
                 Versions.from_dict(d["versions"]), None if d.get("plots") is None else tuple(d["plots"]),
                 d.get("reference_reason"), dict(d.get("reference_checks") or {}), tuple(d.get("notes", ())),
                 d.get("search"), {s: _lead_from(x) for s, x in (d.get("leads") or {}).items()},
+                d.get("loss_dtype"),
             )  # fmt: skip
 
 

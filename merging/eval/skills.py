@@ -9,6 +9,15 @@ the model's own loss on the base, skill by skill: ``data.packed_agrees``). Candi
 adapters (``content_digest``; cat and multiplicative here) are measured once. Texts are tokenised once.
 Every retention gets a 95% bootstrap interval over the examples, and each skill its best candidate with
 whether its lead is significant (``merging.eval.intervals``).
+
+With ``dtype`` bfloat16 every held-out loss (base, each input alone, the stack and every candidate, exact
+or not) is one arithmetic: the adapters folded into the float32 weights (``runtime.evaluated``), the body
+under bfloat16 autocast with float32 accumulation, the output layer in float32 (``data._packed_ce``). All
+rows in one precision: bfloat16 lowers the base's losses on the bundled example (by up to 0.015 nats), and
+measuring only some rows so would favour them. There every loss moves by ≤ 0.11 nats (≤ 2.6%), every
+retention by ≤ 6 points, and rows swap only where float32's own 95% interval of their difference contains
+0 (``benchmarks/bf16_losses.py``). The packing check stays float32 (the model's own loss, on ``PROBE``
+texts per skill: whether the model reads packed sequences does not depend on which texts).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from merging.core.adapter import Pair, content_digest, weighted
 from merging.core.progress import Progress
@@ -24,6 +34,7 @@ from merging.eval.data import (
     Batches,
     alone_losses,
     answer_losses_by_example,
+    losses,
     losses_by_example,
     pack,
     packed_agrees,
@@ -33,6 +44,8 @@ from merging.eval.intervals import Lead, lead, retention_interval
 from merging.eval.results import Skill, Skills
 from merging.runtime.fold import evaluated
 from merging.runtime.stacked import stacked
+
+PROBE = 3  # texts per skill on which a lower ``dtype``'s run checks packing against the model's own loss
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,7 @@ def held_out(
     candidates: Sequence,
     progress: Progress | None = None,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Measured:
     """Held-out losses per skill (an input's name → its tokenised batch with answer labels).
 
@@ -62,6 +76,8 @@ def held_out(
         candidates: the merged results (``verify.Candidate``: name, adapters, exact).
         progress: called after the base, the inputs alone, the stack and each candidate.
         seed: seeds the bootstrap of the intervals.
+        dtype: what the losses are computed in: float32 as the weights, or a lower dtype (every row folded,
+            the body under autocast: see the module's docstring).
 
     Returns:
         The reference losses, each candidate's losses and retentions (95% intervals) by candidate name, and
@@ -75,23 +91,40 @@ def held_out(
         if progress:
             progress(done, steps, item)
 
-    base, base_sums = losses_by_example(model, batches)
+    low = dtype != torch.float32
     packed = pack(batches)
-    fast = packed_agrees(model, packed, base)
+    if low:  # the packing check in float32 on a few texts per skill (the base's losses come below)
+        probe = {s: {k: v[:PROBE] for k, v in b.items()} for s, b in batches.items()}
+        fast = packed_agrees(model, pack(probe), losses(model, probe))
+    else:
+        base, base_sums = losses_by_example(model, batches)
+        fast = packed_agrees(model, packed, base)
+
+    def run(pairs: Sequence[Pair], exact: bool, skills: Batches = batches):
+        """Means and per-example sums: float32 as before, or every row folded in ``dtype``."""
+        if low:
+            with evaluated(model, pairs):
+                return (answer_losses_by_example(model, packed if skills is batches else pack(skills), dtype)
+                        if fast else losses_by_example(model, skills, dtype))  # fmt: skip
+        with stacked(model, pairs) if exact else evaluated(model, pairs):
+            return (losses_by_example(model, skills) if exact or not fast
+                    else answer_losses_by_example(model, packed))  # fmt: skip
+
+    if low:
+        base, base_sums = run([], False)
     tick("base")
-    got_alone = alone_losses(model, inputs, batches, lambda s: losses_by_example(model, {s: batches[s]}))
+    got_alone = (
+        {s: run([p for p in inputs if p[0].name == s], True, {s: batches[s]}) for s in batches}
+        if low
+        else alone_losses(model, inputs, batches, lambda s: losses_by_example(model, {s: batches[s]}))
+    )
     alone = {s: means[s] for s, (means, _) in got_alone.items()}
     alone_sums = {s: sums[s] for s, (_, sums) in got_alone.items()}
     tick("each input alone")
     sums_of: dict[str, dict[str, np.ndarray]] = {}  # candidate → skill → per-example loss sums
 
     def measure(pairs: Sequence[Pair], exact: bool) -> tuple[dict[str, Skill], dict[str, np.ndarray]]:
-        with stacked(model, pairs) if exact else evaluated(model, pairs):
-            got, sums = (
-                losses_by_example(model, batches)
-                if exact or not fast
-                else answer_losses_by_example(model, packed)
-            )
+        got, sums = run(pairs, exact)
         sums = {s: v.double().cpu().numpy() for s, v in sums.items()}
         return {s: Skill(v, retention(base[s], alone[s], v), retention_interval(
             base_sums[s], alone_sums[s], sums[s], seed=seed)) for s, v in got.items()}, sums  # fmt: skip
