@@ -178,4 +178,4 @@ def render(data: dict) -> list[str]:
               "fsyncing every file and folder (the output is durable too); target ≤ 1.3×. cat-user is the "
               "same cat writing every byte from memory: cat moves the A blocks with copy_file_range, whose "
               "in-kernel copies /proc's rchar counts as reads too.", ""]  # fmt: skip
-    return lines
+    return lines + ([data["note"], ""] if data.get("note") else [])
