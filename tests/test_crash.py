@@ -33,8 +33,9 @@ FSIZE_TRIES = 3
 class Runner:
     """The fork server (tests/support/crashrunner.py) in a subprocess that sees this checkout."""
 
-    def __init__(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", OMP_NUM_THREADS="1")
+    def __init__(self, tmp: Path) -> None:
+        # TMPDIR: a killed job cannot remove its temporary folders (verify's); they stay in pytest's tmp
+        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", OMP_NUM_THREADS="1", TMPDIR=str(tmp))
         env.pop("MERGING_TEST_PAUSE_AT", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.crashrunner"], cwd=ROOT, env=env, text=True,
@@ -54,8 +55,8 @@ class Runner:
 
 
 @pytest.fixture(scope="module")
-def runner():
-    r = Runner()
+def runner(tmp_path_factory):
+    r = Runner(tmp_path_factory.mktemp("crash-tmp"))
     yield r
     r.close()
 
