@@ -70,30 +70,23 @@ def telling_replaced(out: Console = console) -> Iterator[None]:
 @contextmanager
 def progress_bar(description: str) -> Iterator:
     """A rich progress bar on stderr (elapsed, and the time left once steps are done); yields a
-    library-style callback progress(done, total, item). Off a terminal it starts with the first step, so a
-    call refused before any work leaves its one error line alone on stderr."""
+    library-style callback progress(done, total, item). Off a terminal there is nothing to redraw (a transient
+    bar would leave only an empty line), so stderr keeps only the command's own lines."""
+    if not err_console.is_terminal:
+        yield lambda done, total, item: None
+        return
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[item]}"),
         console=err_console, transient=True,
     )  # fmt: skip
     task = bar.add_task(description, total=None, item="")
-    started = False
-
-    def start() -> None:
-        nonlocal started
-        if not started:
-            bar.start()
-            started = True
 
     def update(done: int, total: int, item: str) -> None:
-        start()
         bar.update(task, completed=done, total=total, item=item)
 
-    if err_console.is_terminal:
-        start()
+    bar.start()
     try:
         yield update
     finally:
-        if started:
-            bar.stop()
+        bar.stop()
