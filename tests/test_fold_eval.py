@@ -17,7 +17,7 @@ from merging.runtime.fold import FOLDED, evaluated, merge_into
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
 from tests.support.fixtures import example_input, run
-from tests.support.helpers import assert_close, read_adapters, state_hash
+from tests.support.helpers import assert_close, read_adapters, state_hash, svd_held_out_case
 
 
 def _params(model):
@@ -95,15 +95,7 @@ def test_verify_folds_approximate_candidates_only(fx):
 
 
 def test_held_out_losses_folded_equal_stacked(fx):
-    ads = read_adapters(fx, "llama", ["lora", "ia3", "loha"])
-    pairs = weighted(ads)
-    res = merge(pairs, "svd", Options(rank=2))
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 128, (4, 10), generator=g)
-    labels = ids.clone()
-    labels[:, :6] = -100  # the "answer" is the last 4 tokens
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    batches = {ad.name: batch for ad in ads}
+    pairs, res, batches = svd_held_out_case(fx)
     model = fx.load_base("llama")
     before = state_hash(model)
     as_folded = Candidate("svd", res.adapters, "svd", exact=False)

@@ -8,13 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from merging.core.adapter import weighted
 from merging.errors import MergingError
 from merging.eval import data, skills
 from merging.eval.verify import Candidate
-from merging.merge.pipeline import merge
-from merging.strategies import Options
-from tests.support.helpers import read_adapters, state_hash
+from tests.support.helpers import state_hash, svd_held_out_case
 
 BF16_RTOL = 1e-2  # bf16 keeps 8 significant bits (0.4% per rounding); here the losses move ≤ 1e-3 relative,
 # SmolLM2's base on the bundled example's texts ≤ 0.9% (every row ≤ 2.6%: benchmarks/bf16_losses.py)
@@ -86,15 +83,7 @@ def test_loss_dtype_follows_the_cpu_flags(tmp_path: Path):
 
 @torch.no_grad()
 def test_held_out_in_bf16_is_near_transformers_loss_and_leaves_the_weights(fx):
-    ads = read_adapters(fx, "llama", ["lora", "ia3", "loha"])
-    pairs = weighted(ads)
-    res = merge(pairs, "svd", Options(rank=2))
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 128, (4, 10), generator=g)
-    labels = ids.clone()
-    labels[:, :6] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    batches = {ad.name: batch for ad in ads}
+    pairs, res, batches = svd_held_out_case(fx)
     model = fx.load_base("llama")
     before = state_hash(model)
     own = {s: float(model(**b).loss) for s, b in batches.items()}  # transformers' own float32 loss
@@ -104,3 +93,7 @@ def test_held_out_in_bf16_is_near_transformers_loss_and_leaves_the_weights(fx):
         assert measured.skills.base[s] == pytest.approx(own[s], rel=BF16_RTOL)
         assert measured.skills.base[s] != own[s]  # computed in bfloat16
         assert abs(measured.merged["svd"][s].loss - own[s]) > 1e-3  # the merge is on: a real loss to move
+    exact = skills.held_out(model, batches, pairs, [Candidate("svd", res.adapters)], dtype=torch.float32)
+    for s in batches:  # the merge's own loss moves by bf16 rounding only
+        assert measured.merged["svd"][s].loss == pytest.approx(exact.merged["svd"][s].loss, rel=BF16_RTOL)
+        assert measured.merged["svd"][s].loss != exact.merged["svd"][s].loss

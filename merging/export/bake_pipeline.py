@@ -20,7 +20,7 @@ import torch
 
 from merging.base import pipelines as sdbase
 from merging.base.layout import BaseLayout
-from merging.core.adapter import Pair, stacks
+from merging.core.adapter import Pair, Stacks, stacks
 from merging.core.alora import refuse_gated
 from merging.errors import FormatError, UnsupportedError
 from merging.export.bake import Progress, stream_shard
@@ -46,14 +46,7 @@ def bake_pipeline(
         ``out``.
     """
     base = Path(base)
-    if not sdbase.is_pipeline(base):
-        raise FormatError(f"{base}: not a diffusers pipeline folder (no model_index.json)")
-    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
-    refuse_gated(pairs)
-    plan = stacks(pairs)
-    if plan.aux:
-        raise UnsupportedError(f"module {min(plan.aux)}: replaced modules are not baked into a pipeline")
-    layout = BaseLayout.from_folder(base)
+    plan, layout = _planned(base, pairs, out)
     if outside := [m for m in plan.deltas if m not in layout.modules]:
         raise FormatError(f"module {outside[0]} is not in the pipeline {base}")
     adapted = sorted({m.partition(".")[0] for m in plan.deltas})
@@ -66,6 +59,18 @@ def bake_pipeline(
             if progress:
                 progress(i + 1, len(adapted), comp)
     return Path(out)
+
+
+def _planned(base: Path, pairs: Sequence[Pair], out: Path) -> tuple[Stacks, BaseLayout]:
+    """The checks every pipeline bake makes first, then the stacked deltas and the pipeline's layout."""
+    if not sdbase.is_pipeline(base):
+        raise FormatError(f"{base}: not a diffusers pipeline folder (no model_index.json)")
+    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
+    refuse_gated(pairs)
+    plan = stacks(pairs)
+    if plan.aux:
+        raise UnsupportedError(f"module {min(plan.aux)}: replaced modules are not baked into a pipeline")
+    return plan, BaseLayout.from_folder(base)
 
 
 def _folding(src: Path, comp: str, deltas: dict, layout: BaseLayout):
@@ -117,14 +122,7 @@ def bake_single_file(base: Path, pairs: Sequence[Pair], out: Path, *, force: boo
     Each component is held in memory in turn, and the whole file once, as safetensors writes it.
     """
     base = Path(base)
-    if not sdbase.is_pipeline(base):
-        raise FormatError(f"{base}: a single-file bake needs a diffusers pipeline folder (model_index.json)")
-    refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
-    refuse_gated(pairs)
-    plan = stacks(pairs)
-    if plan.aux:
-        raise UnsupportedError(f"module {min(plan.aux)}: replaced modules are not baked into a pipeline")
-    layout = BaseLayout.from_folder(base)
+    plan, layout = _planned(base, pairs, out)
     dit = (base / "transformer").is_dir()
     if dit and not mmdit_names.is_sd3(layout.modules):
         why = "diffusers 0.42 reads Flux's at the full model's widths only"

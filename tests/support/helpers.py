@@ -88,3 +88,21 @@ def read_adapters(fx, kind: str, names: list[str]) -> list:
 
     shapes = base_shapes(fx.load_base(kind))
     return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
+
+
+def svd_held_out_case(fx):
+    """The fixture llama's lora+ia3+loha stack, their svd r=2 merge, and one seeded batch per skill whose last
+    4 tokens are the answer: (pairs, merge result, skill → batch)."""
+    from merging.core.adapter import weighted
+    from merging.merge.pipeline import merge
+    from merging.strategies import Options
+
+    ads = read_adapters(fx, "llama", ["lora", "ia3", "loha"])
+    pairs = weighted(ads)
+    res = merge(pairs, "svd", Options(rank=2))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 128, (4, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100  # the "answer" is the last 4 tokens
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return pairs, res, {ad.name: batch for ad in ads}
