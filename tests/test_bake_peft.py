@@ -75,3 +75,20 @@ def test_bake_of_a_truncated_shard_is_one_line_and_writes_nothing(fx, tmp_path):
     assert r.exit_code != 0 and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and last.name in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_stream_shard_refuses_a_tensor_that_would_not_match_its_header(tmp_path):
+    """A transform changing a tensor's dtype would leave a shard safetensors cannot read: refused, named."""
+    from safetensors.torch import save_file
+
+    from merging.errors import FormatError
+    from merging.storage.safetensors_io import stream_shard
+
+    src = tmp_path / "w.safetensors"
+    save_file({"a.weight": torch.ones(2, 3, dtype=torch.bfloat16), "b.weight": torch.zeros(4)}, str(src))
+    with pytest.raises(FormatError, match=r"'a\.weight' would be written as torch\.float32 \[2, 3\]"):
+        stream_shard(src, tmp_path / "out.safetensors", {"a.weight": lambda n, t: t.float() + 1})
+    stream_shard(src, tmp_path / "ok.safetensors", {"a.weight": lambda n, t: t + 1})
+    got = load_file(str(tmp_path / "ok.safetensors"))  # safetensors itself reads the streamed shard
+    assert torch.equal(got["a.weight"], torch.full((2, 3), 2.0, dtype=torch.bfloat16))
+    assert torch.equal(got["b.weight"], torch.zeros(4))

@@ -137,3 +137,15 @@ def test_cli_bakes_a_gguf_base(tmp_path):
     res = CliRunner().invoke(cli, ["bake", str(EXAMPLES / "add"), "--base", str(EXAMPLES / "add"), "-o",
                                    str(tmp_path / "x"), "--outtype", "f16"])  # fmt: skip
     assert res.exit_code == 2 and ".gguf" in res.output
+
+
+def test_a_corrupt_gguf_base_is_one_line_naming_it(tmp_path):
+    from click.testing import CliRunner
+    from merging_cli.main import cli
+
+    bad = tmp_path / "base.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)  # the magic, then nonsense counts
+    out = tmp_path / "out.gguf"
+    res = CliRunner().invoke(cli, ["bake", str(EXAMPLES / "add"), "--base", str(bad), "-o", str(out)])
+    assert res.exit_code == 2 and str(bad) in res.output and "not a readable GGUF file" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()

@@ -6,24 +6,19 @@ import pytest
 import torch
 
 from merging import strategies
-from merging.core.adapter import Adapter, base_shapes, weighted
+from merging.core.adapter import Adapter, weighted
 from merging.core.deltas import LowRank, Scale, Target
 from merging.errors import IncompatibleAdapters, MergingError, UnsupportedError
 from merging.formats import peft as fp
 from merging.merge.pipeline import merge, weight_space_error
 from merging.strategies import Options, sparsify
-from tests.support.helpers import assert_close, forbid_dense
+from tests.support.helpers import assert_close, forbid_dense, read_adapters
 
 COMBOS = {
     "lora+loha+lokr": ["lora", "loha", "lokr"],
     "lora+lora_b": ["lora", "lora_b"],
     "mixed ranks": ["lora", "lora_r8", "lora_patterns", "lokr_both", "lokr_full"],
 }
-
-
-def _read(fx, names, kind="llama"):
-    shapes = base_shapes(fx.load_base(kind))
-    return [fp.read(fx.adapter(kind, n)).refine_targets(shapes) for n in names]
 
 
 def _exact_sum(adapters, weights, mod):
@@ -36,7 +31,7 @@ def _exact_sum(adapters, weights, mod):
 @pytest.mark.parametrize("strategy", ["cat", "svd_full"])
 @pytest.mark.parametrize("weights", [None, [1.0, -0.5, 2.0, 0.25, -1.0]])
 def test_exact_strategies_reproduce_the_sum(fx, combo, strategy, weights):
-    ads = _read(fx, COMBOS[combo])
+    ads = read_adapters(fx, "llama", COMBOS[combo])
     ws = weights[: len(ads)] if weights else [1.0] * len(ads)
     opts = Options(rank=10_000) if strategy == "svd_full" else Options()
     result = merge(weighted(ads, ws), strategy.removesuffix("_full"), opts)
@@ -50,7 +45,7 @@ def test_exact_strategies_reproduce_the_sum(fx, combo, strategy, weights):
 
 
 def test_multiplicative_is_the_product(fx):
-    ads = _read(fx, ["ia3", "ia3_b"])
+    ads = read_adapters(fx, "llama", ["ia3", "ia3_b"])
     (out,) = merge(weighted(ads), "multiplicative").adapters
     for mod, d in out.deltas.items():
         expected = torch.ones_like(d.l)
@@ -66,7 +61,7 @@ def test_multiplicative_is_the_product(fx):
 
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_svd_rank_k_equals_dense_truncated_svd(fx, k):
-    ads = _read(fx, ["lora", "loha", "lokr"])
+    ads = read_adapters(fx, "llama", ["lora", "loha", "lokr"])
     (out,) = merge(weighted(ads, [1.0, 0.7, -1.3]), "svd", Options(rank=k)).adapters
     for mod, d in out.deltas.items():
         total = _exact_sum(ads, [1.0, 0.7, -1.3], mod).double()
@@ -77,7 +72,7 @@ def test_svd_rank_k_equals_dense_truncated_svd(fx, k):
 
 
 def test_svd_energy_picks_the_smallest_rank(fx):
-    ads = _read(fx, ["lora", "lora_b", "lora_r8"])
+    ads = read_adapters(fx, "llama", ["lora", "lora_b", "lora_r8"])
     result = merge(weighted(ads), "svd", options=Options(energy=0.9))
     for mod, d in result.adapters[0].deltas.items():
         s = torch.linalg.svdvals(_exact_sum(ads, [1, 1, 1], mod).double())
@@ -86,7 +81,7 @@ def test_svd_energy_picks_the_smallest_rank(fx):
 
 
 def test_svd_clamp_follows_peft(fx):
-    ads = _read(fx, ["lora", "lora_b"])
+    ads = read_adapters(fx, "llama", ["lora", "lora_b"])
     plain = merge(weighted(ads), "svd", options=Options(rank=4)).adapters[0]
     clamped = merge(weighted(ads), "svd", options=Options(rank=4, clamp=0.5)).adapters[0]
     mod = "model.layers.0.self_attn.q_proj"
@@ -204,7 +199,7 @@ def _effective_weight(stack, w0):
 )
 @pytest.mark.parametrize("strategy", ["cat", "svd_full"])
 def test_ia3_with_additive_composes_exactly(fx, order, strategy):
-    ads = _read(fx, order)
+    ads = read_adapters(fx, "llama", order)
     ws = [1.0, 0.5, -1.0, 1.0][: len(ads)]
     opts = Options(rank=10_000) if strategy == "svd_full" else Options()
     result = merge(weighted(ads, ws), strategy.removesuffix("_full"), opts)
@@ -253,21 +248,22 @@ def test_linear_refuses_unequal_ranks_loha_lokr_and_dora_naming_why(fx):
     import peft
 
     with pytest.raises(UnsupportedError, match="equal ranks"):
-        merge(weighted(_read(fx, ["lora", "lora_r8"])), "linear")
+        merge(weighted(read_adapters(fx, "llama", ["lora", "lora_r8"])), "linear")
     for kind, name in (("loha", "LoHa"), ("lokr", "LoKr")):
         with pytest.raises(UnsupportedError, match=rf"is {name}, .*use cat \(exact\) or svd"):
-            merge(weighted(_read(fx, ["lora", kind])), "linear")
+            merge(weighted(read_adapters(fx, "llama", ["lora", kind])), "linear")
         assert not hasattr(peft.PeftModel.from_pretrained(fx.load_base("llama"), fx.adapter("llama", kind)),
                            "add_weighted_adapter")  # fmt: skip
     base = fx.load_base("llama")
     weights = {n: m.weight.detach() for n, m in base.named_modules() if hasattr(m, "weight")}
     with pytest.raises(UnsupportedError, match=r"is DoRA, whose magnitude .*\(exact\) or svd$") as e:
-        merge(weighted(_read(fx, ["lora_dora", "lora"])), "linear", base_weights=weights.__getitem__)
+        pairs = weighted(read_adapters(fx, "llama", ["lora_dora", "lora"]))
+        merge(pairs, "linear", base_weights=weights.__getitem__)
     assert "\n" not in str(e.value)
 
 
 def test_dora_needs_base_weights(fx):
-    ads = _read(fx, ["lora_dora", "lora"])
+    ads = read_adapters(fx, "llama", ["lora_dora", "lora"])
     with pytest.raises(UnsupportedError, match="DoRA"):
         merge(weighted(ads), "cat")
     base = fx.load_base("llama")
@@ -279,7 +275,7 @@ def test_dora_needs_base_weights(fx):
 
 
 def test_auxiliary_modules(fx):
-    mts, tokens, lora = _read(fx, ["lora_mts", "lora_tokens", "lora"])
+    mts, tokens, lora = read_adapters(fx, "llama", ["lora_mts", "lora_tokens", "lora"])
     (out,) = merge(weighted([mts, tokens, lora]), "cat").adapters
     assert set(out.aux) == {"lm_head", "model.embed_tokens"}
     with pytest.raises(IncompatibleAdapters, match="pass `aux`=sum"):
@@ -309,7 +305,7 @@ def test_parity_with_peft_add_weighted_adapter(fx, tmp_path, combination):
     model.set_adapter("merged")
     x = example_input("llama")
     theirs = run(model.eval(), "llama", x)
-    (ours,) = merge(weighted(_read(fx, names), ws), combination).adapters
+    (ours,) = merge(weighted(read_adapters(fx, "llama", names), ws), combination).adapters
     fp.write(ours, tmp_path / "ours")
     mine = run(PeftModel.from_pretrained(fx.load_base("llama"), str(tmp_path / "ours")).eval(), "llama", x)
     base = run(fx.load_base("llama"), "llama", x)
@@ -344,13 +340,13 @@ def test_exactness_rule_lives_on_the_strategy():
 )  # fmt: skip
 def test_merge_result_carries_exactness(fx, strategy, rank, exact):
     names = ["ia3", "ia3_b"] if strategy == "multiplicative" else ["lora", "lora_b"]
-    result = merge(weighted(_read(fx, names)), strategy, options=Options(rank=rank))
+    result = merge(weighted(read_adapters(fx, "llama", names)), strategy, options=Options(rank=rank))
     assert result.exact is exact
     assert all((r.error is None) == (strategy == "cat") for r in result.modules if "lora" in r.kind)
 
 
 def test_svd_with_ia3_is_exact_at_full_rank(fx):
-    ads = _read(fx, ["lora", "ia3", "loha"])
+    ads = read_adapters(fx, "llama", ["lora", "ia3", "loha"])
     assert merge(weighted(ads), "svd", options=Options(rank=10_000)).exact
     assert not merge(weighted(ads), "svd", options=Options(rank=1)).exact
 
@@ -368,7 +364,7 @@ def test_merges_sharing_spectra_equal_merges_alone(fx, strategy):
     """compare's rank variants share each module's SVD (merge.Spectra): bit for bit what each makes alone."""
     from merging.merge.spectra import Spectra
 
-    pairs = weighted(_read(fx, COMBOS["lora+loha+lokr"]), [1.0, -0.5, 2.0])
+    pairs = weighted(read_adapters(fx, "llama", COMBOS["lora+loha+lokr"]), [1.0, -0.5, 2.0])
     shared = Spectra(keep=6)
     for opts in (Options(rank=6), Options(rank=2), Options(rank=5, clamp=0.9), Options(energy=0.5),
                  Options(rank=40)):  # fmt: skip  (rank 40 needs more than the 6 triplets kept)

@@ -15,9 +15,11 @@ from merging.errors import MergingError
 from merging.eval import data as eval_data
 from merging.eval import tune as tune_lib
 from merging.eval.verify import base_weights
+from merging.formats import peft as peft_format
 from merging.formats import sources
 from merging.merge import pipeline
 from merging.merge.result import MergeResult, recipe, write_result
+from merging.storage.atomic import atomic_folder
 from merging.storage.files import refuse_overlap, write_text
 from merging.strategies import Options
 
@@ -91,12 +93,18 @@ def tune(
     result = pipeline.merge(merged_pairs, strategy, options, base_weights=base_weights(model),
                             layer_weights=layer_w)  # fmt: skip
     measured = tune_lib.held_out(model, tokenizer, pairs, weighted(result.adapters), split.report, seed=seed)
-    write_result(result, Path(out), recipe(result, adapters).to_dict(), force=force)
-    write_text(Path(out) / TUNE_RECIPE, recipe_toml(specs, base, strategy, found, options))
     record = _record(found, measured, split)
-    write_text(Path(out) / TUNE_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    plots = _plots(record, Path(out))
+    with atomic_folder(Path(out), force=force, owns=_owned) as tmp:  # the merge and its records, or nothing
+        write_result(result, tmp, recipe(result, adapters).to_dict(), force=True)  # tmp is empty
+        write_text(tmp / TUNE_RECIPE, recipe_toml(specs, base, strategy, found, options))
+        write_text(tmp / TUNE_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        plots = _plots(record, tmp)
     return Tuned({ad.name: w for ad, w in merged_pairs}, found, measured, result, plots)
+
+
+def _owned(folder: Path) -> set[str]:
+    """What a new tune replaces in an old output: the adapter's files and the tune's own records and plots."""
+    return peft_format.owned(folder) | {TUNE_RECIPE, TUNE_RECORD, "tune_search.png", "tune_retention.png"}
 
 
 def _absolute(spec: str) -> str:

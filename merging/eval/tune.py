@@ -150,7 +150,7 @@ def _alone(
         return float(means[names.index(n)]), sums
 
     got = alone_losses(model, inputs, names, loss_of)
-    return torch.tensor([got[n][0] for n in names]), {n: got[n][1] for n in names}
+    return torch.tensor([got[n][0] for n in names]), {n: got[n][1].cpu() for n in names}
 
 
 def held_out(
@@ -161,10 +161,10 @@ def held_out(
     retention's 95% bootstrap interval over the examples ("intervals": before/after → skill → [low, high])."""
     names = tuple(evals)
     full = skill_batch(tokenizer, evals, _device(model), names)
-    rows = {n: full.skill == i for i, n in enumerate(names)}
+    rows = {n: (full.skill == i).cpu() for i, n in enumerate(names)}
     with torch.no_grad():
         base, base_sums = skill_losses_by_example(model, full)
-        base = base.tolist()
+        base, base_sums = base.tolist(), base_sums.cpu()  # the bootstrap runs in numpy
         alone, alone_sums = _alone(model, tokenizer, inputs, evals, names)
         alone = alone.tolist()
         out = {"base": dict(zip(names, base, strict=True)), "alone": dict(zip(names, alone, strict=True))}
@@ -172,6 +172,7 @@ def held_out(
         for key, pairs in (("before", inputs), ("after", tuned)):
             with stacked(model, list(pairs)):
                 losses, sums = skill_losses_by_example(model, full)
+            sums = sums.cpu()
             out[key] = {
                 n: retention(b, a, v) for n, b, a, v in zip(names, base, alone, losses.tolist(), strict=True)
             }

@@ -94,7 +94,10 @@ def bake(
             f"{base}: no stored weight for {', '.join(missing)} (a tied weight?); cannot bake it"
         )
 
-    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+    def transform(name: str, stored: torch.Tensor) -> torch.Tensor:
+        return fold(name, stored).to(stored.dtype)  # a replacement's own dtype must not reach the shard
+
+    def fold(name: str, t: torch.Tensor) -> torch.Tensor:
         mod = jobs[name]
         layer, a, stack = shapes[mod][0], aux.get(mod), plan.deltas.get(mod, [])
         if name.endswith(".bias"):

@@ -20,6 +20,7 @@ import torch
 
 from merging.base import pipelines as sdbase
 from merging.base.layout import BaseLayout
+from merging.core import dora
 from merging.core.adapter import Pair, Stacks, stacks
 from merging.core.alora import refuse_gated
 from merging.errors import FormatError, UnsupportedError
@@ -93,6 +94,7 @@ def _folding(src: Path, comp: str, deltas: dict, layout: BaseLayout):
             return effective_bias(stack, t).to(t.dtype)
         if any(getattr(d, "bias", None) is not None for d, _ in stack) and f"{name[:-7]}.bias" not in weights:
             raise UnsupportedError(f"module {mod} has no bias in the base to fold a LoRA bias into")
+        dora.check(mod, stack)  # as the folder bake: DoRA with a LoRA bias, over IA³, on an unknown layer
         new, _ = effective_weight(stack, t, None, layout.modules[mod][0], inplace=True)
         return new.to(t.dtype)
 

@@ -24,6 +24,7 @@ from merging.errors import FormatError, UnsupportedError
 from merging.formats.gguf import BaseInfo, _heads, _name_map, permute_rows
 from merging.storage.atomic import atomic_file, checkpoint
 from merging.storage.files import refuse_overlap
+from merging.storage.tensorfiles import gguf_reader
 
 FLOATS = {"F32": np.float32, "F16": np.float16}  # written as numpy floats; the rest as bytes
 OUTTYPES = ("same", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -125,7 +126,7 @@ def bake_gguf(
     if plan.aux:
         mod = next(iter(plan.aux))
         raise UnsupportedError(f"module {mod}: saved modules / token rows do not bake into GGUF")
-    reader = gguf.GGUFReader(str(base))
+    reader = gguf_reader(base)  # a corrupt file: one line naming it
     info = base_info(reader, base)
     tmap = _name_map(info)
     tensors = {t.name: t for t in reader.tensors}

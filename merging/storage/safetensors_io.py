@@ -253,7 +253,13 @@ def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = No
                 t = raw.view(DTYPES[meta["dtype"]]).reshape(meta["shape"]) if end > begin else torch.empty(0)
                 for new in sources[name]:
                     made[new] = extra[new][1](new, t.clone()).contiguous()
-                _write(fout, transforms[name](name, t).contiguous() if name in transforms else t)
+                out = transforms[name](name, t).contiguous() if name in transforms else t
+                if out.dtype != t.dtype or out.shape != t.shape:  # the header keeps its dtype and offsets
+                    raise FormatError(
+                        f"{src}: tensor {name!r} would be written as {out.dtype} {list(out.shape)} where the "
+                        f"header says {t.dtype} {list(t.shape)}: cast it to the stored type"
+                    )
+                _write(fout, out)
             else:
                 copy_range(fin, fout, data_start + begin, end - begin)
             checkpoint(f"tensor {name}")
