@@ -149,3 +149,43 @@ def test_a_corrupt_gguf_base_is_one_line_naming_it(tmp_path):
     res = CliRunner().invoke(cli, ["bake", str(EXAMPLES / "add"), "--base", str(bad), "-o", str(out)])
     assert res.exit_code == 2 and str(bad) in res.output and "not a readable GGUF file" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_k_proj_delta_is_permuted_by_the_kv_heads(tmp_path):
+    """GQA: llama.cpp stores k permuted over the kv heads (3 here, 9 query heads), so ΔW_k must be too."""
+    from safetensors.numpy import save_file
+
+    from merging.export.gguf_bake import bake_gguf
+
+    base = _base_gguf()
+    r0 = gguf.GGUFReader(str(base))
+    heads = int(r0.fields["llama.attention.head_count"].contents())
+    kv = int(r0.fields["llama.attention.head_count_kv"].contents())
+    t0 = {t.name: t for t in r0.tensors}
+    k_out, hidden = (int(x) for x in reversed(t0["blk.0.attn_k.weight"].shape))
+    assert kv < heads  # the case the test is for
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "k"
+    folder.mkdir()
+    tensors = {}
+    for i in (0, 7):
+        mod = f"base_model.model.model.layers.{i}.self_attn.k_proj"
+        tensors[f"{mod}.lora_A.weight"] = (rng.standard_normal((4, hidden)) * 0.05).astype(np.float32)
+        tensors[f"{mod}.lora_B.weight"] = (rng.standard_normal((k_out, 4)) * 0.05).astype(np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["k_proj"],
+           "task_type": "CAUSAL_LM"}  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "baked.gguf"
+    bake_gguf(base, weighted(sources.load(folder)), out)
+    t1 = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    for i in (0, 7):
+        src, got = t0[f"blk.{i}.attn_k.weight"], t1[f"blk.{i}.attn_k.weight"]
+        w = gguf.quants.dequantize(src.data, src.tensor_type)
+        d = expected_delta(folder, f"model.layers.{i}.self_attn.k_proj", heads, kv)
+        assert np.array_equal(np.asarray(got.data), gguf.quants.quantize(w + d, src.tensor_type)), f"blk.{i}"
+        mod = f"base_model.model.model.layers.{i}.self_attn.k_proj"
+        raw = 2.0 * tensors[f"{mod}.lora_B.weight"] @ tensors[f"{mod}.lora_A.weight"]  # not permuted
+        assert not np.array_equal(np.asarray(got.data), gguf.quants.quantize(w + raw, src.tensor_type))
+    untouched = t0["blk.1.attn_k.weight"], t1["blk.1.attn_k.weight"]
+    assert np.asarray(untouched[0].data).tobytes() == np.asarray(untouched[1].data).tobytes()
