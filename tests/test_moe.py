@@ -7,6 +7,7 @@ parameters; gpt-oss transposed), adapters made by PEFT's ``get_peft_model`` + ``
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from merging.merge.pipeline import merge
 from merging.runtime.fold import merge_into
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
-from tests.support.helpers import peft_stacked, rel_err
+from tests.support.helpers import peft_stacked, rel_err, rewrite_tensors
 from tests.support.tiny_models import randomise
 
 SMALL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -146,10 +147,15 @@ def test_merged_experts_load_in_peft_with_the_stacked_outputs(moe, strategy, tmp
 
 
 def test_svd_by_energy_pads_expert_ranks_exactly(moe, tmp_path):
-    _, base, a, b = moe
+    _, base, a0, b = moe
+    a = Path(shutil.copytree(a0, tmp_path / "a"))
+    # input a is zero on expert 0 (A.reshape(E, r, in)[0] = 0): the sum has b's rank 3 there, 5 elsewhere
+    rewrite_tensors(a, lambda t: [t[k][:2].zero_() for k in t if "experts" in k and "lora_A" in k])
     y0, y_peft = peft_reference(base, [a, b])
     ads = [sources.load(f)[0] for f in (a, b)]
     result = merge(weighted(ads), "svd", Options(energy=0.999999))
+    ranks = {r.module.rpartition(".")[2]: r.rank for r in result.modules if ":" in r.module}
+    assert ranks["0"] == 3 and ranks["1"] == 5  # experts of one parameter at different ranks: padded
     out = fp.write(result.adapters[0], tmp_path / "svd")
     import peft
 
