@@ -145,9 +145,19 @@ def test_multihead_attention_halves_of_unequal_rank_load_in_peft_as_merged(tmp_p
     out = write_result(result, tmp_path / "out", {}, base=layout)
     loaded = peft.PeftModel.from_pretrained(pm.build("mha"), out)
     attention = loaded.base_model.model.body
-    for mod, layer in (("body", attention), ("body.base_layer.out_proj", attention.base_layer.out_proj)):
+    ref = peft.PeftModel.from_pretrained(pm.build("mha"), folders[0], adapter_name="a")
+    ref.load_adapter(folders[1], adapter_name="b")  # PEFT's own deltas of the two inputs
+    theirs = ref.base_model.model.body
+    for mod, layer, inputs in (("body", attention, theirs),
+                               ("body.base_layer.out_proj", attention.base_layer.out_proj,
+                                theirs.base_layer.out_proj)):  # fmt: skip
         got = layer.get_delta_weight("default").double()
         assert torch.allclose(got, merged[mod].dense().double(), atol=1e-6), mod
+        total = sum(inputs.get_delta_weight(n).double() for n in ("a", "b"))
+        u, sv, vh = torch.linalg.svd(total)
+        k = ranks[mod]
+        want = (u[:, :k] * sv[:k]) @ vh[:k]  # the best rank-k approximation of PEFT's summed deltas
+        assert torch.allclose(got, want, atol=1e-6 * float(total.norm())), mod
 
 
 @pytest.mark.parametrize("strategy", ["cat", "svd"])
