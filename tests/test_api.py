@@ -120,3 +120,17 @@ def test_merge_refuses_an_unknown_option_and_wrong_weights(fx):
         merging.merge(ads, strategy="svd", rnak=4)
     with pytest.raises(merging.MergingError, match="2 weights for 1 input"):
         merging.merge(ads, weights=[1, 2])
+
+
+@pytest.mark.parametrize(("option", "value", "said"), [
+    ("loss_dtype", "fp8", "`loss_dtype` must be one of auto, float32, bfloat16, got 'fp8'"),
+    ("budgets", ["r4", "4k"], "`budget` '4k': a parameter count or rN"),
+])  # fmt: skip
+def test_compare_refuses_a_bad_option_in_one_line_before_the_base_loads(fx, tmp_path, option, value, said):
+    """The library checks compare's options (the CLI passes them through): a base that does not exist is
+    not reached, and nothing is written."""
+    out = tmp_path / "report"
+    with pytest.raises(merging.MergingError) as refused:
+        merging.compare([fx.adapter("llama", "lora")], tmp_path / "no-base", out, **{option: value})
+    assert str(refused.value) == said
+    assert not out.exists()

@@ -59,3 +59,16 @@ def test_inspect_says_when_the_config_is_missing(fx, tmp_path):
     shutil.copy(fx.adapter("llama", "lora") / "adapter_model.safetensors", tmp_path / "a")
     r = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["inspect", str(tmp_path / "a")])
     assert r.exit_code == 0 and "no adapter_config.json" in r.output and "unknown without it" in r.output
+
+
+def test_compare_prints_the_librarys_refusal_of_an_option_as_one_line(fx, tmp_path):
+    """--loss-dtype and --budget are checked by the library alone; the CLI prints its line with the flag."""
+    said = {"--loss-dtype": "error: --loss-dtype must be one of auto, float32, bfloat16, got 'fp8'",
+            "--budget": "error: --budget '4k': a parameter count or rN"}  # fmt: skip
+    for flag, value in (("--loss-dtype", "fp8"), ("--budget", "r4,4k")):
+        args = ["compare", str(fx.adapter("llama", "lora")), "--base", str(tmp_path / "no-base"),
+                "-o", str(tmp_path / "report"), flag, value]  # fmt: skip
+        result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == said[flag]
+    assert not (tmp_path / "report").exists()

@@ -77,6 +77,7 @@ def compare(
     if loss_dtype not in eval_data.LOSS_DTYPES:
         choices = ", ".join(eval_data.LOSS_DTYPES)
         raise MergingError(f"`loss_dtype` must be one of {choices}, got {loss_dtype!r}")
+    budgets = _check_budgets(budgets)  # before the model loads, as the loss dtype
     for name in tune_strategies if tune_steps is not None else ():
         registry.get(name)  # an unknown name fails before the model loads, listing the valid ones
     task = sources.task_type([str(s) for s in inputs])
@@ -140,16 +141,22 @@ def compare(
 def budget_sizes(budgets: Sequence[int | str], pairs: Sequence[Pair]) -> list[int]:
     """Budgets as parameter counts: an integer, or "rN" for what uniform svd rank N keeps of ``pairs``."""
     out = []
-    for item in budgets:
-        text = str(item).strip()
-        if text.startswith("r") and text[1:].isdigit():
+    for text in _check_budgets(budgets):
+        if text.startswith("r"):
             result = pipeline.merge(pairs, "svd", Options(rank=int(text[1:])))
             out.append(sum(a.numel for a in result.adapters if a.name == "lora"))
-        elif text.isdigit():
-            out.append(int(text))
         else:
-            raise MergingError(f"`budget` {text!r}: a parameter count or rN")
+            out.append(int(text))
     return out
+
+
+def _check_budgets(budgets: Sequence[int | str]) -> list[str]:
+    """The budgets as text, each a parameter count or "rN"; anything else refused in one line."""
+    texts = [str(item).strip() for item in budgets]
+    for text in texts:
+        if not (text.isdigit() or text.startswith("r") and text[1:].isdigit()):
+            raise MergingError(f"`budget` {text!r}: a parameter count or rN")
+    return texts
 
 
 def _tuned_row(model: Any, tokenizer: Any, pairs: Sequence[Pair], evals: dict, strategy: str, budget: int,
