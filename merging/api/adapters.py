@@ -30,6 +30,11 @@ OPTION_FIELDS = ("rank", "energy", "clamp", "density", "majority_sign", "seed", 
                  "common_fraction", "budget")  # fmt: skip
 
 
+def options_given(**given: Any) -> Options:
+    """Strategy options from keyword values, None standing for the strategies' default."""
+    return Options(**{k: v for k, v in given.items() if v is not None})
+
+
 def strategy_names() -> list[str]:
     """The registered strategy names, in the registry's order."""
     return strategies.names()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from merging import strategies as registry
+from merging.api.adapters import options_given
 from merging.base.load import load_base
 from merging.core.adapter import Pair
 from merging.core.progress import Progress
@@ -228,9 +229,8 @@ def compare_pipeline(
     from merging.eval.compare_pipeline import compare_pipeline as measure
     from merging.export.report_pipeline import write_report
 
-    given = {"alpha": alpha, "common_fraction": common_fraction}
-    set_ = {k: v for k, v in given.items() if v is not None}
-    options = Options(density=density, seed=seed, inner=inner, **set_)  # type: ignore[arg-type]
+    options = options_given(density=density, seed=seed, inner=inner, alpha=alpha,
+                            common_fraction=common_fraction)  # fmt: skip
     layout = BaseLayout.from_folder(Path(base))
     specs = [str(s) for s in inputs]
     adapters = [ad.refine_targets(layout.modules) for ad, _ in sources.load_inputs(specs, base=layout)]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from merging.api.adapters import options_given
 from merging.base.load import load_base
 from merging.core.adapter import weighted
 from merging.core.progress import Progress
@@ -82,9 +83,8 @@ def tune(
     settings = tune_lib.Settings(granularity, how, steps, lr, batch, seed,  # type: ignore[arg-type]
                                  evaluations, patience, knobs=None if knobs is None else tuple(knobs),
                                  regularisation=regularisation)  # fmt: skip
-    given = {"density": density, "alpha": alpha, "common_fraction": common_fraction}
-    set_ = {k: v for k, v in given.items() if v is not None}
-    options = Options(rank=rank, budget=budget, seed=seed, **set_)  # type: ignore[arg-type]
+    options = options_given(rank=rank, budget=budget, seed=seed, density=density, alpha=alpha,
+                            common_fraction=common_fraction)  # fmt: skip
     found = tune_lib.tune(model, tokenizer, pairs, split.tune, settings=settings, strategy=strategy,
                           options=options, progress=progress)  # fmt: skip
     adapters = [ad for ad, _ in pairs]

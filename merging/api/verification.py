@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from merging import strategies as registry
+from merging.api.adapters import options_given
 from merging.base.layout import BaseLayout
 from merging.base.load import load_base
 from merging.core.adapter import Adapter, weighted
@@ -22,7 +23,6 @@ from merging.merge import pipeline
 from merging.merge.result import MergeResult, read_recipe
 from merging.storage.atomic import atomic_file
 from merging.storage.files import write_text
-from merging.strategies import Options
 
 PIPELINE_TOLERANCE = 1e-4  # a diffusers pipeline's noise prediction and text encoders: exact at or below
 
@@ -87,7 +87,8 @@ def verify(
     if recipe_weights and len(recipe_weights) != len(adapters):
         recipe_weights = None  # the recipe merged other inputs: compare against these, weight 1 each
     pairs = weighted(adapters, weights or recipe_weights)
-    options = _options(rank, energy, density, seed, inner, alpha, common_fraction)
+    options = options_given(rank=rank, energy=energy, density=density, seed=seed, inner=inner, alpha=alpha,
+                            common_fraction=common_fraction)  # fmt: skip
     for name in strategies:
         result = pipeline.merge(pairs, name, options, base_weights=base_weights(model))
         label = f"{name} r={rank}" if registry.get(name).ranked and rank is not None else name
@@ -99,13 +100,6 @@ def verify(
         with atomic_file(Path(save), force=True) as tmp:
             write_text(tmp, report.to_json() + "\n")
     return report
-
-
-def _options(rank, energy, density, seed, inner, alpha, common_fraction) -> Options:
-    """The options verify's strategies merge with (the literature methods' defaults unless given)."""
-    given = {"inner": inner, "alpha": alpha, "common_fraction": common_fraction}
-    extra = {k: v for k, v in given.items() if v is not None}
-    return Options(rank=rank, energy=energy, density=density, seed=seed, **extra)
 
 
 def _prompts(prompts: Sequence[str] | Path | None) -> list[str]:
@@ -139,7 +133,8 @@ def verify_pipeline(
     for file in merged:
         found = [ad.refine_targets(layout.modules) for ad in sources.load(file, base=layout)]
         candidates.append((str(file), found, _claims_exact(found)))
-    options = _options(rank, energy, density, seed, inner, alpha, common_fraction)
+    options = options_given(rank=rank, energy=energy, density=density, seed=seed, inner=inner, alpha=alpha,
+                            common_fraction=common_fraction)  # fmt: skip
     for name in strategies:
         result = pipeline.merge(pairs, name, options)
         candidates.append((name, result.adapters, result.exact))
