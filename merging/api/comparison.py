@@ -13,7 +13,7 @@ import torch
 
 from merging import strategies as registry
 from merging.api.adapters import options_given
-from merging.base.load import load_base
+from merging.base.quantized import load_judged_base
 from merging.core.adapter import Pair
 from merging.core.progress import Progress
 from merging.errors import MergingError
@@ -85,15 +85,7 @@ def compare(
     if base_quant and (evals or tune_steps is not None):
         raise MergingError("--eval/--tune run the adapters through our runtime, which does not wrap "
                            "bitsandbytes layers: compare on the quantised base without them")  # fmt: skip
-    if base_quant:
-        from merging.base.layout import BaseLayout
-        from merging.base.quantized import load_quantized_base
-
-        model, tokenizer = load_quantized_base(base, base_quant, task)
-        layout: Any = BaseLayout.from_folder(base, task)  # the module kinds and shapes of the float base
-    else:
-        model, tokenizer = load_base(base, device, dtype, task_type=task)
-        layout = model
+    model, tokenizer, layout = load_judged_base(base, base_quant, task, device=device, dtype=dtype)
     param = next(model.parameters())
     lowered = eval_data.loss_dtype(loss_dtype, param.device, param.dtype)
     if tokenizer is None:

@@ -10,7 +10,7 @@ from typing import Any
 from merging import strategies as registry
 from merging.api.adapters import options_given
 from merging.base.layout import BaseLayout
-from merging.base.load import load_base
+from merging.base.quantized import load_judged_base
 from merging.core.adapter import Adapter, weighted
 from merging.core.progress import Progress
 from merging.errors import MergingError
@@ -63,13 +63,8 @@ def verify(
     folders = [Path(m) for m in merged if not isinstance(m, MergeResult)]
     specs = [str(s) for s in inputs]
     task = sources.task_type([*specs, *map(str, folders)])
-    if base_quant:
-        from merging.base.quantized import load_quantized_base
-
-        model, tokenizer = load_quantized_base(base, base_quant, task)
-    else:
-        model, tokenizer = load_base(base, device, dtype, device_map=device_map, task_type=task)
-    layout = BaseLayout.from_folder(base, task) if base_quant else BaseLayout.from_model(model)
+    model, tokenizer, layout = load_judged_base(base, base_quant, task, device=device, dtype=dtype,
+                                                device_map=device_map)  # fmt: skip
     if specs:
         adapters = [ad for ad, _ in sources.load_inputs(specs, base=layout)]
     else:

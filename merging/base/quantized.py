@@ -10,11 +10,15 @@ dtype, as the adapter's training forward did. transformers quantises every Linea
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from merging.errors import SourceError, UnsupportedError
+
+if TYPE_CHECKING:
+    from merging.base.layout import BaseLayout
 
 QUANTS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # transformers' BitsAndBytesConfig: 4-bit blocks of 64, no double quantisation by default
@@ -75,6 +79,26 @@ def load_quantized_base(spec: str | Path, quant: str, task_type: str | None = No
     except (OSError, ValueError, TypeError, RuntimeError):
         tokenizer = None  # verify then runs on seeded token ids
     return model, tokenizer
+
+
+def load_judged_base(
+    spec: str | Path, quant: str | None, task_type: str | None = None, *, device: str = "auto",
+    dtype: str = "float32", device_map: str | None = None,
+) -> tuple[nn.Module, Any, BaseLayout]:  # fmt: skip
+    """The base verify and compare judge on: through bitsandbytes in ``quant`` (``load_quantized_base``),
+    else ``load_base`` with ``device``, ``dtype`` and ``device_map``.
+
+    Returns:
+        (model, tokenizer or None, its BaseLayout: a quantised base's from its float folder's config).
+    """
+    from merging.base.layout import BaseLayout
+    from merging.base.load import load_base
+
+    if quant:
+        model, tokenizer = load_quantized_base(spec, quant, task_type)
+        return model, tokenizer, BaseLayout.from_folder(spec, task_type)
+    model, tokenizer = load_base(spec, device, dtype, device_map=device_map, task_type=task_type)
+    return model, tokenizer, BaseLayout.from_model(model)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
