@@ -149,15 +149,12 @@ def _record(found: tune_lib.TuneResult, measured: dict, split: tune_lib.Split) -
 
 
 def _plots(record: dict, folder: Path) -> list[str]:
-    try:
-        import matplotlib
+    """tune_search.png and tune_retention.png in ``folder`` (those with data); [] without matplotlib."""
+    from merging.export.plots import draw_before_after, draw_search, pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
-    from merging.export.plots import draw_before_after, draw_search
-
     out = []
     trace = [(s["step"], s["objective"], s["on"]) for s in record["trace"]]
     if draw_search(plt, trace, folder / "tune_search.png"):

@@ -12,6 +12,19 @@ from merging.eval.results import Comparison
 FLOOR = 1e-9  # errors are drawn no lower than this on log axes
 
 
+def pyplot() -> Any | None:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed); None when it is not installed
+    (the ``plots`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def draw_all(plt, report: Comparison, folder: Path) -> list[str]:
     """Draw every plot that has data into folder; return the file names."""
     return draw(plt, folder, [

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from merging.eval.results import Comparison, Skill, judge_note
-from merging.export.plots import draw_all
+from merging.export.plots import draw_all, pyplot
 from merging.storage.atomic import atomic_folder
 from merging.storage.files import write_text
 
@@ -206,11 +206,5 @@ def render_html(report: Comparison, folder: Path) -> str:
 
 def _plots(report: Comparison, folder: Path) -> list[str]:
     """PNG plots with labelled axes; [] when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    return draw_all(plt, report, folder)
+    plt = pyplot()
+    return [] if plt is None else draw_all(plt, report, folder)

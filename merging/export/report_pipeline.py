@@ -44,12 +44,8 @@ def markdown(doc: dict, names: Sequence[str] = ()) -> str:
 def _plots(doc: dict, folder: Path) -> list[str]:
     """Per component: fidelity_vs_rank_<c>.png, size_vs_fidelity_<c>.png, per_layer_error_<c>.png (those
     with data); [] without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return []
     jobs = []
     for c in components(doc):
