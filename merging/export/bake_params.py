@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from merging.core.adapter import Pair, stacks
-from merging.core.alora import refuse_gated
-from merging.core.experts import is_param_key
+from merging.core.adapter import Pair
 from merging.core.progress import Progress
 from merging.errors import FormatError
 from merging.storage.atomic import atomic_folder, checkpoint
@@ -46,8 +43,7 @@ def bake_loaded(
         ``out``.
     """
     from merging.base.layout import auto_classes, build_first
-    from merging.runtime import params
-    from merging.runtime.fold import merge_into
+    from merging.runtime.fold import fold_into
 
     def load(cls):
         return cls.from_pretrained(str(base), dtype="auto")
@@ -60,9 +56,7 @@ def bake_loaded(
     with torch.no_grad():
         if prepare is not None:
             prepare(model)
-        refuse_gated(pairs)
-        params.fold(model, stacks(pairs), None)  # the experts, one by one, no undo kept
-        merge_into(model, _modules_only(pairs))  # then the modules (attention...), apart from the experts
+        fold_into(model, pairs)  # the experts one by one, then the modules; no undo kept
     with atomic_folder(Path(out), force=force, owns=owns) as tmp:
         model.save_pretrained(tmp)
         written = {p.name for p in tmp.iterdir()}
@@ -75,10 +69,3 @@ def bake_loaded(
             progress(1, 1, "model")
     return Path(out)
 
-
-def _modules_only(pairs: Sequence[Pair]) -> list[Pair]:
-    """The pairs without their deltas on parameters (folded apart, expert by expert)."""
-    out = []
-    for ad, w in pairs:
-        out.append((replace(ad, deltas={k: d for k, d in ad.deltas.items() if not is_param_key(k)}), w))
-    return out

@@ -1,5 +1,6 @@
 """Adapters folded into a live model's weights: the weight a stack amounts to, ``merge_into`` with its
-bit-for-bit ``Undo``, and ``evaluated`` (folded where that is equivalent to stacking, else stacked).
+bit-for-bit ``Undo`` (``fold_into`` without, for a bake), and ``evaluated`` (folded where that is
+equivalent to stacking, else stacked).
 """
 
 from __future__ import annotations
@@ -40,13 +41,7 @@ def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
     modules sharing a weight that the adapters change differently (a LoRA on a tied embedding: PEFT
     changes the input side only) are refused, since one tensor cannot hold both.
     """
-    refuse_gated(pairs)
-    plan = stacks(pairs)
-    if split := differing(model, plan):
-        a, b = split[0]
-        raise UnsupportedError(
-            f"modules {a} and {b} share one weight that the adapters change differently; bake unties them"
-        )
+    plan = _plan(model, pairs)
     saved: dict[str, torch.Tensor] = {}
     try:
         _fold(model, plan, saved)
@@ -56,8 +51,27 @@ def merge_into(model: nn.Module, pairs: Sequence[Pair]) -> Undo:
     return Undo(model, saved)
 
 
-def _fold(model: nn.Module, plan: Stacks, saved: dict[str, torch.Tensor]) -> None:
-    """merge_into's loop: each module's stack folded in place, its tensors saved into ``saved`` first."""
+def fold_into(model: nn.Module, pairs: Sequence[Pair]) -> None:
+    """``merge_into`` for a model that is written and dropped (a bake): no undo, so no copy of what it
+    changes is kept (the experts fold one at a time); a refusal half-way leaves the model half-folded."""
+    _fold(model, _plan(model, pairs), None)
+
+
+def _plan(model: nn.Module, pairs: Sequence[Pair]) -> Stacks:
+    """The pairs' stacks, once the refusals both folds share are passed (an aLoRA gate, a tie split)."""
+    refuse_gated(pairs)
+    plan = stacks(pairs)
+    if split := differing(model, plan):
+        a, b = split[0]
+        raise UnsupportedError(
+            f"modules {a} and {b} share one weight that the adapters change differently; bake unties them"
+        )
+    return plan
+
+
+def _fold(model: nn.Module, plan: Stacks, saved: dict[str, torch.Tensor] | None) -> None:
+    """The folds' loop: each module's stack folded in place, its tensors saved into ``saved`` first (None:
+    nothing kept)."""
     seen: set[int] = set()
     with torch.no_grad():
         params.fold(model, plan, saved)  # deltas on parameters (MoE experts)
@@ -72,7 +86,7 @@ def _fold(model: nn.Module, plan: Stacks, saved: dict[str, torch.Tensor]) -> Non
             dora.check(mod, plan.deltas.get(mod, []))
             for pname in ("weight", "bias"):
                 p = getattr(m, pname, None)
-                if p is not None:
+                if p is not None and saved is not None:
                     saved.setdefault(f"{mod}.{pname}", p.detach().clone())
             if mod in plan.aux:
                 m.load_state_dict(with_auxiliary(m, plan.aux[mod], mod).state_dict())
