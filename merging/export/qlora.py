@@ -57,12 +57,10 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _row(into: str, y: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> BakeRow:
-    effect = float((ref - base).double().norm())
-    err = float((y - ref).double().norm())
-    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(y.double(), -1)
-    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
-    top1 = float((y.argmax(-1) == ref.argmax(-1)).double().mean())
-    return BakeRow(into, err / effect if effect > 0 else err, float((y - ref).abs().max()), top1, kl)
+    """The bake's logits ``y`` against the reference's, measured as verify measures a candidate."""
+    from merging.eval.verify import _compare
+
+    return BakeRow(into, **_compare(base, ref, y, logits=True))
 
 
 def bake_table(
@@ -81,7 +79,7 @@ def bake_table(
         One BakeRow per bake, in INTO's order.
     """
     from merging.eval import judge
-    from merging.runtime.fold import merge_into
+    from merging.runtime.fold import fold_into, merge_into
 
     stacker = judge.who_stacks(pairs)
     if stacker.reference != judge.PEFT:
@@ -95,15 +93,15 @@ def bake_table(
         y_ref = _logits(qmodel, ids)
     deq = {name: quantized.dequantize(m) for name, m in quantized.quantized_modules(qmodel).items()}
     del qmodel
-    rows = []
-    for into in INTO:
-        model = _float_base(base, task_type)
-        if into != "original":
-            dequantized_into(model, deq)
-        merge_into(model, pairs)
-        if into == "requantized":
-            requantize(model, list(deq), quant)
-        rows.append(_row(into, _logits(model, ids), y_ref, y_qbase))
+    model = _float_base(base, task_type)  # loaded once: each bake is the one before it, changed in place
+    undo = merge_into(model, pairs)
+    rows = [_row("original", _logits(model, ids), y_ref, y_qbase)]  # W + ΔW
+    undo()  # W again, bit for bit
+    dequantized_into(model, deq)
+    fold_into(model, pairs)
+    rows.append(_row("dequantized", _logits(model, ids), y_ref, y_qbase))  # dequant(W₄) + ΔW
+    requantize(model, list(deq), quant)
+    rows.append(_row("requantized", _logits(model, ids), y_ref, y_qbase))  # quant(dequant(W₄) + ΔW)
     return rows
 
 
