@@ -301,27 +301,51 @@ def test_bake_equals_peft_merge_and_unload(moe, tmp_path):
         assert rel_err(got[k], w) <= 1e-6, k
 
 
-def _hwm_growth(run) -> int:
-    """Bytes the process's peak RSS rose above its RSS while ``run()`` ran (VmHWM reset first)."""
+FOLD_PEAK = """
+import sys
+from pathlib import Path
 
-    def status(key: str) -> int:
-        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key))
-        return int(line.split()[1]) * 1024
+import transformers
 
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
-    start = status("VmRSS:")
-    run()
-    return status("VmHWM:") - start
+from merging.core.adapter import weighted
+from merging.formats import sources
+from merging.runtime.fold import fold_into
+
+
+def status(key):
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key))
+    return int(line.split()[1]) * 1024
+
+
+base, adapter, out = sys.argv[1:]
+model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+pairs = weighted(sources.load(adapter))
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM reset to the current RSS (Linux >= 4.0)
+start = status("VmRSS:")
+fold_into(model, pairs)
+print(status("VmHWM:") - start)
+model.save_pretrained(out)
+"""
+
+
+def _folded_apart(base: Path, adapter: Path, out: Path) -> int:
+    """Bytes a fresh process's peak RSS rose by while the bake's fold (``fold_into``) ran, nothing else in
+    it; the folded model is saved to ``out``."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FOLD_PEAK, str(base), str(adapter), str(out)],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    return int(run.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
 def test_experts_fold_one_at_a_time(tmp_path):
     """The bake's fold holds one expert's ΔW, not a whole parameter's: 64 experts of (512, 128) float32
-    (16 MiB per parameter, 0.25 MiB per expert) fold with a peak well under one parameter's ΔW."""
+    (16 MiB per parameter, 0.25 MiB per expert) fold with a peak well under one parameter's ΔW, measured in
+    a process that does nothing else; what it folded is PEFT's merge_and_unload."""
     import transformers
-
-    from merging.core.adapter import stacks
-    from merging.runtime import params
 
     cfg = SMALL | {"hidden_size": 128, "intermediate_size": 256, "num_local_experts": 64,
                    "num_hidden_layers": 1}  # fmt: skip
@@ -329,11 +353,9 @@ def test_experts_fold_one_at_a_time(tmp_path):
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**cfg))
     model.eval().save_pretrained(tmp_path / "base")
     a = make_moe_adapter(tmp_path / "base", tmp_path / "a", 1, ["mlp.experts.gate_up_proj"], modules=(), r=8)
-    model = load_base(tmp_path / "base")
-    p = model.model.layers[0].mlp.experts.gate_up_proj
+    growth = _folded_apart(tmp_path / "base", a, tmp_path / "folded")
+    p = load_base(tmp_path / "folded").model.layers[0].mlp.experts.gate_up_proj
     assert tuple(p.shape) == (64, 512, 128)
-    plan = stacks(weighted(sources.load(a)))
-    growth = _hwm_growth(lambda: params.fold(model, plan, None))
     whole = p.numel() * 4  # one parameter's ΔW in float32
     assert growth < whole / 4, f"{growth / 2**20:.1f} MiB for a parameter of {whole / 2**20:.0f} MiB"
     peft_model = peft_stacked(load_base(tmp_path / "base"), [str(a)]).merge_and_unload()
