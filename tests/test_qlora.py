@@ -45,21 +45,25 @@ def logits(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
 def test_requantising_gives_the_bytes_transformers_stores(qlora, quant):
-    """Our quantiser settings are the loader's: quantising the float weight gives its stored 4-bit bytes."""
+    """Our quantiser settings are the loader's: the base a user loads with transformers' BitsAndBytesConfig
+    stores the 4-bit bytes our quantiser gives for the float weight, and what our loader stores."""
     import bitsandbytes.functional as F
     import transformers
 
     from merging.base import quantized
 
     base, _ = qlora
-    qmodel = quantized.load_quantized(base, quant)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant)  # as a user's
+    users = transformers.AutoModelForCausalLM.from_pretrained(base, quantization_config=config)
+    stored = users.model.layers[1].mlp.down_proj.weight
     w = transformers.AutoModelForCausalLM.from_pretrained(base).model.layers[1].mlp.down_proj.weight.detach()
-    layer = qmodel.model.layers[1].mlp.down_proj
     q, _ = F.quantize_4bit(w, blocksize=quantized.BLOCKSIZE, quant_type=quant)
-    assert torch.equal(q, layer.weight.data)
-    assert torch.equal(quantized.roundtrip(w, quant), quantized.dequantize(layer))
+    assert torch.equal(q, stored.data)
+    assert torch.equal(quantized.roundtrip(w, quant), F.dequantize_4bit(stored.data, stored.quant_state))
+    layer = quantized.load_quantized(base, quant).model.layers[1].mlp.down_proj
+    assert torch.equal(layer.weight.data, stored.data)
     x = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(0))
-    assert rel_err(layer(x), x @ quantized.dequantize(layer).T) <= 1e-6  # float32 compute, not bf16
+    assert rel_err(layer(x), x @ F.dequantize_4bit(stored.data, stored.quant_state).T) <= 1e-6  # float32
 
 
 def test_bake_table_dequantized_is_what_peft_runs_on_nf4(qlora):
