@@ -97,6 +97,7 @@ def bake_table(
     undo = merge_into(model, pairs)
     rows = [_row("original", _logits(model, ids), y_ref, y_qbase)]  # W + ΔW
     undo()  # W again, bit for bit
+    del undo  # and its copies of W freed
     dequantized_into(model, deq)
     fold_into(model, pairs)
     rows.append(_row("dequantized", _logits(model, ids), y_ref, y_qbase))  # dequant(W₄) + ΔW
