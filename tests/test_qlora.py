@@ -110,6 +110,15 @@ def test_cli_bake_and_verify_take_base_quant(qlora, tmp_path):
     assert doc["into"] == "dequantized"
     assert [b["into"] for b in doc["bakes"]] == ["original", "dequantized", "requantized"]
     assert doc["bakes"][1]["effect_rel_error"] <= 1e-5
+    # the bake reuses the table's dequantised weights: its outputs are PEFT's on the nf4 base
+    import transformers
+
+    from merging.base import quantized
+
+    qmodel = quantized.load_quantized(base, "nf4")
+    y0, y_ref = logits(qmodel), logits(peft_stacked(qmodel, [str(a)]))
+    y = logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "baked").eval())
+    assert rel_err(y - y0, y_ref - y0) <= 1e-4
     res = CliRunner().invoke(cli, ["verify", str(a), "--base", str(base), "--base-quant", "nf4", "-s", "cat",
                                    "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output

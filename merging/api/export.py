@@ -54,11 +54,12 @@ def bake(
     if single_file and not is_pipeline(Path(base)):
         raise MergingError(f"{base}: --single-file is for a diffusers pipeline base (SD1.5/SDXL/SD3)")
     pairs = sources.load_inputs([str(s) for s in inputs], base=None if gguf_base else base, weights=weights)
-    into, table = into or ("dequantized" if base_quant else "original"), None
+    into, table, deq = into or ("dequantized" if base_quant else "original"), None, None
     if base_quant:
         from merging.export import qlora
 
-        table = qlora.bake_table(Path(base), pairs, base_quant)
+        ref = qlora.reference(Path(base), pairs, base_quant)  # the 4-bit base loaded once, for both
+        table, deq = qlora.bake_table(Path(base), pairs, base_quant, ref=ref), ref.dequantized
         if measured is not None:
             measured(table)
     if single_file:
@@ -75,7 +76,7 @@ def bake(
         bake_gguf(Path(base), pairs, Path(out), outtype=outtype, force=force, progress=progress)
     else:
         bake_lib.bake(Path(base), pairs, Path(out), force=force, progress=progress, base_quant=base_quant,
-                      into=into)
+                      into=into, dequantized=deq)
     files = [Path(out)] if gguf_base or single_file else sorted(p for p in Path(out).iterdir() if p.is_file())
     inputs_ = [{"source": str(ad.source), "weight": w} for ad, w in pairs]
     sizes = {p.name: p.stat().st_size for p in files}

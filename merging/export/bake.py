@@ -45,6 +45,7 @@ def bake(
     progress: Progress | None = None,
     base_quant: str | None = None,
     into: str = "original",
+    dequantized: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``base`` with the adapters folded in (stacked semantics, innermost first) to ``out``.
 
@@ -59,13 +60,16 @@ def bake(
         progress: called as progress(done, total, shard name).
         base_quant: the adapters were trained on the base in nf4/fp4/int8 (QLoRA); with ``into``
             "dequantized" they are folded into dequant(W₄) in the base's float dtype (``export.qlora``).
+        dequantized: those dequant(W₄) when the caller has them (``qlora.Reference``), else loaded here.
 
     Returns:
         ``out``.
     """
     base = Path(base)
     refuse_overlap(out, [base, *(ad.source for ad, _ in pairs)])
-    prepare = None if base_quant is None else qlora.prepare_for(base, base_quant, into, task_type(pairs))
+    prepare = None if base_quant is None else qlora.prepare_for(
+        base, base_quant, into, task_type(pairs), dequantized
+    )
     if prepare is not None or any(is_param_key(m) for ad, _ in pairs for m in ad.deltas):  # via transformers
         return bake_loaded(base, pairs, out, task_type=task_type(pairs), force=force, progress=progress,
                            owns=owned, prepare=prepare)  # fmt: skip

@@ -63,11 +63,21 @@ def _row(into: str, y: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> B
     return BakeRow(into, **_compare(base, ref, y, logits=True))
 
 
-def bake_table(
+@dataclass(frozen=True)
+class Reference:
+    """PEFT stacking the inputs on the quantised base, and what the bakes need from that base."""
+
+    ids: torch.Tensor  # (batch, length) the token ids measured
+    base_logits: torch.Tensor  # the quantised base alone
+    logits: torch.Tensor  # PEFT's stack on the quantised base
+    dequantized: dict[str, torch.Tensor]  # module path → dequant(W₄) float32
+
+
+def reference(
     base: Path, pairs: Sequence[Pair], quant: str, *, ids: torch.Tensor | None = None,
     task_type: str | None = None,
-) -> list[BakeRow]:  # fmt: skip
-    """The three bakes of ``pairs`` on ``base`` against PEFT stacking them on the base in ``quant``.
+) -> Reference:  # fmt: skip
+    """Load ``base`` in ``quant`` once: its logits alone and under PEFT's stack, and its dequantised weights.
 
     Args:
         base: a transformers model folder (float weights).
@@ -76,10 +86,9 @@ def bake_table(
         ids: token ids (batch, length); default 4 seeded rows of 32 over the vocabulary.
 
     Returns:
-        One BakeRow per bake, in INTO's order.
+        A Reference.
     """
     from merging.eval import judge
-    from merging.runtime.fold import fold_into, merge_into
 
     stacker = judge.who_stacks(pairs)
     if stacker.reference != judge.PEFT:
@@ -92,16 +101,38 @@ def bake_table(
     with judge.peft_stacked(qmodel, stacker):
         y_ref = _logits(qmodel, ids)
     deq = {name: quantized.dequantize(m) for name, m in quantized.quantized_modules(qmodel).items()}
-    del qmodel
+    return Reference(ids, y_qbase, y_ref, deq)
+
+
+def bake_table(
+    base: Path, pairs: Sequence[Pair], quant: str, *, ids: torch.Tensor | None = None,
+    task_type: str | None = None, ref: Reference | None = None,
+) -> list[BakeRow]:  # fmt: skip
+    """The three bakes of ``pairs`` on ``base`` against PEFT stacking them on the base in ``quant``.
+
+    Args:
+        base: a transformers model folder (float weights).
+        pairs: PEFT input folders as (Adapter, weight 1), innermost first.
+        quant: nf4, fp4 or int8 (bitsandbytes, as the adapters were trained on).
+        ids: token ids (batch, length); default 4 seeded rows of 32 over the vocabulary.
+        ref: ``reference(base, pairs, quant, ids=ids)`` when the caller has it already.
+
+    Returns:
+        One BakeRow per bake, in INTO's order.
+    """
+    from merging.runtime.fold import fold_into, merge_into
+
+    ref = ref or reference(base, pairs, quant, ids=ids, task_type=task_type)
+    ids, y_qbase, y_ref = ref.ids, ref.base_logits, ref.logits
     model = _float_base(base, task_type)  # loaded once: each bake is the one before it, changed in place
     undo = merge_into(model, pairs)
     rows = [_row("original", _logits(model, ids), y_ref, y_qbase)]  # W + ΔW
     undo()  # W again, bit for bit
     del undo  # and its copies of W freed
-    dequantized_into(model, deq)
+    dequantized_into(model, ref.dequantized)
     fold_into(model, pairs)
     rows.append(_row("dequantized", _logits(model, ids), y_ref, y_qbase))  # dequant(W₄) + ΔW
-    requantize(model, list(deq), quant)
+    requantize(model, list(ref.dequantized), quant)
     rows.append(_row("requantized", _logits(model, ids), y_ref, y_qbase))  # quant(dequant(W₄) + ΔW)
     return rows
 
@@ -121,14 +152,16 @@ def dequantized_weights(base: Path, quant: str, task_type: str | None = None) ->
 
 
 def prepare_for(
-    base: Path, quant: str, into: str, task_type: str | None = None
-) -> Callable[[nn.Module], None]:
-    """What ``bake_loaded`` does to the float base before folding, for a bake ``into`` one of INTO."""
+    base: Path, quant: str, into: str, task_type: str | None = None,
+    dequantized: dict[str, torch.Tensor] | None = None,
+) -> Callable[[nn.Module], None]:  # fmt: skip
+    """What ``bake_loaded`` does to the float base before folding, for a bake ``into`` one of INTO
+    (``dequantized``: the base's dequant(W₄) when a ``Reference`` has them, else loaded here)."""
     if into not in INTO:
         raise UnsupportedError(f"`into` must be one of {', '.join(INTO)}, got {into!r}")
     if into == "original":
         return lambda model: None
     if into == "requantized":
         raise UnsupportedError("a requantized bake is measured in the table, not written; write dequantized")
-    weights = dequantized_weights(base, quant, task_type)
+    weights = dequantized if dequantized is not None else dequantized_weights(base, quant, task_type)
     return lambda model: dequantized_into(model, weights)
