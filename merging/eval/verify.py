@@ -135,7 +135,7 @@ def _greedy(model, batch, n: int, pad_id: int | None) -> torch.Tensor:
     return new
 
 
-def _compare(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]:
+def compare_outputs(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]:
     effect = float((y_stack - y_base).double().norm())
     diff = float((y_merged - y_stack).double().norm())
     res: dict[str, float | None] = {
@@ -273,7 +273,7 @@ def verify(
                 with how or judge.loaded(model, cand.adapters, cand.folder) as loaded_by:
                     y_m = _outputs(model, batch)
                     g_m = _greedy(model, batch, max_new_tokens, pad_id) if g_stack is not None else None
-            figures = _compare(y_base, y_stack, y_m, is_lm)
+            figures = compare_outputs(y_base, y_stack, y_m, is_lm)
             errs = module_errors(model, pairs, cand.adapters, reference)
             greedy = None if g_m is None else float((g_m == g_stack).float().mean())
             row = Row(
@@ -363,7 +363,7 @@ def reference_checks(model, batch, pairs: Sequence[Pair], y_base: torch.Tensor) 
         with judge.reference(model, part) as stacker:
             y_peft = _outputs(model, batch)
         if stacker.reference == judge.PEFT:  # a part PEFT refused to stack cannot check anything
-            out[label] = _compare(y_base, y_peft, y_ours, False)["effect_rel_error"]
+            out[label] = compare_outputs(y_base, y_peft, y_ours, False)["effect_rel_error"]
     return out
 
 

@@ -58,9 +58,9 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def _row(into: str, y: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> BakeRow:
     """The bake's logits ``y`` against the reference's, measured as verify measures a candidate."""
-    from merging.eval.verify import _compare
+    from merging.eval.verify import compare_outputs
 
-    return BakeRow(into, **_compare(base, ref, y, logits=True))
+    return BakeRow(into, **compare_outputs(base, ref, y, logits=True))
 
 
 @dataclass(frozen=True)
