@@ -136,6 +136,8 @@ def _greedy(model, batch, n: int, pad_id: int | None) -> torch.Tensor:
 
 
 def compare_outputs(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]:
+    """A candidate's outputs against the stack's: error relative to the stack's effect on the base, max |Δ|,
+    and with ``logits`` the KL from the stack and the top-1 agreement."""
     effect = float((y_stack - y_base).double().norm())
     diff = float((y_merged - y_stack).double().norm())
     res: dict[str, float | None] = {
