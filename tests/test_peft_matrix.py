@@ -23,7 +23,6 @@ EXPECTED_REFUSALS = {
     r"replaced by several inputs": "two adapters save the same module whole; PEFT refuses to stack them too",
     r"linear averages LoRA factors.* is (LoHa|LoKr|DoRA), .*use cat \(exact\)": "PEFT has no linear for them",
     r"(KaSA|VeLoRA|MonteCLoRA|block-diagonal)": "see merging/formats/peft/fields.py",
-    r"DoRA on a conv of \d+ groups": "not modelled yet: DoRA normalises a weight beside a grouped layer",
 }
 
 # The rows in `make test`: one per layer kind and adapter type; the rest run under the slow marker.
@@ -32,7 +31,7 @@ QUICK = {
     "mlp lokr", "mlp adalora", "conv2d lora", "conv2d loha", "conv2d lokr", "conv2d dora", "conv3d lora",
     "conv3d ia3 ff", "conv1d loha", "conv1d lokr effective", "conv2d_groups loha", "conv2d_groups lokr",
     "conv2d_groups lora", "conv2d adalora", "mlp kasa", "mlp velora", "mlp monteclora", "mlp bdlora",
-    "mha lora", "conv1d loha effective",
+    "mha lora", "conv1d loha effective", "conv2d_groups dora",
 }  # fmt: skip
 
 PARAMS = [pytest.param(row, id=row[0], marks=() if row[0] in QUICK else pytest.mark.slow) for row in pm.ROWS]
@@ -52,9 +51,14 @@ def test_quick_rows_exist():
     assert QUICK <= set(pm.ROW_NAMES)
 
 
-@pytest.mark.parametrize("name", ["conv3d lora", "conv3d ia3 ff", "conv1d lora bias", "conv2d_1x1 loha"])
+@pytest.mark.parametrize(
+    "name",
+    ["conv3d lora", "conv3d ia3 ff", "conv1d lora bias", "conv2d_1x1 loha", "conv2d_groups lora",
+     "conv1d_groups loha", "conv2d_groups2 lokr", "conv2d_groups ia3"],
+)  # fmt: skip
 def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
-    """verify's own runtime (stacked layers) on Conv1d/2d/3d gives PEFT's stacked forward of the pair."""
+    """verify's own runtime (stacked layers) on Conv1d/2d/3d, grouped ones included (PEFT's LoRA as a full
+    conv beside the layer, LoHa/LoKr/IA³ on its grouped weight), gives PEFT's stacked forward of the pair."""
     import peft  # noqa: F401 - the reference below
 
     from merging.base.layout import BaseLayout

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from merging.core import dora
 from merging.core.deltas import CONV_DIMS, Delta, Scale
 from merging.errors import ShapeMismatch, UnsupportedError
 
@@ -125,21 +126,6 @@ def beside_b(lb: torch.Tensor, groups: int) -> torch.Tensor:
 
 def beside_factors(b: torch.Tensor, a: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A full-conv delta B·A (B (out, R), A (R, in, k...)) as PEFT's LoRA on a conv of g groups: lora_A
-    (g·n, in, k...) and grouped lora_B (out, n, 1...), group j's outputs reading A's rows of block j.
-
-    Columns of B each within one group's rows (a read grouped LoRA, a cat of them) go to that group's block
-    (n = the most any group has); otherwise every group reads all of A (n = R), exact either way."""
-    out, rank = b.shape
-    rows = out // groups
-    nonzero = torch.stack([b[j * rows : (j + 1) * rows].abs().sum(0) > 0 for j in range(groups)])  # (g, R)
-    if bool((nonzero.sum(0) <= 1).all()):
-        cols = [nonzero[j].nonzero().flatten() for j in range(groups)]
-    else:
-        cols = [torch.arange(rank) for _ in range(groups)]
-    n = max(1, *(len(c) for c in cols))
-    new_a = a.new_zeros(groups * n, *a.shape[1:])
-    new_b = b.new_zeros(out, n)
-    for j, c in enumerate(cols):
-        new_a[j * n : j * n + len(c)] = a[c]
-        new_b[j * rows : (j + 1) * rows, : len(c)] = b[j * rows : (j + 1) * rows][:, c]
-    return new_b, new_a
+    (g·n, in, k...) and grouped lora_B (out, n, 1...) (``dora.peft_layout``: DoRA's norm is computed on the
+    same layout, so a magnitude written with it is the one PEFT divides by)."""
+    return dora.peft_layout(b, a, groups)

@@ -42,8 +42,11 @@ def _lora_tensors(mod: str, d: LowRank, groups: int = 1) -> dict[str, torch.Tens
         in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
         a = d.a.reshape(r, in_ch, *kernel)  # (r, in/groups, k...); beside a grouped conv: (r, in, k...)
         b = d.b
-        if groups > 1 and d.magnitude is not None:
-            raise UnsupportedError(f"DoRA on a grouped conv (groups={groups}) is not modelled")
+        if groups > 1 and t.beside == 1 and d.magnitude is not None:  # PEFT's DoRA norm would differ
+            raise UnsupportedError(
+                f"a DoRA on the grouped weight of a conv of {groups} groups (not PEFT's LoRA beside it) "
+                "is not modelled as PEFT's DoRA; write it as kohya/LyCORIS"
+            )
         if t.beside > 1:
             b, a = beside_factors(b, a, t.beside)  # (out, n), (groups·n, in, k...)
         elif groups > 1:
