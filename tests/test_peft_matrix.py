@@ -54,7 +54,7 @@ def test_quick_rows_exist():
 @pytest.mark.parametrize(
     "name",
     ["conv3d lora", "conv3d ia3 ff", "conv1d lora bias", "conv2d_1x1 loha", "conv2d_groups lora",
-     "conv1d_groups loha", "conv2d_groups2 lokr", "conv2d_groups ia3"],
+     "conv1d_groups loha", "conv2d_groups2 lokr", "conv2d_groups ia3", "conv2d_groups dora"],
 )  # fmt: skip
 def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
     """verify's own runtime (stacked layers) on Conv1d/2d/3d, grouped ones included (PEFT's LoRA as a full
@@ -191,3 +191,49 @@ def test_lora_beside_a_grouped_conv_is_written_as_peft_builds_it(tmp_path, strat
     assert rel_err(got - bare, ref - bare) < 1e-6
     rank = json.loads((out / "adapter_config.json").read_text())["r"]
     assert rank == (8 if strategy == "cat" else 4 * 8)
+
+
+@pytest.mark.parametrize("name", ["mha lora", "mha+lin lora"])
+def test_our_runtime_stacks_multihead_attention_as_peft(tmp_path, name):
+    """verify's own runtime on nn.MultiheadAttention: its in_proj and out_proj LoRA on the weights, as PEFT's
+    layer merges them for each forward. PEFT 0.21.2's forward adds out_proj's delta twice (its merge adds it
+    by hand, then calls out_proj.merge; huggingface/peft#3774), so the pair is judged against PEFT's forward
+    with the out_proj LoRA zeroed, and in full against torch's attention on W + PEFT's own delta weights."""
+    import peft
+
+    from merging.base.layout import BaseLayout
+    from merging.core.adapter import weighted
+    from merging.formats import peft as peft_format
+    from merging.runtime.stacked import stacked
+    from tests.support.helpers import peft_stacked, rel_err, rewrite_tensors
+
+    row = next(r for r in pm.ROWS if r[0] == name)
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    layout = BaseLayout.from_model(pm.build("mha"))
+    x = pm.inputs("mha")
+
+    def ours(fs):
+        pairs = weighted([peft_format.read(f).refine_targets(layout.modules) for f in fs])
+        with torch.no_grad(), stacked(pm.build("mha"), pairs) as model:
+            return model(x)
+
+    ref = peft.PeftModel.from_pretrained(pm.build("mha"), folders[0], adapter_name="a")
+    ref.load_adapter(folders[1], adapter_name="b")
+    dense = pm.build("mha")
+    with torch.no_grad():
+        bare = pm.build("mha")(x)
+        peft_layers = {"body.in_proj_weight": "body", "body.out_proj.weight": "body.base_layer.out_proj",
+                       "lin0.weight": "lin0"}  # fmt: skip
+        for path, p in dense.named_parameters():
+            layer = ref.base_model.model.get_submodule(peft_layers.get(path, "body.base_layer"))
+            if hasattr(layer, "get_delta_weight") and "a" in getattr(layer, "lora_A", {}):
+                p += sum(layer.get_delta_weight(n) for n in ("a", "b"))
+        want = dense(x)
+    assert rel_err(want, bare) > 1e-3
+    assert rel_err(ours(folders) - bare, want - bare) < 1e-5  # the effective weights are summed in float32
+    for f in folders:
+        rewrite_tensors(f, lambda t: t.update({k: 0 * v for k, v in t.items() if "out_proj.lora_B" in k}))
+    with torch.no_grad():
+        theirs = peft_stacked(pm.build("mha"), folders)(x)
+    assert rel_err(theirs, bare) > 1e-3
+    assert rel_err(ours(folders) - bare, theirs - bare) < 1e-5

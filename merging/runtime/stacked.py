@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merging.core import dora
-from merging.core.adapter import Pair, Stacks, common_invocation, layer_kind, stacks
+from merging.core.adapter import MHA_OUT, Pair, Stacks, common_invocation, layer_kind, stacks
 from merging.core.alora import Gate
 from merging.core.deltas import (
     CONV_DIMS,
@@ -35,6 +35,7 @@ from merging.core.lycoris_ia3 import AddedScale
 from merging.core.replacements import Auxiliary, BaseTensors, TokenRows
 from merging.errors import ShapeMismatch, UnsupportedError
 from merging.runtime import params
+from merging.runtime.attention import StackedAttention
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,7 +212,7 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
     hook = None if gate is None else model.register_forward_pre_hook(gate, with_kwargs=True)
     aux = active_aux(model, plan)
     try:
-        mods = [m for m in sorted(set(plan.modules) | set(aux)) if not is_param_key(m)]  # experts: params
+        mods = [m for m in layer_paths([*plan.modules, *aux]) if not is_param_key(m)]  # experts: params
         layers = {m: stacked_layer(model, m, plan, aux, gate) for m in mods}
         with swapped(model, layers), params.activated(model, plan):
             yield model
@@ -233,6 +234,10 @@ def stacked_layer(
         original = model.get_submodule(mod)
     except AttributeError:
         raise ShapeMismatch(f"module {mod} is not in the model") from None
+    if isinstance(original, nn.MultiheadAttention):  # PEFT's one layer for in_proj and out_proj
+        if gate is not None or mod in aux:
+            raise UnsupportedError(f"module {mod}: an nn.MultiheadAttention takes plain LoRA deltas only")
+        return StackedAttention(original, plan.deltas.get(mod, []), plan.deltas.get(mod + MHA_OUT, []))
     kind = layer_kind(original)
     if kind is None:
         raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
@@ -246,6 +251,12 @@ def stacked_layer(
     if gate is not None and (kind != "linear" or any(op.kind != "add" for op in ops)):
         raise UnsupportedError(f"module {mod}: aLoRA gating is modelled on plain LoRA linear layers")
     return StackedLayer(base, kind, ops, gate) if ops else base
+
+
+def layer_paths(mods: Sequence[str]) -> list[str]:
+    """The modules to wrap for these adapted paths, sorted: an nn.MultiheadAttention's out_proj (PEFT's path
+    ``<attention>.base_layer.out_proj``) is wrapped with its attention."""
+    return sorted({m.removesuffix(MHA_OUT) for m in mods})
 
 
 @contextmanager
