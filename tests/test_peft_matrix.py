@@ -193,6 +193,53 @@ def test_lora_beside_a_grouped_conv_is_written_as_peft_builds_it(tmp_path, strat
     assert rank == (8 if strategy == "cat" else 4 * 8)
 
 
+@pytest.mark.parametrize("name", ["conv2d loha", "conv1d loha", "conv2d adalora"])
+def test_a_flat_factor_on_a_conv_learns_its_kind_from_the_base_the_adapter_names(tmp_path, monkeypatch, name):
+    """A flat LoHa/AdaLoRA factor (r, in·k) does not say its module is a conv: merged without --base, the
+    base the adapter_config names is found where it already is (a local folder, the local Hugging Face
+    cache) and read by its headers; PEFT loads the cat and gives its stacked forward. With no reachable base
+    (and no task_type: not a transformers text model) it is refused in one line asking for --base."""
+    import peft
+    from click.testing import CliRunner
+    from huggingface_hub import constants
+    from merging_cli.main import cli
+    from safetensors.torch import save_file
+
+    from tests.support.helpers import peft_stacked, rel_err
+
+    row = next(r for r in pm.ROWS if r[0] == name)
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    weights = {k: v.contiguous() for k, v in pm.build(row[1]).state_dict().items()}
+    snapshot = tmp_path / "hub/models--someone--tiny-conv/snapshots/0123abcd"
+    for folder in (tmp_path / "base", snapshot):
+        folder.mkdir(parents=True)
+        save_file(weights, str(folder / "model.safetensors"))
+    (tmp_path / "hub/models--someone--tiny-conv/refs").mkdir()
+    (tmp_path / "hub/models--someone--tiny-conv/refs/main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    x = pm.inputs(row[1])
+    with torch.no_grad():
+        bare, ref = pm.build(row[1])(x), peft_stacked(pm.build(row[1]), folders)(x)
+
+    def merged(base_name: str | None, out: str):
+        for f in folders:
+            cfg = json.loads((f / "adapter_config.json").read_text())
+            (f / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": base_name}))
+        args = ["merge", *map(str, folders), "-s", "cat", "-o", str(tmp_path / out)]
+        return CliRunner().invoke(cli, args)
+
+    for base_name, out in ((str(tmp_path / "base"), "local"), ("someone/tiny-conv", "cached")):
+        r = merged(base_name, out)
+        assert r.exit_code == 0, r.output
+        with torch.no_grad():
+            got = peft.PeftModel.from_pretrained(pm.build(row[1]), tmp_path / out)(x)
+        assert rel_err(ref, bare) > 1e-4 and rel_err(got - bare, ref - bare) < 1e-6, base_name
+    for base_name in ("someone/not-cached", None):
+        r = merged(base_name, "refused")
+        assert r.exit_code == 2 and "module body" in r.output and r.output.rstrip().endswith("pass --base")
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "refused").exists(), r.output
+
+
 @pytest.mark.parametrize("name", ["mha lora", "mha+lin lora"])
 def test_our_runtime_stacks_multihead_attention_as_peft(tmp_path, name):
     """verify's own runtime on nn.MultiheadAttention: its in_proj and out_proj LoRA on the weights, as PEFT's

@@ -22,6 +22,7 @@ from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft import config as pc
 from merging.formats.peft import params as peft_params
 from merging.formats.peft.config import CONFIG, PREFIX, RECIPE_FILE, WEIGHTS, WEIGHTS_BIN
+from merging.formats.peft.kinds import ImpliedBase
 from merging.formats.peft.shapes import as_built, beside_factors, grouped_a, warn_unknown
 from merging.storage.atomic import atomic_folder
 from merging.storage.files import write_text
@@ -188,15 +189,17 @@ def _write_deltas(
         seen: dict[str, pc.LoraInfo] = {}
         params = peft_params.ParamWriter()  # target_parameters: experts gathered per parameter
         unknown: list[str] = []
+        implied = ImpliedBase(adapter) if base is None else None  # looked up for a guessed kind only
         for mod, d in adapter.deltas.items():
             if not isinstance(d, LowRank):
                 raise UnsupportedError(f"{adapter.where}: module {mod} is not a LoRA; merge first")
             if d.target.site is not None:
                 params.add(mod, d)
                 continue
+            lay = base if implied is None or not d.target.guessed else implied.knows(mod)
             with naming(adapter.where, f"module {mod}"):
-                d = as_built(mod, _attention_part(adapter, mod, d), base, unknown)
-            groups = base.groups.get(mod, 1) if base is not None else 1
+                d = as_built(mod, _attention_part(adapter, mod, d), lay, unknown, implied)
+            groups = lay.groups.get(mod, 1) if lay is not None else 1
             tensors = _lora_tensors(mod, d, groups)
             for name, t in tensors.items():
                 sink.add(name, t)
