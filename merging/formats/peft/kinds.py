@@ -116,7 +116,8 @@ class ImpliedBase:
 
     def linear(self, mod: str, target: Target) -> bool:
         """Whether a module of unknown kind is a Linear by its config (True: no warning needed; False:
-        a text model's, written as a Linear's with a warning); refused in one line for any other model."""
+        a text model's, written as a Linear's with a warning); refused in one line for any other model (the
+        caller's ``naming`` puts the module first)."""
         if self.task_type in TEXT_TASKS:
             config = self.layout.config if self.layout is not None else {}
             return target.shape[1] in sizes(config)
@@ -127,7 +128,7 @@ class ImpliedBase:
         else:
             why = f"its base {self.name!r} has no module {mod}"
         raise UnsupportedError(
-            f"module {mod}: a LoHa/LoKr/AdaLoRA factor (r, {target.shape[1]}) does not say whether the layer "
-            f"is a Linear or a conv (PEFT builds a different LoRA for each), {why}, and task_type "
+            f"a LoHa/LoKr/AdaLoRA factor (r, {target.shape[1]}) does not say whether the layer is a Linear "
+            f"or a conv (PEFT builds a different LoRA for each), {why}, and task_type "
             f"{self.task_type!r} is not a transformers text model's: pass --base"
         )
