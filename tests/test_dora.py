@@ -12,8 +12,9 @@ from merging.export.bake import bake
 from merging.formats import peft as peft_format
 from merging.merge.pipeline import merge
 from merging.merge.result import write_result
+from merging.runtime.fold import merge_into
 from merging.runtime.stacked import stacked
-from tests.support.helpers import peft_stacked, rel_err
+from tests.support.helpers import peft_stacked, rel_err, state_hash
 
 pytestmark = pytest.mark.model
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -134,3 +135,46 @@ def test_dora_on_a_base_given_as_its_weights(tmp_path, model, as_file):
         got = peft.PeftModel.from_pretrained(pm.build(model), tmp_path / "m")(x)
     assert rel_err(ref, bare) > 1e-3
     assert rel_err(got - bare, ref - bare) < 1e-6
+
+
+@pytest.mark.parametrize("model", ["conv1d_groups", "conv2d_groups", "conv2d_groups2"])
+def test_dora_beside_a_grouped_conv_is_peft_s(tmp_path, model):
+    """PEFT's DoRA on a conv of g groups runs a full conv's LoRA beside the layer, but divides by the norm of
+    W plus its factors' product read back in the grouped weight's shape (lora_B viewed (out/g, r)): our
+    runtime, cat and svd (full rank) of a pair, reloaded by PEFT, equal PEFT's stacked forward; that norm
+    is not ‖W + ΔW‖ of the full conv (so the check can fail); folding it into the
+    weights (bake) is refused in one line: no grouped weight holds it, and PEFT's merge refuses too."""
+    from merging.base.layout import BaseLayout
+    from merging.core import dora
+    from merging.core.target import ungroup
+    from merging.strategies import Options
+    from tests.support import peft_matrix as pm
+
+    row = (f"{model} dora", model, "lora", {"target_modules": ["body"], "r": 4, "use_dora": True})
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    base = pm.build(model)
+    layout = BaseLayout.from_model(base)
+    weights = {n.removesuffix(".weight"): p.detach() for n, p in base.named_parameters()}
+    pairs = weighted([peft_format.read(f).refine_targets(layout.modules) for f in folders])
+    x = pm.inputs(model)
+    with torch.no_grad():
+        bare = pm.build(model)(x)
+        ref = peft_stacked(pm.build(model), folders)(x)
+        with stacked(pm.build(model), pairs) as ours:
+            mine = ours(x)
+    assert rel_err(ref, bare) > 1e-3
+    assert rel_err(mine - bare, ref - bare) < 1e-6  # DoRA norms in float32
+    d, w = pairs[0][0].deltas["body"], base.body.weight.detach()
+    naive = (ungroup(w, base.body.groups).flatten(1) + d.scale * d.b @ d.a).norm(dim=1)
+    assert rel_err(dora.weight_norm(d, d.target.to_matrix(w)), naive) > 1e-3
+    for strategy, opts in (("cat", Options()), ("svd", Options(rank=64))):
+        result = merge(pairs, strategy, opts, base_weights=weights.__getitem__)
+        out = write_result(result, tmp_path / strategy, {}, base=layout)
+        with torch.no_grad():
+            got = peft.PeftModel.from_pretrained(pm.build(model), out)(x)
+        assert rel_err(got - bare, ref - bare) < 1e-5, strategy
+    merged = weighted([peft_format.read(tmp_path / "cat").refine_targets(layout.modules)])
+    before = state_hash(base)
+    with pytest.raises(UnsupportedError, match="no grouped weight holds it") as e:
+        merge_into(base, merged)  # what bake folds (a model folder's bake refuses the same way)
+    assert "\n" not in str(e.value) and state_hash(base) == before

@@ -93,7 +93,8 @@ def test_download_by_revision_and_subfolder_records_the_commit(hub, tmp_path, fx
     v1 = _seed(hub, "alice/math", fx.adapter("llama", "lora"), branch="v1")
     sha_b = _seed(hub, "bob/many", fx.adapter("llama", "loha"), sub="loha")
     out = tmp_path / "m"
-    r = _cli(hub, tmp_path, "merge", "alice/math@v1", "bob/many:loha", "-s", "cat", "-o", out)
+    base = fx.base("llama")  # the LoHa's flat factors do not say the layer kind; the adapters name no base
+    r = _cli(hub, tmp_path, "merge", "alice/math@v1", "bob/many:loha", "-s", "cat", "--base", base, "-o", out)
     assert r.returncode == 0, r.stderr
     recipe = json.loads((out / "merge_recipe.json").read_text())
     assert Recipe.from_dict(recipe).to_dict() == recipe

@@ -23,7 +23,6 @@ EXPECTED_REFUSALS = {
     r"replaced by several inputs": "two adapters save the same module whole; PEFT refuses to stack them too",
     r"linear averages LoRA factors.* is (LoHa|LoKr|DoRA), .*use cat \(exact\)": "PEFT has no linear for them",
     r"(KaSA|VeLoRA|MonteCLoRA|block-diagonal)": "see merging/formats/peft/fields.py",
-    r"DoRA on a conv of \d+ groups": "not modelled yet: DoRA normalises a weight beside a grouped layer",
 }
 
 # The rows in `make test`: one per layer kind and adapter type; the rest run under the slow marker.
@@ -32,7 +31,7 @@ QUICK = {
     "mlp lokr", "mlp adalora", "conv2d lora", "conv2d loha", "conv2d lokr", "conv2d dora", "conv3d lora",
     "conv3d ia3 ff", "conv1d loha", "conv1d lokr effective", "conv2d_groups loha", "conv2d_groups lokr",
     "conv2d_groups lora", "conv2d adalora", "mlp kasa", "mlp velora", "mlp monteclora", "mlp bdlora",
-    "mha lora", "conv1d loha effective",
+    "mha lora", "conv1d loha effective", "conv2d_groups dora",
 }  # fmt: skip
 
 PARAMS = [pytest.param(row, id=row[0], marks=() if row[0] in QUICK else pytest.mark.slow) for row in pm.ROWS]
@@ -52,9 +51,14 @@ def test_quick_rows_exist():
     assert QUICK <= set(pm.ROW_NAMES)
 
 
-@pytest.mark.parametrize("name", ["conv3d lora", "conv3d ia3 ff", "conv1d lora bias", "conv2d_1x1 loha"])
+@pytest.mark.parametrize(
+    "name",
+    ["conv3d lora", "conv3d ia3 ff", "conv1d lora bias", "conv2d_1x1 loha", "conv2d_groups lora",
+     "conv1d_groups loha", "conv2d_groups2 lokr", "conv2d_groups ia3", "conv2d_groups dora"],
+)  # fmt: skip
 def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
-    """verify's own runtime (stacked layers) on Conv1d/2d/3d gives PEFT's stacked forward of the pair."""
+    """verify's own runtime (stacked layers) on Conv1d/2d/3d, grouped ones included (PEFT's LoRA as a full
+    conv beside the layer, LoHa/LoKr/IA³ on its grouped weight), gives PEFT's stacked forward of the pair."""
     import peft  # noqa: F401 - the reference below
 
     from merging.base.layout import BaseLayout
@@ -187,3 +191,96 @@ def test_lora_beside_a_grouped_conv_is_written_as_peft_builds_it(tmp_path, strat
     assert rel_err(got - bare, ref - bare) < 1e-6
     rank = json.loads((out / "adapter_config.json").read_text())["r"]
     assert rank == (8 if strategy == "cat" else 4 * 8)
+
+
+@pytest.mark.parametrize("name", ["conv2d loha", "conv1d loha", "conv2d adalora"])
+def test_a_flat_factor_on_a_conv_learns_its_kind_from_the_base_the_adapter_names(tmp_path, monkeypatch, name):
+    """A flat LoHa/AdaLoRA factor (r, in·k) does not say its module is a conv: merged without --base, the
+    base the adapter_config names is found where it already is (a local folder, the local Hugging Face
+    cache) and read by its headers; PEFT loads the cat and gives its stacked forward. With no reachable base
+    (and no task_type: not a transformers text model) it is refused in one line asking for --base."""
+    import peft
+    from click.testing import CliRunner
+    from huggingface_hub import constants
+    from merging_cli.main import cli
+    from safetensors.torch import save_file
+
+    from tests.support.helpers import peft_stacked, rel_err
+
+    row = next(r for r in pm.ROWS if r[0] == name)
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    weights = {k: v.contiguous() for k, v in pm.build(row[1]).state_dict().items()}
+    snapshot = tmp_path / "hub/models--someone--tiny-conv/snapshots/0123abcd"
+    for folder in (tmp_path / "base", snapshot):
+        folder.mkdir(parents=True)
+        save_file(weights, str(folder / "model.safetensors"))
+    (tmp_path / "hub/models--someone--tiny-conv/refs").mkdir()
+    (tmp_path / "hub/models--someone--tiny-conv/refs/main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    x = pm.inputs(row[1])
+    with torch.no_grad():
+        bare, ref = pm.build(row[1])(x), peft_stacked(pm.build(row[1]), folders)(x)
+
+    def merged(base_name: str | None, out: str):
+        for f in folders:
+            cfg = json.loads((f / "adapter_config.json").read_text())
+            (f / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": base_name}))
+        args = ["merge", *map(str, folders), "-s", "cat", "-o", str(tmp_path / out)]
+        return CliRunner().invoke(cli, args)
+
+    for base_name, out in ((str(tmp_path / "base"), "local"), ("someone/tiny-conv", "cached")):
+        r = merged(base_name, out)
+        assert r.exit_code == 0, r.output
+        with torch.no_grad():
+            got = peft.PeftModel.from_pretrained(pm.build(row[1]), tmp_path / out)(x)
+        assert rel_err(ref, bare) > 1e-4 and rel_err(got - bare, ref - bare) < 1e-6, base_name
+    for base_name in ("someone/not-cached", None):
+        r = merged(base_name, "refused")
+        assert r.exit_code == 2 and "module body" in r.output and r.output.rstrip().endswith("pass --base")
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "refused").exists(), r.output
+
+
+@pytest.mark.parametrize("name", ["mha lora", "mha+lin lora"])
+def test_our_runtime_stacks_multihead_attention_as_peft(tmp_path, name):
+    """verify's own runtime on nn.MultiheadAttention: its in_proj and out_proj LoRA on the weights, as PEFT's
+    layer merges them for each forward. PEFT 0.21.2's forward adds out_proj's delta twice (its merge adds it
+    by hand, then calls out_proj.merge; huggingface/peft#3774), so the pair is judged against PEFT's forward
+    with the out_proj LoRA zeroed, and in full against torch's attention on W + PEFT's own delta weights."""
+    import peft
+
+    from merging.base.layout import BaseLayout
+    from merging.core.adapter import weighted
+    from merging.formats import peft as peft_format
+    from merging.runtime.stacked import stacked
+    from tests.support.helpers import peft_stacked, rel_err, rewrite_tensors
+
+    row = next(r for r in pm.ROWS if r[0] == name)
+    folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
+    layout = BaseLayout.from_model(pm.build("mha"))
+    x = pm.inputs("mha")
+
+    def ours(fs):
+        pairs = weighted([peft_format.read(f).refine_targets(layout.modules) for f in fs])
+        with torch.no_grad(), stacked(pm.build("mha"), pairs) as model:
+            return model(x)
+
+    ref = peft.PeftModel.from_pretrained(pm.build("mha"), folders[0], adapter_name="a")
+    ref.load_adapter(folders[1], adapter_name="b")
+    dense = pm.build("mha")
+    with torch.no_grad():
+        bare = pm.build("mha")(x)
+        peft_layers = {"body.in_proj_weight": "body", "body.out_proj.weight": "body.base_layer.out_proj",
+                       "lin0.weight": "lin0"}  # fmt: skip
+        for path, p in dense.named_parameters():
+            layer = ref.base_model.model.get_submodule(peft_layers.get(path, "body.base_layer"))
+            if hasattr(layer, "get_delta_weight") and "a" in getattr(layer, "lora_A", {}):
+                p += sum(layer.get_delta_weight(n) for n in ("a", "b"))
+        want = dense(x)
+    assert rel_err(want, bare) > 1e-3
+    assert rel_err(ours(folders) - bare, want - bare) < 1e-5  # the effective weights are summed in float32
+    for f in folders:
+        rewrite_tensors(f, lambda t: t.update({k: 0 * v for k, v in t.items() if "out_proj.lora_B" in k}))
+    with torch.no_grad():
+        theirs = peft_stacked(pm.build("mha"), folders)(x)
+    assert rel_err(theirs, bare) > 1e-3
+    assert rel_err(ours(folders) - bare, theirs - bare) < 1e-5

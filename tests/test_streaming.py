@@ -14,6 +14,7 @@ from merging_cli.main import cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from merging.base.layout import BaseLayout
 from merging.core.lazy import LazyDeltas
 from merging.formats import peft as fp
 from merging.formats import sources
@@ -96,13 +97,14 @@ def test_lazy_read_refuses_nan_when_the_module_is_read(fx, tmp_path):
 @pytest.mark.parametrize("strategy", ["cat", "svd", "ties"])
 def test_streamed_cli_merge_writes_what_the_eager_merge_writes(fx, tmp_path, strategy):
     inputs = [fx.adapter("llama", n) for n in ("lora", "lora_b", "loha", "lokr")]
-    r = CliRunner().invoke(cli, ["merge", *map(str, inputs), "-s", strategy, "--rank", "6",
-                                 "-o", str(tmp_path / "streamed")])  # fmt: skip
+    base = fx.base("llama")  # LoHa/LoKr factors do not say the layer kind; the adapters name no base
+    r = CliRunner().invoke(cli, ["merge", *map(str, inputs), "-s", strategy, "--rank", "6", "--base",
+                                 str(base), "-o", str(tmp_path / "streamed")])  # fmt: skip
     assert r.exit_code == 0, r.output
     pairs = sources.load_inputs([str(p) for p in inputs])
     result = merge_lib.merge(pairs, strategy, merge_lib.Options(rank=6))
     assert not isinstance(result.adapters[0].deltas, LazyDeltas)
-    fp.write(result.adapters[0], tmp_path / "eager")
+    fp.write(result.adapters[0], tmp_path / "eager", base=BaseLayout.from_folder(base))
     got, want = (load_file(str(tmp_path / f / fp.WEIGHTS)) for f in ("streamed", "eager"))
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)

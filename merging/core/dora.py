@@ -44,8 +44,53 @@ def _rescale(
 
 def magnitude_scale(d: LowRank, w: torch.Tensor) -> torch.Tensor:
     """PEFT's mag_norm_scale s = m / ‖W + scale·BA‖ for a DoRA delta, W in matrix form (float32)."""
-    dw = d.scale * (d.b.float() @ d.a.float())  # (out, in_flat)
-    return d.magnitude.float() / (w + dw).norm(dim=_axis(d.target))
+    return d.magnitude.float() / weight_norm(d, w)
+
+
+def weight_norm(d: LowRank, w: torch.Tensor) -> torch.Tensor:
+    """The norm PEFT's DoRA layer divides by: ‖W + scale·BA‖ per output row (embedding: per dimension).
+
+    Beside a conv of g groups PEFT adds to the grouped weight W (out, in/g·k) the product of its stored
+    factors, lora_B (out, n) viewed as (out/g, g·n) times lora_A (g·n, in·k), read back in W's shape: not the
+    delta the layer runs, but what its forward divides by; so it is computed here on the factors as
+    ``peft_layout`` stores them.
+    """
+    t = d.target
+    if t.beside > 1:
+        lb, la = peft_layout(d.scale * d.b.float(), d.a.float(), t.beside)  # (out, n), (g·n, in·k)
+        lw = (lb.reshape(-1, la.shape[0]) @ la).reshape(t.shape[0], -1)  # PEFT's view, (out, in/g·k)
+        return (t.grouped_part(w) + lw).norm(dim=1)
+    return (w + d.scale * (d.b.float() @ d.a.float())).norm(dim=_axis(t))
+
+
+def peft_layout(b: torch.Tensor, a: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full-conv delta B·A (B (out, R), A (R, ...)) as PEFT's LoRA on a conv of g groups stores it: lora_A
+    (g·n, ...) and grouped lora_B (out, n), group j's outputs reading A's rows j·n … (j+1)·n.
+
+    B already in that pattern (R = g·n, as read from PEFT) is kept as it is, zero columns too: PEFT's DoRA
+    norm depends on where each factor sits. Otherwise columns of B each within one group's rows (a cat of
+    read grouped LoRAs) go to that group's block (n = the most any group has), else every group reads all
+    of A (n = R); the product is B·A either way."""
+    out, rank = b.shape
+    rows = out // groups
+    blocks = torch.zeros(groups, rank, dtype=torch.bool)
+    for j in range(groups):
+        blocks[j] = b[j * rows : (j + 1) * rows].abs().sum(0) > 0
+    n = rank // groups
+    if rank % groups == 0 and not any(bool(blocks[j, : j * n].any() or blocks[j, (j + 1) * n :].any())
+                                      for j in range(groups)):  # fmt: skip
+        cols = [torch.arange(j * n, (j + 1) * n) for j in range(groups)]
+    elif bool((blocks.sum(0) <= 1).all()):
+        cols = [blocks[j].nonzero().flatten() for j in range(groups)]
+    else:
+        cols = [torch.arange(rank) for _ in range(groups)]
+    n = max(1, *(len(c) for c in cols))
+    new_a = a.new_zeros(groups * n, *a.shape[1:])
+    new_b = b.new_zeros(out, n)
+    for j, c in enumerate(cols):
+        new_a[j * n : j * n + len(c)] = a[c]
+        new_b[j * rows : (j + 1) * rows, : len(c)] = b[j * rows : (j + 1) * rows][:, c]
+    return new_b, new_a
 
 
 def check(module: str, stack: Sequence[tuple[Delta, float]]) -> None:
@@ -93,8 +138,8 @@ def compose(stack: Sequence[tuple[AdditiveDelta, float]], w: torch.Tensor, modul
         if is_dora(d):
             s_total = s_total * magnitude_scale(d, w)
     b, a = torch.cat(bs, dim=1), torch.cat(as_, dim=0)  # (out, R), (R, in_flat)
-    mag = s_total * (w + b @ a).norm(dim=_axis(target))
-    return LowRank(b, a, 1.0, target, magnitude=mag)
+    z = LowRank(b, a, 1.0, target)
+    return LowRank(b, a, 1.0, target, magnitude=s_total * weight_norm(z, w))
 
 
 Stack = Sequence[tuple[Delta, float]]
@@ -132,8 +177,7 @@ def contributions(stack: Stack, w: torch.Tensor, module: str) -> list[tuple[Delt
 
 def as_dora(d: LowRank, w: torch.Tensor) -> LowRank:
     """A plain LoRA as a DoRA that rescales nothing (magnitude ‖W + ΔW‖): PEFT's use_dora is per adapter."""
-    norm = (w.float() + d.dense()).norm(dim=_axis(d.target))
-    return LowRank(d.b, d.a, d.scale, d.target, bias=d.bias, magnitude=norm)
+    return LowRank(d.b, d.a, d.scale, d.target, bias=d.bias, magnitude=weight_norm(d, w.float()))
 
 
 def fold(m: torch.Tensor, d: LowRank, w0: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,21 @@ class Target:
         return m.reshape(self.shape)
 
     def to_matrix(self, w: torch.Tensor) -> torch.Tensor:
-        """Stored layout → matrix form (out, in_flat)."""
+        """Stored layout → matrix form (out, in_flat); beside a grouped conv, its grouped weight (out, in/g,
+        k...) as the full conv it runs (zero outside each output group's own input channels)."""
         if self.layer == "gpt2_conv1d":
             return w.T
+        if self.beside > 1 and tuple(w.shape) != self.shape:
+            return ungroup(w, self.beside).reshape(self.matrix_shape)
         return w.reshape(self.matrix_shape)
+
+    def grouped_part(self, m: torch.Tensor) -> torch.Tensor:
+        """Beside a conv of g groups: a full matrix (out, in·k) cut to the grouped weight's (out, in/g·k),
+        each output group's own input channels (the inverse of ``to_matrix`` on a grouped weight)."""
+        g, out = self.beside, self.shape[0]
+        cols = m.shape[1] // g
+        rows = [m[j * out // g : (j + 1) * out // g, j * cols : (j + 1) * cols] for j in range(g)]
+        return torch.cat(rows)
 
     def refine(self, layer: Layer, shape: tuple[int, ...]) -> Target:
         """This target with the base's real layer kind and stored shape (checked to agree)."""
@@ -92,3 +103,14 @@ class Target:
         if new.layer in CONV_DIMS or new.shape != shape:
             raise ShapeMismatch(f"delta is for a {self.layer} weight {self.shape}, the base weight {shape}")
         return new
+
+
+def ungroup(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight (out, in/g, k...) as the full conv's (out, in, k...) that computes the same:
+    output group j reads input channels of group j only."""
+    out, per = w.shape[:2]
+    full = w.new_zeros(out, per * groups, *w.shape[2:])
+    rows = out // groups
+    for j in range(groups):
+        full[j * rows : (j + 1) * rows, j * per : (j + 1) * per] = w[j * rows : (j + 1) * rows]
+    return full

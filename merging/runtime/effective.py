@@ -19,6 +19,7 @@ def effective_weight(
     kind: Layer,
     *,
     inplace: bool = False,
+    full: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight and bias a stack of deltas amounts to (stored layout), in float32.
 
@@ -28,9 +29,21 @@ def effective_weight(
         b: the base bias or None.
         kind: the layer kind (sets the stored layout).
         inplace: a float32 ``w`` may be modified in place (the caller owns it; saves a copy).
+        full: a LoRA beside a grouped conv (PEFT's) gives the full conv's weight (out, in, k...) the stack
+            amounts to (for comparing); else it is refused: no grouped weight holds it.
     """
     target = Target(kind, tuple(w.shape))
     stack = [(d.resolve(w, kind) if isinstance(d, AddedScale) else d, wt) for d, wt in stack]  # from W itself
+    besides = [d.target for d, _ in stack if getattr(d, "target", None) and d.target.beside > 1]
+    if besides:
+        beside = besides[0]
+        if not full:
+            raise UnsupportedError(
+                f"a LoRA beside a {kind} of {beside.beside} groups {tuple(w.shape)} reads every input "
+                "channel: no grouped weight holds it (PEFT refuses to merge it too); keep it as an adapter"
+            )
+        target, w = beside, beside.to_matrix(w).reshape(beside.shape)  # the full conv the grouped one is
+        inplace = False
     w0 = target.to_matrix(w.float()).clone() if any(dora.is_dora(d) for d, _ in stack) else None
     m = target.to_matrix(w) if inplace and w.dtype == torch.float32 else target.to_matrix(w.float()).clone()
     for d, wt in stack:

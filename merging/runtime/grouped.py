@@ -18,7 +18,7 @@ from torch import nn
 
 from merging.core.adapter import Pair, common_invocation, stacks
 from merging.errors import UnsupportedError
-from merging.runtime.stacked import active_aux, stacked_layer, swapped
+from merging.runtime.stacked import active_aux, layer_paths, stacked_layer, swapped
 
 
 class GroupedLayer(nn.Module):
@@ -59,7 +59,7 @@ def grouped(model: nn.Module, groups: Sequence[Sequence[Pair]]) -> Iterator[nn.M
     plans = [stacks(pairs) for pairs in groups]
     auxes = [active_aux(model, plan) for plan in plans]
     each = list(zip(plans, auxes, strict=True))
-    modules = sorted({m for plan, aux in each for m in (*plan.modules, *aux)})
+    modules = layer_paths([m for plan, aux in each for m in (*plan.modules, *aux)])
     layers = {m: GroupedLayer([stacked_layer(model, m, plan, aux) for plan, aux in each]) for m in modules}
     with swapped(model, layers):
         yield model

@@ -12,14 +12,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from merging.core import dora
-from merging.core.adapter import Pair, Stacks, common_invocation, layer_kind, stacks
+from merging.core.adapter import MHA_OUT, Pair, Stacks, common_invocation, layer_kind, stacks
 from merging.core.alora import Gate
 from merging.core.deltas import (
     CONV_DIMS,
@@ -35,6 +35,7 @@ from merging.core.lycoris_ia3 import AddedScale
 from merging.core.replacements import Auxiliary, BaseTensors, TokenRows
 from merging.errors import ShapeMismatch, UnsupportedError
 from merging.runtime import params
+from merging.runtime.attention import StackedAttention
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,9 +51,24 @@ class _Op:
     bias: torch.Tensor | None = None
     l: torch.Tensor | None = None
     side: str = "out"
+    conv: tuple[int, ...] = ()  # a conv delta's weight shape as it runs (beside a grouped conv: a full one)
+    groups: int = 1  # the groups that weight runs with
 
 
-def _prepare(delta: Delta, weight: float, ref: torch.Tensor, kind: Layer) -> _Op:
+def _prepare(delta: Delta, weight: float, ref: torch.Tensor, kind: Layer, groups: int = 1) -> _Op:
+    """One delta of a layer as the op its forward runs (a conv's: with the weight shape and groups it has)."""
+    op = _prepare_op(delta, weight, ref, kind)
+    if kind not in CONV_DIMS or op.kind == "scale":
+        return op
+    target = getattr(delta, "target", None)
+    if target is not None and target.beside > 1:  # PEFT's LoRA on a grouped conv: a full conv beside it
+        return replace(op, conv=target.shape)
+    if groups > 1 and op.d is None and op.b is not None and op.a is not None:  # of the grouped weight itself
+        op = replace(op, d=op.b @ op.a, b=None, a=None)
+    return replace(op, conv=tuple(ref.shape), groups=groups)
+
+
+def _prepare_op(delta: Delta, weight: float, ref: torch.Tensor, kind: Layer) -> _Op:
     dev, dt = ref.device, ref.dtype
     if isinstance(delta, AddedScale):  # LyCORIS IA³: the original base weight, scaled per channel
         delta = delta.resolve(ref.detach(), kind)
@@ -82,8 +98,6 @@ class StackedLayer(nn.Module):
         self.kind = kind
         self.ops = ops
         self.gate = gate
-        if kind in CONV_DIMS and base.groups != 1:
-            raise UnsupportedError(f"grouped convolutions (groups={base.groups}) are not supported")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -131,9 +145,10 @@ class StackedLayer(nn.Module):
             return op.scale * y * embed_scale(base, y.dtype)
         if self.kind in CONV_DIMS:
             conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[self.kind]
-            w_shape = base.weight.shape
+            w_shape, pad = op.conv, base.padding
             if op.d is not None:
-                y = op.scale * conv(x, op.d.reshape(w_shape), None, base.stride, base.padding, base.dilation)
+                w = op.d.reshape(w_shape)
+                y = op.scale * conv(x, w, None, base.stride, pad, base.dilation, op.groups)
                 return y if op.bias is None else y + self._channel(op.bias, y)
             a = op.a.reshape(op.a.shape[0], *w_shape[1:])  # (r, in, k...)
             b = op.b.reshape(*op.b.shape, *([1] * (len(w_shape) - 2)))  # (out, r, 1...)
@@ -197,7 +212,7 @@ def stacked(model: nn.Module, pairs: Sequence[Pair]) -> Iterator[nn.Module]:
     hook = None if gate is None else model.register_forward_pre_hook(gate, with_kwargs=True)
     aux = active_aux(model, plan)
     try:
-        mods = [m for m in sorted(set(plan.modules) | set(aux)) if not is_param_key(m)]  # experts: params
+        mods = [m for m in layer_paths([*plan.modules, *aux]) if not is_param_key(m)]  # experts: params
         layers = {m: stacked_layer(model, m, plan, aux, gate) for m in mods}
         with swapped(model, layers), params.activated(model, plan):
             yield model
@@ -219,6 +234,10 @@ def stacked_layer(
         original = model.get_submodule(mod)
     except AttributeError:
         raise ShapeMismatch(f"module {mod} is not in the model") from None
+    if isinstance(original, nn.MultiheadAttention):  # PEFT's one layer for in_proj and out_proj
+        if gate is not None or mod in aux:
+            raise UnsupportedError(f"module {mod}: an nn.MultiheadAttention takes plain LoRA deltas only")
+        return StackedAttention(original, plan.deltas.get(mod, []), plan.deltas.get(mod + MHA_OUT, []))
     kind = layer_kind(original)
     if kind is None:
         raise UnsupportedError(f"module {mod} is a {type(original).__name__}, not an adaptable layer")
@@ -226,11 +245,18 @@ def stacked_layer(
     ref = base.weight  # DoRA norms use the base layer's weight, as loaded
     stack = plan.deltas.get(mod, [])
     dora.check(mod, stack)
-    _check_shapes(mod, stack, kind, tuple(ref.shape))
-    ops = [_prepare(d, w, ref, kind) for d, w in stack]
+    groups = getattr(base, "groups", 1) if kind in CONV_DIMS else 1
+    _check_shapes(mod, stack, kind, tuple(ref.shape), groups)
+    ops = [_prepare(d, w, ref, kind, groups) for d, w in stack]
     if gate is not None and (kind != "linear" or any(op.kind != "add" for op in ops)):
         raise UnsupportedError(f"module {mod}: aLoRA gating is modelled on plain LoRA linear layers")
     return StackedLayer(base, kind, ops, gate) if ops else base
+
+
+def layer_paths(mods: Sequence[str]) -> list[str]:
+    """The modules to wrap for these adapted paths, sorted: an nn.MultiheadAttention's out_proj (PEFT's path
+    ``<attention>.base_layer.out_proj``) is wrapped with its attention."""
+    return sorted({m.removesuffix(MHA_OUT) for m in mods})
 
 
 @contextmanager
@@ -264,14 +290,23 @@ def tied_rows(model: nn.Module, aux: dict[str, Auxiliary]) -> dict[str, TokenRow
     return out
 
 
-def _check_shapes(mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape: tuple[int, ...]) -> None:
+def _check_shapes(
+    mod: str, stack: list[tuple[Delta, float]], kind: Layer, shape: tuple[int, ...], groups: int = 1
+) -> None:
     out, inf = Target(kind, shape).matrix_shape
     for d, _ in stack:
         if isinstance(d, (Scale, AddedScale)):
             numel = d.l.numel() if isinstance(d, Scale) else d.w.numel()
-            n = out if d.side == "out" else (shape[1] if kind in CONV_DIMS else inf)
+            per = groups if isinstance(d, Scale) else 1  # PEFT's IA³: all in channels; LyCORIS: W's columns
+            n = out if d.side == "out" else (shape[1] * per if kind in CONV_DIMS else inf)
             if numel != n:
                 raise ShapeMismatch(f"module {mod}: IA³ vector of length {numel}, the layer needs {n}")
+        elif d.target.beside > 1:  # a full conv beside the grouped one: (out, in, k...), in = g·(in/g)
+            if d.target.beside != groups or d.target.shape != (shape[0], shape[1] * groups, *shape[2:]):
+                raise ShapeMismatch(
+                    f"module {mod}: a LoRA beside a conv of {d.target.beside} groups {d.target.shape}, the "
+                    f"layer is {shape} in {groups} groups"
+                )
         elif d.target.matrix_shape != (out, inf):
             raise ShapeMismatch(
                 f"module {mod}: delta of shape {d.target.matrix_shape}, the weight is {(out, inf)}"

@@ -210,8 +210,6 @@ def _read_lora(parts: dict[str, torch.Tensor], config: Mapping[str, Any], module
     else:
         la, lb = _block_diagonal(parts["lora_A.weight"], parts["lora_B.weight"], config, module)
         groups = la.shape[0] // lb.shape[1] if la.dim() > 2 else 1
-        if groups > 1 and ("lora_magnitude_vector" in parts or "lora_magnitude_vector.weight" in parts):
-            raise UnsupportedError(f"DoRA on a conv of {groups} groups (lora_A beside it) is not modelled")
         r = la.shape[0]
         b = shapes.beside_b(lb, groups) if groups > 1 else lb.reshape(lb.shape[0], -1)  # (out, r)
         a = la.reshape(r, -1)  # (r, in·k...)

@@ -5,8 +5,9 @@ saved tensors into it, refusing any other shape. So a writer that knows the base
 that module and refuses in one line what PEFT would not load. Without the base it writes only what the
 delta itself knows: a LoHa/LoKr conv kernel does not say the conv's groups (nor a Conv1d from a (k, 1)
 Conv2d), so a LoRA whose conv comes from such factors alone is refused in one line asking for the base; a
-flat LoHa/LoKr/AdaLoRA factor, (r, in·k...), cannot say whether it is a conv at all, so it is written as a
-Linear's with a warning (an LLM's, mostly; the kohya writer refuses it instead: its users adapt convs).
+flat LoHa/LoKr/AdaLoRA factor, (r, in·k...), cannot say whether it is a conv at all: the PEFT writer then
+learns it from the base the adapter names, if reachable, else writes a text model's as a Linear's and
+refuses any other (``kinds``; the kohya writer refuses it: its users adapt convs).
 
 | base module | LoRA tensors PEFT builds | IA³ vector |
 |---|---|---|
@@ -24,17 +25,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from merging.core import dora
 from merging.core.deltas import CONV_DIMS, Delta, Scale
 from merging.errors import ShapeMismatch, UnsupportedError
 
 if TYPE_CHECKING:
     from merging.base.layout import BaseLayout
+    from merging.formats.peft.kinds import ImpliedBase
 
 log = logging.getLogger(__name__)
 
 
 
-def as_built(mod: str, d: Delta, base: BaseLayout | None, unknown: list[str] | None = None) -> Delta:
+def as_built(
+    mod: str, d: Delta, base: BaseLayout | None, unknown: list[str] | None = None,
+    implied: ImpliedBase | None = None,
+) -> Delta:  # fmt: skip
     """The delta with the base module's layer kind and stored shape, or a one-line refusal naming both.
 
     Args:
@@ -43,10 +49,15 @@ def as_built(mod: str, d: Delta, base: BaseLayout | None, unknown: list[str] | N
         base: the base layout; None (or a module it does not hold) checks only what the delta knows.
         unknown: collects the modules written as a Linear's for want of their layer kind (the caller warns
             once, ``warn_unknown``); None warns here, per module.
+        implied: the base the adapter names, which decides a module of unknown kind that ``base`` does not
+            hold (``kinds.ImpliedBase.linear``: a text model's Linear, else refused); None: written as a
+            Linear's with a warning.
     """
     if base is None or mod not in base.modules:
         target = getattr(d, "target", None)
         if target is not None and target.layer == "unknown":  # LLM LoHa/LoKr: linear, mostly
+            if implied is not None and implied.linear(mod, target):
+                return d  # the base's config names its input size: a Linear's
             if unknown is None:
                 warn_unknown([mod])
             else:
@@ -125,21 +136,6 @@ def beside_b(lb: torch.Tensor, groups: int) -> torch.Tensor:
 
 def beside_factors(b: torch.Tensor, a: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A full-conv delta B·A (B (out, R), A (R, in, k...)) as PEFT's LoRA on a conv of g groups: lora_A
-    (g·n, in, k...) and grouped lora_B (out, n, 1...), group j's outputs reading A's rows of block j.
-
-    Columns of B each within one group's rows (a read grouped LoRA, a cat of them) go to that group's block
-    (n = the most any group has); otherwise every group reads all of A (n = R), exact either way."""
-    out, rank = b.shape
-    rows = out // groups
-    nonzero = torch.stack([b[j * rows : (j + 1) * rows].abs().sum(0) > 0 for j in range(groups)])  # (g, R)
-    if bool((nonzero.sum(0) <= 1).all()):
-        cols = [nonzero[j].nonzero().flatten() for j in range(groups)]
-    else:
-        cols = [torch.arange(rank) for _ in range(groups)]
-    n = max(1, *(len(c) for c in cols))
-    new_a = a.new_zeros(groups * n, *a.shape[1:])
-    new_b = b.new_zeros(out, n)
-    for j, c in enumerate(cols):
-        new_a[j * n : j * n + len(c)] = a[c]
-        new_b[j * rows : (j + 1) * rows, : len(c)] = b[j * rows : (j + 1) * rows][:, c]
-    return new_b, new_a
+    (g·n, in, k...) and grouped lora_B (out, n, 1...) (``dora.peft_layout``: DoRA's norm is computed on the
+    same layout, so a magnitude written with it is the one PEFT divides by)."""
+    return dora.peft_layout(b, a, groups)

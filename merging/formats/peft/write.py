@@ -22,6 +22,7 @@ from merging.formats.kohya_names import is_kohya_name
 from merging.formats.peft import config as pc
 from merging.formats.peft import params as peft_params
 from merging.formats.peft.config import CONFIG, PREFIX, RECIPE_FILE, WEIGHTS, WEIGHTS_BIN
+from merging.formats.peft.kinds import ImpliedBase
 from merging.formats.peft.shapes import as_built, beside_factors, grouped_a, warn_unknown
 from merging.storage.atomic import atomic_folder
 from merging.storage.files import write_text
@@ -42,8 +43,11 @@ def _lora_tensors(mod: str, d: LowRank, groups: int = 1) -> dict[str, torch.Tens
         in_ch = t.shape[0] if t.layer == "gpt2_conv1d" else t.shape[1]
         a = d.a.reshape(r, in_ch, *kernel)  # (r, in/groups, k...); beside a grouped conv: (r, in, k...)
         b = d.b
-        if groups > 1 and d.magnitude is not None:
-            raise UnsupportedError(f"DoRA on a grouped conv (groups={groups}) is not modelled")
+        if groups > 1 and t.beside == 1 and d.magnitude is not None:  # PEFT's DoRA norm would differ
+            raise UnsupportedError(
+                f"a DoRA on the grouped weight of a conv of {groups} groups (not PEFT's LoRA beside it) "
+                "is not modelled as PEFT's DoRA; write it as kohya/LyCORIS"
+            )
         if t.beside > 1:
             b, a = beside_factors(b, a, t.beside)  # (out, n), (groups·n, in, k...)
         elif groups > 1:
@@ -185,15 +189,17 @@ def _write_deltas(
         seen: dict[str, pc.LoraInfo] = {}
         params = peft_params.ParamWriter()  # target_parameters: experts gathered per parameter
         unknown: list[str] = []
+        implied = ImpliedBase(adapter) if base is None else None  # looked up for a guessed kind only
         for mod, d in adapter.deltas.items():
             if not isinstance(d, LowRank):
                 raise UnsupportedError(f"{adapter.where}: module {mod} is not a LoRA; merge first")
             if d.target.site is not None:
                 params.add(mod, d)
                 continue
+            lay = base if implied is None or not d.target.guessed else implied.knows(mod)
             with naming(adapter.where, f"module {mod}"):
-                d = as_built(mod, _attention_part(adapter, mod, d), base, unknown)
-            groups = base.groups.get(mod, 1) if base is not None else 1
+                d = as_built(mod, _attention_part(adapter, mod, d), lay, unknown, implied)
+            groups = lay.groups.get(mod, 1) if lay is not None else 1
             tensors = _lora_tensors(mod, d, groups)
             for name, t in tensors.items():
                 sink.add(name, t)
