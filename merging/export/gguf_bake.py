@@ -48,7 +48,7 @@ NEAREST = {"Q2_K": "q4_0", "Q3_K": "q4_0", "Q4_K": "q4_1", "Q5_K": "q5_1", "Q6_K
            "Q8_1": "q8_0", "IQ4_NL": "q4_0", "IQ4_XS": "q4_0", "IQ3_S": "q4_0", "IQ3_XXS": "q4_0",
            "IQ2_XXS": "q4_0", "IQ2_XS": "q4_0", "IQ2_S": "q4_0", "IQ1_S": "q4_0",
            "IQ1_M": "q4_0"}  # fmt: skip
-CHUNK_FLOATS = 1 << 20  # rows per chunk: about 4 MiB of float32
+CHUNK_FLOATS = 1 << 18  # rows per chunk: about 1 MiB of float32 (gguf's quantisers take ~10× that)
 LOW_BITS = 6.5  # a quantised type under this many bits per weight rounds most of a LoRA's ΔW away
 RowsFn = Callable[[np.ndarray], np.ndarray]
 
@@ -83,21 +83,24 @@ def _source(d: AdditiveDelta, w: float) -> Callable[[torch.Tensor], torch.Tensor
         c = w * d.scale
         return lambda idx: c * ((b1[idx] @ a1) * (b2[idx] @ a2))
     lr = d.low_rank()
-    b, a = (w * lr.scale) * lr.b.float(), lr.a.float()
-    return lambda idx: b[idx] @ a
+    c, b, a = w * lr.scale, lr.b.float(), lr.a.float()
+    return (lambda idx: b[idx] @ a) if c == 1.0 else (lambda idx: (c * b[idx]) @ a)
 
 
-def _rows(mod: str, stack: Stack, info: BaseInfo, t: TensorInfo) -> RowsFn:
-    """Σ w·ΔW of a module as a function of GGUF row indices, in GGUF's row order (q/k permuted)."""
-    sources = []
-    for d, w in stack:
+def _check(mod: str, stack: Stack, t: TensorInfo) -> None:
+    """Refuse, before anything is written, a delta that cannot bake into tensor ``t``."""
+    for d, _ in stack:
         if not isinstance(d, AdditiveDelta) or dora.is_dora(d) or getattr(d, "bias", None) is not None:
             raise UnsupportedError(f"module {mod}: only additive deltas (no IA³, DoRA, bias) bake into GGUF")
         if d.target.layer not in ("linear", "embedding", "unknown") or d.target.site is not None:
             raise UnsupportedError(f"module {mod}: a {d.target.layer} delta has no GGUF tensor to bake into")
         if (shape := tuple(d.target.matrix_shape)) != t.shape:
             raise FormatError(f"module {mod}: delta {shape}, tensor {t.name} is {t.shape}")
-        sources.append(_source(d, w))
+
+
+def _rows(mod: str, stack: Stack, info: BaseInfo, t: TensorInfo) -> RowsFn:
+    """Σ w·ΔW of a module as a function of GGUF row indices, in GGUF's row order (q/k permuted)."""
+    sources = [_source(d, w) for d, w in stack]
     order = torch.arange(t.shape[0])
     if (heads := _heads(mod, info)) is not None:
         order = permute_rows(order[:, None], heads)[:, 0]  # GGUF row j holds the model's row order[j]
@@ -210,7 +213,7 @@ def bake_gguf(
     info = base_info(header)
     tmap = _name_map(info)
     tensors = {t.name: t for t in header.tensors}
-    jobs: dict[str, RowsFn] = {}
+    jobs: dict[str, str] = {}  # GGUF tensor → module
     for mod in plan.deltas:
         stem = tmap.get_name(mod)
         if stem is None or f"{stem}.weight" not in tensors:
@@ -218,7 +221,8 @@ def bake_gguf(
                 f"module {mod}: {base} has no tensor for it ({stem or 'no GGUF name'}; a tied output head?)"
             )
         name = f"{stem}.weight"
-        jobs[name] = _rows(mod, plan.deltas[mod], info, tensors[name])
+        _check(mod, plan.deltas[mod], tensors[name])
+        jobs[name] = mod
     types = {name: _out_type(name, tensors[name].qtype, outtype) for name in jobs}
     if outtype == "same":
         warn_low_bits(base, types)
@@ -235,7 +239,8 @@ def bake_gguf(
                 write_all(dst, bytes(len(head) + o.offset - pos))  # alignment padding
                 at = header.data_offset + t.offset
                 if t.name in jobs:
-                    _bake_tensor(f.fileno(), dst, at, t, types[t.name], jobs[t.name])
+                    rows = _rows(jobs[t.name], plan.deltas[jobs[t.name]], info, t)
+                    _bake_tensor(f.fileno(), dst, at, t, types[t.name], rows)
                 else:
                     copy_range(f.fileno(), dst, at, t.nbytes)
                 pos = len(head) + o.offset + o.nbytes
