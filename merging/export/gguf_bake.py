@@ -151,7 +151,7 @@ def warn_low_bits(base: Path, types: dict[str, object]) -> None:
         log.warning(
             "%s: adapted tensors stay %s: most of a LoRA's changes are smaller than one quantisation step "
             "and round away (4 adapters on SmolLM2-135M Q4_1: KL vs llama.cpp stacking them 1.99 at Q4_1, "
-            "0.024 at q8_0); pass --outtype q8_0 to keep them", base, "/".join(low)
+            "0.022 at q8_0); pass --outtype q8_0 to keep them", base, "/".join(low)
         )  # fmt: skip
 
 
