@@ -170,3 +170,26 @@ def test_a_low_bit_same_type_bake_warns_once_naming_q8_0(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="merging.export.gguf_bake"):
         bake_gguf(base, pairs, tmp_path / "q8.gguf", outtype="q8_0")
     assert not [r for r in caplog.records if r.name == "merging.export.gguf_bake"]
+
+
+def test_corrupted_headers_are_read_or_refused_as_format_errors(tmp_path):
+    """Random byte edits and cuts: read_header reads the file or raises a one-line FormatError, no other."""
+    from merging.storage.gguf_header import read_header
+
+    rng = np.random.default_rng(3)
+    whole = bytearray(make_base(tmp_path / "base.gguf", rng).read_bytes())
+    end = read_header(tmp_path / "base.gguf").data_offset
+    refused = 0
+    for i in range(200):
+        data = bytearray(whole)
+        for at in rng.integers(4, end, size=int(rng.integers(1, 4))):
+            data[at] = int(rng.integers(0, 256))
+        f = tmp_path / f"{i}.gguf"
+        f.write_bytes(bytes(data[: int(rng.integers(end // 2, len(data) + 1))]))
+        try:
+            read_header(f)
+        except FormatError as e:
+            assert "\n" not in str(e) and str(f) in str(e)
+            refused += 1
+        f.unlink()
+    assert refused > 50
