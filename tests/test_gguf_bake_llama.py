@@ -13,7 +13,7 @@ import pytest
 
 from merging.core.adapter import weighted
 from merging.formats import sources
-from tests.support.llama_cpp import find, perplexity_kl, text_file
+from tests.support.llama_cpp import find, peft_lora_as_gguf, perplexity_kl, text_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "adapters"
 LLAMA = find()
@@ -25,21 +25,19 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def judged(example_base, tmp_path_factory) -> dict[str, dict[str, float]]:
-    """KL of the base, our f32 bake and our Q4_1 bake against llama.cpp stacking ``add`` on the Q4_1 base."""
-    from click.testing import CliRunner
-    from merging_cli.main import cli
+def judged(tmp_path_factory) -> dict[str, dict[str, float]]:
+    """KL of the base, our f32 bake and our Q4_1 bake against llama.cpp stacking ``add`` on the Q4_1 base.
 
+    The stacked LoRA is written from PEFT's own tensors in llama.cpp's GGUF LoRA layout by the test support
+    (``peft_lora_as_gguf``), not by this project's converter.
+    """
     from merging.base.example_model import example_gguf
     from merging.export.gguf_bake import bake_gguf
 
     assert LLAMA is not None
     work = tmp_path_factory.mktemp("llama")
     base = example_gguf()
-    lora = work / "add.gguf"
-    res = CliRunner().invoke(cli, ["convert", str(EXAMPLES / "add"), "--to", "gguf", "--base",
-                                   str(example_base), "-o", str(lora)])  # fmt: skip
-    assert res.exit_code == 0, res.output
+    lora = peft_lora_as_gguf(EXAMPLES / "add", base, work / "add.gguf")
     text = text_file(work / "add.txt", ["add"])
     ref = work / "stacked.kld"
     perplexity_kl(LLAMA, base, text, ref, lora, save=True, ctx=64)

@@ -96,10 +96,12 @@ def _list_tensors(path: Path) -> list[TensorInfo]:
                 if k != "__metadata__":
                     out.append(TensorInfo(k, tuple(meta["shape"]), meta["dtype"].lower(), f))
         elif f.suffix == ".gguf":
-            reader = gguf_reader(f)
-            for t in reader.tensors:
-                shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-                out.append(TensorInfo(t.name, shape, t.tensor_type.name.lower(), f))
+            import gguf
+
+            from merging.storage.gguf_header import read_header
+
+            for t in read_header(f).tensors:  # the header only: no tokenizer arrays parsed
+                out.append(TensorInfo(t.name, t.shape, gguf.GGMLQuantizationType(t.qtype).name.lower(), f))
         else:
             for k, t in load_tensors(f).items():
                 out.append(TensorInfo(k, tuple(t.shape), str(t.dtype).removeprefix("torch."), f))

