@@ -90,10 +90,11 @@ class ReadAhead:
                 return None
             for j in range(st.taken, i):  # passed over: their hash was fed, their memory goes
                 st.drop(j)
-            st.taken = i + 1
+            st.taken = i  # the worker keeps span i (and those after it) for us
             _COND.notify_all()
             while i not in st.ready and st.done <= i and not st.failed:
                 _COND.wait()
+            st.taken = i + 1
             t = st.drop(i)
             _COND.notify_all()
             return t
