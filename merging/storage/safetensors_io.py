@@ -1,11 +1,13 @@
 """safetensors one tensor at a time: a reader that keeps nothing resident, a writer that appends.
 
-``SafetensorsReader.get`` reads one tensor with ``pread`` into fresh memory (no mmap: pages touched
-through a mapping would count in the process's RSS until it is unmapped). ``SafetensorsWriter`` reserves
-the header's room, appends each tensor's bytes as it comes and writes the header last, padded with
-spaces (the format allows it), so a merge never holds its whole output. ``stream_shard`` copies a file
-with some tensors replaced (bake), the untouched bytes in the kernel. ``finite`` is the fast NaN/Inf
-check: a sum is finite only if every entry is. One ``pread_into`` reads for all of them.
+``SafetensorsReader.get`` reads one tensor with ``pread`` into memory of its own (no mmap: pages touched
+through a mapping would count in the process's RSS until it is unmapped), reused from released tensors
+(``storage.buffers``); when the file's sha256 is wanted a worker reads and hashes ahead (``readahead``).
+``SafetensorsWriter`` reserves the header's room, appends each tensor's bytes as it comes and writes the
+header last, padded with spaces (the format allows it), so a merge never holds its whole output.
+``stream_shard`` copies a file with some tensors replaced (bake), the untouched bytes in the kernel.
+``finite`` is the fast NaN/Inf check: a sum is finite only if every entry is. One ``pread_into`` reads
+for all of them.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from merging.errors import FormatError
-from merging.storage import buffers, origins
+from merging.storage import buffers
 from merging.storage.atomic import checkpoint
 from merging.storage.durable import start_writeback
 from merging.storage.files import StreamHash, hashing
@@ -59,7 +61,6 @@ class SafetensorsReader:
             self._head = size + f.read(self.start - 8)  # fed to the file's sha256 with the tensors
         self._hash: StreamHash | None = None
         self._worker: ReadAhead | None = None
-        self._stamp = origins.stamp(self.path)
         for key, meta in header.items():
             if meta["dtype"] not in DTYPES:
                 raise FormatError(f"{self.path}: tensor {key!r} has an unknown dtype {meta['dtype']!r}")
@@ -90,10 +91,7 @@ class SafetensorsReader:
             n *= s
         if n * dtype.itemsize != end - begin:
             raise FormatError(f"{self.path}: tensor {key!r}: {end - begin} bytes for shape {list(shape)}")
-        t = raw.view(dtype).reshape(shape)
-        if end > begin:
-            origins.remember(t, [origins.Range(self.path, self.start + begin, end - begin, self._stamp)])
-        return t
+        return raw.view(dtype).reshape(shape)
 
     def _ahead(self, key: str) -> torch.Tensor | None:
         """The tensor's bytes from the read-ahead worker, started at the first read when the file's sha256 is
@@ -129,7 +127,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.room = max(64, -(-header_room // 8) * 8)
         self.entries: dict[str, dict] = {}
-        self.size = self._unsynced = self.copied = 0  # copied: bytes moved by copy_file_range
+        self.size = self._unsynced = 0
         checkpoint(f"open {self.path.name}")
         self.file = open(self.path, "wb")  # noqa: SIM115  (closed in close())
         self.file.seek(8 + self.room)
@@ -140,12 +138,7 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name!r} written twice")
         t = tensor.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        ranges = origins.origin(tensor)
-        if ranges is not None:  # its bytes are in the inputs: moved in the kernel, not through memory
-            self._copy(ranges)
-            self.copied += raw.numel()
-        else:
-            self.file.write(memoryview(raw.numpy()))
+        self.file.write(memoryview(raw.numpy()))
         self._unsynced += raw.numel()
         if self._unsynced > WRITEBACK:  # start the disk writes while the next modules are merged
             self.file.flush()
@@ -167,15 +160,6 @@ class SafetensorsWriter:
         self.file.write(struct.pack("<Q", self.room) + text + b" " * (self.room - len(text)))
         self.file.close()
         checkpoint(f"wrote {self.path.name}")
-
-    def _copy(self, ranges: Sequence[origins.Range]) -> None:
-        """Append the ranges' bytes at the data's end (``copy_range``: in the kernel where it can)."""
-        self.file.flush()
-        at = 8 + self.room + self.size
-        for r in ranges:
-            with open(r.path, "rb", buffering=0) as src:
-                at = copy_range(src, self.file, r.offset, r.size, at)
-        self.file.seek(at)
 
     def abort(self) -> None:
         self.file.close()

@@ -10,15 +10,15 @@ from collections.abc import Sequence
 import torch
 
 from merging.core.deltas import AdditiveDelta, Delta, LowRank
-from merging.storage import buffers, origins
+from merging.storage import buffers
 from merging.strategies.base import Options, Strategy, additive, summed_bias
 
 
 def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, module: str) -> LowRank:
     """Concatenate the weighted factors: B = [w_1 s_1 B_1, ...], A = [A_1; ...], scale 1.
 
-    Scales and weights go into B, so A is the inputs' A blocks end to end: where they were read as stored
-    (float32 PEFT files), the output's A is copied from them in the kernel (``storage.origins``).
+    Scales and weights go into B, so A is the inputs' A blocks end to end: the bytes each input was read
+    into once (and hashed from, ``storage.readahead``), copied into place and written from there.
 
     Args:
         deltas: additive deltas of one module, aligned on one base weight shape.
@@ -29,7 +29,6 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     """
     ds = additive(deltas, "cat", module)
     b, a = stacked(ds, weights)  # (out, R), (R, in_flat)
-    origins.concatenated(a, [d.low_rank().a for d in ds])  # A's bytes are the inputs': the writer copies them
     return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
