@@ -17,6 +17,26 @@ from merging.storage import buffers, files, readahead
 from merging.storage.safetensors_io import SafetensorsReader
 
 
+@pytest.fixture(autouse=True)
+def _a_free_cpu(monkeypatch):
+    """A worker is started whatever the machine's load while the tests run (``worth_a_thread``)."""
+    monkeypatch.setattr(readahead, "_worth", True)
+
+
+@pytest.mark.parametrize(("running", "cpus", "quota", "worth"), [
+    ("1/300", 2, None, True),  # only ourselves on 2 CPUs: the worker has one
+    ("2/300", 2, None, False),  # another job running: it would take turns with us
+    ("7/300", 8, None, True),  # six others on 8 CPUs: two left, ours and the worker's
+    ("1/300", 8, 1.5, False),  # a quota of 1.5 CPUs: one usable
+])  # fmt: skip
+def test_a_worker_only_where_a_cpu_is_free(tmp_path, monkeypatch, running, cpus, quota, worth):
+    (tmp_path / "loadavg").write_text(f"7.9 7.5 7.4 {running} 12345\n")
+    monkeypatch.setattr(readahead, "_worth", None)
+    monkeypatch.setattr(readahead.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(readahead.cpus, "cgroup_quota", lambda: quota)
+    assert readahead.worth_a_thread(tmp_path / "loadavg") is worth
+
+
 def _file(tmp_path: Path, n: int = 6, name: str = "t.safetensors") -> Path:
     g = torch.Generator().manual_seed(0)
     tensors = {f"m{i}.w": torch.randn(64 + i, 300, generator=g) for i in range(n)}  # ~77 KB each

@@ -26,7 +26,7 @@ from merging.storage import buffers
 from merging.storage.atomic import checkpoint
 from merging.storage.durable import start_writeback
 from merging.storage.files import StreamHash, hashing
-from merging.storage.readahead import ReadAhead
+from merging.storage.readahead import ReadAhead, worth_a_thread
 from merging.storage.tensorfiles import load_tensors, safetensors_header
 from merging.storage.threads import serial
 
@@ -95,8 +95,11 @@ class SafetensorsReader:
 
     def _ahead(self, key: str) -> torch.Tensor | None:
         """The tensor's bytes from the read-ahead worker, started at the first read when the file's sha256 is
-        wanted (``files.hash_ahead``): it reads and hashes the tensors in file order on another thread."""
+        wanted (``files.hash_ahead``) and a CPU is free for it: it reads and hashes the tensors in file order
+        on another thread."""
         if self._worker is None and self._hash is None and (wanted := hashing(self.path)) is not None:
+            if not worth_a_thread():
+                return None
             self._hash = wanted
             wanted.feed(0, self._head)
             spans = sorted((self.offset(k), k, m["data_offsets"][1] - m["data_offsets"][0])
