@@ -11,6 +11,7 @@ m·n·min(m, n) cost (a lower bound: thin SVD, no clamp, no dense sum of the inp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -145,7 +146,8 @@ def bench(tmp: Path, cases: list[tuple[str, int]], n: int = 4, repeats: int = 3)
         folder = tmp / f"{shape}-r{r}"
         sizes = [write_adapter(folder / f"a{k}", shape, r, seed=k) for k in range(n)]
         inputs = [folder / f"a{k}" for k in range(n)]
-        row: dict = {"shape": shape, "rank": r, "modules": len(modules(shape)), "input_bytes": sum(sizes)}
+        row: dict = {"shape": shape, "rank": r, "modules": len(modules(shape)), "input_bytes": sum(sizes),
+                     "load_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}  # fmt: skip
         floors, cats = paired(folder, inputs, r, repeats if row["input_bytes"] < 4 << 30 else 1)
         row["copy_fsync_seconds"] = statistics.median(floors)
         row["pairs"] = [[f, c["seconds"]] for f, c in zip(floors, cats, strict=True)]
@@ -182,7 +184,8 @@ def render(data: dict) -> list[str]:
             peft = f"{row['peft_svd_seconds_estimate']:,.0f} s" if strategy == "svd" else ""
             floor = row.get("copy_fsync_seconds")
             ratio = f"{v['seconds'] / floor:.2f}× (of {floor:.3g} s)" if floor and "cat" in strategy else ""
-            cells = [name, mib(row["input_bytes"]), strategy, f"{v['seconds']:.3g}", ratio,
+            when = f" ({row['date']}, load {row['load_1min']:.1f})" if "date" in row else ""
+            cells = [name + when, mib(row["input_bytes"]), strategy, f"{v['seconds']:.3g}", ratio,
                      mib(v["peak_over_start"]), f"{mib(v['read'])} ({v['read'] / row['input_bytes']:.2f}×)",
                      mib(v["written"]), peft]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
