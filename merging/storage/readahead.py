@@ -64,8 +64,9 @@ def worth_a_thread(loadavg: Path = Path("/proc/loadavg")) -> bool:
     """Whether a worker would have a CPU of its own: the CPUs we may use (affinity, cgroup quota) exceed by
     two the threads other processes are running now. Decided once per process, at its first read.
 
-    On a busy machine the worker only takes turns with the merging thread and adds hand-offs (one
-    interleaved run at load ~8 on 2 cores: 0.20 s of CPU with it, 0.17 s without); the instant count of
+    On a busy machine the worker only takes turns with the merging thread and adds hand-offs (small cat
+    benchmark, interleaved runs at load 5-8 on 2 cores: no gain in wall time, 0.20-0.21 s of CPU with it
+    against 0.17-0.21 s without); one thread then behaves best beside the other jobs. The instant count of
     running threads, not the load average, so that the jobs that just finished do not count.
     """
     global _worth
