@@ -25,8 +25,10 @@ def _a_free_cpu(monkeypatch):
 
 @pytest.mark.parametrize(("running", "cpus", "quota", "worth"), [
     ("1/300", 2, None, True),  # only ourselves on 2 CPUs: the worker has one
-    ("2/300", 2, None, False),  # another job running: it would take turns with us
-    ("7/300", 8, None, True),  # six others on 8 CPUs: two left, ours and the worker's
+    ("2/300", 2, None, True),  # one other job: our two threads get 4/3 of a CPU between them
+    ("3/300", 2, None, False),  # two others: a second thread would only take turns with the first
+    ("15/300", 8, None, False),  # 14 others on 8 CPUs: 8·2/16, one CPU
+    ("14/300", 8, None, True),
     ("1/300", 8, 1.5, False),  # a quota of 1.5 CPUs: one usable
 ])  # fmt: skip
 def test_a_worker_only_where_a_cpu_is_free(tmp_path, monkeypatch, running, cpus, quota, worth):

@@ -61,13 +61,14 @@ class _State:
 
 
 def worth_a_thread(loadavg: Path = Path("/proc/loadavg")) -> bool:
-    """Whether a worker would have a CPU of its own: the CPUs we may use (affinity, cgroup quota) exceed by
-    two the threads other processes are running now. Decided once per process, at its first read.
+    """Whether a worker would add CPU time: our two threads' fair share of the CPUs we may use (affinity,
+    cgroup quota) among the threads other processes are running now is more than one CPU, i.e. others run
+    fewer than 2·usable − 2 threads (on 2 CPUs: at most one other). Decided once per process, at its first
+    read; the instant count of running threads, not the load average, so that jobs just finished do not count.
 
-    On a busy machine the worker only takes turns with the merging thread and adds hand-offs (small cat
-    benchmark, interleaved runs at load 5-8 on 2 cores: no gain in wall time, 0.20-0.21 s of CPU with it
-    against 0.17-0.21 s without); one thread then behaves best beside the other jobs. The instant count of
-    running threads, not the load average, so that the jobs that just finished do not count.
+    On a crowded machine the worker only takes turns with the merging thread and adds hand-offs (small cat
+    benchmark, one interleaved run at load ~8 on 2 cores: 0.49 s with it, 0.43 s without); at load 3-5 it
+    still helped (0.32 s with it, 0.36 s without, medians of 15 runs each).
     """
     global _worth
     if _worth is None:
@@ -80,7 +81,7 @@ def worth_a_thread(loadavg: Path = Path("/proc/loadavg")) -> bool:
             running = int(loadavg.read_text().split()[3].split("/")[0]) - 1  # less ourselves
         except (OSError, ValueError, IndexError):
             running = 0
-        _worth = usable - max(0, running) >= 2
+        _worth = max(0, running) < 2 * usable - 2
     return _worth
 
 
