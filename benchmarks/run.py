@@ -443,8 +443,9 @@ def main() -> None:
             print("6. real sizes ...", flush=True)
             cases = [("llama3-8b", 16)] if args.quick else [(s, r) for s in real_sizes.SHAPES for r in (16, 64)]
             new = real_sizes.bench(tmp, cases)
-            if args.quick and "real" in data:  # the rows not re-measured are kept as they were
+            if args.quick and "real" in data:  # the rows not re-measured are kept as they were, with their note
                 new["cases"] = data["real"]["cases"] | new["cases"]
+                new["note"] = data["real"].get("note", "")
             data["real"] = new
         if "busy" in only:
             print("7. busy machine ...", flush=True)
