@@ -39,6 +39,18 @@ def test_a_worker_only_where_a_cpu_is_free(tmp_path, monkeypatch, running, cpus,
     assert readahead.worth_a_thread(tmp_path / "loadavg") is worth
 
 
+def test_the_environment_decides_when_it_says(tmp_path, monkeypatch):
+    (tmp_path / "loadavg").write_text("7.9 7.5 7.4 1/300 12345\n")
+    monkeypatch.setattr(readahead, "_worth", None)
+    monkeypatch.setattr(readahead.os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.setattr(readahead.cpus, "cgroup_quota", lambda: None)
+    monkeypatch.setenv("MERGING_READAHEAD", "0")
+    assert readahead.worth_a_thread(tmp_path / "loadavg") is False  # a free CPU, but told not to
+    monkeypatch.setenv("MERGING_READAHEAD", "1")
+    (tmp_path / "loadavg").write_text("7.9 7.5 7.4 9/300 12345\n")
+    assert readahead.worth_a_thread(tmp_path / "loadavg") is True  # a crowded machine, but told to
+
+
 def _file(tmp_path: Path, n: int = 6, name: str = "t.safetensors") -> Path:
     g = torch.Generator().manual_seed(0)
     tensors = {f"m{i}.w": torch.randn(64 + i, 300, generator=g) for i in range(n)}  # ~77 KB each

@@ -65,12 +65,16 @@ def worth_a_thread(loadavg: Path = Path("/proc/loadavg")) -> bool:
     cgroup quota) among the threads other processes are running now is more than one CPU, i.e. others run
     fewer than 2·usable − 2 threads (on 2 CPUs: at most one other). Decided once per process, at its first
     read; the instant count of running threads, not the load average, so that jobs just finished do not count.
+    ``MERGING_READAHEAD=1`` (or 0) decides instead.
 
     On a crowded machine the worker only takes turns with the merging thread and adds hand-offs (small cat
     benchmark, one interleaved run at load ~8 on 2 cores: 0.49 s with it, 0.43 s without); at load 3-5 it
     still helped (0.32 s with it, 0.36 s without, medians of 15 runs each).
     """
     global _worth
+    forced = os.environ.get("MERGING_READAHEAD", "")
+    if forced in ("0", "1"):  # set by hand: 1 always, 0 never (benchmarks compare the two on one machine)
+        return forced == "1"
     if _worth is None:
         try:
             affinity = len(os.sched_getaffinity(0))
