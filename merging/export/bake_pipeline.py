@@ -11,7 +11,6 @@ is written atomically.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from merging.errors import FormatError, UnsupportedError
 from merging.export.bake import Progress, stream_shard
 from merging.formats import ldm_checkpoint, mmdit_names
 from merging.runtime.effective import effective_bias, effective_weight
-from merging.storage.atomic import atomic_file, atomic_folder, checkpoint
+from merging.storage.atomic import atomic_file, atomic_folder, checkpoint, link_tree
 from merging.storage.files import refuse_overlap, save_safetensors
 from merging.storage.tensorfiles import LazyWeights
 
@@ -54,7 +53,7 @@ def bake_pipeline(
     with atomic_folder(Path(out), force=force) as tmp:
         for entry in sorted(base.iterdir()):
             if entry.name not in adapted:
-                _link_tree(entry, tmp / entry.name)
+                link_tree(entry, tmp / entry.name)
         for i, comp in enumerate(adapted):
             _bake_component(base / comp, tmp / comp, comp, plan.deltas, layout)
             if progress:
@@ -111,7 +110,7 @@ def _bake_component(src: Path, dst: Path, comp: str, deltas: dict, layout: BaseL
         elif f.is_file():
             shutil.copyfile(f, dst / f.name)
         else:
-            _link_tree(f, dst / f.name)
+            link_tree(f, dst / f.name)
         checkpoint(f"bake {comp}/{f.name}")
 
 
@@ -147,16 +146,3 @@ def bake_single_file(base: Path, pairs: Sequence[Pair], out: Path, *, force: boo
     with atomic_file(Path(out), force=force) as tmp:
         save_safetensors(tensors, tmp, metadata={"format": "pt"})
     return Path(out)
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """A file or folder hard-linked into place (copied byte for byte where linking is impossible)."""
-    if src.is_dir():
-        dst.mkdir()
-        for f in sorted(src.iterdir()):
-            _link_tree(f, dst / f.name)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

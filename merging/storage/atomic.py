@@ -241,18 +241,19 @@ def _discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _link_tree(src: Path, dst: Path, dev: int) -> None:
-    """``dst`` becomes ``src`` without copying data: files hard-linked, folders recreated with their mode."""
+def link_tree(src: Path, dst: Path, dev: int | None = None) -> None:
+    """``dst`` becomes ``src`` without copying data: files hard-linked (copied where they cannot be), folders
+    recreated with their mode. With ``dev``, a folder on another filesystem (a mount inside) is refused."""
     st = src.lstat()
     if stat.S_ISDIR(st.st_mode):
-        if st.st_dev != dev:
+        if dev is not None and st.st_dev != dev:
             raise MergingError(
                 f"{src}: another filesystem is mounted there and cannot be kept across a replace; "
                 "unmount it or choose another output"
             )
         dst.mkdir()
         for entry in sorted(os.scandir(src), key=lambda e: e.name):
-            _link_tree(Path(entry.path), dst / entry.name, dev)
+            link_tree(Path(entry.path), dst / entry.name, dev)
         shutil.copystat(src, dst)
         fsync_path(dst, directory=True)
         return
@@ -277,7 +278,7 @@ def _keep_others(out: Path, tmp: Path, owns: Owns) -> Replacement:
         elif entry.name in owned:
             removed.append(entry.name)
         else:
-            _link_tree(Path(entry.path), tmp / entry.name, dev)
+            link_tree(Path(entry.path), tmp / entry.name, dev)
             kept.append(entry.name)
             checkpoint(f"keep {entry.name}")
     return Replacement(out, tuple(replaced), tuple(removed), tuple(kept))

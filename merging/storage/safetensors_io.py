@@ -1,28 +1,32 @@
 """safetensors one tensor at a time: a reader that keeps nothing resident, a writer that appends.
 
-``SafetensorsReader.get`` reads one tensor with ``pread`` into fresh memory (no mmap: pages touched
-through a mapping would count in the process's RSS until it is unmapped). ``SafetensorsWriter`` reserves
-the header's room, appends each tensor's bytes as it comes and writes the header last, padded with
-spaces (the format allows it), so a merge never holds its whole output. ``stream_shard`` copies a file
-with some tensors replaced (bake), the untouched bytes in the kernel. ``finite`` is the fast NaN/Inf
-check: a sum is finite only if every entry is. One ``pread_into`` reads for all of them.
+``SafetensorsReader.get`` reads one tensor with ``pread`` into memory of its own (no mmap: pages touched
+through a mapping would count in the process's RSS until it is unmapped), reused from released tensors
+(``storage.buffers``); when the file's sha256 is wanted a worker reads and hashes ahead (``readahead``).
+``SafetensorsWriter`` reserves the header's room, appends each tensor's bytes as it comes and writes the
+header last, padded with spaces (the format allows it), so a merge never holds its whole output.
+``stream_shard`` copies a file with some tensors replaced (bake), the untouched bytes in the kernel.
+``finite`` is the fast NaN/Inf check: a sum is finite only if every entry is. One ``pread_into`` reads
+for all of them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from merging.errors import FormatError
-from merging.storage import origins
+from merging.storage import buffers
 from merging.storage.atomic import checkpoint
 from merging.storage.durable import start_writeback
 from merging.storage.files import StreamHash, hashing
+from merging.storage.readahead import ReadAhead, worth_a_thread
 from merging.storage.tensorfiles import load_tensors, safetensors_header
 from merging.storage.threads import serial
 
@@ -40,7 +44,7 @@ def finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point() or t.numel() == 0:
         return True
     with serial():  # one pass over memory: threads only add waiting (merging.threads)
-        return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+        return math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
 
 
 class SafetensorsReader:
@@ -56,7 +60,7 @@ class SafetensorsReader:
             self.start = 8 + struct.unpack("<Q", size)[0]
             self._head = size + f.read(self.start - 8)  # fed to the file's sha256 with the tensors
         self._hash: StreamHash | None = None
-        self._stamp = origins.stamp(self.path)
+        self._worker: ReadAhead | None = None
         for key, meta in header.items():
             if meta["dtype"] not in DTYPES:
                 raise FormatError(f"{self.path}: tensor {key!r} has an unknown dtype {meta['dtype']!r}")
@@ -76,19 +80,32 @@ class SafetensorsReader:
         meta = self.entries[key]
         begin, end = meta["data_offsets"]
         dtype, shape = DTYPES[meta["dtype"]], tuple(meta["shape"])
-        raw = torch.empty(end - begin, dtype=torch.uint8)  # (bytes,)
-        with open(self.path, "rb", buffering=0) as f:
-            pread_into(f, raw, self.start + begin, f"tensor {key!r} is cut short (truncated file)")
-        self._feed(self.start + begin, raw)
+        raw = self._ahead(key)
+        if raw is None:
+            raw = buffers.take(end - begin)  # (bytes,)
+            with open(self.path, "rb", buffering=0) as f:
+                _read_tensor(f, raw, self.start + begin, key)
+            self._feed(self.start + begin, raw)
         n = 1
         for s in shape:
             n *= s
         if n * dtype.itemsize != end - begin:
             raise FormatError(f"{self.path}: tensor {key!r}: {end - begin} bytes for shape {list(shape)}")
-        t = raw.view(dtype).reshape(shape)
-        if end > begin:
-            origins.remember(t, [origins.Range(self.path, self.start + begin, end - begin, self._stamp)])
-        return t
+        return raw.view(dtype).reshape(shape)
+
+    def _ahead(self, key: str) -> torch.Tensor | None:
+        """The tensor's bytes from the read-ahead worker, started at the first read when the file's sha256 is
+        wanted (``files.hash_ahead``) and a CPU is free for it: it reads and hashes the tensors in file order
+        on another thread."""
+        if self._worker is None and self._hash is None and (wanted := hashing(self.path)) is not None:
+            if not worth_a_thread():
+                return None
+            self._hash = wanted
+            wanted.feed(0, self._head)
+            spans = sorted((self.offset(k), k, m["data_offsets"][1] - m["data_offsets"][0])
+                           for k, m in self.entries.items())  # fmt: skip
+            self._worker = ReadAhead(self.path, [(k, o, n) for o, k, n in spans], _read_tensor, wanted.feed)
+        return self._worker.take(key) if self._worker is not None else None
 
     def _feed(self, offset: int, raw: torch.Tensor) -> None:
         """Give the bytes just read to the sha256 that wants them (``files.hash_ahead``); read once."""
@@ -113,7 +130,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.room = max(64, -(-header_room // 8) * 8)
         self.entries: dict[str, dict] = {}
-        self.size = self._unsynced = self.copied = 0  # copied: bytes moved by copy_file_range
+        self.size = self._unsynced = 0
         checkpoint(f"open {self.path.name}")
         self.file = open(self.path, "wb")  # noqa: SIM115  (closed in close())
         self.file.seek(8 + self.room)
@@ -124,12 +141,7 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name!r} written twice")
         t = tensor.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        ranges = origins.origin(tensor)
-        if ranges is not None:  # its bytes are in the inputs: moved in the kernel, not through memory
-            self._copy(ranges)
-            self.copied += raw.numel()
-        else:
-            self.file.write(memoryview(raw.numpy()))
+        self.file.write(memoryview(raw.numpy()))
         self._unsynced += raw.numel()
         if self._unsynced > WRITEBACK:  # start the disk writes while the next modules are merged
             self.file.flush()
@@ -151,24 +163,6 @@ class SafetensorsWriter:
         self.file.write(struct.pack("<Q", self.room) + text + b" " * (self.room - len(text)))
         self.file.close()
         checkpoint(f"wrote {self.path.name}")
-
-    def _copy(self, ranges: Sequence[origins.Range]) -> None:
-        """Append the ranges' bytes at the data's end (copy_file_range; pread + pwrite where it cannot)."""
-        self.file.flush()
-        at = 8 + self.room + self.size
-        for r in ranges:
-            with open(r.path, "rb", buffering=0) as src:
-                done, fin, fout = 0, src.fileno(), self.file.fileno()
-                while done < r.size:
-                    try:
-                        n = os.copy_file_range(fin, fout, r.size - done, r.offset + done, at)
-                    except OSError:  # across filesystems, or not supported here
-                        block = os.pread(fin, min(CHUNK, r.size - done), r.offset + done)
-                        n = os.pwrite(fout, block, at) if block else 0
-                    if n == 0:
-                        raise FormatError(f"{r.path}: changed while it was copied (truncated)")
-                    done, at = done + n, at + n
-        self.file.seek(at)
 
     def abort(self) -> None:
         self.file.close()
@@ -262,6 +256,7 @@ def stream_shard(src: Path, dst: Path, transforms: dict, extra: dict | None = No
                 _write(fout, out)
             else:
                 copy_range(fin, fout, data_start + begin, end - begin)
+                start_writeback(fout.fileno())
             checkpoint(f"tensor {name}")
         for name in added:
             _write(fout, made[name])
@@ -286,6 +281,10 @@ def pread_into(f, raw: torch.Tensor, offset: int, short: str = "truncated safete
         done += got
 
 
+def _read_tensor(f, raw: torch.Tensor, offset: int, key: str) -> None:
+    pread_into(f, raw, offset, f"tensor {key!r} is cut short (truncated file)")
+
+
 def write_all(f, data) -> None:
     """Write every byte of ``data`` (an unbuffered file may take fewer per call)."""
     view, done = memoryview(data).cast("B"), 0
@@ -300,22 +299,23 @@ def _write(f, t: torch.Tensor) -> None:
         start_writeback(f.fileno())
 
 
-def copy_range(fin, fout, offset: int, size: int) -> None:
-    """Append ``size`` bytes of ``fin`` from ``offset``: in the kernel (copy_file_range) where it can."""
-    done = 0
-    try:
-        while done < size:
-            n = os.copy_file_range(fin.fileno(), fout.fileno(), size - done, offset + done)
-            if n == 0:
-                raise FormatError(f"{fin.name}: truncated safetensors file")
-            done += n
-    except (OSError, AttributeError):  # no copy_file_range here (or across these filesystems): read + write
-        fout.seek(0, os.SEEK_END)
-        while done < size:
-            block = os.pread(fin.fileno(), min(CHUNK, size - done), offset + done)
-            if not block:
-                raise FormatError(f"{fin.name}: truncated safetensors file") from None
-            write_all(fout, block)
-            done += len(block)
-    fout.seek(0, os.SEEK_END)
-    start_writeback(fout.fileno())
+def copy_range(fin, fout, offset: int, size: int, at: int | None = None) -> int:
+    """Copy ``size`` bytes of ``fin`` from ``offset`` into ``fout`` at ``at`` (its end when None), in the
+    kernel (copy_file_range) where it can, else read + write; ``fout`` is left positioned after them.
+
+    Returns:
+        The offset in ``fout`` just after the bytes copied.
+    """
+    at = fout.seek(0, os.SEEK_END) if at is None else at
+    fi, fo, done = fin.fileno(), fout.fileno(), 0
+    while done < size:
+        try:
+            n = os.copy_file_range(fi, fo, size - done, offset + done, at + done)
+        except (OSError, AttributeError):  # across filesystems, or no copy_file_range here: read + write
+            block = os.pread(fi, min(CHUNK, size - done), offset + done)
+            n = os.pwrite(fo, block, at + done) if block else 0
+        if n == 0:
+            raise FormatError(f"{fin.name}: truncated safetensors file (or cut short while it was copied)")
+        done += n
+    fout.seek(at + size)
+    return at + size
