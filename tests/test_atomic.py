@@ -129,6 +129,22 @@ def test_every_writer_gives_its_files_the_umasks_mode(fx, tmp_path, mask):
         assert p.stat().st_mode & 0o7777 == want, f"{p}: {oct(p.stat().st_mode & 0o7777)}, not {oct(want)}"
 
 
+def test_a_file_linked_into_an_output_keeps_the_users_mode(tmp_path):
+    """``link_tree`` hard-links a base's untouched files into the output (a pipeline bake): settling the
+    output's modes must not chmod the user's own file through the shared inode."""
+    base = tmp_path / "base"
+    base.mkdir()
+    kept = base / "vae.safetensors"
+    kept.write_bytes(b"weights")
+    kept.chmod(0o444)
+    with atomic.atomic_folder(tmp_path / "out") as tmp:
+        atomic.link_tree(kept, tmp / kept.name)
+        (tmp / "new.json").write_text("{}")
+    assert kept.stat().st_mode & 0o7777 == 0o444
+    assert (tmp_path / "out" / "vae.safetensors").read_bytes() == b"weights"
+    assert (tmp_path / "out" / "new.json").stat().st_mode & 0o7777 == 0o666 & ~atomic.umask()
+
+
 @pytest.mark.system
 def test_files_and_folders_are_fsynced_before_the_swap_and_the_old_output_goes_last(fx, tmp_path):
     if not shutil.which("strace") or subprocess.run(["strace", "-o", os.devnull, "true"]).returncode:

@@ -161,7 +161,8 @@ def _settle(root: Path) -> None:
     for folder, _dirs, files in os.walk(root, topdown=False):
         for name in files:
             p = os.path.join(folder, name)
-            os.chmod(p, 0o666 & ~mask)
+            if os.lstat(p).st_nlink == 1:  # a hard link (link_tree) shares the user's file
+                os.chmod(p, 0o666 & ~mask)
             fsync_path(Path(p))
             checkpoint(f"fsync {name}")
         os.chmod(folder, 0o777 & ~mask)
