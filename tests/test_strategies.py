@@ -138,6 +138,34 @@ def test_magnitude_prune_matches_peft_reference():
     assert_close(ours.dense(), ref, rtol=1e-4)
 
 
+@pytest.mark.parametrize("density", [0.5, 0.3, 1e-3])
+def test_prune_magnitude_keeps_peft_s_entries(density):
+    """The selection-based trim keeps exactly the entries PEFT's topk keeps (no ties: one answer)."""
+    from peft.utils import merge_utils
+
+    t = torch.randn(4, 96, 80, generator=torch.Generator().manual_seed(5))
+    ours = sparsify.prune_magnitude(t, density)
+    for i in range(t.shape[0]):
+        assert torch.equal(ours[i], merge_utils.magnitude_based_pruning(t[i], density))
+
+
+def test_prune_magnitude_with_tied_magnitudes_keeps_k_of_the_largest():
+    """Ties at the k-th magnitude (values on a coarse grid, signs mixed): k entries kept, every one strictly
+    above the k-th magnitude among them, and the kept magnitudes are the k largest."""
+    g = torch.Generator().manual_seed(6)
+    t = torch.randint(-4, 5, (3, 40, 30), generator=g).float()
+    k = int(0.5 * 40 * 30)
+    kept = sparsify.prune_magnitude(t, 0.5).reshape(3, -1)
+    flat = t.reshape(3, -1)
+    for i in range(3):
+        on = kept[i] != 0
+        kth = flat[i].abs().sort(descending=True).values[k - 1]
+        assert int(on.sum()) == k and int((flat[i].abs() > kth).sum()) < k  # a tie at the k-th really exists
+        assert bool(((flat[i].abs() > kth) <= on).all())  # everything above the k-th is kept
+        assert torch.equal(kept[i][on], flat[i][on])
+        assert torch.equal(kept[i][on].abs().sort().values, flat[i].abs().sort().values[-k:])
+
+
 def test_dare_is_reproducible_and_unbiased():
     ds, ws = _random_deltas(seed=2), [1.0, 1.0, 1.0]
     a = strategies.get("dare_linear").fn(ds, ws, Options(density=0.5, seed=7, rank=20), "m")
