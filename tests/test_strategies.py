@@ -44,6 +44,23 @@ def test_exact_strategies_reproduce_the_sum(fx, combo, strategy, weights):
             assert d.rank == sum(ad.deltas[mod].low_rank().rank for ad in ads if mod in ad.deltas)
 
 
+def test_merge_without_errors_is_the_same_merge(fx):
+    """``errors=False`` (tune's search) leaves the merge bit for bit as it is and only skips the per-module
+    weight-space error, which is otherwise ‖ΔW_merged − ΣΔW_i‖ / ‖ΣΔW_i‖ by dense math."""
+    ads = read_adapters(fx, "llama", ["lora", "loha", "lokr"])
+    measured = merge(weighted(ads), "iso_c")
+    skipped = merge(weighted(ads), "iso_c", errors=False)
+    (got,), (plain,) = measured.adapters, skipped.adapters
+    assert got.deltas.keys() == plain.deltas.keys()
+    for mod, d in got.deltas.items():
+        assert torch.equal(d.b, plain.deltas[mod].b) and torch.equal(d.a, plain.deltas[mod].a)
+    assert all(r.error is None for r in skipped.modules)
+    for r in measured.modules:
+        exact = _exact_sum(ads, [1.0] * len(ads), r.module)
+        want = float((got.deltas[r.module].dense() - exact).norm() / exact.norm())
+        assert r.error == pytest.approx(want, rel=1e-4)
+
+
 def test_multiplicative_is_the_product(fx):
     ads = read_adapters(fx, "llama", ["ia3", "ia3_b"])
     (out,) = merge(weighted(ads), "multiplicative").adapters
