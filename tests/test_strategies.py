@@ -44,6 +44,23 @@ def test_exact_strategies_reproduce_the_sum(fx, combo, strategy, weights):
             assert d.rank == sum(ad.deltas[mod].low_rank().rank for ad in ads if mod in ad.deltas)
 
 
+def test_merge_without_errors_is_the_same_merge(fx):
+    """``errors=False`` (tune's search) leaves the merge bit for bit as it is and only skips the per-module
+    weight-space error, which is otherwise ‖ΔW_merged − ΣΔW_i‖ / ‖ΣΔW_i‖ by dense math."""
+    ads = read_adapters(fx, "llama", ["lora", "loha", "lokr"])
+    measured = merge(weighted(ads), "iso_c")
+    skipped = merge(weighted(ads), "iso_c", errors=False)
+    (got,), (plain,) = measured.adapters, skipped.adapters
+    assert got.deltas.keys() == plain.deltas.keys()
+    for mod, d in got.deltas.items():
+        assert torch.equal(d.b, plain.deltas[mod].b) and torch.equal(d.a, plain.deltas[mod].a)
+    assert all(r.error is None for r in skipped.modules)
+    for r in measured.modules:
+        exact = _exact_sum(ads, [1.0] * len(ads), r.module)
+        want = float((got.deltas[r.module].dense() - exact).norm() / exact.norm())
+        assert r.error == pytest.approx(want, rel=1e-4)
+
+
 def test_multiplicative_is_the_product(fx):
     ads = read_adapters(fx, "llama", ["ia3", "ia3_b"])
     (out,) = merge(weighted(ads), "multiplicative").adapters
@@ -136,6 +153,34 @@ def test_magnitude_prune_matches_peft_reference():
     ours = strategies.get("magnitude_prune").fn(ds, ws, Options(density=0.3, rank=20), "m")
     ref = merge_utils.magnitude_prune([d.dense() for d in ds], torch.tensor(ws), 0.3)
     assert_close(ours.dense(), ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.3, 1e-3])
+def test_prune_magnitude_keeps_peft_s_entries(density):
+    """The selection-based trim keeps exactly the entries PEFT's topk keeps (no ties: one answer)."""
+    from peft.utils import merge_utils
+
+    t = torch.randn(4, 96, 80, generator=torch.Generator().manual_seed(5))
+    ours = sparsify.prune_magnitude(t, density)
+    for i in range(t.shape[0]):
+        assert torch.equal(ours[i], merge_utils.magnitude_based_pruning(t[i], density))
+
+
+def test_prune_magnitude_with_tied_magnitudes_keeps_k_of_the_largest():
+    """Ties at the k-th magnitude (values on a coarse grid, signs mixed): k entries kept, every one strictly
+    above the k-th magnitude among them, and the kept magnitudes are the k largest."""
+    g = torch.Generator().manual_seed(6)
+    t = torch.randint(-4, 5, (3, 40, 30), generator=g).float()
+    k = int(0.5 * 40 * 30)
+    kept = sparsify.prune_magnitude(t, 0.5).reshape(3, -1)
+    flat = t.reshape(3, -1)
+    for i in range(3):
+        on = kept[i] != 0
+        kth = flat[i].abs().sort(descending=True).values[k - 1]
+        assert int(on.sum()) == k and int((flat[i].abs() > kth).sum()) < k  # a tie at the k-th really exists
+        assert bool(((flat[i].abs() > kth) <= on).all())  # everything above the k-th is kept
+        assert torch.equal(kept[i][on], flat[i][on])
+        assert torch.equal(kept[i][on].abs().sort().values, flat[i].abs().sort().values[-k:])
 
 
 def test_dare_is_reproducible_and_unbiased():

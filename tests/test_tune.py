@@ -221,3 +221,26 @@ def test_candidates_measured_together_are_each_the_models_own_loss_with_its_dens
                 for mod, w0 in saved.items():
                     model.get_submodule(mod).weight.copy_(w0)
             assert row.tolist() == pytest.approx(own, rel=1e-5)
+
+
+
+def test_packing_check_on_the_first_texts_holds_and_a_soft_capped_head_fails_it(setting):
+    """tune's packing check (each skill's first PROBE texts, packed, against transformers' own loss on them)
+    holds on the Llama, whose packed losses then equal its own on every text; a soft-capped head fails it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from merging.eval.data import answer_batch, packed_losses, skill_batch
+
+    model, tok, _, evals = setting
+    assert tune._packing_holds(model, tok, evals)
+    full = skill_batch(tok, evals, "cpu", tuple(evals), packed=True)
+    with torch.no_grad():
+        got = {n: float(v) for n, v in packed_losses(model, full.packed).items()}
+        own = {n: float(model(**answer_batch(tok, evals[n])).loss) for n in evals}
+    assert got == pytest.approx(own, rel=1e-5)
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, final_logit_softcapping=0.5,
+    )  # fmt: skip
+    assert not tune._packing_holds(Gemma2ForCausalLM(cfg).eval(), tok, evals)

@@ -234,8 +234,8 @@ def free_search(
         w = torch.tensor(key[:n_w], dtype=torch.float32).reshape(w0.shape)
         pairs, layer_w = merge_inputs(prob.adapters, to_weights(w, prob.groups))
         knobs = dict(zip(names, key[n_w:], strict=True))
-        result = merge_lib.merge(
-            pairs, strategy, replace(opts, **knobs), base_weights=bw, layer_weights=layer_w
+        result = merge_lib.merge(  # (no weight-space errors: only its losses are read)
+            pairs, strategy, replace(opts, **knobs), base_weights=bw, layer_weights=layer_w, errors=False
         )
         return weighted(result.adapters)
 

@@ -5,8 +5,9 @@ The references (base, alone, stacked) and the candidates that claim exactness ru
 into the float32 weights (``runtime.evaluated``: ``merge_into``, undone bit for bit), equal to stacking up
 to rounding at the cost of one plain forward: every skill's texts packed into one batch with no padding
 and the output layer applied at the answer positions only (``data.answer_losses``; first checked against
-the model's own loss on the base, skill by skill: ``data.packed_agrees``). Candidates with identical
-adapters (``content_digest``; cat and multiplicative here) are measured once. Texts are tokenised once.
+the model's own loss on the base, skill by skill, on its first ``PROBE`` texts: ``data.packed_agrees``).
+Candidates with identical adapters (``content_digest``; cat and multiplicative here) are measured once.
+Texts are tokenised once.
 Every retention gets a 95% bootstrap interval over the examples, and each skill its best candidate with
 whether its lead is significant (``merging.eval.intervals``).
 
@@ -45,7 +46,7 @@ from merging.eval.results import Skill, Skills
 from merging.runtime.fold import evaluated
 from merging.runtime.stacked import stacked
 
-PROBE = 3  # texts per skill on which a lower ``dtype``'s run checks packing against the model's own loss
+PROBE = 3  # texts per skill on which packing is checked against the model's own loss
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,11 @@ def held_out(
 
     low = dtype != torch.float32
     packed = pack(batches)
-    if low:  # the packing check in float32 on a few texts per skill (the base's losses come below)
-        probe = {s: {k: v[:PROBE] for k, v in b.items()} for s, b in batches.items()}
-        fast = packed_agrees(model, pack(probe), losses(model, probe))
-    else:
+    # the packing check, in float32, on the first PROBE texts per skill against the model's own loss there
+    probe = {s: {k: v[:PROBE] for k, v in b.items()} for s, b in batches.items()}
+    fast = packed_agrees(model, pack(probe), losses(model, probe))
+    if not low:  # (a lower dtype's base losses come below)
         base, base_sums = losses_by_example(model, batches)
-        fast = packed_agrees(model, packed, base)
 
     def run(pairs: Sequence[Pair], exact: bool, skills: Batches = batches):
         """Means and per-example sums: float32 as before, or every row folded in ``dtype``."""

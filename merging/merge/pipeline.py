@@ -49,6 +49,7 @@ class _Plan:
     layer_weights: dict[str, list[float]] = field(default_factory=dict)
     ranks: dict[str, int] | None = None  # svd's rank per module under a global budget
     spectra: Spectra | None = None
+    errors: bool = True  # measure each module's weight-space error for its report
 
 
 def merge(
@@ -62,6 +63,7 @@ def merge(
     stream: bool = False,
     layer_weights: Mapping[str, Sequence[float]] | None = None,
     spectra: Spectra | None = None,
+    errors: bool = True,
 ) -> MergeResult:
     """Merge adapters with a strategy, module by module.
 
@@ -78,6 +80,8 @@ def merge(
         layer_weights: layer (``adapter.layer_of``: ``model.layers.3``) → one weight per input, replacing
             ``pairs``' weights on that layer's modules (as ``merging tune --granularity layer`` learns them).
         spectra: shared by merges of these inputs that differ only in rank (see ``Spectra``).
+        errors: measure each module's weight-space error (``ModuleReport.error``); False leaves it None, for
+            a merge only measured on data (``tune``'s search: O(out·R²) per module saved).
 
     Returns:
         A MergeResult with one LoRA adapter, one IA³ adapter, or both (IA³ first).
@@ -90,7 +94,8 @@ def merge(
     add_strategy = chosen if chosen.handles in ("additive", "both") else strategies.get("cat")
     ia3_strategy = chosen if chosen.handles in ("ia3", "both") else strategies.get("multiplicative")
     layer_w = _check_layer_weights(layer_weights, len(adapters))
-    plan = _Plan(adapters, weights, chosen, add_strategy, ia3_strategy, options, base_weights, layer_w)
+    plan = _Plan(adapters, weights, chosen, add_strategy, ia3_strategy, options, base_weights, layer_w,
+                 errors=errors)  # fmt: skip
     if spectra is not None and add_strategy.spectrum is not None:
         spectra.check(add_strategy.name, options, weights, adapters, layer_w)
         plan = replace(plan, spectra=spectra)
@@ -221,7 +226,8 @@ def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, Mo
         rank, numel = merged.rank, merged.numel
         exact = plan.additive.exact_for(merged, ds, plan.options)
         # an always-exact strategy is exact by construction (tests check it); the check costs O(out·R²)
-        err = None if plan.additive.exact == "always" else weight_space_error(merged, ds, ws)
+        skip = plan.additive.exact == "always" or not plan.errors
+        err = None if skip else weight_space_error(merged, ds, ws)
         kinds.append("lora")
     if scale_part:
         ds, ws = zip(*scale_part, strict=True)

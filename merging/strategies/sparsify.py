@@ -26,8 +26,14 @@ def prune_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
     """
     flat = t.reshape(t.shape[0], -1)
     k = max(1, int(density * flat.shape[1]))  # as PEFT
-    idx = flat.abs().topk(k, dim=1).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
+    mags = flat.abs()
+    # the k-th largest magnitude by selection (≈3× faster than a topk of half the entries): where exactly k
+    # entries reach it, they are topk's k entries; where the k-th ties with the next, topk picks among them
+    kth = mags.kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values  # (n, 1)
+    mask = mags >= kth
+    if bool((mask.sum(1) != k).any()):  # a tie at the k-th magnitude (or a NaN): topk's own choice
+        idx = mags.topk(k, dim=1).indices
+        mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True)
     return (flat * mask).reshape(t.shape)
 
 
