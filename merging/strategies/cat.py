@@ -32,6 +32,7 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     return LowRank(b, a, 1.0, ds[0].target, bias=summed_bias(ds, weights))
 
 
+@torch.no_grad()  # a merge is data: a factor that requires grad (a base parameter) is copied, not traced
 def stacked(ds: Sequence[AdditiveDelta], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors side by side in float32, each B scaled by w_i s_i as it is copied into place (one pass
     over B's bytes: ``core.deltas.stacked_factors`` scales a copy, then concatenates it).
