@@ -27,8 +27,7 @@ EXAMPLE_EVALS := $(foreach s,add sort reverse translate sentiment,--eval $(s)=ex
 # tuned row that keeps every skill best; a tuned cat measured worse on the reporting half): every retention
 # is then on the evals' reporting half.
 example: $(VENV)/.installed-base
-	$(VENV)/bin/merging example-base
-	$(VENV)/bin/merging compare $(EXAMPLE_INPUTS) --base "$$($(VENV)/bin/merging example-base)" \
+	base="$$($(VENV)/bin/merging example-base)" && $(VENV)/bin/merging compare $(EXAMPLE_INPUTS) --base "$$base" \
 		--strategies all --ranks 4,16,64 --budget r4,r16 --tune 16 --tune-strategy iso_c $(EXAMPLE_EVALS) -o reports/example --force
 
 # Retrain the bundled adapters (a few minutes on 2 cores); `make example` does not need this.
