@@ -155,6 +155,31 @@ def _labelled(seed: int) -> dict[str, dict[str, torch.Tensor]]:
     return {"s": {"input_ids": ids, "attention_mask": mask, "labels": labels}}
 
 
+def test_per_example_sums_are_the_models_own_loss_at_a_real_vocabulary_size():
+    """At SmolLM2's 49,152 tokens each example's answer cross-entropy, summed, is the model's own mean loss
+    (torch's cross_entropy over a (n, V, t) layout was 1e-4 off there; the bootstrap intervals use these)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits spread as a trained model's are
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49152, (8, 16), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    means, sums = data.losses_by_example(model, {"s": batch})
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].double()  # (n, t - 1, V) float64 reference
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]  # (n, t - 1)
+    ref = (nll * (labels[:, 1:] != -100)).sum(1)
+    assert sums["s"].double() == pytest.approx(ref, rel=1e-6)
+    assert float(sums["s"].sum()) / int((labels[:, 1:] != -100).sum()) == pytest.approx(means["s"], rel=1e-6)
+
+
 def test_answer_losses_equal_the_models_own_and_a_soft_capped_head_keeps_its_own(fx):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 

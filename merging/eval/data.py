@@ -158,8 +158,9 @@ def losses_by_example(
             out = model(**batch)
         means[skill] = float(out.loss)
         labels = batch["labels"][:, 1:]  # (n, t - 1)
-        ce = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), labels, reduction="none")  # -100: 0
-        sums[skill] = ce.sum(1)
+        logits = out.logits[:, :-1].float()  # (n, t - 1, V): rows of V (an (n, V, t) layout lost 1e-4)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        sums[skill] = ce.view(labels.shape).sum(1)  # (n,); a -100 label adds 0
     return means, sums
 
 
