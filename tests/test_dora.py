@@ -156,12 +156,7 @@ def test_dora_beside_a_grouped_conv_is_peft_s(tmp_path, model):
     layout = BaseLayout.from_model(base)
     weights = {n.removesuffix(".weight"): p.detach() for n, p in base.named_parameters()}
     pairs = weighted([peft_format.read(f).refine_targets(layout.modules) for f in folders])
-    x = pm.inputs(model)
-    with torch.no_grad():
-        bare = pm.build(model)(x)
-        ref = peft_stacked(pm.build(model), folders)(x)
-        with stacked(pm.build(model), pairs) as ours:
-            mine = ours(x)
+    bare, ref, mine = pm.runtime_and_peft(model, pairs, folders)
     assert rel_err(ref, bare) > 1e-3
     assert rel_err(mine - bare, ref - bare) < 1e-6  # DoRA norms in float32
     d, w = pairs[0][0].deltas["body"], base.body.weight.detach()
@@ -171,7 +166,7 @@ def test_dora_beside_a_grouped_conv_is_peft_s(tmp_path, model):
         result = merge(pairs, strategy, opts, base_weights=weights.__getitem__)
         out = write_result(result, tmp_path / strategy, {}, base=layout)
         with torch.no_grad():
-            got = peft.PeftModel.from_pretrained(pm.build(model), out)(x)
+            got = peft.PeftModel.from_pretrained(pm.build(model), out)(pm.inputs(model))
         assert rel_err(got - bare, ref - bare) < 1e-5, strategy
     merged = weighted([peft_format.read(tmp_path / "cat").refine_targets(layout.modules)])
     before = state_hash(base)

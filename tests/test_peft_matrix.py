@@ -64,19 +64,14 @@ def test_our_runtime_stacks_these_layers_as_peft(tmp_path, name):
     from merging.base.layout import BaseLayout
     from merging.core.adapter import weighted
     from merging.formats import peft as peft_format
-    from merging.runtime.stacked import stacked
-    from tests.support.helpers import peft_stacked, rel_err
+    from tests.support.helpers import rel_err
 
     row = next(r for r in pm.ROWS if r[0] == name)
     folders = [pm.make_adapter(row, tmp_path / n, s) for n, s in (("a", 1), ("b", 2))]
-    model, x = row[1], pm.inputs(row[1])
+    model = row[1]
     layout = BaseLayout.from_model(pm.build(model))
     pairs = weighted([peft_format.read(f).refine_targets(layout.modules) for f in folders])
-    with torch.no_grad():
-        bare = pm.build(model)(x)
-        ref = peft_stacked(pm.build(model), folders)(x)
-        with stacked(pm.build(model), pairs) as ours:
-            got = ours(x)
+    bare, ref, got = pm.runtime_and_peft(model, pairs, folders)
     assert rel_err(ref, bare) > 1e-4
     assert rel_err(got - bare, ref - bare) < 1e-6  # float64
 

@@ -212,6 +212,20 @@ class Outcome:
         return next(k for k in order if k in kinds)
 
 
+def runtime_and_peft(model: str, pairs: list, folders: list[Path]) -> tuple[torch.Tensor, ...]:
+    """The matrix model ``model`` on its inputs: bare, PEFT stacking ``folders``, and our runtime stacking
+    ``pairs`` (the same adapters as read by us), each on a fresh build of the seeded model."""
+    from merging.runtime.stacked import stacked
+
+    x = inputs(model)
+    with torch.no_grad():
+        bare = build(model)(x)
+        ref = peft_stacked(build(model), folders)(x)
+        with stacked(build(model), pairs) as ours:
+            got = ours(x)
+    return bare, ref, got
+
+
 def _out(model: str, module: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return module(inputs(model))
