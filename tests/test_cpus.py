@@ -4,6 +4,7 @@ before torch is imported."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def test_share_read_from_proc_and_cgroup_files(tmp_path: Path, monkeypatch):
     proc, v2, v1 = tmp_path / "proc", tmp_path / "v2", tmp_path / "v1"
     for d in (proc, v2, v1 / "cpu"):
         d.mkdir(parents=True)
-    (proc / "loadavg").write_text("0.40 0.30 0.20 3/180 4242\n")  # 2 others running now, average 0.4
+    (proc / "stat").write_text("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n")
     (v2 / "cpu.max").write_text("150000 100000\n")
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("250000\n")
     (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
@@ -80,8 +81,16 @@ def test_share_read_from_proc_and_cgroup_files(tmp_path: Path, monkeypatch):
     assert cpus.cgroup_quota(v2) == 1.5
     assert cpus.cgroup_quota(v1) == 2.5
     assert cpus.cgroup_quota(tmp_path / "none") is None
-    assert cpus.others_load(proc) == 2.0
-    assert cpus.others_load(proc, affinity=2) == 1.0  # half the machine's CPUs: half its load lands on ours
+    # over the 0.1 s window the machine's 4 CPUs count 40 jiffies, 30 of them busy (user, system, steal):
+    # 3 CPUs busy, of which 0.05 s of CPU (0.5 CPUs) was our own
+    own = itertools.cycle([1.0, 1.05])
+    monkeypatch.setattr(cpus, "_own_seconds", lambda: next(own))
+    later = "cpu  120 0 55 805 55 0 0 5 0 0\n"
+    monkeypatch.setattr(cpus.time, "sleep", lambda s: (proc / "stat").write_text(later))
+    assert cpus.others_busy(proc) == pytest.approx(2.5)
+    (proc / "stat").write_text("cpu  100 0 50 800 50 0 0 0 0 0\n")
+    assert cpus.others_busy(proc, affinity=2) == pytest.approx(1.25)  # half the CPUs: half the load on ours
+    assert cpus.others_busy(tmp_path / "nowhere") == 0.0
     (v2 / "cpu.max").write_text("max 100000\n")
     assert cpus.cgroup_quota(v2) is None
     monkeypatch.setattr(cpus, "cgroup_quota", lambda root=None: 1.5)
