@@ -23,6 +23,7 @@ from merging.core.lycoris_ia3 import AddedScale
 from merging.errors import ShapeMismatch, UnsupportedError
 
 BaseWeights = Callable[[str], torch.Tensor]  # module path → its base weight (stored layout)
+Refusal = Callable[[Delta, str], Exception]  # (delta, module) → the error to raise
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,18 @@ class Split:
 
 def module_stack(
     adapters: Sequence[Adapter], weights: Sequence[float], layer_weights: Mapping[str, Sequence[float]],
-    base_weights: BaseWeights | None, mod: str,
+    base_weights: BaseWeights | None, mod: str, keep_kinds: Refusal | None = None,
 ) -> list[tuple[Delta, float]]:  # fmt: skip
-    """One module's (delta, weight) pairs in stacking order, on one layer kind and shape."""
+    """One module's (delta, weight) pairs in stacking order, on one layer kind and shape.
+
+    ``keep_kinds``: a LoHa/LoKr that would become a LoRA beside a grouped conv (``_beside``) is refused with
+    it instead (a strategy that works on LoRA factors, not on the sum: linear)."""
     weights = layer_weights.get(layer_of(mod), weights)
     inputs = zip(adapters, weights, strict=True)
     pairs = [(ad, ad.deltas[mod], w) for ad, w in inputs if mod in ad.deltas]
     same_shape(mod, [(ad, d) for ad, d, _ in pairs])
-    return _same_target(_beside(_lycoris_ia3([(d, w) for _, d, w in pairs], mod, base_weights), mod), mod)
+    stack = _lycoris_ia3([(d, w) for _, d, w in pairs], mod, base_weights)
+    return _same_target(_beside(stack, mod, keep_kinds), mod)
 
 
 def split(
@@ -92,7 +97,9 @@ def _lycoris_ia3(
     return [(d.resolve(base_weights(mod), d.layer) if isinstance(d, AddedScale) else d, w) for d, w in stack]
 
 
-def _beside(stack: list[tuple[Delta, float]], mod: str) -> list[tuple[Delta, float]]:
+def _beside(
+    stack: list[tuple[Delta, float]], mod: str, keep_kinds: Refusal | None = None
+) -> list[tuple[Delta, float]]:
     """A grouped conv's stack with PEFT's LoRA on it (a full conv beside the layer, ``Target.beside``): every
     other additive delta (LoHa, LoKr: on the grouped weight itself) as that full conv's LoRA, exactly.
 
@@ -114,6 +121,8 @@ def _beside(stack: list[tuple[Delta, float]], mod: str) -> list[tuple[Delta, flo
     def as_full(d: Delta) -> Delta:
         if not isinstance(d, AdditiveDelta) or d.target.beside > 1:
             return d
+        if keep_kinds is not None and not isinstance(d, LowRank):
+            raise keep_kinds(d, mod)
         try:  # LoHa/LoKr on the grouped weight (out, in/g, k...)
             on_weight = replace(d.target.refine(full.layer, grouped), from_factors=False)
             lr = replace(d, target=on_weight).low_rank()
