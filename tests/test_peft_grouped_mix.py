@@ -74,3 +74,31 @@ def test_lora_and_loha_lokr_on_one_grouped_conv_cat_as_peft_mixed_model_stacks_t
     pairs = weighted([peft_format.read(folders[k]) for k in (kind, "lora")])
     with torch.no_grad(), stacked(pm.build(model), pairs) as ours:
         assert rel_err(ours(x) - bare, ref - bare) < 1e-6
+
+
+@pytest.mark.parametrize("dims", [(2, 3), (2, 3, 3)])
+def test_full_conv_factors_compute_the_grouped_conv_delta(dims):
+    """B'·A' run as a full conv equals B·A run as the grouped conv (torch's conv, both layouts), and a LoRA
+    that says an ungrouped conv is refused beside a grouped one in one line."""
+    import torch.nn.functional as F
+
+    from merging.core.adapter import Adapter, weighted
+    from merging.core.deltas import LowRank, Target
+    from merging.errors import ShapeMismatch
+    from merging.merge.pipeline import merge
+    from merging.merge.stack import full_conv_factors
+
+    g, out, per, r, k = 4, 8, dims[0], 3, dims[1:]
+    gen = torch.Generator().manual_seed(0)
+    b, a = torch.randn(out, r, generator=gen), torch.randn(r, per, *k, generator=gen)
+    bf, af = full_conv_factors(b, a, g)  # (out, g·r), (g·r, g·per, k...)
+    conv = F.conv1d if len(k) == 1 else F.conv2d
+    x = torch.randn(2, g * per, *(5,) * len(k), generator=gen)
+    grouped = conv(x, (b @ a.reshape(r, -1)).reshape(out, per, *k), groups=g)
+    full = conv(x, (bf @ af.reshape(g * r, -1)).reshape(out, g * per, *k))
+    assert torch.allclose(full, grouped, atol=1e-5) and grouped.norm() > 1
+    layer = "conv1d" if len(k) == 1 else "conv2d"
+    beside = LowRank(bf, af.reshape(g * r, -1), 1.0, Target(layer, (out, g * per, *k), beside=g))
+    plain = LowRank(b, a.reshape(r, -1), 1.0, Target(layer, (out, per, *k)))  # says an ungrouped conv
+    with pytest.raises(ShapeMismatch, match=r"^module body: a LoRA on a conv.* not the same layer$"):
+        merge(weighted([Adapter("x", {"body": beside}), Adapter("y", {"body": plain})]), "cat")

@@ -123,6 +123,11 @@ def _beside(
             return d
         if keep_kinds is not None and not isinstance(d, LowRank):
             raise keep_kinds(d, mod)
+        if isinstance(d, LowRank) and not d.target.guessed:  # a LoRA that says its conv: not this one's
+            raise ShapeMismatch(
+                f"module {mod}: a LoRA on a {d.target.layer} {d.target.shape} and one beside a conv of {g} "
+                f"groups {full.shape}: not the same layer"
+            )
         try:  # LoHa/LoKr on the grouped weight (out, in/g, k...)
             on_weight = replace(d.target.refine(full.layer, grouped), from_factors=False)
             lr = replace(d, target=on_weight).low_rank()
