@@ -30,10 +30,12 @@ class GroupedLayer(nn.Module):
     to every group whole.
     """
 
+    attention: nn.MultiheadAttention | None
+
     def __init__(self, layers: Sequence[nn.Module], attention: nn.MultiheadAttention | None = None) -> None:
         super().__init__()
         self.groups = list(layers)  # a plain list: the shared base would be registered once per group
-        self.attention = attention
+        object.__setattr__(self, "attention", attention)  # not registered: the model holds it already
 
     @property
     def weight(self) -> torch.Tensor:
