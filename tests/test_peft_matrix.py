@@ -188,12 +188,15 @@ def test_lora_beside_a_grouped_conv_is_written_as_peft_builds_it(tmp_path, strat
     assert rank == (8 if strategy == "cat" else 4 * 8)
 
 
-@pytest.mark.parametrize("name", ["conv2d loha", "conv1d loha", "conv2d adalora"])
-def test_a_flat_factor_on_a_conv_learns_its_kind_from_the_base_the_adapter_names(tmp_path, monkeypatch, name):
-    """A flat LoHa/AdaLoRA factor (r, in·k) does not say its module is a conv: merged without --base, the
-    base the adapter_config names is found where it already is (a local folder, the local Hugging Face
-    cache) and read by its headers; PEFT loads the cat and gives its stacked forward. With no reachable base
-    (and no task_type: not a transformers text model) it is refused in one line asking for --base."""
+@pytest.mark.parametrize("name", ["mlp loha", "conv2d loha", "conv1d_groups loha", "conv2d adalora"])
+def test_a_flat_factor_learns_its_kind_from_the_base_the_adapter_names(tmp_path, monkeypatch, name):
+    """A flat LoHa/AdaLoRA factor (r, in·k) does not say its module is a Linear or a conv: merged without
+    --base, the base the adapter_config names is found where it already is (a local folder, the local
+    Hugging Face cache) and read by its headers. A 2-D weight: a Linear's LoRA, which PEFT loads and gives
+    its stacked forward. A conv: the headers do not record its groups (nor does a LoHa factor, sized
+    in/groups), so it is refused in one line, nothing written (grouped, the file PEFT would get cannot
+    load). With no reachable base (and no task_type: not a transformers text model): refused, asking for
+    --base."""
     import peft
     from click.testing import CliRunner
     from huggingface_hub import constants
@@ -223,16 +226,22 @@ def test_a_flat_factor_on_a_conv_learns_its_kind_from_the_base_the_adapter_names
         args = ["merge", *map(str, folders), "-s", "cat", "-o", str(tmp_path / out)]
         return CliRunner().invoke(cli, args)
 
+    def refused(r, out: str, ends: str) -> None:
+        assert r.exit_code == 2 and re.search(r"module (body|lin0):", r.output), r.output
+        assert r.output.rstrip().endswith(ends), r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / out).exists(), r.output
+
     for base_name, out in ((str(tmp_path / "base"), "local"), ("someone/tiny-conv", "cached")):
         r = merged(base_name, out)
+        if name != "mlp loha":
+            refused(r, out, "as --base (Python: BaseLayout.from_model(model))")
+            continue
         assert r.exit_code == 0, r.output
         with torch.no_grad():
             got = peft.PeftModel.from_pretrained(pm.build(row[1]), tmp_path / out)(x)
         assert rel_err(ref, bare) > 1e-4 and rel_err(got - bare, ref - bare) < 1e-6, base_name
     for base_name in ("someone/not-cached", None):
-        r = merged(base_name, "refused")
-        assert r.exit_code == 2 and "module body" in r.output and r.output.rstrip().endswith("pass --base")
-        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "refused").exists(), r.output
+        refused(merged(base_name, "refused"), "refused", "pass --base")
 
 
 @pytest.mark.parametrize("name", ["mha lora", "mha+lin lora"])

@@ -211,6 +211,8 @@ def same_shape(mod: str, deltas: Sequence[tuple[Adapter, Delta]]) -> None:
         if not isinstance(d, AdditiveDelta):
             continue
         shape = d.target.matrix_shape
+        if d.target.beside > 1:  # PEFT's LoRA on a grouped conv: compared as the grouped weight it adapts
+            shape = (shape[0], shape[1] // d.target.beside)
         if seen is not None and seen[1] != shape:
             other, other_shape = seen
             raise ShapeMismatch(

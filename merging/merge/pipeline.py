@@ -195,7 +195,8 @@ def _recorded(layer_w: dict[str, list[float]]) -> dict[str, tuple[float, ...]] |
 
 def _stack(plan: _Plan, mod: str) -> list[tuple[Delta, float]]:
     """One module's (delta, weight) pairs in stacking order, on one layer kind and shape."""
-    return module_stack(plan.adapters, plan.weights, plan.layer_weights, plan.base_weights, mod)
+    keep = linear.refuse_kind if plan.additive.name == "linear" else None  # it averages LoRA factors
+    return module_stack(plan.adapters, plan.weights, plan.layer_weights, plan.base_weights, mod, keep)
 
 
 def _merge_module(plan: _Plan, mod: str) -> tuple[Delta | None, Delta | None, ModuleReport]:

@@ -23,6 +23,7 @@ from merging.core.lycoris_ia3 import AddedScale
 from merging.errors import ShapeMismatch, UnsupportedError
 
 BaseWeights = Callable[[str], torch.Tensor]  # module path → its base weight (stored layout)
+Refusal = Callable[[Delta, str], Exception]  # (delta, module) → the error to raise
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,18 @@ class Split:
 
 def module_stack(
     adapters: Sequence[Adapter], weights: Sequence[float], layer_weights: Mapping[str, Sequence[float]],
-    base_weights: BaseWeights | None, mod: str,
+    base_weights: BaseWeights | None, mod: str, keep_kinds: Refusal | None = None,
 ) -> list[tuple[Delta, float]]:  # fmt: skip
-    """One module's (delta, weight) pairs in stacking order, on one layer kind and shape."""
+    """One module's (delta, weight) pairs in stacking order, on one layer kind and shape.
+
+    ``keep_kinds``: a LoHa/LoKr that would become a LoRA beside a grouped conv (``_beside``) is refused with
+    it instead (a strategy that works on LoRA factors, not on the sum: linear)."""
     weights = layer_weights.get(layer_of(mod), weights)
     inputs = zip(adapters, weights, strict=True)
     pairs = [(ad, ad.deltas[mod], w) for ad, w in inputs if mod in ad.deltas]
     same_shape(mod, [(ad, d) for ad, d, _ in pairs])
-    return _same_target(_lycoris_ia3([(d, w) for _, d, w in pairs], mod, base_weights), mod)
+    stack = _lycoris_ia3([(d, w) for _, d, w in pairs], mod, base_weights)
+    return _same_target(_beside(stack, mod, keep_kinds), mod)
 
 
 def split(
@@ -90,6 +95,63 @@ def _lycoris_ia3(
             "needs the base weights: pass --base"
         )
     return [(d.resolve(base_weights(mod), d.layer) if isinstance(d, AddedScale) else d, w) for d, w in stack]
+
+
+def _beside(
+    stack: list[tuple[Delta, float]], mod: str, keep_kinds: Refusal | None = None
+) -> list[tuple[Delta, float]]:
+    """A grouped conv's stack with PEFT's LoRA on it (a full conv beside the layer, ``Target.beside``): every
+    other additive delta (LoHa, LoKr: on the grouped weight itself) as that full conv's LoRA, exactly.
+
+    PEFT's mixed model runs them side by side (PeftMixedModel); its LoRA's lora_A reads all input channels,
+    so the sum is a full conv's delta whose weight outside each group's own channels is zero.
+    """
+    adds = [d for d, _ in stack if isinstance(d, AdditiveDelta)]
+    beside = {d.target for d in adds if d.target.beside > 1}
+    if not beside or all(d.target.beside > 1 for d in adds):
+        return stack
+    if len({(t.layer, t.shape, t.beside) for t in beside}) > 1:
+        raise ShapeMismatch(f"module {mod}: LoRAs beside it disagree on the conv: {sorted(map(str, beside))}")
+    full = beside.pop()
+    g, out = full.beside, full.shape[0]
+    grouped = (out, full.shape[1] // g, *full.shape[2:])  # the layer's weight (out, in/g, k...)
+    if out % g:
+        raise ShapeMismatch(f"module {mod}: {out} output channels do not split into {g} groups")
+
+    def as_full(d: Delta) -> Delta:
+        if not isinstance(d, AdditiveDelta) or d.target.beside > 1:
+            return d
+        if keep_kinds is not None and not isinstance(d, LowRank):
+            raise keep_kinds(d, mod)
+        if isinstance(d, LowRank) and not d.target.guessed:  # a LoRA that says its conv: not this one's
+            raise ShapeMismatch(
+                f"module {mod}: a LoRA on a {d.target.layer} {d.target.shape} and one beside a conv of {g} "
+                f"groups {full.shape}: not the same layer"
+            )
+        try:  # LoHa/LoKr on the grouped weight (out, in/g, k...)
+            on_weight = replace(d.target.refine(full.layer, grouped), from_factors=False)
+            lr = replace(d, target=on_weight).low_rank()
+        except ShapeMismatch as e:
+            raise ShapeMismatch(f"module {mod}: beside a LoRA on {g} groups {full.shape}: {e}") from None
+        if lr.magnitude is not None:
+            raise UnsupportedError(f"module {mod}: DoRA on a grouped conv's weight with a LoRA beside it")
+        b, a = full_conv_factors(lr.b, lr.a.reshape(lr.a.shape[0], *grouped[1:]), g)
+        return LowRank(b, a.reshape(a.shape[0], -1), lr.scale, full, lr.bias)
+
+    return [(as_full(d), w) for d, w in stack]
+
+
+def full_conv_factors(b: torch.Tensor, a: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A grouped conv's delta B·A (B (out, r), A (r, in/g, k...)) as the full conv's (B' (out, g·r), A' (g·r,
+    in, k...)) that computes the same: rank block j reads group j's input channels and feeds its outputs."""
+    (out, r), per = b.shape, a.shape[1]
+    b_full = b.new_zeros(out, g * r)
+    a_full = a.new_zeros(g * r, g * per, *a.shape[2:])
+    rows = out // g
+    for j in range(g):
+        b_full[j * rows : (j + 1) * rows, j * r : (j + 1) * r] = b[j * rows : (j + 1) * rows]
+        a_full[j * r : (j + 1) * r, j * per : (j + 1) * per] = a
+    return b_full, a_full
 
 
 def _same_target(stack: list[tuple[Delta, float]], mod: str) -> list[tuple[Delta, float]]:

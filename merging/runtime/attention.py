@@ -38,6 +38,11 @@ class StackedAttention(nn.Module):
             if new_b is not None:
                 self.params[bias] = new_b.to(w.dtype)
 
+    @property
+    def batch_first(self) -> bool:
+        """The attention's, for models that read it off the module."""
+        return self.base.batch_first
+
     def forward(self, *args, **kwargs):
         return torch.func.functional_call(self.base, self.params, args, kwargs)
 

@@ -22,11 +22,20 @@ from merging.runtime.stacked import active_aux, layer_paths, stacked_layer, swap
 
 
 class GroupedLayer(nn.Module):
-    """One module as each group sees it: group c's rows (an equal slice of the batch) go through layers[c]."""
+    """One module as each group sees it: group c's rows (an equal slice of the batch) go through layers[c].
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
+    A layer that takes one input (Linear, conv, Embedding) has its batch on dim 0. An nn.MultiheadAttention
+    (``attention``) gets each group's slice of query, key and value (batch on dim 0 if ``batch_first``, else
+    dim 1), of key_padding_mask (N, S) and of a per-row attn_mask (N·heads, L, S); a shared (L, S) mask goes
+    to every group whole.
+    """
+
+    attention: nn.MultiheadAttention | None
+
+    def __init__(self, layers: Sequence[nn.Module], attention: nn.MultiheadAttention | None = None) -> None:
         super().__init__()
         self.groups = list(layers)  # a plain list: the shared base would be registered once per group
+        object.__setattr__(self, "attention", attention)  # not registered: the model holds it already
 
     @property
     def weight(self) -> torch.Tensor:
@@ -34,12 +43,58 @@ class GroupedLayer(nn.Module):
         first = self.groups[0]
         return getattr(first, "base", first).weight
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    @property
+    def batch_first(self) -> bool:
+        """An nn.MultiheadAttention's, for models that read it off their attention module."""
+        if self.attention is None:
+            raise AttributeError("batch_first")
+        return self.attention.batch_first
+
+    def forward(self, *args, **kwargs):
         n = len(self.groups)
-        if x.shape[0] % n:
-            raise UnsupportedError(f"a batch of {x.shape[0]} rows does not split into {n} equal groups")
-        parts = zip(self.groups, x.chunk(n), strict=True)
-        return torch.cat([layer(part, *args, **kwargs) for layer, part in parts])
+        if self.attention is not None:
+            calls, dim = attention_parts(self.attention, n, args, kwargs)
+            outs = [layer(*a, **k) for layer, (a, k) in zip(self.groups, calls, strict=True)]
+            weights = [w for _, w in outs]
+            return torch.cat([o for o, _ in outs], dim), None if weights[0] is None else torch.cat(weights)
+        x, *rest = args
+        if any(torch.is_tensor(v) for v in (*rest, *kwargs.values())):
+            what = type(self.groups[0]).__name__
+            raise UnsupportedError(f"a {what} given tensors besides its input: run candidates one at a time")
+        parts = zip(self.groups, _chunks(x, n, 0), strict=True)
+        return torch.cat([layer(part, *rest, **kwargs) for layer, part in parts])
+
+
+MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+            "is_causal")  # nn.MultiheadAttention.forward's, in order
+
+
+def attention_parts(
+    mha: nn.MultiheadAttention, n: int, args: tuple, kwargs: dict
+) -> tuple[list[tuple[tuple, dict]], int]:
+    """An nn.MultiheadAttention call's arguments cut into n groups' (args, kwargs), and the batch dim."""
+    named = dict(zip(MHA_ARGS[: len(args)], args, strict=True)) | kwargs  # positional as named: cut by name
+    query = named["query"]
+    if query.dim() != 3:
+        shape = tuple(query.shape)
+        raise UnsupportedError(f"nn.MultiheadAttention on an unbatched {shape}: run candidates one at a time")
+    dim = 0 if mha.batch_first else 1
+    cut: dict[int, list[torch.Tensor]] = {}  # one cut per tensor: query is key is value stays so in a group
+    for name in ("query", "key", "value"):
+        cut.setdefault(id(named[name]), _chunks(named[name], n, dim))
+    for name, d in (("key_padding_mask", 0), ("attn_mask", 0)):
+        t = named.get(name)
+        if t is not None and (name == "key_padding_mask" or t.dim() == 3):  # (N, S); (N·heads, L, S)
+            cut.setdefault(id(t), _chunks(t, n, d))
+    parts = [{k: cut[id(v)][c] if id(v) in cut else v for k, v in named.items()} for c in range(n)]
+    return [((), p) for p in parts], dim
+
+
+def _chunks(x: torch.Tensor, n: int, dim: int) -> list[torch.Tensor]:
+    """x cut into n equal slices along dim, refused in one line when its size there does not split."""
+    if x.shape[dim] % n:
+        raise UnsupportedError(f"a batch of {x.shape[dim]} rows does not split into {n} equal groups")
+    return list(x.chunk(n, dim))
 
 
 @contextmanager
@@ -60,6 +115,13 @@ def grouped(model: nn.Module, groups: Sequence[Sequence[Pair]]) -> Iterator[nn.M
     auxes = [active_aux(model, plan) for plan in plans]
     each = list(zip(plans, auxes, strict=True))
     modules = layer_paths([m for plan, aux in each for m in (*plan.modules, *aux)])
-    layers = {m: GroupedLayer([stacked_layer(model, m, plan, aux) for plan, aux in each]) for m in modules}
+    layers = {m: GroupedLayer([stacked_layer(model, m, plan, aux) for plan, aux in each], _mha(model, m))
+              for m in modules}  # fmt: skip
     with swapped(model, layers):
         yield model
+
+
+def _mha(model: nn.Module, mod: str) -> nn.MultiheadAttention | None:
+    """The module if it is an nn.MultiheadAttention (its inputs are cut by name), else None."""
+    m = model.get_submodule(mod)
+    return m if isinstance(m, nn.MultiheadAttention) else None

@@ -27,11 +27,7 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
         return Scale(l.to(ls[0].l.dtype), ls[0].side, ls[0].layer)
     ds = additive(deltas, "linear", module)
     if other := next((d for d in ds if type(d) is not LowRank), None):
-        kind, why = _KINDS.get(type(other), type(other).__name__), _WHY.get(type(other), "no LoRA factors")
-        raise UnsupportedError(
-            f"linear averages LoRA factors as PEFT's add_weighted_adapter does; module {module} is {kind}, "
-            f"{why}: use cat (exact) or svd (rank-k approximation)"
-        )
+        raise refuse_kind(other, module)
     if len({d.rank for d in ds}) > 1:
         raise UnsupportedError(f"linear needs equal ranks; module {module} has ranks {[d.rank for d in ds]}")
     b = torch.zeros_like(ds[0].b, dtype=torch.float32)
@@ -48,6 +44,15 @@ _WHY = {
     Hadamard: "whose factors multiply elementwise (PEFT has no linear merge for LoHa)",
     Kronecker: "whose factors multiply as a Kronecker product (PEFT has no linear merge for LoKr)",
 }
+
+
+def refuse_kind(d: Delta, module: str) -> UnsupportedError:
+    """The one-line refusal for an input that is not a LoRA (LoHa, LoKr, dense): it has no LoRA factors."""
+    kind, why = _KINDS.get(type(d), type(d).__name__), _WHY.get(type(d), "no LoRA factors")
+    return UnsupportedError(
+        f"linear averages LoRA factors as PEFT's add_weighted_adapter does; module {module} is {kind}, "
+        f"{why}: use cat (exact) or svd (rank-k approximation)"
+    )
 
 
 def refuse_dora(module: str) -> UnsupportedError:

@@ -1,6 +1,7 @@
 """PEFT's custom-model test matrix, rebuilt here: small seeded models with every layer kind PEFT adapts
 (Linear, Embedding, transformers' Conv1D, Conv1d/2d/3d with and without groups, 1×1 kernels, multi-head
-attention) and the LoRA / LoHa / LoKr / IA³ / AdaLoRA configurations PEFT's own tests run on them.
+attention) and the LoRA / LoHa / LoKr / IA³ / AdaLoRA configurations PEFT's own tests run on them; and a
+LoRA with a LoHa/LoKr on one conv (kind ``lora+loha``: PEFT's PeftMixedModel is the reference for the pair).
 
 Each row is taken through what a user does: ``inspect``, ``cat`` of one adapter (must equal the adapter),
 ``cat`` of two (must equal PEFT's stacked forward of both) and ``linear``; every output is reloaded by
@@ -155,6 +156,9 @@ def _rows() -> list[Row]:
             (f"{m} loha", m, "loha", {"target_modules": ["body"], "r": 4}),
             (f"{m} lokr", m, "lokr", {"target_modules": ["body"], "r": 4}),
         ]
+    for m in ("conv2d", *_GROUPED):  # a LoRA then a LoHa/LoKr on one layer: PEFT's mixed model stacks them
+        mixed = {"target_modules": ["body"], "r": 4}
+        rows += [(f"{m} lora+{k}", m, f"lora+{k}", mixed) for k in ("loha", "lokr")]
     return rows
 
 
@@ -186,10 +190,13 @@ def _config(kind: str, overrides: dict[str, Any]):
 
 
 def make_adapter(row: Row, folder: Path, seed: int) -> Path:
-    """The row's adapter, made and saved by PEFT, its weights seeded random (AdaLoRA: E and ranknum too)."""
+    """The row's adapter, made and saved by PEFT, its weights seeded random (AdaLoRA: E and ranknum too); a
+    mixed row's (kind ``lora+loha``) is the first kind for seed 1, the second for any other."""
     import peft
 
     name, model, kind, overrides = row
+    kinds = kind.split("+")
+    kind = kinds[0] if seed == 1 else kinds[-1]
     pm = peft.get_peft_model(build(model), _config(kind, overrides))
     randomise(pm, zlib.crc32(f"{name}/{seed}".encode()))
     pm.save_pretrained(folder)
@@ -297,7 +304,7 @@ def outcome(row: Row, tmp: Path) -> Outcome:
     one = _out(model, peft.PeftModel.from_pretrained(build(model), a))
     res.steps["cat 1"] = _step(lambda: _judge(row, _merged(row, [a], "cat", tmp / "one"), one))
     try:
-        pair = _out(model, peft_stacked(build(model), [a, b]))
+        pair = _out(model, peft_stacked(build(model), [a, b], mixed="+" in row[2]))
     except Exception as e:  # noqa: BLE001 - PEFT itself cannot stack the pair
         res.steps["cat 2"] = f"peft refuses: {str(e).splitlines()[0][:160]}"
     else:

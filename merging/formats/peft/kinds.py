@@ -4,7 +4,9 @@ A flat LoHa/LoKr/AdaLoRA factor, (r, in·k...), does not say whether its module 
 PEFT builds a different LoRA for each. Without ``--base`` the adapter_config's ``base_model_name_or_path``
 is looked up where it already is: a local folder or file, else the local Hugging Face cache (offline). Its
 layout comes from its config (module tree on the meta device) or, failing that, from its safetensors
-headers (a 3-D/4-D/5-D weight is a conv with that kernel; 2-D a Linear, Embedding or Conv1D).
+headers (a 3-D/4-D/5-D weight is a conv with that kernel; 2-D a Linear, Embedding or Conv1D). Headers do
+not record a conv's groups: a flat factor on a conv known only from them is refused in one line
+(``shapes.as_built``), as with ``--base model.safetensors``; a 2-D one is written as a Linear's.
 
 A module still of unknown kind is written as a Linear's LoRA only for a transformers text model (PEFT's
 ``task_type`` CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS: their adapted layers are Linear):

@@ -7,7 +7,11 @@ delta itself knows: a LoHa/LoKr conv kernel does not say the conv's groups (nor 
 Conv2d), so a LoRA whose conv comes from such factors alone is refused in one line asking for the base; a
 flat LoHa/LoKr/AdaLoRA factor, (r, in·k...), cannot say whether it is a conv at all: the PEFT writer then
 learns it from the base the adapter names, if reachable, else writes a text model's as a Linear's and
-refuses any other (``kinds``; the kohya writer refuses it: its users adapt convs).
+refuses any other (``kinds``; the kohya writer refuses it: its users adapt convs). A base known by its
+weights alone (a state dict) does not record a conv's groups, and PEFT sizes a LoHa/LoKr factor by
+in_channels // groups (peft/tuners/{loha,lokr}/layer.py), so its (r, in/g·k) matches the grouped weight's
+(out, in/g, k...) whatever g is: groups cannot be inferred, and such a conv is refused in one line unless a
+LoRA input on the module says them (its lora_A reads all in channels: ``Target.beside``).
 
 | base module | LoRA tensors PEFT builds | IA³ vector |
 |---|---|---|
@@ -70,10 +74,11 @@ def as_built(
         return d
     layer, shape = base.modules[mod]
     target = getattr(d, "target", None)
-    if not base.knows_groups and layer in CONV_DIMS and target is not None and target.from_factors:
+    if not base.knows_groups and layer in CONV_DIMS and target is not None and target.guessed:
         raise UnsupportedError(
-            f"a LoHa/LoKr/AdaLoRA on a {layer} {shape} whose groups a state dict does not record, and PEFT "
-            "builds the LoRA from them: pass the model folder as --base (Python: BaseLayout.from_model)"
+            f"a LoHa/LoKr/AdaLoRA on a {layer} {shape} whose groups a state dict does not record (a LoHa/"
+            "LoKr factor, sized in/groups, does not say them either), and PEFT builds the LoRA from them: "
+            "pass the base folder with its config.json as --base (Python: BaseLayout.from_model(model))"
         )
     if isinstance(d, Scale):
         layer = d.layer if layer == "unknown" else layer  # a weights-only base: the vector knows its layer
