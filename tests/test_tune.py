@@ -224,7 +224,7 @@ def test_candidates_measured_together_are_each_the_models_own_loss_with_its_dens
 
 
 def test_packing_check_on_the_first_texts_holds_and_a_soft_capped_head_fails_it(setting):
-    """tune's packing check (each skill's first PROBE texts, packed, against transformers' own loss on them)
+    """tune's packing check (each skill's first texts, packed in one row, against transformers' own loss)
     holds on the Llama, whose packed losses then equal its own on every text; a soft-capped head fails it."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 

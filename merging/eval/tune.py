@@ -30,8 +30,8 @@ from merging.errors import MergingError
 from merging.eval.data import (
     EvalSets,
     alone_losses,
+    answer_batch,
     loss_dtype,
-    packed_agrees,
     plain_head,
     retention,
     skill_batch,
@@ -42,7 +42,7 @@ from merging.eval.intervals import Interval, retention_interval
 from merging.eval.objective import Split, Step, check_objective, split_evals
 from merging.eval.per_layer import Weights, layers, merge_inputs, to_weights
 from merging.eval.search import Found, Granularity, Problem, Settings, free_search, gradient
-from merging.eval.skills import PROBE
+from merging.eval.skills import PROBE, packing_holds
 from merging.runtime.fold import evaluated
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
@@ -142,12 +142,10 @@ def tune(
 
 
 def _packing_holds(model, tokenizer, evals: EvalSets) -> bool:
-    """Whether packed texts give the model's own losses, checked on each skill's first ``PROBE`` texts (a
-    fifth of a pass over the example's tuning split, instead of a whole one)."""
-    first = {n: p[:PROBE] for n, p in evals.items()}
-    probe = skill_batch(tokenizer, first, _device(model), tuple(evals), packed=True)
-    own = dict(zip(probe.names, skill_losses(model, replace(probe, packed=None)).tolist(), strict=True))
-    return probe.packed is not None and packed_agrees(model, probe.packed, own)
+    """Whether packed texts give the model's own losses (``skills.packing_holds``: a few texts in one row,
+    each skill's first tokenised here, not the whole tuning split)."""
+    per, device = -(-PROBE // len(evals)), _device(model)
+    return packing_holds(model, {n: answer_batch(tokenizer, p[:per], device) for n, p in evals.items()})
 
 
 def _search_alone(
