@@ -267,6 +267,9 @@ def test_search_in_bfloat16_is_near_float32_and_still_improves_the_float32_objec
     after = min(measured["after"].values())  # float32, the model's own loss
     assert after == pytest.approx(low.end.objective, abs=BF16_OBJECTIVE)
     assert after > exact.start.objective + 0.05
+    adam = search.Settings(steps=8, batch=0, dtype="bfloat16")  # Adam steps through the autocast runtime too
+    cat = tune.tune(model, tok, weighted(ads), evals, settings=adam)
+    assert cat.dtype == "bfloat16" and cat.end.objective > cat.start.objective + 0.1
 
 
 def test_auto_searches_in_bfloat16_only_where_the_cpu_flags_say_so(setting, tmp_path, monkeypatch):
