@@ -3,8 +3,9 @@
 The bundled example as `make example` runs it: every strategy at ranks 4, 16, 64 (the ranks sharing each
 module's SVD, as compare does), svd under the budgets of ranks 4 and 16, and the tuned cat (its weights read
 from reports/example/report.json, not learnt again), on the evals' reporting split. One pass, each loss the
-way ``skills.held_out`` takes it in each dtype: float32 (base, alone, stack and exact rows: the model's own
-loss, stacked; approximate rows folded, packed) and bfloat16 (every one folded, packed, under autocast).
+way ``skills.held_out`` takes it in each dtype: float32 (base, alone, stack and exact rows stacked,
+approximate rows folded; all packed: the model's own loss within ~1e-6) and bfloat16 (every one folded,
+packed, under autocast).
 Each distinct approximate row runs float32 and bfloat16 back to back under one fold, the order alternating
 row by row, so a changing load affects both alike: the loss part's time ratio (sums, and the median of the
 per-row ratios) and the peak resident memory the bfloat16 forwards add. Then every loss and retention (with
@@ -83,13 +84,13 @@ def measure(model, pairs, batches, cands) -> dict:
     float32 and bfloat16 forwards timed back to back under one fold."""
     packed = data.pack(batches)
     out: dict = {F32: {}, LOW: {}}  # dtype → row ("base", "alone:s", "stacked", candidate) → (means, sums)
-    out[F32]["base"] = data.losses_by_example(model, batches)
+    out[F32]["base"] = data.answer_losses_by_example(model, packed)
     with evaluated(model, []):
         out[LOW]["base"] = data.answer_losses_by_example(model, packed, LOW)
     for s in SKILLS:
         mine = [p for p in pairs if p[0].name == s]
         with stacked(model, mine):
-            out[F32][f"alone:{s}"] = data.losses_by_example(model, {s: batches[s]})
+            out[F32][f"alone:{s}"] = data.answer_losses_by_example(model, data.pack({s: batches[s]}))
         with evaluated(model, mine):
             out[LOW][f"alone:{s}"] = data.answer_losses_by_example(model, data.pack({s: batches[s]}), LOW)
     rows = [("stacked", list(pairs), True)] + [(c.name, weighted(c.adapters), c.exact) for c in cands]
@@ -104,7 +105,7 @@ def measure(model, pairs, batches, cands) -> dict:
             seen[digest] = name
         if exact:
             with stacked(model, ps):
-                out[F32][name] = data.losses_by_example(model, batches)
+                out[F32][name] = data.answer_losses_by_example(model, packed)
             with evaluated(model, ps):
                 out[LOW][name] = data.answer_losses_by_example(model, packed, LOW)
             continue

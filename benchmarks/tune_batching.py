@@ -2,10 +2,13 @@
 
 On the bundled example (five adapters, SmolLM2-135M, the tuning half of the eval files), the first
 Nelder-Mead simplex of a gradient-free ``iso_c`` tune (the start and one step along each weight: 6 merges)
-is measured three ways, interleaved, ``--repeats`` times: each merge stacked alone (``runtime.stacked``,
-the search's code before), each folded into the weights alone (``runtime.evaluated``, one at a time now),
-and all six in one grouped forward (``eval.batched``, ``Settings.group = 6``). Prints seconds per
-evaluation and the ratios::
+is measured five ways, interleaved, ``--repeats`` times: each merge stacked alone (``runtime.stacked``,
+the search's code before), each folded into the weights alone (``runtime.evaluated``, one at a time, the
+float32 search), all six in one grouped forward (``eval.batched``, ``Settings.group = 6``), and the two
+ways of a bfloat16 search (``--tune-dtype bfloat16``): each folded into the float32 weights and run under
+autocast (``candidate_losses(..., dtype=bfloat16)``, the search's way: no copy of the model), or folded and
+copied into a bfloat16 model made once (270 MB more for SmolLM2-135M). Prints seconds per evaluation and
+the ratios::
 
     python -m benchmarks.tune_batching [--repeats 2]
 """
@@ -13,6 +16,7 @@ evaluation and the ratios::
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -25,6 +29,7 @@ from merging.eval.batched import candidate_losses
 from merging.eval.verify import base_weights
 from merging.formats import sources
 from merging.merge import pipeline
+from merging.runtime.fold import evaluated
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
 
@@ -48,7 +53,9 @@ def main() -> None:
     cands = [weighted(pipeline.merge([(a, w) for (a, _), w in zip(pairs, p, strict=True)], "iso_c",
                                      Options(), base_weights=bw).adapters) for p in points]  # fmt: skip
     took: dict[str, list[float]] = {"stacked, one at a time": [], "folded, one at a time": [],
-                                    f"grouped, {len(cands)} per forward": []}  # fmt: skip
+                                    f"grouped, {len(cands)} per forward": [], "folded, bf16 autocast": [],
+                                    "folded, copied into bf16": []}  # fmt: skip
+    low = copy.deepcopy(model).to(torch.bfloat16)  # the copy's storage, made once
     for _ in range(args.repeats):
         with torch.no_grad():
             started = time.perf_counter()
@@ -63,6 +70,17 @@ def main() -> None:
             started = time.perf_counter()
             candidate_losses(model, batch, cands, check=False)
             took[f"grouped, {len(cands)} per forward"].append((time.perf_counter() - started) / len(cands))
+            started = time.perf_counter()
+            for c in cands:
+                candidate_losses(model, batch, [c], dtype=torch.bfloat16)
+            took["folded, bf16 autocast"].append((time.perf_counter() - started) / len(cands))
+            started = time.perf_counter()
+            for c in cands:
+                with evaluated(model, c):
+                    for q, p in zip(low.parameters(), model.parameters(), strict=True):
+                        q.copy_(p)  # (rounded to bfloat16)
+                    data.skill_losses(low, batch, torch.bfloat16)
+            took["folded, copied into bf16"].append((time.perf_counter() - started) / len(cands))
     tokens = int(batch.packed.input_ids.numel()) if batch.packed is not None else batch.labels.numel()
     print(f"{len(cands)} iso_c merges, {tokens} tokens per pass, best of {args.repeats}")
     before = min(took["stacked, one at a time"])

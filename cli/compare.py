@@ -83,6 +83,11 @@ def _items(value: str) -> list[str]:
     "units, else float32 (≈1.6× faster losses; rows within their interval may swap; recorded in "
     "report.json; verification stays in --dtype).",
 )
+@click.option(
+    "--tune-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+    help="The --tune search's losses: auto = bfloat16 where the CPU/GPU has native bf16 units, else float32 "
+    "(only the weights chosen depend on it: the tuned row is measured like every row, in --loss-dtype).",
+)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report's JSON (schema merging.compare/1).")
@@ -90,7 +95,7 @@ def _items(value: str) -> list[str]:
               help="Load the base through bitsandbytes as QLoRA adapters were trained (float32 compute).")
 def compare_cmd(
     inputs, base, names, ranks, weights, density, seed, inner, alpha, common_fraction, evals, budgets,
-    tune_steps, tune_strategies, device, dtype, loss_dtype, out, force, as_json, base_quant,
+    tune_steps, tune_strategies, device, dtype, loss_dtype, tune_dtype, out, force, as_json, base_quant,
 ) -> None:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots.
 
@@ -118,7 +123,7 @@ def compare_cmd(
             seed=seed, inner=inner, alpha=alpha, common_fraction=common_fraction, evals=eval_files,
             budgets=_items(budgets), tune_steps=tune_steps, device=device, dtype=dtype, force=force,
             tune_strategies=_items(tune_strategies), stages=progress_bar,
-            base_quant=base_quant, loss_dtype=loss_dtype,
+            base_quant=base_quant, loss_dtype=loss_dtype, tune_dtype=tune_dtype,
         )  # fmt: skip
         if as_json:
             return emit_json("merging.compare/1", {"output": str(out), **report.to_dict()})

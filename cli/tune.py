@@ -103,11 +103,17 @@ def eval_files(specs: tuple[str, ...]) -> dict[str, Path]:
     help="Share of each eval file tuned on; the rest is the reporting part.",
 )
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--tune-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+    help="The search's losses: auto = bfloat16 where the CPU/GPU has native bf16 units, else float32 (the "
+    "reporting part is measured in float32 either way).",
+)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def tune_cmd(
     inputs, base, evals, granularity, objective, strategy, rank, budget, density, alpha, common_fraction,
-    knobs, evaluations, patience, regularisation, steps, lr, batch, seed, tune_fraction, device, out, force,
+    knobs, evaluations, patience, regularisation, steps, lr, batch, seed, tune_fraction, device, tune_dtype,
+    out, force,
 ) -> None:  # fmt: skip
     """Learn the merge weights that keep every skill (by default the worst one's retention) and write the
     merge, with tune_recipe.toml (`merging merge --recipe` remakes it byte for byte) and tune.json.
@@ -123,7 +129,7 @@ def tune_cmd(
                 rank=rank, budget=budget, steps=steps, lr=lr, batch=batch, seed=seed,
                 tune_fraction=tune_fraction, device=device, force=force, progress=update, density=density,
                 alpha=alpha, common_fraction=common_fraction, evaluations=evaluations, patience=patience,
-                regularisation=regularisation,
+                regularisation=regularisation, tune_dtype=tune_dtype,
                 knobs=None if knobs is None else [k.strip() for k in knobs.split(",") if k.strip()],
             )  # fmt: skip
     _show(tuned.weights, tuned.found, tuned.measured)

@@ -223,9 +223,8 @@ def test_candidates_measured_together_are_each_the_models_own_loss_with_its_dens
             assert row.tolist() == pytest.approx(own, rel=1e-5)
 
 
-
 def test_packing_check_on_the_first_texts_holds_and_a_soft_capped_head_fails_it(setting):
-    """tune's packing check (each skill's first PROBE texts, packed, against transformers' own loss on them)
+    """tune's packing check (each skill's first texts, packed in one row, against transformers' own loss)
     holds on the Llama, whose packed losses then equal its own on every text; a soft-capped head fails it."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -244,3 +243,45 @@ def test_packing_check_on_the_first_texts_holds_and_a_soft_capped_head_fails_it(
         num_key_value_heads=1, head_dim=32, final_logit_softcapping=0.5,
     )  # fmt: skip
     assert not tune._packing_holds(Gemma2ForCausalLM(cfg).eval(), tok, evals)
+
+
+BF16_OBJECTIVE = 2e-3  # the objective (a retention), bfloat16 search against float32 (here ≤ 2.2e-4 apart)
+
+
+def test_search_in_bfloat16_is_near_float32_and_still_improves_the_float32_objective(setting):
+    """The search's losses in bfloat16 (autocast, float32 accumulation; the references too) give an
+    objective within ``BF16_OBJECTIVE`` of float32's at the same weights, and the weights it chooses lift
+    the worst skill as float32 measures it (``held_out``) on the merge they make."""
+    model, tok, ads, evals = setting
+    options = merge_lib.Options(rank=4)
+    settings = search.Settings(evaluations=16, patience=0, lr=0.4, dtype="bfloat16")
+    low = tune.tune(model, tok, weighted(ads), evals, settings=settings, strategy="iso_c", options=options)
+    in_f32 = dataclasses.replace(settings, dtype="float32")
+    exact = tune.tune(model, tok, weighted(ads), evals, settings=in_f32, strategy="iso_c", options=options)
+    assert (low.dtype, exact.dtype) == ("bfloat16", "float32")
+    assert low.start.objective == pytest.approx(exact.start.objective, abs=BF16_OBJECTIVE)
+    assert low.start.objective != pytest.approx(exact.start.objective, abs=1e-6)  # really in bfloat16
+    assert low.end.objective > low.start.objective + 0.05
+    result = merge_lib.merge(weighted(ads, low.weights.inputs), "iso_c", options)
+    measured = tune.held_out(model, tok, weighted(ads), weighted(result.adapters), evals)
+    after = min(measured["after"].values())  # float32, the model's own loss
+    assert after == pytest.approx(low.end.objective, abs=BF16_OBJECTIVE)
+    assert after > exact.start.objective + 0.05
+    adam = search.Settings(steps=8, batch=0, dtype="bfloat16")  # Adam steps through the autocast runtime too
+    cat = tune.tune(model, tok, weighted(ads), evals, settings=adam)
+    assert cat.dtype == "bfloat16" and cat.end.objective > cat.start.objective + 0.1
+
+
+def test_auto_searches_in_bfloat16_only_where_the_cpu_flags_say_so(setting, tmp_path, monkeypatch):
+    from merging.eval import data
+
+    model, tok, ads, evals = setting
+    for flags, want in (("fpu sse2 avx2 avx512f", "float32"), ("fpu avx512f avx512_bf16", "bfloat16")):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(data, "CPUINFO", tmp_path / "cpuinfo")
+        auto = search.Settings(evaluations=1, dtype="auto")
+        found = tune.tune(model, tok, weighted(ads), evals, settings=auto, strategy="svd",
+                          options=merge_lib.Options(rank=2))  # fmt: skip
+        assert found.dtype == want
+    with pytest.raises(MergingError, match="tune_dtype"):
+        search.Settings(dtype="float16")

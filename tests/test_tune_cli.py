@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 from merging_cli.main import cli
 
+from merging.eval.data import native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,6 +40,7 @@ def test_tune_recipe_remakes_the_merge_byte_for_byte(example_base, tmp_path):
     assert record["split"] == {"add": {"tune": 2, "report": 2}, "sentiment": {"tune": 2, "report": 2}}
     assert len(record["layer_weights"]) == 30 and record["layer_weights"]["model.layers.0"] != [1.0, 1.0]
     assert set(record["reporting_split"]["after"]) == set(skills)
+    assert record["dtype"] == ("bfloat16" if native_bf16() else "float32")  # --tune-dtype auto
     recipe = json.loads((out / "merge_recipe.json").read_text())
     assert recipe["layer_weights"] == record["layer_weights"]
 
@@ -57,7 +60,7 @@ def test_compare_gains_tuned_and_budget_rows(example_base, tmp_path):
     out = tmp_path / "report"
     args = ["compare", *(f"{s}={ROOT / 'examples/adapters' / s}" for s in skills)]
     args += ["--base", str(example_base), *_small_evals(tmp_path, skills), "-s", "svd", "--ranks", "4"]
-    args += ["--budget", "r4", "--tune", "1", "--tune-strategy", "cat,iso_c"]
+    args += ["--budget", "r4", "--tune", "1", "--tune-strategy", "cat,iso_c", "--tune-dtype", "bfloat16"]
     result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*args, "-o", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "report.json").read_text())
@@ -76,6 +79,9 @@ def test_compare_gains_tuned_and_budget_rows(example_base, tmp_path):
     assert data["search"]["label"] == best["label"] and best["seconds_per_evaluation"] > 0
     assert "reporting split (4 examples)" in data["notes"][0]
     assert [n.split(":")[0] for n in data["notes"][1:]] == ["tuned cat", "tuned iso_c"]
+    assert all(r["dtype"] == "bfloat16" for r in runs.values())  # the searches; every row measured in float32
+    assert all(n.endswith("searched in bfloat16.") for n in data["notes"][1:])
+    assert data["loss_dtype"] == "float32"
     assert {"tune_search.png", "tune_retention.png"} <= set(data["plots"])
     assert "reporting split" in (out / "report.md").read_text()
 

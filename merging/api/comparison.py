@@ -43,7 +43,7 @@ def compare(
     budgets: Sequence[int | str] = (), tune_steps: int | None = None,
     tune_strategies: Sequence[str] = ("cat",), device: str = "auto", dtype: str = "float32",
     force: bool = False, stages: Stages = _no_stages, base_quant: str | None = None,
-    loss_dtype: str = "float32",
+    loss_dtype: str = "float32", tune_dtype: str = "auto",
 ) -> Comparison:  # fmt: skip
     """Run strategies (and ranks) on the same adapters; write report.json/.md/.html and plots to ``out``.
 
@@ -67,6 +67,9 @@ def compare(
             accumulation; every row's losses alike), or "auto": bfloat16 where the device has native
             bfloat16 units (AVX-512 BF16 / AMX, a CUDA GPU that supports it), else float32. Recorded in
             report.json; verify's figures and PASS/FAIL stay in ``dtype``.
+        tune_dtype: the tuning search's losses, chosen as ``loss_dtype`` (default "auto"): only the weights
+            chosen depend on it; the tuned rows are measured like every row. Recorded in report.json
+            ("search") and the tuned row's note.
         force: replace an existing report folder.
         stages: gives a progress callback for each stage ("tuning", "comparing") as a context manager.
         base_quant: load the base through bitsandbytes in nf4/fp4/int8, as QLoRA adapters were trained:
@@ -75,9 +78,10 @@ def compare(
     Returns:
         The Comparison as written (with its plots).
     """
-    if loss_dtype not in eval_data.LOSS_DTYPES:
-        choices = ", ".join(eval_data.LOSS_DTYPES)
-        raise MergingError(f"`loss_dtype` must be one of {choices}, got {loss_dtype!r}")
+    for key, value in (("loss_dtype", loss_dtype), ("tune_dtype", tune_dtype)):
+        if value not in eval_data.LOSS_DTYPES:
+            choices = ", ".join(eval_data.LOSS_DTYPES)
+            raise MergingError(f"`{key}` must be one of {choices}, got {value!r}")
     budgets = _check_budgets(budgets)  # before the model loads, as the loss dtype
     for name in tune_strategies if tune_steps is not None else ():
         registry.get(name)  # an unknown name fails before the model loads, listing the valid ones
@@ -110,7 +114,8 @@ def compare(
         runs = []
         for name in dict.fromkeys(tune_strategies):
             with stages(f"tuning {name}") as update:
-                runs.append(_tuned_row(model, tokenizer, pairs, split.tune, name, tune_steps, opts, update))
+                runs.append(_tuned_row(model, tokenizer, pairs, split.tune, name, tune_steps, opts, update,
+                                       tune_dtype))  # fmt: skip
         extra, eval_sets = [row for row, _ in runs], split.report
         search = tuning_record([record for _, record in runs])
         n_tune, n_report = sum(map(len, split.tune.values())), sum(map(len, split.report.values()))
@@ -153,11 +158,12 @@ def _check_budgets(budgets: Sequence[int | str]) -> list[str]:
 
 
 def _tuned_row(model: Any, tokenizer: Any, pairs: Sequence[Pair], evals: dict, strategy: str, budget: int,
-               options: Options, progress: Progress | None) -> tuple[report_lib.Extra, dict]:  # fmt: skip
+               options: Options, progress: Progress | None,
+               dtype: str = "float32") -> tuple[report_lib.Extra, dict]:  # fmt: skip
     """The merge ``strategy`` tuned within ``budget`` (Adam steps for cat, merges measured for the others) as
-    a report row, and its search record (weights learnt on ``evals``)."""
+    a report row, and its search record (weights learnt on ``evals``, the search's losses in ``dtype``)."""
     started = time.perf_counter()
-    settings = tune_lib.Settings(steps=budget, evaluations=max(budget, 1), seed=options.seed)
+    settings = tune_lib.Settings(steps=budget, evaluations=max(budget, 1), seed=options.seed, dtype=dtype)
     found = tune_lib.tune(model, tokenizer, pairs, evals, settings=settings, strategy=strategy,
                           options=options, progress=progress)  # fmt: skip
     searched = time.perf_counter() - started
@@ -169,6 +175,7 @@ def _tuned_row(model: Any, tokenizer: Any, pairs: Sequence[Pair], evals: dict, s
     search = {
         "label": label, "strategy": strategy, "weights": {ad.name: w for ad, w in merged_pairs},
         "knobs": found.knobs, "evaluations": found.evaluations, "seconds": round(searched, 2),
+        "dtype": found.dtype,
         "seconds_per_evaluation": round(searched / max(found.evaluations, 1), 2),
         "trace": [{"step": s.step, "objective": s.objective, "on": s.on} for s in found.steps],
         "tuning_objective": {"start": found.start.objective, "end": found.end.objective,
@@ -189,9 +196,10 @@ def tuning_note(record: dict[str, Any]) -> str:
     weights = ", ".join(f"{k} {v:g}" for k, v in record["weights"].items())
     knobs = "".join(f", {k} {v:g}" for k, v in record["knobs"].items())
     t = record["tuning_objective"]
+    searched = f", searched in {record['dtype']}" if record.get("dtype", "float32") != "float32" else ""
     return (f"{record['label']}: weights {weights}{knobs}; tuning objective {t['start']:.3f} → "
             f"{t['chosen']:.3f} in {record['evaluations']} evaluations, "
-            f"{record['seconds_per_evaluation']:.1f} s each.")  # fmt: skip
+            f"{record['seconds_per_evaluation']:.1f} s each{searched}.")  # fmt: skip
 
 
 def compare_judged(report: Comparison) -> str:

@@ -46,7 +46,7 @@ def tune(
     tune_fraction: float = 0.5, device: str = "auto", force: bool = False, progress: Progress | None = None,
     density: float | None = None, alpha: float | None = None, common_fraction: float | None = None,
     knobs: Sequence[str] | None = None, evaluations: int = 40, patience: int = 15,
-    regularisation: float = 3.0,
+    regularisation: float = 3.0, tune_dtype: str = "auto",
 ) -> Tuned:  # fmt: skip
     """Learn the merge weights that keep every skill and write the merge with tune_recipe.toml
     (``merging merge --recipe`` remakes it byte for byte) and tune.json (``merging tune``).
@@ -66,6 +66,8 @@ def tune(
             for iso_cts; () for none).
         evaluations, patience: gradient-free: merges measured at most; stop after this many without gain.
         regularisation: per-layer weights: penalty on their mean squared distance from the per-input ones.
+        tune_dtype: the search's losses: "float32", "bfloat16" (autocast, float32 accumulation), or "auto":
+            bfloat16 where the device has native bfloat16 units. The reporting part is measured in float32.
         tune_fraction: the share of each eval file tuned on; the rest is the reporting part.
         device: where the base is loaded.
         force: replace an existing output folder.
@@ -82,7 +84,7 @@ def tune(
     how = tune_lib.check_objective(objective)
     settings = tune_lib.Settings(granularity, how, steps, lr, batch, seed,  # type: ignore[arg-type]
                                  evaluations, patience, knobs=None if knobs is None else tuple(knobs),
-                                 regularisation=regularisation)  # fmt: skip
+                                 regularisation=regularisation, dtype=tune_dtype)  # fmt: skip
     options = options_given(rank=rank, budget=budget, seed=seed, density=density, alpha=alpha,
                             common_fraction=common_fraction)  # fmt: skip
     found = tune_lib.tune(model, tokenizer, pairs, split.tune, settings=settings, strategy=strategy,
@@ -137,6 +139,7 @@ def recipe_toml(inputs: Sequence[str], base: str | Path, strategy: str, found: t
 def _record(found: tune_lib.TuneResult, measured: dict, split: tune_lib.Split) -> dict:
     return {
         "strategy": found.strategy, "granularity": found.granularity, "knobs": found.knobs,
+        "dtype": found.dtype,
         "weights": list(found.weights.inputs),
         "layer_weights": {k: list(v) for k, v in found.weights.layers.items()},
         "trace": [{"step": s.step, "objective": s.objective, "on": s.on, "retention": s.retention}

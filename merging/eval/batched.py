@@ -20,6 +20,7 @@ from merging.runtime.fold import evaluated
 from merging.runtime.grouped import grouped
 
 AGREE = 1e-4  # a grouped copy's losses against the same candidate alone (relative): rows did not cross
+AGREE_LOWERED = 2e-2  # the same below float32: grouped stacks the deltas, alone folds them, each rounded
 
 
 def replicated(batch: SkillBatch, copies: int) -> SkillBatch:
@@ -47,27 +48,35 @@ def _replicated_packed(p: Packed, copies: int) -> Packed:
 
 @torch.no_grad()
 def candidate_losses(
-    model, batch: SkillBatch, candidates: Sequence[Sequence[Pair]], *, check: bool = True
+    model,
+    batch: SkillBatch,
+    candidates: Sequence[Sequence[Pair]],
+    *,
+    check: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, bool]:
     """(candidates, skills) each candidate's ``skill_losses`` on ``batch``, all in one grouped forward (one
     alone: folded); and whether grouping can be trusted. ``check`` also runs the last candidate alone:
     where its copy disagrees (a model whose layers mix rows, e.g. routed experts) or the grouped runtime
-    refuses (an aLoRA), every candidate is measured alone and grouping is reported untrustworthy."""
+    refuses (an aLoRA), every candidate is measured alone and grouping is reported untrustworthy. The body
+    computes in ``dtype`` (``data.skill_losses``)."""
     if len(candidates) == 1:
-        return _alone(model, batch, candidates[0])[None], True
+        return _alone(model, batch, candidates[0], dtype)[None], True
     try:
         with grouped(model, [list(c) for c in candidates]):
-            got = skill_losses(model, replicated(batch, len(candidates))).reshape(len(candidates), -1)
+            got = skill_losses(model, replicated(batch, len(candidates)), dtype).reshape(len(candidates), -1)
     except UnsupportedError:
-        return torch.stack([_alone(model, batch, c) for c in candidates]), False
+        return torch.stack([_alone(model, batch, c, dtype) for c in candidates]), False
     if not check:
         return got, True
-    last = _alone(model, batch, candidates[-1])
-    if torch.allclose(got[-1], last, rtol=AGREE, atol=0, equal_nan=True):
+    last = _alone(model, batch, candidates[-1], dtype)
+    rtol = AGREE if dtype == torch.float32 else AGREE_LOWERED
+    if torch.allclose(got[-1], last, rtol=rtol, atol=0, equal_nan=True):
         return got, True
-    return torch.cat([torch.stack([_alone(model, batch, c) for c in candidates[:-1]]), last[None]]), False
+    alone = [_alone(model, batch, c, dtype) for c in candidates[:-1]]
+    return torch.cat([torch.stack(alone), last[None]]), False
 
 
-def _alone(model, batch: SkillBatch, pairs: Sequence[Pair]) -> torch.Tensor:
+def _alone(model, batch: SkillBatch, pairs: Sequence[Pair], dtype: torch.dtype) -> torch.Tensor:
     with evaluated(model, list(pairs)):
-        return skill_losses(model, batch)
+        return skill_losses(model, batch, dtype)

@@ -40,12 +40,13 @@ ROW = 128  # tokens per packed row: attention costs rows·ROW², the linear laye
 AGREEMENT_FAILURES = (AttributeError, TypeError, NotImplementedError, RuntimeError, ValueError)
 LOSS_DTYPES = ("auto", "float32", "bfloat16")  # the choices ``loss_dtype`` resolves
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bfloat16 matrix instructions
+CPUINFO = Path("/proc/cpuinfo")  # where ``native_bf16`` reads the CPU's flags unless given a file
 
 
-def native_bf16(device: torch.device | str = "cpu", cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def native_bf16(device: torch.device | str = "cpu", cpuinfo: Path | None = None) -> bool:
     """Whether the device multiplies bfloat16 natively: a CUDA GPU that supports it, or a CPU whose
-    ``cpuinfo`` flags name AVX-512 BF16 or AMX-BF16 (False where the file cannot be read)."""
-    device = torch.device(device)
+    ``cpuinfo`` flags (default ``CPUINFO``) name AVX-512 BF16 or AMX-BF16 (False where it cannot be read)."""
+    device, cpuinfo = torch.device(device), cpuinfo or CPUINFO
     if device.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device.type != "cpu":

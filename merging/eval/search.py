@@ -27,7 +27,7 @@ from merging.core.adapter import Adapter, Pair, weighted
 from merging.core.progress import Progress
 from merging.errors import MergingError
 from merging.eval.batched import candidate_losses
-from merging.eval.data import EvalSets, Examples, SkillBatch, skill_batch, skill_losses
+from merging.eval.data import LOSS_DTYPES, EvalSets, Examples, SkillBatch, skill_batch, skill_losses
 from merging.eval.objective import Objective, Step, check_objective, score, smooth
 from merging.eval.per_layer import merge_inputs, pairs_for, to_weights
 from merging.runtime.stacked import stacked
@@ -69,7 +69,7 @@ class Settings:
     knobs: tuple[str, ...] | None = None  # the strategy's knobs tuned too (None: DEFAULT_KNOBS)
     regularisation: float = 3.0  # per-layer weights: the penalty on mean((W − per-input solution)²)
     group: int = 1  # gradient-free search: candidates measured per forward where several are known at once
-
+    dtype: str = "float32"  # the search's losses: float32, bfloat16, or auto (``data.loss_dtype``)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("adapter", "layer"):
@@ -84,6 +84,8 @@ class Settings:
             if k not in KNOB_RANGES:
                 raise MergingError(f"`knobs`: {k!r} is not tunable (tunable: {', '.join(KNOB_RANGES)})")
         check_objective(self.objective)
+        if self.dtype not in LOSS_DTYPES:
+            raise MergingError(f"`tune_dtype` must be one of {', '.join(LOSS_DTYPES)}, got {self.dtype!r}")
 
 
 def knobs_for(strategy: str, asked: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -114,6 +116,7 @@ class Problem:
     settings: Settings
     packed: bool = False  # the search's losses from packed texts (checked against the padded batch first)
     anchor: torch.Tensor | None = None  # per-layer search: the per-input solution, (layers, inputs)
+    dtype: torch.dtype = torch.float32  # the body's arithmetic in every loss of the search
 
     def penalty(self, w: torch.Tensor) -> torch.Tensor:
         """The regularisation toward the anchor (0 without one)."""
@@ -172,11 +175,11 @@ def gradient(prob: Problem, w0: torch.Tensor, progress: Progress | None) -> Foun
     steps = []
     with _frozen(model):
         with torch.no_grad(), stacked(model, pairs_for(prob.adapters, w0, prob.groups)):
-            _, first = prob.step(0, skill_losses(model, full), "tune")
+            _, first = prob.step(0, skill_losses(model, full, prob.dtype), "tune")
         for k in range(1, s.steps + 1):
             batch = prob.batch(_minibatch(prob.evals, s.batch, g))
             with stacked(model, pairs_for(prob.adapters, w, prob.groups)):
-                r, step = prob.step(k, skill_losses(model, batch), "batch" if s.batch else "tune")
+                r, step = prob.step(k, skill_losses(model, batch, prob.dtype), "batch" if s.batch else "tune")
             steps.append(step)
             opt.zero_grad()
             (prob.penalty(w) - smooth(r, s.objective)).backward()
@@ -185,7 +188,7 @@ def gradient(prob: Problem, w0: torch.Tensor, progress: Progress | None) -> Foun
                 progress(k, s.steps + 1, f"step {k}: objective {step.objective:.3f}")
         w_end = w.detach().clone()
         with torch.no_grad(), stacked(model, pairs_for(prob.adapters, w_end, prob.groups)):
-            _, last = prob.step(s.steps, skill_losses(model, full), "tune")
+            _, last = prob.step(s.steps, skill_losses(model, full, prob.dtype), "tune")
     if progress:
         progress(s.steps + 1, s.steps + 1, f"objective {first.objective:.3f} → {last.objective:.3f}")
     return Found([first, *steps], w_end, {}, first, last, s.steps + 2)
@@ -245,7 +248,9 @@ def free_search(
         size, checked = (s.group if trusted else 1), False
         for at in range(0, len(keys), size):
             chunk = keys[at : at + size]
-            losses, ok = candidate_losses(model, full, [merged(k) for k in chunk], check=not checked)
+            losses, ok = candidate_losses(
+                model, full, [merged(k) for k in chunk], check=not checked, dtype=prob.dtype
+            )
             trusted, checked = trusted and ok, True
             for key, loss in zip(chunk, losses, strict=True):
                 step = prob.step(len(seen), loss, "tune")[1]

@@ -5,6 +5,14 @@ cat, the others gradient-free with ``scipy.optimize``, their own knobs too. Each
 (seeded) into a tuning part and a reporting part; only the reporting part should be quoted. Weights are
 one per input (``granularity="adapter"``) or one per input per layer (``"layer"``): per-layer weights
 start from the per-input solution (searched first) and are regularised toward it.
+
+The search's losses (``settings.dtype``) may be computed in bfloat16 (autocast: bfloat16 matrix products
+accumulated in float32, the output layer in float32; "auto" where the device multiplies bfloat16 natively):
+every loss the objective reads then alike, the base's and each input alone's too (the candidates folded into
+the float32 weights, undone bit for bit; the packing check stays float32). Only the weights chosen depend
+on it: ``held_out`` and ``compare`` measure the tuned merge in float32 like every other row. Where the
+model reads packed texts (``packed_agrees``), the references are packed too, each input alone folded: one
+plain forward each.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from merging.errors import MergingError
 from merging.eval.data import (
     EvalSets,
     alone_losses,
-    packed_agrees,
+    answer_batch,
+    loss_dtype,
     plain_head,
     retention,
     skill_batch,
@@ -33,7 +42,8 @@ from merging.eval.intervals import Interval, retention_interval
 from merging.eval.objective import Split, Step, check_objective, split_evals
 from merging.eval.per_layer import Weights, layers, merge_inputs, to_weights
 from merging.eval.search import Found, Granularity, Problem, Settings, free_search, gradient
-from merging.eval.skills import PROBE
+from merging.eval.skills import PROBE, packing_holds
+from merging.runtime.fold import evaluated
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
 
@@ -57,6 +67,7 @@ class TuneResult:
     granularity: Granularity
     knobs: dict[str, float] = field(default_factory=dict)  # the strategy's knobs chosen (Options fields)
     evaluations: int = 0  # passes over the tuning texts: merges measured, or Adam steps + 2 (cat)
+    dtype: str = "float32"  # what the search's losses were computed in ("float32", "bfloat16")
 
     @property
     def chosen(self) -> Step:
@@ -99,15 +110,17 @@ def tune(
     adapters = [a for a, _ in inputs]
     if missing := sorted(set(evals) - {a.name for a in adapters}):
         raise MergingError(f"`evals`: no input adapter is named {missing[0]!r}")
-    names = tuple(evals)
+    names, weight = tuple(evals), next(model.parameters())
+    dtype = loss_dtype(s.dtype, weight.device, weight.dtype)
     with torch.no_grad():
         full = skill_batch(tokenizer, evals, _device(model), names, packed=plain_head(model))
-        base = skill_losses(model, replace(full, packed=None))
         packs = full.packed is not None and _packing_holds(model, tokenizer, evals)
-        alone = _alone(model, tokenizer, inputs, evals, names)[0]
+        full = full if packs else replace(full, packed=None)
+        base = skill_losses(model, full, dtype)
+        alone = _search_alone(model, tokenizer, inputs, evals, names, packs, dtype)
     if not bool((base - alone > 0).any()):
         raise MergingError("no eval set improves with its adapter alone: nothing to tune for")
-    prob = Problem(model, tokenizer, adapters, evals, [], base, base - alone, names, s, packs)
+    prob = Problem(model, tokenizer, adapters, evals, [], base, base - alone, names, s, packs, dtype=dtype)
     start = torch.tensor([float(w) for _, w in inputs])
     coarse = _search(strategy, options)(prob, start, progress)
     won = coarse.last.objective > coarse.first.objective
@@ -125,16 +138,28 @@ def tune(
         else:
             w = anchor
     return TuneResult(to_weights(w, groups), tuple(steps), coarse.first, last, strategy, s.granularity, knobs,
-                      evaluations)  # fmt: skip
+                      evaluations, str(dtype).removeprefix("torch."))  # fmt: skip
 
 
 def _packing_holds(model, tokenizer, evals: EvalSets) -> bool:
-    """Whether packed texts give the model's own losses, checked on each skill's first ``PROBE`` texts (a
-    fifth of a pass over the example's tuning split, instead of a whole one)."""
-    first = {n: p[:PROBE] for n, p in evals.items()}
-    probe = skill_batch(tokenizer, first, _device(model), tuple(evals), packed=True)
-    own = dict(zip(probe.names, skill_losses(model, replace(probe, packed=None)).tolist(), strict=True))
-    return probe.packed is not None and packed_agrees(model, probe.packed, own)
+    """Whether packed texts give the model's own losses (``skills.packing_holds``: a few texts in one row,
+    each skill's first tokenised here, not the whole tuning split)."""
+    per, device = -(-PROBE // len(evals)), _device(model)
+    return packing_holds(model, {n: answer_batch(tokenizer, p[:per], device) for n, p in evals.items()})
+
+
+def _search_alone(
+    model, tokenizer, inputs: Sequence[Pair], evals: EvalSets, names: tuple[str, ...], packs: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """(skills,) each skill's loss with its adapter alone, as the search measures its candidates: folded
+    (``runtime.evaluated``), packed where the model agrees, the body in ``dtype``."""
+    out = []
+    for i, n in enumerate(names):
+        batch = skill_batch(tokenizer, {n: evals[n]}, _device(model), names, packed=packs)
+        with evaluated(model, [(a, w) for a, w in inputs if a.name == n]):
+            out.append(skill_losses(model, batch, dtype)[i])
+    return torch.stack(out)
 
 
 def _search(strategy: str, options) -> Callable[..., Found]:
