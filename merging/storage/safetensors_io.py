@@ -26,7 +26,8 @@ from merging.storage import buffers
 from merging.storage.atomic import checkpoint
 from merging.storage.durable import start_writeback
 from merging.storage.files import StreamHash, hashing
-from merging.storage.readahead import ReadAhead, worth_a_thread
+from merging.storage.hasher import hash_behind
+from merging.storage.readahead import ReadAhead, asked
 from merging.storage.tensorfiles import load_tensors, safetensors_header
 from merging.storage.threads import serial
 
@@ -95,10 +96,10 @@ class SafetensorsReader:
 
     def _ahead(self, key: str) -> torch.Tensor | None:
         """The tensor's bytes from the read-ahead worker, started at the first read when the file's sha256 is
-        wanted (``files.hash_ahead``) and a CPU is free for it: it reads and hashes the tensors in file order
-        on another thread."""
+        wanted (``files.hash_ahead``) and workers are asked for (``readahead.asked``): it reads and hashes the
+        tensors in file order on another thread."""
         if self._worker is None and self._hash is None and (wanted := hashing(self.path)) is not None:
-            if not worth_a_thread():
+            if not asked():
                 return None
             self._hash = wanted
             wanted.feed(0, self._head)
@@ -108,13 +109,16 @@ class SafetensorsReader:
         return self._worker.take(key) if self._worker is not None else None
 
     def _feed(self, offset: int, raw: torch.Tensor) -> None:
-        """Give the bytes just read to the sha256 that wants them (``files.hash_ahead``); read once."""
+        """Give the bytes just read to the sha256 that wants them (``files.hash_ahead``); read once. The hash
+        runs behind the merge on another thread (``storage.hasher``; ``MERGING_HASH_BEHIND=0``: here)."""
         if self._hash is None:
             self._hash = hashing(self.path)
             if self._hash is None:
                 return
             self._hash.feed(0, self._head)
-        if raw.numel():
+        if os.environ.get("MERGING_HASH_BEHIND") != "0":
+            hash_behind(self._hash.feed, offset, raw)
+        elif raw.numel():
             self._hash.feed(offset, raw.numpy())
 
 

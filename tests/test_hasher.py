@@ -1,0 +1,68 @@
+"""The hashing thread behind the readers (``storage.hasher``), judged against hashlib over the bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from merging.storage import buffers, files, hasher
+from merging.storage.safetensors_io import SafetensorsReader
+
+
+def _file(tmp_path: Path, n: int = 12) -> Path:
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"m{i:02d}.w": torch.randn(40 + i, 700, generator=g) for i in range(n)}  # ~110 KB each
+    tensors["tiny"] = torch.arange(3.0)
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    return tmp_path / "t.safetensors"
+
+
+def test_the_hash_runs_behind_the_reads_on_one_thread_and_is_the_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("MERGING_READAHEAD", raising=False)
+    monkeypatch.setattr(hasher, "BEHIND", 200_000)  # about two tensors queued at a time: the reader waits
+    path = _file(tmp_path)
+    wanted = files.hash_ahead(path)
+    reader = SafetensorsReader(path)
+    want = load_file(str(path))
+    fed_on: dict[int, str] = {}
+    feed = wanted.feed
+
+    def spy(offset, data):
+        fed_on[offset] = threading.current_thread().name
+        feed(offset, data)
+
+    monkeypatch.setattr(wanted, "feed", spy)
+    got = {k: reader.get(k) for k in sorted(reader.keys(), key=reader.offset)}
+    assert reader._worker is None  # the reader read every tensor itself
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert wanted.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()  # waits for the queue
+    assert wanted.read_again == 0  # every byte hashed came from the one read
+    assert fed_on.pop(0) == "MainThread"  # the header, read when the file was opened
+    assert set(fed_on.values()) == {"hash-behind"} and len(fed_on) == len(want)  # every tensor, behind
+    assert hasher._queue.bytes == 0 and not hasher._queue.items
+
+
+def test_a_tensor_queued_for_the_hash_keeps_its_memory(tmp_path, monkeypatch):
+    """A buffer released by the merge while still queued is not handed out again before it is hashed."""
+    gate = threading.Event()
+    seen: list[bytes] = []
+
+    def slow(offset, data):
+        gate.wait()
+        seen.append(bytes(data[:8]))
+
+    raw = buffers.take(1 << 20)
+    raw.fill_(5)
+    ptr = raw.data_ptr()
+    hasher.hash_behind(slow, 0, raw)
+    del raw  # the merge is done with it; the queue is not
+    other = buffers.take(1 << 20)
+    assert other.data_ptr() != ptr  # not handed out again while queued
+    other.fill_(9)
+    gate.set()
+    hasher.drain()
+    assert seen == [bytes([5] * 8)]
