@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-BEHIND = 64 << 20  # bytes read but not yet hashed, at the most
+BEHIND = 16 << 20  # bytes read but not yet hashed, at the most
 
 Feed = Callable[[int, memoryview], None]
 

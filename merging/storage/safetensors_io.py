@@ -2,9 +2,10 @@
 
 ``SafetensorsReader.get`` reads one tensor with ``pread`` into memory of its own (no mmap: pages touched
 through a mapping would count in the process's RSS until it is unmapped), reused from released tensors
-(``storage.buffers``); when the file's sha256 is wanted a worker reads and hashes ahead (``readahead``).
-``SafetensorsWriter`` reserves the header's room, appends each tensor's bytes as it comes and writes the
-header last, padded with spaces (the format allows it), so a merge never holds its whole output.
+(``storage.buffers``); when the file's sha256 is wanted its bytes are hashed behind the reads on another
+thread (``storage.hasher``). ``SafetensorsWriter`` reserves the header's room, appends each tensor's bytes
+as it comes (written on a thread of their own, ``storage.behind``) and writes the header last, padded with
+spaces (the format allows it), so a merge never holds its whole output.
 ``stream_shard`` copies a file with some tensors replaced (bake), the untouched bytes in the kernel.
 ``finite`` is the fast NaN/Inf check: a sum is finite only if every entry is. One ``pread_into`` reads
 for all of them.
@@ -24,6 +25,7 @@ import torch
 from merging.errors import FormatError
 from merging.storage import buffers
 from merging.storage.atomic import checkpoint
+from merging.storage.behind import WriteBehind
 from merging.storage.durable import start_writeback
 from merging.storage.files import StreamHash, hashing
 from merging.storage.hasher import hash_behind
@@ -37,7 +39,6 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 NAMES = {v: k for k, v in DTYPES.items()}
-WRITEBACK = 32 << 20  # bytes written between two requests to start writing them to disk
 
 
 def finite(t: torch.Tensor) -> bool:
@@ -134,29 +135,27 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.room = max(64, -(-header_room // 8) * 8)
         self.entries: dict[str, dict] = {}
-        self.size = self._unsynced = 0
+        self.size = 0
         checkpoint(f"open {self.path.name}")
         self.file = open(self.path, "wb")  # noqa: SIM115  (closed in close())
-        self.file.seek(8 + self.room)
+        self._behind = WriteBehind(self.file.fileno(), self.path.name)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Append one tensor's bytes (contiguous, little-endian, as stored)."""
+        """Append one tensor's bytes (contiguous, little-endian, as stored). They are written by the writer's
+        thread (``storage.behind``): the tensor must not change after it is added."""
         if name in self.entries:
             raise ValueError(f"tensor {name!r} written twice")
         t = tensor.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        self.file.write(memoryview(raw.numpy()))
-        self._unsynced += raw.numel()
-        if self._unsynced > WRITEBACK:  # start the disk writes while the next modules are merged
-            self.file.flush()
-            start_writeback(self.file.fileno())
-            self._unsynced = 0
+        if raw.numel():
+            self._behind.put(8 + self.room + self.size, raw)
         self.entries[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self.size, self.size + raw.numel()]}  # fmt: skip
         self.size += raw.numel()
 
     def close(self, metadata: Mapping[str, str] | None = None) -> None:
-        """Write the header (sorted keys, space-padded) and close the file."""
+        """Write the header (sorted keys, space-padded) once every tensor is written, and close the file."""
+        self._behind.finish()
         header = dict(sorted(self.entries.items()))
         if metadata:
             header = {"__metadata__": dict(metadata)} | header
@@ -165,10 +164,17 @@ class SafetensorsWriter:
             self._grow(len(text))
         self.file.seek(0)
         self.file.write(struct.pack("<Q", self.room) + text + b" " * (self.room - len(text)))
+        self.file.flush()
+        start_writeback(self.file.fileno())  # the last bytes go to disk while the caller finishes the rest
         self.file.close()
         checkpoint(f"wrote {self.path.name}")
 
     def abort(self) -> None:
+        """Stop writing (what was queued is written, errors ignored) and close the file."""
+        try:
+            self._behind.finish()
+        except Exception:  # noqa: S110  (the caller is already failing; its own error is the one to see)
+            pass
         self.file.close()
 
     def _grow(self, needed: int) -> None:

@@ -1,16 +1,19 @@
-"""The hashing thread behind the readers (``storage.hasher``), judged against hashlib over the bytes."""
+"""The threads behind the reader and the writer: the hash (``storage.hasher``), judged against hashlib over
+the file's bytes, and the writes (``storage.behind``), judged against safetensors' own loader."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merging.storage import buffers, files, hasher
-from merging.storage.safetensors_io import SafetensorsReader
+from merging.storage import behind, buffers, files, hasher
+from merging.storage.safetensors_io import SafetensorsReader, SafetensorsWriter, header_room
 
 
 def _file(tmp_path: Path, n: int = 12) -> Path:
@@ -66,3 +69,32 @@ def test_a_tensor_queued_for_the_hash_keeps_its_memory(tmp_path, monkeypatch):
     gate.set()
     hasher.drain()
     assert seen == [bytes([5] * 8)]
+
+
+def test_the_writer_thread_puts_every_tensor_at_its_offset(tmp_path, monkeypatch):
+    """Written behind, a little at a time (room for one tensor queued): the file safetensors reads back."""
+    monkeypatch.setattr(behind, "BEHIND", 1)
+    g = torch.Generator().manual_seed(2)
+    tensors = {f"t{i}": torch.randn(30 + i, 500, generator=g) for i in range(9)}
+    tensors |= {"empty": torch.empty(0, 4), "half": torch.randn(7, 3, generator=g).half()}
+    sink = SafetensorsWriter(tmp_path / "w.safetensors", header_room(list(tensors)))
+    for name, t in tensors.items():
+        sink.add(name, t)
+    sink.close({"format": "pt"})
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_a_write_that_fails_on_the_writer_thread_is_raised_by_the_writer(tmp_path):
+    sink = SafetensorsWriter(tmp_path / "w.safetensors", 1000)
+    read_only = os.open(tmp_path / "w.safetensors", os.O_RDONLY)
+    sink._behind.fd = read_only  # every write from here fails (EBADF), as a full disk would (ENOSPC)
+    try:
+        sink.add("a", torch.ones(1000))
+        with pytest.raises(OSError):
+            sink.add("b", torch.ones(1000))  # or at close: whichever comes after the failed write
+            sink.close()
+        sink.abort()  # after a failure: closes, raises nothing more
+    finally:
+        os.close(read_only)
+    assert sink.file.closed
