@@ -7,7 +7,9 @@ only then hands it over, so the reads and the hash overlap the merge's own work 
 another core. Nothing is copied for the hash, and a tensor changed in place after it was taken cannot change
 the hash (it was hashed before anyone saw it). All workers together hold at most ``AHEAD`` bytes read but not
 yet taken (each may always hold one tensor), so memory stays bounded however many inputs a merge reads; a
-tensor asked for behind its worker (out of file order) is read by the caller, as without a worker.
+tensor asked for behind its worker (out of file order) is read by the caller, as without a worker. Only when
+asked for (``MERGING_READAHEAD=1``): by default the reader reads for itself and ``storage.hasher`` hashes
+behind it on one thread for every input.
 """
 
 from __future__ import annotations
