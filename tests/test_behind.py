@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from merging.errors import FormatError
 from merging.storage import behind, buffers, files, hasher
+from merging.storage import safetensors_io as sio
 from merging.storage.safetensors_io import SafetensorsReader, SafetensorsWriter, header_room
 
 
@@ -27,6 +29,7 @@ def _file(tmp_path: Path, n: int = 12) -> Path:
 def test_the_hash_runs_behind_the_reads_on_one_thread_and_is_the_files(tmp_path, monkeypatch):
     monkeypatch.delenv("MERGING_READAHEAD", raising=False)
     monkeypatch.setattr(hasher, "BEHIND", 200_000)  # about two tensors queued at a time: the reader waits
+    monkeypatch.setattr(sio, "SPAN", 0)  # one tensor per read
     path = _file(tmp_path)
     wanted = files.hash_ahead(path)
     reader = SafetensorsReader(path)
@@ -98,3 +101,47 @@ def test_a_write_that_fails_on_the_writer_thread_is_raised_by_the_writer(tmp_pat
     finally:
         os.close(read_only)
     assert sink.file.closed
+
+
+def test_a_reader_reads_tensors_end_to_end_in_spans_each_handed_out_once(tmp_path, monkeypatch):
+    """Odd sizes (a tensor not 8-aligned starts a span of its own), a span limit of 3 tensors, a tensor asked
+    for twice (read again: the first copy was changed in place), and every byte hashed once."""
+    monkeypatch.setattr(sio, "SPAN", 3 * 40 * 700 * 4)
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"m{i:02d}.w": torch.randn(40, 700, generator=g) for i in range(7)}
+    tensors |= {"m03.odd": torch.arange(5, dtype=torch.uint8), "m03.z": torch.arange(6.0)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    path = tmp_path / "t.safetensors"
+    wanted = files.hash_ahead(path)
+    reader = SafetensorsReader(path)
+    reads = []
+    real = sio._read_tensor
+
+    def counted(f, raw, offset, key):
+        reads.append(key)
+        real(f, raw, offset, key)
+
+    monkeypatch.setattr(sio, "_read_tensor", counted)
+    order = sorted(reader.keys(), key=reader.offset)
+    got = {k: reader.get(k) for k in order}
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+    assert len(reads) < len(order)  # fewer reads than tensors: spans
+    got[order[0]].add_(1)
+    again = reader.get(order[0])  # asked for again: read again, not the changed bytes
+    assert torch.equal(again, tensors[order[0]])
+    assert wanted.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert wanted.read_again == 0
+
+
+def test_a_span_cut_short_names_the_tensor_that_is(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    save_file({f"m{i}": torch.randn(50, 50, generator=g) for i in range(4)}, str(tmp_path / "t.safetensors"))
+    path = tmp_path / "t.safetensors"
+    reader = SafetensorsReader(path)
+    order = sorted(reader.keys(), key=reader.offset)
+    with open(path, "r+b") as f:
+        f.truncate(reader.offset(order[2]) + 10)  # inside the third tensor, after the header was read
+    reader.get(order[0])  # the span is cut short: the first tensor alone is whole
+    reader.get(order[1])
+    with pytest.raises(FormatError, match=f"{order[2]}.*cut short"):
+        reader.get(order[2])
