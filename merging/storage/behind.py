@@ -1,13 +1,11 @@
 """Write behind: a file's tensors written at their offsets by a thread of their own while the merge goes on.
 
 A streamed merge alternates building a module (reads, finite checks, concatenations: the merging thread)
-and writing it (a copy of every byte into the page cache, about a third of a cat's time). ``os.pwritev``
+and writing it (a copy of every byte into the page cache, about a third of a cat's time). ``os.pwrite``
 releases the GIL, so a thread that writes module k while the next module is built puts the two on two
-cores; the pieces queued end to end go in one call (each call costs the thread one GIL round trip, which
-the merging thread waits out). The queue keeps a reference to each tensor until it is written (pooled
-memory is not reused before) and holds at most ``BEHIND`` bytes; the tensors handed over must not change
-after (a merge's outputs are new tensors nobody changes). A failed write is raised by the next ``put`` or
-by ``finish``.
+cores. The queue keeps a reference to each tensor until it is written (pooled memory is not reused before)
+and holds at most ``BEHIND`` bytes; the tensors handed over must not change after (a merge's outputs are
+new tensors nobody changes). A failed write is raised by the next ``put`` or by ``finish``.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from merging.storage.durable import start_writeback
 
 BEHIND = 16 << 20  # bytes handed over but not yet written, at the most
 WRITEBACK = 32 << 20  # bytes written between two requests to start writing them to disk
-IOV_MAX = 512  # pieces in one pwritev, at the most (Linux takes 1024)
 
 
 class WriteBehind:
@@ -69,14 +66,14 @@ class WriteBehind:
             with self._cond:
                 while not self._items:
                     self._cond.wait()
-                batch = _adjacent(self._items)
-            if not batch:
+                item = self._items.popleft()
+            if item is None:
                 return
-            size = sum(raw.numel() for _, raw in batch)
+            offset, raw = item
             try:
-                if self._error is None:  # one call for every piece queued end to end: one GIL round trip
-                    _pwrite_all(self.fd, [memoryview(raw.numpy()) for _, raw in batch], batch[0][0])
-                    unsynced += size
+                if self._error is None:
+                    _pwrite_all(self.fd, memoryview(raw.numpy()), offset)
+                    unsynced += raw.numel()
                     if unsynced > WRITEBACK:  # start the disk writes while the next modules are merged
                         start_writeback(self.fd)
                         unsynced = 0
@@ -85,31 +82,11 @@ class WriteBehind:
                     self._error = e
             finally:
                 with self._cond:
-                    self._bytes -= size
+                    self._bytes -= raw.numel()
                     self._cond.notify_all()
 
 
-def _adjacent(items: collections.deque[tuple[int, torch.Tensor] | None]) -> list[tuple[int, torch.Tensor]]:
-    """The queued pieces that follow each other in the file, taken off the queue (empty at the stop mark)."""
-    batch: list[tuple[int, torch.Tensor]] = []
-    while items and items[0] is not None and len(batch) < IOV_MAX:
-        offset, raw = items[0]
-        if batch and offset != batch[-1][0] + batch[-1][1].numel():
-            break
-        batch.append((offset, raw))
-        items.popleft()
-    if not batch and items:
-        items.popleft()  # the stop mark
-    return batch
-
-
-def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Write the views end to end at ``offset`` (a short write goes on where it stopped)."""
-    while views:
-        done = os.pwritev(fd, views, offset)
-        offset += done
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views = views[1:]
-        if views and done:
-            views = [views[0][done:], *views[1:]]
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
