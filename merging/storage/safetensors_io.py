@@ -39,7 +39,7 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 NAMES = {v: k for k, v in DTYPES.items()}
-SPAN = 4 << 20  # bytes a reader reads in one preadv: a tensor and those after it in the file, at the most
+SPAN = 2 << 20  # bytes a reader reads in one preadv: a tensor and those after it in the file, at the most
 
 
 def finite(t: torch.Tensor) -> bool:
