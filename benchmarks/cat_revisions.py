@@ -8,7 +8,8 @@ is this checkout's for every revision.
 
     python -m benchmarks.cat_revisions --inputs small --repeats 11 b4c1d70 HEAD
     python -m benchmarks.cat_revisions --inputs 8b --repeats 4 b4c1d70 HEAD
-    MERGING_READAHEAD=1 python -m benchmarks.cat_revisions HEAD   # the read-ahead worker whatever the load
+    MERGING_READAHEAD=1 python -m benchmarks.cat_revisions HEAD   # the per-file read-ahead workers
+    MERGING_HASH_BEHIND=0 python -m benchmarks.cat_revisions HEAD   # the hash on the reading thread
 """
 
 from __future__ import annotations

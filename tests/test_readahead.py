@@ -19,36 +19,8 @@ from merging.storage.safetensors_io import SafetensorsReader
 
 @pytest.fixture(autouse=True)
 def _a_free_cpu(monkeypatch):
-    """A worker is started whatever the machine's load while the tests run (``worth_a_thread``)."""
-    monkeypatch.setattr(readahead, "_worth", True)
-
-
-@pytest.mark.parametrize(("running", "cpus", "quota", "worth"), [
-    ("1/300", 2, None, True),  # only ourselves on 2 CPUs: the worker has one
-    ("2/300", 2, None, True),  # one other job: our two threads get 4/3 of a CPU between them
-    ("3/300", 2, None, False),  # two others: a second thread would only take turns with the first
-    ("15/300", 8, None, False),  # 14 others on 8 CPUs: 8·2/16, one CPU
-    ("14/300", 8, None, True),
-    ("1/300", 8, 1.5, False),  # a quota of 1.5 CPUs: one usable
-])  # fmt: skip
-def test_a_worker_only_where_a_cpu_is_free(tmp_path, monkeypatch, running, cpus, quota, worth):
-    (tmp_path / "loadavg").write_text(f"7.9 7.5 7.4 {running} 12345\n")
-    monkeypatch.setattr(readahead, "_worth", None)
-    monkeypatch.setattr(readahead.os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    monkeypatch.setattr(readahead.cpus, "cgroup_quota", lambda: quota)
-    assert readahead.worth_a_thread(tmp_path / "loadavg") is worth
-
-
-def test_the_environment_decides_when_it_says(tmp_path, monkeypatch):
-    (tmp_path / "loadavg").write_text("7.9 7.5 7.4 1/300 12345\n")
-    monkeypatch.setattr(readahead, "_worth", None)
-    monkeypatch.setattr(readahead.os, "sched_getaffinity", lambda pid: set(range(2)))
-    monkeypatch.setattr(readahead.cpus, "cgroup_quota", lambda: None)
-    monkeypatch.setenv("MERGING_READAHEAD", "0")
-    assert readahead.worth_a_thread(tmp_path / "loadavg") is False  # a free CPU, but told not to
+    """The read-ahead workers, asked for (the default is ``storage.hasher``'s one hashing thread)."""
     monkeypatch.setenv("MERGING_READAHEAD", "1")
-    (tmp_path / "loadavg").write_text("7.9 7.5 7.4 9/300 12345\n")
-    assert readahead.worth_a_thread(tmp_path / "loadavg") is True  # a crowded machine, but told to
 
 
 def _file(tmp_path: Path, n: int = 6, name: str = "t.safetensors") -> Path:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from merging.errors import FormatError, MergingError
+from merging.storage import hasher
 from merging.storage.atomic import checkpoint
 
 
@@ -103,6 +104,7 @@ class StreamHash:
 
     def hexdigest(self, chunk: int = 1 << 20) -> str:
         """The digest, reading whatever no reader fed (``read_again`` counts those bytes)."""
+        hasher.drain()  # the bytes read but still queued for the hash (``storage.hasher``)
         with self._lock:
             if self._digest is None:
                 with open(self.path, "rb", buffering=0) as f:

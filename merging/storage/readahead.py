@@ -7,7 +7,9 @@ only then hands it over, so the reads and the hash overlap the merge's own work 
 another core. Nothing is copied for the hash, and a tensor changed in place after it was taken cannot change
 the hash (it was hashed before anyone saw it). All workers together hold at most ``AHEAD`` bytes read but not
 yet taken (each may always hold one tensor), so memory stays bounded however many inputs a merge reads; a
-tensor asked for behind its worker (out of file order) is read by the caller, as without a worker.
+tensor asked for behind its worker (out of file order) is read by the caller, as without a worker. Only when
+asked for (``MERGING_READAHEAD=1``): by default the reader reads for itself and ``storage.hasher`` hashes
+behind it on one thread for every input.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import BinaryIO
 
 import torch
 
-from merging.core import cpus
 from merging.storage import buffers
 
 AHEAD = 8 << 20  # bytes read and hashed but not yet taken, by all workers together
@@ -60,36 +61,11 @@ class _State:
             _COND.notify_all()
 
 
-def worth_a_thread(loadavg: Path = Path("/proc/loadavg")) -> bool:
-    """Whether a worker would add CPU time: our two threads' fair share of the CPUs we may use (affinity,
-    cgroup quota) among the threads other processes are running now is more than one CPU, i.e. others run
-    fewer than 2·usable − 2 threads (on 2 CPUs: at most one other). Decided once per process, at its first
-    read; the instant count of running threads, not the load average, so that jobs just finished do not count.
-    ``MERGING_READAHEAD=1`` (or 0) decides instead.
-
-    On a crowded machine the worker only takes turns with the merging thread and adds hand-offs (small cat
-    benchmark, one interleaved run at load ~8 on 2 cores: 0.49 s with it, 0.43 s without); at load 3-5 it
-    still helped (0.32 s with it, 0.36 s without, medians of 15 runs each).
-    """
-    global _worth
-    forced = os.environ.get("MERGING_READAHEAD", "")
-    if forced in ("0", "1"):  # set by hand: 1 always, 0 never (benchmarks compare the two on one machine)
-        return forced == "1"
-    if _worth is None:
-        try:
-            affinity = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            affinity = os.cpu_count() or 1
-        usable = cpus.CpuShare(affinity, cpus.cgroup_quota()).usable
-        try:
-            running = int(loadavg.read_text().split()[3].split("/")[0]) - 1  # less ourselves
-        except (OSError, ValueError, IndexError):
-            running = 0
-        _worth = max(0, running) < 2 * usable - 2
-    return _worth
-
-
-_worth: bool | None = None
+def asked() -> bool:
+    """Whether read-ahead workers are asked for (``MERGING_READAHEAD=1``). By default a reader reads for
+    itself and its file's hash runs behind it on one shared thread (``storage.hasher``): with one worker per
+    input, four inputs ran five threads on two cores (small cat benchmark: 2.99x the copy + fsync floor)."""
+    return os.environ.get("MERGING_READAHEAD") == "1"
 
 
 class ReadAhead:

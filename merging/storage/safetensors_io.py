@@ -2,9 +2,10 @@
 
 ``SafetensorsReader.get`` reads one tensor with ``pread`` into memory of its own (no mmap: pages touched
 through a mapping would count in the process's RSS until it is unmapped), reused from released tensors
-(``storage.buffers``); when the file's sha256 is wanted a worker reads and hashes ahead (``readahead``).
-``SafetensorsWriter`` reserves the header's room, appends each tensor's bytes as it comes and writes the
-header last, padded with spaces (the format allows it), so a merge never holds its whole output.
+(``storage.buffers``); when the file's sha256 is wanted its bytes are hashed behind the reads on another
+thread (``storage.hasher``). ``SafetensorsWriter`` reserves the header's room, appends each tensor's bytes
+as it comes (written on a thread of their own, ``storage.behind``) and writes the header last, padded with
+spaces (the format allows it), so a merge never holds its whole output.
 ``stream_shard`` copies a file with some tensors replaced (bake), the untouched bytes in the kernel.
 ``finite`` is the fast NaN/Inf check: a sum is finite only if every entry is. One ``pread_into`` reads
 for all of them.
@@ -24,9 +25,11 @@ import torch
 from merging.errors import FormatError
 from merging.storage import buffers
 from merging.storage.atomic import checkpoint
+from merging.storage.behind import WriteBehind
 from merging.storage.durable import start_writeback
 from merging.storage.files import StreamHash, hashing
-from merging.storage.readahead import ReadAhead, worth_a_thread
+from merging.storage.hasher import hash_behind
+from merging.storage.readahead import ReadAhead, asked
 from merging.storage.tensorfiles import load_tensors, safetensors_header
 from merging.storage.threads import serial
 
@@ -36,7 +39,7 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 NAMES = {v: k for k, v in DTYPES.items()}
-WRITEBACK = 32 << 20  # bytes written between two requests to start writing them to disk
+SPAN = 2 << 20  # bytes a reader reads in one preadv: a tensor and those after it in the file, at the most
 
 
 def finite(t: torch.Tensor) -> bool:
@@ -61,6 +64,9 @@ class SafetensorsReader:
             self._head = size + f.read(self.start - 8)  # fed to the file's sha256 with the tensors
         self._hash: StreamHash | None = None
         self._worker: ReadAhead | None = None
+        self._order = sorted((m["data_offsets"][0], m["data_offsets"][1], k) for k, m in header.items())
+        self._index = {k: i for i, (_, _, k) in enumerate(self._order)}
+        self._span: tuple[int, torch.Tensor] | None = None  # (data offset, bytes) of the span's rest
         for key, meta in header.items():
             if meta["dtype"] not in DTYPES:
                 raise FormatError(f"{self.path}: tensor {key!r} has an unknown dtype {meta['dtype']!r}")
@@ -82,10 +88,7 @@ class SafetensorsReader:
         dtype, shape = DTYPES[meta["dtype"]], tuple(meta["shape"])
         raw = self._ahead(key)
         if raw is None:
-            raw = buffers.take(end - begin)  # (bytes,)
-            with open(self.path, "rb", buffering=0) as f:
-                _read_tensor(f, raw, self.start + begin, key)
-            self._feed(self.start + begin, raw)
+            raw = self._read(key, begin, end)
         n = 1
         for s in shape:
             n *= s
@@ -93,12 +96,48 @@ class SafetensorsReader:
             raise FormatError(f"{self.path}: tensor {key!r}: {end - begin} bytes for shape {list(shape)}")
         return raw.view(dtype).reshape(shape)
 
+    def _read(self, key: str, begin: int, end: int) -> torch.Tensor:
+        """The tensor's bytes (data offsets ``begin:end``): from the span read with the tensors before it, or
+        read now with the tensors after it in the file, up to ``SPAN`` bytes in one ``preadv``. One read and
+        one hash feed per span, not per tensor (an 8B-shaped LoRA holds 1792 tensors of 0.25-1 MiB); a view
+        of the span's memory, which goes back to the pool once every tensor read from it is gone. Each tensor
+        of a span is handed out once: one asked for again is read again (whoever had it may have changed it).
+        """
+        if self._span is not None:
+            lo, held = self._span
+            if lo <= begin and end <= lo + held.numel():
+                self._span = (end, held[end - lo :]) if end < lo + held.numel() else None
+                return held[begin - lo : end - lo]
+        order, stop, j = self._order, end, self._index[key] + 1
+        while (
+            j < len(order) and order[j][0] == stop and order[j][1] - begin <= SPAN and (stop - begin) % 8 == 0
+        ):
+            stop = order[j][1]  # the next tensor in the file, end to end (8-aligned in the buffer: any dtype)
+            j += 1
+        raw = buffers.take(max(stop - begin, SPAN))[: stop - begin]  # (bytes,) one block size: reused warm
+        with open(self.path, "rb", buffering=0) as f:
+            try:
+                _read_tensor(f, raw, self.start + begin, key)
+            except FormatError:  # cut short somewhere in the span: say which tensor
+                if stop == end:
+                    raise
+                return self._read_alone(f, key, begin, end)
+        self._feed(self.start + begin, raw)
+        self._span = (end, raw[end - begin :]) if stop > end else None
+        return raw[: end - begin]
+
+    def _read_alone(self, f, key: str, begin: int, end: int) -> torch.Tensor:
+        raw = buffers.take(end - begin)  # (bytes,)
+        _read_tensor(f, raw, self.start + begin, key)
+        self._feed(self.start + begin, raw)
+        return raw
+
     def _ahead(self, key: str) -> torch.Tensor | None:
         """The tensor's bytes from the read-ahead worker, started at the first read when the file's sha256 is
-        wanted (``files.hash_ahead``) and a CPU is free for it: it reads and hashes the tensors in file order
-        on another thread."""
+        wanted (``files.hash_ahead``) and workers are asked for (``readahead.asked``): it reads and hashes the
+        tensors in file order on another thread."""
         if self._worker is None and self._hash is None and (wanted := hashing(self.path)) is not None:
-            if not worth_a_thread():
+            if not asked():
                 return None
             self._hash = wanted
             wanted.feed(0, self._head)
@@ -108,13 +147,16 @@ class SafetensorsReader:
         return self._worker.take(key) if self._worker is not None else None
 
     def _feed(self, offset: int, raw: torch.Tensor) -> None:
-        """Give the bytes just read to the sha256 that wants them (``files.hash_ahead``); read once."""
+        """Give the bytes just read to the sha256 that wants them (``files.hash_ahead``); read once. The hash
+        runs behind the merge on another thread (``storage.hasher``; ``MERGING_HASH_BEHIND=0``: here)."""
         if self._hash is None:
             self._hash = hashing(self.path)
             if self._hash is None:
                 return
             self._hash.feed(0, self._head)
-        if raw.numel():
+        if os.environ.get("MERGING_HASH_BEHIND") != "0":
+            hash_behind(self._hash.feed, offset, raw)
+        elif raw.numel():
             self._hash.feed(offset, raw.numpy())
 
 
@@ -130,29 +172,27 @@ class SafetensorsWriter:
         self.path = Path(path)
         self.room = max(64, -(-header_room // 8) * 8)
         self.entries: dict[str, dict] = {}
-        self.size = self._unsynced = 0
+        self.size = 0
         checkpoint(f"open {self.path.name}")
         self.file = open(self.path, "wb")  # noqa: SIM115  (closed in close())
-        self.file.seek(8 + self.room)
+        self._behind = WriteBehind(self.file.fileno(), self.path.name)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Append one tensor's bytes (contiguous, little-endian, as stored)."""
+        """Append one tensor's bytes (contiguous, little-endian, as stored). They are written by the writer's
+        thread (``storage.behind``): the tensor must not change after it is added."""
         if name in self.entries:
             raise ValueError(f"tensor {name!r} written twice")
         t = tensor.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        self.file.write(memoryview(raw.numpy()))
-        self._unsynced += raw.numel()
-        if self._unsynced > WRITEBACK:  # start the disk writes while the next modules are merged
-            self.file.flush()
-            start_writeback(self.file.fileno())
-            self._unsynced = 0
+        if raw.numel():
+            self._behind.put(8 + self.room + self.size, raw)
         self.entries[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self.size, self.size + raw.numel()]}  # fmt: skip
         self.size += raw.numel()
 
     def close(self, metadata: Mapping[str, str] | None = None) -> None:
-        """Write the header (sorted keys, space-padded) and close the file."""
+        """Write the header (sorted keys, space-padded) once every tensor is written, and close the file."""
+        self._behind.finish()
         header = dict(sorted(self.entries.items()))
         if metadata:
             header = {"__metadata__": dict(metadata)} | header
@@ -161,10 +201,17 @@ class SafetensorsWriter:
             self._grow(len(text))
         self.file.seek(0)
         self.file.write(struct.pack("<Q", self.room) + text + b" " * (self.room - len(text)))
+        self.file.flush()
+        start_writeback(self.file.fileno())  # the last bytes go to disk while the caller finishes the rest
         self.file.close()
         checkpoint(f"wrote {self.path.name}")
 
     def abort(self) -> None:
+        """Stop writing (what was queued is written, errors ignored) and close the file."""
+        try:
+            self._behind.finish()
+        except Exception:  # noqa: S110  (the caller is already failing; its own error is the one to see)
+            pass
         self.file.close()
 
     def _grow(self, needed: int) -> None:

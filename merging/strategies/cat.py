@@ -18,7 +18,7 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], opts: Options, modu
     """Concatenate the weighted factors: B = [w_1 s_1 B_1, ...], A = [A_1; ...], scale 1.
 
     Scales and weights go into B, so A is the inputs' A blocks end to end: the bytes each input was read
-    into once (and hashed from, ``storage.readahead``), copied into place and written from there.
+    into once (and hashed from, ``storage.hasher``), copied into place and written from there.
 
     Args:
         deltas: additive deltas of one module, aligned on one base weight shape.
