@@ -61,6 +61,8 @@ def cli(ctx: click.Context, debug: bool, no_color: bool, threads: int | None) ->
     for c in (console, err_console):  # rich reads NO_COLOR when a console is made; --no-color says it later
         c.no_color = no_color or os.environ.get("NO_COLOR", "") != ""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+    if not debug:  # bitsandbytes (PEFT imports it) warns on AVX-512 BF16 CPUs of an optional missing kernel
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not debug:  # torch's, transformers' and PEFT's warnings are for developers; ours are one line each
