@@ -31,7 +31,7 @@ from merging.storage.atomic import atomic_file, checkpoint
 from merging.storage.files import refuse_overlap
 from merging.storage.gguf_header import (
     GGUFHeader,
-    TensorInfo,
+    GgufTensor,
     copy_range,
     header_bytes,
     kv_bytes,
@@ -87,7 +87,7 @@ def _source(d: AdditiveDelta, w: float) -> Callable[[torch.Tensor], torch.Tensor
     return (lambda idx: b[idx] @ a) if c == 1.0 else (lambda idx: (c * b[idx]) @ a)
 
 
-def _check(mod: str, stack: Stack, t: TensorInfo) -> None:
+def _check(mod: str, stack: Stack, t: GgufTensor) -> None:
     """Refuse, before anything is written, a delta that cannot bake into tensor ``t``."""
     for d, _ in stack:
         if not isinstance(d, AdditiveDelta) or dora.is_dora(d) or getattr(d, "bias", None) is not None:
@@ -98,7 +98,7 @@ def _check(mod: str, stack: Stack, t: TensorInfo) -> None:
             raise FormatError(f"module {mod}: delta {shape}, tensor {t.name} is {t.shape}")
 
 
-def _rows(mod: str, stack: Stack, info: BaseInfo, t: TensorInfo) -> RowsFn:
+def _rows(mod: str, stack: Stack, info: BaseInfo, t: GgufTensor) -> RowsFn:
     """Σ w·ΔW of a module as a function of GGUF row indices, in GGUF's row order (q/k permuted)."""
     sources = [_source(d, w) for d, w in stack]
     order = torch.arange(t.shape[0])
@@ -168,7 +168,7 @@ def _quantized(data: np.ndarray, qtype) -> np.ndarray:
     return np.ascontiguousarray(gguf.quants.quantize(data, qtype))
 
 
-def _bake_tensor(src: int, dst: int, at: int, t: TensorInfo, qtype, rows: RowsFn) -> None:
+def _bake_tensor(src: int, dst: int, at: int, t: GgufTensor, qtype, rows: RowsFn) -> None:
     """Write tensor ``t`` (stored at byte ``at`` of ``src``) + ΔW at type ``qtype`` to ``dst``, by chunks."""
     n, width = t.shape[0], int(np.prod(t.shape[1:]))
     row_bytes = t.nbytes // n
@@ -226,7 +226,7 @@ def bake_gguf(
     types = {name: _out_type(name, tensors[name].qtype, outtype) for name in jobs}
     if outtype == "same":
         warn_low_bits(base, types)
-    outs = layout([TensorInfo(t.name, t.ne, int(types.get(t.name, t.qtype)), 0) for t in header.tensors],
+    outs = layout([GgufTensor(t.name, t.ne, int(types.get(t.name, t.qtype)), 0) for t in header.tensors],
                   header.alignment)  # fmt: skip
     head = header_bytes(header, kv_bytes(header), outs)
     with atomic_file(Path(out), force=force) as tmp, open(base, "rb") as f:

@@ -34,7 +34,7 @@ Value = int | float | bool | str
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class GgufTensor:
     """One tensor's entry: name, ggml dims (ne[0] = row length), type, offset from the data start."""
 
     name: str
@@ -62,7 +62,7 @@ class GGUFHeader:
     n_kv: int
     kv_span: tuple[int, int]  # [start, end) of the key/value section in the file
     values: dict[str, Value]  # scalar and string values (arrays are skipped, their bytes kept in kv_span)
-    tensors: tuple[TensorInfo, ...]
+    tensors: tuple[GgufTensor, ...]
     alignment: int
     data_offset: int
 
@@ -183,7 +183,7 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFHeader:
                 raise FormatError(f"{path}: tensor {name!r} has unknown type {qtype}")
             if ne and ne[0] % gguf.GGML_QUANT_SIZES[qtype][0]:
                 raise FormatError(f"{path}: tensor {name!r}: rows of {ne[0]} are not whole blocks")
-            infos.append(TensorInfo(name, ne, qtype, offset))
+            infos.append(GgufTensor(name, ne, qtype, offset))
     except FormatError:
         raise
     except (ValueError, OverflowError) as e:
@@ -206,11 +206,11 @@ def pad(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def layout(tensors: list[TensorInfo], alignment: int) -> list[TensorInfo]:
+def layout(tensors: list[GgufTensor], alignment: int) -> list[GgufTensor]:
     """The tensors with offsets laid out in order, each aligned (what gguf's writer and llama.cpp do)."""
     out, at = [], 0
     for t in tensors:
-        out.append(TensorInfo(t.name, t.ne, t.qtype, at))
+        out.append(GgufTensor(t.name, t.ne, t.qtype, at))
         at += pad(t.nbytes, alignment)
     return out
 
@@ -220,7 +220,7 @@ def _string(s: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-def header_bytes(base: GGUFHeader, kv: bytes, tensors: list[TensorInfo]) -> bytes:
+def header_bytes(base: GGUFHeader, kv: bytes, tensors: list[GgufTensor]) -> bytes:
     """A GGUF header: the base's version and key/value section ``kv``, the ``tensors`` (laid out), padding.
 
     Args:
