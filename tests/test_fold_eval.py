@@ -210,3 +210,14 @@ def test_answer_losses_equal_the_models_own_and_a_soft_capped_head_keeps_its_own
     )  # fmt: skip
     capped = Gemma2ForCausalLM(cfg).eval()
     assert not data.packed_agrees(capped, packed, data.losses(capped, batches))
+
+
+def test_packing_skips_the_tokens_after_the_last_scored_one():
+    ids = torch.tensor([[5, 6, 7, 8, 2, 0], [9, 7, 2, 0, 0, 0]])  # prompt, answer, EOS (2), padding (0)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, 2, -100], [-100, 7, 2, -100, -100, -100]])
+    packed = data.pack({"s": {"input_ids": ids, "attention_mask": mask, "labels": labels}}, row=16)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 7]]  # each text but its EOS, which predicts nothing
+    assert packed.target.tolist() == [[-100, 7, 8, 2, 7, 2]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert packed.example.tolist() == [[-1, 0, 0, 0, 1, 1]]

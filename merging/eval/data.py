@@ -200,7 +200,8 @@ class Packed:
 
 
 def pack(batches: Mapping[str, Mapping[str, torch.Tensor]], pad_id: int = 0, row: int = ROW) -> Packed:
-    """Every row of every skill's right-padded ``answer_batch`` (input_ids, attention_mask, labels), packed.
+    """Every row of every skill's right-padded ``answer_batch`` (input_ids, attention_mask, labels), packed:
+    each text up to the token before its last scored one (``_scored_part``).
 
     Args:
         batches: skill → its batch; labels are -100 off the answer tokens.
@@ -214,7 +215,7 @@ def pack(batches: Mapping[str, Mapping[str, torch.Tensor]], pad_id: int = 0, row
     texts = []  # (skill index, ids (n,), labels (n,), example index)
     for i, batch in enumerate(batches.values()):
         rows = zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True)
-        texts += [(i, ids[: int(mask.sum())], labels[: int(mask.sum())], j)
+        texts += [(i, *_scored_part(ids[: int(mask.sum())], labels[: int(mask.sum())]), j)
                   for j, (ids, mask, labels) in enumerate(rows)]  # fmt: skip
     bins: list[list[int]] = []  # first fit, longest first
     room: list[int] = []
@@ -238,15 +239,26 @@ def pack(batches: Mapping[str, Mapping[str, torch.Tensor]], pad_id: int = 0, row
         at = 0
         for t in sorted(members):  # in the order given, for a reproducible layout
             skill, x, y, j = texts[t]
-            n = len(x)
+            n, k = len(x), len(y) - 1  # k ≤ n positions predict a next token
             ids[r, at : at + n] = x
             pos[r, at : at + n] = torch.arange(n, device=device)
-            target[r, at : at + n - 1] = y[1:]  # position p predicts token p + 1, as the model's loss shifts
-            group[r, at : at + n - 1] = torch.where(y[1:] != -100, skill, -1)
-            example[r, at : at + n - 1] = torch.where(y[1:] != -100, j, -1)
+            target[r, at : at + k] = y[1:]  # position p predicts token p + 1, as the model's loss shifts
+            group[r, at : at + k] = torch.where(y[1:] != -100, skill, -1)
+            example[r, at : at + k] = torch.where(y[1:] != -100, j, -1)
             at += n
         pos[r, at:] = torch.arange(width - at, device=device)  # the tail: a text of its own, never scored
     return Packed(ids, pos, target, group, names, example)
+
+
+def _scored_part(ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text up to the token before its last scored one: the tokens after it feed no scored position (a
+    causal model's position p reads tokens ≤ p), so the packed forward skips them (the EOS of every text).
+    A text with nothing scored stays whole."""
+    scored = torch.nonzero(labels[1:] != -100)
+    if len(scored) == 0:
+        return ids, labels
+    n = int(scored[-1]) + 2  # position n - 2 predicts the last scored token, n - 1
+    return ids[: n - 1], labels[:n]
 
 
 def packed_losses(
