@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,3 +84,29 @@ def test_deltas_low_rank_dense_norm_agree(m, n, p, q, r, seed):
     lr = LowRank(_rand(seed, m, r).float(), _rand(seed + 5, r, n).float(), 1.5, Target("linear", (m, n)))
     x = _rand(seed + 6, 3, n).float()
     assert_close(lr.apply(x), x @ lr.dense().T, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(48, 130), (130, 48), (64, 64)])
+def test_gram_svd_gives_lapacks_spectrum_and_best_low_rank_approximations(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    out, inn = shape
+    # a decaying spectrum with a gap after 8, and a null space (rank 40): what a TIES delta looks like
+    left = torch.linalg.qr(torch.randn(out, 40, generator=g, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(inn, 40, generator=g, dtype=torch.float64))[0]
+    sv = torch.cat([torch.linspace(10, 5, 8), torch.logspace(0, -3, 32)]).double()
+    d = ((left * sv) @ right.T).float()
+    u, s, vh = linalg.gram_svd(d)
+    m = min(shape)
+    assert (u.shape, s.shape, vh.shape) == ((out, m), (m,), (m, inn))
+    ref_u, ref_s, ref_vh = torch.linalg.svd(d.double(), full_matrices=False)  # float64 LAPACK
+    k = linalg.numerical_rank(s, shape)
+    assert k == linalg.numerical_rank(ref_s, shape) == 40
+    assert (s.double() - ref_s).abs().max() <= 1e-6 * float(ref_s[0])
+    assert bool((s[:-1] >= s[1:]).all())  # descending
+    for r in (8, 40):  # at a spectral gap: the best rank-r approximation is unique (Eckart–Young)
+        best = (ref_u[:, :r] * ref_s[:r]) @ ref_vh[:r]
+        got = (u[:, :r].double() * s[:r].double()) @ vh[:r].double()
+        assert float((got - best).norm() / best.norm()) < 1e-6
+    eye = torch.eye(k, dtype=torch.float64)
+    assert torch.allclose(u[:, :k].double().T @ u[:, :k].double(), eye, atol=1e-4)
+    assert torch.allclose(vh[:k].double() @ vh[:k].double().T, eye, atol=1e-4)

@@ -224,5 +224,6 @@ def factored_spectrum(
 def dense_spectrum(
     d: torch.Tensor, target: Target, default_rank: int, bias: torch.Tensor | None = None
 ) -> Spectrum:
-    """The spectrum of a dense (out, in_flat) matrix (TIES/DARE results), in float32 (they approximate)."""
-    return Spectrum(*torch.linalg.svd(d.float(), full_matrices=False), target, default_rank, bias)
+    """The spectrum of a dense (out, in_flat) matrix (TIES/DARE results) from its Gram matrix
+    (``linalg.gram_svd``: float32 accuracy at about half LAPACK's SVD time)."""
+    return Spectrum(*linalg.gram_svd(d), target, default_rank, bias)
