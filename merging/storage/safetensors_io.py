@@ -193,7 +193,7 @@ class SafetensorsWriter:
         thread (``storage.behind``): the tensor must not change after it is added."""
         if name in self.entries:
             raise ValueError(f"tensor {name!r} written twice")
-        t = tensor.detach().contiguous().cpu()
+        t = _plain(tensor)
         raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
         if raw.numel():
             self._behind.put(8 + self.room + self.size, raw)
@@ -235,6 +235,16 @@ class SafetensorsWriter:
         self.file.seek(8 + room)
         self.file.write(data)
         self.room = room
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, contiguous, on the CPU, calling torch only for what is missing: each torch call lets
+    go of the GIL, and taking it back waits behind the hashing and writing threads (``storage.hasher``)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 class LoadedTensors:
