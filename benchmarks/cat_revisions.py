@@ -2,9 +2,9 @@
 
 On a shared machine only ratios measured in one run mean anything; this runs every revision's
 ``merging merge -s cat`` (its ``merging`` package from ``git archive``) and the durable copy of the same
-inputs in turn, ``--repeats`` times, and prints each one's median wall time, its CPU time (all threads)
-and the ratio to copy + fsync, with the load average before and after. The command line (``merging_cli``)
-is this checkout's for every revision.
+inputs in turn (which goes first rotating), ``--repeats`` times, and prints each one's median wall time,
+its CPU time (all threads) and the ratio to copy + fsync, with the load average before and after. The
+command line (``merging_cli``) is this checkout's for every revision.
 
     python -m benchmarks.cat_revisions --inputs small --repeats 11 b4c1d70 HEAD
     python -m benchmarks.cat_revisions --inputs 8b --repeats 4 b4c1d70 HEAD
@@ -90,12 +90,14 @@ def main() -> None:
             )
             subprocess.run(["tar", "-x", "-C", str(trees[rev])], input=tar.stdout, check=True)
         ins = inputs(args.inputs, tmp / "inputs")
+        run("copy_fsync", tmp / "out", ins, None)  # untimed: the first job after writing the inputs is slow
         load = os.getloadavg()[0]
         runs: dict[str, list[dict]] = {"copy_fsync": []} | {rev: [] for rev in args.revisions}
-        for _ in range(args.repeats):
-            runs["copy_fsync"].append(run("copy_fsync", tmp / "out", ins, None))
-            for rev in args.revisions:
-                runs[rev].append(run("cat", tmp / "out", ins, str(trees[rev])))
+        jobs = ["copy_fsync", *args.revisions]
+        for i in range(args.repeats):  # each job first in turn: none always runs after the same one
+            for name in jobs[i % len(jobs) :] + jobs[: i % len(jobs)]:
+                job, path = ("copy_fsync", None) if name == "copy_fsync" else ("cat", str(trees[name]))
+                runs[name].append(run(job, tmp / "out", ins, path))
     floor = statistics.median(r["wall"] for r in runs["copy_fsync"])
     print(f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after; {args.repeats} runs each")
     for name, rs in runs.items():

@@ -142,3 +142,24 @@ def test_a_file_in_any_tensor_order_is_read_front_to_back(fx, tmp_path, monkeypa
         fed = files.hashing(weights)
         assert fed is not None and fed.read_again == 0
         assert fed.hexdigest() == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_reader_keeps_one_file_open_for_its_reads_and_closes_it_when_gone(tmp_path):
+    import gc
+    import os
+
+    from merging.storage.safetensors_io import SafetensorsReader
+
+    path = tmp_path / "t.safetensors"
+    tensors = {f"t{i}": torch.randn(300 + i, 7) for i in range(5)}
+    save_file(tensors, str(path))
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    reader = SafetensorsReader(path)
+    for name, t in tensors.items():
+        assert torch.equal(reader.get(name), t)
+    assert fds() == before + 1  # one descriptor for every read, not one per read
+    del reader
+    gc.collect()
+    assert fds() == before
