@@ -2,7 +2,9 @@
 
 Why: a greedy decoding step of a small batch reads every weight of the model from memory and does little
 arithmetic with it, so decoding C candidates one after the other costs C passes over the weights. Here
-each adapted module runs the C groups of rows one after the other while its base weight is still in the
+each adapted module runs its base layer once on the whole batch where every group stacks only additive
+deltas on it (LoRA and its kin: each group's deltas are added on its own slice; one pass over the weight
+however many groups), else the C groups of rows one after the other while its base weight is still in the
 cache: rows [c·n, (c+1)·n) of a batch of C·n see candidate c's deltas stacked as ``runtime.stacked`` does
 (factored, B(A x), innermost first), and one pass over the model serves every candidate. The layers
 between the adapted modules (attention, norms) run on the whole batch, as they would on each slice.
@@ -18,7 +20,7 @@ from torch import nn
 
 from merging.core.adapter import Pair, common_invocation, stacks
 from merging.errors import UnsupportedError
-from merging.runtime.stacked import active_aux, layer_paths, stacked_layer, swapped
+from merging.runtime.stacked import StackedLayer, active_aux, layer_paths, stacked_layer, swapped
 
 
 class GroupedLayer(nn.Module):
@@ -61,8 +63,34 @@ class GroupedLayer(nn.Module):
         if any(torch.is_tensor(v) for v in (*rest, *kwargs.values())):
             what = type(self.groups[0]).__name__
             raise UnsupportedError(f"a {what} given tensors besides its input: run candidates one at a time")
+        base = shared_base(self.groups)
+        if base is not None:  # the base once on the whole batch, each group's deltas on its own slice
+            y = base(x, *rest, **kwargs)
+            parts = zip(self.groups, _chunks(x, n, 0), _chunks(y, n, 0), strict=True)
+            return torch.cat([_added(layer, part, y_part) for layer, part, y_part in parts])
         parts = zip(self.groups, _chunks(x, n, 0), strict=True)
         return torch.cat([layer(part, *rest, **kwargs) for layer, part in parts])
+
+
+def shared_base(layers: Sequence[nn.Module]) -> nn.Module | None:
+    """The base module every layer is, or stacks only additive deltas on (no IA³, DoRA, gate), else None."""
+    bases = {id(getattr(m, "base", m)): getattr(m, "base", m) for m in layers}
+    if len(bases) != 1:
+        return None
+    base = next(iter(bases.values()))
+    for m in layers:
+        if m is not base and not (
+            isinstance(m, StackedLayer) and m.gate is None and all(op.kind == "add" for op in m.ops)
+        ):
+            return None
+    return base
+
+
+def _added(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A slice's base output y plus the layer's additive deltas, innermost first (``StackedLayer._run``)."""
+    for op in layer.ops if isinstance(layer, StackedLayer) else ():
+        y = y + layer._delta(op, x)
+    return y
 
 
 MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
