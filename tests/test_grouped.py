@@ -130,7 +130,8 @@ def _layers(model) -> list[GroupedLayer]:
     ("groups", "once"),
     [
         ([["lora"], ["loha", "lora_b"], [], ["lokr", "lora_r8"]], "all"),  # additive only: base once
-        ([["lora", "ia3"], ["loha"], ["lora_dora"], ["lora_b"]], "some"),  # IA³/DoRA modules fall back
+        ([["lora", "ia3"], ["ia3", "loha"], ["lora_b"], []], "all"),  # IA³ in and out too
+        ([["lora", "ia3"], ["loha"], ["lora_dora"], ["lora_b"]], "some"),  # DoRA's modules fall back
     ],
 )
 def test_base_once_equals_each_group_alone_in_float64(fx, groups, once):
