@@ -67,9 +67,10 @@ class GroupedLayer(nn.Module):
         if base is None:
             parts = zip(self.groups, _chunks(x, n, 0), strict=True)
             return torch.cat([layer(part, *rest, **kwargs) for layer, part in parts])
-        unwound = [_unwound(layer, part) for layer, part in zip(self.groups, _chunks(x, n, 0), strict=True)]
+        xs = _chunks(x, n, 0)
+        unwound = [_unwound(layer, part) for layer, part in zip(self.groups, xs, strict=True)]
         inner = [part for part, _ in unwound]  # each group's base input (scaled by an input-side IA³)
-        same = all(i is part for i, part in zip(inner, _chunks(x, n, 0), strict=True))
+        same = all(i is part for i, part in zip(inner, xs, strict=True))
         y = base(x if same else torch.cat(inner), *rest, **kwargs)  # once, on every group's rows
         parts = zip(self.groups, unwound, _chunks(y, n, 0), strict=True)
         return torch.cat([_rewound(layer, after, y_part) for layer, (_, after), y_part in parts])
