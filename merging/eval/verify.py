@@ -300,7 +300,8 @@ def _grouped_outputs(
     y_base: torch.Tensor,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Each candidate's outputs and greedy continuation (``n_new`` tokens; 0: none), GROUP candidates per
-    run, each on its own copy of ``batch``; None for a chunk the grouped runtime cannot run (an aLoRA).
+    run, each on its own copy of ``batch``, both from one prefill where ``decoding.outputs_and_greedy``
+    can; None for a chunk the grouped runtime cannot run (an aLoRA).
 
     Each chunk's last candidate is also run alone, stacked, and must agree with its slice (to 1e-4 of its
     effect on the outputs): a model that mixes rows between the batch and its layers (experts that route
