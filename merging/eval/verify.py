@@ -26,6 +26,9 @@ from merging.core.deltas import AdditiveDelta, Scale, sum_error, sum_factors
 from merging.core.progress import Progress
 from merging.errors import UnsupportedError
 from merging.eval import judge
+from merging.eval.decoding import greedy as _greedy
+from merging.eval.decoding import outputs as _outputs
+from merging.eval.decoding import outputs_and_greedy
 from merging.eval.results import Report, Row
 from merging.merge.recipe import Recipe
 from merging.runtime.effective import effective_weight
@@ -105,34 +108,6 @@ def decoder_inputs(config, batch: dict[str, torch.Tensor], length: int = 6) -> d
 
 
 # ------------------------------------------------------------------------------------------ measuring
-
-
-@torch.no_grad()
-def _outputs(model, batch) -> torch.Tensor:
-    """The head's output: logits (LM, seq2seq, classification), QA start/end logits, or hidden states."""
-    out = model(**batch)
-    if getattr(out, "logits", None) is not None:
-        y = out.logits
-    elif getattr(out, "start_logits", None) is not None:
-        y = torch.stack([out.start_logits, out.end_logits], dim=-1)  # (batch, tokens, 2)
-    else:
-        y = out.last_hidden_state
-    mask = batch.get("decoder_attention_mask", batch["attention_mask"])
-    if tuple(y.shape[:2]) != tuple(mask.shape):  # one output per sequence (sequence classification)
-        return y.float()
-    return y.float()[mask.bool()]  # (tokens, vocab or labels or hidden)
-
-
-@torch.no_grad()
-def _greedy(model, batch, n: int, pad_id: int | None) -> torch.Tensor:
-    prompt = {k: v for k, v in batch.items() if not k.startswith("decoder_")}
-    out = model.generate(**prompt, max_new_tokens=n, do_sample=False, pad_token_id=pad_id)
-    seq2seq = getattr(model.config, "is_encoder_decoder", False)
-    new = out[:, 1:] if seq2seq else out[:, batch["input_ids"].shape[1] :]  # after the decoder start
-    if new.shape[1] < n:  # every sequence ended early: pad as generate pads finished sequences
-        fill = torch.full((new.shape[0], n - new.shape[1]), -1 if pad_id is None else pad_id, dtype=new.dtype)
-        new = torch.cat([new, fill.to(new.device)], dim=1)
-    return new
 
 
 def compare_outputs(y_base, y_stack, y_merged, logits: bool) -> dict[str, float | None]:
@@ -325,7 +300,8 @@ def _grouped_outputs(
     y_base: torch.Tensor,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Each candidate's outputs and greedy continuation (``n_new`` tokens; 0: none), GROUP candidates per
-    run, each on its own copy of ``batch``; None for a chunk the grouped runtime cannot run (an aLoRA).
+    run, each on its own copy of ``batch``, both from one prefill where ``decoding.outputs_and_greedy``
+    can; None for a chunk the grouped runtime cannot run (an aLoRA).
 
     Each chunk's last candidate is also run alone, stacked, and must agree with its slice (to 1e-4 of its
     effect on the outputs): a model that mixes rows between the batch and its layers (experts that route
@@ -337,8 +313,9 @@ def _grouped_outputs(
         copies = {k: v.repeat(len(chunk), *([1] * (v.dim() - 1))) for k, v in batch.items()}
         try:
             with grouped(model, chunk):
-                ys = _outputs(model, copies).chunk(len(chunk))  # each copy's rows, in order
-                gs = _greedy(model, copies, n_new, pad_id).chunk(len(chunk)) if n_new else [None] * len(chunk)
+                y, g = outputs_and_greedy(model, copies, n_new, pad_id)  # one prefill where it can
+            ys = y.chunk(len(chunk))  # each copy's rows, in order
+            gs = [None] * len(chunk) if g is None else g.chunk(len(chunk))
         except UnsupportedError:
             out += [None] * len(chunk)
             continue
