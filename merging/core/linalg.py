@@ -110,8 +110,8 @@ def gram_svd(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     On the wide (out, in) shapes of LLM layers this is up to 1.75× faster than LAPACK's SVD of the float32
     matrix (2 threads, quiet: 576×1536 55 ms against 89, 192×576 4 against 7; square alike), and as accurate:
     each eigenvalue is s_i² within ~m·eps64·s_1², so every singular value above ``numerical_rank``'s float32
-    threshold comes out within ~1e-6 of its own size, and so do its vectors. Triplets below that threshold (null directions) have
-    unreliable vectors; ``numerical_rank`` never keeps them.
+    threshold comes out within ~1e-6 of its own size, and so do its vectors. Triplets below that threshold
+    (null directions) have unreliable vectors; ``numerical_rank`` never keeps them.
 
     Args:
         d: (out, in).
