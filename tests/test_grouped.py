@@ -14,7 +14,7 @@ from merging.errors import UnsupportedError
 from merging.eval import judge
 from merging.eval.verify import GROUPED, Candidate, _greedy, _grouped_outputs, _outputs, verify
 from merging.merge.pipeline import merge
-from merging.runtime.grouped import GroupedLayer, grouped, shared_base
+from merging.runtime.grouped import grouped
 from merging.runtime.stacked import stacked
 from merging.strategies import Options
 from tests.support.fixtures import example_input, run
@@ -122,19 +122,16 @@ def test_a_model_that_mixes_rows_is_not_grouped(flip):
             assert_close(y, _outputs(model, batch), rtol=1e-6)
 
 
-def _layers(model) -> list[GroupedLayer]:
-    return [m for m in model.modules() if isinstance(m, GroupedLayer)]
-
 
 @pytest.mark.parametrize(
-    ("groups", "once"),
+    "groups",
     [
-        ([["lora"], ["loha", "lora_b"], [], ["lokr", "lora_r8"]], "all"),  # additive only: base once
-        ([["lora", "ia3"], ["ia3", "loha"], ["lora_b"], []], "all"),  # IA³ in and out too
-        ([["lora", "ia3"], ["loha"], ["lora_dora"], ["lora_b"]], "some"),  # DoRA's modules fall back
+        [["lora"], ["loha", "lora_b"], [], ["lokr", "lora_r8"]],  # additive deltas
+        [["lora", "ia3"], ["ia3", "loha"], ["lora_b"], []],  # IA³ vectors on either side too
+        [["lora", "ia3"], ["loha"], ["lora_dora"], ["lora_b"]],  # a DoRA among them
     ],
 )
-def test_base_once_equals_each_group_alone_in_float64(fx, groups, once):
+def test_groups_of_every_kind_equal_each_group_alone_in_float64(fx, groups):
     model = fx.load_base("llama").double()
     stacks = [weighted(read_adapters(fx, "llama", names)) for names in groups]
     x = example_input("llama")
@@ -143,23 +140,7 @@ def test_base_once_equals_each_group_alone_in_float64(fx, groups, once):
         with stacked(model, pairs):
             expected.append(run(model, "llama", x))
     with grouped(model, stacks):
-        shared = [shared_base(layer.groups) is not None for layer in _layers(model)]
         got = run(model, "llama", torch.cat([x] * len(stacks))).chunk(len(stacks))
-    assert all(shared) if once == "all" else (any(shared) and not all(shared))
     for names, y, want in zip(groups, got, expected, strict=True):
         assert_close(y, want, rtol=1e-12, what=str(names))
     assert float((expected[0] - expected[1]).norm()) > 1e-3 * float(expected[0].norm())
-
-
-def test_base_once_runs_the_base_once_and_each_delta_on_its_own_slice(fx):
-    model = fx.load_base("llama")
-    stacks = [weighted(read_adapters(fx, "llama", [name])) for name in ("lora", "lokr", "lora")]
-    path = "model.layers.0.self_attn.q_proj"
-    base = model.get_submodule(path)
-    rows: list[int] = []
-    hook = base.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
-    x = example_input("llama")
-    with grouped(model, stacks):
-        run(model, "llama", torch.cat([x] * 3))
-    hook.remove()
-    assert rows == [3 * x.shape[0]]  # once, on every group's rows (the per-group path: three calls of 2)

@@ -3,11 +3,11 @@
 Why: a greedy decoding step of a small batch reads every weight of the model from memory and does little
 arithmetic with it, so decoding C candidates one after the other costs C passes over the weights. Here
 rows [c·n, (c+1)·n) of a batch of C·n see candidate c's deltas stacked as ``runtime.stacked`` does
-(factored, B(A x), innermost first), and one pass over the model serves every candidate. Each adapted
-module runs its base layer once on the whole batch where every group stacks only additive deltas and IA³
-vectors on it (each group's deltas and vectors act on its own slice, around the one base call), else the
-C groups of rows one after the other while its base weight is still in the cache. The layers between the
-adapted modules (attention, norms) run on the whole batch, as they would on each slice.
+(factored, B(A x), innermost first), and one pass over the model serves every candidate: each adapted
+module runs the C groups of rows one after the other while its base weight is still in the cache. The
+layers between the adapted modules (attention, norms) run on the whole batch, as they would on each slice.
+(Running the base layer once on the whole batch, each group's ops around it, measured no faster on the
+bundled example's verify: 0.99-1.06x; what remains there is compute-bound.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from merging.core.adapter import Pair, common_invocation, stacks
 from merging.errors import UnsupportedError
-from merging.runtime.stacked import StackedLayer, active_aux, layer_paths, stacked_layer, swapped
+from merging.runtime.stacked import active_aux, layer_paths, stacked_layer, swapped
 
 
 class GroupedLayer(nn.Module):
@@ -63,55 +63,8 @@ class GroupedLayer(nn.Module):
         if any(torch.is_tensor(v) for v in (*rest, *kwargs.values())):
             what = type(self.groups[0]).__name__
             raise UnsupportedError(f"a {what} given tensors besides its input: run candidates one at a time")
-        base = shared_base(self.groups)
-        if base is None:
-            parts = zip(self.groups, _chunks(x, n, 0), strict=True)
-            return torch.cat([layer(part, *rest, **kwargs) for layer, part in parts])
-        xs = _chunks(x, n, 0)
-        unwound = [_unwound(layer, part) for layer, part in zip(self.groups, xs, strict=True)]
-        inner = [part for part, _ in unwound]  # each group's base input (scaled by an input-side IA³)
-        same = all(i is part for i, part in zip(inner, xs, strict=True))
-        y = base(x if same else torch.cat(inner), *rest, **kwargs)  # once, on every group's rows
-        parts = zip(self.groups, unwound, _chunks(y, n, 0), strict=True)
-        return torch.cat([_rewound(layer, after, y_part) for layer, (_, after), y_part in parts])
-
-
-def shared_base(layers: Sequence[nn.Module]) -> nn.Module | None:
-    """The base module every layer is, or stacks only additive deltas and IA³ vectors on (no DoRA, no aLoRA
-    gate), else None: then the base can run once on every group's rows."""
-    bases = {id(getattr(m, "base", m)): getattr(m, "base", m) for m in layers}
-    if len(bases) != 1:
-        return None
-    base = next(iter(bases.values()))
-    for m in layers:
-        if m is not base and not (
-            isinstance(m, StackedLayer) and m.gate is None and {op.kind for op in m.ops} <= {"add", "scale"}
-        ):
-            return None
-    return base
-
-
-After = list[tuple[str, torch.Tensor]]  # ("add", Δ(x)) or ("mul", l), outermost first
-
-
-def _unwound(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, After]:
-    """``StackedLayer._run`` down to its base: the base's input, and what its output meets on the way out."""
-    after: After = []
-    for op in reversed(layer.ops) if isinstance(layer, StackedLayer) else ():  # outermost first
-        if op.kind == "scale" and op.side == "in":
-            x = x * layer._channel(op.l, x)
-        elif op.kind == "scale":
-            after.append(("mul", op.l))
-        else:
-            after.append(("add", layer._delta(op, x)))
-    return x, after
-
-
-def _rewound(layer: nn.Module, after: After, y: torch.Tensor) -> torch.Tensor:
-    """A slice's base output y taken back out through the layer's ops, innermost first (as ``_run`` does)."""
-    for how, t in reversed(after):
-        y = y + t if how == "add" else y * layer._channel(t, y)
-    return y
+        parts = zip(self.groups, _chunks(x, n, 0), strict=True)
+        return torch.cat([layer(part, *rest, **kwargs) for layer, part in parts])
 
 
 MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
